@@ -1,0 +1,486 @@
+//! Control requests, their replies and the reply envelope.
+//!
+//! Every control subject `trellis.ctl.v1.<lattice>.<noun>.<verb>` takes a JSON object (an empty
+//! body means `{}`) and answers with one envelope:
+//!
+//! ```json
+//! {"ok": true, "data": {…}}
+//! {"ok": false, "error": {"code": "not_found", "message": "…", "details": {…}}}
+//! ```
+//!
+//! Requests reject unknown fields. Query replies carry `as_of`, the stream sequence of the last
+//! fact they reflect; a query may ask for `min_seq` to wait (briefly) until the controller has
+//! applied that fact, which lets a client read its own writes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::fact::Capacity;
+use crate::names::{HostId, Lattice};
+use crate::projection::HostStatus;
+
+
+/// The largest control request body the controller accepts, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Every control operation: one subject each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CtlOp {
+    /// `host.list` — [`HostListRequest`] → [`HostListReply`].
+    HostList,
+    /// `host.get` — [`HostGetRequest`] → [`HostGetReply`].
+    HostGet,
+    /// `lattice.status` — [`StatusRequest`] → [`StatusReply`].
+    LatticeStatus,
+    /// `lattice.projection` — [`ProjectionRequest`] → [`ProjectionReply`]: the controller's whole
+    /// projection, for diagnosis and for comparing replicas.
+    LatticeProjection,
+}
+
+impl CtlOp {
+    /// Every operation.
+    pub const ALL: &'static [CtlOp] = &[
+        CtlOp::HostList,
+        CtlOp::HostGet,
+        CtlOp::LatticeStatus,
+        CtlOp::LatticeProjection,
+    ];
+
+    /// The noun of the subject.
+    pub fn noun(self) -> &'static str {
+        match self {
+            CtlOp::HostList | CtlOp::HostGet => "host",
+            CtlOp::LatticeStatus | CtlOp::LatticeProjection => "lattice",
+        }
+    }
+
+    /// The verb of the subject.
+    pub fn verb(self) -> &'static str {
+        match self {
+            CtlOp::HostList => "list",
+            CtlOp::HostGet => "get",
+            CtlOp::LatticeStatus => "status",
+            CtlOp::LatticeProjection => "projection",
+        }
+    }
+
+    /// `<noun>.<verb>`, also the stem of the schema file names.
+    pub fn name(self) -> String {
+        format!("{}.{}", self.noun(), self.verb())
+    }
+
+    /// The operation for a subject's noun and verb.
+    pub fn from_parts(noun: &str, verb: &str) -> Option<Self> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|op| op.noun() == noun && op.verb() == verb)
+    }
+}
+
+/// Ties a request type to its operation and reply type.
+pub trait CtlRequest: Serialize + DeserializeOwned {
+    /// The operation.
+    const OP: CtlOp;
+    /// What the controller answers with on success.
+    type Reply: Serialize + DeserializeOwned;
+    /// The `min_seq` the request asks for.
+    fn min_seq(&self) -> Option<u64>;
+}
+
+/// `host.list`: every host the lattice knows, with its liveness.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostListRequest {
+    /// Wait until the controller has applied this stream sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seq: Option<u64>,
+    /// Only hosts with this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<HostStatus>,
+}
+
+/// `host.get`: one host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostGetRequest {
+    /// The host.
+    pub host_id: HostId,
+    /// Wait until the controller has applied this stream sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seq: Option<u64>,
+}
+
+/// `lattice.status`: a summary of the lattice.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusRequest {
+    /// Wait until the controller has applied this stream sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seq: Option<u64>,
+}
+
+/// `lattice.projection`: the controller's projection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectionRequest {
+    /// Wait until the controller has applied this stream sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seq: Option<u64>,
+}
+
+/// A host as the controller sees it: what the facts say plus its latest heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostView {
+    /// The host.
+    pub host_id: HostId,
+    /// `up`, `stopped` or `lost`.
+    pub status: HostStatus,
+    /// Placement labels.
+    pub labels: BTreeMap<String, String>,
+    /// What the host offers.
+    pub capacity: Capacity,
+    /// The `trellis-host` version.
+    pub version: String,
+    /// When the host (last) joined.
+    pub started_at: DateTime<Utc>,
+    /// When the status last changed.
+    pub status_since: DateTime<Utc>,
+    /// When this controller last received a heartbeat, if it has received one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    /// Milliseconds since that heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_age_ms: Option<u64>,
+    /// Instances the host reported in its last heartbeat.
+    pub instances: u32,
+}
+
+/// Reply to `host.list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostListReply {
+    /// The stream sequence this answer reflects.
+    pub as_of: u64,
+    /// The hosts, ordered by id.
+    pub hosts: Vec<HostView>,
+}
+
+/// Reply to `host.get`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostGetReply {
+    /// The stream sequence this answer reflects.
+    pub as_of: u64,
+    /// The host.
+    pub host: HostView,
+}
+
+/// Host counts by status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostCounts {
+    /// Hosts that are up.
+    pub up: u32,
+    /// Hosts that drained and left.
+    pub stopped: u32,
+    /// Hosts declared lost.
+    pub lost: u32,
+}
+
+/// The controller replica that answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerInfo {
+    /// The replica's id.
+    pub id: String,
+    /// The `trellis` version.
+    pub version: String,
+    /// When the replica started.
+    pub started_at: DateTime<Utc>,
+    /// How long its replay took, in milliseconds.
+    pub replay_ms: u64,
+    /// How many facts the replay applied.
+    pub replayed_facts: u64,
+}
+
+/// The lattice's fact stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSummary {
+    /// The JetStream stream name.
+    pub name: String,
+    /// Messages it holds.
+    pub messages: u64,
+    /// Its first sequence.
+    pub first_seq: u64,
+    /// Its last sequence.
+    pub last_seq: u64,
+}
+
+/// Reply to `lattice.status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusReply {
+    /// The stream sequence this answer reflects.
+    pub as_of: u64,
+    /// The lattice.
+    pub lattice: Lattice,
+    /// Hosts by status.
+    pub hosts: HostCounts,
+    /// The replica that answered.
+    pub controller: ControllerInfo,
+    /// The fact stream, as the replica last read its state.
+    pub stream: StreamSummary,
+}
+
+/// Reply to `lattice.projection`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectionReply {
+    /// The stream sequence this answer reflects.
+    pub as_of: u64,
+    /// The projection, exactly as the fold built it.
+    pub projection: crate::projection::Projection,
+}
+
+impl CtlRequest for HostListRequest {
+    const OP: CtlOp = CtlOp::HostList;
+    type Reply = HostListReply;
+    fn min_seq(&self) -> Option<u64> {
+        self.min_seq
+    }
+}
+
+impl CtlRequest for HostGetRequest {
+    const OP: CtlOp = CtlOp::HostGet;
+    type Reply = HostGetReply;
+    fn min_seq(&self) -> Option<u64> {
+        self.min_seq
+    }
+}
+
+impl CtlRequest for StatusRequest {
+    const OP: CtlOp = CtlOp::LatticeStatus;
+    type Reply = StatusReply;
+    fn min_seq(&self) -> Option<u64> {
+        self.min_seq
+    }
+}
+
+impl CtlRequest for ProjectionRequest {
+    const OP: CtlOp = CtlOp::LatticeProjection;
+    type Reply = ProjectionReply;
+    fn min_seq(&self) -> Option<u64> {
+        self.min_seq
+    }
+}
+
+/// Stable error codes of control replies. Clients branch on these, never on messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The body is not valid JSON.
+    InvalidJson,
+    /// The body is JSON but not a valid request: wrong types, missing or unknown fields, bad values.
+    InvalidRequest,
+    /// The body is larger than [`MAX_REQUEST_BYTES`].
+    PayloadTooLarge,
+    /// The subject names no known operation.
+    UnknownVerb,
+    /// A referenced entity does not exist.
+    NotFound,
+    /// The controller has not reached the requested `min_seq` in time; retry.
+    NotReady,
+    /// The controller could not reach JetStream.
+    Unavailable,
+    /// A bug; the message says more.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnknownVerb => "unknown_verb",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::NotReady => "not_ready",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error half of the reply envelope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, thiserror::Error)]
+#[serde(deny_unknown_fields)]
+#[error("{code}: {message}")]
+pub struct ErrorBody {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// What went wrong and what to do about it.
+    pub message: String,
+    /// Machine-readable context (the field, the accepted values, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
+
+impl ErrorBody {
+    /// An error without details.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), details: None }
+    }
+
+    /// Adds details.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+}
+
+/// The reply envelope: `{"ok":true,"data":…}` or `{"ok":false,"error":…}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Reply<T> {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result, when `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<T>,
+    /// The error, when not `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+impl<T> Reply<T> {
+    /// A success.
+    pub fn ok(data: T) -> Self {
+        Self { ok: true, data: Some(data), error: None }
+    }
+
+    /// A failure.
+    pub fn err(error: ErrorBody) -> Self {
+        Self { ok: false, data: None, error: Some(error) }
+    }
+
+    /// The result as a `Result`.
+    pub fn into_result(self) -> Result<T, ErrorBody> {
+        match (self.ok, self.data, self.error) {
+            (true, Some(data), _) => Ok(data),
+            (false, _, Some(error)) => Err(error),
+            (true, None, _) => Err(ErrorBody::new(
+                ErrorCode::Internal,
+                "reply says ok but carries no data",
+            )),
+            (false, _, None) => Err(ErrorBody::new(
+                ErrorCode::Internal,
+                "reply says not ok but carries no error",
+            )),
+        }
+    }
+}
+
+/// Decodes a control request body, mapping failures to the precise error code.
+///
+/// An empty body is read as `{}`. Syntax errors are `invalid_json`; well-formed JSON of the
+/// wrong shape is `invalid_request`, with the path and reason in the message.
+pub fn decode_request<R: DeserializeOwned>(body: &[u8]) -> Result<R, ErrorBody> {
+    if body.len() > MAX_REQUEST_BYTES {
+        return Err(ErrorBody::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "request body is {} bytes; the limit is {MAX_REQUEST_BYTES}",
+                body.len()
+            ),
+        )
+        .with_details(serde_json::json!({"size": body.len(), "limit": MAX_REQUEST_BYTES})));
+    }
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
+    serde_json::from_slice(body).map_err(|e| {
+        use serde_json::error::Category;
+        let code = match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => ErrorCode::InvalidJson,
+            Category::Data => ErrorCode::InvalidRequest,
+        };
+        let what = if code == ErrorCode::InvalidJson {
+            "request body is not valid JSON"
+        } else {
+            "request does not match its schema"
+        };
+        ErrorBody::new(code, format!("{what}: {e}")).with_details(serde_json::json!({
+            "line": e.line(),
+            "column": e.column(),
+        }))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_serialize_as_their_names() {
+        for code in [
+            ErrorCode::InvalidJson,
+            ErrorCode::InvalidRequest,
+            ErrorCode::PayloadTooLarge,
+            ErrorCode::UnknownVerb,
+            ErrorCode::NotFound,
+            ErrorCode::NotReady,
+            ErrorCode::Unavailable,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(
+                serde_json::to_value(code).expect("serializes"),
+                serde_json::Value::String(code.as_str().to_owned())
+            );
+        }
+    }
+
+    #[test]
+    fn decode_request_classifies_failures() {
+        let ok: HostGetRequest = decode_request(br#"{"host_id":"h1"}"#).expect("valid");
+        assert_eq!(ok.host_id.as_str(), "h1");
+        let empty: StatusRequest = decode_request(b"").expect("empty is {}");
+        assert_eq!(empty, StatusRequest::default());
+        let code = |body: &[u8]| decode_request::<HostGetRequest>(body).expect_err("bad").code;
+        assert_eq!(code(b"{"), ErrorCode::InvalidJson);
+        assert_eq!(code(b"not json"), ErrorCode::InvalidJson);
+        assert_eq!(code(br#"{"host_id":5}"#), ErrorCode::InvalidRequest);
+        assert_eq!(code(br#"{"host_id":"h1","x":1}"#), ErrorCode::InvalidRequest);
+        assert_eq!(code(br#"{"host_id":"a.b"}"#), ErrorCode::InvalidRequest);
+        assert_eq!(code(br#"{}"#), ErrorCode::InvalidRequest);
+        assert_eq!(code(br#"[]"#), ErrorCode::InvalidRequest);
+        let big = vec![b' '; MAX_REQUEST_BYTES + 1];
+        assert_eq!(code(&big), ErrorCode::PayloadTooLarge);
+    }
+
+    #[test]
+    fn reply_envelope_shapes() {
+        let ok = serde_json::to_value(Reply::ok(StatusRequest::default())).expect("json");
+        assert_eq!(ok, serde_json::json!({"ok": true, "data": {}}));
+        let err = serde_json::to_value(Reply::<()>::err(ErrorBody::new(ErrorCode::NotFound, "x")))
+            .expect("json");
+        assert_eq!(
+            err,
+            serde_json::json!({"ok": false, "error": {"code": "not_found", "message": "x"}})
+        );
+    }
+}

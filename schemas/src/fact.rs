@@ -1,0 +1,475 @@
+//! The fact catalogue and its CloudEvent 1.0 envelope.
+//!
+//! A fact records something that happened in the lattice. On the wire it is a CloudEvent in
+//! structured JSON mode:
+//!
+//! ```json
+//! {"specversion":"1.0","id":"01J…","source":"/trellis/default/host/h1",
+//!  "type":"dev.trellis.host.started.v1","subject":"h1","time":"2026-11-22T08:00:00Z",
+//!  "datacontenttype":"application/json","data":{…},"causationid":"01J…"}
+//! ```
+//!
+//! [`FactData`] is the typed payload; its variant decides `type` and the NATS subject. [`Event`] is
+//! the envelope with a typed payload, and [`Fact`] is an event together with its position in the
+//! lattice's stream, which is what the fold consumes.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use ulid::Ulid;
+
+use crate::names::{HostId, Lattice};
+
+/// The kinds of fact, one per CloudEvent `type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum FactKind {
+    /// A host joined the lattice (`dev.trellis.host.started.v1`).
+    HostStarted,
+    /// A host left the lattice after draining (`dev.trellis.host.stopped.v1`).
+    HostStopped,
+    /// A host's heartbeats stopped and a controller declared it lost (`dev.trellis.host.lost.v1`).
+    HostLost,
+}
+
+impl FactKind {
+    /// Every kind, in catalogue order.
+    pub const ALL: &'static [FactKind] =
+        &[FactKind::HostStarted, FactKind::HostStopped, FactKind::HostLost];
+
+    /// The entity noun (`host`, `instance`, …): the first part of the type and subject.
+    pub fn noun(self) -> &'static str {
+        match self {
+            FactKind::HostStarted | FactKind::HostStopped | FactKind::HostLost => "host",
+        }
+    }
+
+    /// The verb (`started`, `lost`, …).
+    pub fn verb(self) -> &'static str {
+        match self {
+            FactKind::HostStarted => "started",
+            FactKind::HostStopped => "stopped",
+            FactKind::HostLost => "lost",
+        }
+    }
+
+    /// The CloudEvent `type`: `dev.trellis.<noun>.<verb>.v1`.
+    pub fn type_name(self) -> &'static str {
+        match self {
+            FactKind::HostStarted => "dev.trellis.host.started.v1",
+            FactKind::HostStopped => "dev.trellis.host.stopped.v1",
+            FactKind::HostLost => "dev.trellis.host.lost.v1",
+        }
+    }
+
+    /// The short name used by the CLI and in schema file names: `<noun>.<verb>`.
+    pub fn short_name(self) -> String {
+        format!("{}.{}", self.noun(), self.verb())
+    }
+
+    /// Looks a kind up by its CloudEvent type.
+    pub fn from_type_name(ty: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|k| k.type_name() == ty)
+    }
+
+    /// Looks a kind up by `<noun>.<verb>` or by its full CloudEvent type.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.type_name() == name || k.short_name() == name)
+    }
+}
+
+/// What a host can offer to instances; the scheduler compares requests against it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    /// The most instances the host runs at once.
+    pub max_instances: u32,
+    /// Memory the host offers to instances, in bytes.
+    pub memory_bytes: u64,
+    /// CPU cores available to the host.
+    pub cpus: u32,
+}
+
+/// `host.started`: a host joined (or re-joined) the lattice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostStarted {
+    /// The host.
+    pub host_id: HostId,
+    /// Labels used for placement (`zone=eu-1`, `gpu=true`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// What the host offers.
+    pub capacity: Capacity,
+    /// The `trellis-host` version.
+    pub version: String,
+    /// True when the host announces itself again after having been declared lost.
+    #[serde(default)]
+    pub rejoined: bool,
+}
+
+/// `host.stopped`: a host drained and left.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostStopped {
+    /// The host.
+    pub host_id: HostId,
+    /// Why it stopped (`signal: SIGTERM`, `shutdown requested`).
+    pub reason: String,
+}
+
+/// `host.lost`: no heartbeat arrived from the host within the liveness timeout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostLost {
+    /// The host.
+    pub host_id: HostId,
+    /// How long the controller waited without a heartbeat, in milliseconds.
+    pub silent_for_ms: u64,
+    /// The liveness timeout in force, in milliseconds.
+    pub timeout_ms: u64,
+    /// The controller replica that declared the loss.
+    pub detected_by: String,
+}
+
+/// The typed payload of a fact. The variant decides the CloudEvent `type`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FactData {
+    /// See [`HostStarted`].
+    HostStarted(HostStarted),
+    /// See [`HostStopped`].
+    HostStopped(HostStopped),
+    /// See [`HostLost`].
+    HostLost(HostLost),
+}
+
+impl FactData {
+    /// The kind of this fact.
+    pub fn kind(&self) -> FactKind {
+        match self {
+            FactData::HostStarted(_) => FactKind::HostStarted,
+            FactData::HostStopped(_) => FactKind::HostStopped,
+            FactData::HostLost(_) => FactKind::HostLost,
+        }
+    }
+
+    /// The id of the entity the fact is about: the CloudEvent `subject` and a subject token.
+    pub fn entity_id(&self) -> &str {
+        match self {
+            FactData::HostStarted(d) => d.host_id.as_str(),
+            FactData::HostStopped(d) => d.host_id.as_str(),
+            FactData::HostLost(d) => d.host_id.as_str(),
+        }
+    }
+
+    fn to_raw(&self) -> Result<Box<RawValue>, serde_json::Error> {
+        match self {
+            FactData::HostStarted(d) => serde_json::value::to_raw_value(d),
+            FactData::HostStopped(d) => serde_json::value::to_raw_value(d),
+            FactData::HostLost(d) => serde_json::value::to_raw_value(d),
+        }
+    }
+
+    fn from_raw(kind: FactKind, raw: &RawValue) -> Result<Self, serde_json::Error> {
+        let json = raw.get();
+        Ok(match kind {
+            FactKind::HostStarted => FactData::HostStarted(serde_json::from_str(json)?),
+            FactKind::HostStopped => FactData::HostStopped(serde_json::from_str(json)?),
+            FactKind::HostLost => FactData::HostLost(serde_json::from_str(json)?),
+        })
+    }
+}
+
+/// A fact as a CloudEvent 1.0 with a typed payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Unique id (ULID); also the `Nats-Msg-Id`, so a retried publish is stored once.
+    pub id: Ulid,
+    /// Who observed the fact: `/trellis/<lattice>/<role>/<id>`.
+    pub source: String,
+    /// When it happened.
+    pub time: DateTime<Utc>,
+    /// The operation that caused this fact, if any (CloudEvent extension `causationid`).
+    pub causation_id: Option<String>,
+    /// W3C trace context (CloudEvent extension `traceparent`).
+    pub traceparent: Option<String>,
+    /// The payload.
+    pub data: FactData,
+}
+
+/// Why a fact could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The bytes are not a CloudEvent envelope.
+    #[error("not a CloudEvent: {0}")]
+    Envelope(#[source] serde_json::Error),
+    /// The envelope is not CloudEvents 1.0.
+    #[error("unsupported specversion {0:?} (expected \"1.0\")")]
+    SpecVersion(String),
+    /// The `type` is not in the catalogue (it may come from a newer Trellis).
+    #[error("unknown fact type {0:?}")]
+    UnknownType(String),
+    /// The `id` is not a ULID.
+    #[error("event id {0:?} is not a ULID")]
+    Id(String),
+    /// The payload does not match the type's schema.
+    #[error("payload of {ty} does not match its schema: {source}")]
+    Data {
+        /// The CloudEvent type.
+        ty: &'static str,
+        /// What serde said.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The envelope `subject` disagrees with the payload's entity id.
+    #[error("event subject {subject:?} does not match the payload's entity {entity:?}")]
+    SubjectMismatch {
+        /// The envelope subject.
+        subject: String,
+        /// The payload's entity id.
+        entity: String,
+    },
+}
+
+/// The wire form of the envelope. Borrowing keeps decoding cheap during replay.
+#[derive(Serialize, Deserialize)]
+struct WireEvent<'a> {
+    #[serde(borrow)]
+    specversion: Cow<'a, str>,
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    source: Cow<'a, str>,
+    #[serde(rename = "type", borrow)]
+    ty: Cow<'a, str>,
+    #[serde(borrow)]
+    subject: Cow<'a, str>,
+    time: DateTime<Utc>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    datacontenttype: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    causationid: Option<Cow<'a, str>>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    traceparent: Option<Cow<'a, str>>,
+}
+
+impl Event {
+    /// A new event observed now by `source`.
+    pub fn new(source: impl Into<String>, data: FactData) -> Self {
+        Self {
+            id: Ulid::generate(),
+            source: source.into(),
+            time: Utc::now(),
+            causation_id: None,
+            traceparent: None,
+            data,
+        }
+    }
+
+    /// Sets the `causationid` extension.
+    pub fn caused_by(mut self, operation: impl Into<String>) -> Self {
+        self.causation_id = Some(operation.into());
+        self
+    }
+
+    /// The kind of the fact.
+    pub fn kind(&self) -> FactKind {
+        self.data.kind()
+    }
+
+    /// The NATS subject this event is published on.
+    pub fn nats_subject(&self, lattice: &Lattice) -> String {
+        crate::subject::event(lattice, self.kind(), self.data.entity_id())
+    }
+
+    /// Encodes the event as structured-mode CloudEvent JSON.
+    pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let data = self.data.to_raw()?;
+        let id = self.id.to_string();
+        let wire = WireEvent {
+            specversion: Cow::Borrowed("1.0"),
+            id: Cow::Owned(id),
+            source: Cow::Borrowed(&self.source),
+            ty: Cow::Borrowed(self.kind().type_name()),
+            subject: Cow::Borrowed(self.data.entity_id()),
+            time: self.time,
+            datacontenttype: Some(Cow::Borrowed("application/json")),
+            data: &data,
+            causationid: self.causation_id.as_deref().map(Cow::Borrowed),
+            traceparent: self.traceparent.as_deref().map(Cow::Borrowed),
+        };
+        serde_json::to_vec(&wire)
+    }
+
+    /// Decodes structured-mode CloudEvent JSON.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let wire: WireEvent<'_> = serde_json::from_slice(bytes).map_err(DecodeError::Envelope)?;
+        if wire.specversion != "1.0" {
+            return Err(DecodeError::SpecVersion(wire.specversion.into_owned()));
+        }
+        let kind = FactKind::from_type_name(&wire.ty)
+            .ok_or_else(|| DecodeError::UnknownType(wire.ty.clone().into_owned()))?;
+        let id: Ulid = wire
+            .id
+            .parse()
+            .map_err(|_| DecodeError::Id(wire.id.clone().into_owned()))?;
+        let data = FactData::from_raw(kind, wire.data).map_err(|source| DecodeError::Data {
+            ty: kind.type_name(),
+            source,
+        })?;
+        if data.entity_id() != wire.subject {
+            return Err(DecodeError::SubjectMismatch {
+                subject: wire.subject.into_owned(),
+                entity: data.entity_id().to_owned(),
+            });
+        }
+        Ok(Self {
+            id,
+            source: wire.source.into_owned(),
+            time: wire.time,
+            causation_id: wire.causationid.map(Cow::into_owned),
+            traceparent: wire.traceparent.map(Cow::into_owned),
+            data,
+        })
+    }
+
+    /// A one-line summary for people: the payload's interesting fields.
+    pub fn summary(&self) -> String {
+        match &self.data {
+            FactData::HostStarted(d) => {
+                let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!(
+                    "version={} labels=[{}]{}",
+                    d.version,
+                    labels.join(","),
+                    if d.rejoined { " rejoined" } else { "" }
+                )
+            }
+            FactData::HostStopped(d) => format!("reason={}", d.reason),
+            FactData::HostLost(d) => format!(
+                "silent_for={}ms timeout={}ms by={}",
+                d.silent_for_ms, d.timeout_ms, d.detected_by
+            ),
+        }
+    }
+
+    /// The `time` attribute formatted as RFC 3339 with millisecond precision.
+    pub fn time_rfc3339(&self) -> String {
+        self.time.to_rfc3339_opts(SecondsFormat::Millis, true)
+    }
+}
+
+/// The `source` attribute of a process: `/trellis/<lattice>/<role>/<id>`.
+pub fn source(lattice: &Lattice, role: &str, id: &str) -> String {
+    format!("/trellis/{lattice}/{role}/{id}")
+}
+
+/// A fact as read from the lattice's stream: the event and its stream sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fact {
+    /// The JetStream sequence of the message: its position in the lattice's history.
+    pub seq: u64,
+    /// The event.
+    pub event: Event,
+}
+
+/// The CloudEvent envelope as documented in `schemas/json/cloudevent.schema.json`. Used only to
+/// generate that schema; [`Event`] is the type that is sent and received.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[schemars(title = "Trellis fact (CloudEvent 1.0, structured JSON)")]
+pub struct CloudEventEnvelope {
+    /// Always `1.0`.
+    #[schemars(regex(pattern = r"^1\.0$"))]
+    pub specversion: String,
+    /// A ULID, unique per event.
+    #[schemars(regex(pattern = r"^[0-9A-HJKMNP-TV-Z]{26}$"))]
+    pub id: String,
+    /// `/trellis/<lattice>/<role>/<id>`.
+    #[schemars(regex(pattern = r"^/trellis/"))]
+    pub source: String,
+    /// `dev.trellis.<noun>.<verb>.v1`; the payload schema is `fact.<noun>.<verb>.schema.json`.
+    #[serde(rename = "type")]
+    #[schemars(regex(pattern = r"^dev\.trellis\.[a-z_]+\.[a-z_]+\.v[0-9]+$"))]
+    pub ty: String,
+    /// The id of the entity the fact is about.
+    pub subject: String,
+    /// When it happened (RFC 3339).
+    pub time: DateTime<Utc>,
+    /// Always `application/json`.
+    pub datacontenttype: Option<String>,
+    /// The typed payload.
+    pub data: serde_json::Value,
+    /// The operation that caused the fact.
+    pub causationid: Option<String>,
+    /// W3C trace context.
+    pub traceparent: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn started(host: &str) -> FactData {
+        FactData::HostStarted(HostStarted {
+            host_id: HostId::new(host).expect("valid"),
+            labels: BTreeMap::from([("zone".to_owned(), "a".to_owned())]),
+            capacity: Capacity { max_instances: 10, memory_bytes: 1 << 30, cpus: 2 },
+            version: "0.1.0".to_owned(),
+            rejoined: false,
+        })
+    }
+
+    #[test]
+    fn encode_decode_round_trip() {
+        let ev = Event::new("/trellis/default/host/h1", started("h1")).caused_by("op1");
+        let bytes = ev.encode().expect("encodes");
+        let back = Event::decode(&bytes).expect("decodes");
+        assert_eq!(back.id, ev.id);
+        assert_eq!(back.data, ev.data);
+        assert_eq!(back.causation_id.as_deref(), Some("op1"));
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(json["specversion"], "1.0");
+        assert_eq!(json["type"], "dev.trellis.host.started.v1");
+        assert_eq!(json["subject"], "h1");
+        assert_eq!(json["datacontenttype"], "application/json");
+    }
+
+    #[test]
+    fn decode_rejects_bad_envelopes() {
+        assert!(matches!(Event::decode(b"{"), Err(DecodeError::Envelope(_))));
+        let ev = Event::new("/trellis/default/host/h1", started("h1"));
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&ev.encode().expect("encodes")).expect("json");
+        json["type"] = "dev.trellis.nope.v1".into();
+        let bytes = serde_json::to_vec(&json).expect("json");
+        assert!(matches!(Event::decode(&bytes), Err(DecodeError::UnknownType(_))));
+        json["type"] = "dev.trellis.host.started.v1".into();
+        json["subject"] = "h2".into();
+        let bytes = serde_json::to_vec(&json).expect("json");
+        assert!(matches!(Event::decode(&bytes), Err(DecodeError::SubjectMismatch { .. })));
+        json["subject"] = "h1".into();
+        json["data"]["surprise"] = 1.into();
+        let bytes = serde_json::to_vec(&json).expect("json");
+        assert!(matches!(Event::decode(&bytes), Err(DecodeError::Data { .. })));
+    }
+
+    #[test]
+    fn kinds_parse_by_either_name() {
+        for k in FactKind::ALL {
+            assert_eq!(FactKind::parse(k.type_name()), Some(*k));
+            assert_eq!(FactKind::parse(&k.short_name()), Some(*k));
+        }
+        assert_eq!(FactKind::parse("host.exploded"), None);
+    }
+}

@@ -1,0 +1,303 @@
+//! The lattice's state as a pure fold over its facts.
+//!
+//! [`apply`] is the only way a [`Projection`] changes. It is deterministic and idempotent: a fact
+//! whose stream sequence is not newer than the last one applied changes nothing, so re-deliveries
+//! and duplicates are harmless. The fold is designed for bounded history: replaying only the
+//! last facts of each subject (what the stream retains) yields the same projection as replaying
+//! everything.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::fact::{Capacity, Fact, FactData};
+use crate::names::HostId;
+
+/// Where a host is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostStatus {
+    /// Joined and (as far as the facts say) alive.
+    Up,
+    /// Drained and left.
+    Stopped,
+    /// Declared lost after its heartbeats stopped.
+    Lost,
+}
+
+impl HostStatus {
+    /// The status as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostStatus::Up => "up",
+            HostStatus::Stopped => "stopped",
+            HostStatus::Lost => "lost",
+        }
+    }
+}
+
+/// What the facts say about one host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostRecord {
+    /// The host.
+    pub host_id: HostId,
+    /// Its status.
+    pub status: HostStatus,
+    /// Placement labels from its last `host.started`.
+    pub labels: BTreeMap<String, String>,
+    /// Capacity from its last `host.started`.
+    pub capacity: Capacity,
+    /// Version from its last `host.started`.
+    pub version: String,
+    /// Time of its last `host.started`.
+    pub started_at: DateTime<Utc>,
+    /// Time of the fact that set the current status.
+    pub status_since: DateTime<Utc>,
+    /// Stream sequence of the fact that set the current status.
+    pub status_seq: u64,
+}
+
+/// The state of a lattice, as far as its facts tell.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Projection {
+    /// The stream sequence of the last fact applied.
+    pub last_seq: u64,
+    /// Hosts by id.
+    pub hosts: BTreeMap<HostId, HostRecord>,
+    /// For every host ever declared lost: the stream sequence of its latest `host.lost` fact.
+    /// Controllers publish `host.lost` expecting exactly this last sequence on the subject, so
+    /// only one replica's declaration is stored.
+    pub last_lost_seq: BTreeMap<HostId, u64>,
+}
+
+impl Projection {
+    /// An empty projection.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Hosts that are up.
+    pub fn hosts_up(&self) -> impl Iterator<Item = &HostRecord> {
+        self.hosts.values().filter(|h| h.status == HostStatus::Up)
+    }
+}
+
+/// Applies one fact. Returns whether it changed anything: facts at or below
+/// [`Projection::last_seq`] are duplicates and are ignored.
+pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
+    if fact.seq <= projection.last_seq {
+        return false;
+    }
+    projection.last_seq = fact.seq;
+    let time = fact.event.time;
+    match &fact.event.data {
+        FactData::HostStarted(d) => {
+            projection.hosts.insert(
+                d.host_id.clone(),
+                HostRecord {
+                    host_id: d.host_id.clone(),
+                    status: HostStatus::Up,
+                    labels: d.labels.clone(),
+                    capacity: d.capacity.clone(),
+                    version: d.version.clone(),
+                    started_at: time,
+                    status_since: time,
+                    status_seq: fact.seq,
+                },
+            );
+        }
+        FactData::HostStopped(d) => {
+            if let Some(host) = projection.hosts.get_mut(&d.host_id) {
+                host.status = HostStatus::Stopped;
+                host.status_since = time;
+                host.status_seq = fact.seq;
+            }
+        }
+        FactData::HostLost(d) => {
+            projection.last_lost_seq.insert(d.host_id.clone(), fact.seq);
+            // A host that drained before the loss was declared stays stopped. A repeated
+            // declaration moves `status_since`, so that replaying only the latest `host.lost`
+            // (all the stream may keep) gives the same record as replaying all of them.
+            if let Some(host) = projection.hosts.get_mut(&d.host_id)
+                && host.status != HostStatus::Stopped
+            {
+                host.status = HostStatus::Lost;
+                host.status_since = time;
+                host.status_seq = fact.seq;
+            }
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fact::{Event, HostLost, HostStarted, HostStopped};
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    fn host(n: u8) -> HostId {
+        HostId::new(format!("h{n}")).expect("valid")
+    }
+
+    fn fact(seq: u64, data: FactData) -> Fact {
+        let mut event = Event::new("/trellis/default/test/t", data);
+        event.time = Utc.timestamp_opt(1_700_000_000 + seq as i64, 0).single().expect("time");
+        Fact { seq, event }
+    }
+
+    fn started(n: u8, version: &str) -> FactData {
+        FactData::HostStarted(HostStarted {
+            host_id: host(n),
+            labels: BTreeMap::from([("n".to_owned(), n.to_string())]),
+            capacity: Capacity { max_instances: 4, memory_bytes: 1 << 20, cpus: 1 },
+            version: version.to_owned(),
+            rejoined: false,
+        })
+    }
+
+    fn stopped(n: u8) -> FactData {
+        FactData::HostStopped(HostStopped { host_id: host(n), reason: "signal".to_owned() })
+    }
+
+    fn lost(n: u8) -> FactData {
+        FactData::HostLost(HostLost {
+            host_id: host(n),
+            silent_for_ms: 10,
+            timeout_ms: 5,
+            detected_by: "c".to_owned(),
+        })
+    }
+
+    #[test]
+    fn host_lifecycle() {
+        let mut p = Projection::new();
+        assert!(apply(&mut p, &fact(1, started(1, "1"))));
+        assert_eq!(p.hosts[&host(1)].status, HostStatus::Up);
+        assert!(apply(&mut p, &fact(2, lost(1))));
+        assert_eq!(p.hosts[&host(1)].status, HostStatus::Lost);
+        assert_eq!(p.last_lost_seq[&host(1)], 2);
+        assert!(apply(&mut p, &fact(3, started(1, "2"))));
+        let h = &p.hosts[&host(1)];
+        assert_eq!((h.status, h.version.as_str(), h.status_seq), (HostStatus::Up, "2", 3));
+        assert!(apply(&mut p, &fact(4, stopped(1))));
+        assert_eq!(p.hosts[&host(1)].status, HostStatus::Stopped);
+        // A late loss declaration does not turn a drained host into a lost one.
+        assert!(apply(&mut p, &fact(5, lost(1))));
+        assert_eq!(p.hosts[&host(1)].status, HostStatus::Stopped);
+        assert_eq!(p.last_lost_seq[&host(1)], 5);
+        assert_eq!(p.last_seq, 5);
+    }
+
+    #[test]
+    fn duplicates_change_nothing() {
+        let mut p = Projection::new();
+        apply(&mut p, &fact(1, started(1, "1")));
+        apply(&mut p, &fact(2, stopped(1)));
+        let before = p.clone();
+        assert!(!apply(&mut p, &fact(1, started(1, "1"))));
+        assert!(!apply(&mut p, &fact(2, stopped(1))));
+        assert_eq!(p, before);
+    }
+
+    #[test]
+    fn facts_about_unknown_hosts_do_not_invent_them() {
+        let mut p = Projection::new();
+        apply(&mut p, &fact(1, stopped(9)));
+        assert!(p.hosts.is_empty());
+        assert_eq!(p.last_seq, 1);
+    }
+
+    fn arb_history() -> impl Strategy<Value = Vec<Fact>> {
+        prop::collection::vec((0u8..4, 0u8..3, 0u8..3), 0..60).prop_map(|steps| {
+            steps
+                .into_iter()
+                .enumerate()
+                .map(|(i, (h, verb, version))| {
+                    let data = match verb {
+                        0 => started(h, &version.to_string()),
+                        1 => stopped(h),
+                        _ => lost(h),
+                    };
+                    fact(i as u64 + 1, data)
+                })
+                .collect()
+        })
+    }
+
+    fn fold(facts: &[Fact]) -> Projection {
+        let mut p = Projection::new();
+        for f in facts {
+            apply(&mut p, f);
+        }
+        p
+    }
+
+    /// What the stream keeps with `max_msgs_per_subject = keep`: the last `keep` facts of every
+    /// (kind, entity) subject, in sequence order.
+    fn retained(facts: &[Fact], keep: usize) -> Vec<Fact> {
+        let mut per_subject: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
+        for f in facts {
+            per_subject
+                .entry((f.event.kind().short_name(), f.event.data.entity_id().to_owned()))
+                .or_default()
+                .push(f.seq);
+        }
+        let kept: std::collections::BTreeSet<u64> = per_subject
+            .values()
+            .flat_map(|seqs| seqs.iter().rev().take(keep).copied())
+            .collect();
+        facts.iter().filter(|f| kept.contains(&f.seq)).cloned().collect()
+    }
+
+    proptest! {
+        #[test]
+        fn same_facts_same_state(history in arb_history()) {
+            prop_assert_eq!(fold(&history), fold(&history));
+        }
+
+        #[test]
+        fn redeliveries_change_nothing(history in arb_history(), dups in prop::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>()), 0..20)) {
+            let clean = fold(&history);
+            let mut noisy = history.clone();
+            for (what, at) in dups {
+                if history.is_empty() { break; }
+                let f = history[what.index(history.len())].clone();
+                // Re-deliver the fact somewhere after its first delivery.
+                let first = noisy.iter().position(|g| g.seq == f.seq).unwrap_or(0);
+                let pos = first + 1 + at.index(noisy.len() - first);
+                noisy.insert(pos, f);
+            }
+            prop_assert_eq!(fold(&noisy), clean);
+        }
+
+        #[test]
+        fn snapshot_then_continue_equals_full_replay(history in arb_history(), cut in any::<prop::sample::Index>()) {
+            let cut = if history.is_empty() { 0 } else { cut.index(history.len()) };
+            let snap = fold(&history[..cut]);
+            let json = serde_json::to_string(&snap).expect("serializes");
+            let mut resumed: Projection = serde_json::from_str(&json).expect("deserializes");
+            for f in &history[cut..] {
+                apply(&mut resumed, f);
+            }
+            prop_assert_eq!(resumed, fold(&history));
+        }
+
+        #[test]
+        fn bounded_history_yields_the_same_state(history in arb_history()) {
+            let full = fold(&history);
+            for keep in [1usize, 2, 4] {
+                let mut short = fold(&retained(&history, keep));
+                // last_seq is the stream's last sequence in both cases; the retained subset
+                // always contains the last fact.
+                short.last_seq = full.last_seq;
+                prop_assert_eq!(&short, &full, "keep = {}", keep);
+            }
+        }
+    }
+}
