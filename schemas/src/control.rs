@@ -24,13 +24,11 @@ use crate::fact::Capacity;
 use crate::names::{HostId, Lattice};
 use crate::projection::HostStatus;
 
-
 /// The largest control request body the controller accepts, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// Every control operation: one subject each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
 pub enum CtlOp {
     /// `host.list` — [`HostListRequest`] → [`HostListReply`].
     HostList,
@@ -345,7 +343,11 @@ pub struct ErrorBody {
 impl ErrorBody {
     /// An error without details.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), details: None }
+        Self {
+            code,
+            message: message.into(),
+            details: None,
+        }
     }
 
     /// Adds details.
@@ -362,22 +364,30 @@ pub struct Reply<T> {
     /// Whether the request succeeded.
     pub ok: bool,
     /// The result, when `ok`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<T>,
     /// The error, when not `ok`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
 }
 
 impl<T> Reply<T> {
     /// A success.
     pub fn ok(data: T) -> Self {
-        Self { ok: true, data: Some(data), error: None }
+        Self {
+            ok: true,
+            data: Some(data),
+            error: None,
+        }
     }
 
     /// A failure.
     pub fn err(error: ErrorBody) -> Self {
-        Self { ok: false, data: None, error: Some(error) }
+        Self {
+            ok: false,
+            data: None,
+            error: Some(error),
+        }
     }
 
     /// The result as a `Result`.
@@ -412,7 +422,11 @@ pub fn decode_request<R: DeserializeOwned>(body: &[u8]) -> Result<R, ErrorBody> 
         )
         .with_details(serde_json::json!({"size": body.len(), "limit": MAX_REQUEST_BYTES})));
     }
-    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
     serde_json::from_slice(body).map_err(|e| {
         use serde_json::error::Category;
         let code = match e.classify() {
@@ -460,11 +474,18 @@ mod tests {
         assert_eq!(ok.host_id.as_str(), "h1");
         let empty: StatusRequest = decode_request(b"").expect("empty is {}");
         assert_eq!(empty, StatusRequest::default());
-        let code = |body: &[u8]| decode_request::<HostGetRequest>(body).expect_err("bad").code;
+        let code = |body: &[u8]| {
+            decode_request::<HostGetRequest>(body)
+                .expect_err("bad")
+                .code
+        };
         assert_eq!(code(b"{"), ErrorCode::InvalidJson);
         assert_eq!(code(b"not json"), ErrorCode::InvalidJson);
         assert_eq!(code(br#"{"host_id":5}"#), ErrorCode::InvalidRequest);
-        assert_eq!(code(br#"{"host_id":"h1","x":1}"#), ErrorCode::InvalidRequest);
+        assert_eq!(
+            code(br#"{"host_id":"h1","x":1}"#),
+            ErrorCode::InvalidRequest
+        );
         assert_eq!(code(br#"{"host_id":"a.b"}"#), ErrorCode::InvalidRequest);
         assert_eq!(code(br#"{}"#), ErrorCode::InvalidRequest);
         assert_eq!(code(br#"[]"#), ErrorCode::InvalidRequest);

@@ -38,8 +38,11 @@ pub enum FactKind {
 
 impl FactKind {
     /// Every kind, in catalogue order.
-    pub const ALL: &'static [FactKind] =
-        &[FactKind::HostStarted, FactKind::HostStopped, FactKind::HostLost];
+    pub const ALL: &'static [FactKind] = &[
+        FactKind::HostStarted,
+        FactKind::HostStopped,
+        FactKind::HostLost,
+    ];
 
     /// The entity noun (`host`, `instance`, …): the first part of the type and subject.
     pub fn noun(self) -> &'static str {
@@ -348,7 +351,8 @@ impl Event {
     pub fn summary(&self) -> String {
         match &self.data {
             FactData::HostStarted(d) => {
-                let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let labels: Vec<String> =
+                    d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 format!(
                     "version={} labels=[{}]{}",
                     d.version,
@@ -424,7 +428,11 @@ mod tests {
         FactData::HostStarted(HostStarted {
             host_id: HostId::new(host).expect("valid"),
             labels: BTreeMap::from([("zone".to_owned(), "a".to_owned())]),
-            capacity: Capacity { max_instances: 10, memory_bytes: 1 << 30, cpus: 2 },
+            capacity: Capacity {
+                max_instances: 10,
+                memory_bytes: 1 << 30,
+                cpus: 2,
+            },
             version: "0.1.0".to_owned(),
             rejoined: false,
         })
@@ -453,15 +461,24 @@ mod tests {
             serde_json::from_slice(&ev.encode().expect("encodes")).expect("json");
         json["type"] = "dev.trellis.nope.v1".into();
         let bytes = serde_json::to_vec(&json).expect("json");
-        assert!(matches!(Event::decode(&bytes), Err(DecodeError::UnknownType(_))));
+        assert!(matches!(
+            Event::decode(&bytes),
+            Err(DecodeError::UnknownType(_))
+        ));
         json["type"] = "dev.trellis.host.started.v1".into();
         json["subject"] = "h2".into();
         let bytes = serde_json::to_vec(&json).expect("json");
-        assert!(matches!(Event::decode(&bytes), Err(DecodeError::SubjectMismatch { .. })));
+        assert!(matches!(
+            Event::decode(&bytes),
+            Err(DecodeError::SubjectMismatch { .. })
+        ));
         json["subject"] = "h1".into();
         json["data"]["surprise"] = 1.into();
         let bytes = serde_json::to_vec(&json).expect("json");
-        assert!(matches!(Event::decode(&bytes), Err(DecodeError::Data { .. })));
+        assert!(matches!(
+            Event::decode(&bytes),
+            Err(DecodeError::Data { .. })
+        ));
     }
 
     #[test]

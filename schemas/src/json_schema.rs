@@ -66,7 +66,9 @@ pub fn all() -> Vec<NamedSchema> {
             FactKind::HostLost => named::<HostLost>(file),
         });
     }
-    out.push(named::<CloudEventEnvelope>("cloudevent.schema.json".to_owned()));
+    out.push(named::<CloudEventEnvelope>(
+        "cloudevent.schema.json".to_owned(),
+    ));
     out.push(named::<Heartbeat>("heartbeat.schema.json".to_owned()));
     out
 }
@@ -107,7 +109,11 @@ mod tests {
         let expected: std::collections::BTreeSet<String> =
             schemas.iter().map(|s| s.file.clone()).collect();
         for entry in std::fs::read_dir(dir()).expect("schemas/json exists") {
-            let name = entry.expect("entry").file_name().to_string_lossy().into_owned();
+            let name = entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
             if name.ends_with(".schema.json") && !expected.contains(&name) {
                 if bless {
                     std::fs::remove_file(dir().join(&name)).expect("removes stale schema");
@@ -123,7 +129,11 @@ mod tests {
     }
 
     fn validator(file: &str) -> jsonschema::Validator {
-        let schema = all().into_iter().find(|s| s.file == file).expect("schema exists").schema;
+        let schema = all()
+            .into_iter()
+            .find(|s| s.file == file)
+            .expect("schema exists")
+            .schema;
         jsonschema::validator_for(&schema).expect("schema compiles")
     }
 
@@ -137,7 +147,11 @@ mod tests {
         let json: serde_json::Value =
             serde_json::from_slice(&event.encode().expect("encodes")).expect("json");
         let envelope = validator("cloudevent.schema.json");
-        assert!(envelope.is_valid(&json), "{:?}", envelope.iter_errors(&json).next());
+        assert!(
+            envelope.is_valid(&json),
+            "{:?}",
+            envelope.iter_errors(&json).next()
+        );
         assert!(validator(&fact_file(FactKind::HostStopped)).is_valid(&json["data"]));
         assert!(!validator(&fact_file(FactKind::HostStarted)).is_valid(&json["data"]));
     }

@@ -147,7 +147,10 @@ mod tests {
 
     fn fact(seq: u64, data: FactData) -> Fact {
         let mut event = Event::new("/trellis/default/test/t", data);
-        event.time = Utc.timestamp_opt(1_700_000_000 + seq as i64, 0).single().expect("time");
+        event.time = Utc
+            .timestamp_opt(1_700_000_000 + seq as i64, 0)
+            .single()
+            .expect("time");
         Fact { seq, event }
     }
 
@@ -155,14 +158,21 @@ mod tests {
         FactData::HostStarted(HostStarted {
             host_id: host(n),
             labels: BTreeMap::from([("n".to_owned(), n.to_string())]),
-            capacity: Capacity { max_instances: 4, memory_bytes: 1 << 20, cpus: 1 },
+            capacity: Capacity {
+                max_instances: 4,
+                memory_bytes: 1 << 20,
+                cpus: 1,
+            },
             version: version.to_owned(),
             rejoined: false,
         })
     }
 
     fn stopped(n: u8) -> FactData {
-        FactData::HostStopped(HostStopped { host_id: host(n), reason: "signal".to_owned() })
+        FactData::HostStopped(HostStopped {
+            host_id: host(n),
+            reason: "signal".to_owned(),
+        })
     }
 
     fn lost(n: u8) -> FactData {
@@ -184,7 +194,10 @@ mod tests {
         assert_eq!(p.last_lost_seq[&host(1)], 2);
         assert!(apply(&mut p, &fact(3, started(1, "2"))));
         let h = &p.hosts[&host(1)];
-        assert_eq!((h.status, h.version.as_str(), h.status_seq), (HostStatus::Up, "2", 3));
+        assert_eq!(
+            (h.status, h.version.as_str(), h.status_seq),
+            (HostStatus::Up, "2", 3)
+        );
         assert!(apply(&mut p, &fact(4, stopped(1))));
         assert_eq!(p.hosts[&host(1)].status, HostStatus::Stopped);
         // A late loss declaration does not turn a drained host into a lost one.
@@ -244,7 +257,10 @@ mod tests {
         let mut per_subject: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
         for f in facts {
             per_subject
-                .entry((f.event.kind().short_name(), f.event.data.entity_id().to_owned()))
+                .entry((
+                    f.event.kind().short_name(),
+                    f.event.data.entity_id().to_owned(),
+                ))
                 .or_default()
                 .push(f.seq);
         }
@@ -252,7 +268,11 @@ mod tests {
             .values()
             .flat_map(|seqs| seqs.iter().rev().take(keep).copied())
             .collect();
-        facts.iter().filter(|f| kept.contains(&f.seq)).cloned().collect()
+        facts
+            .iter()
+            .filter(|f| kept.contains(&f.seq))
+            .cloned()
+            .collect()
     }
 
     proptest! {

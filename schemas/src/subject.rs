@@ -41,7 +41,11 @@ pub fn parse_ctl<'a>(lattice: &Lattice, subject: &'a str) -> Option<(&'a str, &'
 
 /// The subject a fact about entity `id` is published on.
 pub fn event(lattice: &Lattice, kind: FactKind, id: &str) -> String {
-    format!("trellis.evt.v1.{lattice}.{}.{id}.{}", kind.noun(), kind.verb())
+    format!(
+        "trellis.evt.v1.{lattice}.{}.{id}.{}",
+        kind.noun(),
+        kind.verb()
+    )
 }
 
 /// Every fact subject of the lattice.
@@ -81,7 +85,10 @@ pub fn events_stream(lattice: &Lattice) -> String {
 
 /// The JetStream stream holding the last heartbeat of every host.
 pub fn heartbeat_stream(lattice: &Lattice) -> String {
-    format!("TRELLIS_HEARTBEATS_{}", lattice.as_str().to_ascii_uppercase())
+    format!(
+        "TRELLIS_HEARTBEATS_{}",
+        lattice.as_str().to_ascii_uppercase()
+    )
 }
 
 #[cfg(test)]

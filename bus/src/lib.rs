@@ -1,0 +1,32 @@
+//! How Trellis processes use NATS.
+//!
+//! Hosts, the controller, providers and the CLI all talk to NATS through this crate, so that they
+//! agree on connection behaviour, stream configuration and the way facts are published and read:
+//!
+//! - [`connect`]: a client that retries the first connection and reconnects forever.
+//! - [`ensure_streams`]: creates or updates the lattice's fact and heartbeat streams
+//!   idempotently; whichever process starts first does it.
+//! - [`FactPublisher`]: publishes facts in order, each with `Nats-Msg-Id` = event id, retrying
+//!   until JetStream acknowledges; facts queue (bounded) while NATS is away.
+//! - [`publish_exclusive`]: publishes a fact only if the subject's last sequence is what the
+//!   caller expects, so that of several replicas deciding the same thing only one fact is stored.
+//! - [`FactStream`]: reads facts in stream order with an ordered consumer, from the start or live.
+//!
+//! # Disconnection
+//!
+//! The client reconnects by itself. While it is away, [`FactPublisher`] keeps its queue and retries
+//! the head of it; once NATS is back the queue is flushed in order. A retried publish that had in
+//! fact been stored is de-duplicated by JetStream through its message id.
+#![deny(missing_docs)]
+
+mod connect;
+mod publisher;
+mod reader;
+mod streams;
+
+pub use connect::{ConnectError, connect};
+pub use publisher::{FactPublisher, PublishError, publish_exclusive};
+pub use reader::{FactStream, RawFact, ReadError, StartAt, count_messages};
+pub use streams::{StreamError, StreamSettings, ensure_streams, events_stream_state};
+
+pub use async_nats;

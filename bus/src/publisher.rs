@@ -1,0 +1,213 @@
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use trellis_schemas::{Event, Lattice};
+
+use crate::streams::{StreamSettings, ensure_streams};
+
+/// A fact could not be published.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The event could not be encoded.
+    #[error("cannot encode fact: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// The publisher's buffer is full: NATS has been away for long enough that the bounded queue
+    /// filled up.
+    #[error("fact buffer is full ({0} facts waiting for NATS)")]
+    BufferFull(usize),
+    /// The publisher has shut down.
+    #[error("fact publisher is closed")]
+    Closed,
+    /// JetStream refused the fact for a reason that retrying does not fix.
+    #[error("JetStream rejected the fact: {0}")]
+    Rejected(String),
+    /// No acknowledgement arrived in time.
+    #[error("no acknowledgement from JetStream within {0:?}")]
+    Timeout(Duration),
+}
+
+struct Job {
+    subject: String,
+    id: String,
+    payload: Bytes,
+    done: Option<oneshot::Sender<Result<u64, PublishError>>>,
+}
+
+/// Publishes facts to the lattice's stream, in order, until each is acknowledged.
+///
+/// Cloning is cheap; all clones feed one queue served by one task, so facts are stored in the order
+/// they were handed over. Each fact is published with `Nats-Msg-Id` = its event id: when an
+/// acknowledgement is lost and the publish is retried, JetStream stores it once.
+///
+/// # Disconnection
+///
+/// While NATS is away the head of the queue is retried with a capped backoff and new facts wait
+/// behind it, up to the queue's capacity; beyond that [`FactPublisher::enqueue`] fails with
+/// [`PublishError::BufferFull`] rather than growing without bound.
+#[derive(Debug, Clone)]
+pub struct FactPublisher {
+    lattice: Lattice,
+    tx: mpsc::Sender<Job>,
+    capacity: usize,
+}
+
+/// The worker task of a [`FactPublisher`]; awaiting it waits until every queued fact is stored.
+#[derive(Debug)]
+pub struct PublisherTask(JoinHandle<()>);
+
+impl PublisherTask {
+    /// Waits until the queue is drained (all publishers dropped and every fact stored), for at most
+    /// `timeout`. Returns whether it drained in time.
+    pub async fn drain(self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.0).await.is_ok()
+    }
+}
+
+impl FactPublisher {
+    /// Starts a publisher with a queue of `capacity` facts.
+    pub fn spawn(
+        js: jetstream::Context,
+        lattice: Lattice,
+        settings: StreamSettings,
+        capacity: usize,
+    ) -> (Self, PublisherTask) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let task = tokio::spawn(run(js, lattice.clone(), settings, rx));
+        (
+            Self {
+                lattice,
+                tx,
+                capacity,
+            },
+            PublisherTask(task),
+        )
+    }
+
+    fn job(&self, event: &Event) -> Result<Job, PublishError> {
+        Ok(Job {
+            subject: event.nats_subject(&self.lattice),
+            id: event.id.to_string(),
+            payload: Bytes::from(event.encode()?),
+            done: None,
+        })
+    }
+
+    /// Queues a fact without waiting for it to be stored.
+    pub fn enqueue(&self, event: &Event) -> Result<(), PublishError> {
+        let job = self.job(event)?;
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => PublishError::BufferFull(self.capacity),
+            mpsc::error::TrySendError::Closed(_) => PublishError::Closed,
+        })
+    }
+
+    /// Publishes a fact and waits until JetStream has stored it; returns its stream sequence.
+    pub async fn publish(&self, event: &Event) -> Result<u64, PublishError> {
+        let (done, wait) = oneshot::channel();
+        let mut job = self.job(event)?;
+        job.done = Some(done);
+        self.tx.send(job).await.map_err(|_| PublishError::Closed)?;
+        wait.await.map_err(|_| PublishError::Closed)?
+    }
+}
+
+async fn run(
+    js: jetstream::Context,
+    lattice: Lattice,
+    settings: StreamSettings,
+    mut rx: mpsc::Receiver<Job>,
+) {
+    while let Some(job) = rx.recv().await {
+        let mut attempt: u32 = 0;
+        let result = loop {
+            let publish = PublishMessage::build()
+                .payload(job.payload.clone())
+                .message_id(&job.id);
+            let error = match js.send_publish(job.subject.clone(), publish).await {
+                Ok(ack) => match ack.await {
+                    Ok(ack) => break Ok(ack.sequence),
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            match error.kind() {
+                // Retrying cannot shrink a message, and an error JetStream keeps repeating is
+                // not a passing outage.
+                PublishErrorKind::MaxPayloadExceeded => {
+                    break Err(PublishError::Rejected(error.to_string()));
+                }
+                PublishErrorKind::Other if attempt > 20 => {
+                    break Err(PublishError::Rejected(error.to_string()));
+                }
+                PublishErrorKind::StreamNotFound => {
+                    // The stream was deleted, or NATS came back without its JetStream state.
+                    tracing::warn!("fact stream missing; recreating it");
+                    if let Err(e) = ensure_streams(&js, &lattice, &settings).await {
+                        tracing::warn!(error = %e, "cannot recreate the fact stream");
+                    }
+                }
+                _ => {}
+            }
+            attempt = attempt.saturating_add(1);
+            let delay = Duration::from_millis(50u64 << attempt.min(5)).min(Duration::from_secs(2));
+            if attempt == 1 || attempt % 10 == 0 {
+                tracing::warn!(subject = %job.subject, attempt, error = %error, "fact not stored yet; retrying");
+            }
+            tokio::time::sleep(delay).await;
+        };
+        if let Err(e) = &result {
+            tracing::error!(subject = %job.subject, error = %e, "fact dropped");
+        }
+        if let Some(done) = job.done {
+            let _ = done.send(result);
+        }
+    }
+}
+
+/// Publishes `event` only if the last fact on its subject has stream sequence
+/// `expected_last_subject_seq` (0: no fact on the subject yet).
+///
+/// Returns `Ok(Some(seq))` when stored (or when this very event had already been stored by an
+/// earlier attempt), `Ok(None)` when another fact got there first, so the caller lost the race and
+/// must not act on its decision.
+pub async fn publish_exclusive(
+    js: &jetstream::Context,
+    lattice: &Lattice,
+    event: &Event,
+    expected_last_subject_seq: u64,
+) -> Result<Option<u64>, PublishError> {
+    let payload = Bytes::from(event.encode()?);
+    let subject = event.nats_subject(lattice);
+    let mut attempt: u32 = 0;
+    loop {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            expected_last_subject_seq.to_string().as_str(),
+        );
+        let error = match js
+            .publish_with_headers(subject.clone(), headers, payload.clone())
+            .await
+        {
+            Ok(ack) => match ack.await {
+                Ok(ack) => return Ok(Some(ack.sequence)),
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        match error.kind() {
+            PublishErrorKind::WrongLastSequence => return Ok(None),
+            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe if attempt < 5 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+            }
+            _ => return Err(PublishError::Rejected(error.to_string())),
+        }
+    }
+}

@@ -1,0 +1,477 @@
+//! The `trellis` command line.
+//!
+//! Exit codes: 0 success; 1 the request failed (the error says why); 2 bad usage; 3 not found;
+//! 4 the lattice cannot be reached (no NATS, or no controller answering).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use trellis_bus::{FactStream, StartAt};
+use trellis_schemas::control::{HostGetRequest, HostListRequest, HostView, StatusRequest};
+use trellis_schemas::{ErrorCode, Event, FactKind, HostId, HostStatus, Lattice, subject};
+
+use crate::client::{ClientError, CtlClient};
+use crate::controller::ControllerConfig;
+use crate::output::Table;
+
+/// Trellis: a NATS-native, event-sourced WebAssembly lattice.
+#[derive(Debug, Parser)]
+#[command(name = "trellis", version, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct Global {
+    /// NATS server URL(s), comma separated [default: nats://127.0.0.1:4222; `trellis up` starts
+    /// its own server when none is given].
+    #[arg(long, global = true, env = "TRELLIS_NATS_URL")]
+    nats: Option<String>,
+    /// The lattice.
+    #[arg(
+        long,
+        global = true,
+        env = "TRELLIS_LATTICE",
+        default_value = "default"
+    )]
+    lattice: Lattice,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// How long to wait for a reply.
+    #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Aligned tables for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a controller replica.
+    Controller(ControllerArgs),
+    /// Hosts of the lattice.
+    #[command(subcommand)]
+    Host(HostCommand),
+    /// A summary of the lattice.
+    Status,
+    /// Print facts from the lattice's stream.
+    Events(EventsArgs),
+    /// Start a whole lattice on this machine: NATS (unless --nats-url is given), a controller and a host.
+    Up(crate::up::UpArgs),
+}
+
+#[derive(Debug, Args)]
+struct ControllerArgs {
+    /// Declare a host lost after this long without a heartbeat.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    host_timeout: Duration,
+    /// This replica's id (default: a fresh ULID).
+    #[arg(long, env = "TRELLIS_REPLICA_ID")]
+    replica_id: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum HostCommand {
+    /// List hosts.
+    Ls {
+        /// Only hosts with this status.
+        #[arg(long, value_parser = parse_status)]
+        status: Option<HostStatus>,
+    },
+    /// Show one host.
+    Get {
+        /// The host id.
+        host_id: HostId,
+    },
+}
+
+#[derive(Debug, Args)]
+struct EventsArgs {
+    /// Keep printing new facts as they are stored.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Only facts of this type (`host.started` or `dev.trellis.host.started.v1`).
+    #[arg(long = "type", value_parser = parse_kind)]
+    kind: Option<FactKind>,
+    /// Only facts about this host.
+    #[arg(long, conflicts_with = "kind")]
+    host: Option<HostId>,
+    /// Start at this stream sequence instead of the oldest fact kept.
+    #[arg(long)]
+    from_seq: Option<u64>,
+}
+
+fn parse_status(s: &str) -> Result<HostStatus, String> {
+    match s {
+        "up" => Ok(HostStatus::Up),
+        "stopped" => Ok(HostStatus::Stopped),
+        "lost" => Ok(HostStatus::Lost),
+        _ => Err(format!("{s:?} is not a host status (up, stopped, lost)")),
+    }
+}
+
+fn parse_kind(s: &str) -> Result<FactKind, String> {
+    FactKind::parse(s).ok_or_else(|| {
+        let known: Vec<String> = FactKind::ALL.iter().map(|k| k.short_name()).collect();
+        format!("unknown fact type {s:?}; known: {}", known.join(", "))
+    })
+}
+
+/// A failure with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    /// The process exit code.
+    pub code: i32,
+    /// What to tell the user.
+    pub message: String,
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        let code = match &e {
+            ClientError::Remote(body) if body.code == ErrorCode::NotFound => 3,
+            ClientError::NoController(_) | ClientError::Timeout(_) => 4,
+            _ => 1,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<trellis_bus::ConnectError> for Failure {
+    fn from(e: trellis_bus::ConnectError) -> Self {
+        Failure {
+            code: 4,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn failure(code: i32, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Parses the command line, runs it and exits with its code.
+pub fn main() -> ! {
+    let cli = Cli::parse();
+    let verbose_default = match cli.command {
+        Command::Controller(_) | Command::Up(_) => "info,async_nats=warn",
+        _ => "warn,async_nats=error",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| verbose_default.into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = match runtime.block_on(run(cli)) {
+        Ok(()) => 0,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            f.code
+        }
+    };
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    std::process::exit(code)
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    let g = cli.global;
+    match cli.command {
+        Command::Controller(args) => {
+            let mut config = ControllerConfig::new(g.url(), g.lattice.clone());
+            config.host_timeout = args.host_timeout;
+            if let Some(id) = args.replica_id {
+                config.replica_id = id;
+            }
+            crate::controller::run(config, shutdown_signal())
+                .await
+                .map_err(|e| failure(1, e.to_string()))
+        }
+        Command::Host(cmd) => {
+            let client = ctl_client(&g).await?;
+            host(&client, g.output, cmd).await
+        }
+        Command::Status => {
+            let client = ctl_client(&g).await?;
+            let status = client.request(&StatusRequest::default()).await?;
+            if g.output == Output::Json {
+                return print_json(&status);
+            }
+            println!("lattice      {}", status.lattice);
+            println!(
+                "hosts        {} up, {} stopped, {} lost",
+                status.hosts.up, status.hosts.stopped, status.hosts.lost
+            );
+            println!(
+                "facts        {} kept in {} (sequences {}..={}), controller as of {}",
+                status.stream.messages,
+                status.stream.name,
+                status.stream.first_seq,
+                status.stream.last_seq,
+                status.as_of
+            );
+            println!(
+                "controller   {} v{} since {} (replayed {} facts in {} ms)",
+                status.controller.id,
+                status.controller.version,
+                ago(status.controller.started_at),
+                status.controller.replayed_facts,
+                status.controller.replay_ms
+            );
+            Ok(())
+        }
+        Command::Events(args) => events(&g, args).await,
+        Command::Up(args) => crate::up::run(&g.lattice, g.nats.clone(), args).await,
+    }
+}
+
+/// Where NATS is when no URL is given.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+impl Global {
+    fn url(&self) -> String {
+        self.nats
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned())
+    }
+}
+
+async fn ctl_client(g: &Global) -> Result<CtlClient, Failure> {
+    let nats = trellis_bus::connect(&g.url(), "trellis cli", false).await?;
+    Ok(CtlClient::new(nats, g.lattice.clone(), g.timeout))
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| failure(1, e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn ago(t: DateTime<Utc>) -> String {
+    let secs = (Utc::now() - t).num_seconds().max(0);
+    match secs {
+        0..60 => format!("{secs}s ago"),
+        60..3600 => format!("{}m ago", secs / 60),
+        3600..86400 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86400),
+    }
+}
+
+fn labels(labels: &BTreeMap<String, String>) -> String {
+    let parts: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join(",")
+    }
+}
+
+async fn host(client: &CtlClient, output: Output, cmd: HostCommand) -> Result<(), Failure> {
+    match cmd {
+        HostCommand::Ls { status } => {
+            let reply = client
+                .request(&HostListRequest {
+                    min_seq: None,
+                    status,
+                })
+                .await?;
+            if output == Output::Json {
+                return print_json(&reply);
+            }
+            let mut table = Table::new(&[
+                "HOST",
+                "STATUS",
+                "SINCE",
+                "HEARTBEAT",
+                "INSTANCES",
+                "VERSION",
+                "LABELS",
+            ]);
+            for h in &reply.hosts {
+                table.row(host_row(h));
+            }
+            print!("{}", table.render());
+            if reply.hosts.is_empty() {
+                println!("(no hosts; start one with `trellis-host --nats <url>`)");
+            }
+            Ok(())
+        }
+        HostCommand::Get { host_id } => {
+            let reply = client
+                .request(&HostGetRequest {
+                    host_id,
+                    min_seq: None,
+                })
+                .await?;
+            if output == Output::Json {
+                return print_json(&reply);
+            }
+            let h = &reply.host;
+            println!("host         {}", h.host_id);
+            println!(
+                "status       {} since {}",
+                h.status.as_str(),
+                ago(h.status_since)
+            );
+            println!("started      {}", ago(h.started_at));
+            println!(
+                "heartbeat    {}",
+                h.heartbeat_age_ms
+                    .map(|ms| format!("{ms} ms ago"))
+                    .unwrap_or_else(|| "none yet".into())
+            );
+            println!("version      {}", h.version);
+            println!("labels       {}", labels(&h.labels));
+            println!(
+                "capacity     {} instances, {} MiB, {} cpus",
+                h.capacity.max_instances,
+                h.capacity.memory_bytes / (1024 * 1024),
+                h.capacity.cpus
+            );
+            println!("instances    {}", h.instances);
+            println!("as of        {}", reply.as_of);
+            Ok(())
+        }
+    }
+}
+
+fn host_row(h: &HostView) -> Vec<String> {
+    vec![
+        h.host_id.to_string(),
+        h.status.as_str().to_owned(),
+        ago(h.status_since),
+        h.heartbeat_age_ms
+            .map(|ms| format!("{ms}ms ago"))
+            .unwrap_or_else(|| "-".into()),
+        h.instances.to_string(),
+        h.version.clone(),
+        labels(&h.labels),
+    ]
+}
+
+async fn events(g: &Global, args: EventsArgs) -> Result<(), Failure> {
+    let nats = trellis_bus::connect(&g.url(), "trellis events", false).await?;
+    let js = async_nats::jetstream::new(nats.clone());
+    let state = trellis_bus::events_stream_state(&js, &g.lattice)
+        .await
+        .map_err(|e| {
+            failure(
+                4,
+                format!("{e}; has a Trellis process run on lattice {}?", g.lattice),
+            )
+        })?;
+    let tip = state.last_sequence;
+    let filter = match (&args.kind, &args.host) {
+        (Some(kind), _) => Some(subject::events_of_kind(&g.lattice, *kind)),
+        (None, Some(host)) => Some(subject::events_of_host(&g.lattice, host)),
+        (None, None) => None,
+    };
+    let start = args
+        .from_seq
+        .map(StartAt::Sequence)
+        .unwrap_or(StartAt::Beginning);
+    if !args.follow && (state.messages == 0 || args.from_seq.is_some_and(|s| s > tip)) {
+        return Ok(());
+    }
+    let mut reader = FactStream::open(
+        &nats,
+        &js,
+        &subject::events_stream(&g.lattice),
+        filter,
+        start,
+    )
+    .await
+    .map_err(|e| failure(1, e.to_string()))?;
+    let mut table_header = g.output == Output::Table;
+    // Without --follow, stop at the tip as it was when we started. A filtered reader may never see
+    // the tip's message, so an idle period also ends it.
+    loop {
+        let next = if args.follow {
+            reader.next().await
+        } else {
+            match tokio::time::timeout(Duration::from_secs(1), reader.next()).await {
+                Ok(next) => next,
+                Err(_) => return Ok(()),
+            }
+        };
+        let Some(message) = next else { return Ok(()) };
+        let raw = message.map_err(|e| failure(1, e.to_string()))?;
+        print_fact(g.output, raw.seq, &raw.payload, &mut table_header)?;
+        if !args.follow && (raw.seq >= tip || raw.pending == 0) {
+            return Ok(());
+        }
+    }
+}
+
+fn print_fact(output: Output, seq: u64, payload: &[u8], header: &mut bool) -> Result<(), Failure> {
+    if output == Output::Json {
+        let event: serde_json::Value = serde_json::from_slice(payload)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(payload).into()));
+        let line = serde_json::json!({ "seq": seq, "event": event });
+        println!("{line}");
+        return Ok(());
+    }
+    if std::mem::take(header) {
+        println!(
+            "{:<8} {:<24} {:<28} {:<28} DETAILS",
+            "SEQ", "TIME", "TYPE", "SUBJECT"
+        );
+    }
+    match Event::decode(payload) {
+        Ok(event) => println!(
+            "{:<8} {:<24} {:<28} {:<28} {}",
+            seq,
+            event.time_rfc3339(),
+            event.kind().short_name(),
+            event.data.entity_id(),
+            event.summary()
+        ),
+        Err(e) => println!("{seq:<8} (undecodable fact: {e})"),
+    }
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,84 @@
+//! Declaring silent hosts lost, exactly once across replicas.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use trellis_schemas::{Event, FactData, HostId, HostLost, fact::source};
+
+use super::state::State;
+
+/// Checks liveness every quarter of the timeout until aborted.
+pub(crate) async fn run(state: Arc<State>) {
+    let timeout = state.config.host_timeout;
+    let period = (timeout / 4).max(Duration::from_millis(50));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The status sequence of each host this replica already tried to declare lost, so it tries
+    // once per period of life of the host, not on every tick while its fact travels.
+    let mut attempted: HashMap<HostId, u64> = HashMap::new();
+    let source = source(
+        &state.config.lattice,
+        "controller",
+        &state.config.replica_id,
+    );
+    loop {
+        ticker.tick().await;
+        for (host_id, status_seq, expected, silent_for) in silent_hosts(&state, timeout) {
+            if attempted.get(&host_id) == Some(&status_seq) {
+                continue;
+            }
+            attempted.insert(host_id.clone(), status_seq);
+            let event = Event::new(
+                source.clone(),
+                FactData::HostLost(HostLost {
+                    host_id: host_id.clone(),
+                    silent_for_ms: silent_for.as_millis() as u64,
+                    timeout_ms: timeout.as_millis() as u64,
+                    detected_by: state.config.replica_id.clone(),
+                }),
+            );
+            match trellis_bus::publish_exclusive(&state.js, &state.config.lattice, &event, expected)
+                .await
+            {
+                Ok(Some(seq)) => {
+                    tracing::warn!(host = %host_id, seq, silent_ms = silent_for.as_millis() as u64, "host declared lost");
+                }
+                Ok(None) => {
+                    tracing::debug!(host = %host_id, "another replica declared the host lost first");
+                }
+                Err(e) => {
+                    // Try again on a later tick.
+                    attempted.remove(&host_id);
+                    tracing::warn!(host = %host_id, error = %e, "cannot publish host.lost");
+                }
+            }
+        }
+    }
+}
+
+/// Hosts that are up and silent for longer than `timeout`: id, status sequence, the last
+/// `host.lost` sequence to expect on the subject, and how long they have been silent.
+fn silent_hosts(state: &State, timeout: Duration) -> Vec<(HostId, u64, u64, Duration)> {
+    let now = Instant::now();
+    let projection = state.projection();
+    let live = state.live();
+    projection
+        .hosts_up()
+        .filter_map(|h| {
+            let last_seen = live
+                .get(&h.host_id)
+                .map(|l| l.last_seen)
+                .unwrap_or(state.started);
+            let silent_for = now.saturating_duration_since(last_seen);
+            (silent_for > timeout).then(|| {
+                let expected = projection
+                    .last_lost_seq
+                    .get(&h.host_id)
+                    .copied()
+                    .unwrap_or(0);
+                (h.host_id.clone(), h.status_seq, expected, silent_for)
+            })
+        })
+        .collect()
+}

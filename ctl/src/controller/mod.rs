@@ -1,0 +1,256 @@
+//! The stateless controller.
+//!
+//! A controller replica keeps no state of its own: on start it replays the lattice's fact stream
+//! to its tip with an ordered consumer, reads the last heartbeat of every host, and only then
+//! answers requests. From there it follows the stream live. Any number of replicas may run; they
+//! share the control subjects through the queue group `trellis-controller`.
+//!
+//! # Sections
+//!
+//! - **Queries** answer from memory and carry `as_of`, the stream sequence they reflect. A request
+//!   with `min_seq` waits (up to [`ControllerConfig::min_seq_wait`]) until the replica has applied
+//!   that sequence, then answers, or fails with `not_ready`.
+//! - **Liveness.** A host that is up according to the facts and whose heartbeats stop for
+//!   [`ControllerConfig::host_timeout`] is declared lost with one `host.lost` fact. Replicas publish
+//!   it expecting the subject's last sequence they know, so only one declaration is stored.
+//! - **Bad input.** Every request is decoded and validated before anything happens; failures get
+//!   the error envelope with a precise code, and the replica keeps serving.
+
+mod liveness;
+mod serve;
+mod state;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use trellis_bus::{FactStream, RawFact, StartAt, StreamSettings, connect, ensure_streams};
+use trellis_schemas::{Lattice, subject};
+
+pub use state::ReplayStats;
+use state::State;
+
+/// How a controller replica is configured.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// NATS server URL(s), comma separated.
+    pub nats_url: String,
+    /// The lattice to control.
+    pub lattice: Lattice,
+    /// This replica's id (default: a fresh ULID).
+    pub replica_id: String,
+    /// A host that is up and silent for this long is declared lost. Default 10 s.
+    pub host_timeout: Duration,
+    /// How long a request with `min_seq` may wait for the replica to catch up. Default 5 s.
+    pub min_seq_wait: Duration,
+    /// Stream configuration, used if this replica is the first process of the lattice.
+    pub streams: StreamSettings,
+}
+
+impl ControllerConfig {
+    /// A configuration with defaults.
+    pub fn new(nats_url: impl Into<String>, lattice: Lattice) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            lattice,
+            replica_id: ulid::Ulid::generate().to_string(),
+            host_timeout: Duration::from_secs(10),
+            min_seq_wait: Duration::from_secs(5),
+            streams: StreamSettings::default(),
+        }
+    }
+}
+
+/// Why a controller could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControllerError {
+    /// NATS could not be reached.
+    #[error(transparent)]
+    Connect(#[from] trellis_bus::ConnectError),
+    /// The lattice's streams could not be set up (is JetStream enabled?).
+    #[error(transparent)]
+    Streams(#[from] trellis_bus::StreamError),
+    /// A stream could not be read.
+    #[error(transparent)]
+    Read(#[from] trellis_bus::ReadError),
+    /// The control subjects could not be subscribed to.
+    #[error("cannot subscribe to control subjects: {0}")]
+    Subscribe(String),
+}
+
+/// Runs a controller replica until `shutdown` completes.
+pub async fn run(
+    config: ControllerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ControllerError> {
+    let client = connect(
+        &config.nats_url,
+        &format!("trellis controller {}", config.replica_id),
+        true,
+    )
+    .await?;
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, &config.lattice, &config.streams).await?;
+
+    let replay_started = Instant::now();
+    let state = Arc::new(State::new(config.clone(), js.clone()));
+    let tip = trellis_bus::events_stream_state(&js, &config.lattice).await?;
+    let tip_seq = if tip.messages == 0 {
+        0
+    } else {
+        tip.last_sequence
+    };
+    tracing::info!(tip = tip_seq, messages = tip.messages, "replaying facts");
+
+    // Replay: one task reads, another decodes and folds, so both cores work.
+    let facts = FactStream::open(
+        &client,
+        &js,
+        &subject::events_stream(&config.lattice),
+        None,
+        StartAt::Beginning,
+    )
+    .await?;
+    let (tx, rx) = mpsc::channel::<RawFact>(8192);
+    let reader = tokio::spawn(read_facts(facts, tx));
+    let folder = tokio::spawn(state::fold_facts(state.clone(), rx));
+    state.wait_until_applied(tip_seq).await;
+    let stats = ReplayStats {
+        millis: replay_started.elapsed().as_millis() as u64,
+        facts: state.applied_count(),
+    };
+    tracing::info!(
+        facts = stats.facts,
+        ms = stats.millis,
+        as_of = state.as_of(),
+        "replay complete"
+    );
+    state.set_replay_stats(stats);
+
+    // The last heartbeat of every host, then live heartbeats.
+    let mut heartbeats = FactStream::open(
+        &client,
+        &js,
+        &subject::heartbeat_stream(&config.lattice),
+        Some(subject::heartbeats_all(&config.lattice)),
+        StartAt::LastPerSubject,
+    )
+    .await?;
+    let hb_state = state.clone();
+    let hb_task = tokio::spawn(async move {
+        while let Some(message) = heartbeats.next().await {
+            match message {
+                Ok(raw) => hb_state.record_heartbeat(&raw.payload),
+                Err(e) => tracing::warn!(error = %e, "heartbeat stream"),
+            }
+        }
+    });
+    let hb_stream_state = heartbeat_backlog(&js, &config.lattice).await;
+    state
+        .wait_for_heartbeats(hb_stream_state, Duration::from_secs(2))
+        .await;
+
+    let mut requests = client
+        .queue_subscribe(
+            subject::ctl_all(&config.lattice),
+            subject::CONTROLLER_QUEUE.to_owned(),
+        )
+        .await
+        .map_err(|e| ControllerError::Subscribe(e.to_string()))?;
+    tracing::info!(
+        replica = %config.replica_id,
+        lattice = %config.lattice,
+        "controller serving"
+    );
+    let liveness = tokio::spawn(liveness::run(state.clone()));
+
+    let serve = async {
+        while let Some(message) = requests.next().await {
+            let state = state.clone();
+            let client = client.clone();
+            tokio::spawn(async move { serve::handle(&state, &client, message).await });
+        }
+    };
+    tokio::select! {
+        _ = serve => tracing::warn!("control subscription ended"),
+        _ = shutdown => tracing::info!("controller shutting down"),
+    }
+    liveness.abort();
+    hb_task.abort();
+    reader.abort();
+    folder.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    Ok(())
+}
+
+async fn read_facts(mut facts: FactStream, tx: mpsc::Sender<RawFact>) {
+    while let Some(message) = facts.next().await {
+        match message {
+            Ok(raw) => {
+                if tx.send(raw).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "fact stream"),
+        }
+    }
+    tracing::warn!("fact stream ended");
+}
+
+async fn heartbeat_backlog(js: &jetstream::Context, lattice: &Lattice) -> u64 {
+    match js.get_stream(subject::heartbeat_stream(lattice)).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Reads and folds the whole fact stream of `lattice` once, without serving: what a replica does
+/// before it answers. Returns the projection and how many facts were applied. Used by benchmarks
+/// and by tests that compare a replica's projection with an independent replay.
+pub async fn replay_once(
+    client: &async_nats::Client,
+    lattice: &Lattice,
+) -> Result<(trellis_schemas::Projection, u64), ControllerError> {
+    let js = jetstream::new(client.clone());
+    let tip = trellis_bus::events_stream_state(&js, lattice).await?;
+    let mut projection = trellis_schemas::Projection::new();
+    if tip.messages == 0 {
+        return Ok((projection, 0));
+    }
+    let facts = FactStream::open(
+        client,
+        &js,
+        &subject::events_stream(lattice),
+        None,
+        StartAt::Beginning,
+    )
+    .await?;
+    let (tx, mut rx) = mpsc::channel::<RawFact>(8192);
+    let reader = tokio::spawn(read_facts(facts, tx));
+    let mut applied = 0u64;
+    let mut batch = Vec::with_capacity(256);
+    'outer: while rx.recv_many(&mut batch, 256).await > 0 {
+        for raw in batch.drain(..) {
+            if let Ok(event) = trellis_schemas::Event::decode(&raw.payload)
+                && trellis_schemas::apply(
+                    &mut projection,
+                    &trellis_schemas::Fact {
+                        seq: raw.seq,
+                        event,
+                    },
+                )
+            {
+                applied += 1;
+            }
+            if raw.seq >= tip.last_sequence {
+                break 'outer;
+            }
+        }
+    }
+    reader.abort();
+    Ok((projection, applied))
+}

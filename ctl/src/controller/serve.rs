@@ -1,0 +1,182 @@
+//! Answering control requests.
+
+use async_nats::{Client, Message};
+use serde::Serialize;
+use trellis_schemas::control::{
+    ControllerInfo, HostCounts, HostGetReply, HostGetRequest, HostListReply, HostListRequest,
+    ProjectionReply, ProjectionRequest, StatusReply, StatusRequest, StreamSummary, decode_request,
+};
+use trellis_schemas::{CtlOp, CtlRequest, ErrorBody, ErrorCode, HostStatus, Reply, subject};
+
+use super::state::State;
+
+/// Answers one request; every request with a reply subject gets exactly one reply.
+pub(crate) async fn handle(state: &State, client: &Client, message: Message) {
+    let Some(reply_to) = message.reply.clone() else {
+        tracing::debug!(subject = %message.subject, "ignoring control message without reply subject");
+        return;
+    };
+    let body = answer(state, message.subject.as_str(), &message.payload).await;
+    if let Err(e) = client.publish(reply_to, body.into()).await {
+        tracing::warn!(error = %e, "cannot send reply");
+    }
+}
+
+async fn answer(state: &State, subject_name: &str, body: &[u8]) -> Vec<u8> {
+    let lattice = &state.config.lattice;
+    let op = subject::parse_ctl(lattice, subject_name)
+        .and_then(|(noun, verb)| CtlOp::from_parts(noun, verb));
+    let Some(op) = op else {
+        let known: Vec<String> = CtlOp::ALL.iter().map(|op| op.name()).collect();
+        return encode(&Reply::<()>::err(
+            ErrorBody::new(
+                ErrorCode::UnknownVerb,
+                format!(
+                    "{subject_name:?} is not a control operation; use trellis.ctl.v1.{lattice}.<noun>.<verb> with one of: {}",
+                    known.join(", ")
+                ),
+            )
+            .with_details(serde_json::json!({ "known": known })),
+        ));
+    };
+    match op {
+        CtlOp::HostList => respond::<HostListRequest>(state, body, host_list).await,
+        CtlOp::HostGet => respond::<HostGetRequest>(state, body, host_get).await,
+        CtlOp::LatticeStatus => respond_async::<StatusRequest>(state, body).await,
+        CtlOp::LatticeProjection => respond::<ProjectionRequest>(state, body, projection).await,
+    }
+}
+
+fn encode<T: Serialize>(reply: &Reply<T>) -> Vec<u8> {
+    serde_json::to_vec(reply).unwrap_or_else(|e| {
+        format!(
+            r#"{{"ok":false,"error":{{"code":"internal","message":"cannot encode reply: {e}"}}}}"#
+        )
+        .into_bytes()
+    })
+}
+
+/// Decodes the request and waits for its `min_seq`.
+async fn prepare<R: CtlRequest>(state: &State, body: &[u8]) -> Result<R, ErrorBody> {
+    let request: R = decode_request(body)?;
+    if let Some(min_seq) = request.min_seq()
+        && !state
+            .wait_until_applied_for(min_seq, state.config.min_seq_wait)
+            .await
+    {
+        return Err(ErrorBody::new(
+            ErrorCode::NotReady,
+            format!(
+                "this controller has applied facts up to sequence {}, not yet {min_seq}; retry later",
+                state.as_of()
+            ),
+        )
+        .with_details(serde_json::json!({ "as_of": state.as_of(), "min_seq": min_seq })));
+    }
+    Ok(request)
+}
+
+async fn respond<R: CtlRequest>(
+    state: &State,
+    body: &[u8],
+    f: impl FnOnce(&State, R) -> Result<R::Reply, ErrorBody>,
+) -> Vec<u8> {
+    let result = prepare::<R>(state, body)
+        .await
+        .and_then(|request| f(state, request));
+    encode(&match result {
+        Ok(data) => Reply::ok(data),
+        Err(error) => Reply::err(error),
+    })
+}
+
+async fn respond_async<R: CtlRequest<Reply = StatusReply>>(state: &State, body: &[u8]) -> Vec<u8> {
+    let result = match prepare::<R>(state, body).await {
+        Ok(_) => status(state).await,
+        Err(e) => Err(e),
+    };
+    encode(&match result {
+        Ok(data) => Reply::ok(data),
+        Err(error) => Reply::err(error),
+    })
+}
+
+fn host_list(state: &State, request: HostListRequest) -> Result<HostListReply, ErrorBody> {
+    let projection = state.projection();
+    let live = state.live();
+    let hosts = projection
+        .hosts
+        .values()
+        .filter(|h| request.status.is_none_or(|s| s == h.status))
+        .map(|h| state.view(h, live.get(&h.host_id)))
+        .collect();
+    Ok(HostListReply {
+        as_of: projection.last_seq.max(state.as_of()),
+        hosts,
+    })
+}
+
+fn host_get(state: &State, request: HostGetRequest) -> Result<HostGetReply, ErrorBody> {
+    let projection = state.projection();
+    let Some(record) = projection.hosts.get(&request.host_id) else {
+        return Err(ErrorBody::new(
+            ErrorCode::NotFound,
+            format!(
+                "no host {:?} in lattice {}; `trellis host ls` lists the hosts",
+                request.host_id.as_str(),
+                state.config.lattice
+            ),
+        )
+        .with_details(serde_json::json!({ "host_id": request.host_id })));
+    };
+    let live = state.live();
+    Ok(HostGetReply {
+        as_of: projection.last_seq.max(state.as_of()),
+        host: state.view(record, live.get(&request.host_id)),
+    })
+}
+
+fn projection(state: &State, _: ProjectionRequest) -> Result<ProjectionReply, ErrorBody> {
+    let projection = state.projection().clone();
+    Ok(ProjectionReply {
+        as_of: projection.last_seq.max(state.as_of()),
+        projection,
+    })
+}
+
+async fn status(state: &State) -> Result<StatusReply, ErrorBody> {
+    let stream = trellis_bus::events_stream_state(&state.js, &state.config.lattice)
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::Unavailable, e.to_string()))?;
+    let (as_of, hosts) = {
+        let projection = state.projection();
+        let mut counts = HostCounts::default();
+        for h in projection.hosts.values() {
+            match h.status {
+                HostStatus::Up => counts.up += 1,
+                HostStatus::Stopped => counts.stopped += 1,
+                HostStatus::Lost => counts.lost += 1,
+            }
+        }
+        (projection.last_seq.max(state.as_of()), counts)
+    };
+    let replay = state.replay_stats();
+    Ok(StatusReply {
+        as_of,
+        lattice: state.config.lattice.clone(),
+        hosts,
+        controller: ControllerInfo {
+            id: state.config.replica_id.clone(),
+            version: trellis_schemas::VERSION.to_owned(),
+            started_at: state.started_at,
+            replay_ms: replay.millis,
+            replayed_facts: replay.facts,
+        },
+        stream: StreamSummary {
+            name: subject::events_stream(&state.config.lattice),
+            messages: stream.messages,
+            first_seq: stream.first_sequence,
+            last_seq: stream.last_sequence,
+        },
+    })
+}

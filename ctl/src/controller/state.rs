@@ -1,0 +1,218 @@
+//! What a replica holds in memory: the projection, the stream position it reflects and the
+//! liveness of hosts as heartbeats tell it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, watch};
+use trellis_bus::RawFact;
+use trellis_schemas::control::HostView;
+use trellis_schemas::{Event, Fact, FactData, Heartbeat, HostId, HostRecord, Projection, apply};
+
+use super::ControllerConfig;
+
+/// How the replay at start went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayStats {
+    /// Milliseconds from start of replay to reaching the tip.
+    pub millis: u64,
+    /// Facts applied.
+    pub facts: u64,
+}
+
+/// What the replica knows of one host beyond the facts.
+#[derive(Debug, Clone)]
+pub(crate) struct Live {
+    /// When the replica last heard of the host (a heartbeat, or the fact announcing it).
+    pub last_seen: Instant,
+    /// The latest heartbeat, if one arrived.
+    pub heartbeat: Option<Heartbeat>,
+    /// When that heartbeat arrived (this replica's clock).
+    pub received_at: Option<DateTime<Utc>>,
+}
+
+pub(crate) struct State {
+    pub config: ControllerConfig,
+    pub js: jetstream::Context,
+    pub started_at: DateTime<Utc>,
+    pub started: Instant,
+    projection: RwLock<Projection>,
+    as_of: watch::Sender<u64>,
+    applied: AtomicU64,
+    live: Mutex<HashMap<HostId, Live>>,
+    heartbeats_seen: AtomicU64,
+    replay: OnceLock<ReplayStats>,
+}
+
+impl State {
+    pub fn new(config: ControllerConfig, js: jetstream::Context) -> Self {
+        Self {
+            config,
+            js,
+            started_at: Utc::now(),
+            started: Instant::now(),
+            projection: RwLock::new(Projection::new()),
+            as_of: watch::channel(0).0,
+            applied: AtomicU64::new(0),
+            live: Mutex::new(HashMap::new()),
+            heartbeats_seen: AtomicU64::new(0),
+            replay: OnceLock::new(),
+        }
+    }
+
+    /// The stream sequence the projection reflects.
+    pub fn as_of(&self) -> u64 {
+        *self.as_of.borrow()
+    }
+
+    pub fn applied_count(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    pub fn set_replay_stats(&self, stats: ReplayStats) {
+        let _ = self.replay.set(stats);
+    }
+
+    pub fn replay_stats(&self) -> ReplayStats {
+        self.replay.get().copied().unwrap_or(ReplayStats {
+            millis: 0,
+            facts: 0,
+        })
+    }
+
+    /// Read access to the projection. Never held across an await.
+    pub fn projection(&self) -> RwLockReadGuard<'_, Projection> {
+        self.projection
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn live(&self) -> std::sync::MutexGuard<'_, HashMap<HostId, Live>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits until the projection reflects stream sequence `seq`.
+    pub async fn wait_until_applied(&self, seq: u64) {
+        if seq == 0 {
+            return;
+        }
+        let mut rx = self.as_of.subscribe();
+        let _ = rx.wait_for(|applied| *applied >= seq).await;
+    }
+
+    /// Like [`State::wait_until_applied`], bounded by `timeout`; returns whether it got there.
+    pub async fn wait_until_applied_for(&self, seq: u64, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.wait_until_applied(seq))
+            .await
+            .is_ok()
+    }
+
+    /// Applies a batch of raw facts: decoding happens outside the lock.
+    fn apply_batch(&self, batch: &mut Vec<RawFact>) {
+        let mut last = 0;
+        let mut decoded = Vec::with_capacity(batch.len());
+        for raw in batch.drain(..) {
+            last = last.max(raw.seq);
+            match Event::decode(&raw.payload) {
+                Ok(event) => decoded.push(Fact {
+                    seq: raw.seq,
+                    event,
+                }),
+                // A fact this version does not understand (a newer Trellis wrote it, or someone
+                // published garbage on a fact subject) is skipped, not fatal.
+                Err(e) => tracing::warn!(seq = raw.seq, error = %e, "skipping undecodable fact"),
+            }
+        }
+        let mut announced = Vec::new();
+        {
+            let mut projection = self
+                .projection
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for fact in &decoded {
+                if apply(&mut projection, fact) {
+                    self.applied.fetch_add(1, Ordering::Relaxed);
+                    if let FactData::HostStarted(d) = &fact.event.data {
+                        announced.push(d.host_id.clone());
+                    }
+                }
+            }
+        }
+        if !announced.is_empty() {
+            // A host that (re)joined gets a full timeout from now before it can be declared lost.
+            let now = Instant::now();
+            let mut live = self.live();
+            for host in announced {
+                live.entry(host)
+                    .and_modify(|l| l.last_seen = l.last_seen.max(now))
+                    .or_insert(Live {
+                        last_seen: now,
+                        heartbeat: None,
+                        received_at: None,
+                    });
+            }
+        }
+        self.as_of.send_modify(|as_of| *as_of = (*as_of).max(last));
+    }
+
+    pub fn record_heartbeat(&self, payload: &[u8]) {
+        self.heartbeats_seen.fetch_add(1, Ordering::Relaxed);
+        let heartbeat: Heartbeat = match serde_json::from_slice(payload) {
+            Ok(hb) => hb,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring malformed heartbeat");
+                return;
+            }
+        };
+        let mut live = self.live();
+        live.insert(
+            heartbeat.host_id.clone(),
+            Live {
+                last_seen: Instant::now(),
+                heartbeat: Some(heartbeat),
+                received_at: Some(Utc::now()),
+            },
+        );
+    }
+
+    /// Waits until the retained heartbeats (`backlog` of them) have been read, or `timeout`.
+    pub async fn wait_for_heartbeats(&self, backlog: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.heartbeats_seen.load(Ordering::Relaxed) < backlog && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A host as the replica sees it.
+    pub fn view(&self, record: &HostRecord, live: Option<&Live>) -> HostView {
+        let heartbeat = live.and_then(|l| l.heartbeat.as_ref());
+        HostView {
+            host_id: record.host_id.clone(),
+            status: record.status,
+            labels: record.labels.clone(),
+            capacity: record.capacity.clone(),
+            version: record.version.clone(),
+            started_at: record.started_at,
+            status_since: record.status_since,
+            last_heartbeat: live.and_then(|l| l.received_at),
+            heartbeat_age_ms: live
+                .filter(|l| l.heartbeat.is_some())
+                .map(|l| l.last_seen.elapsed().as_millis() as u64),
+            instances: heartbeat.map(|h| h.instances.len() as u32).unwrap_or(0),
+        }
+    }
+}
+
+/// Decodes and applies facts as the reader hands them over.
+pub(crate) async fn fold_facts(state: std::sync::Arc<State>, mut rx: mpsc::Receiver<RawFact>) {
+    let mut batch = Vec::with_capacity(512);
+    while rx.recv_many(&mut batch, 512).await > 0 {
+        state.apply_batch(&mut batch);
+    }
+}

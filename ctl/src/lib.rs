@@ -1,0 +1,15 @@
+//! The Trellis controller, its typed client and the `trellis` CLI.
+//!
+//! - [`controller`]: the stateless controller replica (`trellis controller`).
+//! - [`client`]: [`CtlClient`], a typed client of the control subjects.
+//! - [`cli`]: the `trellis` command line, including `trellis up`.
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod client;
+pub mod controller;
+pub mod output;
+pub mod up;
+
+pub use client::{ClientError, CtlClient};
+pub use controller::{ControllerConfig, ControllerError};

@@ -1,0 +1,325 @@
+//! `trellis up`: a whole lattice on one machine.
+//!
+//! Starts `nats-server` with JetStream on a free loopback port and a temporary store (unless a NATS
+//! URL is given), a controller and a host, as child processes in their own process group so that a
+//! Ctrl-C in the terminal reaches only `trellis up`, which then stops them in order: the host first
+//! (it drains and publishes `host.stopped`), then the controller, then NATS.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use trellis_schemas::control::HostListRequest;
+use trellis_schemas::{HostId, Lattice};
+
+use crate::cli::{Failure, shutdown_signal};
+use crate::client::CtlClient;
+use crate::output::Table;
+
+/// Options of `trellis up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// The nats-server binary to launch when no --nats URL is given.
+    #[arg(long, env = "TRELLIS_NATS_SERVER", default_value = "nats-server")]
+    nats_server: PathBuf,
+    /// The trellis-host binary [default: next to this binary, else on PATH].
+    #[arg(long, env = "TRELLIS_HOST_BIN")]
+    host_bin: Option<PathBuf>,
+    /// A label for the host, `key=value`; repeat for more.
+    #[arg(long = "host-label", value_parser = parse_label)]
+    host_labels: Vec<(String, String)>,
+    /// The host's id [default: a fresh ULID].
+    #[arg(long)]
+    host_id: Option<HostId>,
+    /// Keep NATS data and logs here instead of in a temporary directory removed on exit.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Declare the host lost after this long without a heartbeat.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    host_timeout: Duration,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("label {s:?} is not key=value")),
+    }
+}
+
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+        logs: &Path,
+    ) -> Result<Self, Failure> {
+        let log = logs.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)
+            .map_err(|e| fail(format!("cannot create {}: {e}", log.display())))?;
+        let err_file = file
+            .try_clone()
+            .map_err(|e| fail(format!("cannot open {}: {e}", log.display())))?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err_file)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| fail(format!("cannot start {name} ({}): {e}", program.display())))?;
+        Ok(Self { name, child, log })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    async fn stop(mut self, grace: Duration) {
+        if let Some(pid) = self.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(Ok(status)) => println!("  {:<10} stopped ({status})", self.name),
+            _ => {
+                let _ = self.child.kill().await;
+                println!("  {:<10} killed after {grace:?}", self.name);
+            }
+        }
+    }
+}
+
+fn fail(message: String) -> Failure {
+    Failure { code: 1, message }
+}
+
+fn sibling_binary(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn free_port() -> Result<u16, Failure> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| fail(format!("cannot find a free port: {e}")))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| fail(format!("cannot find a free port: {e}")))
+}
+
+async fn wait_for_port(port: u16, nats: &mut Proc, timeout: Duration) -> Result<(), Failure> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = nats.child.try_wait() {
+            return Err(fail(format!(
+                "nats-server exited ({status}); see {}",
+                nats.log.display()
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(fail(format!(
+                "nats-server did not listen on port {port} within {timeout:?}; see {}",
+                nats.log.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `trellis up` until Ctrl-C (or SIGTERM).
+pub async fn run(lattice: &Lattice, nats_url: Option<String>, args: UpArgs) -> Result<(), Failure> {
+    let temp = match &args.data_dir {
+        Some(_) => None,
+        None => Some(
+            tempfile::Builder::new()
+                .prefix("trellis-up-")
+                .tempdir()
+                .map_err(|e| fail(format!("cannot create a temporary directory: {e}")))?,
+        ),
+    };
+    let dir = match (&args.data_dir, &temp) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(t)) => t.path().to_owned(),
+        (None, None) => return Err(fail("no data directory".into())),
+    };
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)
+        .map_err(|e| fail(format!("cannot create {}: {e}", logs.display())))?;
+
+    let mut procs: Vec<Proc> = Vec::new();
+    let result = start_and_wait(lattice, nats_url, &args, &dir, &logs, &mut procs).await;
+    println!("stopping");
+    // Host first, so it can drain and record host.stopped while NATS is still there.
+    while let Some(p) = procs.pop() {
+        p.stop(Duration::from_secs(10)).await;
+    }
+    drop(temp);
+    result
+}
+
+async fn start_and_wait(
+    lattice: &Lattice,
+    nats_url: Option<String>,
+    args: &UpArgs,
+    dir: &Path,
+    logs: &Path,
+    procs: &mut Vec<Proc>,
+) -> Result<(), Failure> {
+    let (url, store) = match nats_url {
+        Some(url) => (url, None),
+        None => {
+            let port = free_port()?;
+            let store = dir.join("jetstream");
+            let nats_args: Vec<String> = vec![
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+                "-js".into(),
+                "-sd".into(),
+                store.display().to_string(),
+            ];
+            let mut nats = Proc::spawn("nats", &args.nats_server, &nats_args, logs).map_err(|f| {
+                fail(format!(
+                    "{}; install nats-server (Debian: apt-get install nats-server) or pass --nats <url>",
+                    f.message
+                ))
+            })?;
+            wait_for_port(port, &mut nats, Duration::from_secs(10)).await?;
+            procs.push(nats);
+            (format!("nats://127.0.0.1:{port}"), Some(store))
+        }
+    };
+
+    let me = std::env::current_exe().map_err(|e| fail(format!("cannot find own binary: {e}")))?;
+    let controller_args: Vec<String> = vec![
+        "--nats".into(),
+        url.clone(),
+        "--lattice".into(),
+        lattice.to_string(),
+        "controller".into(),
+        "--host-timeout".into(),
+        humantime::format_duration(args.host_timeout).to_string(),
+    ];
+    procs.push(Proc::spawn("controller", &me, &controller_args, logs)?);
+
+    let host_id = args.host_id.clone().unwrap_or_else(HostId::generate);
+    let mut host_args: Vec<String> = vec![
+        "--nats".into(),
+        url.clone(),
+        "--lattice".into(),
+        lattice.to_string(),
+        "--host-id".into(),
+        host_id.to_string(),
+    ];
+    for (k, v) in &args.host_labels {
+        host_args.push("--label".into());
+        host_args.push(format!("{k}={v}"));
+    }
+    let host_bin = args
+        .host_bin
+        .clone()
+        .unwrap_or_else(|| sibling_binary("trellis-host"));
+    procs.push(Proc::spawn("host", &host_bin, &host_args, logs)?);
+
+    // Wait until the controller answers and lists the host.
+    let nats = trellis_bus::connect(&url, "trellis up", true).await?;
+    let client = CtlClient::new(nats, lattice.clone(), Duration::from_secs(2));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let hosts = loop {
+        for p in procs.iter_mut() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                return Err(fail(format!(
+                    "{} exited ({status}); see {}",
+                    p.name,
+                    p.log.display()
+                )));
+            }
+        }
+        if let Ok(reply) = client.request(&HostListRequest::default()).await
+            && reply.hosts.iter().any(|h| h.host_id == host_id)
+        {
+            break reply.hosts;
+        }
+        if Instant::now() > deadline {
+            return Err(fail(format!(
+                "the lattice did not come up within 60s; logs are in {}",
+                logs.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    println!("Trellis lattice {lattice:?} is up.");
+    println!();
+    match &store {
+        Some(store) => println!("  nats        {url}  (JetStream store {})", store.display()),
+        None => println!("  nats        {url}"),
+    }
+    for p in procs.iter() {
+        println!(
+            "  {:<10}  pid {:<8} log {}",
+            p.name,
+            p.pid(),
+            p.log.display()
+        );
+    }
+    println!();
+    let mut table = Table::new(&["HOST", "STATUS", "VERSION"]);
+    for h in &hosts {
+        table.row(vec![
+            h.host_id.to_string(),
+            h.status.as_str().to_owned(),
+            h.version.clone(),
+        ]);
+    }
+    print!("{}", table.render());
+    println!();
+    println!("Try:");
+    println!("  trellis --nats {url} host ls");
+    println!("  trellis --nats {url} events --follow");
+    println!("  nats --server {url} req trellis.ctl.v1.{lattice}.lattice.status '{{}}'");
+    println!();
+    println!("TRELLIS_NATS_URL={url}");
+    println!("Press Ctrl-C to stop.");
+
+    // Run until asked to stop, or until a child dies unexpectedly.
+    let watch = async {
+        loop {
+            for p in procs.iter_mut() {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    return fail(format!(
+                        "{} exited ({status}); see {}",
+                        p.name,
+                        p.log.display()
+                    ));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        _ = shutdown_signal() => Ok(()),
+        failure = watch => Err(failure),
+    }
+}

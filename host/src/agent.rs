@@ -1,0 +1,241 @@
+//! The Node Agent: membership, heartbeats and graceful drain.
+//!
+//! # Sections
+//!
+//! - **Joining.** On start the agent makes sure the lattice's streams exist and publishes
+//!   `host.started` with its id, labels, capacity and version.
+//! - **Heartbeats.** Every interval it publishes a [`Heartbeat`] with its full inventory on
+//!   `trellis.hb.v1.<lattice>.<host_id>`; the heartbeat stream keeps the latest per host.
+//! - **Being declared lost.** If a controller publishes `host.lost` for this host (it was paused or
+//!   cut off), the agent announces itself again with `host.started` (`rejoined: true`).
+//! - **Disconnection.** The NATS client reconnects by itself; facts wait in the publisher's queue and
+//!   are flushed in order once NATS is back. Heartbeats are not queued: a stale heartbeat is useless.
+//! - **Shutdown.** When the shutdown future completes the agent stops heartbeats, publishes
+//!   `host.stopped` with the reason and waits (bounded) until its facts are stored.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use chrono::Utc;
+use trellis_bus::{FactPublisher, FactStream, StartAt, StreamSettings, connect, ensure_streams};
+use trellis_schemas::{
+    Capacity, Event, FactData, FactKind, Heartbeat, HostId, HostStarted, HostStopped, Lattice,
+    fact::source, subject,
+};
+
+/// How a host is configured.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// NATS server URL(s), comma separated.
+    pub nats_url: String,
+    /// The lattice to join.
+    pub lattice: Lattice,
+    /// This host's id.
+    pub host_id: HostId,
+    /// Placement labels.
+    pub labels: BTreeMap<String, String>,
+    /// What the host offers.
+    pub capacity: Capacity,
+    /// How often to send a heartbeat. Default 2 s.
+    pub heartbeat_interval: Duration,
+    /// How long to wait for facts to be stored when shutting down. Default 5 s.
+    pub drain_timeout: Duration,
+    /// Stream configuration, used if this host is the first process of the lattice.
+    pub streams: StreamSettings,
+}
+
+impl HostConfig {
+    /// A configuration with defaults: a generated id, no labels, the machine's capacity.
+    pub fn new(nats_url: impl Into<String>, lattice: Lattice) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            lattice,
+            host_id: HostId::generate(),
+            labels: BTreeMap::new(),
+            capacity: machine_capacity(100),
+            heartbeat_interval: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(5),
+            streams: StreamSettings::default(),
+        }
+    }
+}
+
+/// The capacity of this machine: its cores and memory, and `max_instances`.
+pub fn machine_capacity(max_instances: u32) -> Capacity {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(0);
+    Capacity {
+        max_instances,
+        memory_bytes,
+        cpus,
+    }
+}
+
+/// Why a host could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostError {
+    /// NATS could not be reached.
+    #[error(transparent)]
+    Connect(#[from] trellis_bus::ConnectError),
+    /// The lattice's streams could not be set up (is JetStream enabled?).
+    #[error(transparent)]
+    Streams(#[from] trellis_bus::StreamError),
+    /// The fact stream could not be read.
+    #[error(transparent)]
+    Read(#[from] trellis_bus::ReadError),
+}
+
+/// Runs the host until `shutdown` completes with a reason (`"signal: SIGTERM"`), then drains.
+pub async fn run(
+    config: HostConfig,
+    shutdown: impl Future<Output = String>,
+) -> Result<(), HostError> {
+    let started = Instant::now();
+    let client = connect(
+        &config.nats_url,
+        &format!("trellis-host {}", config.host_id),
+        true,
+    )
+    .await?;
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, &config.lattice, &config.streams).await?;
+    let (publisher, publisher_task) = FactPublisher::spawn(
+        js.clone(),
+        config.lattice.clone(),
+        config.streams.clone(),
+        10_000,
+    );
+    let source = source(&config.lattice, "host", config.host_id.as_str());
+
+    if let Err(e) = publisher.enqueue(&host_started(&config, &source, false)) {
+        tracing::error!(error = %e, "cannot queue host.started");
+    }
+    tracing::info!(host_id = %config.host_id, lattice = %config.lattice, "host started");
+
+    // Being declared lost while alive means this host was paused or cut off: say so and rejoin.
+    // The declaration is read from the stream (not a plain subscription) so that one made while
+    // this host was disconnected is still seen once it is back.
+    let tip = trellis_bus::events_stream_state(&js, &config.lattice)
+        .await?
+        .last_sequence;
+    let lost_subject = subject::event(&config.lattice, FactKind::HostLost, config.host_id.as_str());
+    let mut lost = FactStream::open(
+        &client,
+        &js,
+        &subject::events_stream(&config.lattice),
+        Some(lost_subject),
+        StartAt::Sequence(tip + 1),
+    )
+    .await?;
+    let rejoin = {
+        let publisher = publisher.clone();
+        let (config, source) = (config.clone(), source.clone());
+        tokio::spawn(async move {
+            while let Some(message) = lost.next().await {
+                let Ok(message) = message else { continue };
+                if let Ok(event) = Event::decode(&message.payload) {
+                    tracing::warn!(
+                        by = %event.source,
+                        "a controller declared this host lost; announcing it again"
+                    );
+                    let again =
+                        host_started(&config, &source, true).caused_by(event.id.to_string());
+                    if let Err(e) = publisher.enqueue(&again) {
+                        tracing::error!(error = %e, "cannot queue host.started");
+                    }
+                }
+            }
+        })
+    };
+
+    let heartbeats = tokio::spawn(heartbeat_loop(client.clone(), config.clone(), started));
+
+    let reason = shutdown.await;
+    tracing::info!(%reason, "draining");
+    heartbeats.abort();
+    rejoin.abort();
+    let stopped = Event::new(
+        source.clone(),
+        FactData::HostStopped(HostStopped {
+            host_id: config.host_id.clone(),
+            reason,
+        }),
+    );
+    match tokio::time::timeout(config.drain_timeout, publisher.publish(&stopped)).await {
+        Ok(Ok(seq)) => tracing::info!(seq, "host.stopped stored"),
+        Ok(Err(e)) => tracing::error!(error = %e, "host.stopped not stored"),
+        Err(_) => {
+            tracing::error!(timeout = ?config.drain_timeout, "host.stopped not stored in time")
+        }
+    }
+    drop(publisher);
+    if !publisher_task.drain(config.drain_timeout).await {
+        tracing::warn!("facts still queued at shutdown");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    Ok(())
+}
+
+fn host_started(config: &HostConfig, source: &str, rejoined: bool) -> Event {
+    Event::new(
+        source,
+        FactData::HostStarted(HostStarted {
+            host_id: config.host_id.clone(),
+            labels: config.labels.clone(),
+            capacity: config.capacity.clone(),
+            version: trellis_schemas::VERSION.to_owned(),
+            rejoined,
+        }),
+    )
+}
+
+async fn heartbeat_loop(client: async_nats::Client, config: HostConfig, started: Instant) {
+    let subject = subject::heartbeat(&config.lattice, &config.host_id);
+    let mut ticker = tokio::time::interval(config.heartbeat_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    loop {
+        ticker.tick().await;
+        seq += 1;
+        let heartbeat = Heartbeat {
+            host_id: config.host_id.clone(),
+            seq,
+            sent_at: Utc::now(),
+            uptime_ms: started.elapsed().as_millis() as u64,
+            interval_ms: config.heartbeat_interval.as_millis() as u64,
+            version: trellis_schemas::VERSION.to_owned(),
+            labels: config.labels.clone(),
+            capacity: config.capacity.clone(),
+            instances: Vec::new(),
+        };
+        let payload = match serde_json::to_vec(&heartbeat) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode heartbeat");
+                continue;
+            }
+        };
+        // While NATS is away the client's buffer fills; a heartbeat that cannot be sent within an
+        // interval is stale, so drop it instead of blocking.
+        let send = client.publish(subject.clone(), payload.into());
+        if tokio::time::timeout(config.heartbeat_interval, send)
+            .await
+            .is_err()
+        {
+            tracing::debug!("heartbeat dropped while NATS is unreachable");
+        }
+    }
+}
