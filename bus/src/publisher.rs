@@ -155,7 +155,7 @@ async fn run(
             }
             attempt = attempt.saturating_add(1);
             let delay = Duration::from_millis(50u64 << attempt.min(5)).min(Duration::from_secs(2));
-            if attempt == 1 || attempt % 10 == 0 {
+            if attempt == 1 || attempt.is_multiple_of(10) {
                 tracing::warn!(subject = %job.subject, attempt, error = %error, "fact not stored yet; retrying");
             }
             tokio::time::sleep(delay).await;

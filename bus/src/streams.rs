@@ -64,7 +64,9 @@ pub async fn ensure_streams(
         subjects: vec![subject::heartbeats_all(lattice)],
         max_messages_per_subject: 1,
         max_age: settings.heartbeat_max_age,
-        storage: stream::StorageType::Memory,
+        // File storage, so the stream survives a NATS restart and live heartbeats keep flowing
+        // into it without any process having to recreate it.
+        storage: stream::StorageType::File,
         num_replicas: settings.replicas,
         discard: stream::DiscardPolicy::Old,
         ..Default::default()

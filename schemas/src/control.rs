@@ -245,6 +245,8 @@ pub struct StatusReply {
 pub struct ProjectionReply {
     /// The stream sequence this answer reflects.
     pub as_of: u64,
+    /// The id of the controller replica that answered.
+    pub served_by: String,
     /// The projection, exactly as the fold built it.
     pub projection: crate::projection::Projection,
 }
@@ -427,6 +429,22 @@ pub fn decode_request<R: DeserializeOwned>(body: &[u8]) -> Result<R, ErrorBody> 
     } else {
         body
     };
+    // serde accepts a JSON array for a struct (fields by position); requests are objects only.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Ok(_) => ErrorBody::new(
+                    ErrorCode::InvalidRequest,
+                    "request body must be a JSON object, such as {}",
+                ),
+                Err(e) => ErrorBody::new(
+                    ErrorCode::InvalidJson,
+                    format!("request body is not valid JSON: {e}"),
+                )
+                .with_details(serde_json::json!({"line": e.line(), "column": e.column()})),
+            },
+        );
+    }
     serde_json::from_slice(body).map_err(|e| {
         use serde_json::error::Category;
         let code = match e.classify() {
@@ -489,6 +507,9 @@ mod tests {
         assert_eq!(code(br#"{"host_id":"a.b"}"#), ErrorCode::InvalidRequest);
         assert_eq!(code(br#"{}"#), ErrorCode::InvalidRequest);
         assert_eq!(code(br#"[]"#), ErrorCode::InvalidRequest);
+        assert_eq!(code(br#"["h1"]"#), ErrorCode::InvalidRequest);
+        assert_eq!(code(br#"[1,"#), ErrorCode::InvalidJson);
+        assert_eq!(code(b"42"), ErrorCode::InvalidRequest);
         let big = vec![b' '; MAX_REQUEST_BYTES + 1];
         assert_eq!(code(&big), ErrorCode::PayloadTooLarge);
     }

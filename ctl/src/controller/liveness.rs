@@ -22,8 +22,22 @@ pub(crate) async fn run(state: Arc<State>) {
         "controller",
         &state.config.replica_id,
     );
+    let mut was_connected = true;
     loop {
         ticker.tick().await;
+        // A replica that cannot hear heartbeats must not judge hosts by their silence: while
+        // disconnected it declares nothing, and once back it gives every host a fresh timeout.
+        let connected = state.client.connection_state() == async_nats::connection::State::Connected;
+        if !connected {
+            was_connected = false;
+            continue;
+        }
+        if !was_connected {
+            was_connected = true;
+            tracing::info!("reconnected; restarting host liveness timers");
+            state.grant_grace();
+            continue;
+        }
         for (host_id, status_seq, expected, silent_for) in silent_hosts(&state, timeout) {
             if attempted.get(&host_id) == Some(&status_seq) {
                 continue;

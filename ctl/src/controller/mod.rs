@@ -97,7 +97,7 @@ pub async fn run(
     ensure_streams(&js, &config.lattice, &config.streams).await?;
 
     let replay_started = Instant::now();
-    let state = Arc::new(State::new(config.clone(), js.clone()));
+    let state = Arc::new(State::new(config.clone(), client.clone()));
     let tip = trellis_bus::events_stream_state(&js, &config.lattice).await?;
     let tip_seq = if tip.messages == 0 {
         0
@@ -131,28 +131,20 @@ pub async fn run(
     );
     state.set_replay_stats(stats);
 
-    // The last heartbeat of every host, then live heartbeats.
-    let mut heartbeats = FactStream::open(
-        &client,
-        &js,
-        &subject::heartbeat_stream(&config.lattice),
-        Some(subject::heartbeats_all(&config.lattice)),
-        StartAt::LastPerSubject,
-    )
-    .await?;
+    // Live heartbeats come through a plain subscription, which resumes at once after a
+    // reconnection. It is made before the last retained heartbeat of every host is read, so that
+    // nothing falls in between.
+    let mut live_heartbeats = client
+        .subscribe(subject::heartbeats_all(&config.lattice))
+        .await
+        .map_err(|e| ControllerError::Subscribe(e.to_string()))?;
     let hb_state = state.clone();
     let hb_task = tokio::spawn(async move {
-        while let Some(message) = heartbeats.next().await {
-            match message {
-                Ok(raw) => hb_state.record_heartbeat(&raw.payload),
-                Err(e) => tracing::warn!(error = %e, "heartbeat stream"),
-            }
+        while let Some(message) = live_heartbeats.next().await {
+            hb_state.record_heartbeat(&message.payload, false);
         }
     });
-    let hb_stream_state = heartbeat_backlog(&js, &config.lattice).await;
-    state
-        .wait_for_heartbeats(hb_stream_state, Duration::from_secs(2))
-        .await;
+    read_retained_heartbeats(&client, &js, &state).await?;
 
     let mut requests = client
         .queue_subscribe(
@@ -201,11 +193,45 @@ async fn read_facts(mut facts: FactStream, tx: mpsc::Sender<RawFact>) {
     tracing::warn!("fact stream ended");
 }
 
-async fn heartbeat_backlog(js: &jetstream::Context, lattice: &Lattice) -> u64 {
-    match js.get_stream(subject::heartbeat_stream(lattice)).await {
+/// Reads the last heartbeat the stream kept of every host (bounded to 2 s).
+async fn read_retained_heartbeats(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    state: &State,
+) -> Result<(), ControllerError> {
+    let lattice = &state.config.lattice;
+    let backlog = match js.get_stream(subject::heartbeat_stream(lattice)).await {
         Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
         Err(_) => 0,
+    };
+    if backlog == 0 {
+        return Ok(());
     }
+    let mut retained = FactStream::open(
+        client,
+        js,
+        &subject::heartbeat_stream(lattice),
+        Some(subject::heartbeats_all(lattice)),
+        StartAt::LastPerSubject,
+    )
+    .await?;
+    let read = async {
+        let mut seen = 0;
+        while let Some(Ok(raw)) = retained.next().await {
+            state.record_heartbeat(&raw.payload, true);
+            seen += 1;
+            if raw.pending == 0 || seen >= backlog {
+                break;
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .is_err()
+    {
+        tracing::warn!("could not read all retained heartbeats in 2 s; continuing with live ones");
+    }
+    Ok(())
 }
 
 /// Reads and folds the whole fact stream of `lattice` once, without serving: what a replica does

@@ -140,6 +140,7 @@ fn projection(state: &State, _: ProjectionRequest) -> Result<ProjectionReply, Er
     let projection = state.projection().clone();
     Ok(ProjectionReply {
         as_of: projection.last_seq.max(state.as_of()),
+        served_by: state.config.replica_id.clone(),
         projection,
     })
 }

@@ -37,6 +37,7 @@ pub(crate) struct Live {
 
 pub(crate) struct State {
     pub config: ControllerConfig,
+    pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub started_at: DateTime<Utc>,
     pub started: Instant,
@@ -44,22 +45,21 @@ pub(crate) struct State {
     as_of: watch::Sender<u64>,
     applied: AtomicU64,
     live: Mutex<HashMap<HostId, Live>>,
-    heartbeats_seen: AtomicU64,
     replay: OnceLock<ReplayStats>,
 }
 
 impl State {
-    pub fn new(config: ControllerConfig, js: jetstream::Context) -> Self {
+    pub fn new(config: ControllerConfig, client: async_nats::Client) -> Self {
         Self {
             config,
-            js,
+            js: jetstream::new(client.clone()),
+            client,
             started_at: Utc::now(),
             started: Instant::now(),
             projection: RwLock::new(Projection::new()),
             as_of: watch::channel(0).0,
             applied: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
-            heartbeats_seen: AtomicU64::new(0),
             replay: OnceLock::new(),
         }
     }
@@ -161,8 +161,17 @@ impl State {
         self.as_of.send_modify(|as_of| *as_of = (*as_of).max(last));
     }
 
-    pub fn record_heartbeat(&self, payload: &[u8]) {
-        self.heartbeats_seen.fetch_add(1, Ordering::Relaxed);
+    /// Gives every host a fresh timeout, after this replica could not hear anything for a while.
+    pub fn grant_grace(&self) {
+        let now = Instant::now();
+        for live in self.live().values_mut() {
+            live.last_seen = live.last_seen.max(now);
+        }
+    }
+
+    /// Records a heartbeat. A `retained` one (read back from the stream at start) never replaces
+    /// a live one.
+    pub fn record_heartbeat(&self, payload: &[u8], retained: bool) {
         let heartbeat: Heartbeat = match serde_json::from_slice(payload) {
             Ok(hb) => hb,
             Err(e) => {
@@ -171,6 +180,13 @@ impl State {
             }
         };
         let mut live = self.live();
+        if retained
+            && live
+                .get(&heartbeat.host_id)
+                .is_some_and(|l| l.heartbeat.is_some())
+        {
+            return;
+        }
         live.insert(
             heartbeat.host_id.clone(),
             Live {
@@ -179,14 +195,6 @@ impl State {
                 received_at: Some(Utc::now()),
             },
         );
-    }
-
-    /// Waits until the retained heartbeats (`backlog` of them) have been read, or `timeout`.
-    pub async fn wait_for_heartbeats(&self, backlog: u64, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while self.heartbeats_seen.load(Ordering::Relaxed) < backlog && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
     }
 
     /// A host as the replica sees it.

@@ -1,0 +1,149 @@
+//! The `trellis` CLI: `trellis up`, tables and JSON, exit codes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use trellis_schemas::control::HostListRequest;
+use trellis_tests::{Nats, bin, lattice, wait_for};
+
+const T: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn trellis_up_starts_a_lattice_and_stops_it_cleanly_on_ctrl_c() {
+    let mut up = Command::new(bin("trellis"))
+        .args(["up", "--host-id", "up-host", "--host-label", "zone=local"])
+        .env_remove("TRELLIS_NATS_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = up.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut printed = Vec::new();
+    let url = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("trellis up prints its URL");
+        printed.push(line.clone());
+        if let Some(url) = line.strip_prefix("TRELLIS_NATS_URL=") {
+            break url.to_owned();
+        }
+    };
+    let banner = printed.join("\n");
+    assert!(
+        banner.contains("up-host"),
+        "the banner lists the host:\n{banner}"
+    );
+    assert!(banner.contains("Try:"), "{banner}");
+
+    // The lattice works: the CLI and a plain client see the host.
+    let out = Command::new(bin("trellis"))
+        .args(["--nats", &url, "host", "ls", "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hosts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(hosts["hosts"][0]["host_id"], "up-host");
+    assert_eq!(hosts["hosts"][0]["labels"]["zone"], "local");
+
+    kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).unwrap();
+    let status = wait_for("trellis up to exit", T, || {
+        let status = up.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    assert!(
+        status.success(),
+        "trellis up exits 0 after Ctrl-C, got {status}"
+    );
+    let rest: Vec<String> = rx.try_iter().collect();
+    let rest = rest.join("\n");
+    assert!(rest.contains("host") && rest.contains("stopped"), "{rest}");
+    // Everything it started is gone, NATS included.
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn cli_prints_tables_and_json_and_exits_with_meaningful_codes() {
+    let nats = Nats::start().await;
+    let l = lattice("default");
+
+    // No controller yet: the lattice cannot be reached.
+    let (code, _, err) = nats.cli(&["host", "ls"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("no controller"), "{err}");
+
+    let _controller = nats.controller(&l, "c", "30s");
+    let _host = nats.host(&l, "h1", &["zone=a"]);
+    let ctl = nats.ctl(&l).await;
+    wait_for("h1 listed", T, || async {
+        let reply = ctl.request(&HostListRequest::default()).await.ok()?;
+        (!reply.hosts.is_empty()).then_some(())
+    })
+    .await;
+
+    let (code, out, _) = nats.cli(&["host", "ls"]);
+    assert_eq!(code, 0);
+    let mut lines = out.lines();
+    assert!(lines.next().unwrap().starts_with("HOST"), "{out}");
+    let row = lines.next().unwrap();
+    assert!(
+        row.starts_with("h1") && row.contains(" up ") && row.contains("zone=a"),
+        "{out}"
+    );
+
+    let (code, out, _) = nats.cli(&["host", "get", "h1", "-o", "json"]);
+    assert_eq!(code, 0);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["host"]["status"], "up");
+
+    let (code, _, err) = nats.cli(&["host", "get", "ghost"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("not_found"), "{err}");
+
+    let (code, _, err) = nats.cli(&["host", "get", "bad.id"]);
+    assert_eq!(code, 2, "usage errors exit 2: {err}");
+
+    let (code, out, _) = nats.cli(&["status", "-o", "json"]);
+    assert_eq!(code, 0);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["hosts"]["up"], 1);
+    assert_eq!(json["controller"]["id"], "c");
+
+    let (code, out, _) = nats.cli(&["events", "--type", "host.started", "-o", "json"]);
+    assert_eq!(code, 0);
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 1, "{out}");
+    assert_eq!(events[0]["event"]["type"], "dev.trellis.host.started.v1");
+    assert_eq!(events[0]["seq"], 1);
+
+    let (code, out, _) = nats.cli(&["events"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("host.started") && out.contains("h1"), "{out}");
+
+    let (code, _, err) = nats.cli(&["events", "--type", "host.exploded"]);
+    assert_eq!(code, 2, "{err}");
+}

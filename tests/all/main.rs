@@ -1,0 +1,6 @@
+//! End-to-end suites: real nats-server, real `trellis` and `trellis-host` processes.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+mod cli;
+mod control;
+mod spine;

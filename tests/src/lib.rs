@@ -1,0 +1,367 @@
+//! Test support for Trellis end-to-end suites: a real `nats-server` with JetStream on a free port,
+//! and the project's binaries started as real processes.
+//!
+//! The binaries are found next to the test executable's target directory (`target/<profile>/`);
+//! build them first with `cargo build --workspace --bins` (the test script does). `TRELLIS_BIN_DIR`
+//! overrides the directory and `TRELLIS_NATS_SERVER` the nats-server binary.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: failing loudly is the point"
+)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use trellis_bus::{FactStream, StartAt};
+use trellis_ctl::CtlClient;
+use trellis_schemas::{Event, Fact, Lattice, subject};
+
+/// The directory holding `trellis` and `trellis-host`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TRELLIS_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // target/<profile>/deps/all-<hash> → target/<profile>
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// The path of a project binary; panics with instructions when it has not been built.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} does not exist: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process killed on drop.
+#[derive(Debug)]
+pub struct Proc {
+    /// What it is, for messages.
+    pub name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `program` with `args`, output to a log file in `logs`.
+    pub fn spawn(name: &str, program: &Path, args: &[String], logs: &Path) -> Self {
+        let log = logs.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .env("RUST_LOG", "info,async_nats=warn")
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({}): {e}", program.display()));
+        Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, signal: Signal) {
+        let _ = kill(Pid::from_raw(self.pid()), signal);
+    }
+
+    /// Waits for the process to exit, up to `timeout`; returns its exit code (None: killed by a
+    /// signal) or panics.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("still owned");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?}; log: {}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A nats-server with JetStream on a free loopback port and a temporary store.
+#[derive(Debug)]
+pub struct Nats {
+    /// The port.
+    pub port: u16,
+    dir: tempfile::TempDir,
+    proc: Option<Proc>,
+}
+
+impl Nats {
+    /// Starts a server and waits until it accepts connections.
+    pub async fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("trellis-test-")
+            .tempdir()
+            .unwrap();
+        let mut nats = Self {
+            port: free_port(),
+            dir,
+            proc: None,
+        };
+        nats.launch().await;
+        nats
+    }
+
+    fn server_binary() -> PathBuf {
+        std::env::var_os("TRELLIS_NATS_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("nats-server"))
+    }
+
+    async fn launch(&mut self) {
+        let args: Vec<String> = vec![
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            self.port.to_string(),
+            "-js".into(),
+            "-sd".into(),
+            self.dir.path().join("js").display().to_string(),
+        ];
+        self.proc = Some(Proc::spawn(
+            "nats",
+            &Self::server_binary(),
+            &args,
+            self.dir.path(),
+        ));
+        let port = self.port;
+        wait_for(
+            "nats-server to listen",
+            Duration::from_secs(10),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// A directory for the logs of processes of this test.
+    pub fn logs(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Kills the server (SIGKILL) keeping its store.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts the server again on the same port with the same store.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.launch().await;
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.unwrap()
+    }
+
+    /// A control client of `lattice`.
+    pub async fn ctl(&self, lattice: &Lattice) -> CtlClient {
+        CtlClient::new(
+            self.client().await,
+            lattice.clone(),
+            Duration::from_secs(10),
+        )
+    }
+
+    /// Starts a controller replica.
+    pub fn controller(&self, lattice: &Lattice, replica: &str, host_timeout: &str) -> Proc {
+        let args: Vec<String> = vec![
+            "--nats".into(),
+            self.url(),
+            "--lattice".into(),
+            lattice.to_string(),
+            "controller".into(),
+            "--host-timeout".into(),
+            host_timeout.into(),
+            "--replica-id".into(),
+            replica.into(),
+        ];
+        Proc::spawn(
+            &format!("controller-{replica}"),
+            &bin("trellis"),
+            &args,
+            self.logs(),
+        )
+    }
+
+    /// Starts a host with a 200 ms heartbeat.
+    pub fn host(&self, lattice: &Lattice, host_id: &str, labels: &[&str]) -> Proc {
+        let mut args: Vec<String> = vec![
+            "--nats".into(),
+            self.url(),
+            "--lattice".into(),
+            lattice.to_string(),
+            "--host-id".into(),
+            host_id.into(),
+            "--heartbeat-interval".into(),
+            "200ms".into(),
+        ];
+        for l in labels {
+            args.push("--label".into());
+            args.push((*l).into());
+        }
+        Proc::spawn(
+            &format!("host-{host_id}"),
+            &bin("trellis-host"),
+            &args,
+            self.logs(),
+        )
+    }
+
+    /// Runs the `trellis` CLI against this server; returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin("trellis"))
+            .arg("--nats")
+            .arg(self.url())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Every fact the lattice's stream holds, decoded, in order.
+    pub async fn facts(&self, lattice: &Lattice) -> Vec<Fact> {
+        let client = self.client().await;
+        let js = async_nats::jetstream::new(client.clone());
+        // No stream yet (no process of the lattice has started) means no facts.
+        let Ok(state) = trellis_bus::events_stream_state(&js, lattice).await else {
+            return Vec::new();
+        };
+        if state.messages == 0 {
+            return Vec::new();
+        }
+        let mut reader = FactStream::open(
+            &client,
+            &js,
+            &subject::events_stream(lattice),
+            None,
+            StartAt::Beginning,
+        )
+        .await
+        .unwrap();
+        let mut facts = Vec::new();
+        while let Some(raw) = reader.next().await {
+            let raw = raw.unwrap();
+            facts.push(Fact {
+                seq: raw.seq,
+                event: Event::decode(&raw.payload).unwrap(),
+            });
+            if raw.seq >= state.last_sequence {
+                break;
+            }
+        }
+        facts
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A lattice name unique to one test, so tests sharing nothing still never collide.
+pub fn lattice(name: &str) -> Lattice {
+    Lattice::new(name).unwrap()
+}
