@@ -258,23 +258,16 @@ pub async fn replay_once(
     let (tx, mut rx) = mpsc::channel::<RawFact>(8192);
     let reader = tokio::spawn(read_facts(facts, tx));
     let mut applied = 0u64;
-    let mut batch = Vec::with_capacity(256);
-    'outer: while rx.recv_many(&mut batch, 256).await > 0 {
-        for raw in batch.drain(..) {
-            if let Ok(event) = trellis_schemas::Event::decode(&raw.payload)
-                && trellis_schemas::apply(
-                    &mut projection,
-                    &trellis_schemas::Fact {
-                        seq: raw.seq,
-                        event,
-                    },
-                )
-            {
+    let mut batch = Vec::with_capacity(512);
+    while rx.recv_many(&mut batch, 512).await > 0 {
+        let (facts, last) = state::decode_batch(&mut batch);
+        for fact in &facts {
+            if trellis_schemas::apply(&mut projection, fact) {
                 applied += 1;
             }
-            if raw.seq >= tip.last_sequence {
-                break 'outer;
-            }
+        }
+        if last >= tip.last_sequence {
+            break;
         }
     }
     reader.abort();

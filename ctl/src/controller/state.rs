@@ -115,20 +115,7 @@ impl State {
 
     /// Applies a batch of raw facts: decoding happens outside the lock.
     fn apply_batch(&self, batch: &mut Vec<RawFact>) {
-        let mut last = 0;
-        let mut decoded = Vec::with_capacity(batch.len());
-        for raw in batch.drain(..) {
-            last = last.max(raw.seq);
-            match Event::decode(&raw.payload) {
-                Ok(event) => decoded.push(Fact {
-                    seq: raw.seq,
-                    event,
-                }),
-                // A fact this version does not understand (a newer Trellis wrote it, or someone
-                // published garbage on a fact subject) is skipped, not fatal.
-                Err(e) => tracing::warn!(seq = raw.seq, error = %e, "skipping undecodable fact"),
-            }
-        }
+        let (decoded, last) = decode_batch(batch);
         let mut announced = Vec::new();
         {
             let mut projection = self
@@ -215,6 +202,23 @@ impl State {
             instances: heartbeat.map(|h| h.instances.len() as u32).unwrap_or(0),
         }
     }
+}
+
+/// Decodes a batch of raw facts (emptying it); returns the facts and the highest sequence seen,
+/// including that of facts that could not be decoded.
+pub(crate) fn decode_batch(batch: &mut Vec<RawFact>) -> (Vec<Fact>, u64) {
+    let mut last = 0;
+    let mut decoded = Vec::with_capacity(batch.len());
+    for raw in batch.drain(..) {
+        last = last.max(raw.seq);
+        match Event::decode(&raw.payload) {
+            Ok(event) => decoded.push(Fact { seq: raw.seq, event }),
+            // A fact this version does not understand (a newer Trellis wrote it, or someone
+            // published garbage on a fact subject) is skipped, not fatal.
+            Err(e) => tracing::warn!(seq = raw.seq, error = %e, "skipping undecodable fact"),
+        }
+    }
+    (decoded, last)
 }
 
 /// Decodes and applies facts as the reader hands them over.
