@@ -249,6 +249,7 @@ impl LoadedComponent {
                     FromValError::TooLarge { at_least } => InvokeError::OutputTooLarge {
                         size: at_least,
                         limit: config.max_result_bytes,
+                        output: output.collect(),
                     },
                     FromValError::Unsupported(what) => InvokeError::UnsupportedResult {
                         export: name.to_string(),
@@ -338,7 +339,7 @@ fn convert_args(name: &str, func: &ExportFunc, args: &Value) -> Result<Vec<Val>,
                 export: name.to_string(),
                 param: param.clone(),
                 position,
-                error,
+                error: Box::new(error),
             })
         })
         .collect()

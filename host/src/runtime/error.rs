@@ -132,7 +132,7 @@ pub enum InvokeError {
         /// The parameter's position (0-based).
         position: usize,
         /// What was expected, where and what was found.
-        error: ConvertError,
+        error: Box<ConvertError>,
     },
     /// `max_concurrency` invocations of the component are already running. Returned at once,
     /// without waiting: the caller decides whether to queue, retry or shed.
@@ -198,6 +198,8 @@ pub enum InvokeError {
         size: usize,
         /// The limit.
         limit: usize,
+        /// What the guest wrote.
+        output: GuestOutput,
     },
     /// The result holds a value JSON cannot carry (resource, future, stream).
     #[error("{export}: the result holds {what}, which cannot be returned as JSON")]
@@ -269,6 +271,7 @@ impl InvokeError {
             | Self::StackOverflow { output }
             | Self::Panic { output, .. }
             | Self::Trap { output, .. }
+            | Self::OutputTooLarge { output, .. }
             | Self::Host { output, .. } => Some(output),
             _ => None,
         }

@@ -442,7 +442,7 @@ fn concurrency_accepted() -> String {
 /// Formats a byte count with the largest binary unit that divides it exactly.
 pub(crate) fn format_bytes(bytes: u64) -> String {
     for (unit, size) in [("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
-        if bytes >= size && bytes % size == 0 {
+        if bytes >= size && bytes.is_multiple_of(size) {
             return format!("{}{unit}", bytes / size);
         }
     }

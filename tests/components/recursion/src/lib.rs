@@ -10,7 +10,11 @@ fn descend(n: u64) -> u64 {
     }
     // Not a tail call, and no accumulator the optimiser could turn into a loop.
     let below = descend(n - 1);
-    if n % 2 == 0 { below ^ n } else { below.rotate_left(1) }
+    if n % 2 == 0 {
+        below ^ n
+    } else {
+        below.rotate_left(1)
+    }
 }
 
 impl Guest for Recursion {

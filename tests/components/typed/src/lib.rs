@@ -21,7 +21,11 @@ impl shapes::Guest for Typed {
     fn scale(points: Vec<Point>, factor: i32) -> Vec<Point> {
         points
             .into_iter()
-            .map(|p| Point { x: p.x.wrapping_mul(factor), y: p.y.wrapping_mul(factor), label: p.label })
+            .map(|p| Point {
+                x: p.x.wrapping_mul(factor),
+                y: p.y.wrapping_mul(factor),
+                label: p.label,
+            })
             .collect()
     }
 

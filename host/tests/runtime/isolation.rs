@@ -1,0 +1,67 @@
+//! Every invocation runs in a fresh store: nothing survives between calls or crosses components.
+
+use serde_json::json;
+use trellis_host::Limits;
+
+use crate::{limits, load, runtime};
+
+#[tokio::test]
+async fn every_call_sees_a_fresh_store() {
+    let runtime = runtime();
+    let counter = load(&runtime, "counter", limits());
+    for _ in 0..5 {
+        assert_eq!(counter.invoke("increment", json!([])).await.unwrap(), 1);
+    }
+    assert_eq!(counter.invoke("peek", json!(null)).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn components_never_share_globals() {
+    let runtime = runtime();
+    let a = load(&runtime, "counter", limits());
+    let b = load(&runtime, "counter", limits());
+    for _ in 0..3 {
+        assert_eq!(a.invoke("increment", json!([])).await.unwrap(), 1);
+        assert_eq!(b.invoke("increment", json!([])).await.unwrap(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_are_isolated() {
+    let runtime = runtime();
+    let counter = load(&runtime, "counter", limits());
+    let calls: Vec<_> = (0..12)
+        .map(|_| {
+            let counter = counter.clone();
+            tokio::spawn(async move { counter.invoke("increment", json!([])).await })
+        })
+        .collect();
+    for call in calls {
+        // Up to max_concurrency (16) at once, so none is refused as busy.
+        assert_eq!(call.await.unwrap().unwrap(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_concurrency_limit_is_busy() {
+    let runtime = runtime();
+    let limits = Limits {
+        fuel: 1_000_000_000_000,
+        timeout: std::time::Duration::from_secs(2),
+        max_concurrency: 1,
+        ..limits()
+    };
+    let looping = load(&runtime, "loop", limits);
+    let first = tokio::spawn({
+        let looping = looping.clone();
+        async move { looping.invoke("run", json!(["x"])).await }
+    });
+    while looping.in_flight() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let err = looping.invoke("run", json!(["y"])).await.unwrap_err();
+    assert_eq!(err.reason(), "busy", "{err}");
+    assert!(!err.is_crash());
+    assert_eq!(first.await.unwrap().unwrap_err().reason(), "timeout");
+    assert_eq!(looping.in_flight(), 0);
+}
