@@ -17,6 +17,11 @@
 //! `TRELLIS_WASM_TARGET_DIR` overrides the guests' target dir.
 //!
 //! Prerequisite: `rustup target add wasm32-wasip2`.
+#![allow(
+    dead_code,
+    clippy::expect_used,
+    reason = "shared by tests, benches and examples, which each use part of it; a failed build must stop them"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -113,11 +118,13 @@ pub fn build() -> &'static Components {
 /// The target directory of the build running this executable.
 fn outer_target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
-    // Tests and benches run as <target>/<profile>/deps/<exe>; anything else falls back to
+    // Tests and benches run as <target>/<profile>/deps/<exe>, examples as
+    // <target>/<profile>/examples/<exe>; anything else falls back to
     // CARGO_TARGET_DIR or the workspace's target/.
     let mut dir = exe.parent();
     while let Some(d) = dir {
-        if d.file_name().is_some_and(|n| n == "deps")
+        if d.file_name()
+            .is_some_and(|n| n == "deps" || n == "examples")
             && let Some(target) = d.parent().and_then(Path::parent)
         {
             return target.to_path_buf();
