@@ -65,3 +65,29 @@ async fn over_the_concurrency_limit_is_busy() {
     assert_eq!(first.await.unwrap().unwrap_err().reason(), "timeout");
     assert_eq!(looping.in_flight(), 0);
 }
+
+#[tokio::test]
+async fn wasi_grants_nothing_but_clocks_random_and_output() {
+    let runtime = runtime();
+    let probe = load(&runtime, "probe", limits());
+    let report = probe.invoke("run", json!([""])).await.unwrap();
+    let report = report.as_str().unwrap();
+    for line in [
+        "env=0",
+        "args=0",
+        "read_root=denied",
+        "read_file=denied",
+        "write_file=denied",
+        "cwd_list=denied",
+        "tcp_connect=denied",
+        "udp_bind=denied",
+        "stdin_bytes=0",
+        "clock_ok=true",
+    ] {
+        assert!(
+            report.lines().any(|l| l == line),
+            "{line} missing in:\n{report}"
+        );
+    }
+    assert!(!std::path::Path::new("/tmp/trellis-probe").exists());
+}

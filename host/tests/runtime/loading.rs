@@ -155,3 +155,23 @@ async fn undeclared_imports_are_refused_and_declared_ones_fail_only_when_called(
     assert!(err.is_crash() || err.reason() == "host_error", "{err}");
     assert_still_serving(&runtime).await;
 }
+
+#[tokio::test]
+async fn uses_the_pool_and_falls_back_when_it_cannot_be_reserved() {
+    assert_eq!(
+        runtime().allocation_strategy(),
+        trellis_host::AllocationStrategy::Pooling
+    );
+    // 40,000 slots of 4 GiB each need ~160 TiB of address space: more than the 128 TiB a
+    // process has, so reserving the pool fails and the runtime allocates on demand instead.
+    let mut config = RuntimeConfig::new();
+    config
+        .max_memory(4 * 1024 * 1024 * 1024)
+        .pooling_instances(40_000);
+    let runtime = Runtime::new(&config).unwrap();
+    assert_eq!(
+        runtime.allocation_strategy(),
+        trellis_host::AllocationStrategy::OnDemand
+    );
+    assert_still_serving(&runtime).await;
+}

@@ -34,6 +34,7 @@ pub const NAMES: &[&str] = &[
     "loop",
     "membomb",
     "panic",
+    "probe",
     "recursion",
     "trap",
     "typed",
