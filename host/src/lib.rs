@@ -56,12 +56,47 @@
 //!   such as `fuel_exhausted`, `timeout`, `memory_limit`, `stack_overflow`, `panic` or
 //!   `trap: unreachable`.
 //!
+//! # JSON values
+//!
+//! [`LoadedComponent::invoke`] takes the arguments as a JSON array, one element per parameter,
+//! converts each by the parameter's WIT type and returns the result the same way (`null` for a
+//! function without result):
+//!
+//! | WIT type | JSON |
+//! |---|---|
+//! | `bool` | `true` / `false` |
+//! | `s8`…`u64` | an integer number, range-checked |
+//! | `f32`, `f64` | a number; `"NaN"`, `"inf"`, `"-inf"` for non-finite values |
+//! | `char` | a string of exactly one character |
+//! | `string` | a string |
+//! | `list<T>`, `tuple<…>` | an array (a tuple's length must match) |
+//! | `record` | an object keyed by field name; an `option` field may be left out |
+//! | `option<T>` | `null` or the value (so `option<option<T>>` cannot say `some(none)`) |
+//! | `result<T, E>` | `{"ok": value}` or `{"err": value}` (`null` value when there is no payload) |
+//! | `enum` | the case name as a string |
+//! | `variant` | `{"case": payload}`; a case without payload may also be just `"case"` (and is returned that way) |
+//! | `flags` | an array of the names that are set |
+//!
+//! Resources, futures and streams cannot cross JSON and are refused. A value that does not fit
+//! is refused with [`InvokeError::ArgumentType`], naming the parameter, the path inside it, what
+//! was expected and what was found.
+//!
 //! # Deny by default
 //!
 //! WASI is linked so that standard guests instantiate, but it grants nothing: no preopened
 //! directories, environment, arguments, stdin or network. Clocks and random work; stdout and
 //! stderr are captured per invocation into bounded buffers. Any other import must be declared in
-//! the manifest's `capabilities.imports`.
+//! the manifest's `capabilities.imports`; a declared capability the embedder has not bound yet
+//! traps when called, and an undeclared one refuses the load.
+//!
+//! # Compiled-artifact cache
+//!
+//! With [`RuntimeConfig::cache_dir`], compiled components are kept on disk as
+//! `<dir>/<engine key>/<sha256 of the wasm>.cwasm`, where the engine key hashes wasmtime's
+//! compatibility data (version, target, compiler settings). A restarted host maps the artifact
+//! instead of compiling ([`LoadOutcome::cache_hit`]). Artifacts are written to a temporary file
+//! and renamed into place; one that fails to load is deleted and recompiled. Loading an artifact
+//! maps native code: the directory must be writable by the host only.
 #![deny(missing_docs)]
 
 mod runtime;

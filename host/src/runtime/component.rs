@@ -152,8 +152,7 @@ impl LoadedComponent {
     }
 
     /// Calls `export` with `args` (a JSON array, one element per parameter) in a fresh instance
-    /// and returns its result as JSON (see the [module docs](self) for the value mapping and the
-    /// crate docs for the conversion table).
+    /// and returns its result as JSON (see the [crate docs](crate#json-values) for the mapping).
     ///
     /// `export` is a function of the component's world (`"add"`) or of an exported interface
     /// (`"trellis:test/shapes#scale"`, or with a `/` before the function name).

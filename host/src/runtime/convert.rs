@@ -1,19 +1,6 @@
 //! Conversion between JSON and component-model values, driven by the function's types.
 //!
-//! | WIT type | JSON |
-//! |---|---|
-//! | `bool` | `true` / `false` |
-//! | `s8`…`u64` | an integer number, range-checked |
-//! | `f32`, `f64` | a number; `"NaN"`, `"inf"`, `"-inf"` for non-finite values |
-//! | `char` | a string of exactly one character |
-//! | `string` | a string |
-//! | `list<T>`, `tuple<…>` | an array (a tuple's length must match) |
-//! | `record` | an object keyed by field name; an `option` field may be left out |
-//! | `option<T>` | `null` or the value (so `option<option<T>>` cannot say `some(none)`) |
-//! | `result<T, E>` | `{"ok": value}` or `{"err": value}` (`null` value when there is no payload) |
-//! | `enum` | the case name as a string |
-//! | `variant` | `{"case": payload}`; a case without payload may also be just `"case"` (and is returned that way) |
-//! | `flags` | an array of the names that are set |
+//! The mapping is documented in the crate docs ("JSON values").
 //!
 //! Resources, futures and streams cannot cross JSON and are refused.
 
