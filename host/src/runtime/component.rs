@@ -1,0 +1,389 @@
+//! A loaded component and its invocations.
+//!
+//! # Isolation
+//!
+//! Every invocation instantiates the component into a fresh `Store` from the pre-instantiated
+//! `InstancePre`, runs one export and drops the store: no memory, global or table survives from
+//! one call to the next, and two invocations (of the same component or not) never share state.
+//!
+//! # Limits
+//!
+//! Each invocation gets the manifest's fuel, a memory limiter capped at `max_memory` that traps
+//! on a failed grow, and a wall-clock deadline checked at every epoch tick (the guest yields to
+//! the async executor on each tick, so a looping guest never blocks the executor's thread). A
+//! host-side wait (a guest sleeping through WASI) is cut by the same deadline. Exceeding a limit
+//! ends that invocation only, with a precise [`InvokeError::reason`].
+//!
+//! # Concurrency
+//!
+//! At most `max_concurrency` invocations of one component run at once. One more is refused at
+//! once with [`InvokeError::Busy`], before anything runs: queueing or retrying is the caller's
+//! choice, so a slow component cannot pile up unbounded waiting work inside the runtime.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use wasmtime::component::types::{ComponentItem, Type};
+use wasmtime::component::{Component, ComponentExportIndex, InstancePre, Val};
+use wasmtime::{Store, UpdateDeadline};
+
+use super::convert::{Budget, FromValError, json_to_val, val_to_json};
+use super::error::InvokeError;
+use super::manifest::Manifest;
+use super::output::GuestOutput;
+use super::runtime::{LoadOutcome, RuntimeInner};
+use super::store::StoreState;
+
+/// Extra wall-clock time, beyond the timeout, before the executor-side timer cancels an
+/// invocation that the epoch deadline did not stop (a guest blocked in a host call).
+const CANCEL_GRACE: Duration = Duration::from_millis(50);
+
+/// A component loaded by [`Runtime::load`](super::Runtime::load), ready to be invoked.
+///
+/// Cloning is cheap; clones share the concurrency limit.
+#[derive(Debug, Clone)]
+pub struct LoadedComponent {
+    inner: Arc<ComponentInner>,
+}
+
+struct ComponentInner {
+    runtime: Arc<RuntimeInner>,
+    manifest: Manifest,
+    pre: InstancePre<StoreState>,
+    exports: BTreeMap<String, ExportFunc>,
+    outcome: LoadOutcome,
+    permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for ComponentInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedComponent")
+            .field("name", &self.manifest.name)
+            .field("version", &self.manifest.version.to_string())
+            .field("digest", &self.outcome.digest)
+            .field("exports", &self.exports.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+struct ExportFunc {
+    index: ComponentExportIndex,
+    params: Vec<(String, Type)>,
+    results: Vec<Type>,
+}
+
+/// A function the component exports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// The name to pass to [`LoadedComponent::invoke`]: `func` for a function of the world,
+    /// `namespace:package/interface#func` for a function of an exported interface.
+    pub name: String,
+    /// The parameters' names, in order.
+    pub params: Vec<String>,
+    /// How many results it returns (0 or 1).
+    pub results: usize,
+}
+
+/// The outcome of a successful invocation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invocation {
+    /// The result as JSON: `null` for a function without result.
+    pub value: Value,
+    /// What the guest wrote to stdout and stderr.
+    pub output: GuestOutput,
+    /// Fuel the invocation consumed (instantiation included).
+    pub fuel_consumed: u64,
+}
+
+impl LoadedComponent {
+    pub(crate) fn new(
+        runtime: Arc<RuntimeInner>,
+        manifest: Manifest,
+        component: &Component,
+        pre: InstancePre<StoreState>,
+        outcome: LoadOutcome,
+    ) -> Self {
+        let exports = collect_exports(&runtime, component);
+        let permits = Arc::new(Semaphore::new(
+            usize::try_from(manifest.limits.max_concurrency).unwrap_or(usize::MAX),
+        ));
+        Self {
+            inner: Arc::new(ComponentInner {
+                runtime,
+                manifest,
+                pre,
+                exports,
+                outcome,
+                permits,
+            }),
+        }
+    }
+
+    /// The manifest the component was loaded with.
+    pub fn manifest(&self) -> &Manifest {
+        &self.inner.manifest
+    }
+
+    /// How the component was loaded: digest, and whether the compiled artifact came from cache.
+    pub fn load_outcome(&self) -> LoadOutcome {
+        self.inner.outcome
+    }
+
+    /// The functions it exports, sorted by name.
+    pub fn exports(&self) -> Vec<ExportInfo> {
+        self.inner
+            .exports
+            .iter()
+            .map(|(name, f)| ExportInfo {
+                name: name.clone(),
+                params: f.params.iter().map(|(n, _)| n.clone()).collect(),
+                results: f.results.len(),
+            })
+            .collect()
+    }
+
+    /// Invocations running right now.
+    pub fn in_flight(&self) -> usize {
+        let max = usize::try_from(self.inner.manifest.limits.max_concurrency).unwrap_or(0);
+        max.saturating_sub(self.inner.permits.available_permits())
+    }
+
+    /// Calls `export` with `args` (a JSON array, one element per parameter) in a fresh instance
+    /// and returns its result as JSON (see the [crate docs](crate#json-values) for the mapping).
+    ///
+    /// `export` is a function of the component's world (`"add"`) or of an exported interface
+    /// (`"trellis:test/shapes#scale"`, or with a `/` before the function name).
+    ///
+    /// Must be called within a Tokio runtime (the timeout uses Tokio's timer).
+    ///
+    /// # Errors
+    ///
+    /// [`InvokeError`]: refused calls (unknown export, invalid arguments, busy) and crashes with
+    /// their reason (fuel, timeout, memory, stack, trap, panic, output size).
+    pub async fn invoke(&self, export: &str, args: Value) -> Result<Value, InvokeError> {
+        self.invoke_captured(export, args).await.map(|i| i.value)
+    }
+
+    /// Like [`invoke`](Self::invoke), and also returns the guest's captured output and the fuel
+    /// it consumed.
+    ///
+    /// # Errors
+    ///
+    /// As [`invoke`](Self::invoke).
+    pub async fn invoke_captured(
+        &self,
+        export: &str,
+        args: Value,
+    ) -> Result<Invocation, InvokeError> {
+        let inner = &*self.inner;
+        let (name, func) = self.lookup(export)?;
+        let params = convert_args(name, func, &args)?;
+        let _permit = Arc::clone(&inner.permits)
+            .try_acquire_owned()
+            .map_err(|_| InvokeError::Busy {
+                component: inner.manifest.name.clone(),
+                max_concurrency: inner.manifest.limits.max_concurrency,
+            })?;
+
+        let limits = inner.manifest.limits;
+        let config = &inner.runtime.config;
+        let state = StoreState::new(limits.max_memory, config.max_log_bytes);
+        let output = state.output_handle();
+        let mut store = Store::new(&inner.runtime.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        if let Err(error) = store.set_fuel(limits.fuel) {
+            return Err(InvokeError::Host {
+                error,
+                output: GuestOutput::default(),
+            });
+        }
+        let deadline = Instant::now() + limits.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+
+        let mut results = vec![Val::Bool(false); func.results.len()];
+        let run = run(&inner.pre, &mut store, &func.index, &params, &mut results);
+        let outcome = tokio::time::timeout(limits.timeout + CANCEL_GRACE, run).await;
+        let fuel_consumed = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        drop(store);
+        match outcome {
+            Err(_elapsed) => Err(InvokeError::Timeout {
+                timeout: limits.timeout,
+                output: output.collect(),
+            }),
+            Ok(Err(Failure::Instantiate(error))) => {
+                match InvokeError::from_guest(error, output.collect(), limits.fuel, limits.timeout)
+                {
+                    InvokeError::Host { error, .. } => Err(InvokeError::Instantiation(error)),
+                    classified => Err(classified),
+                }
+            }
+            Ok(Err(Failure::Call(error))) => Err(InvokeError::from_guest(
+                error,
+                output.collect(),
+                limits.fuel,
+                limits.timeout,
+            )),
+            Ok(Ok(())) => {
+                let mut budget = Budget::new(config.max_result_bytes);
+                let value = match results.as_slice() {
+                    [] => Ok(Value::Null),
+                    [one] => val_to_json(one, &mut budget),
+                    many => many
+                        .iter()
+                        .map(|v| val_to_json(v, &mut budget))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map(Value::Array),
+                };
+                let value = value.map_err(|err| match err {
+                    FromValError::TooLarge { at_least } => InvokeError::OutputTooLarge {
+                        size: at_least,
+                        limit: config.max_result_bytes,
+                        output: output.collect(),
+                    },
+                    FromValError::Unsupported(what) => InvokeError::UnsupportedResult {
+                        export: name.to_string(),
+                        what,
+                    },
+                })?;
+                Ok(Invocation {
+                    value,
+                    output: output.collect(),
+                    fuel_consumed,
+                })
+            }
+        }
+    }
+
+    fn lookup(&self, export: &str) -> Result<(&str, &ExportFunc), InvokeError> {
+        let exports = &self.inner.exports;
+        let found = exports.get_key_value(export).or_else(|| {
+            if export.contains('#') {
+                return None;
+            }
+            let (iface, func) = export.rsplit_once('/')?;
+            exports.get_key_value(format!("{iface}#{func}").as_str())
+        });
+        found
+            .map(|(name, func)| (name.as_str(), func))
+            .ok_or_else(|| InvokeError::UnknownExport {
+                component: self.inner.manifest.name.clone(),
+                name: export.to_string(),
+                available: exports.keys().cloned().collect(),
+            })
+    }
+}
+
+enum Failure {
+    Instantiate(wasmtime::Error),
+    Call(wasmtime::Error),
+}
+
+async fn run(
+    pre: &InstancePre<StoreState>,
+    store: &mut Store<StoreState>,
+    index: &ComponentExportIndex,
+    params: &[Val],
+    results: &mut [Val],
+) -> Result<(), Failure> {
+    let instance = pre
+        .instantiate_async(&mut *store)
+        .await
+        .map_err(Failure::Instantiate)?;
+    let func = instance.get_func(&mut *store, index).ok_or_else(|| {
+        Failure::Instantiate(wasmtime::Error::msg(
+            "the instance lacks an export its component type declares",
+        ))
+    })?;
+    func.call_async(&mut *store, params, results)
+        .await
+        .map_err(Failure::Call)
+}
+
+fn convert_args(name: &str, func: &ExportFunc, args: &Value) -> Result<Vec<Val>, InvokeError> {
+    let args = match args {
+        Value::Array(args) => args.as_slice(),
+        // A function without parameters may be called with `null` as well as `[]`.
+        Value::Null if func.params.is_empty() => &[],
+        _ => {
+            return Err(InvokeError::ArgumentsNotArray {
+                export: name.to_string(),
+                expected: func.params.len(),
+            });
+        }
+    };
+    if args.len() != func.params.len() {
+        return Err(InvokeError::ArgumentCount {
+            export: name.to_string(),
+            expected: func.params.len(),
+            got: args.len(),
+            params: func.params.iter().map(|(n, _)| n.clone()).collect(),
+        });
+    }
+    func.params
+        .iter()
+        .zip(args)
+        .enumerate()
+        .map(|(position, ((param, ty), arg))| {
+            json_to_val(ty, arg).map_err(|error| InvokeError::ArgumentType {
+                export: name.to_string(),
+                param: param.clone(),
+                position,
+                error: Box::new(error),
+            })
+        })
+        .collect()
+}
+
+fn collect_exports(runtime: &RuntimeInner, component: &Component) -> BTreeMap<String, ExportFunc> {
+    let engine = &runtime.engine;
+    let mut exports = BTreeMap::new();
+    let ty = component.component_type();
+    for (name, item) in ty.exports(engine) {
+        match item.ty {
+            ComponentItem::ComponentFunc(func) => {
+                if let Some(index) = component.get_export_index(None, name) {
+                    exports.insert(name.to_string(), export_func(index, &func));
+                }
+            }
+            ComponentItem::ComponentInstance(instance) => {
+                let Some(instance_index) = component.get_export_index(None, name) else {
+                    continue;
+                };
+                for (func_name, item) in instance.exports(engine) {
+                    if let ComponentItem::ComponentFunc(func) = item.ty
+                        && let Some(index) =
+                            component.get_export_index(Some(&instance_index), func_name)
+                    {
+                        exports.insert(format!("{name}#{func_name}"), export_func(index, &func));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    exports
+}
+
+fn export_func(
+    index: ComponentExportIndex,
+    func: &wasmtime::component::types::ComponentFunc,
+) -> ExportFunc {
+    ExportFunc {
+        index,
+        params: func
+            .params()
+            .map(|(name, ty)| (name.to_string(), ty))
+            .collect(),
+        results: func.results().collect(),
+    }
+}

@@ -1,0 +1,30 @@
+//! The WebAssembly runtime: one engine per host, components loaded with their limits, each
+//! invocation in a fresh store. Re-exported flat from the crate root.
+
+mod cache;
+mod component;
+mod config;
+mod convert;
+mod digest;
+mod error;
+mod manifest;
+mod output;
+#[expect(
+    clippy::module_inception,
+    reason = "the file is named after the type it holds, `Runtime`"
+)]
+mod runtime;
+mod store;
+mod ticker;
+
+pub use component::{ExportInfo, Invocation, LoadedComponent};
+pub use config::RuntimeConfig;
+pub use convert::ConvertError;
+pub use digest::{Digest, DigestParseError};
+pub use error::{InvokeError, LoadError, RuntimeError};
+pub use manifest::{
+    Capabilities, FUEL_RANGE, Limits, MAX_CONCURRENCY_RANGE, MAX_MEMORY_RANGE, Manifest,
+    ManifestError, TIMEOUT_RANGE,
+};
+pub use output::GuestOutput;
+pub use runtime::{AllocationStrategy, LoadOutcome, Runtime};

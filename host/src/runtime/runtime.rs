@@ -1,0 +1,371 @@
+//! The [`Runtime`]: one wasmtime engine, its epoch ticker, the WASI linker and the artifact cache.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use wasmtime::component::{Component, Linker};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig, Strategy,
+};
+
+use super::cache::ArtifactCache;
+use super::component::LoadedComponent;
+use super::config::RuntimeConfig;
+use super::digest::Digest;
+use super::error::{LoadError, RuntimeError};
+use super::manifest::{Manifest, format_bytes, strip_version};
+use super::store::StoreState;
+use super::ticker::EpochTicker;
+
+/// How the engine allocates instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AllocationStrategy {
+    /// Pre-reserved slots (fast instantiation).
+    Pooling,
+    /// Memory is mapped for each instance (the fallback when the pool cannot be reserved).
+    OnDemand,
+}
+
+/// How a component was obtained by [`Runtime::load`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOutcome {
+    /// The compiled artifact came from the on-disk cache: nothing was compiled.
+    pub cache_hit: bool,
+    /// Digest of the component's bytes.
+    pub digest: Digest,
+}
+
+/// The WebAssembly runtime of a host: one engine shared by every component it loads.
+///
+/// Cloning is cheap and shares the engine. The epoch ticker thread stops when the last clone
+/// (and the last component loaded from it) is dropped.
+///
+/// See the [crate docs](crate) for an example.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    inner: Arc<RuntimeInner>,
+}
+
+pub(crate) struct RuntimeInner {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Linker<StoreState>,
+    pub(crate) config: RuntimeConfig,
+    cache: Option<ArtifactCache>,
+    allocation: AllocationStrategy,
+    compilations: AtomicU64,
+    _ticker: EpochTicker,
+}
+
+impl std::fmt::Debug for RuntimeInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeInner")
+            .field("config", &self.config)
+            .field("allocation", &self.allocation)
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+/// WASI packages the runtime always links (granting nothing beyond clocks, random and captured
+/// stdio). Any other import must be declared in the manifest.
+const WASI_BASICS: &[&str] = &[
+    "wasi:cli/",
+    "wasi:io/",
+    "wasi:clocks/",
+    "wasi:random/",
+    "wasi:filesystem/",
+    "wasi:sockets/",
+];
+
+impl Runtime {
+    /// Creates the engine (pooling allocator, falling back to on-demand allocation with a
+    /// warning when the pool cannot be reserved), starts its epoch ticker thread, links WASI and
+    /// opens the artifact cache.
+    ///
+    /// # Errors
+    ///
+    /// [`RuntimeError`] when a setting is out of range, the engine rejects the configuration,
+    /// the cache directory cannot be created or the ticker thread cannot start.
+    pub fn new(config: &RuntimeConfig) -> Result<Self, RuntimeError> {
+        validate(config)?;
+        let (engine, allocation) = if config.pooling {
+            match Engine::new(&engine_config(config, true)) {
+                Ok(engine) => (engine, AllocationStrategy::Pooling),
+                Err(err) => {
+                    tracing::warn!(
+                        error = %err,
+                        "cannot create the pooling allocator; falling back to on-demand allocation"
+                    );
+                    let engine =
+                        Engine::new(&engine_config(config, false)).map_err(RuntimeError::Engine)?;
+                    (engine, AllocationStrategy::OnDemand)
+                }
+            }
+        } else {
+            let engine =
+                Engine::new(&engine_config(config, false)).map_err(RuntimeError::Engine)?;
+            (engine, AllocationStrategy::OnDemand)
+        };
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError::Engine)?;
+        let cache =
+            match &config.cache_dir {
+                Some(dir) => Some(ArtifactCache::open(dir, &engine).map_err(|source| {
+                    RuntimeError::Cache {
+                        dir: dir.clone(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
+        let ticker =
+            EpochTicker::start(&engine, config.epoch_tick).map_err(RuntimeError::Ticker)?;
+        Ok(Self {
+            inner: Arc::new(RuntimeInner {
+                engine,
+                linker,
+                config: config.clone(),
+                cache,
+                allocation,
+                compilations: AtomicU64::new(0),
+                _ticker: ticker,
+            }),
+        })
+    }
+
+    /// The engine, for embedders that need it (e.g. to precompile).
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The allocation strategy actually in use.
+    pub fn allocation_strategy(&self) -> AllocationStrategy {
+        self.inner.allocation
+    }
+
+    /// How many components this runtime has compiled (cache hits do not count).
+    pub fn compilations(&self) -> u64 {
+        self.inner.compilations.load(Ordering::Relaxed)
+    }
+
+    /// The settings this runtime was created with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    /// Loads a component: checks the manifest against the host's ceilings, compiles the bytes
+    /// (or maps the compiled artifact from the cache), checks its imports against the manifest,
+    /// links WASI and pre-instantiates it.
+    ///
+    /// Compiling is CPU-bound (tens of milliseconds for a small component): in an async context,
+    /// call this from `tokio::task::spawn_blocking`.
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError`]: limits above the host's ceilings, invalid wasm, an undeclared import, or a
+    /// link failure.
+    pub fn load(&self, bytes: &[u8], manifest: Manifest) -> Result<LoadedComponent, LoadError> {
+        self.load_inner(bytes, manifest, None)
+    }
+
+    /// Like [`load`](Self::load), and first checks that the bytes have the `expected` digest.
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError::DigestMismatch`] when they do not, and everything [`load`](Self::load) returns.
+    pub fn load_verified(
+        &self,
+        bytes: &[u8],
+        manifest: Manifest,
+        expected: &Digest,
+    ) -> Result<LoadedComponent, LoadError> {
+        self.load_inner(bytes, manifest, Some(expected))
+    }
+
+    fn load_inner(
+        &self,
+        bytes: &[u8],
+        manifest: Manifest,
+        expected: Option<&Digest>,
+    ) -> Result<LoadedComponent, LoadError> {
+        self.check_ceilings(&manifest)?;
+        let digest = Digest::of(bytes);
+        if let Some(expected) = expected
+            && *expected != digest
+        {
+            return Err(LoadError::DigestMismatch {
+                expected: *expected,
+                actual: digest,
+            });
+        }
+        let (component, cache_hit) = self.compile(bytes, &digest)?;
+
+        let mut linker = None;
+        for (import, _) in component.component_type().imports(&self.inner.engine) {
+            if WASI_BASICS.iter().any(|prefix| import.starts_with(prefix)) {
+                continue;
+            }
+            if !manifest.capabilities.declares(import) {
+                return Err(LoadError::UndeclaredImport {
+                    import: strip_version(import).to_string(),
+                });
+            }
+            // A declared capability the runtime does not implement itself: the embedder binds
+            // it; until then calling it traps instead of refusing to instantiate.
+            if linker.is_none() {
+                let mut own = self.inner.linker.clone();
+                own.define_unknown_imports_as_traps(&component)
+                    .map_err(|err| LoadError::Link {
+                        message: error_chain(&err),
+                    })?;
+                linker = Some(own);
+            }
+        }
+        let linker = linker.as_ref().unwrap_or(&self.inner.linker);
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|err| LoadError::Link {
+                message: error_chain(&err),
+            })?;
+        Ok(LoadedComponent::new(
+            Arc::clone(&self.inner),
+            manifest,
+            &component,
+            pre,
+            LoadOutcome { cache_hit, digest },
+        ))
+    }
+
+    fn compile(&self, bytes: &[u8], digest: &Digest) -> Result<(Component, bool), LoadError> {
+        let engine = &self.inner.engine;
+        if let Some(cache) = &self.inner.cache
+            && let Some(component) = cache.get(engine, digest)
+        {
+            return Ok((component, true));
+        }
+        self.inner.compilations.fetch_add(1, Ordering::Relaxed);
+        let component =
+            Component::from_binary(engine, bytes).map_err(|err| LoadError::InvalidComponent {
+                digest: *digest,
+                message: error_chain(&err),
+            })?;
+        if let Some(cache) = &self.inner.cache
+            && let Err(err) = cache.put(digest, &component)
+        {
+            tracing::warn!(
+                dir = %cache.dir().display(),
+                %digest,
+                error = %err,
+                "cannot write the compiled artifact to the cache"
+            );
+        }
+        Ok((component, false))
+    }
+
+    fn check_ceilings(&self, manifest: &Manifest) -> Result<(), LoadError> {
+        let config = &self.inner.config;
+        let limits = &manifest.limits;
+        if limits.max_memory > config.max_memory {
+            return Err(LoadError::ExceedsHostLimit {
+                field: "limits.max_memory",
+                requested: format_bytes(limits.max_memory),
+                ceiling: format_bytes(config.max_memory),
+            });
+        }
+        if limits.fuel > config.max_fuel {
+            return Err(LoadError::ExceedsHostLimit {
+                field: "limits.fuel",
+                requested: limits.fuel.to_string(),
+                ceiling: config.max_fuel.to_string(),
+            });
+        }
+        if limits.timeout > config.max_timeout {
+            return Err(LoadError::ExceedsHostLimit {
+                field: "limits.timeout",
+                requested: format!("{:?}", limits.timeout),
+                ceiling: format!("{:?}", config.max_timeout),
+            });
+        }
+        if limits.max_concurrency > config.max_concurrency {
+            return Err(LoadError::ExceedsHostLimit {
+                field: "limits.max_concurrency",
+                requested: limits.max_concurrency.to_string(),
+                ceiling: config.max_concurrency.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// All messages of an error's chain, joined.
+pub(crate) fn error_chain(err: &wasmtime::Error) -> String {
+    let messages: Vec<String> = err.chain().map(ToString::to_string).collect();
+    messages.join(": ")
+}
+
+fn validate(config: &RuntimeConfig) -> Result<(), RuntimeError> {
+    let tick = config.epoch_tick;
+    if !(Duration::from_millis(1)..=Duration::from_secs(1)).contains(&tick) {
+        return Err(RuntimeError::Config {
+            field: "epoch_tick",
+            problem: format!("{tick:?} is outside 1ms..=1s"),
+        });
+    }
+    if !(64 * 1024..=4 * 1024 * 1024 * 1024).contains(&config.max_memory) {
+        return Err(RuntimeError::Config {
+            field: "max_memory",
+            problem: format!("{} is outside 64KiB..=4GiB", config.max_memory),
+        });
+    }
+    if config.pooling && config.pooling_instances == 0 {
+        return Err(RuntimeError::Config {
+            field: "pooling_instances",
+            problem: "must be at least 1".to_string(),
+        });
+    }
+    if config.max_wasm_stack < 64 * 1024 {
+        return Err(RuntimeError::Config {
+            field: "max_wasm_stack",
+            problem: format!("{} is below 64KiB", config.max_wasm_stack),
+        });
+    }
+    Ok(())
+}
+
+/// The engine configuration shared by every component. Public to the crate so the benchmarks'
+/// bare-wasmtime baseline can use exactly the same settings.
+pub(crate) fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
+    let mut c = Config::new();
+    c.strategy(Strategy::Cranelift)
+        .cranelift_opt_level(OptLevel::Speed)
+        .wasm_component_model(true)
+        .consume_fuel(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(config.max_wasm_stack)
+        .parallel_compilation(true);
+    if pooling {
+        let n = config.pooling_instances;
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(8))
+            .total_memories(n)
+            .total_tables(n.saturating_mul(4))
+            .total_stacks(n)
+            .max_memory_size(usize::try_from(config.max_memory).unwrap_or(usize::MAX));
+        c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    c
+}
+
+impl Runtime {
+    /// A wasmtime [`Config`] identical to the one this runtime's engine uses (for baselines and
+    /// tooling that must produce compatible artifacts).
+    pub fn wasmtime_config(&self) -> Config {
+        engine_config(
+            &self.inner.config,
+            self.inner.allocation == AllocationStrategy::Pooling,
+        )
+    }
+}

@@ -1,0 +1,151 @@
+//! The per-invocation store state: WASI context, resource table and memory limiter.
+
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::output::{Capture, GuestOutput};
+
+/// Instances, memories and tables one component instance may create. A wasip2 Rust component
+/// uses a handful of each (the program, the WASI adapter and their shims).
+const MAX_INSTANCES: usize = 100;
+const MAX_MEMORIES: usize = 20;
+const MAX_TABLES: usize = 100;
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// The error a memory grow beyond the component's limit raises. It travels inside the
+/// `wasmtime::Error` of the failed call and is matched by type to report `memory_limit`.
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit exceeded: growing linear memory to {desired} bytes, limit is {limit} bytes")]
+pub(crate) struct MemoryLimitExceeded {
+    pub(crate) desired: usize,
+    pub(crate) limit: u64,
+}
+
+/// Enforces the component's `max_memory` over all its linear memories, and caps the number of
+/// instances, memories and tables. Growing past a limit traps (rather than letting `memory.grow`
+/// return -1), so the failure is reported precisely instead of as the guest's own abort.
+#[derive(Debug)]
+pub(crate) struct Limiter {
+    max_memory: u64,
+    /// Bytes of linear memory the instance holds, summed over its memories.
+    used: u64,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let growth = u64::try_from(desired.saturating_sub(current)).unwrap_or(u64::MAX);
+        let total = self.used.saturating_add(growth);
+        if total > self.max_memory {
+            return Err(MemoryLimitExceeded {
+                desired,
+                limit: self.max_memory,
+            }
+            .into());
+        }
+        self.used = total;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+}
+
+/// Data of one invocation's `Store`. Nothing in it outlives the invocation.
+pub(crate) struct StoreState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limiter: Limiter,
+    stdout: Capture,
+    stderr: Capture,
+}
+
+impl std::fmt::Debug for StoreState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreState")
+            .field("limiter", &self.limiter)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreState {
+    /// A WASI context that grants nothing: no preopened directories, no environment, no
+    /// arguments, no network, no stdin. Clocks and random work; stdout and stderr are captured.
+    pub(crate) fn new(max_memory: u64, max_log_bytes: usize) -> Self {
+        let stdout = Capture::new(max_log_bytes);
+        let stderr = Capture::new(max_log_bytes);
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                max_memory,
+                used: 0,
+            },
+            stdout,
+            stderr,
+        }
+    }
+
+    /// A handle on the captured output that stays readable after the store is gone.
+    pub(crate) fn output_handle(&self) -> OutputHandle {
+        OutputHandle {
+            stdout: self.stdout.clone(),
+            stderr: self.stderr.clone(),
+        }
+    }
+}
+
+/// Reads an invocation's captured output, even after its store was dropped (timeout).
+#[derive(Debug, Clone)]
+pub(crate) struct OutputHandle {
+    stdout: Capture,
+    stderr: Capture,
+}
+
+impl OutputHandle {
+    pub(crate) fn collect(&self) -> GuestOutput {
+        GuestOutput {
+            stdout: self.stdout.text(),
+            stderr: self.stderr.text(),
+        }
+    }
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}

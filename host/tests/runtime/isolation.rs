@@ -1,0 +1,93 @@
+//! Every invocation runs in a fresh store: nothing survives between calls or crosses components.
+
+use serde_json::json;
+use trellis_host::Limits;
+
+use crate::{limits, load, runtime};
+
+#[tokio::test]
+async fn every_call_sees_a_fresh_store() {
+    let runtime = runtime();
+    let counter = load(&runtime, "counter", limits());
+    for _ in 0..5 {
+        assert_eq!(counter.invoke("increment", json!([])).await.unwrap(), 1);
+    }
+    assert_eq!(counter.invoke("peek", json!(null)).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn components_never_share_globals() {
+    let runtime = runtime();
+    let a = load(&runtime, "counter", limits());
+    let b = load(&runtime, "counter", limits());
+    for _ in 0..3 {
+        assert_eq!(a.invoke("increment", json!([])).await.unwrap(), 1);
+        assert_eq!(b.invoke("increment", json!([])).await.unwrap(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_are_isolated() {
+    let runtime = runtime();
+    let counter = load(&runtime, "counter", limits());
+    let calls: Vec<_> = (0..12)
+        .map(|_| {
+            let counter = counter.clone();
+            tokio::spawn(async move { counter.invoke("increment", json!([])).await })
+        })
+        .collect();
+    for call in calls {
+        // Up to max_concurrency (16) at once, so none is refused as busy.
+        assert_eq!(call.await.unwrap().unwrap(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_concurrency_limit_is_busy() {
+    let runtime = runtime();
+    let limits = Limits {
+        fuel: 1_000_000_000_000,
+        timeout: std::time::Duration::from_secs(2),
+        max_concurrency: 1,
+        ..limits()
+    };
+    let looping = load(&runtime, "loop", limits);
+    let first = tokio::spawn({
+        let looping = looping.clone();
+        async move { looping.invoke("run", json!(["x"])).await }
+    });
+    while looping.in_flight() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let err = looping.invoke("run", json!(["y"])).await.unwrap_err();
+    assert_eq!(err.reason(), "busy", "{err}");
+    assert!(!err.is_crash());
+    assert_eq!(first.await.unwrap().unwrap_err().reason(), "timeout");
+    assert_eq!(looping.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn wasi_grants_nothing_but_clocks_random_and_output() {
+    let runtime = runtime();
+    let probe = load(&runtime, "probe", limits());
+    let report = probe.invoke("run", json!([""])).await.unwrap();
+    let report = report.as_str().unwrap();
+    for line in [
+        "env=0",
+        "args=0",
+        "read_root=denied",
+        "read_file=denied",
+        "write_file=denied",
+        "cwd_list=denied",
+        "tcp_connect=denied",
+        "udp_bind=denied",
+        "stdin_bytes=0",
+        "clock_ok=true",
+    ] {
+        assert!(
+            report.lines().any(|l| l == line),
+            "{line} missing in:\n{report}"
+        );
+    }
+    assert!(!std::path::Path::new("/tmp/trellis-probe").exists());
+}

@@ -1,0 +1,139 @@
+//! Builds the guest components in `tests/components` and finds their `.wasm` files.
+//!
+//! # How it works
+//!
+//! The guests are a cargo workspace of their own (`tests/components/Cargo.toml`, excluded from the
+//! main workspace), one `cdylib` crate per component, built for `wasm32-wasip2` with wit-bindgen.
+//! [`build`] runs, once per process,
+//!
+//! ```text
+//! cargo build --release --target wasm32-wasip2 --manifest-path tests/components/Cargo.toml
+//! ```
+//!
+//! with `CARGO_TARGET_DIR=<outer target dir>/wasm-components`: a target directory of its own, so
+//! the nested cargo never waits on the lock of the cargo that runs the tests. Cargo's incremental
+//! build makes this a no-op (well under a second) when no guest changed. The outer target dir is
+//! found from the test executable's path (`<target>/<profile>/deps/<exe>`);
+//! `TRELLIS_WASM_TARGET_DIR` overrides the guests' target dir.
+//!
+//! Prerequisite: `rustup target add wasm32-wasip2`.
+#![allow(
+    dead_code,
+    clippy::expect_used,
+    reason = "shared by tests, benches and examples, which each use part of it; a failed build must stop them"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The names of the guest components (`tests/components/<name>`).
+pub const NAMES: &[&str] = &[
+    "counter",
+    "huge_output",
+    "loop",
+    "membomb",
+    "panic",
+    "probe",
+    "recursion",
+    "trap",
+    "typed",
+];
+
+/// Where the built guests are.
+#[derive(Debug)]
+pub struct Components {
+    dir: PathBuf,
+    target_dir: PathBuf,
+}
+
+impl Components {
+    /// The path of the component `name` (one of [`NAMES`]).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("trellis_test_{name}.wasm"))
+    }
+
+    /// The bytes of the component `name`.
+    pub fn bytes(&self, name: &str) -> Vec<u8> {
+        let path = self.path(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    }
+
+    /// The guests' own target directory (handy for caches that should survive test runs).
+    pub fn target_dir(&self) -> &Path {
+        &self.target_dir
+    }
+}
+
+/// Builds the guests (once per process) and returns where they are. Panics with cargo's output
+/// when the build fails.
+pub fn build() -> &'static Components {
+    static BUILT: OnceLock<Components> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let workspace = manifest_dir
+            .parent()
+            .expect("host/ has a parent")
+            .join("tests/components");
+        let target_dir = match std::env::var_os("TRELLIS_WASM_TARGET_DIR") {
+            Some(dir) => PathBuf::from(dir),
+            None => outer_target_dir().join("wasm-components"),
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let output = Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--manifest-path",
+            ])
+            .arg(workspace.join("Cargo.toml"))
+            .env("CARGO_TARGET_DIR", &target_dir)
+            // Flags meant for the host build must not leak into the guests' build.
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_BUILD_TARGET")
+            .output()
+            .expect("running cargo to build the guest components");
+        assert!(
+            output.status.success(),
+            "building the guest components failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let components = Components {
+            dir: target_dir.join("wasm32-wasip2/release"),
+            target_dir,
+        };
+        for name in NAMES {
+            assert!(
+                components.path(name).is_file(),
+                "missing {}",
+                components.path(name).display()
+            );
+        }
+        components
+    })
+}
+
+/// The target directory of the build running this executable.
+fn outer_target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    // Tests and benches run as <target>/<profile>/deps/<exe>, examples as
+    // <target>/<profile>/examples/<exe>; anything else falls back to
+    // CARGO_TARGET_DIR or the workspace's target/.
+    let mut dir = exe.parent();
+    while let Some(d) = dir {
+        if d.file_name()
+            .is_some_and(|n| n == "deps" || n == "examples")
+            && let Some(target) = d.parent().and_then(Path::parent)
+        {
+            return target.to_path_buf();
+        }
+        dir = d.parent();
+    }
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+    }
+}
