@@ -301,8 +301,8 @@ async fn host(client: &CtlClient, output: Output, cmd: HostCommand) -> Result<()
         HostCommand::Ls { status } => {
             let reply = client
                 .request(&HostListRequest {
-                    min_seq: None,
                     status,
+                    ..Default::default()
                 })
                 .await?;
             if output == Output::Json {

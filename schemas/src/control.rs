@@ -20,9 +20,10 @@ use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::fact::Capacity;
-use crate::names::{HostId, Lattice};
-use crate::projection::HostStatus;
+use crate::fact::{ArtifactStored, Capacity};
+use crate::instance::RestartPolicy;
+use crate::names::{HostId, InstanceId, Lattice};
+use crate::projection::{ArtifactRecord, HostStatus, InstanceRecord, InstanceStatus};
 
 /// The largest control request body the controller accepts, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -39,6 +40,19 @@ pub enum CtlOp {
     /// `lattice.projection` — [`ProjectionRequest`] → [`ProjectionReply`]: the controller's whole
     /// projection, for diagnosis and for comparing replicas.
     LatticeProjection,
+    /// `component.register` — [`ComponentRegisterRequest`] → [`ComponentRegisterReply`]: records a
+    /// component already put in the artifact store, after checking its digest and manifest.
+    ComponentRegister,
+    /// `component.list` — [`ComponentListRequest`] → [`ComponentListReply`].
+    ComponentList,
+    /// `instance.start` — [`InstanceStartRequest`] → [`InstanceStartReply`].
+    InstanceStart,
+    /// `instance.stop` — [`InstanceStopRequest`] → [`InstanceStopReply`].
+    InstanceStop,
+    /// `instance.list` — [`InstanceListRequest`] → [`InstanceListReply`].
+    InstanceList,
+    /// `instance.get` — [`InstanceGetRequest`] → [`InstanceGetReply`].
+    InstanceGet,
 }
 
 impl CtlOp {
@@ -48,6 +62,12 @@ impl CtlOp {
         CtlOp::HostGet,
         CtlOp::LatticeStatus,
         CtlOp::LatticeProjection,
+        CtlOp::ComponentRegister,
+        CtlOp::ComponentList,
+        CtlOp::InstanceStart,
+        CtlOp::InstanceStop,
+        CtlOp::InstanceList,
+        CtlOp::InstanceGet,
     ];
 
     /// The noun of the subject.
@@ -55,16 +75,24 @@ impl CtlOp {
         match self {
             CtlOp::HostList | CtlOp::HostGet => "host",
             CtlOp::LatticeStatus | CtlOp::LatticeProjection => "lattice",
+            CtlOp::ComponentRegister | CtlOp::ComponentList => "component",
+            CtlOp::InstanceStart
+            | CtlOp::InstanceStop
+            | CtlOp::InstanceList
+            | CtlOp::InstanceGet => "instance",
         }
     }
 
     /// The verb of the subject.
     pub fn verb(self) -> &'static str {
         match self {
-            CtlOp::HostList => "list",
-            CtlOp::HostGet => "get",
+            CtlOp::HostList | CtlOp::ComponentList | CtlOp::InstanceList => "list",
+            CtlOp::HostGet | CtlOp::InstanceGet => "get",
             CtlOp::LatticeStatus => "status",
             CtlOp::LatticeProjection => "projection",
+            CtlOp::ComponentRegister => "register",
+            CtlOp::InstanceStart => "start",
+            CtlOp::InstanceStop => "stop",
         }
     }
 
@@ -102,7 +130,18 @@ pub struct HostListRequest {
     /// Only hosts with this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<HostStatus>,
+    /// Page: only hosts whose id sorts after this one (the previous reply's `next_after`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<HostId>,
+    /// Page size, 1 to [`MAX_PAGE`]. Default [`DEFAULT_PAGE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
 }
+
+/// The default number of entries in one page of a list reply.
+pub const DEFAULT_PAGE: u32 = 500;
+/// The largest page a list request may ask for; replies stay well below NATS's payload limit.
+pub const MAX_PAGE: u32 = 1000;
 
 /// `host.get`: one host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -169,6 +208,9 @@ pub struct HostListReply {
     pub as_of: u64,
     /// The hosts, ordered by id.
     pub hosts: Vec<HostView>,
+    /// When there are more: pass this as `after` to get the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<HostId>,
 }
 
 /// Reply to `host.get`.
@@ -251,6 +293,251 @@ pub struct ProjectionReply {
     pub projection: crate::projection::Projection,
 }
 
+/// `component.register`: record a component whose `.wasm` is already in the artifact store under
+/// the hex of its digest. The controller checks that the stored object exists and has this
+/// digest, validates the manifest, and publishes `artifact.stored`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentRegisterRequest {
+    /// `sha256:<64 hex>` of the `.wasm`.
+    pub digest: String,
+    /// The text of its `Component.toml`.
+    pub manifest: String,
+}
+
+/// Reply to `component.register`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentRegisterReply {
+    /// The stream sequence of the `artifact.stored` fact.
+    pub seq: u64,
+    /// The component as recorded.
+    pub component: ArtifactStored,
+}
+
+/// `component.list`: every component in the artifact store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentListRequest {
+    /// Wait until the controller has applied this stream sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seq: Option<u64>,
+}
+
+/// Reply to `component.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentListReply {
+    /// The stream sequence this answer reflects.
+    pub as_of: u64,
+    /// The components, by name then version.
+    pub components: Vec<ArtifactRecord>,
+}
+
+/// `instance.start`: start `count` instances of a component.
+///
+/// The reply only acknowledges: it names the instances and where they were sent. Watch for
+/// `instance.started` or `instance.start_failed` facts carrying `operation_id` as `causationid`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceStartRequest {
+    /// `name`, `name@version`, `sha256:<hex>`, or `file:///path/app.wasm` (development: the file
+    /// is read on the host).
+    pub component: String,
+    /// How many instances (1 to 100). Default 1.
+    #[serde(default = "one")]
+    pub count: u32,
+    /// Run them on this host only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<HostId>,
+    /// Run them only on hosts with all these labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// What to do on a crash. Default `{"policy":"never"}`.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One instance placed by `instance.start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// The instance.
+    pub instance_id: InstanceId,
+    /// The host it was sent to.
+    pub host_id: HostId,
+}
+
+/// Reply to `instance.start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceStartReply {
+    /// Facts caused by this request carry this as `causationid`.
+    pub operation_id: String,
+    /// Where each instance goes.
+    pub instances: Vec<Placement>,
+}
+
+/// `instance.stop`: stop one instance. The reply acknowledges; `instance.stopped` follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceStopRequest {
+    /// The instance.
+    pub instance_id: InstanceId,
+}
+
+/// Reply to `instance.stop`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceStopReply {
+    /// Facts caused by this request carry this as `causationid`.
+    pub operation_id: String,
+    /// The instance and its host.
+    pub instance: Placement,
+}
+
+/// `instance.list`: instances, optionally filtered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceListRequest {
+    /// Only instances of this component.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
+    /// Only instances on this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<HostId>,
+    /// Only instances with this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<InstanceStatus>,
+    /// Page: only instances whose id sorts after this one (the previous reply's `next_after`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<InstanceId>,
+    /// Page size, 1 to [`MAX_PAGE`]. Default [`DEFAULT_PAGE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Wait until the controller has applied this stream sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seq: Option<u64>,
+}
+
+/// Reply to `instance.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceListReply {
+    /// The stream sequence this answer reflects.
+    pub as_of: u64,
+    /// The instances, by id.
+    pub instances: Vec<InstanceRecord>,
+    /// When there are more: pass this as `after` to get the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<InstanceId>,
+}
+
+/// Checks a requested page size.
+pub fn page_size(limit: Option<u32>) -> Result<usize, ErrorBody> {
+    match limit {
+        None => Ok(DEFAULT_PAGE as usize),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n as usize),
+        Some(n) => Err(ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            format!("limit {n} is out of range; accepted 1..={MAX_PAGE}"),
+        )),
+    }
+}
+
+/// `instance.get`: one instance with its fact history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceGetRequest {
+    /// The instance.
+    pub instance_id: InstanceId,
+    /// Wait until the controller has applied this stream sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seq: Option<u64>,
+}
+
+/// One fact of an instance's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryEntry {
+    /// Stream sequence.
+    pub seq: u64,
+    /// When.
+    pub time: DateTime<Utc>,
+    /// `<noun>.<verb>`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A one-line summary.
+    pub summary: String,
+    /// The operation that caused it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<String>,
+}
+
+/// Reply to `instance.get`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceGetReply {
+    /// The stream sequence this answer reflects.
+    pub as_of: u64,
+    /// The instance.
+    pub instance: InstanceRecord,
+    /// Its facts still kept by the stream, oldest first.
+    pub history: Vec<HistoryEntry>,
+}
+
+impl CtlRequest for ComponentRegisterRequest {
+    const OP: CtlOp = CtlOp::ComponentRegister;
+    type Reply = ComponentRegisterReply;
+    fn min_seq(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl CtlRequest for ComponentListRequest {
+    const OP: CtlOp = CtlOp::ComponentList;
+    type Reply = ComponentListReply;
+    fn min_seq(&self) -> Option<u64> {
+        self.min_seq
+    }
+}
+
+impl CtlRequest for InstanceStartRequest {
+    const OP: CtlOp = CtlOp::InstanceStart;
+    type Reply = InstanceStartReply;
+    fn min_seq(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl CtlRequest for InstanceStopRequest {
+    const OP: CtlOp = CtlOp::InstanceStop;
+    type Reply = InstanceStopReply;
+    fn min_seq(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl CtlRequest for InstanceListRequest {
+    const OP: CtlOp = CtlOp::InstanceList;
+    type Reply = InstanceListReply;
+    fn min_seq(&self) -> Option<u64> {
+        self.min_seq
+    }
+}
+
+impl CtlRequest for InstanceGetRequest {
+    const OP: CtlOp = CtlOp::InstanceGet;
+    type Reply = InstanceGetReply;
+    fn min_seq(&self) -> Option<u64> {
+        self.min_seq
+    }
+}
+
 impl CtlRequest for HostListRequest {
     const OP: CtlOp = CtlOp::HostList;
     type Reply = HostListReply;
@@ -298,6 +585,12 @@ pub enum ErrorCode {
     UnknownVerb,
     /// A referenced entity does not exist.
     NotFound,
+    /// No host satisfies the request; the details say why for each host.
+    NoHostAvailable,
+    /// A component's manifest is missing a limit or has one out of range.
+    LimitsRequired,
+    /// The stored artifact does not match the digest given.
+    DigestMismatch,
     /// The controller has not reached the requested `min_seq` in time; retry.
     NotReady,
     /// The controller could not reach JetStream.
@@ -315,6 +608,9 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnknownVerb => "unknown_verb",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::NoHostAvailable => "no_host_available",
+            ErrorCode::LimitsRequired => "limits_required",
+            ErrorCode::DigestMismatch => "digest_mismatch",
             ErrorCode::NotReady => "not_ready",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
@@ -475,6 +771,9 @@ mod tests {
             ErrorCode::PayloadTooLarge,
             ErrorCode::UnknownVerb,
             ErrorCode::NotFound,
+            ErrorCode::NoHostAvailable,
+            ErrorCode::LimitsRequired,
+            ErrorCode::DigestMismatch,
             ErrorCode::NotReady,
             ErrorCode::Unavailable,
             ErrorCode::Internal,

@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use ulid::Ulid;
 
-use crate::names::{HostId, Lattice};
+use crate::instance::{ManifestDoc, RestartPolicy};
+use crate::names::{ComponentName, HostId, InstanceId, Lattice};
 
 /// The kinds of fact, one per CloudEvent `type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -34,6 +35,20 @@ pub enum FactKind {
     HostStopped,
     /// A host's heartbeats stopped and a controller declared it lost (`dev.trellis.host.lost.v1`).
     HostLost,
+    /// A component was stored in the artifact store (`dev.trellis.artifact.stored.v1`).
+    ArtifactStored,
+    /// An instance started serving, first or after a restart (`dev.trellis.instance.started.v1`).
+    InstanceStarted,
+    /// An instance could not start (`dev.trellis.instance.start_failed.v1`).
+    InstanceStartFailed,
+    /// An instance was stopped on request or by a draining host (`dev.trellis.instance.stopped.v1`).
+    InstanceStopped,
+    /// An invocation crashed the instance (`dev.trellis.instance.crashed.v1`).
+    InstanceCrashed,
+    /// The host will restart a crashed instance after a delay (`dev.trellis.instance.restarting.v1`).
+    InstanceRestarting,
+    /// The restart policy's attempts are exhausted (`dev.trellis.instance.gave_up.v1`).
+    InstanceGaveUp,
 }
 
 impl FactKind {
@@ -48,15 +63,27 @@ impl FactKind {
     pub fn noun(self) -> &'static str {
         match self {
             FactKind::HostStarted | FactKind::HostStopped | FactKind::HostLost => "host",
+            FactKind::ArtifactStored => "artifact",
+            FactKind::InstanceStarted
+            | FactKind::InstanceStartFailed
+            | FactKind::InstanceStopped
+            | FactKind::InstanceCrashed
+            | FactKind::InstanceRestarting
+            | FactKind::InstanceGaveUp => "instance",
         }
     }
 
     /// The verb (`started`, `lost`, …).
     pub fn verb(self) -> &'static str {
         match self {
-            FactKind::HostStarted => "started",
-            FactKind::HostStopped => "stopped",
+            FactKind::HostStarted | FactKind::InstanceStarted => "started",
+            FactKind::HostStopped | FactKind::InstanceStopped => "stopped",
             FactKind::HostLost => "lost",
+            FactKind::ArtifactStored => "stored",
+            FactKind::InstanceStartFailed => "start_failed",
+            FactKind::InstanceCrashed => "crashed",
+            FactKind::InstanceRestarting => "restarting",
+            FactKind::InstanceGaveUp => "gave_up",
         }
     }
 
@@ -66,6 +93,13 @@ impl FactKind {
             FactKind::HostStarted => "dev.trellis.host.started.v1",
             FactKind::HostStopped => "dev.trellis.host.stopped.v1",
             FactKind::HostLost => "dev.trellis.host.lost.v1",
+            FactKind::ArtifactStored => "dev.trellis.artifact.stored.v1",
+            FactKind::InstanceStarted => "dev.trellis.instance.started.v1",
+            FactKind::InstanceStartFailed => "dev.trellis.instance.start_failed.v1",
+            FactKind::InstanceStopped => "dev.trellis.instance.stopped.v1",
+            FactKind::InstanceCrashed => "dev.trellis.instance.crashed.v1",
+            FactKind::InstanceRestarting => "dev.trellis.instance.restarting.v1",
+            FactKind::InstanceGaveUp => "dev.trellis.instance.gave_up.v1",
         }
     }
 
@@ -142,6 +176,119 @@ pub struct HostLost {
     pub detected_by: String,
 }
 
+/// `artifact.stored`: a component's code and manifest are in the artifact store. The entity id
+/// is the hex SHA-256 of the `.wasm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactStored {
+    /// `sha256:<hex>` of the `.wasm`.
+    pub digest: String,
+    /// Size of the `.wasm` in bytes.
+    pub size: u64,
+    /// The validated manifest.
+    pub manifest: ManifestDoc,
+}
+
+impl ArtifactStored {
+    /// The hex part of the digest: the entity id.
+    pub fn hex(&self) -> &str {
+        self.digest.strip_prefix("sha256:").unwrap_or(&self.digest)
+    }
+}
+
+/// `instance.started`: an instance serves calls, first or after restart `attempt`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceStarted {
+    /// The instance.
+    pub instance_id: InstanceId,
+    /// The host running it.
+    pub host_id: HostId,
+    /// The component's name.
+    pub component: ComponentName,
+    /// The component's version.
+    pub version: String,
+    /// `sha256:<hex>` of the code it runs.
+    pub digest: String,
+    /// Its restart policy.
+    pub restart: RestartPolicy,
+    /// 0 for the first start, n for the n-th restart.
+    pub attempt: u32,
+}
+
+/// `instance.start_failed`: the instance never served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceStartFailed {
+    /// The instance.
+    pub instance_id: InstanceId,
+    /// The host that tried.
+    pub host_id: HostId,
+    /// The component reference it was asked to run.
+    pub component: String,
+    /// Why (`artifact not found`, `limits.fuel: required …`, `invalid component: …`).
+    pub reason: String,
+}
+
+/// `instance.stopped`: the instance stopped serving on request or because its host drained.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceStopped {
+    /// The instance.
+    pub instance_id: InstanceId,
+    /// Its host.
+    pub host_id: HostId,
+    /// Why (`requested`, `host draining`).
+    pub reason: String,
+}
+
+/// `instance.crashed`: an invocation ended in a crash; the restart policy decides what follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceCrashed {
+    /// The instance.
+    pub instance_id: InstanceId,
+    /// Its host.
+    pub host_id: HostId,
+    /// Stable reason: `fuel_exhausted`, `timeout`, `memory_limit`, `stack_overflow`, `panic`,
+    /// `trap: <code>`, `output_too_large`.
+    pub reason: String,
+    /// What the runtime said, with the guest's panic message when there is one.
+    pub detail: String,
+    /// The export whose invocation crashed.
+    pub export: String,
+    /// Whether the restart policy will restart it.
+    pub will_restart: bool,
+}
+
+/// `instance.restarting`: the host will restart the instance after `delay_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceRestarting {
+    /// The instance.
+    pub instance_id: InstanceId,
+    /// Its host.
+    pub host_id: HostId,
+    /// Which restart this is (1-based).
+    pub attempt: u32,
+    /// The delay before it, milliseconds.
+    pub delay_ms: u64,
+}
+
+/// `instance.gave_up`: the restart policy's attempts are exhausted; the instance has ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceGaveUp {
+    /// The instance.
+    pub instance_id: InstanceId,
+    /// Its host.
+    pub host_id: HostId,
+    /// Restarts made.
+    pub attempts: u32,
+    /// The reason of the last crash.
+    pub last_reason: String,
+}
+
 /// The typed payload of a fact. The variant decides the CloudEvent `type`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -152,6 +299,38 @@ pub enum FactData {
     HostStopped(HostStopped),
     /// See [`HostLost`].
     HostLost(HostLost),
+    /// See [`ArtifactStored`].
+    ArtifactStored(ArtifactStored),
+    /// See [`InstanceStarted`].
+    InstanceStarted(InstanceStarted),
+    /// See [`InstanceStartFailed`].
+    InstanceStartFailed(InstanceStartFailed),
+    /// See [`InstanceStopped`].
+    InstanceStopped(InstanceStopped),
+    /// See [`InstanceCrashed`].
+    InstanceCrashed(InstanceCrashed),
+    /// See [`InstanceRestarting`].
+    InstanceRestarting(InstanceRestarting),
+    /// See [`InstanceGaveUp`].
+    InstanceGaveUp(InstanceGaveUp),
+}
+
+/// Applies `$body` to the payload of every variant, bound as `$d`.
+macro_rules! each_payload {
+    ($data:expr, $d:ident => $body:expr) => {
+        match $data {
+            FactData::HostStarted($d) => $body,
+            FactData::HostStopped($d) => $body,
+            FactData::HostLost($d) => $body,
+            FactData::ArtifactStored($d) => $body,
+            FactData::InstanceStarted($d) => $body,
+            FactData::InstanceStartFailed($d) => $body,
+            FactData::InstanceStopped($d) => $body,
+            FactData::InstanceCrashed($d) => $body,
+            FactData::InstanceRestarting($d) => $body,
+            FactData::InstanceGaveUp($d) => $body,
+        }
+    };
 }
 
 impl FactData {
@@ -161,6 +340,13 @@ impl FactData {
             FactData::HostStarted(_) => FactKind::HostStarted,
             FactData::HostStopped(_) => FactKind::HostStopped,
             FactData::HostLost(_) => FactKind::HostLost,
+            FactData::ArtifactStored(_) => FactKind::ArtifactStored,
+            FactData::InstanceStarted(_) => FactKind::InstanceStarted,
+            FactData::InstanceStartFailed(_) => FactKind::InstanceStartFailed,
+            FactData::InstanceStopped(_) => FactKind::InstanceStopped,
+            FactData::InstanceCrashed(_) => FactKind::InstanceCrashed,
+            FactData::InstanceRestarting(_) => FactKind::InstanceRestarting,
+            FactData::InstanceGaveUp(_) => FactKind::InstanceGaveUp,
         }
     }
 
@@ -170,15 +356,18 @@ impl FactData {
             FactData::HostStarted(d) => d.host_id.as_str(),
             FactData::HostStopped(d) => d.host_id.as_str(),
             FactData::HostLost(d) => d.host_id.as_str(),
+            FactData::ArtifactStored(d) => d.hex(),
+            FactData::InstanceStarted(d) => d.instance_id.as_str(),
+            FactData::InstanceStartFailed(d) => d.instance_id.as_str(),
+            FactData::InstanceStopped(d) => d.instance_id.as_str(),
+            FactData::InstanceCrashed(d) => d.instance_id.as_str(),
+            FactData::InstanceRestarting(d) => d.instance_id.as_str(),
+            FactData::InstanceGaveUp(d) => d.instance_id.as_str(),
         }
     }
 
     fn to_raw(&self) -> Result<Box<RawValue>, serde_json::Error> {
-        match self {
-            FactData::HostStarted(d) => serde_json::value::to_raw_value(d),
-            FactData::HostStopped(d) => serde_json::value::to_raw_value(d),
-            FactData::HostLost(d) => serde_json::value::to_raw_value(d),
-        }
+        each_payload!(self, d => serde_json::value::to_raw_value(d))
     }
 
     fn from_raw(kind: FactKind, raw: &RawValue) -> Result<Self, serde_json::Error> {
@@ -187,6 +376,17 @@ impl FactData {
             FactKind::HostStarted => FactData::HostStarted(serde_json::from_str(json)?),
             FactKind::HostStopped => FactData::HostStopped(serde_json::from_str(json)?),
             FactKind::HostLost => FactData::HostLost(serde_json::from_str(json)?),
+            FactKind::ArtifactStored => FactData::ArtifactStored(serde_json::from_str(json)?),
+            FactKind::InstanceStarted => FactData::InstanceStarted(serde_json::from_str(json)?),
+            FactKind::InstanceStartFailed => {
+                FactData::InstanceStartFailed(serde_json::from_str(json)?)
+            }
+            FactKind::InstanceStopped => FactData::InstanceStopped(serde_json::from_str(json)?),
+            FactKind::InstanceCrashed => FactData::InstanceCrashed(serde_json::from_str(json)?),
+            FactKind::InstanceRestarting => {
+                FactData::InstanceRestarting(serde_json::from_str(json)?)
+            }
+            FactKind::InstanceGaveUp => FactData::InstanceGaveUp(serde_json::from_str(json)?),
         })
     }
 }
@@ -365,6 +565,31 @@ impl Event {
                 "silent_for={}ms timeout={}ms by={}",
                 d.silent_for_ms, d.timeout_ms, d.detected_by
             ),
+            FactData::ArtifactStored(d) => format!(
+                "{}@{} size={} digest={}",
+                d.manifest.name, d.manifest.version, d.size, d.digest
+            ),
+            FactData::InstanceStarted(d) => format!(
+                "{}@{} on {} attempt={} restart={}",
+                d.component, d.version, d.host_id, d.attempt, d.restart
+            ),
+            FactData::InstanceStartFailed(d) => {
+                format!("{} on {}: {}", d.component, d.host_id, d.reason)
+            }
+            FactData::InstanceStopped(d) => format!("on {} reason={}", d.host_id, d.reason),
+            FactData::InstanceCrashed(d) => format!(
+                "reason={} export={} restart={} ({})",
+                d.reason, d.export, d.will_restart, d.detail
+            ),
+            FactData::InstanceRestarting(d) => {
+                format!("attempt={} delay={}ms", d.attempt, d.delay_ms)
+            }
+            FactData::InstanceGaveUp(d) => {
+                format!(
+                    "after {} restarts, last reason={}",
+                    d.attempts, d.last_reason
+                )
+            }
         }
     }
 

@@ -6,10 +6,17 @@
 use schemars::{JsonSchema, schema_for};
 
 use crate::control::{
-    CtlOp, CtlRequest, HostGetRequest, HostListRequest, ProjectionRequest, Reply, StatusRequest,
+    ComponentListRequest, ComponentRegisterRequest, CtlOp, CtlRequest, HostGetRequest,
+    HostListRequest, InstanceGetRequest, InstanceListRequest, InstanceStartRequest,
+    InstanceStopRequest, ProjectionRequest, Reply, StatusRequest,
 };
-use crate::fact::{CloudEventEnvelope, FactKind, HostLost, HostStarted, HostStopped};
+use crate::fact::{
+    ArtifactStored, CloudEventEnvelope, FactKind, HostLost, HostStarted, HostStopped,
+    InstanceCrashed, InstanceGaveUp, InstanceRestarting, InstanceStartFailed, InstanceStarted,
+    InstanceStopped,
+};
 use crate::heartbeat::Heartbeat;
+use crate::instance::{StartInstanceCommand, StopInstanceCommand};
 
 /// One generated schema and the file it belongs in.
 #[derive(Debug, Clone)]
@@ -58,18 +65,37 @@ pub fn all() -> Vec<NamedSchema> {
     out.extend(control::<HostGetRequest>());
     out.extend(control::<StatusRequest>());
     out.extend(control::<ProjectionRequest>());
+    out.extend(control::<ComponentRegisterRequest>());
+    out.extend(control::<ComponentListRequest>());
+    out.extend(control::<InstanceStartRequest>());
+    out.extend(control::<InstanceStopRequest>());
+    out.extend(control::<InstanceListRequest>());
+    out.extend(control::<InstanceGetRequest>());
     for kind in FactKind::ALL {
         let file = fact_file(*kind);
         out.push(match kind {
             FactKind::HostStarted => named::<HostStarted>(file),
             FactKind::HostStopped => named::<HostStopped>(file),
             FactKind::HostLost => named::<HostLost>(file),
+            FactKind::ArtifactStored => named::<ArtifactStored>(file),
+            FactKind::InstanceStarted => named::<InstanceStarted>(file),
+            FactKind::InstanceStartFailed => named::<InstanceStartFailed>(file),
+            FactKind::InstanceStopped => named::<InstanceStopped>(file),
+            FactKind::InstanceCrashed => named::<InstanceCrashed>(file),
+            FactKind::InstanceRestarting => named::<InstanceRestarting>(file),
+            FactKind::InstanceGaveUp => named::<InstanceGaveUp>(file),
         });
     }
     out.push(named::<CloudEventEnvelope>(
         "cloudevent.schema.json".to_owned(),
     ));
     out.push(named::<Heartbeat>("heartbeat.schema.json".to_owned()));
+    out.push(named::<StartInstanceCommand>(
+        "host.instance.start.schema.json".to_owned(),
+    ));
+    out.push(named::<StopInstanceCommand>(
+        "host.instance.stop.schema.json".to_owned(),
+    ));
     out
 }
 

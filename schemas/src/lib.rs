@@ -9,6 +9,8 @@
 //! - [`fact`]: the fact catalogue ([`FactData`]) and its CloudEvent 1.0 envelope ([`Event`]).
 //! - [`projection`]: the lattice's state as a pure, idempotent fold over facts ([`apply`]).
 //! - [`heartbeat`]: host heartbeats with their inventory.
+//! - [`manifest`]: `Component.toml`, whose limits are all required.
+//! - [`instance`]: restart policies, component sources, host commands, data-plane headers.
 //! - [`json_schema`]: JSON Schemas for all of the above, checked in under `schemas/json/`.
 //!
 //! ```
@@ -35,7 +37,9 @@
 pub mod control;
 pub mod fact;
 pub mod heartbeat;
+pub mod instance;
 pub mod json_schema;
+pub mod manifest;
 mod names;
 pub mod projection;
 pub mod subject;
@@ -45,8 +49,12 @@ pub use fact::{
     Capacity, DecodeError, Event, Fact, FactData, FactKind, HostLost, HostStarted, HostStopped,
 };
 pub use heartbeat::{Heartbeat, InventoryInstance};
-pub use names::{HostId, InvalidName, Lattice};
-pub use projection::{HostRecord, HostStatus, Projection, apply};
+pub use instance::{ComponentSource, ManifestDoc, RestartPolicy};
+pub use manifest::{Manifest, ManifestError};
+pub use names::{ComponentName, HostId, InstanceId, InvalidName, Lattice};
+pub use projection::{
+    ArtifactRecord, HostRecord, HostStatus, InstanceRecord, InstanceStatus, Projection, apply,
+};
 
 /// The version of this crate, reported by every process.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -13,7 +13,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::fact::{Capacity, Fact, FactData};
-use crate::names::HostId;
+use crate::instance::{ManifestDoc, RestartPolicy};
+use crate::names::{HostId, InstanceId};
 
 /// Where a host is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -60,6 +61,90 @@ pub struct HostRecord {
     pub status_seq: u64,
 }
 
+/// Where an instance is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceStatus {
+    /// Serving calls.
+    Running,
+    /// Crashed; its host restarts it after a delay.
+    Restarting,
+    /// Crashed and not restarted (policy `never`).
+    Crashed,
+    /// Crashed after its restart attempts were exhausted.
+    GaveUp,
+    /// Stopped on request or by its draining host.
+    Stopped,
+    /// Never started.
+    Failed,
+    /// Its host was declared lost while it ran.
+    Lost,
+}
+
+impl InstanceStatus {
+    /// The status as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceStatus::Running => "running",
+            InstanceStatus::Restarting => "restarting",
+            InstanceStatus::Crashed => "crashed",
+            InstanceStatus::GaveUp => "gave_up",
+            InstanceStatus::Stopped => "stopped",
+            InstanceStatus::Failed => "failed",
+            InstanceStatus::Lost => "lost",
+        }
+    }
+
+    /// Whether the instance occupies its host (running or about to run again).
+    pub fn is_active(self) -> bool {
+        matches!(self, InstanceStatus::Running | InstanceStatus::Restarting)
+    }
+}
+
+/// A component in the artifact store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactRecord {
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Its manifest.
+    pub manifest: ManifestDoc,
+    /// When it was stored.
+    pub stored_at: DateTime<Utc>,
+}
+
+/// What the facts say about one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceRecord {
+    /// The instance.
+    pub instance_id: InstanceId,
+    /// Its host.
+    pub host_id: HostId,
+    /// The component name (or, for a start that failed, the reference asked for).
+    pub component: String,
+    /// The component version, once started.
+    pub version: Option<String>,
+    /// The code's digest, once started.
+    pub digest: Option<String>,
+    /// Its restart policy, once started.
+    pub restart: Option<RestartPolicy>,
+    /// Its status.
+    pub status: InstanceStatus,
+    /// Restarts so far.
+    pub attempt: u32,
+    /// Why it last crashed, failed or stopped.
+    pub last_reason: Option<String>,
+    /// When it first started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// Time of the fact that set the status.
+    pub status_since: DateTime<Utc>,
+    /// Stream sequence of that fact.
+    pub status_seq: u64,
+}
+
 /// The state of a lattice, as far as its facts tell.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +153,10 @@ pub struct Projection {
     pub last_seq: u64,
     /// Hosts by id.
     pub hosts: BTreeMap<HostId, HostRecord>,
+    /// Components in the artifact store, by digest.
+    pub artifacts: BTreeMap<String, ArtifactRecord>,
+    /// Instances by id.
+    pub instances: BTreeMap<InstanceId, InstanceRecord>,
     /// For every host ever declared lost: the stream sequence of its latest `host.lost` fact.
     /// Controllers publish `host.lost` expecting exactly this last sequence on the subject, so
     /// only one replica's declaration is stored.
@@ -83,6 +172,45 @@ impl Projection {
     /// Hosts that are up.
     pub fn hosts_up(&self) -> impl Iterator<Item = &HostRecord> {
         self.hosts.values().filter(|h| h.status == HostStatus::Up)
+    }
+
+    /// Instances running (or restarting) on `host`.
+    pub fn active_instances_on<'a>(
+        &'a self,
+        host: &'a HostId,
+    ) -> impl Iterator<Item = &'a InstanceRecord> + 'a {
+        self.instances
+            .values()
+            .filter(move |i| &i.host_id == host && i.status.is_active())
+    }
+
+    /// The newest stored artifact named `name`, or of `name` at `version`.
+    pub fn find_artifact(&self, name: &str, version: Option<&str>) -> Option<&ArtifactRecord> {
+        self.artifacts
+            .values()
+            .filter(|a| a.manifest.name.as_str() == name)
+            .filter(|a| version.is_none_or(|v| a.manifest.version == v))
+            .max_by(|a, b| {
+                let parse = |r: &ArtifactRecord| semver::Version::parse(&r.manifest.version).ok();
+                parse(a).cmp(&parse(b)).then(a.stored_at.cmp(&b.stored_at))
+            })
+    }
+}
+
+fn set_instance_status(
+    projection: &mut Projection,
+    id: &InstanceId,
+    status: InstanceStatus,
+    reason: Option<&str>,
+    fact: &Fact,
+) {
+    if let Some(instance) = projection.instances.get_mut(id) {
+        instance.status = status;
+        instance.status_since = fact.event.time;
+        instance.status_seq = fact.seq;
+        if let Some(reason) = reason {
+            instance.last_reason = Some(reason.to_owned());
+        }
     }
 }
 
@@ -128,6 +256,112 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
                 host.status = HostStatus::Lost;
                 host.status_since = time;
                 host.status_seq = fact.seq;
+            }
+            let on_host: Vec<InstanceId> = projection
+                .active_instances_on(&d.host_id)
+                .map(|i| i.instance_id.clone())
+                .collect();
+            for id in on_host {
+                set_instance_status(
+                    projection,
+                    &id,
+                    InstanceStatus::Lost,
+                    Some("host lost"),
+                    fact,
+                );
+            }
+        }
+        FactData::ArtifactStored(d) => {
+            projection.artifacts.insert(
+                d.digest.clone(),
+                ArtifactRecord {
+                    digest: d.digest.clone(),
+                    size: d.size,
+                    manifest: d.manifest.clone(),
+                    stored_at: time,
+                },
+            );
+        }
+        FactData::InstanceStarted(d) => {
+            let previous = projection.instances.get(&d.instance_id);
+            let started_at = previous.and_then(|p| p.started_at).unwrap_or(time);
+            let last_reason = previous.and_then(|p| p.last_reason.clone());
+            projection.instances.insert(
+                d.instance_id.clone(),
+                InstanceRecord {
+                    instance_id: d.instance_id.clone(),
+                    host_id: d.host_id.clone(),
+                    component: d.component.to_string(),
+                    version: Some(d.version.clone()),
+                    digest: Some(d.digest.clone()),
+                    restart: Some(d.restart),
+                    status: InstanceStatus::Running,
+                    attempt: d.attempt,
+                    last_reason,
+                    started_at: Some(started_at),
+                    status_since: time,
+                    status_seq: fact.seq,
+                },
+            );
+        }
+        FactData::InstanceStartFailed(d) => {
+            projection.instances.insert(
+                d.instance_id.clone(),
+                InstanceRecord {
+                    instance_id: d.instance_id.clone(),
+                    host_id: d.host_id.clone(),
+                    component: d.component.clone(),
+                    version: None,
+                    digest: None,
+                    restart: None,
+                    status: InstanceStatus::Failed,
+                    attempt: 0,
+                    last_reason: Some(d.reason.clone()),
+                    started_at: None,
+                    status_since: time,
+                    status_seq: fact.seq,
+                },
+            );
+        }
+        FactData::InstanceStopped(d) => {
+            set_instance_status(
+                projection,
+                &d.instance_id,
+                InstanceStatus::Stopped,
+                Some(&d.reason),
+                fact,
+            );
+        }
+        FactData::InstanceCrashed(d) => {
+            let status = if d.will_restart {
+                InstanceStatus::Restarting
+            } else {
+                InstanceStatus::Crashed
+            };
+            set_instance_status(projection, &d.instance_id, status, Some(&d.reason), fact);
+        }
+        FactData::InstanceRestarting(d) => {
+            set_instance_status(
+                projection,
+                &d.instance_id,
+                InstanceStatus::Restarting,
+                None,
+                fact,
+            );
+            if let Some(instance) = projection.instances.get_mut(&d.instance_id) {
+                instance.attempt = d.attempt;
+            }
+        }
+        FactData::InstanceGaveUp(d) => {
+            set_instance_status(
+                projection,
+                &d.instance_id,
+                InstanceStatus::GaveUp,
+                Some(&d.last_reason),
+                fact,
+            );
+            if let Some(instance) = projection.instances.get_mut(&d.instance_id) {
+                instance.attempt = d.attempts;
             }
         }
     }

@@ -11,7 +11,7 @@
 
 use crate::control::CtlOp;
 use crate::fact::FactKind;
-use crate::names::{HostId, Lattice};
+use crate::names::{ComponentName, HostId, InstanceId, Lattice};
 
 /// The queue group every controller replica joins, so each request is served once.
 pub const CONTROLLER_QUEUE: &str = "trellis-controller";
@@ -76,6 +76,45 @@ pub fn heartbeats_all(lattice: &Lattice) -> String {
 /// The subject of a command to one host.
 pub fn host_command(lattice: &Lattice, host: &HostId, verb: &str) -> String {
     format!("trellis.host.v1.{lattice}.{host}.{verb}")
+}
+
+/// The data-plane subject that calls any instance of a component (queue group
+/// [`component_queue`]).
+pub fn component_call(lattice: &Lattice, component: &ComponentName) -> String {
+    format!("trellis.rpc.v1.{lattice}.component.{component}.call")
+}
+
+/// The queue group the instances of a component serve calls in.
+pub fn component_queue(component: &ComponentName) -> String {
+    format!("trellis-component-{component}")
+}
+
+/// The data-plane subject that calls one instance.
+pub fn instance_call(lattice: &Lattice, instance: &InstanceId) -> String {
+    format!("trellis.rpc.v1.{lattice}.instance.{instance}.call")
+}
+
+/// Facts of any kind about one instance.
+pub fn events_of_instance(lattice: &Lattice, instance: &InstanceId) -> String {
+    format!("trellis.evt.v1.{lattice}.instance.{instance}.*")
+}
+
+/// Every instance fact of the lattice.
+pub fn instance_events(lattice: &Lattice) -> String {
+    format!("trellis.evt.v1.{lattice}.instance.>")
+}
+
+/// Every command subject of one host.
+pub fn host_commands(lattice: &Lattice, host: &HostId) -> String {
+    format!("trellis.host.v1.{lattice}.{host}.>")
+}
+
+/// The JetStream object store bucket holding components, keyed by the hex SHA-256 of the `.wasm`.
+pub fn artifact_bucket(lattice: &Lattice) -> String {
+    format!(
+        "TRELLIS_ARTIFACTS_{}",
+        lattice.as_str().to_ascii_uppercase()
+    )
 }
 
 /// The JetStream stream holding the lattice's facts.

@@ -395,7 +395,7 @@ async fn min_seq_reads_your_own_writes_or_says_not_ready() {
     let err = ctl
         .request(&HostListRequest {
             min_seq: Some(seq + 1_000),
-            status: None,
+            ..Default::default()
         })
         .await
         .expect_err("a sequence that never comes");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
 use trellis_bus::{StreamSettings, count_messages, ensure_streams};
-use trellis_schemas::control::HostListRequest;
+use trellis_schemas::control::StatusRequest;
 use trellis_schemas::{
     Capacity, Event, FactData, HostId, HostLost, HostStarted, HostStopped, subject,
 };
@@ -24,7 +24,11 @@ fn facts_for(host: usize) -> [FactData; 4] {
         FactData::HostStarted(HostStarted {
             host_id: host_id.clone(),
             labels: [("zone".to_owned(), format!("z{}", host % 7))].into(),
-            capacity: Capacity { max_instances: 100, memory_bytes: 8 << 30, cpus: 4 },
+            capacity: Capacity {
+                max_instances: 100,
+                memory_bytes: 8 << 30,
+                cpus: 4,
+            },
             version: "0.1.0".into(),
             rejoined,
         })
@@ -38,7 +42,10 @@ fn facts_for(host: usize) -> [FactData; 4] {
             detected_by: "01JBENCHCONTROLLER000000000".into(),
         }),
         started(true),
-        FactData::HostStopped(HostStopped { host_id: host_id.clone(), reason: "signal: SIGTERM".into() }),
+        FactData::HostStopped(HostStopped {
+            host_id: host_id.clone(),
+            reason: "signal: SIGTERM".into(),
+        }),
     ]
 }
 
@@ -58,7 +65,9 @@ async fn main() {
     let l = lattice("bench");
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
-    ensure_streams(&js, &l, &StreamSettings::default()).await.unwrap();
+    ensure_streams(&js, &l, &StreamSettings::default())
+        .await
+        .unwrap();
 
     let load = Instant::now();
     let source = trellis_schemas::fact::source(&l, "bench", "loader");
@@ -72,7 +81,11 @@ async fn main() {
         let publish = PublishMessage::build()
             .payload(payload.into())
             .message_id(event.id.to_string());
-        pending.push(js.send_publish(event.nats_subject(&l), publish).await.unwrap());
+        pending.push(
+            js.send_publish(event.nats_subject(&l), publish)
+                .await
+                .unwrap(),
+        );
         if pending.len() == 4000 {
             for ack in pending.drain(..) {
                 ack.await.unwrap();
@@ -95,13 +108,17 @@ async fn main() {
     let mut fold = Vec::new();
     for round in 0..rounds {
         let t = Instant::now();
-        let counted = count_messages(&client, &js, &stream, state.last_sequence).await.unwrap();
+        let counted = count_messages(&client, &js, &stream, state.last_sequence)
+            .await
+            .unwrap();
         let secs = t.elapsed().as_secs_f64();
         assert_eq!(counted as usize, n);
         bare.push(n as f64 / secs);
 
         let t = Instant::now();
-        let (projection, applied) = trellis_ctl::controller::replay_once(&client, &l).await.unwrap();
+        let (projection, applied) = trellis_ctl::controller::replay_once(&client, &l)
+            .await
+            .unwrap();
         let secs = t.elapsed().as_secs_f64();
         assert_eq!(applied as usize, n);
         assert_eq!(projection.hosts.len(), n / 4);
@@ -112,7 +129,10 @@ async fn main() {
         );
     }
     let (bare, fold) = (median(bare), median(fold));
-    println!("median: bare read {bare:.0} msg/s, fold {fold:.0} facts/s, ratio {:.2}", fold / bare);
+    println!(
+        "median: bare read {bare:.0} msg/s, fold {fold:.0} facts/s, ratio {:.2}",
+        fold / bare
+    );
 
     let mut first_answer = Vec::new();
     for _ in 0..rounds {
@@ -120,8 +140,8 @@ async fn main() {
         let mut controller = nats.controller(&l, &format!("bench-{}", ulid_like()), "1h");
         let ctl = trellis_ctl::CtlClient::new(client.clone(), l.clone(), Duration::from_secs(60));
         loop {
-            if let Ok(reply) = ctl.request(&HostListRequest::default()).await {
-                assert_eq!(reply.hosts.len(), n / 4);
+            if let Ok(reply) = ctl.request(&StatusRequest::default()).await {
+                assert_eq!(reply.hosts.stopped as usize, n / 4);
                 break;
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -132,7 +152,10 @@ async fn main() {
     println!(
         "controller start to first answer over {n} facts: median {:.2} s (runs: {:?})",
         median(first_answer.clone()),
-        first_answer.iter().map(|s| format!("{s:.2}")).collect::<Vec<_>>()
+        first_answer
+            .iter()
+            .map(|s| format!("{s:.2}"))
+            .collect::<Vec<_>>()
     );
 }
 

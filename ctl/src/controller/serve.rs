@@ -1,10 +1,14 @@
 //! Answering control requests.
 
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
 use async_nats::{Client, Message};
 use serde::Serialize;
 use trellis_schemas::control::{
     ControllerInfo, HostCounts, HostGetReply, HostGetRequest, HostListReply, HostListRequest,
     ProjectionReply, ProjectionRequest, StatusReply, StatusRequest, StreamSummary, decode_request,
+    page_size,
 };
 use trellis_schemas::{CtlOp, CtlRequest, ErrorBody, ErrorCode, HostStatus, Reply, subject};
 
@@ -44,6 +48,10 @@ async fn answer(state: &State, subject_name: &str, body: &[u8]) -> Vec<u8> {
         CtlOp::HostGet => respond::<HostGetRequest>(state, body, host_get).await,
         CtlOp::LatticeStatus => respond_async::<StatusRequest>(state, body).await,
         CtlOp::LatticeProjection => respond::<ProjectionRequest>(state, body, projection).await,
+        _ => encode(&Reply::<()>::err(ErrorBody::new(
+            ErrorCode::Internal,
+            format!("{} is not served by this controller yet", op.name()),
+        ))),
     }
 }
 
@@ -102,18 +110,44 @@ async fn respond_async<R: CtlRequest<Reply = StatusReply>>(state: &State, body: 
 }
 
 fn host_list(state: &State, request: HostListRequest) -> Result<HostListReply, ErrorBody> {
+    let limit = page_size(request.limit)?;
     let projection = state.projection();
     let live = state.live();
-    let hosts = projection
-        .hosts
-        .values()
-        .filter(|h| request.status.is_none_or(|s| s == h.status))
-        .map(|h| state.view(h, live.get(&h.host_id)))
-        .collect();
+    let (hosts, next_after) = page(&projection.hosts, request.after.as_ref(), limit, |h| {
+        request.status.is_none_or(|s| s == h.status)
+    });
     Ok(HostListReply {
         as_of: projection.last_seq.max(state.as_of()),
-        hosts,
+        hosts: hosts
+            .into_iter()
+            .map(|h| state.view(h, live.get(&h.host_id)))
+            .collect(),
+        next_after,
     })
+}
+
+/// One page of the entries of `map` after the key `after` that `keep` accepts, and the key to
+/// continue after when there are more.
+pub(crate) fn page<'a, K: Ord + Clone, V>(
+    map: &'a BTreeMap<K, V>,
+    after: Option<&K>,
+    limit: usize,
+    keep: impl Fn(&V) -> bool,
+) -> (Vec<&'a V>, Option<K>) {
+    let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+    let mut entries: Vec<(&K, &V)> = map
+        .range((start, Bound::Unbounded))
+        .filter(|(_, v)| keep(v))
+        .take(limit + 1)
+        .collect();
+    let next = (entries.len() > limit).then(|| {
+        entries.truncate(limit);
+        entries.last().map(|(k, _)| (*k).clone())
+    });
+    (
+        entries.into_iter().map(|(_, v)| v).collect(),
+        next.flatten(),
+    )
 }
 
 fn host_get(state: &State, request: HostGetRequest) -> Result<HostGetReply, ErrorBody> {

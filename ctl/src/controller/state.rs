@@ -212,7 +212,10 @@ pub(crate) fn decode_batch(batch: &mut Vec<RawFact>) -> (Vec<Fact>, u64) {
     for raw in batch.drain(..) {
         last = last.max(raw.seq);
         match Event::decode(&raw.payload) {
-            Ok(event) => decoded.push(Fact { seq: raw.seq, event }),
+            Ok(event) => decoded.push(Fact {
+                seq: raw.seq,
+                event,
+            }),
             // A fact this version does not understand (a newer Trellis wrote it, or someone
             // published garbage on a fact subject) is skipped, not fatal.
             Err(e) => tracing::warn!(seq = raw.seq, error = %e, "skipping undecodable fact"),

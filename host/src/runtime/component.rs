@@ -32,10 +32,10 @@ use wasmtime::{Store, UpdateDeadline};
 
 use super::convert::{Budget, FromValError, json_to_val, val_to_json};
 use super::error::InvokeError;
-use super::manifest::Manifest;
 use super::output::GuestOutput;
 use super::runtime::{LoadOutcome, RuntimeInner};
 use super::store::StoreState;
+use trellis_schemas::manifest::Manifest;
 
 /// Extra wall-clock time, beyond the timeout, before the executor-side timer cancels an
 /// invocation that the epoch deadline did not stop (a guest blocked in a host call).

@@ -7,7 +7,6 @@ mod config;
 mod convert;
 mod digest;
 mod error;
-mod manifest;
 mod output;
 #[expect(
     clippy::module_inception,
@@ -22,9 +21,9 @@ pub use config::RuntimeConfig;
 pub use convert::ConvertError;
 pub use digest::{Digest, DigestParseError};
 pub use error::{InvokeError, LoadError, RuntimeError};
-pub use manifest::{
+pub use output::GuestOutput;
+pub use runtime::{AllocationStrategy, LoadOutcome, Runtime};
+pub use trellis_schemas::manifest::{
     Capabilities, FUEL_RANGE, Limits, MAX_CONCURRENCY_RANGE, MAX_MEMORY_RANGE, Manifest,
     ManifestError, TIMEOUT_RANGE,
 };
-pub use output::GuestOutput;
-pub use runtime::{AllocationStrategy, LoadOutcome, Runtime};

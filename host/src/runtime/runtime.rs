@@ -14,9 +14,9 @@ use super::component::LoadedComponent;
 use super::config::RuntimeConfig;
 use super::digest::Digest;
 use super::error::{LoadError, RuntimeError};
-use super::manifest::{Manifest, format_bytes, strip_version};
 use super::store::StoreState;
 use super::ticker::EpochTicker;
+use trellis_schemas::manifest::{Manifest, format_bytes, strip_version};
 
 /// How the engine allocates instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -86,7 +86,7 @@ impl Capabilities {
 }
 
 /// Removes a trailing `@version` from an interface name.
-pub(crate) fn strip_version(name: &str) -> &str {
+pub fn strip_version(name: &str) -> &str {
     name.split_once('@').map_or(name, |(base, _)| base)
 }
 
@@ -368,12 +368,8 @@ fn validate_limits(limits: &Limits) -> Result<(), ManifestError> {
 }
 
 fn validate_name(name: String) -> Result<String, ManifestError> {
-    let valid = !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if valid {
+    // The name is a token of data-plane subjects, so it follows the `ComponentName` rules.
+    if crate::ComponentName::new(name.as_str()).is_ok() {
         Ok(name)
     } else {
         Err(ManifestError::invalid(
@@ -408,7 +404,7 @@ fn is_interface_name(name: &str) -> bool {
 }
 
 fn name_accepted() -> String {
-    format!("1..={MAX_NAME_LEN} characters among a-z A-Z 0-9 - _ .")
+    format!("1..={MAX_NAME_LEN} characters among a-z A-Z 0-9 - _, starting with a letter or digit")
 }
 
 fn memory_accepted() -> String {
@@ -440,7 +436,8 @@ fn concurrency_accepted() -> String {
 }
 
 /// Formats a byte count with the largest binary unit that divides it exactly.
-pub(crate) fn format_bytes(bytes: u64) -> String {
+/// Formats a byte count with the largest binary unit that divides it (`64MiB`).
+pub fn format_bytes(bytes: u64) -> String {
     for (unit, size) in [("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
         if bytes >= size && bytes.is_multiple_of(size) {
             return format!("{}{unit}", bytes / size);
