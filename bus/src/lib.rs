@@ -11,6 +11,7 @@
 //! - [`publish_exclusive`]: publishes a fact only if the subject's last sequence is what the
 //!   caller expects, so that of several replicas deciding the same thing only one fact is stored.
 //! - [`FactStream`]: reads facts in stream order with an ordered consumer, from the start or live.
+//! - [`put_artifact`], [`fetch_artifact`]: components in the content-addressed artifact store.
 //!
 //! # Disconnection
 //!
@@ -19,11 +20,16 @@
 //! fact been stored is de-duplicated by JetStream through its message id.
 #![deny(missing_docs)]
 
+mod artifacts;
 mod connect;
 mod publisher;
 mod reader;
 mod streams;
 
+pub use artifacts::{
+    ArtifactError, artifact_store, digest_hex, digest_of, fetch_artifact, put_artifact,
+    stat_artifact,
+};
 pub use connect::{ConnectError, connect};
 pub use publisher::{FactPublisher, PublishError, publish_exclusive};
 pub use reader::{FactStream, RawFact, ReadError, StartAt, count_messages};

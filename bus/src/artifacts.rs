@@ -1,0 +1,197 @@
+//! The artifact store: components' `.wasm` files in a JetStream object store bucket, named by the
+//! hex SHA-256 of their bytes (content addressing).
+
+use async_nats::jetstream::{self, object_store};
+use base64::Engine as _;
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncReadExt as _;
+use trellis_schemas::{Lattice, subject};
+
+/// An artifact operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ArtifactError {
+    /// The digest is not `sha256:<64 lowercase hex>`.
+    #[error("{0:?} is not a digest; expected sha256:<64 lowercase hex digits>")]
+    BadDigest(String),
+    /// No object with that digest is stored.
+    #[error("no artifact {0} in the artifact store")]
+    NotFound(String),
+    /// The stored bytes do not hash to the digest.
+    #[error("artifact {expected} is corrupt: its bytes hash to {actual}")]
+    DigestMismatch {
+        /// The digest asked for.
+        expected: String,
+        /// What the stored bytes hash to.
+        actual: String,
+    },
+    /// The artifact is larger than allowed.
+    #[error("artifact is {size} bytes; the limit is {limit}")]
+    TooLarge {
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// JetStream failed.
+    #[error("artifact store: {0}")]
+    Store(String),
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn digest_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// The hex part of a well-formed digest.
+pub fn digest_hex(digest: &str) -> Result<&str, ArtifactError> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .ok_or_else(|| ArtifactError::BadDigest(digest.to_owned()))?;
+    let valid = hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if valid {
+        Ok(hex)
+    } else {
+        Err(ArtifactError::BadDigest(digest.to_owned()))
+    }
+}
+
+/// The lattice's artifact bucket, created if missing.
+pub async fn artifact_store(
+    js: &jetstream::Context,
+    lattice: &Lattice,
+) -> Result<object_store::ObjectStore, ArtifactError> {
+    let bucket = subject::artifact_bucket(lattice);
+    match js.get_object_store(&bucket).await {
+        Ok(store) => Ok(store),
+        Err(_) => {
+            let config = object_store::Config {
+                bucket: bucket.clone(),
+                description: Some(format!("Trellis components of lattice {lattice}")),
+                ..Default::default()
+            };
+            match js.create_object_store(config).await {
+                Ok(store) => Ok(store),
+                // Another process may have created it at the same moment.
+                Err(e) => js
+                    .get_object_store(&bucket)
+                    .await
+                    .map_err(|_| ArtifactError::Store(e.to_string())),
+            }
+        }
+    }
+}
+
+/// Stores `bytes` under their digest (idempotent: the same bytes give the same object). Returns
+/// the digest.
+pub async fn put_artifact(
+    js: &jetstream::Context,
+    lattice: &Lattice,
+    bytes: &[u8],
+) -> Result<String, ArtifactError> {
+    let digest = digest_of(bytes);
+    let store = artifact_store(js, lattice).await?;
+    let name = digest_hex(&digest)?.to_owned();
+    if let Ok(info) = store.info(&name).await
+        && !info.deleted
+        && info.size == bytes.len()
+    {
+        return Ok(digest);
+    }
+    let mut reader = bytes;
+    store
+        .put(name.as_str(), &mut reader)
+        .await
+        .map_err(|e| ArtifactError::Store(e.to_string()))?;
+    Ok(digest)
+}
+
+/// Checks that the artifact `digest` is stored and its recorded digest matches; returns its size.
+pub async fn stat_artifact(
+    js: &jetstream::Context,
+    lattice: &Lattice,
+    digest: &str,
+) -> Result<u64, ArtifactError> {
+    let hex_digest = digest_hex(digest)?;
+    let store = artifact_store(js, lattice).await?;
+    let info = store
+        .info(hex_digest)
+        .await
+        .map_err(|_| ArtifactError::NotFound(digest.to_owned()))?;
+    if info.deleted {
+        return Err(ArtifactError::NotFound(digest.to_owned()));
+    }
+    let bytes = hex::decode(hex_digest).map_err(|_| ArtifactError::BadDigest(digest.to_owned()))?;
+    let expected = format!(
+        "SHA-256={}",
+        base64::engine::general_purpose::URL_SAFE.encode(bytes)
+    );
+    match info.digest {
+        Some(recorded) if recorded == expected => Ok(info.size as u64),
+        Some(recorded) => Err(ArtifactError::DigestMismatch {
+            expected: digest.to_owned(),
+            actual: recorded,
+        }),
+        None => Err(ArtifactError::Store(format!(
+            "artifact {digest} has no recorded digest"
+        ))),
+    }
+}
+
+/// Reads the artifact `digest` (at most `limit` bytes) and verifies its bytes against the digest.
+pub async fn fetch_artifact(
+    js: &jetstream::Context,
+    lattice: &Lattice,
+    digest: &str,
+    limit: u64,
+) -> Result<Vec<u8>, ArtifactError> {
+    let hex_digest = digest_hex(digest)?;
+    let size = stat_artifact(js, lattice, digest).await?;
+    if size > limit {
+        return Err(ArtifactError::TooLarge { size, limit });
+    }
+    let store = artifact_store(js, lattice).await?;
+    let mut object = store
+        .get(hex_digest)
+        .await
+        .map_err(|_| ArtifactError::NotFound(digest.to_owned()))?;
+    let mut bytes = Vec::with_capacity(size as usize);
+    object
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| ArtifactError::Store(e.to_string()))?;
+    let actual = digest_of(&bytes);
+    if actual != digest {
+        return Err(ArtifactError::DigestMismatch {
+            expected: digest.to_owned(),
+            actual,
+        });
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_are_checked() {
+        let d = digest_of(b"hello");
+        assert_eq!(
+            d,
+            "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        assert!(digest_hex(&d).is_ok());
+        for bad in [
+            "",
+            "sha256:",
+            "md5:abc",
+            "sha256:2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824",
+        ] {
+            assert!(digest_hex(bad).is_err(), "{bad}");
+        }
+    }
+}
