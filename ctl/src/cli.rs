@@ -27,11 +27,11 @@ pub struct Cli {
 }
 
 #[derive(Debug, Args)]
-struct Global {
+pub(crate) struct Global {
     /// NATS server URL(s), comma separated [default: nats://127.0.0.1:4222; `trellis up` starts
     /// its own server when none is given].
     #[arg(long, global = true, env = "TRELLIS_NATS_URL")]
-    nats: Option<String>,
+    pub(crate) nats: Option<String>,
     /// The lattice.
     #[arg(
         long,
@@ -39,17 +39,17 @@ struct Global {
         env = "TRELLIS_LATTICE",
         default_value = "default"
     )]
-    lattice: Lattice,
+    pub(crate) lattice: Lattice,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
-    output: Output,
+    pub(crate) output: Output,
     /// How long to wait for a reply.
     #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
-    timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
+pub(crate) enum Output {
     /// Aligned tables for people.
     Table,
     /// JSON for scripts.
@@ -67,6 +67,14 @@ enum Command {
     Status,
     /// Print facts from the lattice's stream.
     Events(EventsArgs),
+    /// Components in the artifact store.
+    #[command(subcommand)]
+    Component(crate::workload::ComponentCommand),
+    /// Instances of components.
+    #[command(subcommand)]
+    Instance(crate::workload::InstanceCommand),
+    /// Call an export of a component (any instance) or of one instance.
+    Call(crate::workload::CallArgs),
     /// Start a whole lattice on this machine: NATS (unless --nats-url is given), a controller and a host.
     Up(crate::up::UpArgs),
 }
@@ -160,7 +168,7 @@ impl From<trellis_bus::ConnectError> for Failure {
     }
 }
 
-fn failure(code: i32, message: impl Into<String>) -> Failure {
+pub(crate) fn failure(code: i32, message: impl Into<String>) -> Failure {
     Failure {
         code,
         message: message.into(),
@@ -251,6 +259,18 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Events(args) => events(&g, args).await,
+        Command::Component(cmd) => {
+            let client = ctl_client(&g).await?;
+            crate::workload::component(&g, &client, cmd).await
+        }
+        Command::Instance(cmd) => {
+            let client = ctl_client(&g).await?;
+            crate::workload::instance(&g, &client, cmd).await
+        }
+        Command::Call(args) => {
+            let nats = trellis_bus::connect(&g.url(), "trellis call", false).await?;
+            crate::workload::call(&g, &nats, args).await
+        }
         Command::Up(args) => crate::up::run(&g.lattice, g.nats.clone(), args).await,
     }
 }
@@ -271,13 +291,13 @@ async fn ctl_client(g: &Global) -> Result<CtlClient, Failure> {
     Ok(CtlClient::new(nats, g.lattice.clone(), g.timeout))
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> {
     let text = serde_json::to_string_pretty(value).map_err(|e| failure(1, e.to_string()))?;
     println!("{text}");
     Ok(())
 }
 
-fn ago(t: DateTime<Utc>) -> String {
+pub(crate) fn ago(t: DateTime<Utc>) -> String {
     let secs = (Utc::now() - t).num_seconds().max(0);
     match secs {
         0..60 => format!("{secs}s ago"),

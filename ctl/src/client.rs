@@ -56,6 +56,11 @@ impl CtlClient {
         }
     }
 
+    /// The NATS client.
+    pub fn nats(&self) -> &Client {
+        &self.nats
+    }
+
     /// The lattice this client talks to.
     pub fn lattice(&self) -> &Lattice {
         &self.lattice

@@ -10,6 +10,7 @@ pub mod client;
 pub mod controller;
 pub mod output;
 pub mod up;
+pub mod workload;
 
 pub use client::{ClientError, CtlClient};
 pub use controller::{ControllerConfig, ControllerError};

@@ -356,6 +356,10 @@ pub struct InstanceStartRequest {
     /// What to do on a crash. Default `{"policy":"never"}`.
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// Wait until the controller has applied this stream sequence (for example the `seq` of a
+    /// `component.register` reply) before resolving the component.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seq: Option<u64>,
 }
 
 fn one() -> u32 {
@@ -510,7 +514,7 @@ impl CtlRequest for InstanceStartRequest {
     const OP: CtlOp = CtlOp::InstanceStart;
     type Reply = InstanceStartReply;
     fn min_seq(&self) -> Option<u64> {
-        None
+        self.min_seq
     }
 }
 

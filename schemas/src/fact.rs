@@ -57,6 +57,13 @@ impl FactKind {
         FactKind::HostStarted,
         FactKind::HostStopped,
         FactKind::HostLost,
+        FactKind::ArtifactStored,
+        FactKind::InstanceStarted,
+        FactKind::InstanceStartFailed,
+        FactKind::InstanceStopped,
+        FactKind::InstanceCrashed,
+        FactKind::InstanceRestarting,
+        FactKind::InstanceGaveUp,
     ];
 
     /// The entity noun (`host`, `instance`, …): the first part of the type and subject.
@@ -704,6 +711,34 @@ mod tests {
             Event::decode(&bytes),
             Err(DecodeError::Data { .. })
         ));
+    }
+
+    #[test]
+    fn every_kind_is_listed_once_in_catalogue_order() {
+        // A new kind fails to compile here until it is given a position, and then fails below
+        // until `ALL` lists it there.
+        fn position(kind: FactKind) -> usize {
+            match kind {
+                FactKind::HostStarted => 0,
+                FactKind::HostStopped => 1,
+                FactKind::HostLost => 2,
+                FactKind::ArtifactStored => 3,
+                FactKind::InstanceStarted => 4,
+                FactKind::InstanceStartFailed => 5,
+                FactKind::InstanceStopped => 6,
+                FactKind::InstanceCrashed => 7,
+                FactKind::InstanceRestarting => 8,
+                FactKind::InstanceGaveUp => 9,
+            }
+        }
+        assert_eq!(FactKind::ALL.len(), 10);
+        for (i, kind) in FactKind::ALL.iter().enumerate() {
+            assert_eq!(position(*kind), i);
+            assert_eq!(
+                kind.type_name(),
+                format!("dev.trellis.{}.{}.v1", kind.noun(), kind.verb())
+            );
+        }
     }
 
     #[test]

@@ -10,6 +10,8 @@ use trellis_tests::{Nats, lattice, wait_for};
 
 const T: Duration = Duration::from_secs(20);
 
+const COUNTER_MANIFEST: &str = "[component]\nname = \"counter\"\nversion = \"1.0.0\"\n[limits]\nmax_memory = \"16MiB\"\nfuel = 1000000\ntimeout = \"1s\"\nmax_concurrency = 16\n";
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -31,21 +33,31 @@ fn assert_valid(validator: &jsonschema::Validator, value: &serde_json::Value, wh
     );
 }
 
-/// `nats req <subject> '<json>'` and `nats sub '<subject>'` lines of README.md.
-fn readme_commands() -> (Vec<(String, String)>, Vec<String>) {
+/// A `nats req` line of README.md: subject, exact body, and the error code the README says it
+/// gets (`# → code` at the end of the line), if any.
+struct ReadmeRequest {
+    subject: String,
+    body: String,
+    expect_error: Option<String>,
+}
+
+/// `nats req <subject> '<json>' [# → code]` and `nats sub '<subject>'` lines of README.md.
+fn readme_commands() -> (Vec<ReadmeRequest>, Vec<String>) {
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     let mut requests = Vec::new();
     let mut subs = Vec::new();
     for line in readme.lines() {
         let line = line.trim().trim_start_matches("$ ");
-        if let Some(rest) = line.strip_prefix("nats req ") {
-            let (subject, body) = rest.split_once(' ').unwrap_or((rest, "''"));
+        if let Some(rest) = line.strip_prefix("nats req trellis.ctl.") {
+            let rest = format!("trellis.ctl.{rest}");
+            let (command, expect_error) = match rest.split_once("# →") {
+                Some((c, e)) => (c.trim().to_owned(), Some(e.trim().to_owned())),
+                None => (rest.trim().to_owned(), None),
+            };
+            let (subject, body) = command.split_once(' ').unwrap_or((&command, "''"));
             let body = body.trim();
-            let body = body
-                .strip_prefix('\'')
-                .and_then(|b| b.strip_suffix('\''))
-                .unwrap_or(body);
-            requests.push((subject.to_owned(), body.to_owned()));
+            let body = body.strip_prefix('\'').and_then(|b| b.strip_suffix('\'')).unwrap_or(body);
+            requests.push(ReadmeRequest { subject: subject.to_owned(), body: body.to_owned(), expect_error });
         } else if let Some(rest) = line.strip_prefix("nats sub ") {
             subs.push(rest.trim().trim_matches('\'').to_owned());
         }
@@ -58,8 +70,8 @@ async fn readme_nats_commands_get_replies_that_match_the_schemas() {
     let (requests, subs) = readme_commands();
     let ops: std::collections::BTreeSet<String> = requests
         .iter()
-        .filter_map(|(s, _)| {
-            let (noun, verb) = subject::parse_ctl(&lattice("default"), s)?;
+        .filter_map(|r| {
+            let (noun, verb) = subject::parse_ctl(&lattice("default"), &r.subject)?;
             CtlOp::from_parts(noun, verb).map(|op| op.name())
         })
         .collect();
@@ -81,6 +93,17 @@ async fn readme_nats_commands_get_replies_that_match_the_schemas() {
     })
     .await;
 
+    // The README starts instances of `counter`: store one.
+    let js = async_nats::jetstream::new(nats.client().await);
+    let wasm = trellis_tests::components::build().path("counter");
+    let digest = trellis_bus::put_artifact(&js, &l, &std::fs::read(wasm).unwrap()).await.unwrap();
+    ctl.request(&trellis_schemas::control::ComponentRegisterRequest {
+        digest,
+        manifest: COUNTER_MANIFEST.to_owned(),
+    })
+    .await
+    .unwrap();
+
     let client = nats.client().await;
     let mut subscriptions = Vec::new();
     for s in &subs {
@@ -88,35 +111,25 @@ async fn readme_nats_commands_get_replies_that_match_the_schemas() {
     }
     client.flush().await.unwrap();
 
-    for (subj, body) in &requests {
-        let (noun, verb) =
-            subject::parse_ctl(&l, subj).expect("README subject is a control subject");
+    for ReadmeRequest { subject: subj, body, expect_error } in &requests {
+        let (noun, verb) = subject::parse_ctl(&l, subj).expect("README subject is a control subject");
         let op = CtlOp::from_parts(noun, verb).unwrap();
-        let reply = client
-            .request(subj.clone(), body.clone().into_bytes().into())
-            .await
-            .unwrap();
+        let reply = client.request(subj.clone(), body.clone().into_bytes().into()).await.unwrap();
         let json: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
         assert_valid(
             &checked_in_schema(&trellis_schemas::json_schema::reply_file(op)),
             &json,
             &format!("reply to `nats req {subj} '{body}'`"),
         );
-        if body.contains("no-such-host") {
-            assert_eq!(json["error"]["code"], "not_found", "{json}");
-        } else {
-            assert_eq!(
-                json["ok"], true,
-                "`nats req {subj} '{body}'` failed: {json}"
-            );
-            if !body.trim().is_empty() {
-                let request: serde_json::Value = serde_json::from_str(body).unwrap();
-                assert_valid(
-                    &checked_in_schema(&trellis_schemas::json_schema::request_file(op)),
-                    &request,
-                    "README request",
-                );
-            }
+        let request: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_valid(
+            &checked_in_schema(&trellis_schemas::json_schema::request_file(op)),
+            &request,
+            "README request",
+        );
+        match expect_error {
+            Some(code) => assert_eq!(json["error"]["code"], code.as_str(), "{subj}: {json}"),
+            None => assert_eq!(json["ok"], true, "`nats req {subj} '{body}'` failed: {json}"),
         }
     }
 

@@ -4,3 +4,4 @@
 mod cli;
 mod control;
 mod spine;
+mod workload;

@@ -16,7 +16,10 @@
 //! - **Bad input.** Every request is decoded and validated before anything happens; failures get
 //!   the error envelope with a precise code, and the replica keeps serving.
 
+mod components;
+mod instances;
 mod liveness;
+mod schedule;
 mod serve;
 mod state;
 

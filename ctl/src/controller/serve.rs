@@ -13,6 +13,7 @@ use trellis_schemas::control::{
 use trellis_schemas::{CtlOp, CtlRequest, ErrorBody, ErrorCode, HostStatus, Reply, subject};
 
 use super::state::State;
+use super::{components, instances};
 
 /// Answers one request; every request with a reply subject gets exactly one reply.
 pub(crate) async fn handle(state: &State, client: &Client, message: Message) {
@@ -44,14 +45,18 @@ async fn answer(state: &State, subject_name: &str, body: &[u8]) -> Vec<u8> {
         ));
     };
     match op {
-        CtlOp::HostList => respond::<HostListRequest>(state, body, host_list).await,
-        CtlOp::HostGet => respond::<HostGetRequest>(state, body, host_get).await,
-        CtlOp::LatticeStatus => respond_async::<StatusRequest>(state, body).await,
-        CtlOp::LatticeProjection => respond::<ProjectionRequest>(state, body, projection).await,
-        _ => encode(&Reply::<()>::err(ErrorBody::new(
-            ErrorCode::Internal,
-            format!("{} is not served by this controller yet", op.name()),
-        ))),
+        CtlOp::HostList => respond(state, body, async |s, r| host_list(s, r)).await,
+        CtlOp::HostGet => respond(state, body, async |s, r| host_get(s, r)).await,
+        CtlOp::LatticeStatus => {
+            respond(state, body, async |s, _: StatusRequest| status(s).await).await
+        }
+        CtlOp::LatticeProjection => respond(state, body, async |s, r| projection(s, r)).await,
+        CtlOp::ComponentRegister => respond(state, body, components::register).await,
+        CtlOp::ComponentList => respond(state, body, async |s, r| components::list(s, r)).await,
+        CtlOp::InstanceStart => respond(state, body, instances::start).await,
+        CtlOp::InstanceStop => respond(state, body, instances::stop).await,
+        CtlOp::InstanceList => respond(state, body, async |s, r| instances::list(s, r)).await,
+        CtlOp::InstanceGet => respond(state, body, instances::get).await,
     }
 }
 
@@ -87,20 +92,10 @@ async fn prepare<R: CtlRequest>(state: &State, body: &[u8]) -> Result<R, ErrorBo
 async fn respond<R: CtlRequest>(
     state: &State,
     body: &[u8],
-    f: impl FnOnce(&State, R) -> Result<R::Reply, ErrorBody>,
+    f: impl AsyncFnOnce(&State, R) -> Result<R::Reply, ErrorBody>,
 ) -> Vec<u8> {
-    let result = prepare::<R>(state, body)
-        .await
-        .and_then(|request| f(state, request));
-    encode(&match result {
-        Ok(data) => Reply::ok(data),
-        Err(error) => Reply::err(error),
-    })
-}
-
-async fn respond_async<R: CtlRequest<Reply = StatusReply>>(state: &State, body: &[u8]) -> Vec<u8> {
     let result = match prepare::<R>(state, body).await {
-        Ok(_) => status(state).await,
+        Ok(request) => f(state, request).await,
         Err(e) => Err(e),
     };
     encode(&match result {

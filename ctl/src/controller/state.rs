@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, watch};
-use trellis_bus::RawFact;
+use trellis_bus::{FactPublisher, RawFact};
 use trellis_schemas::control::HostView;
 use trellis_schemas::{Event, Fact, FactData, Heartbeat, HostId, HostRecord, Projection, apply};
 
@@ -39,6 +39,11 @@ pub(crate) struct State {
     pub config: ControllerConfig,
     pub client: async_nats::Client,
     pub js: jetstream::Context,
+    /// Publishes the facts the controller itself observes (`artifact.stored`, and
+    /// `instance.start_failed` when a host cannot be reached).
+    pub publisher: FactPublisher,
+    /// The `source` of those facts.
+    pub source: String,
     pub started_at: DateTime<Utc>,
     pub started: Instant,
     projection: RwLock<Projection>,
@@ -50,9 +55,22 @@ pub(crate) struct State {
 
 impl State {
     pub fn new(config: ControllerConfig, client: async_nats::Client) -> Self {
+        let js = jetstream::new(client.clone());
+        let (publisher, _task) = FactPublisher::spawn(
+            js.clone(),
+            config.lattice.clone(),
+            config.streams.clone(),
+            1_000,
+        );
         Self {
+            source: trellis_schemas::fact::source(
+                &config.lattice,
+                "controller",
+                &config.replica_id,
+            ),
+            publisher,
             config,
-            js: jetstream::new(client.clone()),
+            js,
             client,
             started_at: Utc::now(),
             started: Instant::now(),

@@ -1,0 +1,98 @@
+//! `component.register` and `component.list`.
+
+use trellis_bus::ArtifactError;
+use trellis_schemas::control::{
+    ComponentListReply, ComponentListRequest, ComponentRegisterReply, ComponentRegisterRequest,
+};
+use trellis_schemas::fact::ArtifactStored;
+use trellis_schemas::{
+    ErrorBody, ErrorCode, Event, FactData, Manifest, ManifestDoc, ManifestError,
+};
+
+use super::state::State;
+
+/// The error for a manifest that does not validate: `limits_required` for a limit, otherwise
+/// `invalid_request`, naming the field and the accepted range either way.
+pub(crate) fn manifest_error(e: &ManifestError) -> ErrorBody {
+    let field = e.field();
+    let code = if field.is_some_and(|f| f.starts_with("limits.")) {
+        ErrorCode::LimitsRequired
+    } else {
+        ErrorCode::InvalidRequest
+    };
+    ErrorBody::new(code, format!("Component.toml is invalid: {e}"))
+        .with_details(serde_json::json!({ "field": field }))
+}
+
+pub(crate) fn artifact_error(e: ArtifactError) -> ErrorBody {
+    let code = match &e {
+        ArtifactError::BadDigest(_) => ErrorCode::InvalidRequest,
+        ArtifactError::NotFound(_) => ErrorCode::NotFound,
+        ArtifactError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
+        ArtifactError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
+        _ => ErrorCode::Unavailable,
+    };
+    let hint = if code == ErrorCode::NotFound {
+        "; upload it first (`trellis component push` does both steps)"
+    } else {
+        ""
+    };
+    ErrorBody::new(code, format!("{e}{hint}"))
+}
+
+pub(crate) async fn register(
+    state: &State,
+    request: ComponentRegisterRequest,
+) -> Result<ComponentRegisterReply, ErrorBody> {
+    trellis_bus::digest_hex(&request.digest).map_err(artifact_error)?;
+    let manifest = Manifest::from_toml(&request.manifest).map_err(|e| manifest_error(&e))?;
+    let doc = ManifestDoc::from_manifest(&manifest).map_err(|e| manifest_error(&e))?;
+    let size = trellis_bus::stat_artifact(&state.js, &state.config.lattice, &request.digest)
+        .await
+        .map_err(artifact_error)?;
+    let stored = ArtifactStored {
+        digest: request.digest,
+        size,
+        manifest: doc,
+    };
+    let event = Event::new(
+        state.source.clone(),
+        FactData::ArtifactStored(stored.clone()),
+    );
+    let seq = state
+        .publisher
+        .publish(&event)
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::Unavailable, e.to_string()))?;
+    // Answer once this replica has applied its own fact, so the caller's next request (served by
+    // this replica) sees the component; other replicas are read with `min_seq`.
+    state
+        .wait_until_applied_for(seq, state.config.min_seq_wait)
+        .await;
+    Ok(ComponentRegisterReply {
+        seq,
+        component: stored,
+    })
+}
+
+pub(crate) fn list(
+    state: &State,
+    _: ComponentListRequest,
+) -> Result<ComponentListReply, ErrorBody> {
+    let projection = state.projection();
+    let mut components: Vec<_> = projection.artifacts.values().cloned().collect();
+    components.sort_by(|a, b| {
+        (
+            a.manifest.name.as_str(),
+            semver::Version::parse(&a.manifest.version).ok(),
+        )
+            .cmp(&(
+                b.manifest.name.as_str(),
+                semver::Version::parse(&b.manifest.version).ok(),
+            ))
+    });
+    Ok(ComponentListReply {
+        as_of: projection.last_seq.max(state.as_of()),
+        components,
+    })
+}

@@ -1,0 +1,327 @@
+//! `instance.start|stop|list|get`.
+//!
+//! The controller validates, resolves the component, places the instances and sends each host a
+//! command; the host answers at once and reports the outcome as facts carrying the operation id.
+//! If a host cannot be reached, the controller records `instance.start_failed` itself.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use trellis_bus::{FactStream, StartAt};
+use trellis_schemas::control::{
+    HistoryEntry, InstanceGetReply, InstanceGetRequest, InstanceListReply, InstanceListRequest,
+    InstanceStartReply, InstanceStartRequest, InstanceStopReply, InstanceStopRequest, Placement,
+    page_size,
+};
+use trellis_schemas::fact::InstanceStartFailed;
+use trellis_schemas::instance::{CommandAccepted, StartInstanceCommand, StopInstanceCommand};
+use trellis_schemas::{
+    ComponentSource, ErrorBody, ErrorCode, Event, FactData, HostId, InstanceId, InstanceStatus,
+    Projection, Reply, subject,
+};
+
+use super::components::manifest_error;
+use super::schedule::place;
+use super::serve::page;
+use super::state::State;
+
+/// How long a host may take to accept a command.
+const HOST_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most instances one request may start.
+const MAX_COUNT: u32 = 100;
+
+/// What `component` in a start request refers to: the source to send hosts, and the memory limit
+/// when known (for placement).
+fn resolve(
+    projection: &Projection,
+    component: &str,
+) -> Result<(ComponentSource, Option<u64>), ErrorBody> {
+    if let Some(path) = component.strip_prefix("file://") {
+        if path.is_empty() {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                "file:// needs a path",
+            ));
+        }
+        return Ok((
+            ComponentSource::File {
+                path: path.to_owned(),
+                manifest_path: None,
+            },
+            None,
+        ));
+    }
+    let artifact = if component.starts_with("sha256:") {
+        projection.artifacts.get(component)
+    } else {
+        let (name, version) = match component.split_once('@') {
+            Some((n, v)) => (n, Some(v)),
+            None => (component, None),
+        };
+        projection.find_artifact(name, version)
+    };
+    let Some(artifact) = artifact else {
+        let known: Vec<String> = projection
+            .artifacts
+            .values()
+            .map(|a| format!("{}@{}", a.manifest.name, a.manifest.version))
+            .collect();
+        return Err(ErrorBody::new(
+            ErrorCode::NotFound,
+            format!(
+                "no component {component:?} in the artifact store; push it with `trellis component push`"
+            ),
+        )
+        .with_details(serde_json::json!({ "known": known })));
+    };
+    // The stored manifest was validated when registered; check again, it costs nothing.
+    artifact
+        .manifest
+        .to_manifest()
+        .map_err(|e| manifest_error(&e))?;
+    Ok((
+        ComponentSource::Artifact {
+            digest: artifact.digest.clone(),
+            manifest: artifact.manifest.clone(),
+        },
+        Some(artifact.manifest.max_memory_bytes),
+    ))
+}
+
+async fn command<T: serde::Serialize>(
+    state: &State,
+    host: &HostId,
+    verb: &str,
+    command: &T,
+) -> Result<(), ErrorBody> {
+    let subject = subject::host_command(&state.config.lattice, host, verb);
+    let body = serde_json::to_vec(command)
+        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+    let reply = tokio::time::timeout(
+        HOST_COMMAND_TIMEOUT,
+        state.client.request(subject, body.into()),
+    )
+    .await
+    .map_err(|_| {
+        ErrorBody::new(
+            ErrorCode::Unavailable,
+            format!("host {host} did not answer within {HOST_COMMAND_TIMEOUT:?}"),
+        )
+    })?
+    .map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::Unavailable,
+            format!("host {host} unreachable: {e}"),
+        )
+    })?;
+    let reply: Reply<CommandAccepted> = serde_json::from_slice(&reply.payload).map_err(|e| {
+        ErrorBody::new(
+            ErrorCode::Internal,
+            format!("host {host} sent a malformed reply: {e}"),
+        )
+    })?;
+    reply.into_result().map(|_| ())
+}
+
+pub(crate) async fn start(
+    state: &State,
+    request: InstanceStartRequest,
+) -> Result<InstanceStartReply, ErrorBody> {
+    if !(1..=MAX_COUNT).contains(&request.count) {
+        return Err(ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "count {} is out of range; accepted 1..={MAX_COUNT}",
+                request.count
+            ),
+        ));
+    }
+    request
+        .restart
+        .validate()
+        .map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, format!("restart: {e}")))?;
+    let (source, hosts) = {
+        let projection = state.projection();
+        let (source, memory) = resolve(&projection, &request.component)?;
+        (source, place(&projection, &request, memory)?)
+    };
+    let operation_id = ulid::Ulid::generate().to_string();
+    let placements: Vec<Placement> = hosts
+        .into_iter()
+        .map(|host_id| Placement {
+            instance_id: InstanceId::generate(),
+            host_id,
+        })
+        .collect();
+    let sends = placements.iter().map(|p| {
+        let cmd = StartInstanceCommand {
+            operation_id: operation_id.clone(),
+            instance_id: p.instance_id.clone(),
+            component: source.clone(),
+            restart: request.restart,
+        };
+        async move { (p, command(state, &p.host_id, "instance.start", &cmd).await) }
+    });
+    for (placement, result) in join_all(sends).await {
+        if let Err(e) = result {
+            tracing::warn!(instance = %placement.instance_id, host = %placement.host_id, error = %e, "start command failed");
+            let event = Event::new(
+                state.source.clone(),
+                FactData::InstanceStartFailed(InstanceStartFailed {
+                    instance_id: placement.instance_id.clone(),
+                    host_id: placement.host_id.clone(),
+                    component: request.component.clone(),
+                    reason: e.message.clone(),
+                }),
+            )
+            .caused_by(operation_id.clone());
+            if let Err(e) = state.publisher.publish(&event).await {
+                tracing::error!(error = %e, "cannot record instance.start_failed");
+            }
+        }
+    }
+    Ok(InstanceStartReply {
+        operation_id,
+        instances: placements,
+    })
+}
+
+fn not_found(id: &InstanceId) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::NotFound,
+        format!("no instance {id}; `trellis instance ls` lists the instances"),
+    )
+    .with_details(serde_json::json!({ "instance_id": id }))
+}
+
+pub(crate) async fn stop(
+    state: &State,
+    request: InstanceStopRequest,
+) -> Result<InstanceStopReply, ErrorBody> {
+    let (host_id, status) = {
+        let projection = state.projection();
+        let instance = projection
+            .instances
+            .get(&request.instance_id)
+            .ok_or_else(|| not_found(&request.instance_id))?;
+        (instance.host_id.clone(), instance.status)
+    };
+    if matches!(
+        status,
+        InstanceStatus::Stopped
+            | InstanceStatus::Failed
+            | InstanceStatus::GaveUp
+            | InstanceStatus::Lost
+    ) {
+        return Err(ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "instance {} has already ended ({})",
+                request.instance_id,
+                status.as_str()
+            ),
+        ));
+    }
+    let operation_id = ulid::Ulid::generate().to_string();
+    let cmd = StopInstanceCommand {
+        operation_id: operation_id.clone(),
+        instance_id: request.instance_id.clone(),
+    };
+    command(state, &host_id, "instance.stop", &cmd).await?;
+    Ok(InstanceStopReply {
+        operation_id,
+        instance: Placement {
+            instance_id: request.instance_id,
+            host_id,
+        },
+    })
+}
+
+pub(crate) fn list(
+    state: &State,
+    request: InstanceListRequest,
+) -> Result<InstanceListReply, ErrorBody> {
+    let limit = page_size(request.limit)?;
+    let projection = state.projection();
+    let (instances, next_after) = page(&projection.instances, request.after.as_ref(), limit, |i| {
+        request.component.as_ref().is_none_or(|c| &i.component == c)
+            && request.host_id.as_ref().is_none_or(|h| &i.host_id == h)
+            && request.status.is_none_or(|s| s == i.status)
+    });
+    Ok(InstanceListReply {
+        as_of: projection.last_seq.max(state.as_of()),
+        instances: instances.into_iter().cloned().collect(),
+        next_after,
+    })
+}
+
+pub(crate) async fn get(
+    state: &State,
+    request: InstanceGetRequest,
+) -> Result<InstanceGetReply, ErrorBody> {
+    let (instance, as_of) = {
+        let projection = state.projection();
+        let instance = projection
+            .instances
+            .get(&request.instance_id)
+            .cloned()
+            .ok_or_else(|| not_found(&request.instance_id))?;
+        (instance, projection.last_seq.max(state.as_of()))
+    };
+    let history = history(state, &request.instance_id, as_of).await?;
+    Ok(InstanceGetReply {
+        as_of,
+        instance,
+        history,
+    })
+}
+
+/// The instance's facts the stream still keeps, up to `as_of`.
+async fn history(
+    state: &State,
+    id: &InstanceId,
+    as_of: u64,
+) -> Result<Vec<HistoryEntry>, ErrorBody> {
+    let unavailable =
+        |e: trellis_bus::ReadError| ErrorBody::new(ErrorCode::Unavailable, e.to_string());
+    let mut reader = FactStream::open(
+        &state.client,
+        &state.js,
+        &subject::events_stream(&state.config.lattice),
+        Some(subject::events_of_instance(&state.config.lattice, id)),
+        StartAt::Beginning,
+    )
+    .await
+    .map_err(unavailable)?;
+    let mut history = Vec::new();
+    let read = async {
+        while let Some(raw) = reader.next().await {
+            let raw = raw.map_err(unavailable)?;
+            if raw.seq > as_of {
+                break;
+            }
+            if let Ok(event) = Event::decode(&raw.payload) {
+                history.push(HistoryEntry {
+                    seq: raw.seq,
+                    time: event.time,
+                    kind: event.kind().short_name(),
+                    summary: event.summary(),
+                    causation_id: event.causation_id.clone(),
+                });
+            }
+            if raw.pending == 0 {
+                break;
+            }
+        }
+        Ok::<(), ErrorBody>(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| {
+            ErrorBody::new(
+                ErrorCode::Unavailable,
+                "reading the instance's history timed out",
+            )
+        })??;
+    Ok(history)
+}

@@ -1,0 +1,514 @@
+//! CLI commands for components, instances and calls.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use trellis_schemas::control::{
+    ComponentListRequest, ComponentRegisterRequest, InstanceGetRequest, InstanceListRequest,
+    InstanceStartRequest, InstanceStopRequest,
+};
+use trellis_schemas::instance::dataplane;
+use trellis_schemas::{
+    ComponentName, Event, FactData, HostId, InstanceId, InstanceRecord, Manifest, RestartPolicy,
+    subject,
+};
+
+use crate::cli::{Failure, Global, Output, ago, failure, print_json};
+use crate::client::CtlClient;
+use crate::output::Table;
+
+/// `trellis component …`
+#[derive(Debug, Subcommand)]
+pub enum ComponentCommand {
+    /// Store a component in the lattice's artifact store and record it.
+    Push {
+        /// The `.wasm` file.
+        wasm: PathBuf,
+        /// Its `Component.toml` [default: `Component.toml` next to the `.wasm`, else in the current directory].
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// List stored components.
+    Ls,
+}
+
+/// `trellis instance …`
+#[derive(Debug, Subcommand)]
+pub enum InstanceCommand {
+    /// Start instances of a component (`name`, `name@version`, `sha256:…` or `file:///path.wasm`).
+    Start(StartArgs),
+    /// Stop an instance.
+    Stop {
+        /// The instance id.
+        instance_id: InstanceId,
+        /// Wait until the host reports it stopped.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List instances.
+    Ls {
+        /// Only instances of this component.
+        #[arg(long)]
+        component: Option<String>,
+        /// Only instances on this host.
+        #[arg(long)]
+        host: Option<HostId>,
+    },
+    /// Show one instance and its fact history.
+    Get {
+        /// The instance id.
+        instance_id: InstanceId,
+    },
+}
+
+/// Options of `trellis instance start`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The component.
+    component: String,
+    /// How many instances.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Only on this host.
+    #[arg(long, conflicts_with = "labels")]
+    host: Option<HostId>,
+    /// Only on hosts with this label, `key=value`; repeat for more.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// `never`, `always` or `backoff:<initial>,<max>[,<attempts>]`.
+    #[arg(long, default_value = "never")]
+    restart: RestartPolicy,
+    /// Wait until every instance has started (or failed to).
+    #[arg(long)]
+    wait: bool,
+}
+
+/// Options of `trellis call`.
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// A component name (any of its instances answers) or an instance id.
+    target: String,
+    /// The export: `name`, or `pkg:name/interface#name`.
+    export: String,
+    /// Arguments, one per parameter, each JSON (`42`, `'"text"'`, `'[1,2]'`); a word that is not
+    /// JSON is taken as a string.
+    args: Vec<String>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("label {s:?} is not key=value")),
+    }
+}
+
+fn manifest_path(wasm: &Path, given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| {
+        let beside = wasm.with_file_name("Component.toml");
+        if beside.exists() {
+            beside
+        } else {
+            PathBuf::from("Component.toml")
+        }
+    })
+}
+
+pub(crate) async fn component(
+    g: &Global,
+    client: &CtlClient,
+    cmd: ComponentCommand,
+) -> Result<(), Failure> {
+    match cmd {
+        ComponentCommand::Push { wasm, manifest } => {
+            let manifest_path = manifest_path(&wasm, manifest);
+            let text = std::fs::read_to_string(&manifest_path)
+                .map_err(|e| failure(1, format!("cannot read {}: {e}", manifest_path.display())))?;
+            // Same checks as the controller's, before uploading anything.
+            Manifest::from_toml(&text)
+                .map_err(|e| failure(1, format!("{}: {e}", manifest_path.display())))?;
+            let bytes = std::fs::read(&wasm)
+                .map_err(|e| failure(1, format!("cannot read {}: {e}", wasm.display())))?;
+            let js = async_nats::jetstream::new(client.nats().clone());
+            let digest = trellis_bus::put_artifact(&js, client.lattice(), &bytes)
+                .await
+                .map_err(|e| failure(1, e.to_string()))?;
+            let reply = client
+                .request(&ComponentRegisterRequest {
+                    digest,
+                    manifest: text,
+                })
+                .await?;
+            if g.output == Output::Json {
+                return print_json(&reply);
+            }
+            let c = &reply.component;
+            println!(
+                "stored {}@{} ({} bytes) as {}",
+                c.manifest.name, c.manifest.version, c.size, c.digest
+            );
+            Ok(())
+        }
+        ComponentCommand::Ls => {
+            let reply = client.request(&ComponentListRequest::default()).await?;
+            if g.output == Output::Json {
+                return print_json(&reply);
+            }
+            let mut table = Table::new(&[
+                "NAME", "VERSION", "SIZE", "MEMORY", "FUEL", "TIMEOUT", "DIGEST",
+            ]);
+            for c in &reply.components {
+                let m = &c.manifest;
+                table.row(vec![
+                    m.name.to_string(),
+                    m.version.clone(),
+                    c.size.to_string(),
+                    trellis_schemas::manifest::format_bytes(m.max_memory_bytes),
+                    m.fuel.to_string(),
+                    format!("{}ms", m.timeout_ms),
+                    c.digest.clone(),
+                ]);
+            }
+            print!("{}", table.render());
+            Ok(())
+        }
+    }
+}
+
+fn instance_row(i: &InstanceRecord) -> Vec<String> {
+    vec![
+        i.instance_id.to_string(),
+        format!(
+            "{}{}",
+            i.component,
+            i.version
+                .as_ref()
+                .map(|v| format!("@{v}"))
+                .unwrap_or_default()
+        ),
+        i.host_id.to_string(),
+        i.status.as_str().to_owned(),
+        ago(i.status_since),
+        i.attempt.to_string(),
+        i.restart
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "-".into()),
+        i.last_reason.clone().unwrap_or_else(|| "-".into()),
+    ]
+}
+
+const INSTANCE_COLUMNS: &[&str] = &[
+    "INSTANCE",
+    "COMPONENT",
+    "HOST",
+    "STATUS",
+    "SINCE",
+    "RESTARTS",
+    "RESTART",
+    "LAST REASON",
+];
+
+/// Waits for the outcome facts of `instances` caused by `operation`: `started`/`start_failed`
+/// for a start, `stopped` for a stop. Returns the outcome per instance.
+async fn wait_for_outcomes(
+    facts: &mut async_nats::Subscriber,
+    operation: &str,
+    instances: &[InstanceId],
+    timeout: Duration,
+) -> Result<BTreeMap<InstanceId, Event>, Failure> {
+    let deadline = Instant::now() + timeout;
+    let mut outcomes = BTreeMap::new();
+    while outcomes.len() < instances.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let message = match tokio::time::timeout(left, facts.next()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(failure(4, "lost the NATS subscription")),
+            Err(_) => {
+                return Err(failure(
+                    1,
+                    format!(
+                        "{} of {} instances reported within {timeout:?}; `trellis events --follow` shows what happens",
+                        outcomes.len(),
+                        instances.len()
+                    ),
+                ));
+            }
+        };
+        let Ok(event) = Event::decode(&message.payload) else {
+            continue;
+        };
+        if event.causation_id.as_deref() != Some(operation) {
+            continue;
+        }
+        let id = match &event.data {
+            FactData::InstanceStarted(d) => d.instance_id.clone(),
+            FactData::InstanceStartFailed(d) => d.instance_id.clone(),
+            FactData::InstanceStopped(d) => d.instance_id.clone(),
+            _ => continue,
+        };
+        if instances.contains(&id) {
+            outcomes.insert(id, event);
+        }
+    }
+    Ok(outcomes)
+}
+
+pub(crate) async fn instance(
+    g: &Global,
+    client: &CtlClient,
+    cmd: InstanceCommand,
+) -> Result<(), Failure> {
+    let facts_subject = subject::instance_events(client.lattice());
+    match cmd {
+        InstanceCommand::Start(args) => {
+            // Subscribe before asking, so no outcome is missed.
+            let mut facts = client
+                .nats()
+                .subscribe(facts_subject)
+                .await
+                .map_err(|e| failure(4, e.to_string()))?;
+            let request = InstanceStartRequest {
+                component: args.component,
+                count: args.count,
+                host_id: args.host,
+                labels: args.labels.into_iter().collect(),
+                restart: args.restart,
+                min_seq: None,
+            };
+            let reply = client.request(&request).await?;
+            if !args.wait {
+                if g.output == Output::Json {
+                    return print_json(&reply);
+                }
+                println!("operation {}", reply.operation_id);
+                let mut table = Table::new(&["INSTANCE", "HOST"]);
+                for p in &reply.instances {
+                    table.row(vec![p.instance_id.to_string(), p.host_id.to_string()]);
+                }
+                print!("{}", table.render());
+                return Ok(());
+            }
+            let ids: Vec<InstanceId> = reply
+                .instances
+                .iter()
+                .map(|p| p.instance_id.clone())
+                .collect();
+            let outcomes = wait_for_outcomes(
+                &mut facts,
+                &reply.operation_id,
+                &ids,
+                Duration::from_secs(60),
+            )
+            .await?;
+            let failed = outcomes
+                .values()
+                .filter(|e| matches!(e.data, FactData::InstanceStartFailed(_)))
+                .count();
+            if g.output == Output::Json {
+                let json: Vec<serde_json::Value> = outcomes
+                    .values()
+                    .map(|e| {
+                        serde_json::from_slice(&e.encode().unwrap_or_default()).unwrap_or_default()
+                    })
+                    .collect();
+                print_json(&serde_json::json!({
+                    "operation_id": reply.operation_id,
+                    "instances": reply.instances,
+                    "facts": json,
+                }))?;
+            } else {
+                let mut table = Table::new(&["INSTANCE", "HOST", "OUTCOME"]);
+                for p in &reply.instances {
+                    let outcome = outcomes.get(&p.instance_id).map(|e| match &e.data {
+                        FactData::InstanceStartFailed(d) => format!("failed: {}", d.reason),
+                        _ => "started".to_owned(),
+                    });
+                    table.row(vec![
+                        p.instance_id.to_string(),
+                        p.host_id.to_string(),
+                        outcome.unwrap_or_default(),
+                    ]);
+                }
+                print!("{}", table.render());
+            }
+            if failed > 0 {
+                return Err(failure(1, format!("{failed} instance(s) failed to start")));
+            }
+            Ok(())
+        }
+        InstanceCommand::Stop { instance_id, wait } => {
+            let mut facts = client
+                .nats()
+                .subscribe(facts_subject)
+                .await
+                .map_err(|e| failure(4, e.to_string()))?;
+            let reply = client
+                .request(&InstanceStopRequest {
+                    instance_id: instance_id.clone(),
+                })
+                .await?;
+            if wait {
+                wait_for_outcomes(
+                    &mut facts,
+                    &reply.operation_id,
+                    &[instance_id],
+                    Duration::from_secs(60),
+                )
+                .await?;
+            }
+            if g.output == Output::Json {
+                return print_json(&reply);
+            }
+            println!(
+                "{} {} on {}",
+                if wait { "stopped" } else { "stopping" },
+                reply.instance.instance_id,
+                reply.instance.host_id
+            );
+            Ok(())
+        }
+        InstanceCommand::Ls { component, host } => {
+            let mut all = Vec::new();
+            let mut after = None;
+            loop {
+                let reply = client
+                    .request(&InstanceListRequest {
+                        component: component.clone(),
+                        host_id: host.clone(),
+                        after,
+                        ..Default::default()
+                    })
+                    .await?;
+                all.extend(reply.instances);
+                after = reply.next_after;
+                if after.is_none() {
+                    break;
+                }
+            }
+            if g.output == Output::Json {
+                return print_json(&serde_json::json!({ "instances": all }));
+            }
+            let mut table = Table::new(INSTANCE_COLUMNS);
+            for i in &all {
+                table.row(instance_row(i));
+            }
+            print!("{}", table.render());
+            Ok(())
+        }
+        InstanceCommand::Get { instance_id } => {
+            let reply = client
+                .request(&InstanceGetRequest {
+                    instance_id,
+                    min_seq: None,
+                })
+                .await?;
+            if g.output == Output::Json {
+                return print_json(&reply);
+            }
+            let mut table = Table::new(INSTANCE_COLUMNS);
+            table.row(instance_row(&reply.instance));
+            print!("{}", table.render());
+            println!();
+            let mut history = Table::new(&["SEQ", "TIME", "FACT", "DETAILS"]);
+            for h in &reply.history {
+                history.row(vec![
+                    h.seq.to_string(),
+                    h.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    h.kind.clone(),
+                    h.summary.clone(),
+                ]);
+            }
+            print!("{}", history.render());
+            Ok(())
+        }
+    }
+}
+
+/// The arguments of a call as a JSON array.
+fn call_args(args: &[String]) -> serde_json::Value {
+    serde_json::Value::Array(
+        args.iter()
+            .map(|a| {
+                serde_json::from_str(a).unwrap_or_else(|_| serde_json::Value::String(a.clone()))
+            })
+            .collect(),
+    )
+}
+
+pub(crate) async fn call(
+    g: &Global,
+    nats: &async_nats::Client,
+    args: CallArgs,
+) -> Result<(), Failure> {
+    let subject = if ulid::Ulid::from_string(&args.target).is_ok() {
+        let id = InstanceId::new(args.target.as_str()).map_err(|e| failure(2, e.to_string()))?;
+        subject::instance_call(&g.lattice, &id)
+    } else {
+        let name =
+            ComponentName::new(args.target.as_str()).map_err(|e| failure(2, e.to_string()))?;
+        subject::component_call(&g.lattice, &name)
+    };
+    let body = serde_json::to_vec(&call_args(&args.args)).map_err(|e| failure(1, e.to_string()))?;
+    let mut headers = HeaderMap::new();
+    headers.insert(dataplane::EXPORT, args.export.as_str());
+    let request = async_nats::Request::new()
+        .headers(headers)
+        .payload(body.into());
+    let reply = tokio::time::timeout(g.timeout, nats.send_request(subject, request))
+        .await
+        .map_err(|_| failure(4, format!("no answer within {:?}", g.timeout)))?
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => failure(
+                4,
+                format!(
+                    "no running instance of {} answers; `trellis instance ls` shows them",
+                    args.target
+                ),
+            ),
+            _ => failure(4, e.to_string()),
+        })?;
+    let header = |name: &str| {
+        reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    let text = String::from_utf8_lossy(&reply.payload).into_owned();
+    if header(dataplane::STATUS).as_deref() == Some("ok") {
+        if g.output == Output::Json {
+            println!("{text}");
+        } else {
+            match serde_json::from_str::<serde_json::Value>(&text) {
+                Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or(text)),
+                Err(_) => println!("{text}"),
+            }
+        }
+        return Ok(());
+    }
+    let code = header(dataplane::ERROR_CODE).unwrap_or_else(|| "error".into());
+    let reason = header(dataplane::REASON)
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    Err(failure(1, format!("{code}{reason}: {text}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_arguments_are_json_or_strings() {
+        let args: Vec<String> = ["1", "\"x\"", "[1,2]", "hello", "{\"a\":1}"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            call_args(&args),
+            serde_json::json!([1, "x", [1, 2], "hello", {"a": 1}])
+        );
+        assert_eq!(call_args(&[]), serde_json::json!([]));
+    }
+}
