@@ -319,12 +319,24 @@ fn labels(labels: &BTreeMap<String, String>) -> String {
 async fn host(client: &CtlClient, output: Output, cmd: HostCommand) -> Result<(), Failure> {
     match cmd {
         HostCommand::Ls { status } => {
-            let reply = client
+            // Page through the whole list; the JSON output is one reply with every host.
+            let mut reply = client
                 .request(&HostListRequest {
                     status,
                     ..Default::default()
                 })
                 .await?;
+            while let Some(after) = reply.next_after.take() {
+                let next = client
+                    .request(&HostListRequest {
+                        status,
+                        after: Some(after),
+                        ..Default::default()
+                    })
+                    .await?;
+                reply.hosts.extend(next.hosts);
+                reply.next_after = next.next_after;
+            }
             if output == Output::Json {
                 return print_json(&reply);
             }

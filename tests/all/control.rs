@@ -56,8 +56,15 @@ fn readme_commands() -> (Vec<ReadmeRequest>, Vec<String>) {
             };
             let (subject, body) = command.split_once(' ').unwrap_or((&command, "''"));
             let body = body.trim();
-            let body = body.strip_prefix('\'').and_then(|b| b.strip_suffix('\'')).unwrap_or(body);
-            requests.push(ReadmeRequest { subject: subject.to_owned(), body: body.to_owned(), expect_error });
+            let body = body
+                .strip_prefix('\'')
+                .and_then(|b| b.strip_suffix('\''))
+                .unwrap_or(body);
+            requests.push(ReadmeRequest {
+                subject: subject.to_owned(),
+                body: body.to_owned(),
+                expect_error,
+            });
         } else if let Some(rest) = line.strip_prefix("nats sub ") {
             subs.push(rest.trim().trim_matches('\'').to_owned());
         }
@@ -96,7 +103,9 @@ async fn readme_nats_commands_get_replies_that_match_the_schemas() {
     // The README starts instances of `counter`: store one.
     let js = async_nats::jetstream::new(nats.client().await);
     let wasm = trellis_tests::components::build().path("counter");
-    let digest = trellis_bus::put_artifact(&js, &l, &std::fs::read(wasm).unwrap()).await.unwrap();
+    let digest = trellis_bus::put_artifact(&js, &l, &std::fs::read(wasm).unwrap())
+        .await
+        .unwrap();
     ctl.request(&trellis_schemas::control::ComponentRegisterRequest {
         digest,
         manifest: COUNTER_MANIFEST.to_owned(),
@@ -111,10 +120,19 @@ async fn readme_nats_commands_get_replies_that_match_the_schemas() {
     }
     client.flush().await.unwrap();
 
-    for ReadmeRequest { subject: subj, body, expect_error } in &requests {
-        let (noun, verb) = subject::parse_ctl(&l, subj).expect("README subject is a control subject");
+    for ReadmeRequest {
+        subject: subj,
+        body,
+        expect_error,
+    } in &requests
+    {
+        let (noun, verb) =
+            subject::parse_ctl(&l, subj).expect("README subject is a control subject");
         let op = CtlOp::from_parts(noun, verb).unwrap();
-        let reply = client.request(subj.clone(), body.clone().into_bytes().into()).await.unwrap();
+        let reply = client
+            .request(subj.clone(), body.clone().into_bytes().into())
+            .await
+            .unwrap();
         let json: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
         assert_valid(
             &checked_in_schema(&trellis_schemas::json_schema::reply_file(op)),
@@ -129,7 +147,10 @@ async fn readme_nats_commands_get_replies_that_match_the_schemas() {
         );
         match expect_error {
             Some(code) => assert_eq!(json["error"]["code"], code.as_str(), "{subj}: {json}"),
-            None => assert_eq!(json["ok"], true, "`nats req {subj} '{body}'` failed: {json}"),
+            None => assert_eq!(
+                json["ok"], true,
+                "`nats req {subj} '{body}'` failed: {json}"
+            ),
         }
     }
 
