@@ -57,6 +57,13 @@ impl FactKind {
         FactKind::HostStarted,
         FactKind::HostStopped,
         FactKind::HostLost,
+        FactKind::ArtifactStored,
+        FactKind::InstanceStarted,
+        FactKind::InstanceStartFailed,
+        FactKind::InstanceStopped,
+        FactKind::InstanceCrashed,
+        FactKind::InstanceRestarting,
+        FactKind::InstanceGaveUp,
     ];
 
     /// The entity noun (`host`, `instance`, …): the first part of the type and subject.
