@@ -684,7 +684,7 @@ async fn start_failures_say_why() {
     // A digest nobody stored (the bucket exists, holding another artifact).
     artifact(&nats, &l, "typed").await;
     let missing = ComponentSource::Artifact {
-        digest: digest_of(&counter),
+        digest: digest_of(b"never stored"),
         manifest: manifest("counter"),
     };
     // The typed component's digest, but the counter's bytes stored under it.
