@@ -11,8 +11,7 @@
     reason = "benchmark harness"
 )]
 
-#[path = "../tests/support/components.rs"]
-mod components;
+use trellis_tests::components;
 
 use std::time::Duration;
 

@@ -14,8 +14,7 @@
     reason = "a measuring program: any failure should stop it loudly"
 )]
 
-#[path = "../tests/support/components.rs"]
-mod components;
+use trellis_tests::components;
 
 use trellis_host::{Runtime, RuntimeConfig};
 use wasmtime::component::{Component, Linker, ResourceTable};

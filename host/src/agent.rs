@@ -10,11 +10,16 @@
 //!   cut off), the agent announces itself again with `host.started` (`rejoined: true`).
 //! - **Disconnection.** The NATS client reconnects by itself; facts wait in the publisher's queue and
 //!   are flushed in order once NATS is back. Heartbeats are not queued: a stale heartbeat is useless.
-//! - **Shutdown.** When the shutdown future completes the agent stops heartbeats, publishes
+//! - **Instances.** The agent owns one [`Runtime`] and an [`InstanceManager`], and serves the
+//!   host's command subjects (see [`crate::InstanceManager`] for starting, serving, crashes and
+//!   restarts).
+//! - **Shutdown.** When the shutdown future completes the agent stops taking commands, stops every
+//!   instance (`instance.stopped`, reason `host draining`), stops heartbeats, publishes
 //!   `host.stopped` with the reason and waits (bounded) until its facts are stored.
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -24,6 +29,9 @@ use trellis_schemas::{
     Capacity, Event, FactData, FactKind, Heartbeat, HostId, HostStarted, HostStopped, Lattice,
     fact::source, subject,
 };
+
+use crate::instances::{InstanceManager, InstancesConfig, serve_commands};
+use crate::runtime::{Runtime, RuntimeConfig, RuntimeError};
 
 /// How a host is configured.
 #[derive(Debug, Clone)]
@@ -44,6 +52,11 @@ pub struct HostConfig {
     pub drain_timeout: Duration,
     /// Stream configuration, used if this host is the first process of the lattice.
     pub streams: StreamSettings,
+    /// The runtime's ceilings and pool. Without a cache directory, the host uses
+    /// [`default_cache_dir`] for its id.
+    pub runtime: RuntimeConfig,
+    /// The largest artifact the host fetches, in bytes. Default 256 MiB.
+    pub max_artifact_bytes: u64,
 }
 
 impl HostConfig {
@@ -58,8 +71,22 @@ impl HostConfig {
             heartbeat_interval: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(5),
             streams: StreamSettings::default(),
+            runtime: RuntimeConfig::new(),
+            max_artifact_bytes: InstancesConfig::default().max_artifact_bytes,
         }
     }
+}
+
+/// Where a host keeps compiled components when not told otherwise:
+/// `$XDG_CACHE_HOME/trellis/host-<host_id>`, else `~/.cache/trellis/host-<host_id>`, else a
+/// directory under the system's temporary directory.
+pub fn default_cache_dir(host_id: &HostId) -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("trellis").join(format!("host-{host_id}"))
 }
 
 /// The capacity of this machine: its cores and memory, and `max_instances`.
@@ -96,6 +123,12 @@ pub enum HostError {
     /// The fact stream could not be read.
     #[error(transparent)]
     Read(#[from] trellis_bus::ReadError),
+    /// The WebAssembly runtime could not be created.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The host's command subjects could not be subscribed to.
+    #[error("subscribing to the host's commands: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
 }
 
 /// Runs the host until `shutdown` completes with a reason (`"signal: SIGTERM"`), then drains.
@@ -104,6 +137,11 @@ pub async fn run(
     shutdown: impl Future<Output = String>,
 ) -> Result<(), HostError> {
     let started = Instant::now();
+    let mut runtime_config = config.runtime.clone();
+    if runtime_config.cache_dir.is_none() {
+        runtime_config.cache_dir(default_cache_dir(&config.host_id));
+    }
+    let runtime = Runtime::new(&runtime_config)?;
     let client = connect(
         &config.nats_url,
         &format!("trellis-host {}", config.host_id),
@@ -161,10 +199,38 @@ pub async fn run(
         })
     };
 
-    let heartbeats = tokio::spawn(heartbeat_loop(client.clone(), config.clone(), started));
+    let instances = InstanceManager::new(
+        client.clone(),
+        publisher.clone(),
+        config.lattice.clone(),
+        config.host_id.clone(),
+        runtime,
+        &InstancesConfig {
+            max_instances: config.capacity.max_instances,
+            max_artifact_bytes: config.max_artifact_bytes,
+        },
+    );
+    let commands = serve_commands(
+        client.clone(),
+        &config.lattice,
+        &config.host_id,
+        instances.clone(),
+    )
+    .await?;
+
+    let heartbeats = tokio::spawn(heartbeat_loop(
+        client.clone(),
+        config.clone(),
+        started,
+        instances.clone(),
+    ));
 
     let reason = shutdown.await;
     tracing::info!(%reason, "draining");
+    commands.abort();
+    instances
+        .stop_all("host draining", config.drain_timeout)
+        .await;
     heartbeats.abort();
     rejoin.abort();
     let stopped = Event::new(
@@ -202,7 +268,12 @@ fn host_started(config: &HostConfig, source: &str, rejoined: bool) -> Event {
     )
 }
 
-async fn heartbeat_loop(client: async_nats::Client, config: HostConfig, started: Instant) {
+async fn heartbeat_loop(
+    client: async_nats::Client,
+    config: HostConfig,
+    started: Instant,
+    instances: InstanceManager,
+) {
     let subject = subject::heartbeat(&config.lattice, &config.host_id);
     let mut ticker = tokio::time::interval(config.heartbeat_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -219,7 +290,7 @@ async fn heartbeat_loop(client: async_nats::Client, config: HostConfig, started:
             version: trellis_schemas::VERSION.to_owned(),
             labels: config.labels.clone(),
             capacity: config.capacity.clone(),
-            instances: Vec::new(),
+            instances: instances.inventory(),
         };
         let payload = match serde_json::to_vec(&heartbeat) {
             Ok(p) => p,

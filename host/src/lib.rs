@@ -103,7 +103,9 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+mod instances;
 mod runtime;
 
 pub use agent::{HostConfig, HostError, run};
+pub use instances::{InstanceManager, InstancesConfig, StartError, serve_commands};
 pub use runtime::*;

@@ -1,6 +1,7 @@
 //! `trellis-host`: joins a lattice and runs instances on this machine.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -34,6 +35,44 @@ struct Args {
     /// The most instances this host runs at once.
     #[arg(long, default_value_t = 100)]
     max_instances: u32,
+    /// Where compiled components are cached (default: `$XDG_CACHE_HOME/trellis/host-<id>`).
+    #[arg(long, env = "TRELLIS_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Largest `limits.max_memory` a component may ask for (`512MiB`, `1GiB`, bytes).
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    max_memory: u64,
+    /// Largest `limits.fuel` a component may ask for.
+    #[arg(long, default_value_t = 10_000_000_000)]
+    max_fuel: u64,
+    /// Largest `limits.timeout` a component may ask for (`60s`).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    max_timeout: Duration,
+    /// Largest `limits.max_concurrency` a component may ask for.
+    #[arg(long, default_value_t = 1024)]
+    max_concurrency: u32,
+    /// Invocations in flight across all instances that the pooling allocator holds at once
+    /// (each slot reserves virtual memory for `--max-memory`).
+    #[arg(long, default_value_t = 1000)]
+    pooling_instances: u32,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 512MiB"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?}: use B, KiB, MiB or GiB")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -64,6 +103,16 @@ async fn main() -> anyhow::Result<()> {
     config.labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
     config.capacity = machine_capacity(args.max_instances);
     config.heartbeat_interval = args.heartbeat_interval;
+    config
+        .runtime
+        .max_memory(args.max_memory)
+        .max_fuel(args.max_fuel)
+        .max_timeout(args.max_timeout)
+        .max_concurrency(args.max_concurrency)
+        .pooling_instances(args.pooling_instances);
+    if let Some(dir) = args.cache_dir {
+        config.runtime.cache_dir(dir);
+    }
     trellis_host::run(config, shutdown_signal())
         .await
         .context("trellis-host failed")

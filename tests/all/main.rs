@@ -3,5 +3,6 @@
 
 mod cli;
 mod control;
+mod instances;
 mod spine;
 mod workload;

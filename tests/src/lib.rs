@@ -10,6 +10,8 @@
     reason = "test support: failing loudly is the point"
 )]
 
+pub mod components;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

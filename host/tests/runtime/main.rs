@@ -1,13 +1,12 @@
 //! Integration tests of the runtime, against real guest components built for wasm32-wasip2
-//! (see `tests/support/components.rs` for how they are built and found).
+//! (see `trellis_tests::components` for how they are built and found).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
     reason = "tests fail loudly on unexpected errors"
 )]
 
-#[path = "../support/components.rs"]
-mod components;
+use trellis_tests::components;
 
 mod cache;
 mod conversion;

@@ -18,9 +18,8 @@
 //!
 //! Prerequisite: `rustup target add wasm32-wasip2`.
 #![allow(
-    dead_code,
     clippy::expect_used,
-    reason = "shared by tests, benches and examples, which each use part of it; a failed build must stop them"
+    reason = "shared by tests, benches and examples; a failed build must stop them"
 )]
 
 use std::path::{Path, PathBuf};
@@ -71,10 +70,7 @@ pub fn build() -> &'static Components {
     static BUILT: OnceLock<Components> = OnceLock::new();
     BUILT.get_or_init(|| {
         let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let workspace = manifest_dir
-            .parent()
-            .expect("host/ has a parent")
-            .join("tests/components");
+        let workspace = manifest_dir.join("components");
         let target_dir = match std::env::var_os("TRELLIS_WASM_TARGET_DIR") {
             Some(dir) => PathBuf::from(dir),
             None => outer_target_dir().join("wasm-components"),

@@ -1,0 +1,307 @@
+//! One instance's life on this host: start, serve, crash, restart, stop.
+//!
+//! Each instance has a supervisor task that owns its subscriptions and is the only writer of its
+//! facts, so they are published in the order things happened. Calls run in tasks of their own;
+//! the first one that crashes tells the supervisor, which ends the serving period (later calls
+//! are refused with `not_running`), publishes `instance.crashed` and applies the restart policy.
+//! However many calls crash at once, a period ends once and leads to one restart.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use futures::{FutureExt as _, StreamExt as _};
+use tokio::sync::mpsc;
+use trellis_schemas::fact::{
+    InstanceCrashed, InstanceGaveUp, InstanceRestarting, InstanceStarted, InstanceStopped,
+};
+use trellis_schemas::{ComponentName, Event, FactData, InstanceId, RestartPolicy, subject};
+
+use super::call::{Crash, Serving};
+use super::manager::{Context, Slot};
+use crate::runtime::LoadedComponent;
+
+/// Where an instance is in its life, as heartbeats report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum State {
+    Starting = 0,
+    Running = 1,
+    Restarting = 2,
+    Stopping = 3,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Restarting => "restarting",
+            State::Stopping => "stopping",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => State::Starting,
+            1 => State::Running,
+            2 => State::Restarting,
+            _ => State::Stopping,
+        }
+    }
+}
+
+/// The state cell shared by the supervisor and the inventory.
+#[derive(Debug, Default)]
+pub(crate) struct StateCell(AtomicU8);
+
+impl StateCell {
+    pub fn get(&self) -> State {
+        State::from_u8(self.0.load(Ordering::Relaxed))
+    }
+
+    pub fn set(&self, state: State) {
+        self.0.store(state as u8, Ordering::Relaxed);
+    }
+}
+
+/// A request to stop an instance.
+#[derive(Debug)]
+pub(crate) struct Stop {
+    /// `requested`, `host draining`.
+    pub reason: String,
+    /// The stop command's operation, if any.
+    pub operation_id: Option<String>,
+}
+
+/// How a serving period ended.
+enum Ended {
+    Crash(Crash),
+    Stop(Stop),
+    /// The NATS client closed the subscriptions (the client is shutting down).
+    Closed,
+}
+
+/// What a running instance is.
+pub(crate) struct Spec {
+    pub id: InstanceId,
+    pub name: ComponentName,
+    pub version: String,
+    pub digest: String,
+    pub restart: RestartPolicy,
+    pub operation_id: String,
+}
+
+/// Serves `component` as instance `spec.id` until it is stopped or ends by its restart policy.
+/// Publishes `instance.started` for attempt 0 first.
+pub(crate) async fn supervise(
+    ctx: Arc<Context>,
+    spec: Spec,
+    component: LoadedComponent,
+    state: Arc<StateCell>,
+    mut stop: mpsc::Receiver<Stop>,
+    slot: Slot,
+) {
+    // Taken (freeing the place) just before the fact that ends the instance.
+    let mut slot = Some(slot);
+    let mut attempt: u32 = 0;
+    let timeout = component.manifest().limits.timeout;
+    loop {
+        let (serving, crashed) =
+            Serving::new(ctx.client.clone(), component.clone(), spec.id.as_str());
+        let serving = Arc::new(serving);
+        let queue = subject::component_queue(&spec.name);
+        let subscribed = async {
+            let by_component = ctx
+                .client
+                .queue_subscribe(subject::component_call(&ctx.lattice, &spec.name), queue)
+                .await?;
+            let by_instance = ctx
+                .client
+                .subscribe(subject::instance_call(&ctx.lattice, &spec.id))
+                .await?;
+            Ok::<_, async_nats::SubscribeError>((by_component, by_instance))
+        }
+        .await;
+        let (mut by_component, mut by_instance) = match subscribed {
+            Ok(subs) => subs,
+            Err(e) => {
+                // Only a closed client refuses a subscription: the host is going away.
+                tracing::error!(instance = %spec.id, error = %e, "cannot subscribe; instance ends");
+                return;
+            }
+        };
+        state.set(State::Running);
+        ctx.publish(
+            Event::new(
+                ctx.source.clone(),
+                FactData::InstanceStarted(InstanceStarted {
+                    instance_id: spec.id.clone(),
+                    host_id: ctx.host_id.clone(),
+                    component: spec.name.clone(),
+                    version: spec.version.clone(),
+                    digest: spec.digest.clone(),
+                    restart: spec.restart,
+                    attempt,
+                }),
+            )
+            .caused_by(spec.operation_id.clone()),
+        );
+        tracing::info!(instance = %spec.id, component = %spec.name, attempt, "instance serving");
+
+        let mut crashed = crashed;
+        let ended = loop {
+            tokio::select! {
+                biased;
+                crash = &mut crashed => match crash {
+                    Ok(crash) => break Ended::Crash(crash),
+                    Err(_) => break Ended::Closed,
+                },
+                request = stop.recv() => break Ended::Stop(request.unwrap_or(Stop {
+                    reason: "host draining".to_owned(),
+                    operation_id: None,
+                })),
+                message = by_component.next() => match message {
+                    Some(message) => spawn_call(&serving, message),
+                    None => break Ended::Closed,
+                },
+                message = by_instance.next() => match message {
+                    Some(message) => spawn_call(&serving, message),
+                    None => break Ended::Closed,
+                },
+            }
+        };
+
+        // Stop serving: no new calls of this period; those already delivered are refused.
+        serving.end();
+        let _ = by_component.unsubscribe().await;
+        let _ = by_instance.unsubscribe().await;
+        while let Some(Some(message)) = by_component.next().now_or_never() {
+            refuse(&serving, message);
+        }
+        while let Some(Some(message)) = by_instance.next().now_or_never() {
+            refuse(&serving, message);
+        }
+
+        let crash = match ended {
+            Ended::Closed => return,
+            Ended::Stop(request) => {
+                state.set(State::Stopping);
+                finish_stop(&ctx, &spec, &serving, timeout, request, slot.take()).await;
+                return;
+            }
+            Ended::Crash(crash) => crash,
+        };
+
+        let next = attempt.saturating_add(1);
+        let delay = spec.restart.delay(next);
+        tracing::warn!(instance = %spec.id, reason = %crash.reason, export = %crash.export, will_restart = delay.is_some(), "instance crashed");
+        if delay.is_none() {
+            // This crash ends the instance.
+            drop(slot.take());
+        }
+        ctx.publish(
+            Event::new(
+                ctx.source.clone(),
+                FactData::InstanceCrashed(InstanceCrashed {
+                    instance_id: spec.id.clone(),
+                    host_id: ctx.host_id.clone(),
+                    reason: crash.reason.clone(),
+                    detail: crash.detail,
+                    export: crash.export,
+                    will_restart: delay.is_some(),
+                }),
+            )
+            .caused_by(spec.operation_id.clone()),
+        );
+        let Some(delay) = delay else {
+            if matches!(spec.restart, RestartPolicy::Backoff { .. }) {
+                ctx.publish(
+                    Event::new(
+                        ctx.source.clone(),
+                        FactData::InstanceGaveUp(InstanceGaveUp {
+                            instance_id: spec.id.clone(),
+                            host_id: ctx.host_id.clone(),
+                            attempts: attempt,
+                            last_reason: crash.reason,
+                        }),
+                    )
+                    .caused_by(spec.operation_id.clone()),
+                );
+            }
+            return;
+        };
+        state.set(State::Restarting);
+        ctx.publish(
+            Event::new(
+                ctx.source.clone(),
+                FactData::InstanceRestarting(InstanceRestarting {
+                    instance_id: spec.id.clone(),
+                    host_id: ctx.host_id.clone(),
+                    attempt: next,
+                    delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                }),
+            )
+            .caused_by(spec.operation_id.clone()),
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            request = stop.recv() => {
+                let request = request.unwrap_or(Stop {
+                    reason: "host draining".to_owned(),
+                    operation_id: None,
+                });
+                state.set(State::Stopping);
+                finish_stop(&ctx, &spec, &serving, timeout, request, slot.take()).await;
+                return;
+            }
+        }
+        attempt = next;
+    }
+}
+
+fn spawn_call(serving: &Arc<Serving>, message: async_nats::Message) {
+    serving.enter();
+    let serving = Arc::clone(serving);
+    tokio::spawn(async move { serving.handle(message).await });
+}
+
+fn refuse(serving: &Arc<Serving>, message: async_nats::Message) {
+    let serving = Arc::clone(serving);
+    tokio::spawn(async move { serving.refuse(message).await });
+}
+
+/// Waits (bounded by the invocation timeout plus a margin) for calls in flight, then publishes
+/// `instance.stopped`.
+async fn finish_stop(
+    ctx: &Context,
+    spec: &Spec,
+    serving: &Serving,
+    timeout: Duration,
+    request: Stop,
+    slot: Option<Slot>,
+) {
+    let bound = timeout + Duration::from_millis(500);
+    if tokio::time::timeout(bound, serving.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(instance = %spec.id, ?bound, "calls still running when the instance stopped");
+    }
+    drop(slot);
+    let mut event = Event::new(
+        ctx.source.clone(),
+        FactData::InstanceStopped(InstanceStopped {
+            instance_id: spec.id.clone(),
+            host_id: ctx.host_id.clone(),
+            reason: request.reason,
+        }),
+    );
+    event = event.caused_by(
+        request
+            .operation_id
+            .unwrap_or_else(|| spec.operation_id.clone()),
+    );
+    ctx.publish(event);
+    tracing::info!(instance = %spec.id, "instance stopped");
+}

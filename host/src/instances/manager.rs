@@ -1,0 +1,390 @@
+//! The instances of one host: accepting start and stop commands, the inventory, the drain.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use trellis_bus::FactPublisher;
+use trellis_schemas::fact::{InstanceStartFailed, InstanceStopped};
+use trellis_schemas::instance::{ComponentSource, StartInstanceCommand, StopInstanceCommand};
+use trellis_schemas::{
+    ComponentName, ErrorBody, ErrorCode, Event, FactData, HostId, InstanceId, InventoryInstance,
+    Lattice, subject,
+};
+
+use super::artifact::{Artifacts, Loaded, load_file};
+use super::error::StartError;
+use super::instance::{Spec, State, StateCell, Stop, supervise};
+use crate::runtime::{Digest, Runtime};
+
+/// What every instance of a host shares: the NATS client, the fact publisher and its identity.
+#[derive(Debug)]
+pub(crate) struct Context {
+    pub client: async_nats::Client,
+    pub publisher: FactPublisher,
+    pub lattice: Lattice,
+    pub host_id: HostId,
+    pub source: String,
+}
+
+impl Context {
+    /// Queues a fact; the publisher stores facts in the order they were queued.
+    pub fn publish(&self, event: Event) {
+        if let Err(e) = self.publisher.enqueue(&event) {
+            tracing::error!(error = %e, kind = ?event.kind(), "cannot queue fact");
+        }
+    }
+}
+
+/// Settings of an [`InstanceManager`].
+#[derive(Debug, Clone)]
+pub struct InstancesConfig {
+    /// The most instances the host runs at once (starting, running or restarting).
+    pub max_instances: u32,
+    /// The largest artifact the host fetches, in bytes. Default 256 MiB.
+    pub max_artifact_bytes: u64,
+}
+
+impl Default for InstancesConfig {
+    fn default() -> Self {
+        Self {
+            max_instances: 100,
+            max_artifact_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// Runs the instances of one host.
+///
+/// [`start`](Self::start) and [`stop`](Self::stop) only check and accept a command; the outcome
+/// is published as a fact (`instance.started`, `instance.start_failed`, `instance.stopped`) whose
+/// `causationid` is the command's operation id. Cloning is cheap and shares the instances.
+#[derive(Debug, Clone)]
+pub struct InstanceManager {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    ctx: Arc<Context>,
+    runtime: Runtime,
+    artifacts: Artifacts,
+    max_instances: u32,
+    instances: Mutex<HashMap<InstanceId, Entry>>,
+    next_key: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Tells this entry from a later instance that reuses the id.
+    key: u64,
+    component: String,
+    state: Arc<StateCell>,
+    stop: mpsc::Sender<Stop>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl InstanceManager {
+    /// A manager of no instances yet.
+    pub fn new(
+        client: async_nats::Client,
+        publisher: FactPublisher,
+        lattice: Lattice,
+        host_id: HostId,
+        runtime: Runtime,
+        config: &InstancesConfig,
+    ) -> Self {
+        let js = jetstream::new(client.clone());
+        let source = trellis_schemas::fact::source(&lattice, "host", host_id.as_str());
+        let artifacts = Artifacts::new(
+            js,
+            subject::artifact_bucket(&lattice),
+            config.max_artifact_bytes,
+        );
+        Self {
+            inner: Arc::new(Inner {
+                ctx: Arc::new(Context {
+                    client,
+                    publisher,
+                    lattice,
+                    host_id,
+                    source,
+                }),
+                runtime,
+                artifacts,
+                max_instances: config.max_instances,
+                instances: Mutex::new(HashMap::new()),
+                next_key: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Accepts a start command: the instance starts in the background.
+    ///
+    /// # Errors
+    ///
+    /// `invalid_request` for a bad restart policy or digest, or an instance id already used on
+    /// this host; `no_host_available` when the host runs its `max_instances`.
+    pub fn start(&self, command: StartInstanceCommand) -> Result<(), ErrorBody> {
+        command.restart.validate().map_err(|e| {
+            ErrorBody::new(ErrorCode::InvalidRequest, format!("restart: {e}"))
+                .with_details(serde_json::json!({"field": "restart"}))
+        })?;
+        let component = match &command.component {
+            ComponentSource::Artifact { digest, manifest } => {
+                digest.parse::<Digest>().map_err(|e| {
+                    ErrorBody::new(ErrorCode::InvalidRequest, format!("component.digest: {e}"))
+                        .with_details(serde_json::json!({"field": "component.digest"}))
+                })?;
+                manifest.name.to_string()
+            }
+            ComponentSource::File { path, .. } => path.clone(),
+        };
+        let (stop_tx, stop_rx) = mpsc::channel(4);
+        let state = Arc::new(StateCell::default());
+        let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut instances = self.lock();
+            if instances.contains_key(&command.instance_id) {
+                return Err(ErrorBody::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "instance {} already exists on host {}; choose another instance id",
+                        command.instance_id, self.inner.ctx.host_id
+                    ),
+                )
+                .with_details(serde_json::json!({"instance_id": command.instance_id})));
+            }
+            if instances.len() >= usize::try_from(self.inner.max_instances).unwrap_or(usize::MAX) {
+                return Err(ErrorBody::new(
+                    ErrorCode::NoHostAvailable,
+                    format!(
+                        "host {} already runs its maximum of {} instances; stop one or use another host",
+                        self.inner.ctx.host_id, self.inner.max_instances
+                    ),
+                )
+                .with_details(serde_json::json!({"max_instances": self.inner.max_instances})));
+            }
+            instances.insert(
+                command.instance_id.clone(),
+                Entry {
+                    key,
+                    component: component.clone(),
+                    state: Arc::clone(&state),
+                    stop: stop_tx,
+                    task: None,
+                },
+            );
+            let id = command.instance_id.clone();
+            let inner = Arc::clone(&self.inner);
+            let task_id = id.clone();
+            let task = tokio::spawn(async move {
+                let slot = Slot {
+                    inner: Arc::clone(&inner),
+                    id: task_id,
+                    key,
+                };
+                run(&inner, command, component, state, stop_rx, slot).await;
+            });
+            // The task cannot remove the entry before this: it needs the lock held here.
+            if let Some(entry) = instances.get_mut(&id) {
+                entry.task = Some(task);
+            }
+        }
+        Ok(())
+    }
+
+    /// Accepts a stop command: the instance stops serving, finishes its calls in flight and
+    /// reports `instance.stopped`.
+    ///
+    /// # Errors
+    ///
+    /// `not_found` when no such instance runs on this host.
+    pub fn stop(&self, command: StopInstanceCommand) -> Result<(), ErrorBody> {
+        let instances = self.lock();
+        let not_found = || {
+            ErrorBody::new(
+                ErrorCode::NotFound,
+                format!(
+                    "instance {} does not run on host {}",
+                    command.instance_id, self.inner.ctx.host_id
+                ),
+            )
+            .with_details(serde_json::json!({"instance_id": command.instance_id}))
+        };
+        let entry = instances.get(&command.instance_id).ok_or_else(not_found)?;
+        match entry.stop.try_send(Stop {
+            reason: "requested".to_owned(),
+            operation_id: Some(command.operation_id.clone()),
+        }) {
+            // A full queue means stops are already pending: this one is redundant.
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(not_found()),
+        }
+    }
+
+    /// Every instance on the host and its state, for heartbeats.
+    pub fn inventory(&self) -> Vec<InventoryInstance> {
+        let instances = self.lock();
+        let mut out: Vec<InventoryInstance> = instances
+            .iter()
+            .map(|(id, entry)| InventoryInstance {
+                instance_id: id.to_string(),
+                component: entry.component.clone(),
+                state: entry.state.get().as_str().to_owned(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        out
+    }
+
+    /// Stops every instance with `reason` and waits, up to `timeout`, until each has finished
+    /// its calls in flight and queued its `instance.stopped`.
+    pub async fn stop_all(&self, reason: &str, timeout: Duration) {
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut instances = self.lock();
+            instances
+                .values_mut()
+                .filter_map(|entry| {
+                    let _ = entry.stop.try_send(Stop {
+                        reason: reason.to_owned(),
+                        operation_id: None,
+                    });
+                    entry.task.take()
+                })
+                .collect()
+        };
+        let all = futures::future::join_all(tasks);
+        if tokio::time::timeout(timeout, all).await.is_err() {
+            tracing::warn!(?timeout, "instances still stopping at the end of the drain");
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, Entry>> {
+        self.inner
+            .instances
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// An instance's place on the host. Dropping it frees the place (the instance leaves the
+/// inventory and its id may be used again); an instance drops it before publishing the fact that
+/// ends it, so whoever sees that fact finds the place free.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    inner: Arc<Inner>,
+    id: InstanceId,
+    key: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut instances = self
+            .inner
+            .instances
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if instances.get(&self.id).is_some_and(|e| e.key == self.key) {
+            instances.remove(&self.id);
+        }
+    }
+}
+
+/// Loads the component, then serves it until it ends.
+async fn run(
+    inner: &Inner,
+    command: StartInstanceCommand,
+    component: String,
+    state: Arc<StateCell>,
+    mut stop: mpsc::Receiver<Stop>,
+    slot: Slot,
+) {
+    let ctx = &inner.ctx;
+    state.set(State::Starting);
+    let loading = load(inner, &command.component);
+    let loaded = tokio::select! {
+        loaded = loading => loaded,
+        request = stop.recv() => {
+            let reason = request.as_ref().map_or("host draining", |r| r.reason.as_str()).to_owned();
+            let operation = request
+                .and_then(|r| r.operation_id)
+                .unwrap_or_else(|| command.operation_id.clone());
+            drop(slot);
+            ctx.publish(
+                Event::new(
+                    ctx.source.clone(),
+                    FactData::InstanceStopped(InstanceStopped {
+                        instance_id: command.instance_id.clone(),
+                        host_id: ctx.host_id.clone(),
+                        reason,
+                    }),
+                )
+                .caused_by(operation),
+            );
+            return;
+        }
+    };
+    let (loaded, name) = match loaded {
+        Ok(ok) => ok,
+        Err(error) => {
+            tracing::warn!(instance = %command.instance_id, %error, "instance failed to start");
+            drop(slot);
+            ctx.publish(
+                Event::new(
+                    ctx.source.clone(),
+                    FactData::InstanceStartFailed(InstanceStartFailed {
+                        instance_id: command.instance_id.clone(),
+                        host_id: ctx.host_id.clone(),
+                        component,
+                        reason: error.to_string(),
+                    }),
+                )
+                .caused_by(command.operation_id.clone()),
+            );
+            return;
+        }
+    };
+    let manifest = loaded.component.manifest();
+    let spec = Spec {
+        id: command.instance_id.clone(),
+        name,
+        version: manifest.version.to_string(),
+        digest: loaded.component.load_outcome().digest.to_string(),
+        restart: command.restart,
+        operation_id: command.operation_id.clone(),
+    };
+    let Loaded {
+        component,
+        _bytes: bytes,
+    } = loaded;
+    supervise(Arc::clone(ctx), spec, component, state, stop, slot).await;
+    drop(bytes);
+}
+
+/// Fetches and loads the code of `source`; returns it with the component's name.
+async fn load(
+    inner: &Inner,
+    source: &ComponentSource,
+) -> Result<(Loaded, ComponentName), StartError> {
+    let loaded = match source {
+        ComponentSource::Artifact { digest, manifest } => {
+            let digest: Digest = digest.parse()?;
+            let manifest = manifest.to_manifest()?;
+            inner
+                .artifacts
+                .load_artifact(&inner.runtime, digest, manifest)
+                .await?
+        }
+        ComponentSource::File {
+            path,
+            manifest_path,
+        } => load_file(&inner.runtime, path, manifest_path.as_deref()).await?,
+    };
+    let name = ComponentName::new(loaded.component.manifest().name.as_str())?;
+    Ok((loaded, name))
+}
