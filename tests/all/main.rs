@@ -4,5 +4,6 @@
 mod cli;
 mod control;
 mod instances;
+mod lifecycle;
 mod spine;
 mod workload;
