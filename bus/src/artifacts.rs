@@ -117,10 +117,10 @@ pub async fn stat_artifact(
 ) -> Result<u64, ArtifactError> {
     let hex_digest = digest_hex(digest)?;
     let store = artifact_store(js, lattice).await?;
-    let info = store
-        .info(hex_digest)
-        .await
-        .map_err(|_| ArtifactError::NotFound(digest.to_owned()))?;
+    let info = store.info(hex_digest).await.map_err(|e| match e.kind() {
+        object_store::InfoErrorKind::NotFound => ArtifactError::NotFound(digest.to_owned()),
+        _ => ArtifactError::Store(e.to_string()),
+    })?;
     if info.deleted {
         return Err(ArtifactError::NotFound(digest.to_owned()));
     }
@@ -159,10 +159,18 @@ pub async fn fetch_artifact(
         .await
         .map_err(|_| ArtifactError::NotFound(digest.to_owned()))?;
     let mut bytes = Vec::with_capacity(size as usize);
-    object
+    // `take` bounds the read even if the object is longer than its info says.
+    (&mut object)
+        .take(limit + 1)
         .read_to_end(&mut bytes)
         .await
         .map_err(|e| ArtifactError::Store(e.to_string()))?;
+    if bytes.len() as u64 > limit {
+        return Err(ArtifactError::TooLarge {
+            size: bytes.len() as u64,
+            limit,
+        });
+    }
     let actual = digest_of(&bytes);
     if actual != digest {
         return Err(ArtifactError::DigestMismatch {

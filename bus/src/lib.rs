@@ -24,6 +24,7 @@ mod artifacts;
 mod connect;
 mod publisher;
 mod reader;
+mod signal;
 mod streams;
 
 pub use artifacts::{
@@ -33,6 +34,7 @@ pub use artifacts::{
 pub use connect::{ConnectError, connect};
 pub use publisher::{FactPublisher, PublishError, publish_exclusive};
 pub use reader::{FactStream, RawFact, ReadError, StartAt, count_messages};
+pub use signal::shutdown_signal;
 pub use streams::{StreamError, StreamSettings, ensure_streams, events_stream_state};
 
 pub use async_nats;

@@ -221,9 +221,11 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(id) = args.replica_id {
                 config.replica_id = id;
             }
-            crate::controller::run(config, shutdown_signal())
-                .await
-                .map_err(|e| failure(1, e.to_string()))
+            crate::controller::run(config, async {
+                trellis_bus::shutdown_signal().await;
+            })
+            .await
+            .map_err(|e| failure(1, e.to_string()))
         }
         Command::Host(cmd) => {
             let client = ctl_client(&g).await?;
@@ -491,19 +493,4 @@ fn print_fact(output: Output, seq: u64, payload: &[u8], header: &mut bool) -> Re
         Err(e) => println!("{seq:<8} (undecodable fact: {e})"),
     }
     Ok(())
-}
-
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

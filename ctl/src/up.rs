@@ -16,9 +16,10 @@ use tokio::process::{Child, Command};
 use trellis_schemas::control::HostListRequest;
 use trellis_schemas::{HostId, Lattice};
 
-use crate::cli::{Failure, shutdown_signal};
+use crate::cli::Failure;
 use crate::client::CtlClient;
 use crate::output::Table;
+use trellis_bus::shutdown_signal;
 
 /// Options of `trellis up`.
 #[derive(Debug, Args)]

@@ -113,22 +113,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(dir) = args.cache_dir {
         config.runtime.cache_dir(dir);
     }
-    trellis_host::run(config, shutdown_signal())
+    trellis_host::run(config, trellis_bus::shutdown_signal())
         .await
         .context("trellis-host failed")
-}
-
-async fn shutdown_signal() -> String {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the host can only be killed; run until then.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "signal: SIGTERM".to_owned(),
-        _ = int.recv() => "signal: SIGINT".to_owned(),
-    }
 }

@@ -154,6 +154,37 @@ async fn readme_nats_commands_get_replies_that_match_the_schemas() {
         }
     }
 
+    // The README's data-plane call reaches one of the counter instances it started.
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let call = readme
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("nats req trellis.rpc."))
+        .expect("README shows a data-plane call");
+    let (subj, rest) = call.split_once(' ').unwrap();
+    let subj = format!("trellis.rpc.{subj}");
+    let (body, header) = rest.split_once(" -H ").unwrap();
+    let (name, value) = header.trim().trim_matches('\'').split_once(": ").unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(name, value);
+    let body = body.trim().trim_matches('\'').to_owned();
+    let reply = wait_for("a counter instance answers", T, || {
+        let (client, subj, headers, body) = (&client, &subj, &headers, &body);
+        async move {
+            let request = async_nats::Request::new()
+                .headers(headers.clone())
+                .payload(body.clone().into_bytes().into());
+            client.send_request(subj.clone(), request).await.ok()
+        }
+    })
+    .await;
+    let status = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Trellis-Status"))
+        .map(|v| v.as_str().to_owned());
+    assert_eq!(status.as_deref(), Some("ok"), "{:?}", reply);
+    assert_eq!(String::from_utf8_lossy(&reply.payload), "1");
+
     // A new host makes a fact; every README subscription sees it as a valid CloudEvent.
     let mut second = nats.host(&l, "edge-2", &[]);
     for sub in &mut subscriptions {

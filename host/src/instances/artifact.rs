@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use async_nats::jetstream;
-use async_nats::jetstream::object_store::GetErrorKind;
 use bytes::Bytes;
-use tokio::io::AsyncReadExt as _;
 use tokio::sync::OnceCell;
 
 use super::error::StartError;
+use trellis_schemas::Lattice;
+
 use crate::runtime::{Digest, LoadedComponent, Manifest, Runtime};
 
 /// The bytes of one digest, fetched at most once while someone holds them.
@@ -26,7 +26,7 @@ pub(crate) type SharedBytes = Arc<OnceCell<Bytes>>;
 #[derive(Debug)]
 pub(crate) struct Artifacts {
     js: jetstream::Context,
-    bucket: String,
+    lattice: Lattice,
     max_bytes: u64,
     fetched: Mutex<HashMap<Digest, Weak<OnceCell<Bytes>>>>,
 }
@@ -40,10 +40,10 @@ pub(crate) struct Loaded {
 }
 
 impl Artifacts {
-    pub fn new(js: jetstream::Context, bucket: String, max_bytes: u64) -> Self {
+    pub fn new(js: jetstream::Context, lattice: Lattice, max_bytes: u64) -> Self {
         Self {
             js,
-            bucket,
+            lattice,
             max_bytes,
             fetched: Mutex::new(HashMap::new()),
         }
@@ -81,54 +81,29 @@ impl Artifacts {
     }
 
     async fn fetch(&self, digest: &Digest) -> Result<Bytes, StartError> {
-        let hex = digest.to_hex();
-        let store_error = |message: String| StartError::ArtifactStore {
-            digest: digest.to_string(),
-            message,
-        };
-        let missing = || StartError::ArtifactMissing {
-            digest: digest.to_string(),
-            bucket: self.bucket.clone(),
-        };
-        let store = match self.js.get_object_store(&self.bucket).await {
-            Ok(store) => store,
-            // No bucket yet means no artifact was ever stored in this lattice.
-            Err(e)
-                if e.kind() == jetstream::context::ObjectStoreErrorKind::GetStore
-                    && format!("{e:?}").to_ascii_lowercase().contains("not found") =>
-            {
-                return Err(missing());
-            }
-            Err(e) => return Err(store_error(e.to_string())),
-        };
-        let mut object = match store.get(&hex).await {
-            Ok(object) => object,
-            Err(e) if e.kind() == GetErrorKind::NotFound => return Err(missing()),
-            Err(e) => return Err(store_error(e.to_string())),
-        };
-        let size = object.info.size as u64;
-        if size > self.max_bytes {
-            return Err(StartError::ArtifactTooLarge {
-                digest: digest.to_string(),
-                size,
-                limit: self.max_bytes,
-            });
-        }
-        let mut bytes = Vec::with_capacity(object.info.size);
-        // `take` bounds the read even if the object is longer than its info says.
-        (&mut object)
-            .take(self.max_bytes + 1)
-            .read_to_end(&mut bytes)
+        use trellis_bus::ArtifactError;
+        let name = digest.to_string();
+        trellis_bus::fetch_artifact(&self.js, &self.lattice, &name, self.max_bytes)
             .await
-            .map_err(|e| store_error(e.to_string()))?;
-        if bytes.len() as u64 > self.max_bytes {
-            return Err(StartError::ArtifactTooLarge {
-                digest: digest.to_string(),
-                size: bytes.len() as u64,
-                limit: self.max_bytes,
-            });
-        }
-        Ok(Bytes::from(bytes))
+            .map(Bytes::from)
+            .map_err(|e| match e {
+                ArtifactError::NotFound(_) => StartError::ArtifactMissing {
+                    digest: name.clone(),
+                    bucket: trellis_schemas::subject::artifact_bucket(&self.lattice),
+                },
+                ArtifactError::TooLarge { size, limit } => StartError::ArtifactTooLarge {
+                    digest: name.clone(),
+                    size,
+                    limit,
+                },
+                ArtifactError::DigestMismatch { expected, actual } => {
+                    StartError::ArtifactCorrupt { expected, actual }
+                }
+                other => StartError::ArtifactStore {
+                    digest: name.clone(),
+                    message: other.to_string(),
+                },
+            })
     }
 }
 

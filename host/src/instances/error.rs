@@ -30,6 +30,14 @@ pub enum StartError {
         /// The host's bound.
         limit: u64,
     },
+    /// The stored bytes do not match the digest they are stored under.
+    #[error("digest mismatch: the artifact stored as {expected} hashes to {actual}")]
+    ArtifactCorrupt {
+        /// The digest asked for.
+        expected: String,
+        /// What the stored bytes hash to, as the store records it.
+        actual: String,
+    },
     /// The artifact store could not be read.
     #[error("artifact store unavailable while fetching {digest}: {message}")]
     ArtifactStore {

@@ -13,7 +13,7 @@ use trellis_schemas::fact::{InstanceStartFailed, InstanceStopped};
 use trellis_schemas::instance::{ComponentSource, StartInstanceCommand, StopInstanceCommand};
 use trellis_schemas::{
     ComponentName, ErrorBody, ErrorCode, Event, FactData, HostId, InstanceId, InventoryInstance,
-    Lattice, subject,
+    Lattice,
 };
 
 use super::artifact::{Artifacts, Loaded, load_file};
@@ -100,11 +100,7 @@ impl InstanceManager {
     ) -> Self {
         let js = jetstream::new(client.clone());
         let source = trellis_schemas::fact::source(&lattice, "host", host_id.as_str());
-        let artifacts = Artifacts::new(
-            js,
-            subject::artifact_bucket(&lattice),
-            config.max_artifact_bytes,
-        );
+        let artifacts = Artifacts::new(js, lattice.clone(), config.max_artifact_bytes);
         Self {
             inner: Arc::new(Inner {
                 ctx: Arc::new(Context {
