@@ -55,6 +55,9 @@
 //! - [`Manifest`]: the parsed `Component.toml`; every limit is required.
 //! - [`LoadedComponent`]: a compiled, linked, pre-instantiated component. Each
 //!   [`invoke`](LoadedComponent::invoke) runs in a fresh store, so nothing survives between calls.
+//! - [`InstanceManager`]: what the Node Agent runs on top of the runtime: instances started and
+//!   stopped by host commands ([`serve_commands`]), serving calls over NATS, crashes reported as
+//!   facts and restarts under each instance's restart policy.
 //! - [`InvokeError`]: why an invocation failed, with a stable [`reason`](InvokeError::reason)
 //!   such as `fuel_exhausted`, `timeout`, `memory_limit`, `stack_overflow`, `panic` or
 //!   `trap: unreachable`.

@@ -9,6 +9,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use async_nats::header::HeaderName;
 use async_nats::{HeaderMap, HeaderValue, Message};
 use bytes::Bytes;
 use serde_json::Value;
@@ -35,6 +36,10 @@ pub(crate) struct Serving {
     pub client: async_nats::Client,
     pub component: LoadedComponent,
     instance: HeaderValue,
+    /// The header names, parsed once: a name given as `&str` is copied at every use.
+    names: Names,
+    /// The headers of every successful reply.
+    ok: HeaderMap,
     /// Set by the first crash (or the stop): later calls of this period are refused.
     ended: AtomicBool,
     crash: Mutex<Option<oneshot::Sender<Crash>>>,
@@ -49,10 +54,17 @@ impl Serving {
         instance_id: &str,
     ) -> (Self, oneshot::Receiver<Crash>) {
         let (tx, rx) = oneshot::channel();
+        let names = Names::new();
+        let instance = HeaderValue::from(instance_id);
+        let mut ok = HeaderMap::new();
+        ok.insert(names.status.clone(), "ok");
+        ok.insert(names.instance.clone(), instance.clone());
         let serving = Self {
             client,
             component,
-            instance: HeaderValue::from(instance_id),
+            instance,
+            names,
+            ok,
             ended: AtomicBool::new(false),
             crash: Mutex::new(Some(tx)),
             in_flight: AtomicUsize::new(0),
@@ -111,7 +123,7 @@ impl Serving {
         let Some(export) = message
             .headers
             .as_ref()
-            .and_then(|h| h.get(dataplane::EXPORT))
+            .and_then(|h| h.get(self.names.export.clone()))
             .map(HeaderValue::as_str)
             .filter(|e| !e.is_empty())
         else {
@@ -152,12 +164,9 @@ impl Serving {
                         return self.reply_error(Some(reply), "internal", None, why).await;
                     }
                 };
-                let mut headers = HeaderMap::new();
-                headers.insert(dataplane::STATUS, "ok");
-                headers.insert(dataplane::INSTANCE, self.instance.clone());
                 if let Err(e) = self
                     .client
-                    .publish_with_headers(reply, headers, Bytes::from(body))
+                    .publish_with_headers(reply, self.ok.clone(), Bytes::from(body))
                     .await
                 {
                     tracing::debug!(error = %e, "cannot send a call reply");
@@ -207,19 +216,42 @@ impl Serving {
         message: String,
     ) {
         let Some(reply) = reply else { return };
+        let names = &self.names;
         let mut headers = HeaderMap::new();
-        headers.insert(dataplane::STATUS, "error");
-        headers.insert(dataplane::ERROR_CODE, header_safe(code));
+        headers.insert(names.status.clone(), "error");
+        headers.insert(names.error_code.clone(), header_safe(code));
         if let Some(reason) = reason {
-            headers.insert(dataplane::REASON, header_safe(reason));
+            headers.insert(names.reason.clone(), header_safe(reason));
         }
-        headers.insert(dataplane::INSTANCE, self.instance.clone());
+        headers.insert(names.instance.clone(), self.instance.clone());
         if let Err(e) = self
             .client
             .publish_with_headers(reply, headers, Bytes::from(message))
             .await
         {
             tracing::debug!(error = %e, "cannot send a call reply");
+        }
+    }
+}
+
+/// The data plane's header names.
+#[derive(Debug)]
+struct Names {
+    export: HeaderName,
+    status: HeaderName,
+    error_code: HeaderName,
+    reason: HeaderName,
+    instance: HeaderName,
+}
+
+impl Names {
+    fn new() -> Self {
+        Self {
+            export: HeaderName::from_static(dataplane::EXPORT),
+            status: HeaderName::from_static(dataplane::STATUS),
+            error_code: HeaderName::from_static(dataplane::ERROR_CODE),
+            reason: HeaderName::from_static(dataplane::REASON),
+            instance: HeaderName::from_static(dataplane::INSTANCE),
         }
     }
 }
