@@ -179,7 +179,7 @@ pub(crate) fn failure(code: i32, message: impl Into<String>) -> Failure {
 pub fn main() -> ! {
     let cli = Cli::parse();
     let verbose_default = match cli.command {
-        Command::Controller(_) | Command::Up(_) => "info,async_nats=warn",
+        Command::Controller(_) => "info,async_nats=warn",
         _ => "warn,async_nats=error",
     };
     tracing_subscriber::fmt()

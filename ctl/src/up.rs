@@ -13,12 +13,13 @@ use clap::Args;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
-use trellis_schemas::control::HostListRequest;
-use trellis_schemas::{HostId, Lattice};
+use trellis_schemas::control::{HostListRequest, InstanceGetRequest, InstanceStartRequest};
+use trellis_schemas::{HostId, InstanceRecord, InstanceStatus, Lattice, RestartPolicy};
 
 use crate::cli::Failure;
 use crate::client::CtlClient;
 use crate::output::Table;
+use crate::workload::{call_export, push_component};
 use trellis_bus::shutdown_signal;
 
 /// Options of `trellis up`.
@@ -42,6 +43,17 @@ pub struct UpArgs {
     /// Declare the host lost after this long without a heartbeat.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     host_timeout: Duration,
+    /// Once the lattice is up, push this component and start one instance of it (restart policy
+    /// `always`).
+    #[arg(long, value_name = "WASM")]
+    deploy: Option<PathBuf>,
+    /// The deployed component's `Component.toml` [default: next to the `.wasm`].
+    #[arg(long, requires = "deploy")]
+    deploy_manifest: Option<PathBuf>,
+    /// After deploying, call this export with these arguments and show the answer
+    /// (`"greet Trellis"`).
+    #[arg(long, requires = "deploy", value_name = "EXPORT [ARG]...")]
+    call: Option<String>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -86,10 +98,15 @@ impl Proc {
         self.child.id().unwrap_or(0)
     }
 
-    /// SIGTERM, then SIGKILL after `grace`.
+    /// SIGTERM (SIGINT for nats-server, which exits 0 on it), then SIGKILL after `grace`.
     async fn stop(mut self, grace: Duration) {
+        let signal = if self.name == "nats" {
+            Signal::SIGINT
+        } else {
+            Signal::SIGTERM
+        };
         if let Some(pid) = self.child.id() {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            let _ = kill(Pid::from_raw(pid as i32), signal);
         }
         match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(Ok(status)) => println!("  {:<10} stopped ({status})", self.name),
@@ -145,6 +162,84 @@ async fn wait_for_port(port: u16, nats: &mut Proc, timeout: Duration) -> Result<
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// What `--deploy` started.
+struct Deployed {
+    name: String,
+    version: String,
+    instance: InstanceRecord,
+    /// The `--call` made and its answer.
+    answer: Option<(String, String)>,
+}
+
+/// Pushes the component, starts one instance, waits until it runs, and makes the `--call`.
+async fn deploy(client: &CtlClient, wasm: &Path, args: &UpArgs) -> Result<Deployed, Failure> {
+    let registered = push_component(client, wasm, args.deploy_manifest.clone()).await?;
+    let manifest = registered.component.manifest;
+    let start = InstanceStartRequest {
+        component: format!("{}@{}", manifest.name, manifest.version),
+        count: 1,
+        host_id: None,
+        labels: Default::default(),
+        restart: RestartPolicy::Always,
+        min_seq: Some(registered.seq),
+    };
+    let placed = client.request(&start).await?;
+    let id = placed
+        .instances
+        .first()
+        .map(|p| p.instance_id.clone())
+        .ok_or_else(|| fail("the controller placed no instance".into()))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let instance = loop {
+        let reply = client
+            .request(&InstanceGetRequest {
+                instance_id: id.clone(),
+                min_seq: None,
+            })
+            .await;
+        match reply {
+            Ok(r) if r.instance.status == InstanceStatus::Running => break r.instance,
+            Ok(r) if r.instance.status == InstanceStatus::Failed => {
+                return Err(fail(format!(
+                    "{} did not start: {}",
+                    manifest.name,
+                    r.instance.last_reason.unwrap_or_default()
+                )));
+            }
+            _ if Instant::now() > deadline => {
+                return Err(fail(format!("{} did not start within 60s", manifest.name)));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let answer = match &args.call {
+        Some(call) => {
+            let mut words = call.split_whitespace().map(str::to_owned);
+            let export = words
+                .next()
+                .ok_or_else(|| fail("--call needs an export".into()))?;
+            let call_args: Vec<String> = words.collect();
+            let result = call_export(
+                client.nats(),
+                client.lattice(),
+                manifest.name.as_str(),
+                &export,
+                &call_args,
+                Duration::from_secs(10),
+            )
+            .await?;
+            Some((call.clone(), result))
+        }
+        None => None,
+    };
+    Ok(Deployed {
+        name: manifest.name.to_string(),
+        version: manifest.version,
+        instance,
+        answer,
+    })
 }
 
 /// Runs `trellis up` until Ctrl-C (or SIGTERM).
@@ -271,7 +366,12 @@ async fn start_and_wait(
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
 
-    println!("Trellis lattice {lattice:?} is up.");
+    let deployed = match &args.deploy {
+        Some(wasm) => Some(deploy(&client, wasm, args).await?),
+        None => None,
+    };
+
+    println!("Trellis lattice \"{lattice}\" is up.");
     println!();
     match &store {
         Some(store) => println!("  nats        {url}  (JetStream store {})", store.display()),
@@ -295,9 +395,25 @@ async fn start_and_wait(
         ]);
     }
     print!("{}", table.render());
+    if let Some(d) = &deployed {
+        println!();
+        println!(
+            "  component   {}@{} instance {} on {}",
+            d.name, d.version, d.instance.instance_id, d.instance.host_id
+        );
+        if let Some((call, answer)) = &d.answer {
+            println!("  call        {}.{call} → {answer}", d.name);
+        }
+    }
     println!();
     println!("Try:");
     println!("  trellis --nats {url} host ls");
+    if let Some(d) = &deployed {
+        println!("  trellis --nats {url} instance ls");
+        if let Some((call, _)) = &d.answer {
+            println!("  trellis --nats {url} call {} {call}", d.name);
+        }
+    }
     println!("  trellis --nats {url} events --follow");
     println!("  nats --server {url} req trellis.ctl.v1.{lattice}.lattice.status '{{}}'");
     println!();

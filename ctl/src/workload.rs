@@ -8,13 +8,13 @@ use async_nats::HeaderMap;
 use clap::{Args, Subcommand};
 use futures::StreamExt;
 use trellis_schemas::control::{
-    ComponentListRequest, ComponentRegisterRequest, InstanceGetRequest, InstanceListRequest,
-    InstanceStartRequest, InstanceStopRequest,
+    ComponentListRequest, ComponentRegisterReply, ComponentRegisterRequest, InstanceGetRequest,
+    InstanceListRequest, InstanceStartRequest, InstanceStopRequest,
 };
 use trellis_schemas::instance::dataplane;
 use trellis_schemas::{
-    ComponentName, Event, FactData, HostId, InstanceId, InstanceRecord, Manifest, RestartPolicy,
-    subject,
+    ComponentName, Event, FactData, HostId, InstanceId, InstanceRecord, Lattice, Manifest,
+    RestartPolicy, subject,
 };
 
 use crate::cli::{Failure, Global, Output, ago, failure, print_json};
@@ -117,6 +117,33 @@ fn manifest_path(wasm: &Path, given: Option<PathBuf>) -> PathBuf {
     })
 }
 
+/// Uploads `wasm` to the artifact store and registers it with its manifest (by default the
+/// `Component.toml` next to it).
+pub async fn push_component(
+    client: &CtlClient,
+    wasm: &Path,
+    manifest: Option<PathBuf>,
+) -> Result<ComponentRegisterReply, Failure> {
+    let manifest_path = manifest_path(wasm, manifest);
+    let text = std::fs::read_to_string(&manifest_path)
+        .map_err(|e| failure(1, format!("cannot read {}: {e}", manifest_path.display())))?;
+    // Same checks as the controller's, before uploading anything.
+    Manifest::from_toml(&text)
+        .map_err(|e| failure(1, format!("{}: {e}", manifest_path.display())))?;
+    let bytes = std::fs::read(wasm)
+        .map_err(|e| failure(1, format!("cannot read {}: {e}", wasm.display())))?;
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let digest = trellis_bus::put_artifact(&js, client.lattice(), &bytes)
+        .await
+        .map_err(|e| failure(1, e.to_string()))?;
+    Ok(client
+        .request(&ComponentRegisterRequest {
+            digest,
+            manifest: text,
+        })
+        .await?)
+}
+
 pub(crate) async fn component(
     g: &Global,
     client: &CtlClient,
@@ -124,24 +151,7 @@ pub(crate) async fn component(
 ) -> Result<(), Failure> {
     match cmd {
         ComponentCommand::Push { wasm, manifest } => {
-            let manifest_path = manifest_path(&wasm, manifest);
-            let text = std::fs::read_to_string(&manifest_path)
-                .map_err(|e| failure(1, format!("cannot read {}: {e}", manifest_path.display())))?;
-            // Same checks as the controller's, before uploading anything.
-            Manifest::from_toml(&text)
-                .map_err(|e| failure(1, format!("{}: {e}", manifest_path.display())))?;
-            let bytes = std::fs::read(&wasm)
-                .map_err(|e| failure(1, format!("cannot read {}: {e}", wasm.display())))?;
-            let js = async_nats::jetstream::new(client.nats().clone());
-            let digest = trellis_bus::put_artifact(&js, client.lattice(), &bytes)
-                .await
-                .map_err(|e| failure(1, e.to_string()))?;
-            let reply = client
-                .request(&ComponentRegisterRequest {
-                    digest,
-                    manifest: text,
-                })
-                .await?;
+            let reply = push_component(client, &wasm, manifest).await?;
             if g.output == Output::Json {
                 return print_json(&reply);
             }
@@ -443,29 +453,57 @@ pub(crate) async fn call(
     nats: &async_nats::Client,
     args: CallArgs,
 ) -> Result<(), Failure> {
-    let subject = if ulid::Ulid::from_string(&args.target).is_ok() {
-        let id = InstanceId::new(args.target.as_str()).map_err(|e| failure(2, e.to_string()))?;
-        subject::instance_call(&g.lattice, &id)
+    let text = call_export(
+        nats,
+        &g.lattice,
+        &args.target,
+        &args.export,
+        &args.args,
+        g.timeout,
+    )
+    .await?;
+    if g.output == Output::Json {
+        println!("{text}");
     } else {
-        let name =
-            ComponentName::new(args.target.as_str()).map_err(|e| failure(2, e.to_string()))?;
-        subject::component_call(&g.lattice, &name)
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or(text)),
+            Err(_) => println!("{text}"),
+        }
+    }
+    Ok(())
+}
+
+/// Calls `export` of `target` (a component name, or an instance id) over the data plane with
+/// `args` (each JSON, or taken as a string); returns the JSON result as text.
+pub async fn call_export(
+    nats: &async_nats::Client,
+    lattice: &Lattice,
+    target: &str,
+    export: &str,
+    args: &[String],
+    timeout: Duration,
+) -> Result<String, Failure> {
+    let subject = if ulid::Ulid::from_string(target).is_ok() {
+        let id = InstanceId::new(target).map_err(|e| failure(2, e.to_string()))?;
+        subject::instance_call(lattice, &id)
+    } else {
+        let name = ComponentName::new(target).map_err(|e| failure(2, e.to_string()))?;
+        subject::component_call(lattice, &name)
     };
-    let body = serde_json::to_vec(&call_args(&args.args)).map_err(|e| failure(1, e.to_string()))?;
+    let body = serde_json::to_vec(&call_args(args)).map_err(|e| failure(1, e.to_string()))?;
     let mut headers = HeaderMap::new();
-    headers.insert(dataplane::EXPORT, args.export.as_str());
+    headers.insert(dataplane::EXPORT, export);
     let request = async_nats::Request::new()
         .headers(headers)
         .payload(body.into());
-    let reply = tokio::time::timeout(g.timeout, nats.send_request(subject, request))
+    let reply = tokio::time::timeout(timeout, nats.send_request(subject, request))
         .await
-        .map_err(|_| failure(4, format!("no answer within {:?}", g.timeout)))?
+        .map_err(|_| failure(4, format!("no answer within {timeout:?}")))?
         .map_err(|e| match e.kind() {
             async_nats::RequestErrorKind::NoResponders => failure(
                 4,
                 format!(
-                    "no running instance of {} answers; `trellis instance ls` shows them",
-                    args.target
+                    "no running instance of {target} answers; `trellis instance ls` shows them"
                 ),
             ),
             _ => failure(4, e.to_string()),
@@ -479,15 +517,7 @@ pub(crate) async fn call(
     };
     let text = String::from_utf8_lossy(&reply.payload).into_owned();
     if header(dataplane::STATUS).as_deref() == Some("ok") {
-        if g.output == Output::Json {
-            println!("{text}");
-        } else {
-            match serde_json::from_str::<serde_json::Value>(&text) {
-                Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or(text)),
-                Err(_) => println!("{text}"),
-            }
-        }
-        return Ok(());
+        return Ok(text);
     }
     let code = header(dataplane::ERROR_CODE).unwrap_or_else(|| "error".into());
     let reason = header(dataplane::REASON)

@@ -13,8 +13,28 @@ const T: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn trellis_up_starts_a_lattice_and_stops_it_cleanly_on_ctrl_c() {
+    // Deploy a real component with `trellis up`, as scripts/up does with examples/hello.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("Component.toml");
+    std::fs::write(
+        &manifest,
+        "[component]\nname = \"counter\"\nversion = \"2.0.0\"\n[limits]\nmax_memory = \"8MiB\"\nfuel = 1000000\ntimeout = \"1s\"\nmax_concurrency = 4\n",
+    )
+    .unwrap();
+    let wasm = trellis_tests::components::build().path("counter");
     let mut up = Command::new(bin("trellis"))
-        .args(["up", "--host-id", "up-host", "--host-label", "zone=local"])
+        .args([
+            "up",
+            "--host-id",
+            "up-host",
+            "--host-label",
+            "zone=local",
+            "--deploy",
+        ])
+        .arg(&wasm)
+        .arg("--deploy-manifest")
+        .arg(&manifest)
+        .args(["--call", "increment"])
         .env_remove("TRELLIS_NATS_URL")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -46,6 +66,11 @@ async fn trellis_up_starts_a_lattice_and_stops_it_cleanly_on_ctrl_c() {
         "the banner lists the host:\n{banner}"
     );
     assert!(banner.contains("Try:"), "{banner}");
+    assert!(banner.contains("component   counter@2.0.0"), "{banner}");
+    assert!(
+        banner.contains("counter.increment → 1"),
+        "the deployed component answered:\n{banner}"
+    );
 
     // The lattice works: the CLI and a plain client see the host.
     let out = Command::new(bin("trellis"))
