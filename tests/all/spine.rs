@@ -80,8 +80,8 @@ async fn host_joins_heartbeats_and_drains_on_sigterm() {
 async fn silent_host_is_declared_lost_exactly_once_by_two_replicas() {
     let nats = Nats::start().await;
     let l = lattice("liveness");
-    let _a = nats.controller(&l, "a", "1s");
-    let _b = nats.controller(&l, "b", "1s");
+    let _a = nats.controller(&l, "a", "2s");
+    let _b = nats.controller(&l, "b", "2s");
     let mut h1 = nats.host(&l, "h1", &[]);
     let _h2 = nats.host(&l, "h2", &[]);
     let ctl = nats.ctl(&l).await;
@@ -109,8 +109,8 @@ async fn silent_host_is_declared_lost_exactly_once_by_two_replicas() {
     match &lost.event.data {
         FactData::HostLost(d) => {
             assert!(["a", "b"].contains(&d.detected_by.as_str()));
-            assert_eq!(d.timeout_ms, 1000);
-            assert!(d.silent_for_ms > 1000);
+            assert_eq!(d.timeout_ms, 2000);
+            assert!(d.silent_for_ms >= 2000);
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -120,8 +120,8 @@ async fn silent_host_is_declared_lost_exactly_once_by_two_replicas() {
 async fn paused_host_is_lost_then_rejoins_when_resumed() {
     let nats = Nats::start().await;
     let l = lattice("pause");
-    let _a = nats.controller(&l, "a", "1s");
-    let _b = nats.controller(&l, "b", "1s");
+    let _a = nats.controller(&l, "a", "2s");
+    let _b = nats.controller(&l, "b", "2s");
     let h1 = nats.host(&l, "h1", &[]);
     let ctl = nats.ctl(&l).await;
     wait_for("h1 up", T, || async {

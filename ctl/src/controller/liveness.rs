@@ -26,7 +26,8 @@ pub(crate) async fn run(state: Arc<State>) {
     loop {
         ticker.tick().await;
         // A replica that cannot hear heartbeats must not judge hosts by their silence: while
-        // disconnected it declares nothing, and once back it gives every host a fresh timeout.
+        // disconnected it declares nothing, and once back it gives every host twice the timeout
+        // (hosts reconnect with their own backoff).
         let connected = state.client.connection_state() == async_nats::connection::State::Connected;
         if !connected {
             was_connected = false;
@@ -35,7 +36,7 @@ pub(crate) async fn run(state: Arc<State>) {
         if !was_connected {
             was_connected = true;
             tracing::info!("reconnected; restarting host liveness timers");
-            state.grant_grace();
+            state.grant_grace(timeout);
             continue;
         }
         for (host_id, status_seq, expected, silent_for) in silent_hosts(&state, timeout) {

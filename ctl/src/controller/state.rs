@@ -166,11 +166,12 @@ impl State {
         self.as_of.send_modify(|as_of| *as_of = (*as_of).max(last));
     }
 
-    /// Gives every host a fresh timeout, after this replica could not hear anything for a while.
-    pub fn grant_grace(&self) {
-        let now = Instant::now();
+    /// Gives every host a fresh timeout plus `extra`, after this replica could not hear anything
+    /// for a while: the hosts were cut off from NATS too and reconnect with their own backoff.
+    pub fn grant_grace(&self, extra: Duration) {
+        let until = Instant::now() + extra;
         for live in self.live().values_mut() {
-            live.last_seen = live.last_seen.max(now);
+            live.last_seen = live.last_seen.max(until);
         }
     }
 
