@@ -172,3 +172,21 @@ async fn cli_prints_tables_and_json_and_exits_with_meaningful_codes() {
     let (code, _, err) = nats.cli(&["events", "--type", "host.exploded"]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn shipped_nats_configuration_is_valid() {
+    let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../nats/nats-server.conf");
+    let server = std::env::var_os("TRELLIS_NATS_SERVER").unwrap_or_else(|| "nats-server".into());
+    let out = Command::new(server)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-t")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
