@@ -334,11 +334,11 @@ fn validate(config: &RuntimeConfig) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// The engine configuration shared by every component. Public to the crate so the benchmarks'
-/// bare-wasmtime baseline can use exactly the same settings.
 /// Slots the pooling allocator decommits at once (see `engine_config`).
 const DECOMMIT_BATCH: usize = 32;
 
+/// The engine configuration shared by every component. Public to the crate so the benchmarks'
+/// bare-wasmtime baseline can use exactly the same settings.
 pub(crate) fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
     let mut c = Config::new();
     c.strategy(Strategy::Cranelift)
