@@ -13,7 +13,7 @@ use clap::Args;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
-use trellis_schemas::control::{HostListRequest, InstanceGetRequest, InstanceStartRequest};
+use trellis_schemas::control::{HostListRequest, InstanceListRequest, InstanceStartRequest};
 use trellis_schemas::{HostId, InstanceRecord, InstanceStatus, Lattice, RestartPolicy};
 
 use crate::cli::Failure;
@@ -193,19 +193,23 @@ async fn deploy(client: &CtlClient, wasm: &Path, args: &UpArgs) -> Result<Deploy
         .ok_or_else(|| fail("the controller placed no instance".into()))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let instance = loop {
+        // The list answers from memory; `instance.get` would also read the fact history.
         let reply = client
-            .request(&InstanceGetRequest {
-                instance_id: id.clone(),
-                min_seq: None,
+            .request(&InstanceListRequest {
+                component: Some(manifest.name.to_string()),
+                ..Default::default()
             })
             .await;
-        match reply {
-            Ok(r) if r.instance.status == InstanceStatus::Running => break r.instance,
-            Ok(r) if r.instance.status == InstanceStatus::Failed => {
+        let instance = reply
+            .ok()
+            .and_then(|r| r.instances.into_iter().find(|i| i.instance_id == id));
+        match instance {
+            Some(i) if i.status == InstanceStatus::Running => break i,
+            Some(i) if i.status == InstanceStatus::Failed => {
                 return Err(fail(format!(
                     "{} did not start: {}",
                     manifest.name,
-                    r.instance.last_reason.unwrap_or_default()
+                    i.last_reason.unwrap_or_default()
                 )));
             }
             _ if Instant::now() > deadline => {

@@ -115,11 +115,10 @@ impl Serving {
     }
 
     async fn answer(&self, message: Message) {
-        let reply = message.reply;
         if self.ended.load(Ordering::SeqCst) {
-            let why = "the instance is not running; retry".to_owned();
-            return self.reply_error(reply, "not_running", None, why).await;
+            return self.refuse(message).await;
         }
+        let reply = message.reply;
         let Some(export) = message
             .headers
             .as_ref()
