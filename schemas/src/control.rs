@@ -20,10 +20,16 @@ use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::capability::{Assignment, AssignmentTarget, Capability};
 use crate::fact::{ArtifactStored, Capacity};
 use crate::instance::RestartPolicy;
-use crate::names::{HostId, InstanceId, Lattice};
-use crate::projection::{ArtifactRecord, HostStatus, InstanceRecord, InstanceStatus};
+use crate::names::{
+    AssignmentId, ComponentName, HostId, InstanceId, Lattice, ProviderId, ProviderName,
+};
+use crate::projection::{
+    ArtifactRecord, AssignmentRecord, HostStatus, InstanceRecord, InstanceStatus, ProviderRecord,
+    ProviderStatus,
+};
 
 /// The largest control request body the controller accepts, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -53,6 +59,18 @@ pub enum CtlOp {
     InstanceList,
     /// `instance.get` — [`InstanceGetRequest`] → [`InstanceGetReply`].
     InstanceGet,
+    /// `assignment.grant` — [`AssignmentGrantRequest`] → [`AssignmentGrantReply`].
+    AssignmentGrant,
+    /// `assignment.revoke` — [`AssignmentRevokeRequest`] → [`AssignmentRevokeReply`].
+    AssignmentRevoke,
+    /// `assignment.list` — [`AssignmentListRequest`] → [`AssignmentListReply`].
+    AssignmentList,
+    /// `provider.start` — [`ProviderStartRequest`] → [`ProviderStartReply`].
+    ProviderStart,
+    /// `provider.stop` — [`ProviderStopRequest`] → [`ProviderStopReply`].
+    ProviderStop,
+    /// `provider.list` — [`ProviderListRequest`] → [`ProviderListReply`].
+    ProviderList,
 }
 
 impl CtlOp {
@@ -68,6 +86,12 @@ impl CtlOp {
         CtlOp::InstanceStop,
         CtlOp::InstanceList,
         CtlOp::InstanceGet,
+        CtlOp::AssignmentGrant,
+        CtlOp::AssignmentRevoke,
+        CtlOp::AssignmentList,
+        CtlOp::ProviderStart,
+        CtlOp::ProviderStop,
+        CtlOp::ProviderList,
     ];
 
     /// The noun of the subject.
@@ -80,19 +104,29 @@ impl CtlOp {
             | CtlOp::InstanceStop
             | CtlOp::InstanceList
             | CtlOp::InstanceGet => "instance",
+            CtlOp::AssignmentGrant | CtlOp::AssignmentRevoke | CtlOp::AssignmentList => {
+                "assignment"
+            }
+            CtlOp::ProviderStart | CtlOp::ProviderStop | CtlOp::ProviderList => "provider",
         }
     }
 
     /// The verb of the subject.
     pub fn verb(self) -> &'static str {
         match self {
-            CtlOp::HostList | CtlOp::ComponentList | CtlOp::InstanceList => "list",
+            CtlOp::HostList
+            | CtlOp::ComponentList
+            | CtlOp::InstanceList
+            | CtlOp::AssignmentList
+            | CtlOp::ProviderList => "list",
             CtlOp::HostGet | CtlOp::InstanceGet => "get",
             CtlOp::LatticeStatus => "status",
             CtlOp::LatticeProjection => "projection",
             CtlOp::ComponentRegister => "register",
-            CtlOp::InstanceStart => "start",
-            CtlOp::InstanceStop => "stop",
+            CtlOp::InstanceStart | CtlOp::ProviderStart => "start",
+            CtlOp::InstanceStop | CtlOp::ProviderStop => "stop",
+            CtlOp::AssignmentGrant => "grant",
+            CtlOp::AssignmentRevoke => "revoke",
         }
     }
 
@@ -360,6 +394,175 @@ pub struct InstanceStartRequest {
     /// `component.register` reply) before resolving the component.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_seq: Option<u64>,
+    /// Capabilities to grant to each new instance before it starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<Grant>,
+}
+
+/// A capability to grant: what, served by which provider, configured how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// The capability.
+    pub capability: Capability,
+    /// The provider by name. Default: the capability's usual provider (`kv`, `http-server`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ProviderName>,
+    /// The provider's configuration for this target.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+}
+
+/// `assignment.grant`: grant a capability to an instance or to every instance of a component.
+/// A target holds at most one assignment per capability: revoke the old one first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentGrantRequest {
+    /// Who is granted it.
+    pub target: AssignmentTarget,
+    /// The capability.
+    pub capability: Capability,
+    /// The provider by name. Default: the capability's usual provider (`kv`, `http-server`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ProviderName>,
+    /// The provider's configuration for this target.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+}
+
+impl AssignmentGrantRequest {
+    /// The grant part of the request.
+    pub fn grant(&self) -> Grant {
+        Grant {
+            capability: self.capability,
+            provider: self.provider.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// Reply to `assignment.grant`, sent once the grant is a fact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentGrantReply {
+    /// The assignment as granted.
+    pub assignment: Assignment,
+    /// Stream sequence of its `assignment.granted` fact.
+    pub seq: u64,
+}
+
+/// `assignment.revoke`: withdraw a grant. Calls under it are refused from then on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentRevokeRequest {
+    /// The assignment.
+    pub assignment_id: AssignmentId,
+}
+
+/// Reply to `assignment.revoke`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentRevokeReply {
+    /// The assignment that was revoked.
+    pub assignment: Assignment,
+    /// Stream sequence of its `assignment.revoked` fact.
+    pub seq: u64,
+}
+
+/// `assignment.list`: assignments in force, optionally only those that apply to one instance
+/// (its own and its component's) or that target one component.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentListRequest {
+    /// Only assignments that apply to this instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<InstanceId>,
+    /// Only assignments that target this component.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<ComponentName>,
+    /// Wait until the controller has applied this stream sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seq: Option<u64>,
+}
+
+/// Reply to `assignment.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentListReply {
+    /// The assignments, by id.
+    pub assignments: Vec<AssignmentRecord>,
+    /// Stream sequence the answer reflects.
+    pub as_of: u64,
+}
+
+/// `provider.start`: have a host spawn and supervise a provider process (restarted with backoff
+/// when it dies). The reply acknowledges; `provider.started` or `provider.start_failed` follows,
+/// with `operation_id` as `causationid`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderStartRequest {
+    /// The provider (`kv`, `http-server`, `http-client`, `messaging`): the host runs
+    /// `trellis-provider-<name>`.
+    pub name: ProviderName,
+    /// The host that runs it. Default: the live host with the fewest providers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<HostId>,
+    /// Provider settings, passed as `--config key=value`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+}
+
+/// Reply to `provider.start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderStartReply {
+    /// Facts caused by this request carry this as `causationid`.
+    pub operation_id: String,
+    /// The new provider process.
+    pub provider_id: ProviderId,
+    /// The host that runs it.
+    pub host_id: HostId,
+}
+
+/// `provider.stop`: ask a provider process to drain and exit (its host does not restart it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderStopRequest {
+    /// The process.
+    pub provider_id: ProviderId,
+}
+
+/// Reply to `provider.stop`: the provider acknowledged; `provider.stopped` follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderStopReply {
+    /// The process.
+    pub provider_id: ProviderId,
+}
+
+/// `provider.list`: provider processes the facts know.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderListRequest {
+    /// Only providers of this name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<ProviderName>,
+    /// Only providers with this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<ProviderStatus>,
+    /// Wait until the controller has applied this stream sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seq: Option<u64>,
+}
+
+/// Reply to `provider.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderListReply {
+    /// The providers, by id.
+    pub providers: Vec<ProviderRecord>,
+    /// Stream sequence the answer reflects.
+    pub as_of: u64,
 }
 
 fn one() -> u32 {
@@ -566,6 +769,54 @@ impl CtlRequest for StatusRequest {
     }
 }
 
+impl CtlRequest for AssignmentGrantRequest {
+    const OP: CtlOp = CtlOp::AssignmentGrant;
+    type Reply = AssignmentGrantReply;
+    fn min_seq(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl CtlRequest for AssignmentRevokeRequest {
+    const OP: CtlOp = CtlOp::AssignmentRevoke;
+    type Reply = AssignmentRevokeReply;
+    fn min_seq(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl CtlRequest for AssignmentListRequest {
+    const OP: CtlOp = CtlOp::AssignmentList;
+    type Reply = AssignmentListReply;
+    fn min_seq(&self) -> Option<u64> {
+        self.min_seq
+    }
+}
+
+impl CtlRequest for ProviderStartRequest {
+    const OP: CtlOp = CtlOp::ProviderStart;
+    type Reply = ProviderStartReply;
+    fn min_seq(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl CtlRequest for ProviderStopRequest {
+    const OP: CtlOp = CtlOp::ProviderStop;
+    type Reply = ProviderStopReply;
+    fn min_seq(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl CtlRequest for ProviderListRequest {
+    const OP: CtlOp = CtlOp::ProviderList;
+    type Reply = ProviderListReply;
+    fn min_seq(&self) -> Option<u64> {
+        self.min_seq
+    }
+}
+
 impl CtlRequest for ProjectionRequest {
     const OP: CtlOp = CtlOp::LatticeProjection;
     type Reply = ProjectionReply;
@@ -599,6 +850,9 @@ pub enum ErrorCode {
     NotReady,
     /// The controller could not reach JetStream.
     Unavailable,
+    /// The request contradicts the current state (a second assignment for the same target and
+    /// capability); the message says what to do first.
+    Conflict,
     /// A bug; the message says more.
     Internal,
 }
@@ -617,6 +871,7 @@ impl ErrorCode {
             ErrorCode::DigestMismatch => "digest_mismatch",
             ErrorCode::NotReady => "not_ready",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Conflict => "conflict",
             ErrorCode::Internal => "internal",
         }
     }

@@ -22,8 +22,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use ulid::Ulid;
 
+use crate::capability::{Assignment, Capability};
 use crate::instance::{ManifestDoc, RestartPolicy};
-use crate::names::{ComponentName, HostId, InstanceId, Lattice};
+use crate::names::{
+    AssignmentId, ComponentName, HostId, InstanceId, Lattice, ProviderId, ProviderName,
+};
 
 /// The kinds of fact, one per CloudEvent `type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -49,6 +52,20 @@ pub enum FactKind {
     InstanceRestarting,
     /// The restart policy's attempts are exhausted (`dev.trellis.instance.gave_up.v1`).
     InstanceGaveUp,
+    /// A lost instance was replaced on another host (`dev.trellis.instance.relocated.v1`).
+    InstanceRelocated,
+    /// A capability was granted (`dev.trellis.assignment.granted.v1`).
+    AssignmentGranted,
+    /// A capability grant was withdrawn (`dev.trellis.assignment.revoked.v1`).
+    AssignmentRevoked,
+    /// A provider process serves its capabilities (`dev.trellis.provider.started.v1`).
+    ProviderStarted,
+    /// A host could not start a provider (`dev.trellis.provider.start_failed.v1`).
+    ProviderStartFailed,
+    /// A provider drained and exited (`dev.trellis.provider.stopped.v1`).
+    ProviderStopped,
+    /// A provider process died (`dev.trellis.provider.crashed.v1`).
+    ProviderCrashed,
 }
 
 impl FactKind {
@@ -64,6 +81,13 @@ impl FactKind {
         FactKind::InstanceCrashed,
         FactKind::InstanceRestarting,
         FactKind::InstanceGaveUp,
+        FactKind::InstanceRelocated,
+        FactKind::AssignmentGranted,
+        FactKind::AssignmentRevoked,
+        FactKind::ProviderStarted,
+        FactKind::ProviderStartFailed,
+        FactKind::ProviderStopped,
+        FactKind::ProviderCrashed,
     ];
 
     /// The entity noun (`host`, `instance`, …): the first part of the type and subject.
@@ -76,21 +100,34 @@ impl FactKind {
             | FactKind::InstanceStopped
             | FactKind::InstanceCrashed
             | FactKind::InstanceRestarting
-            | FactKind::InstanceGaveUp => "instance",
+            | FactKind::InstanceGaveUp
+            | FactKind::InstanceRelocated => "instance",
+            FactKind::AssignmentGranted | FactKind::AssignmentRevoked => "assignment",
+            FactKind::ProviderStarted
+            | FactKind::ProviderStartFailed
+            | FactKind::ProviderStopped
+            | FactKind::ProviderCrashed => "provider",
         }
     }
 
     /// The verb (`started`, `lost`, …).
     pub fn verb(self) -> &'static str {
         match self {
-            FactKind::HostStarted | FactKind::InstanceStarted => "started",
-            FactKind::HostStopped | FactKind::InstanceStopped => "stopped",
+            FactKind::HostStarted | FactKind::InstanceStarted | FactKind::ProviderStarted => {
+                "started"
+            }
+            FactKind::HostStopped | FactKind::InstanceStopped | FactKind::ProviderStopped => {
+                "stopped"
+            }
             FactKind::HostLost => "lost",
             FactKind::ArtifactStored => "stored",
-            FactKind::InstanceStartFailed => "start_failed",
-            FactKind::InstanceCrashed => "crashed",
+            FactKind::InstanceStartFailed | FactKind::ProviderStartFailed => "start_failed",
+            FactKind::InstanceCrashed | FactKind::ProviderCrashed => "crashed",
             FactKind::InstanceRestarting => "restarting",
             FactKind::InstanceGaveUp => "gave_up",
+            FactKind::InstanceRelocated => "relocated",
+            FactKind::AssignmentGranted => "granted",
+            FactKind::AssignmentRevoked => "revoked",
         }
     }
 
@@ -107,6 +144,13 @@ impl FactKind {
             FactKind::InstanceCrashed => "dev.trellis.instance.crashed.v1",
             FactKind::InstanceRestarting => "dev.trellis.instance.restarting.v1",
             FactKind::InstanceGaveUp => "dev.trellis.instance.gave_up.v1",
+            FactKind::InstanceRelocated => "dev.trellis.instance.relocated.v1",
+            FactKind::AssignmentGranted => "dev.trellis.assignment.granted.v1",
+            FactKind::AssignmentRevoked => "dev.trellis.assignment.revoked.v1",
+            FactKind::ProviderStarted => "dev.trellis.provider.started.v1",
+            FactKind::ProviderStartFailed => "dev.trellis.provider.start_failed.v1",
+            FactKind::ProviderStopped => "dev.trellis.provider.stopped.v1",
+            FactKind::ProviderCrashed => "dev.trellis.provider.crashed.v1",
         }
     }
 
@@ -296,6 +340,92 @@ pub struct InstanceGaveUp {
     pub last_reason: String,
 }
 
+/// `instance.relocated`: the instance was lost with its host, and a controller started a
+/// replacement (a new instance id) on a live host, because its restart policy asks for restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceRelocated {
+    /// The lost instance.
+    pub instance_id: InstanceId,
+    /// Its component.
+    pub component: ComponentName,
+    /// The host that was lost.
+    pub from_host: HostId,
+    /// The replacement instance.
+    pub replacement: InstanceId,
+    /// The host asked to run the replacement.
+    pub to_host: HostId,
+}
+
+/// `assignment.revoked`: a grant was withdrawn; calls under it are refused from now on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentRevoked {
+    /// The assignment.
+    pub assignment_id: AssignmentId,
+    /// Why (`requested`).
+    pub reason: String,
+}
+
+/// `provider.started`: a provider process serves its capabilities.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderStarted {
+    /// The process.
+    pub provider_id: ProviderId,
+    /// The provider's name (its queue group).
+    pub name: ProviderName,
+    /// The provider's version.
+    pub version: String,
+    /// The capabilities it serves.
+    pub capabilities: Vec<Capability>,
+    /// The host supervising it, if a host started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<HostId>,
+    /// The machine it runs on (its hostname).
+    pub node: String,
+}
+
+/// `provider.start_failed`: a host could not start a provider.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderStartFailed {
+    /// The process that was to be.
+    pub provider_id: ProviderId,
+    /// The provider's name.
+    pub name: ProviderName,
+    /// The host that tried.
+    pub host_id: HostId,
+    /// Why.
+    pub reason: String,
+}
+
+/// `provider.stopped`: a provider drained and exited (on request, or its host drained).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderStopped {
+    /// The process.
+    pub provider_id: ProviderId,
+    /// Why (`requested`, `signal: SIGTERM`).
+    pub reason: String,
+}
+
+/// `provider.crashed`: a supervised provider process died; the host restarts it with backoff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderCrashed {
+    /// The process.
+    pub provider_id: ProviderId,
+    /// The supervising host.
+    pub host_id: HostId,
+    /// How it ended (`exit status 1`, `signal 9`).
+    pub reason: String,
+    /// Whether the host restarts it.
+    pub will_restart: bool,
+    /// Restarts so far.
+    pub restarts: u32,
+}
+
 /// The typed payload of a fact. The variant decides the CloudEvent `type`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -320,6 +450,20 @@ pub enum FactData {
     InstanceRestarting(InstanceRestarting),
     /// See [`InstanceGaveUp`].
     InstanceGaveUp(InstanceGaveUp),
+    /// See [`InstanceRelocated`].
+    InstanceRelocated(InstanceRelocated),
+    /// `assignment.granted`: see [`Assignment`].
+    AssignmentGranted(Assignment),
+    /// See [`AssignmentRevoked`].
+    AssignmentRevoked(AssignmentRevoked),
+    /// See [`ProviderStarted`].
+    ProviderStarted(ProviderStarted),
+    /// See [`ProviderStartFailed`].
+    ProviderStartFailed(ProviderStartFailed),
+    /// See [`ProviderStopped`].
+    ProviderStopped(ProviderStopped),
+    /// See [`ProviderCrashed`].
+    ProviderCrashed(ProviderCrashed),
 }
 
 /// Applies `$body` to the payload of every variant, bound as `$d`.
@@ -336,6 +480,13 @@ macro_rules! each_payload {
             FactData::InstanceCrashed($d) => $body,
             FactData::InstanceRestarting($d) => $body,
             FactData::InstanceGaveUp($d) => $body,
+            FactData::InstanceRelocated($d) => $body,
+            FactData::AssignmentGranted($d) => $body,
+            FactData::AssignmentRevoked($d) => $body,
+            FactData::ProviderStarted($d) => $body,
+            FactData::ProviderStartFailed($d) => $body,
+            FactData::ProviderStopped($d) => $body,
+            FactData::ProviderCrashed($d) => $body,
         }
     };
 }
@@ -354,6 +505,13 @@ impl FactData {
             FactData::InstanceCrashed(_) => FactKind::InstanceCrashed,
             FactData::InstanceRestarting(_) => FactKind::InstanceRestarting,
             FactData::InstanceGaveUp(_) => FactKind::InstanceGaveUp,
+            FactData::InstanceRelocated(_) => FactKind::InstanceRelocated,
+            FactData::AssignmentGranted(_) => FactKind::AssignmentGranted,
+            FactData::AssignmentRevoked(_) => FactKind::AssignmentRevoked,
+            FactData::ProviderStarted(_) => FactKind::ProviderStarted,
+            FactData::ProviderStartFailed(_) => FactKind::ProviderStartFailed,
+            FactData::ProviderStopped(_) => FactKind::ProviderStopped,
+            FactData::ProviderCrashed(_) => FactKind::ProviderCrashed,
         }
     }
 
@@ -370,6 +528,13 @@ impl FactData {
             FactData::InstanceCrashed(d) => d.instance_id.as_str(),
             FactData::InstanceRestarting(d) => d.instance_id.as_str(),
             FactData::InstanceGaveUp(d) => d.instance_id.as_str(),
+            FactData::InstanceRelocated(d) => d.instance_id.as_str(),
+            FactData::AssignmentGranted(d) => d.assignment_id.as_str(),
+            FactData::AssignmentRevoked(d) => d.assignment_id.as_str(),
+            FactData::ProviderStarted(d) => d.provider_id.as_str(),
+            FactData::ProviderStartFailed(d) => d.provider_id.as_str(),
+            FactData::ProviderStopped(d) => d.provider_id.as_str(),
+            FactData::ProviderCrashed(d) => d.provider_id.as_str(),
         }
     }
 
@@ -394,6 +559,15 @@ impl FactData {
                 FactData::InstanceRestarting(serde_json::from_str(json)?)
             }
             FactKind::InstanceGaveUp => FactData::InstanceGaveUp(serde_json::from_str(json)?),
+            FactKind::InstanceRelocated => FactData::InstanceRelocated(serde_json::from_str(json)?),
+            FactKind::AssignmentGranted => FactData::AssignmentGranted(serde_json::from_str(json)?),
+            FactKind::AssignmentRevoked => FactData::AssignmentRevoked(serde_json::from_str(json)?),
+            FactKind::ProviderStarted => FactData::ProviderStarted(serde_json::from_str(json)?),
+            FactKind::ProviderStartFailed => {
+                FactData::ProviderStartFailed(serde_json::from_str(json)?)
+            }
+            FactKind::ProviderStopped => FactData::ProviderStopped(serde_json::from_str(json)?),
+            FactKind::ProviderCrashed => FactData::ProviderCrashed(serde_json::from_str(json)?),
         })
     }
 }
@@ -597,6 +771,40 @@ impl Event {
                     d.attempts, d.last_reason
                 )
             }
+            FactData::InstanceRelocated(d) => format!(
+                "{} from {} to {} as {}",
+                d.component, d.from_host, d.to_host, d.replacement
+            ),
+            FactData::AssignmentGranted(d) => {
+                let config: Vec<String> =
+                    d.config.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!(
+                    "{} to {} by {} [{}]",
+                    d.capability,
+                    d.target.describe(),
+                    d.provider,
+                    config.join(",")
+                )
+            }
+            FactData::AssignmentRevoked(d) => format!("reason={}", d.reason),
+            FactData::ProviderStarted(d) => format!(
+                "{}@{} on {}{}",
+                d.name,
+                d.version,
+                d.node,
+                d.host_id
+                    .as_ref()
+                    .map(|h| format!(" (host {h})"))
+                    .unwrap_or_default()
+            ),
+            FactData::ProviderStartFailed(d) => {
+                format!("{} on {}: {}", d.name, d.host_id, d.reason)
+            }
+            FactData::ProviderStopped(d) => format!("reason={}", d.reason),
+            FactData::ProviderCrashed(d) => format!(
+                "on {}: {} restart={} restarts={}",
+                d.host_id, d.reason, d.will_restart, d.restarts
+            ),
         }
     }
 
@@ -729,9 +937,16 @@ mod tests {
                 FactKind::InstanceCrashed => 7,
                 FactKind::InstanceRestarting => 8,
                 FactKind::InstanceGaveUp => 9,
+                FactKind::InstanceRelocated => 10,
+                FactKind::AssignmentGranted => 11,
+                FactKind::AssignmentRevoked => 12,
+                FactKind::ProviderStarted => 13,
+                FactKind::ProviderStartFailed => 14,
+                FactKind::ProviderStopped => 15,
+                FactKind::ProviderCrashed => 16,
             }
         }
-        assert_eq!(FactKind::ALL.len(), 10);
+        assert_eq!(FactKind::ALL.len(), 17);
         for (i, kind) in FactKind::ALL.iter().enumerate() {
             assert_eq!(position(*kind), i);
             assert_eq!(

@@ -8,8 +8,10 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::capability::Capability;
 use crate::manifest::{Limits, Manifest, ManifestError};
-use crate::names::{ComponentName, InstanceId};
+use crate::names::{ComponentName, InstanceId, ProviderId, ProviderName};
+use crate::projection::AssignmentRecord;
 
 /// What a host does when an instance crashes.
 ///
@@ -165,6 +167,9 @@ pub struct ManifestDoc {
     /// WIT interfaces the component imports beyond the WASI basics.
     #[serde(default)]
     pub imports: Vec<String>,
+    /// Capabilities that must be assigned before an instance starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<Capability>,
 }
 
 impl ManifestDoc {
@@ -182,6 +187,7 @@ impl ManifestDoc {
             timeout_ms: m.limits.timeout.as_millis() as u64,
             max_concurrency: m.limits.max_concurrency,
             imports: m.capabilities.imports.clone(),
+            requires: m.capabilities.requires.clone(),
         })
     }
 
@@ -197,7 +203,10 @@ impl ManifestDoc {
                 max_concurrency: self.max_concurrency,
             },
         )
-        .map(|m| m.with_imports(self.imports.iter().cloned()))
+        .map(|m| {
+            m.with_imports(self.imports.iter().cloned())
+                .with_requires(self.requires.iter().copied())
+        })
     }
 }
 
@@ -236,6 +245,37 @@ pub struct StartInstanceCommand {
     pub component: ComponentSource,
     /// What to do on a crash.
     pub restart: RestartPolicy,
+    /// The assignments that apply to the instance when it is placed (its own and its
+    /// component's), so the host can check required capabilities without waiting for the facts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub assignments: Vec<AssignmentRecord>,
+}
+
+/// Command to a host: spawn and supervise a provider process
+/// (`trellis.host.v1.<lattice>.<host>.provider.start`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartProviderCommand {
+    /// The operation this belongs to; facts carry it as `causationid`.
+    pub operation_id: String,
+    /// The new process's id.
+    pub provider_id: ProviderId,
+    /// The provider: the host runs `trellis-provider-<name>`.
+    pub name: ProviderName,
+    /// Settings passed as `--config key=value`.
+    #[serde(default)]
+    pub config: std::collections::BTreeMap<String, String>,
+}
+
+/// Command to a host: stop a provider it supervises, without restarting it
+/// (`trellis.host.v1.<lattice>.<host>.provider.stop`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopProviderCommand {
+    /// The operation this belongs to.
+    pub operation_id: String,
+    /// The process.
+    pub provider_id: ProviderId,
 }
 
 /// Command to a host: stop an instance (`trellis.host.v1.<lattice>.<host>.instance.stop`).

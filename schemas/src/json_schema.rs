@@ -5,18 +5,27 @@
 
 use schemars::{JsonSchema, schema_for};
 
+use crate::capability::Assignment;
+use crate::capability::rpc::{
+    HttpRequestHead, HttpResponseHead, KvReply, KvRequest, MessagingRequest,
+};
 use crate::control::{
-    ComponentListRequest, ComponentRegisterRequest, CtlOp, CtlRequest, HostGetRequest,
-    HostListRequest, InstanceGetRequest, InstanceListRequest, InstanceStartRequest,
-    InstanceStopRequest, ProjectionRequest, Reply, StatusRequest,
+    AssignmentGrantRequest, AssignmentListRequest, AssignmentRevokeRequest, ComponentListRequest,
+    ComponentRegisterRequest, CtlOp, CtlRequest, HostGetRequest, HostListRequest,
+    InstanceGetRequest, InstanceListRequest, InstanceStartRequest, InstanceStopRequest,
+    ProjectionRequest, ProviderListRequest, ProviderStartRequest, ProviderStopRequest, Reply,
+    StatusRequest,
 };
 use crate::fact::{
-    ArtifactStored, CloudEventEnvelope, FactKind, HostLost, HostStarted, HostStopped,
-    InstanceCrashed, InstanceGaveUp, InstanceRestarting, InstanceStartFailed, InstanceStarted,
-    InstanceStopped,
+    ArtifactStored, AssignmentRevoked, CloudEventEnvelope, FactKind, HostLost, HostStarted,
+    HostStopped, InstanceCrashed, InstanceGaveUp, InstanceRelocated, InstanceRestarting,
+    InstanceStartFailed, InstanceStarted, InstanceStopped, ProviderCrashed, ProviderStartFailed,
+    ProviderStarted, ProviderStopped,
 };
 use crate::heartbeat::Heartbeat;
-use crate::instance::{StartInstanceCommand, StopInstanceCommand};
+use crate::instance::{
+    StartInstanceCommand, StartProviderCommand, StopInstanceCommand, StopProviderCommand,
+};
 
 /// One generated schema and the file it belongs in.
 #[derive(Debug, Clone)]
@@ -71,6 +80,12 @@ pub fn all() -> Vec<NamedSchema> {
     out.extend(control::<InstanceStopRequest>());
     out.extend(control::<InstanceListRequest>());
     out.extend(control::<InstanceGetRequest>());
+    out.extend(control::<AssignmentGrantRequest>());
+    out.extend(control::<AssignmentRevokeRequest>());
+    out.extend(control::<AssignmentListRequest>());
+    out.extend(control::<ProviderStartRequest>());
+    out.extend(control::<ProviderStopRequest>());
+    out.extend(control::<ProviderListRequest>());
     for kind in FactKind::ALL {
         let file = fact_file(*kind);
         out.push(match kind {
@@ -84,6 +99,13 @@ pub fn all() -> Vec<NamedSchema> {
             FactKind::InstanceCrashed => named::<InstanceCrashed>(file),
             FactKind::InstanceRestarting => named::<InstanceRestarting>(file),
             FactKind::InstanceGaveUp => named::<InstanceGaveUp>(file),
+            FactKind::InstanceRelocated => named::<InstanceRelocated>(file),
+            FactKind::AssignmentGranted => named::<Assignment>(file),
+            FactKind::AssignmentRevoked => named::<AssignmentRevoked>(file),
+            FactKind::ProviderStarted => named::<ProviderStarted>(file),
+            FactKind::ProviderStartFailed => named::<ProviderStartFailed>(file),
+            FactKind::ProviderStopped => named::<ProviderStopped>(file),
+            FactKind::ProviderCrashed => named::<ProviderCrashed>(file),
         });
     }
     out.push(named::<CloudEventEnvelope>(
@@ -95,6 +117,27 @@ pub fn all() -> Vec<NamedSchema> {
     ));
     out.push(named::<StopInstanceCommand>(
         "host.instance.stop.schema.json".to_owned(),
+    ));
+    out.push(named::<StartProviderCommand>(
+        "host.provider.start.schema.json".to_owned(),
+    ));
+    out.push(named::<StopProviderCommand>(
+        "host.provider.stop.schema.json".to_owned(),
+    ));
+    out.push(named::<KvRequest>(
+        "rpc.keyvalue.request.schema.json".to_owned(),
+    ));
+    out.push(named::<KvReply>(
+        "rpc.keyvalue.reply.schema.json".to_owned(),
+    ));
+    out.push(named::<MessagingRequest>(
+        "rpc.messaging.request.schema.json".to_owned(),
+    ));
+    out.push(named::<HttpRequestHead>(
+        "rpc.http.request-head.schema.json".to_owned(),
+    ));
+    out.push(named::<HttpResponseHead>(
+        "rpc.http.response-head.schema.json".to_owned(),
     ));
     out
 }

@@ -10,6 +10,7 @@
 //! - [`projection`]: the lattice's state as a pure, idempotent fold over facts ([`apply`]).
 //! - [`heartbeat`]: host heartbeats with their inventory.
 //! - [`manifest`]: `Component.toml`, whose limits are all required.
+//! - [`capability`]: capabilities, assignments and the RPC protocol of providers.
 //! - [`instance`]: restart policies, component sources, host commands, data-plane headers.
 //! - [`json_schema`]: JSON Schemas for all of the above, checked in under `schemas/json/`.
 //!
@@ -34,6 +35,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod capability;
 pub mod control;
 pub mod fact;
 pub mod heartbeat;
@@ -44,6 +46,7 @@ mod names;
 pub mod projection;
 pub mod subject;
 
+pub use capability::{Assignment, AssignmentTarget, Capability};
 pub use control::{CtlOp, CtlRequest, ErrorBody, ErrorCode, Reply};
 pub use fact::{
     Capacity, DecodeError, Event, Fact, FactData, FactKind, HostLost, HostStarted, HostStopped,
@@ -51,9 +54,12 @@ pub use fact::{
 pub use heartbeat::{Heartbeat, InventoryInstance};
 pub use instance::{ComponentSource, ManifestDoc, RestartPolicy};
 pub use manifest::{Manifest, ManifestError};
-pub use names::{ComponentName, HostId, InstanceId, InvalidName, Lattice};
+pub use names::{
+    AssignmentId, ComponentName, HostId, InstanceId, InvalidName, Lattice, ProviderId, ProviderName,
+};
 pub use projection::{
-    ArtifactRecord, HostRecord, HostStatus, InstanceRecord, InstanceStatus, Projection, apply,
+    ArtifactRecord, AssignmentRecord, HostRecord, HostStatus, InstanceRecord, InstanceStatus,
+    Projection, ProviderRecord, ProviderStatus, apply,
 };
 
 /// The version of this crate, reported by every process.

@@ -12,7 +12,8 @@
 //! max_concurrency = 8       # invocations running at once
 //!
 //! [capabilities]
-//! imports = ["wasi:keyvalue/store"]
+//! imports = ["wasi:keyvalue/store", "wasi:keyvalue/atomics"]  # imports beyond the WASI basics
+//! requires = ["wasi:keyvalue"]  # must be assigned before an instance starts
 //! ```
 //!
 //! Every limit is required: a manifest without one is rejected with a [`ManifestError`] naming the
@@ -72,6 +73,9 @@ pub struct Limits {
 pub struct Capabilities {
     /// WIT interfaces (`namespace:package/interface`, version optional) the component may import.
     pub imports: Vec<String>,
+    /// Capabilities that must be assigned before an instance may start
+    /// (`wasi:keyvalue`, `wasi:http/incoming-handler`, …).
+    pub requires: Vec<crate::capability::Capability>,
 }
 
 impl Capabilities {
@@ -187,6 +191,15 @@ impl Manifest {
             .extend(imports.into_iter().map(Into::into));
         self
     }
+
+    /// Adds capabilities that must be assigned before an instance starts.
+    pub fn with_requires(
+        mut self,
+        requires: impl IntoIterator<Item = crate::capability::Capability>,
+    ) -> Self {
+        self.capabilities.requires.extend(requires);
+        self
+    }
 }
 
 #[derive(Deserialize)]
@@ -218,6 +231,8 @@ struct RawLimits {
 struct RawCapabilities {
     #[serde(default)]
     imports: Vec<String>,
+    #[serde(default)]
+    requires: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -315,7 +330,24 @@ impl RawManifest {
             max_concurrency,
         };
         validate_limits(&limits)?;
-        let imports = self.capabilities.map(|c| c.imports).unwrap_or_default();
+        let (imports, requires) = self
+            .capabilities
+            .map(|c| (c.imports, c.requires))
+            .unwrap_or_default();
+        let requires = requires
+            .iter()
+            .map(|r| {
+                r.parse::<crate::capability::Capability>()
+                    .map_err(|problem| {
+                        ManifestError::invalid(
+                            "capabilities.requires",
+                            problem,
+                            "capability names: wasi:keyvalue, wasi:http/incoming-handler, wasi:http/outgoing-handler, wasmcloud:messaging"
+                                .to_string(),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         for import in &imports {
             if !is_interface_name(import) {
                 return Err(ManifestError::invalid(
@@ -330,7 +362,7 @@ impl RawManifest {
             name,
             version,
             limits,
-            capabilities: Capabilities { imports },
+            capabilities: Capabilities { imports, requires },
         })
     }
 }

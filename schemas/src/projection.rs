@@ -12,9 +12,10 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::capability::{Assignment, AssignmentTarget, Capability};
 use crate::fact::{Capacity, Fact, FactData};
 use crate::instance::{ManifestDoc, RestartPolicy};
-use crate::names::{HostId, InstanceId};
+use crate::names::{AssignmentId, HostId, InstanceId, ProviderId, ProviderName};
 
 /// Where a host is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -143,6 +144,78 @@ pub struct InstanceRecord {
     pub status_since: DateTime<Utc>,
     /// Stream sequence of that fact.
     pub status_seq: u64,
+    /// When the instance was lost and relocated: the instance that replaced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_by: Option<InstanceId>,
+}
+
+/// A capability assignment in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentRecord {
+    /// The grant.
+    pub assignment: Assignment,
+    /// When it was granted.
+    pub granted_at: DateTime<Utc>,
+    /// Stream sequence of the `assignment.granted` fact.
+    pub granted_seq: u64,
+}
+
+/// Where a provider process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderStatus {
+    /// Serving.
+    Running,
+    /// Died; its host restarts it.
+    Restarting,
+    /// Died and not restarted.
+    Crashed,
+    /// Drained and exited.
+    Stopped,
+    /// Never started.
+    Failed,
+}
+
+impl ProviderStatus {
+    /// The status as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderStatus::Running => "running",
+            ProviderStatus::Restarting => "restarting",
+            ProviderStatus::Crashed => "crashed",
+            ProviderStatus::Stopped => "stopped",
+            ProviderStatus::Failed => "failed",
+        }
+    }
+}
+
+/// What the facts say about one provider process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderRecord {
+    /// The process.
+    pub provider_id: ProviderId,
+    /// The provider's name.
+    pub name: ProviderName,
+    /// Its version, once started.
+    pub version: Option<String>,
+    /// Capabilities it serves.
+    pub capabilities: Vec<Capability>,
+    /// The supervising host, if any.
+    pub host_id: Option<HostId>,
+    /// The machine it runs on, once started.
+    pub node: Option<String>,
+    /// Its status.
+    pub status: ProviderStatus,
+    /// Restarts by its host so far.
+    pub restarts: u32,
+    /// Why it last crashed, failed or stopped.
+    pub last_reason: Option<String>,
+    /// Time of the fact that set the status.
+    pub status_since: DateTime<Utc>,
+    /// Stream sequence of that fact.
+    pub status_seq: u64,
 }
 
 /// The state of a lattice, as far as its facts tell.
@@ -161,6 +234,12 @@ pub struct Projection {
     /// Controllers publish `host.lost` expecting exactly this last sequence on the subject, so
     /// only one replica's declaration is stored.
     pub last_lost_seq: BTreeMap<HostId, u64>,
+    /// Capability assignments in force, by id (revoked ones are removed).
+    #[serde(default)]
+    pub assignments: BTreeMap<AssignmentId, AssignmentRecord>,
+    /// Provider processes by id.
+    #[serde(default)]
+    pub providers: BTreeMap<ProviderId, ProviderRecord>,
 }
 
 impl Projection {
@@ -182,6 +261,42 @@ impl Projection {
         self.instances
             .values()
             .filter(move |i| &i.host_id == host && i.status.is_active())
+    }
+
+    /// The assignment that grants `capability` to `instance` (of `component`): one made for the
+    /// instance itself wins over one made for its component.
+    pub fn assignment_for(
+        &self,
+        instance: &InstanceId,
+        component: &str,
+        capability: Capability,
+    ) -> Option<&AssignmentRecord> {
+        let mut for_component = None;
+        for record in self.assignments.values() {
+            let a = &record.assignment;
+            if a.capability != capability {
+                continue;
+            }
+            match &a.target {
+                AssignmentTarget::Instance(id) if id == instance => return Some(record),
+                AssignmentTarget::Component(name) if name.as_str() == component => {
+                    for_component = Some(record);
+                }
+                _ => {}
+            }
+        }
+        for_component
+    }
+
+    /// The assignment in force for exactly this target and capability, if any.
+    pub fn assignment_of(
+        &self,
+        target: &AssignmentTarget,
+        capability: Capability,
+    ) -> Option<&AssignmentRecord> {
+        self.assignments
+            .values()
+            .find(|r| &r.assignment.target == target && r.assignment.capability == capability)
     }
 
     /// The newest stored artifact named `name`, or of `name` at `version`.
@@ -301,6 +416,7 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
                     started_at: Some(started_at),
                     status_since: time,
                     status_seq: fact.seq,
+                    replaced_by: None,
                 },
             );
         }
@@ -320,6 +436,7 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
                     started_at: None,
                     status_since: time,
                     status_seq: fact.seq,
+                    replaced_by: None,
                 },
             );
         }
@@ -362,6 +479,85 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
             );
             if let Some(instance) = projection.instances.get_mut(&d.instance_id) {
                 instance.attempt = d.attempts;
+            }
+        }
+        FactData::InstanceRelocated(d) => {
+            if let Some(instance) = projection.instances.get_mut(&d.instance_id) {
+                instance.replaced_by = Some(d.replacement.clone());
+            }
+        }
+        FactData::AssignmentGranted(d) => {
+            projection.assignments.insert(
+                d.assignment_id.clone(),
+                AssignmentRecord {
+                    assignment: d.clone(),
+                    granted_at: time,
+                    granted_seq: fact.seq,
+                },
+            );
+        }
+        FactData::AssignmentRevoked(d) => {
+            projection.assignments.remove(&d.assignment_id);
+        }
+        FactData::ProviderStarted(d) => {
+            let restarts = projection
+                .providers
+                .get(&d.provider_id)
+                .map_or(0, |p| p.restarts);
+            projection.providers.insert(
+                d.provider_id.clone(),
+                ProviderRecord {
+                    provider_id: d.provider_id.clone(),
+                    name: d.name.clone(),
+                    version: Some(d.version.clone()),
+                    capabilities: d.capabilities.clone(),
+                    host_id: d.host_id.clone(),
+                    node: Some(d.node.clone()),
+                    status: ProviderStatus::Running,
+                    restarts,
+                    last_reason: None,
+                    status_since: time,
+                    status_seq: fact.seq,
+                },
+            );
+        }
+        FactData::ProviderStartFailed(d) => {
+            projection.providers.insert(
+                d.provider_id.clone(),
+                ProviderRecord {
+                    provider_id: d.provider_id.clone(),
+                    name: d.name.clone(),
+                    version: None,
+                    capabilities: Vec::new(),
+                    host_id: Some(d.host_id.clone()),
+                    node: None,
+                    status: ProviderStatus::Failed,
+                    restarts: 0,
+                    last_reason: Some(d.reason.clone()),
+                    status_since: time,
+                    status_seq: fact.seq,
+                },
+            );
+        }
+        FactData::ProviderStopped(d) => {
+            if let Some(p) = projection.providers.get_mut(&d.provider_id) {
+                p.status = ProviderStatus::Stopped;
+                p.last_reason = Some(d.reason.clone());
+                p.status_since = time;
+                p.status_seq = fact.seq;
+            }
+        }
+        FactData::ProviderCrashed(d) => {
+            if let Some(p) = projection.providers.get_mut(&d.provider_id) {
+                p.status = if d.will_restart {
+                    ProviderStatus::Restarting
+                } else {
+                    ProviderStatus::Crashed
+                };
+                p.restarts = d.restarts;
+                p.last_reason = Some(d.reason.clone());
+                p.status_since = time;
+                p.status_seq = fact.seq;
             }
         }
     }

@@ -89,6 +89,17 @@ pub fn component_queue(component: &ComponentName) -> String {
     format!("trellis-component-{component}")
 }
 
+/// Every data-plane subject of a component (`.call`, `.http`): what its instances subscribe
+/// to, in queue group [`component_queue`].
+pub fn component_rpc_all(lattice: &Lattice, component: &ComponentName) -> String {
+    format!("trellis.rpc.v1.{lattice}.component.{component}.*")
+}
+
+/// Every data-plane subject of one instance (`.call`, `.http`).
+pub fn instance_rpc_all(lattice: &Lattice, instance: &InstanceId) -> String {
+    format!("trellis.rpc.v1.{lattice}.instance.{instance}.*")
+}
+
 /// The data-plane subject that calls one instance.
 pub fn instance_call(lattice: &Lattice, instance: &InstanceId) -> String {
     format!("trellis.rpc.v1.{lattice}.instance.{instance}.call")
@@ -102,6 +113,16 @@ pub fn events_of_instance(lattice: &Lattice, instance: &InstanceId) -> String {
 /// Every instance fact of the lattice.
 pub fn instance_events(lattice: &Lattice) -> String {
     format!("trellis.evt.v1.{lattice}.instance.>")
+}
+
+/// Every provider fact of the lattice.
+pub fn provider_events(lattice: &Lattice) -> String {
+    format!("trellis.evt.v1.{lattice}.provider.>")
+}
+
+/// Every assignment fact of the lattice.
+pub fn assignment_events(lattice: &Lattice) -> String {
+    format!("trellis.evt.v1.{lattice}.assignment.>")
 }
 
 /// Every command subject of one host.
