@@ -12,6 +12,7 @@
 //!   caller expects, so that of several replicas deciding the same thing only one fact is stored.
 //! - [`FactStream`]: reads facts in stream order with an ordered consumer, from the start or live.
 //! - [`put_artifact`], [`fetch_artifact`]: components in the content-addressed artifact store.
+//! - [`registry`]: the optional etcd registry of nodes and providers (`--registry etcd://…`).
 //!
 //! # Disconnection
 //!
@@ -24,6 +25,7 @@ mod artifacts;
 mod connect;
 mod publisher;
 mod reader;
+pub mod registry;
 mod signal;
 mod streams;
 

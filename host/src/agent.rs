@@ -7,12 +7,16 @@
 //! - **Heartbeats.** Every interval it publishes a [`Heartbeat`] with its full inventory on
 //!   `trellis.hb.v1.<lattice>.<host_id>`; the heartbeat stream keeps the latest per host.
 //! - **Being declared lost.** If a controller publishes `host.lost` for this host (it was paused or
-//!   cut off), the agent announces itself again with `host.started` (`rejoined: true`).
+//!   cut off), its instances were reported lost and may have been started elsewhere: the agent
+//!   stops every instance it runs (`instance.stopped`, reason [`DECLARED_LOST`]), so that no
+//!   instance runs twice, then announces itself again with `host.started` (`rejoined: true`).
 //! - **Disconnection.** The NATS client reconnects by itself; facts wait in the publisher's queue and
 //!   are flushed in order once NATS is back. Heartbeats are not queued: a stale heartbeat is useless.
 //! - **Instances.** The agent owns one [`Runtime`] and an [`InstanceManager`], and serves the
 //!   host's command subjects (see [`crate::InstanceManager`] for starting, serving, crashes and
 //!   restarts).
+//! - **Registry (optional).** With [`HostConfig::registry`] the host also records its existence in
+//!   etcd (see [`trellis_bus::registry`]), on a lease that expires three heartbeats after it dies.
 //! - **Shutdown.** When the shutdown future completes the agent stops taking commands, stops every
 //!   instance (`instance.stopped`, reason `host draining`), stops heartbeats, publishes
 //!   `host.stopped` with the reason and waits (bounded) until its facts are stored.
@@ -24,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use chrono::Utc;
+use trellis_bus::registry::{EtcdRegistry, Registration};
 use trellis_bus::{FactPublisher, FactStream, StartAt, StreamSettings, connect, ensure_streams};
 use trellis_schemas::{
     Capacity, Event, FactData, FactKind, Heartbeat, HostId, HostStarted, HostStopped, Lattice,
@@ -31,6 +36,7 @@ use trellis_schemas::{
 };
 
 use crate::instances::{InstanceManager, InstancesConfig, serve_commands};
+use crate::providers::{Providers, ProvidersConfig};
 use crate::runtime::{Runtime, RuntimeConfig, RuntimeError};
 
 /// How a host is configured.
@@ -57,6 +63,13 @@ pub struct HostConfig {
     pub runtime: RuntimeConfig,
     /// The largest artifact the host fetches, in bytes. Default 256 MiB.
     pub max_artifact_bytes: u64,
+    /// An etcd registry (`etcd://host:port`) in which the host records its existence under
+    /// `/trellis/<lattice>/nodes/<host_id>`, leased for three heartbeats. None by default: a
+    /// lattice needs nothing but NATS.
+    pub registry: Option<String>,
+    /// Where to find `trellis-provider-<name>` executables (then `PATH`). Default: the
+    /// directory of the running executable.
+    pub provider_dirs: Vec<PathBuf>,
 }
 
 impl HostConfig {
@@ -73,6 +86,8 @@ impl HostConfig {
             streams: StreamSettings::default(),
             runtime: RuntimeConfig::new(),
             max_artifact_bytes: InstancesConfig::default().max_artifact_bytes,
+            registry: None,
+            provider_dirs: ProvidersConfig::new("").dirs,
         }
     }
 }
@@ -129,6 +144,9 @@ pub enum HostError {
     /// The host's command subjects could not be subscribed to.
     #[error("subscribing to the host's commands: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+    /// The registry URL is invalid.
+    #[error(transparent)]
+    Registry(#[from] trellis_bus::registry::RegistryError),
 }
 
 /// Runs the host until `shutdown` completes with a reason (`"signal: SIGTERM"`), then drains.
@@ -137,6 +155,11 @@ pub async fn run(
     shutdown: impl Future<Output = String>,
 ) -> Result<(), HostError> {
     let started = Instant::now();
+    let registry = config
+        .registry
+        .as_deref()
+        .map(|url| EtcdRegistry::new(url, &config.lattice))
+        .transpose()?;
     let mut runtime_config = config.runtime.clone();
     if runtime_config.cache_dir.is_none() {
         runtime_config.cache_dir(default_cache_dir(&config.host_id));
@@ -178,27 +201,6 @@ pub async fn run(
         StartAt::Sequence(tip + 1),
     )
     .await?;
-    let rejoin = {
-        let publisher = publisher.clone();
-        let (config, source) = (config.clone(), source.clone());
-        tokio::spawn(async move {
-            while let Some(message) = lost.next().await {
-                let Ok(message) = message else { continue };
-                if let Ok(event) = Event::decode(&message.payload) {
-                    tracing::warn!(
-                        by = %event.source,
-                        "a controller declared this host lost; announcing it again"
-                    );
-                    let again =
-                        host_started(&config, &source, true).caused_by(event.id.to_string());
-                    if let Err(e) = publisher.enqueue(&again) {
-                        tracing::error!(error = %e, "cannot queue host.started");
-                    }
-                }
-            }
-        })
-    };
-
     let instances = InstanceManager::new(
         client.clone(),
         publisher.clone(),
@@ -210,13 +212,71 @@ pub async fn run(
             max_artifact_bytes: config.max_artifact_bytes,
         },
     );
+    let rejoin = {
+        let publisher = publisher.clone();
+        let instances = instances.clone();
+        let (config, source) = (config.clone(), source.clone());
+        tokio::spawn(async move {
+            while let Some(message) = lost.next().await {
+                let Ok(message) = message else { continue };
+                if let Ok(event) = Event::decode(&message.payload) {
+                    // Its instances were reported lost and may have been started elsewhere:
+                    // stop them before coming back, so that none runs twice.
+                    tracing::warn!(
+                        by = %event.source,
+                        "a controller declared this host lost; stopping its instances and announcing it again"
+                    );
+                    instances
+                        .stop_all(DECLARED_LOST, config.drain_timeout)
+                        .await;
+                    let again =
+                        host_started(&config, &source, true).caused_by(event.id.to_string());
+                    if let Err(e) = publisher.enqueue(&again) {
+                        tracing::error!(error = %e, "cannot queue host.started");
+                    }
+                }
+            }
+        })
+    };
+
+    let providers = Providers::new(
+        ProvidersConfig {
+            nats_url: config.nats_url.clone(),
+            dirs: config.provider_dirs.clone(),
+        },
+        publisher.clone(),
+        config.lattice.clone(),
+        config.host_id.clone(),
+    );
     let commands = serve_commands(
         client.clone(),
         &config.lattice,
         &config.host_id,
         instances.clone(),
+        providers.clone(),
     )
     .await?;
+
+    // The registry records that this node exists, nothing else; it is optional and never blocks
+    // the host (etcd being away is logged and retried).
+    let registration = registry.map(|registry| {
+        let key = registry.node_key(config.host_id.as_str());
+        let value = serde_json::json!({
+            "node_id": config.host_id,
+            "role": "host",
+            "lattice": config.lattice,
+            "labels": config.labels,
+            "capacity": config.capacity,
+            "version": trellis_schemas::VERSION,
+            "started_at": Utc::now(),
+        });
+        Registration::spawn(
+            registry,
+            key,
+            value.to_string().into_bytes(),
+            config.heartbeat_interval * 3,
+        )
+    });
 
     let heartbeats = tokio::spawn(heartbeat_loop(
         client.clone(),
@@ -231,6 +291,7 @@ pub async fn run(
     instances
         .stop_all("host draining", config.drain_timeout)
         .await;
+    providers.stop_all(config.drain_timeout).await;
     heartbeats.abort();
     rejoin.abort();
     let stopped = Event::new(
@@ -248,12 +309,19 @@ pub async fn run(
         }
     }
     drop(publisher);
+    if let Some(registration) = registration {
+        registration.end().await;
+    }
     if !publisher_task.drain(config.drain_timeout).await {
         tracing::warn!("facts still queued at shutdown");
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     Ok(())
 }
+
+/// The reason of the `instance.stopped` facts a host publishes when it learns it was declared lost.
+pub const DECLARED_LOST: &str =
+    "host was declared lost; its instances were reported lost and may run elsewhere";
 
 fn host_started(config: &HostConfig, source: &str, rejoined: bool) -> Event {
     Event::new(

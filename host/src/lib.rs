@@ -107,6 +107,7 @@
 
 pub mod agent;
 mod instances;
+pub mod providers;
 mod runtime;
 
 pub use agent::{HostConfig, HostError, run};

@@ -54,6 +54,10 @@ struct Args {
     /// (each slot reserves virtual memory for `--max-memory`).
     #[arg(long, default_value_t = 1000)]
     pooling_instances: u32,
+    /// Also record this node's existence in etcd (`etcd://host:port`), leased for three
+    /// heartbeats. Only node existence goes there; the lattice itself needs nothing but NATS.
+    #[arg(long, env = "TRELLIS_REGISTRY")]
+    registry: Option<String>,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -110,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         .max_timeout(args.max_timeout)
         .max_concurrency(args.max_concurrency)
         .pooling_instances(args.pooling_instances);
+    config.registry = args.registry;
     if let Some(dir) = args.cache_dir {
         config.runtime.cache_dir(dir);
     }

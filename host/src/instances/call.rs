@@ -14,6 +14,7 @@ use async_nats::{HeaderMap, HeaderValue, Message};
 use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::{Notify, oneshot};
+use trellis_schemas::capability::rpc::{self, HttpRequestHead};
 use trellis_schemas::instance::dataplane;
 
 use crate::runtime::{InvokeError, LoadedComponent};
@@ -118,6 +119,18 @@ impl Serving {
         if self.ended.load(Ordering::SeqCst) {
             return self.refuse(message).await;
         }
+        if message.subject.ends_with(".http") {
+            return self.answer_http(message).await;
+        }
+        if !message.subject.ends_with(".call") {
+            let why = format!(
+                "{} is not a data-plane operation; use .call or .http",
+                message.subject
+            );
+            return self
+                .reply_error(message.reply, "bad_request", None, why)
+                .await;
+        }
         let reply = message.reply;
         let Some(export) = message
             .headers
@@ -171,40 +184,92 @@ impl Serving {
                     tracing::debug!(error = %e, "cannot send a call reply");
                 }
             }
-            Err(error) if error.is_crash() => {
-                let reason = error.reason();
-                let detail = crash_detail(&error);
-                self.reply_error(reply, "crashed", Some(&reason), detail.clone())
-                    .await;
-                // Only the first crash of the period reaches the supervisor.
-                self.end();
-                let tx = self
-                    .crash
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .take();
-                if let Some(tx) = tx {
-                    let _ = tx.send(Crash {
-                        reason,
-                        detail,
-                        export: export.to_owned(),
-                    });
+            Err(error) => self.fail(reply, export, error).await,
+        }
+    }
+
+    /// Serves an HTTP request (head in the `Trellis-Http` header, body as payload) with the
+    /// component's `wasi:http/incoming-handler`.
+    async fn answer_http(&self, message: Message) {
+        let reply = message.reply;
+        let head = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(rpc::HTTP_HEAD))
+            .map(HeaderValue::as_str)
+            .map(serde_json::from_str::<HttpRequestHead>);
+        let head = match head {
+            Some(Ok(head)) => head,
+            Some(Err(e)) => {
+                let why = format!("header {} is not a request head: {e}", rpc::HTTP_HEAD);
+                return self.reply_error(reply, "bad_request", None, why).await;
+            }
+            None => {
+                let why = format!("missing header {}", rpc::HTTP_HEAD);
+                return self.reply_error(reply, "bad_request", None, why).await;
+            }
+        };
+        if message.payload.len() > rpc::MAX_BODY_BYTES {
+            let why = format!(
+                "request body is {} bytes; the limit is {}",
+                message.payload.len(),
+                rpc::MAX_BODY_BYTES
+            );
+            return self
+                .reply_error(reply, "payload_too_large", None, why)
+                .await;
+        }
+        match self.component.handle_http(&head, message.payload).await {
+            Ok((head, body)) => {
+                let Some(reply) = reply else { return };
+                let mut headers = self.ok.clone();
+                match serde_json::to_string(&head) {
+                    Ok(head) => headers.insert(rpc::HTTP_HEAD, header_safe(&head)),
+                    Err(e) => {
+                        let why = format!("cannot encode the response head: {e}");
+                        return self.reply_error(Some(reply), "internal", None, why).await;
+                    }
+                }
+                if let Err(e) = self.client.publish_with_headers(reply, headers, body).await {
+                    tracing::debug!(error = %e, "cannot send an HTTP reply");
                 }
             }
             Err(error) => {
-                let code = match &error {
-                    InvokeError::Instantiation(_) | InvokeError::Host { .. } => "internal",
-                    _ => "",
-                };
-                let code = if code.is_empty() {
-                    error.reason()
-                } else {
-                    code.to_owned()
-                };
-                self.reply_error(reply, &code, None, error.to_string())
-                    .await;
+                self.fail(reply, "wasi:http/incoming-handler#handle", error)
+                    .await
             }
         }
+    }
+
+    /// Answers a failed invocation; a crash ends the serving period and tells the supervisor.
+    async fn fail(&self, reply: Option<async_nats::Subject>, export: &str, error: InvokeError) {
+        if error.is_crash() {
+            let reason = error.reason();
+            let detail = crash_detail(&error);
+            self.reply_error(reply, "crashed", Some(&reason), detail.clone())
+                .await;
+            // Only the first crash of the period reaches the supervisor.
+            self.end();
+            let tx = self
+                .crash
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some(tx) = tx {
+                let _ = tx.send(Crash {
+                    reason,
+                    detail,
+                    export: export.to_owned(),
+                });
+            }
+            return;
+        }
+        let code = match &error {
+            InvokeError::Instantiation(_) | InvokeError::Host { .. } => "internal".to_owned(),
+            _ => error.reason(),
+        };
+        self.reply_error(reply, &code, None, error.to_string())
+            .await;
     }
 
     async fn reply_error(

@@ -7,10 +7,14 @@ use futures::StreamExt as _;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 use trellis_schemas::control::decode_request;
-use trellis_schemas::instance::{CommandAccepted, StartInstanceCommand, StopInstanceCommand};
+use trellis_schemas::instance::{
+    CommandAccepted, StartInstanceCommand, StartProviderCommand, StopInstanceCommand,
+    StopProviderCommand,
+};
 use trellis_schemas::{ErrorBody, ErrorCode, HostId, Lattice, Reply, subject};
 
 use super::manager::InstanceManager;
+use crate::providers::Providers;
 
 /// Subscribes to the host's command subjects and serves them until the task is aborted.
 ///
@@ -22,12 +26,15 @@ pub async fn serve_commands(
     lattice: &Lattice,
     host_id: &HostId,
     manager: InstanceManager,
+    providers: Providers,
 ) -> Result<JoinHandle<()>, async_nats::SubscribeError> {
     let mut commands = client
         .subscribe(subject::host_commands(lattice, host_id))
         .await?;
     let start = subject::host_command(lattice, host_id, "instance.start");
     let stop = subject::host_command(lattice, host_id, "instance.stop");
+    let provider_start = subject::host_command(lattice, host_id, "provider.start");
+    let provider_stop = subject::host_command(lattice, host_id, "provider.stop");
     let prefix = subject::host_command(lattice, host_id, "");
     Ok(tokio::spawn(async move {
         while let Some(message) = commands.next().await {
@@ -38,11 +45,19 @@ pub async fn serve_commands(
             } else if subject == stop {
                 decode_request::<StopInstanceCommand>(&message.payload)
                     .and_then(|command| manager.stop(command))
+            } else if subject == provider_start {
+                decode_request::<StartProviderCommand>(&message.payload)
+                    .and_then(|command| providers.start(command))
+            } else if subject == provider_stop {
+                decode_request::<StopProviderCommand>(&message.payload)
+                    .and_then(|command| providers.stop(&command))
             } else {
                 let verb = subject.strip_prefix(prefix.as_str()).unwrap_or(subject);
                 Err(ErrorBody::new(
                     ErrorCode::UnknownVerb,
-                    format!("unknown host command {verb:?}; known: instance.start, instance.stop"),
+                    format!(
+                        "unknown host command {verb:?}; known: instance.start, instance.stop, provider.start, provider.stop"
+                    ),
                 ))
             };
             let Some(reply) = message.reply else { continue };

@@ -114,11 +114,11 @@ pub(crate) async fn supervise(
         let subscribed = async {
             let by_component = ctx
                 .client
-                .queue_subscribe(subject::component_call(&ctx.lattice, &spec.name), queue)
+                .queue_subscribe(subject::component_rpc_all(&ctx.lattice, &spec.name), queue)
                 .await?;
             let by_instance = ctx
                 .client
-                .subscribe(subject::instance_call(&ctx.lattice, &spec.id))
+                .subscribe(subject::instance_rpc_all(&ctx.lattice, &spec.id))
                 .await?;
             Ok::<_, async_nats::SubscribeError>((by_component, by_instance))
         }

@@ -9,7 +9,7 @@ use async_nats::jetstream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use trellis_bus::FactPublisher;
-use trellis_schemas::fact::{InstanceStartFailed, InstanceStopped};
+use trellis_schemas::fact::{AssignmentRevoked, InstanceStartFailed, InstanceStopped};
 use trellis_schemas::instance::{ComponentSource, StartInstanceCommand, StopInstanceCommand};
 use trellis_schemas::{
     ComponentName, ErrorBody, ErrorCode, Event, FactData, HostId, InstanceId, InventoryInstance,
@@ -17,6 +17,7 @@ use trellis_schemas::{
 };
 
 use super::artifact::{Artifacts, Loaded, load_file};
+use super::bridge::{Assignments, NatsBridge};
 use super::error::StartError;
 use super::instance::{Spec, State, StateCell, Stop, supervise};
 use crate::runtime::{Digest, Runtime};
@@ -73,6 +74,7 @@ struct Inner {
     ctx: Arc<Context>,
     runtime: Runtime,
     artifacts: Artifacts,
+    assignments: Arc<Assignments>,
     max_instances: u32,
     instances: Mutex<HashMap<InstanceId, Entry>>,
     next_key: AtomicU64,
@@ -101,6 +103,8 @@ impl InstanceManager {
         let js = jetstream::new(client.clone());
         let source = trellis_schemas::fact::source(&lattice, "host", host_id.as_str());
         let artifacts = Artifacts::new(js, lattice.clone(), config.max_artifact_bytes);
+        let assignments = Arc::new(Assignments::default());
+        tokio::spawn(Arc::clone(&assignments).follow(client.clone(), lattice.clone()));
         Self {
             inner: Arc::new(Inner {
                 ctx: Arc::new(Context {
@@ -112,6 +116,7 @@ impl InstanceManager {
                 }),
                 runtime,
                 artifacts,
+                assignments,
                 max_instances: config.max_instances,
                 instances: Mutex::new(HashMap::new()),
                 next_key: AtomicU64::new(1),
@@ -140,6 +145,7 @@ impl InstanceManager {
             }
             ComponentSource::File { path, .. } => path.clone(),
         };
+        self.inner.assignments.merge(&command.assignments);
         let (stop_tx, stop_rx) = mpsc::channel(4);
         let state = Arc::new(StateCell::default());
         let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
@@ -288,6 +294,19 @@ impl Drop for Slot {
         if instances.get(&self.id).is_some_and(|e| e.key == self.key) {
             instances.remove(&self.id);
         }
+        drop(instances);
+        // Grants made for this instance end with it, so that what they hold (a listen address,
+        // a subscription) is released and can be granted to its successor.
+        let ctx = &self.inner.ctx;
+        for assignment_id in self.inner.assignments.of_instance(&self.id) {
+            ctx.publish(Event::new(
+                ctx.source.clone(),
+                FactData::AssignmentRevoked(AssignmentRevoked {
+                    assignment_id,
+                    reason: format!("instance {} ended", self.id),
+                }),
+            ));
+        }
     }
 }
 
@@ -346,6 +365,41 @@ async fn run(
         }
     };
     let manifest = loaded.component.manifest();
+    let missing: Vec<String> = manifest
+        .capabilities
+        .requires
+        .iter()
+        .filter(|cap| {
+            inner
+                .assignments
+                .lookup(&command.instance_id, name.as_str(), **cap)
+                .is_none()
+        })
+        .map(ToString::to_string)
+        .collect();
+    if !missing.is_empty() {
+        let reason = format!(
+            "capability not assigned: {} (required by Component.toml); grant it first, e.g. `trellis assignment grant component:{name} {} …`, or start with --grant",
+            missing.join(", "),
+            missing[0]
+        );
+        tracing::warn!(instance = %command.instance_id, %reason, "instance failed to start");
+        drop(slot);
+        ctx.publish(
+            Event::new(
+                ctx.source.clone(),
+                FactData::InstanceStartFailed(InstanceStartFailed {
+                    instance_id: command.instance_id.clone(),
+                    host_id: ctx.host_id.clone(),
+                    component,
+                    reason,
+                }),
+            )
+            .caused_by(command.operation_id.clone()),
+        );
+        return;
+    }
+    let component_name = name.to_string();
     let spec = Spec {
         id: command.instance_id.clone(),
         name,
@@ -358,6 +412,13 @@ async fn run(
         component,
         _bytes: bytes,
     } = loaded;
+    let component = component.with_bridge(Arc::new(NatsBridge {
+        client: ctx.client.clone(),
+        lattice: ctx.lattice.clone(),
+        instance: command.instance_id.clone(),
+        component: component_name,
+        assignments: Arc::clone(&inner.assignments),
+    }));
     supervise(Arc::clone(ctx), spec, component, state, stop, slot).await;
     drop(bytes);
 }

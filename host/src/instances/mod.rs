@@ -13,6 +13,12 @@
 //!   component's queue group, so the instances of a component share the load) and on its own
 //!   instance subject. Each call runs in a fresh store, concurrently with others, up to the
 //!   manifest's `max_concurrency`; one more is refused with `busy`.
+//! - **Capabilities.** An instance's capability calls go to the provider its assignment names,
+//!   over NATS, after the host checked the assignment (from the `assignment.*` facts it follows and
+//!   the ones its start command carried). An instance whose manifest `requires` a capability that
+//!   is not assigned does not start (`instance.start_failed` naming the capability). HTTP requests
+//!   from the `http-server` provider arrive on the component's `.http` subject and are served by
+//!   its `wasi:http/incoming-handler`.
 //! - **Crashes.** A call that crashes (trap, fuel, timeout, memory, stack, panic, output size) is
 //!   answered with the crash; the instance stops serving and reports `instance.crashed`. The
 //!   restart policy is applied here, without asking anyone: `instance.restarting`, a delay, then
@@ -23,6 +29,7 @@
 //!   instance this way before it reports `host.stopped`.
 
 mod artifact;
+mod bridge;
 mod call;
 mod commands;
 mod error;

@@ -30,12 +30,20 @@ use wasmtime::component::types::{ComponentItem, Type};
 use wasmtime::component::{Component, ComponentExportIndex, InstancePre, Val};
 use wasmtime::{Store, UpdateDeadline};
 
+use super::capabilities::{CapabilityBridge, DenyAll};
 use super::convert::{Budget, FromValError, json_to_val, val_to_json};
 use super::error::InvokeError;
 use super::output::GuestOutput;
 use super::runtime::{LoadOutcome, RuntimeInner};
-use super::store::StoreState;
+use super::store::{OutputHandle, StoreState};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use trellis_schemas::capability::rpc::{HttpRequestHead, HttpResponseHead, MAX_BODY_BYTES};
 use trellis_schemas::manifest::Manifest;
+use wasmtime::component::Resource;
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 
 /// Extra wall-clock time, beyond the timeout, before the executor-side timer cancels an
 /// invocation that the epoch deadline did not stop (a guest blocked in a host call).
@@ -47,6 +55,8 @@ const CANCEL_GRACE: Duration = Duration::from_millis(50);
 #[derive(Debug, Clone)]
 pub struct LoadedComponent {
     inner: Arc<ComponentInner>,
+    /// Where capability calls go; [`DenyAll`] unless the embedder gave one.
+    bridge: Arc<dyn CapabilityBridge>,
 }
 
 struct ComponentInner {
@@ -54,6 +64,8 @@ struct ComponentInner {
     manifest: Manifest,
     pre: InstancePre<StoreState>,
     exports: BTreeMap<String, ExportFunc>,
+    /// `wasi:http/incoming-handler#handle`, when the component exports it.
+    http_handler: Option<ComponentExportIndex>,
     outcome: LoadOutcome,
     permits: Arc<Semaphore>,
 }
@@ -107,6 +119,12 @@ impl LoadedComponent {
         outcome: LoadOutcome,
     ) -> Self {
         let exports = collect_exports(&runtime, component);
+        let http_handler = exports
+            .iter()
+            .find(|(name, _)| {
+                name.starts_with("wasi:http/incoming-handler@") && name.ends_with("#handle")
+            })
+            .map(|(_, f)| f.index);
         let permits = Arc::new(Semaphore::new(
             usize::try_from(manifest.limits.max_concurrency).unwrap_or(usize::MAX),
         ));
@@ -116,10 +134,26 @@ impl LoadedComponent {
                 manifest,
                 pre,
                 exports,
+                http_handler,
                 outcome,
                 permits,
             }),
+            bridge: Arc::new(DenyAll),
         }
+    }
+
+    /// The same component, whose capability calls go to `bridge` (each instance of a host
+    /// gets one that knows its identity and assignments).
+    pub fn with_bridge(&self, bridge: Arc<dyn CapabilityBridge>) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            bridge,
+        }
+    }
+
+    /// Whether the component exports `wasi:http/incoming-handler`.
+    pub fn handles_http(&self) -> bool {
+        self.inner.http_handler.is_some()
     }
 
     /// The manifest the component was loaded with.
@@ -190,25 +224,7 @@ impl LoadedComponent {
 
         let limits = inner.manifest.limits;
         let config = &inner.runtime.config;
-        let state = StoreState::new(limits.max_memory, config.max_log_bytes);
-        let output = state.output_handle();
-        let mut store = Store::new(&inner.runtime.engine, state);
-        store.limiter(|state| &mut state.limiter);
-        if let Err(error) = store.set_fuel(limits.fuel) {
-            return Err(InvokeError::Host {
-                error,
-                output: GuestOutput::default(),
-            });
-        }
-        let deadline = Instant::now() + limits.timeout;
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline {
-                UpdateDeadline::Interrupt
-            } else {
-                UpdateDeadline::Yield(1)
-            })
-        });
+        let (mut store, output) = self.new_store()?;
 
         let mut results = vec![Val::Bool(false); func.results.len()];
         let run = run(&inner.pre, &mut store, &func.index, &params, &mut results);
@@ -264,6 +280,168 @@ impl LoadedComponent {
         }
     }
 
+    /// A fresh store with the component's limits: memory limiter, fuel, and a wall-clock
+    /// deadline checked at every epoch tick.
+    fn new_store(&self) -> Result<(Store<StoreState>, OutputHandle), InvokeError> {
+        let inner = &*self.inner;
+        let limits = inner.manifest.limits;
+        let config = &inner.runtime.config;
+        let deadline = Instant::now() + limits.timeout;
+        let state = StoreState::new(
+            limits.max_memory,
+            config.max_log_bytes,
+            Arc::clone(&self.bridge),
+            deadline,
+        );
+        let output = state.output_handle();
+        let mut store = Store::new(&inner.runtime.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        if let Err(error) = store.set_fuel(limits.fuel) {
+            return Err(InvokeError::Host {
+                error,
+                output: GuestOutput::default(),
+            });
+        }
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        Ok((store, output))
+    }
+
+    /// Serves one HTTP request with the component's `wasi:http/incoming-handler`, in a fresh
+    /// instance with the component's limits, and returns the response head and body (at most
+    /// [`MAX_BODY_BYTES`] of it).
+    ///
+    /// # Errors
+    ///
+    /// [`InvokeError::UnknownExport`] when the component does not handle HTTP,
+    /// [`InvokeError::Busy`] over its concurrency, crashes with their reason, and
+    /// [`InvokeError::OutputTooLarge`] for a larger body.
+    pub async fn handle_http(
+        &self,
+        head: &HttpRequestHead,
+        body: Bytes,
+    ) -> Result<(HttpResponseHead, Bytes), InvokeError> {
+        let inner = &*self.inner;
+        let handler = inner
+            .http_handler
+            .ok_or_else(|| InvokeError::UnknownExport {
+                component: inner.manifest.name.clone(),
+                name: "wasi:http/incoming-handler#handle".to_owned(),
+                available: inner.exports.keys().cloned().collect(),
+            })?;
+        let request = super::http::incoming_request(head, body)
+            .map_err(|message| InvokeError::BadRequest { message })?;
+        let _permit = Arc::clone(&inner.permits)
+            .try_acquire_owned()
+            .map_err(|_| InvokeError::Busy {
+                component: inner.manifest.name.clone(),
+                max_concurrency: inner.manifest.limits.max_concurrency,
+            })?;
+        let limits = inner.manifest.limits;
+        let (mut store, output) = self.new_store()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let resources = (|| {
+            let mut http = store.data_mut().http();
+            let req = http.new_incoming_request(Scheme::Http, request)?;
+            let out = http.new_response_outparam(tx)?;
+            Ok::<_, wasmtime::Error>((req, out))
+        })();
+        let (req, out) = resources.map_err(|error| InvokeError::Host {
+            error,
+            output: GuestOutput::default(),
+        })?;
+        let call = async {
+            let instance = inner
+                .pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(Failure::Instantiate)?;
+            let func = instance
+                .get_typed_func::<(
+                    Resource<HostIncomingRequest>,
+                    Resource<HostResponseOutparam>,
+                ), ()>(&mut store, handler)
+                .map_err(Failure::Instantiate)?;
+            func.call_async(&mut store, (req, out))
+                .await
+                .map_err(Failure::Call)
+        };
+        let max_body = MAX_BODY_BYTES;
+        let response = async {
+            let response = match rx.await {
+                Ok(Ok(response)) => response,
+                Ok(Err(code)) => return Err(HttpFailure::Guest(format!("{code:?}"))),
+                Err(_) => return Err(HttpFailure::NoResponse),
+            };
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, max_body)
+                .collect()
+                .await
+                .map_err(|e| HttpFailure::Body(e.to_string()))?
+                .to_bytes();
+            Ok((super::http::response_head(&parts), body))
+        };
+        let both = async {
+            tokio::pin!(call);
+            tokio::pin!(response);
+            let mut called = false;
+            loop {
+                tokio::select! {
+                    result = &mut call, if !called => {
+                        result?;
+                        called = true;
+                    }
+                    result = &mut response => {
+                        // Let the guest finish what it does after sending the response.
+                        if !called {
+                            call.await?;
+                        }
+                        return Ok(result);
+                    }
+                }
+            }
+        };
+        let outcome = tokio::time::timeout(limits.timeout + CANCEL_GRACE, both).await;
+        drop(store);
+        match outcome {
+            Err(_elapsed) => Err(InvokeError::Timeout {
+                timeout: limits.timeout,
+                output: output.collect(),
+            }),
+            Ok(Err(Failure::Instantiate(error))) => {
+                match InvokeError::from_guest(error, output.collect(), limits.fuel, limits.timeout)
+                {
+                    InvokeError::Host { error, .. } => Err(InvokeError::Instantiation(error)),
+                    classified => Err(classified),
+                }
+            }
+            Ok(Err(Failure::Call(error))) => Err(InvokeError::from_guest(
+                error,
+                output.collect(),
+                limits.fuel,
+                limits.timeout,
+            )),
+            Ok(Ok(Ok(answer))) => Ok(answer),
+            Ok(Ok(Err(HttpFailure::Body(message)))) if message.contains("length limit") => {
+                Err(InvokeError::OutputTooLarge {
+                    size: max_body + 1,
+                    limit: max_body,
+                    output: output.collect(),
+                })
+            }
+            Ok(Ok(Err(failure))) => Err(InvokeError::HttpResponse {
+                message: failure.to_string(),
+                output: output.collect(),
+            }),
+        }
+    }
+
     fn lookup(&self, export: &str) -> Result<(&str, &ExportFunc), InvokeError> {
         let exports = &self.inner.exports;
         let found = exports.get_key_value(export).or_else(|| {
@@ -286,6 +464,17 @@ impl LoadedComponent {
 enum Failure {
     Instantiate(wasmtime::Error),
     Call(wasmtime::Error),
+}
+
+/// Why an HTTP handler produced no usable response.
+#[derive(Debug, thiserror::Error)]
+enum HttpFailure {
+    #[error("the component answered with error {0}")]
+    Guest(String),
+    #[error("the component returned without setting a response")]
+    NoResponse,
+    #[error("the response body could not be read: {0}")]
+    Body(String),
 }
 
 async fn run(

@@ -209,6 +209,21 @@ pub enum InvokeError {
         /// What was found.
         what: &'static str,
     },
+    /// An HTTP request could not be turned into a `wasi:http` request (bad method or target).
+    #[error("bad HTTP request: {message}")]
+    BadRequest {
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The component's HTTP handler ran without crashing but gave no usable response (it
+    /// answered with an error code, never set a response, or its body failed).
+    #[error("no HTTP response: {message}")]
+    HttpResponse {
+        /// What happened.
+        message: String,
+        /// What the guest wrote.
+        output: GuestOutput,
+    },
     /// Instantiation failed for a reason other than a limit (e.g. the pooling allocator is full).
     #[error("instantiating the component: {0:?}")]
     Instantiation(wasmtime::Error),
@@ -242,6 +257,8 @@ impl InvokeError {
             Self::Trap { trap, .. } => format!("trap: {}", trap_code(*trap)),
             Self::OutputTooLarge { .. } => "output_too_large".to_string(),
             Self::UnsupportedResult { .. } => "unsupported_result".to_string(),
+            Self::BadRequest { .. } => "bad_request".to_string(),
+            Self::HttpResponse { .. } => "no_response".to_string(),
             Self::Instantiation(_) => "instantiation_failed".to_string(),
             Self::Host { .. } => "host_error".to_string(),
         }
@@ -272,6 +289,7 @@ impl InvokeError {
             | Self::Panic { output, .. }
             | Self::Trap { output, .. }
             | Self::OutputTooLarge { output, .. }
+            | Self::HttpResponse { output, .. }
             | Self::Host { output, .. } => Some(output),
             _ => None,
         }

@@ -1,12 +1,15 @@
 //! The WebAssembly runtime: one engine per host, components loaded with their limits, each
 //! invocation in a fresh store. Re-exported flat from the crate root.
 
+mod bindings;
 mod cache;
+mod capabilities;
 mod component;
 mod config;
 mod convert;
 mod digest;
 mod error;
+mod http;
 mod output;
 #[expect(
     clippy::module_inception,
@@ -16,6 +19,9 @@ mod runtime;
 mod store;
 mod ticker;
 
+pub use capabilities::{
+    BridgeFuture, CapabilityBridge, CapabilityCall, CapabilityError, CapabilityReply, DenyAll,
+};
 pub use component::{ExportInfo, Invocation, LoadedComponent};
 pub use config::RuntimeConfig;
 pub use convert::ConvertError;

@@ -48,7 +48,7 @@ impl Capture {
         }
     }
 
-    fn push(&self, bytes: &[u8]) {
+    pub(crate) fn push(&self, bytes: &[u8]) {
         let mut buffer = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let room = buffer.limit.saturating_sub(buffer.data.len());
         let kept = room.min(bytes.len());

@@ -79,6 +79,15 @@ const WASI_BASICS: &[&str] = &[
     "wasi:sockets/",
 ];
 
+/// Capability packages the runtime links for every component (see `super::bindings` and
+/// wasmtime-wasi-http); a component must still declare what it imports in its manifest.
+const CAPABILITIES: &[&str] = &[
+    "wasi:http/",
+    "wasi:keyvalue/",
+    "wasi:logging/",
+    "wasmcloud:messaging/",
+];
+
 impl Runtime {
     /// Creates the engine (pooling allocator, falling back to on-demand allocation with a
     /// warning when the pool cannot be reserved), starts its epoch ticker thread, links WASI and
@@ -110,6 +119,9 @@ impl Runtime {
         };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError::Engine)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(RuntimeError::Engine)?;
+        super::bindings::add_to_linker(&mut linker).map_err(RuntimeError::Engine)?;
         let cache =
             match &config.cache_dir {
                 Some(dir) => Some(ArtifactCache::open(dir, &engine).map_err(|source| {
@@ -211,6 +223,10 @@ impl Runtime {
                 return Err(LoadError::UndeclaredImport {
                     import: strip_version(import).to_string(),
                 });
+            }
+            if CAPABILITIES.iter().any(|prefix| import.starts_with(prefix)) {
+                // Linked by the runtime; calls go through the capability bridge.
+                continue;
             }
             // A declared capability the runtime does not implement itself: the embedder binds
             // it; until then calling it traps instead of refusing to instantiate.

@@ -4,6 +4,13 @@ use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use super::capabilities::CapabilityBridge;
+use super::http::HttpHooks;
 use super::output::{Capture, GuestOutput};
 
 /// Instances, memories and tables one component instance may create. A wasip2 Rust component
@@ -77,10 +84,16 @@ impl ResourceLimiter for Limiter {
 /// Data of one invocation's `Store`. Nothing in it outlives the invocation.
 pub(crate) struct StoreState {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(crate) table: ResourceTable,
     pub(crate) limiter: Limiter,
     stdout: Capture,
     stderr: Capture,
+    http: WasiHttpCtx,
+    hooks: HttpHooks,
+    /// Where the invocation's capability calls go.
+    pub(crate) bridge: Arc<dyn CapabilityBridge>,
+    /// When the invocation's wall-clock limit ends.
+    deadline: Instant,
 }
 
 impl std::fmt::Debug for StoreState {
@@ -94,7 +107,12 @@ impl std::fmt::Debug for StoreState {
 impl StoreState {
     /// A WASI context that grants nothing: no preopened directories, no environment, no
     /// arguments, no network, no stdin. Clocks and random work; stdout and stderr are captured.
-    pub(crate) fn new(max_memory: u64, max_log_bytes: usize) -> Self {
+    pub(crate) fn new(
+        max_memory: u64,
+        max_log_bytes: usize,
+        bridge: Arc<dyn CapabilityBridge>,
+        deadline: Instant,
+    ) -> Self {
         let stdout = Capture::new(max_log_bytes);
         let stderr = Capture::new(max_log_bytes);
         let wasi = WasiCtx::builder()
@@ -113,7 +131,24 @@ impl StoreState {
             },
             stdout,
             stderr,
+            http: WasiHttpCtx::new(),
+            hooks: HttpHooks {
+                bridge: Arc::clone(&bridge),
+                deadline,
+            },
+            bridge,
+            deadline,
         }
+    }
+
+    /// How long a capability call made now may wait for its provider: see [`call_budget`].
+    pub(crate) fn call_budget(&self) -> Duration {
+        call_budget(self.deadline)
+    }
+
+    /// Appends a line to the captured stderr (`wasi:logging`).
+    pub(crate) fn log_line(&self, line: &[u8]) {
+        self.stderr.push(line);
     }
 
     /// A handle on the captured output that stays readable after the store is gone.
@@ -141,11 +176,50 @@ impl OutputHandle {
     }
 }
 
+impl WasiHttpView for StoreState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
 impl WasiView for StoreState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
+    }
+}
+
+/// The most a capability call may wait for its provider when the invocation must end by
+/// `deadline`: the time left less a reserve (a tenth of it, at most [`CALL_RESERVE`]) so that the
+/// guest still runs after a provider that never answers and sees the error itself, instead of the
+/// invocation being cut by its own deadline at the same instant. At least a millisecond, so a call
+/// made at the very end fails by timing out rather than by a zero wait.
+pub(crate) fn call_budget(deadline: Instant) -> Duration {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let reserve = (left / 10).min(CALL_RESERVE);
+    (left - reserve).max(Duration::from_millis(1))
+}
+
+/// The largest share of an invocation's remaining time kept back from a capability call.
+const CALL_RESERVE: Duration = Duration::from_millis(250);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_budget_leaves_the_guest_time_to_see_the_error() {
+        let long = call_budget(Instant::now() + Duration::from_secs(3));
+        assert!(long <= Duration::from_millis(2_750), "{long:?}");
+        assert!(long > Duration::from_millis(2_500), "{long:?}");
+        let short = call_budget(Instant::now() + Duration::from_millis(100));
+        assert!(short <= Duration::from_millis(90), "{short:?}");
+        assert_eq!(call_budget(Instant::now()), Duration::from_millis(1));
     }
 }

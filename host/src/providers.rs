@@ -1,0 +1,378 @@
+//! Providers a host runs as child processes and supervises.
+//!
+//! `trellis.host.v1.<lattice>.<host>.provider.start` spawns `trellis-provider-<name>` (found in
+//! the host's provider directories) with the lattice's NATS URL, the provider id chosen by the
+//! controller and the settings of the request. The provider announces itself
+//! (`provider.started`) and talks to everyone over NATS only. When the process dies without
+//! being asked to stop, the host records `provider.crashed` and starts it again after a delay
+//! that doubles with each crash in a row (0.5 s up to 30 s). `provider.stop` (and the host's
+//! drain) send it SIGTERM: it drains, records `provider.stopped` and exits; it is not restarted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::process::Command;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use trellis_bus::FactPublisher;
+use trellis_schemas::fact::{ProviderCrashed, ProviderStartFailed};
+use trellis_schemas::instance::{StartProviderCommand, StopProviderCommand};
+use trellis_schemas::{ErrorBody, ErrorCode, Event, FactData, HostId, Lattice, ProviderId};
+
+/// The first delay before restarting a crashed provider.
+const FIRST_DELAY: Duration = Duration::from_millis(500);
+/// The longest delay between restarts.
+const MAX_DELAY: Duration = Duration::from_secs(30);
+/// A provider that ran this long before dying starts again from the first delay.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// How long a stopped provider may take to drain before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Settings of a host's provider supervision.
+#[derive(Debug, Clone)]
+pub struct ProvidersConfig {
+    /// The NATS URL handed to providers.
+    pub nats_url: String,
+    /// Where to look for `trellis-provider-<name>`, in order (then `PATH`).
+    pub dirs: Vec<PathBuf>,
+}
+
+impl ProvidersConfig {
+    /// Looks for providers next to the running executable, then on `PATH`.
+    pub fn new(nats_url: impl Into<String>) -> Self {
+        let dirs = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(Path::to_path_buf))
+            .into_iter()
+            .collect();
+        Self {
+            nats_url: nats_url.into(),
+            dirs,
+        }
+    }
+}
+
+/// The providers of one host. Cloning shares them.
+#[derive(Debug, Clone)]
+pub struct Providers {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ProvidersConfig,
+    publisher: FactPublisher,
+    lattice: Lattice,
+    host_id: HostId,
+    source: String,
+    children: Mutex<HashMap<ProviderId, Child>>,
+}
+
+#[derive(Debug)]
+struct Child {
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Providers {
+    /// Supervision of no providers yet.
+    pub fn new(
+        config: ProvidersConfig,
+        publisher: FactPublisher,
+        lattice: Lattice,
+        host_id: HostId,
+    ) -> Self {
+        let source = trellis_schemas::fact::source(&lattice, "host", host_id.as_str());
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                publisher,
+                lattice,
+                host_id,
+                source,
+                children: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The executable of provider `name`, if installed.
+    fn executable(&self, name: &str) -> Option<PathBuf> {
+        let file = format!("trellis-provider-{name}");
+        let path_dirs = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default();
+        self.inner
+            .config
+            .dirs
+            .iter()
+            .chain(path_dirs.iter())
+            .map(|d| d.join(&file))
+            .find(|p| p.is_file())
+    }
+
+    /// Accepts a start command: the provider is spawned and supervised in the background. A
+    /// provider that is not installed is reported as `provider.start_failed`.
+    ///
+    /// # Errors
+    ///
+    /// `invalid_request` when a provider with this id already runs here.
+    pub fn start(&self, command: StartProviderCommand) -> Result<(), ErrorBody> {
+        let mut children = self.lock();
+        if children.contains_key(&command.provider_id) {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "provider {} already runs on host {}",
+                    command.provider_id, self.inner.host_id
+                ),
+            ));
+        }
+        let Some(program) = self.executable(command.name.as_str()) else {
+            let dirs: Vec<String> = self
+                .inner
+                .config
+                .dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect();
+            self.publish(
+                Event::new(
+                    self.inner.source.clone(),
+                    FactData::ProviderStartFailed(ProviderStartFailed {
+                        provider_id: command.provider_id.clone(),
+                        name: command.name.clone(),
+                        host_id: self.inner.host_id.clone(),
+                        reason: format!(
+                            "no executable trellis-provider-{} in {} or on PATH",
+                            command.name,
+                            dirs.join(", ")
+                        ),
+                    }),
+                )
+                .caused_by(command.operation_id.clone()),
+            );
+            return Ok(());
+        };
+        let (stop, stopped) = watch::channel(false);
+        let inner = Arc::clone(&self.inner);
+        let id = command.provider_id.clone();
+        let task = tokio::spawn(async move {
+            supervise(&inner, &program, &command, stopped).await;
+            inner
+                .children
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&command.provider_id);
+        });
+        children.insert(
+            id,
+            Child {
+                stop,
+                task: Some(task),
+            },
+        );
+        Ok(())
+    }
+
+    /// Asks a supervised provider to drain and exit; it is not restarted.
+    ///
+    /// # Errors
+    ///
+    /// `not_found` when no such provider runs here.
+    pub fn stop(&self, command: &StopProviderCommand) -> Result<(), ErrorBody> {
+        let children = self.lock();
+        let child = children.get(&command.provider_id).ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::NotFound,
+                format!(
+                    "provider {} does not run on host {}",
+                    command.provider_id, self.inner.host_id
+                ),
+            )
+        })?;
+        let _ = child.stop.send(true);
+        Ok(())
+    }
+
+    /// Stops every provider and waits for them, up to `timeout`.
+    pub async fn stop_all(&self, timeout: Duration) {
+        let tasks: Vec<JoinHandle<()>> = self
+            .lock()
+            .values_mut()
+            .filter_map(|c| {
+                let _ = c.stop.send(true);
+                c.task.take()
+            })
+            .collect();
+        if tokio::time::timeout(timeout, futures::future::join_all(tasks))
+            .await
+            .is_err()
+        {
+            tracing::warn!(?timeout, "providers still stopping at the end of the drain");
+        }
+    }
+
+    /// How many providers this host supervises.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether this host supervises no provider.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn publish(&self, event: Event) {
+        if let Err(e) = self.inner.publisher.enqueue(&event) {
+            tracing::error!(error = %e, "cannot queue a provider fact");
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ProviderId, Child>> {
+        self.inner
+            .children
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn args(inner: &Inner, command: &StartProviderCommand) -> Vec<String> {
+    let mut args = vec![
+        "--nats".to_owned(),
+        inner.config.nats_url.clone(),
+        "--lattice".to_owned(),
+        inner.lattice.to_string(),
+        "--provider-id".to_owned(),
+        command.provider_id.to_string(),
+        "--host-id".to_owned(),
+        inner.host_id.to_string(),
+    ];
+    let config: &BTreeMap<String, String> = &command.config;
+    for (k, v) in config {
+        args.push("--config".to_owned());
+        args.push(format!("{k}={v}"));
+    }
+    args
+}
+
+/// Runs the provider until it is stopped, restarting it with backoff when it dies.
+async fn supervise(
+    inner: &Inner,
+    program: &Path,
+    command: &StartProviderCommand,
+    mut stop: watch::Receiver<bool>,
+) {
+    let args = args(inner, command);
+    let mut restarts: u32 = 0;
+    let mut delay = FIRST_DELAY;
+    loop {
+        let started = Instant::now();
+        let child = Command::new(program)
+            .args(&args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn();
+        let mut child = match child {
+            Ok(child) => child,
+            Err(e) => {
+                publish(
+                    inner,
+                    Event::new(
+                        inner.source.clone(),
+                        FactData::ProviderStartFailed(ProviderStartFailed {
+                            provider_id: command.provider_id.clone(),
+                            name: command.name.clone(),
+                            host_id: inner.host_id.clone(),
+                            reason: format!("cannot run {}: {e}", program.display()),
+                        }),
+                    )
+                    .caused_by(command.operation_id.clone()),
+                );
+                return;
+            }
+        };
+        tracing::info!(provider = %command.provider_id, name = %command.name, pid = child.id(), "provider process started");
+        let status = tokio::select! {
+            status = child.wait() => Some(status),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let Some(status) = status else {
+            terminate(&mut child).await;
+            return;
+        };
+        if *stop.borrow() {
+            return;
+        }
+        let reason = match &status {
+            Ok(s) if s.success() => {
+                // It exited by itself after a stop request on its own control subject.
+                tracing::info!(provider = %command.provider_id, "provider exited");
+                return;
+            }
+            Ok(s) => describe(s),
+            Err(e) => format!("cannot wait for the process: {e}"),
+        };
+        if started.elapsed() >= STABLE_AFTER {
+            delay = FIRST_DELAY;
+        }
+        restarts = restarts.saturating_add(1);
+        tracing::warn!(provider = %command.provider_id, %reason, ?delay, "provider crashed; restarting");
+        publish(
+            inner,
+            Event::new(
+                inner.source.clone(),
+                FactData::ProviderCrashed(ProviderCrashed {
+                    provider_id: command.provider_id.clone(),
+                    host_id: inner.host_id.clone(),
+                    reason,
+                    will_restart: true,
+                    restarts,
+                }),
+            )
+            .caused_by(command.operation_id.clone()),
+        );
+        let stopped = tokio::select! {
+            () = tokio::time::sleep(delay) => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        if stopped {
+            return;
+        }
+        delay = (delay * 2).min(MAX_DELAY);
+    }
+}
+
+fn publish(inner: &Inner, event: Event) {
+    if let Err(e) = inner.publisher.enqueue(&event) {
+        tracing::error!(error = %e, "cannot queue a provider fact");
+    }
+}
+
+fn describe(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        _ => "ended".to_owned(),
+    }
+}
+
+/// SIGTERM, then SIGKILL after the grace period.
+async fn terminate(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    if tokio::time::timeout(STOP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("provider did not drain in time; killing it");
+        let _ = child.kill().await;
+    }
+}

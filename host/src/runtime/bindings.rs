@@ -1,0 +1,352 @@
+//! Host implementations of the capability interfaces of the `trellis:lattice/host` world
+//! (`wit/trellis.wit`): `wasi:keyvalue` (store, atomics, batch), `wasi:logging` and
+//! `wasmcloud:messaging/consumer`. `wasi:http` comes from wasmtime-wasi-http (see
+//! [`super::http`]).
+//!
+//! Key-value and messaging calls are encoded as the JSON requests of
+//! [`trellis_schemas::capability::rpc`] and handed to the invocation's
+//! [`CapabilityBridge`](super::CapabilityBridge); logging writes to the captured stderr.
+
+use bytes::Bytes;
+use trellis_schemas::Capability;
+use trellis_schemas::capability::rpc::{
+    BrokerMessage as WireMessage, Bytes64, KvReply, KvRequest, MessagingRequest,
+};
+use wasmtime::component::{HasSelf, Linker, Resource};
+
+use super::capabilities::{CapabilityCall, CapabilityError};
+use super::store::StoreState;
+
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    unused_qualifications,
+    reason = "bindgen-generated code"
+)]
+mod generated {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "trellis:lattice/host",
+        imports: { default: async | trappable },
+        with: {
+            "wasi:http": wasmtime_wasi_http::p2::bindings::http,
+            "wasi:io": wasmtime_wasi::p2::bindings::io,
+            "wasi:keyvalue/store.bucket": super::KvBucket,
+        },
+        require_store_data_send: true,
+    });
+}
+
+use generated::wasi::keyvalue::{atomics, batch, store};
+use generated::wasi::logging::logging;
+use generated::wasmcloud::messaging::{consumer, types as msg_types};
+
+/// An open key-value bucket: the identifier the guest passed to `open`. The provider resolves it
+/// against the assignment on every call.
+#[derive(Debug)]
+pub struct KvBucket {
+    identifier: String,
+}
+
+/// Links the capability interfaces into `linker`.
+pub(crate) fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
+    store::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
+    atomics::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
+    batch::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
+    logging::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
+    consumer::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
+    msg_types::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
+    Ok(())
+}
+
+fn kv_error(e: CapabilityError) -> store::Error {
+    match e {
+        CapabilityError::Denied(m) => {
+            tracing::debug!(reason = %m, "key-value access denied");
+            store::Error::AccessDenied
+        }
+        CapabilityError::NoSuchStore(_) => store::Error::NoSuchStore,
+        other => store::Error::Other(other.to_string()),
+    }
+}
+
+impl StoreState {
+    async fn capability(
+        &mut self,
+        capability: Capability,
+        body: Vec<u8>,
+    ) -> Result<Bytes, CapabilityError> {
+        let call = CapabilityCall {
+            capability,
+            body: Bytes::from(body),
+            http_head: None,
+            timeout: self.call_budget(),
+        };
+        self.bridge.call(call).await.map(|reply| reply.body)
+    }
+
+    async fn kv(&mut self, request: KvRequest) -> Result<KvReply, store::Error> {
+        let body = serde_json::to_vec(&request)
+            .map_err(|e| store::Error::Other(format!("cannot encode the request: {e}")))?;
+        let reply = self
+            .capability(Capability::KeyValue, body)
+            .await
+            .map_err(kv_error)?;
+        serde_json::from_slice(&reply).map_err(|e| {
+            store::Error::Other(format!("the kv provider sent a malformed reply: {e}"))
+        })
+    }
+
+    fn identifier(&self, bucket: &Resource<KvBucket>) -> wasmtime::Result<String> {
+        Ok(self.table.get(bucket)?.identifier.clone())
+    }
+}
+
+impl store::Host for StoreState {
+    async fn open(
+        &mut self,
+        identifier: String,
+    ) -> wasmtime::Result<Result<Resource<KvBucket>, store::Error>> {
+        if let Err(e) = self
+            .kv(KvRequest::Open {
+                bucket: identifier.clone(),
+            })
+            .await
+        {
+            return Ok(Err(e));
+        }
+        Ok(Ok(self.table.push(KvBucket { identifier })?))
+    }
+}
+
+impl store::HostBucket for StoreState {
+    async fn get(
+        &mut self,
+        bucket: Resource<KvBucket>,
+        key: String,
+    ) -> wasmtime::Result<Result<Option<Vec<u8>>, store::Error>> {
+        let bucket = self.identifier(&bucket)?;
+        Ok(self
+            .kv(KvRequest::Get { bucket, key })
+            .await
+            .map(|r| r.value))
+    }
+
+    async fn set(
+        &mut self,
+        bucket: Resource<KvBucket>,
+        key: String,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), store::Error>> {
+        let bucket = self.identifier(&bucket)?;
+        Ok(self
+            .kv(KvRequest::Set {
+                bucket,
+                key,
+                value: Bytes64(value),
+            })
+            .await
+            .map(|_| ()))
+    }
+
+    async fn delete(
+        &mut self,
+        bucket: Resource<KvBucket>,
+        key: String,
+    ) -> wasmtime::Result<Result<(), store::Error>> {
+        let bucket = self.identifier(&bucket)?;
+        Ok(self.kv(KvRequest::Delete { bucket, key }).await.map(|_| ()))
+    }
+
+    async fn exists(
+        &mut self,
+        bucket: Resource<KvBucket>,
+        key: String,
+    ) -> wasmtime::Result<Result<bool, store::Error>> {
+        let bucket = self.identifier(&bucket)?;
+        Ok(self
+            .kv(KvRequest::Exists { bucket, key })
+            .await
+            .map(|r| r.exists.unwrap_or(false)))
+    }
+
+    async fn list_keys(
+        &mut self,
+        bucket: Resource<KvBucket>,
+        cursor: Option<u64>,
+    ) -> wasmtime::Result<Result<store::KeyResponse, store::Error>> {
+        let bucket = self.identifier(&bucket)?;
+        Ok(self
+            .kv(KvRequest::ListKeys { bucket, cursor })
+            .await
+            .map(|r| store::KeyResponse {
+                keys: r.keys,
+                cursor: r.cursor,
+            }))
+    }
+
+    async fn drop(&mut self, bucket: Resource<KvBucket>) -> wasmtime::Result<()> {
+        self.table.delete(bucket)?;
+        Ok(())
+    }
+}
+
+impl atomics::Host for StoreState {
+    async fn increment(
+        &mut self,
+        bucket: Resource<KvBucket>,
+        key: String,
+        delta: u64,
+    ) -> wasmtime::Result<Result<u64, store::Error>> {
+        let bucket = self.identifier(&bucket)?;
+        Ok(self
+            .kv(KvRequest::Increment { bucket, key, delta })
+            .await
+            .and_then(|r| {
+                r.number.ok_or_else(|| {
+                    store::Error::Other("the kv provider's reply has no number".to_owned())
+                })
+            }))
+    }
+}
+
+impl batch::Host for StoreState {
+    async fn get_many(
+        &mut self,
+        bucket: Resource<KvBucket>,
+        keys: Vec<String>,
+    ) -> wasmtime::Result<Result<Vec<Option<(String, Vec<u8>)>>, store::Error>> {
+        let bucket = self.identifier(&bucket)?;
+        let reply = match self
+            .kv(KvRequest::GetMany {
+                bucket,
+                keys: keys.clone(),
+            })
+            .await
+        {
+            Ok(reply) => reply,
+            Err(e) => return Ok(Err(e)),
+        };
+        if reply.values.len() != keys.len() {
+            return Ok(Err(store::Error::Other(format!(
+                "the kv provider answered {} values for {} keys",
+                reply.values.len(),
+                keys.len()
+            ))));
+        }
+        Ok(Ok(keys
+            .into_iter()
+            .zip(reply.values)
+            .map(|(k, v)| v.map(|v| (k, v.0)))
+            .collect()))
+    }
+
+    async fn set_many(
+        &mut self,
+        bucket: Resource<KvBucket>,
+        key_values: Vec<(String, Vec<u8>)>,
+    ) -> wasmtime::Result<Result<(), store::Error>> {
+        let bucket = self.identifier(&bucket)?;
+        let pairs = key_values
+            .into_iter()
+            .map(|(k, v)| (k, Bytes64(v)))
+            .collect();
+        Ok(self
+            .kv(KvRequest::SetMany { bucket, pairs })
+            .await
+            .map(|_| ()))
+    }
+
+    async fn delete_many(
+        &mut self,
+        bucket: Resource<KvBucket>,
+        keys: Vec<String>,
+    ) -> wasmtime::Result<Result<(), store::Error>> {
+        let bucket = self.identifier(&bucket)?;
+        Ok(self
+            .kv(KvRequest::DeleteMany { bucket, keys })
+            .await
+            .map(|_| ()))
+    }
+}
+
+impl logging::Host for StoreState {
+    async fn log(
+        &mut self,
+        level: logging::Level,
+        context: String,
+        message: String,
+    ) -> wasmtime::Result<()> {
+        let level = match level {
+            logging::Level::Trace => "trace",
+            logging::Level::Debug => "debug",
+            logging::Level::Info => "info",
+            logging::Level::Warn => "warn",
+            logging::Level::Error => "error",
+            logging::Level::Critical => "critical",
+        };
+        let line = if context.is_empty() {
+            format!("[{level}] {message}\n")
+        } else {
+            format!("[{level}] {context}: {message}\n")
+        };
+        self.log_line(line.as_bytes());
+        Ok(())
+    }
+}
+
+impl msg_types::Host for StoreState {}
+
+fn to_wire(msg: msg_types::BrokerMessage) -> WireMessage {
+    WireMessage {
+        subject: msg.subject,
+        body: Bytes64(msg.body),
+        reply_to: msg.reply_to,
+    }
+}
+
+impl consumer::Host for StoreState {
+    async fn request(
+        &mut self,
+        subject: String,
+        body: Vec<u8>,
+        timeout_ms: u32,
+    ) -> wasmtime::Result<Result<msg_types::BrokerMessage, String>> {
+        let request = MessagingRequest::Request {
+            subject,
+            body: Bytes64(body),
+            timeout_ms,
+        };
+        let Ok(body) = serde_json::to_vec(&request) else {
+            return Ok(Err("cannot encode the request".to_owned()));
+        };
+        let reply = match self.capability(Capability::Messaging, body).await {
+            Ok(reply) => reply,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        Ok(serde_json::from_slice::<WireMessage>(&reply)
+            .map(|m| msg_types::BrokerMessage {
+                subject: m.subject,
+                body: m.body.0,
+                reply_to: m.reply_to,
+            })
+            .map_err(|e| format!("the messaging provider sent a malformed reply: {e}")))
+    }
+
+    async fn publish(
+        &mut self,
+        msg: msg_types::BrokerMessage,
+    ) -> wasmtime::Result<Result<(), String>> {
+        let request = MessagingRequest::Publish {
+            message: to_wire(msg),
+        };
+        let Ok(body) = serde_json::to_vec(&request) else {
+            return Ok(Err("cannot encode the request".to_owned()));
+        };
+        Ok(self
+            .capability(Capability::Messaging, body)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()))
+    }
+}

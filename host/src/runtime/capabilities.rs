@@ -1,0 +1,149 @@
+//! Capabilities: how a component's imports reach the outside world.
+//!
+//! The runtime links the capability interfaces (`wasi:keyvalue`, `wasi:http/outgoing-handler`,
+//! `wasmcloud:messaging/consumer`) for every component, and forwards each call to the
+//! [`CapabilityBridge`] the component was given (see
+//! [`LoadedComponent::with_bridge`](super::LoadedComponent::with_bridge)). The bridge decides
+//! whether the call is allowed and who serves it; a host forwards it over NATS to the assigned
+//! provider. Without a bridge every capability call is refused with an access-denied error the
+//! guest sees, so an embedder that grants nothing gets a component that can only compute.
+//!
+//! `wasi:logging` is served by the runtime itself: log records go to the invocation's captured
+//! stderr, like anything else the guest prints.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use trellis_schemas::Capability;
+use trellis_schemas::capability::rpc::RpcErrorCode;
+
+/// One capability call on its way to a provider.
+#[derive(Debug, Clone)]
+pub struct CapabilityCall {
+    /// The capability the call belongs to.
+    pub capability: Capability,
+    /// The request body (JSON for key-value and messaging, the raw body for HTTP).
+    pub body: Bytes,
+    /// For HTTP: the request head as JSON (an `HttpRequestHead`).
+    pub http_head: Option<String>,
+    /// How long the caller waits for an answer.
+    pub timeout: Duration,
+}
+
+/// A provider's successful answer.
+#[derive(Debug, Clone, Default)]
+pub struct CapabilityReply {
+    /// The reply body.
+    pub body: Bytes,
+    /// For HTTP: the response head as JSON (an `HttpResponseHead`).
+    pub http_head: Option<String>,
+}
+
+/// Why a capability call failed. The guest sees it as its interface's error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CapabilityError {
+    /// No assignment grants the capability, or the provider refused the call under it.
+    #[error("access denied: {0}")]
+    Denied(String),
+    /// The store the component named is not one it was granted.
+    #[error("no such store: {0}")]
+    NoSuchStore(String),
+    /// No provider answered within the timeout, or none is running.
+    #[error("capability unavailable: {0}")]
+    Unavailable(String),
+    /// The provider answered with an error.
+    #[error("{code}: {message}")]
+    Remote {
+        /// The provider's error code.
+        code: RpcErrorCode,
+        /// Its message.
+        message: String,
+    },
+}
+
+impl CapabilityError {
+    /// Builds the error for a provider's error reply.
+    pub fn from_remote(code: RpcErrorCode, message: String) -> Self {
+        match code {
+            RpcErrorCode::AccessDenied => CapabilityError::Denied(message),
+            RpcErrorCode::NoSuchStore => CapabilityError::NoSuchStore(message),
+            RpcErrorCode::Unavailable => CapabilityError::Unavailable(message),
+            code => CapabilityError::Remote { code, message },
+        }
+    }
+}
+
+/// A boxed future returned by [`CapabilityBridge::call`].
+pub type BridgeFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<CapabilityReply, CapabilityError>> + Send + 'a>>;
+
+/// Carries a component's capability calls to whoever serves them, after checking that they are
+/// allowed. Implemented by the host (over NATS, to the assigned providers) and by embedders.
+pub trait CapabilityBridge: Send + Sync + fmt::Debug + 'static {
+    /// Whether `capability` is granted right now (checked before work is done on the guest's
+    /// behalf, e.g. before an outgoing request body is collected).
+    fn allows(&self, capability: Capability) -> bool;
+
+    /// Performs one call.
+    fn call(&self, call: CapabilityCall) -> BridgeFuture<'_>;
+}
+
+/// The bridge of a component that was granted nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DenyAll;
+
+impl CapabilityBridge for DenyAll {
+    fn allows(&self, _: Capability) -> bool {
+        false
+    }
+
+    fn call(&self, call: CapabilityCall) -> BridgeFuture<'_> {
+        Box::pin(async move {
+            Err(CapabilityError::Denied(format!(
+                "{} is not assigned to this component",
+                call.capability
+            )))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn deny_all_denies_everything() {
+        let bridge = DenyAll;
+        for cap in Capability::ALL {
+            assert!(!bridge.allows(*cap));
+            let err = bridge
+                .call(CapabilityCall {
+                    capability: *cap,
+                    body: Bytes::new(),
+                    http_head: None,
+                    timeout: Duration::from_secs(1),
+                })
+                .await
+                .expect_err("denied");
+            assert!(matches!(err, CapabilityError::Denied(m) if m.contains(cap.as_str())));
+        }
+    }
+
+    #[test]
+    fn remote_codes_map_to_errors() {
+        assert!(matches!(
+            CapabilityError::from_remote(RpcErrorCode::AccessDenied, "x".into()),
+            CapabilityError::Denied(_)
+        ));
+        assert!(matches!(
+            CapabilityError::from_remote(RpcErrorCode::Upstream, "x".into()),
+            CapabilityError::Remote {
+                code: RpcErrorCode::Upstream,
+                ..
+            }
+        ));
+    }
+}
