@@ -1,0 +1,355 @@
+//! `trellis-provider-kv`: `wasi:keyvalue` on JetStream KV.
+//!
+//! Each assignment names a bucket (`bucket=<name>`); the provider creates it on first use (one
+//! revision of history). A component opens a store by identifier: `""` or the assigned bucket's
+//! name both mean the assigned bucket, anything else is refused with `access_denied`. So two
+//! instances share data only when they were granted the same bucket.
+//!
+//! JetStream KV keys are restricted to `[-/_=.a-zA-Z0-9]` and cannot start or end with `.`;
+//! component keys are arbitrary strings, so they are stored under an injective encoding
+//! ([`encode_key`]): a key that is already valid and does not start with `=` is stored as it
+//! is, any other becomes `=` followed by the lowercase hex of its UTF-8.
+
+use std::collections::HashMap;
+use std::sync::{PoisonError, RwLock};
+
+use async_nats::jetstream::kv::{self, Operation, Store};
+use async_nats::jetstream::stream;
+use bytes::Bytes;
+use futures::TryStreamExt as _;
+use trellis_provider_sdk::{Call, Context, Provider, ProviderInfo, Reply, RpcError};
+use trellis_schemas::Capability;
+use trellis_schemas::capability::rpc::{Bytes64, KvReply, KvRequest};
+
+/// What this provider is.
+pub const INFO: ProviderInfo = ProviderInfo {
+    name: "kv",
+    version: env!("CARGO_PKG_VERSION"),
+    capabilities: &[Capability::KeyValue],
+    rpc: &[Capability::KeyValue],
+};
+
+/// Keys per `list_keys` page.
+pub const PAGE: usize = 1000;
+
+/// How many times an increment retries after losing a race with another writer.
+const CAS_ATTEMPTS: usize = 1000;
+
+/// The provider: JetStream and the buckets opened so far.
+#[derive(Debug)]
+pub struct KvProvider {
+    ctx: Context,
+    stores: RwLock<HashMap<String, Store>>,
+}
+
+impl KvProvider {
+    /// A provider on the context's JetStream.
+    pub async fn new(ctx: Context) -> anyhow::Result<Self> {
+        Ok(Self {
+            ctx,
+            stores: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// The store of `bucket`, created on first use.
+    async fn store(&self, bucket: &str) -> Result<Store, RpcError> {
+        if let Some(store) = self
+            .stores
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(bucket)
+        {
+            return Ok(store.clone());
+        }
+        let store = match self.ctx.js.get_key_value(bucket).await {
+            Ok(store) => store,
+            Err(_) => {
+                // The bucket's stream is created directly: the client's own bucket creation
+                // first asks for account information, which older servers answer in a shape it
+                // cannot read.
+                let created = self.ctx.js.create_stream(bucket_stream(bucket)).await;
+                match created {
+                    Ok(_) => {
+                        tracing::info!(%bucket, "bucket created");
+                        self.ctx.js.get_key_value(bucket).await.map_err(|e| {
+                            self.backend(format!("cannot open bucket {bucket}: {e}"))
+                        })?
+                    }
+                    // Another replica may have created it meanwhile.
+                    Err(create) => self.ctx.js.get_key_value(bucket).await.map_err(|_| {
+                        self.backend(format!("cannot open bucket {bucket}: {create}"))
+                    })?,
+                }
+            }
+        };
+        self.stores
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(bucket.to_owned(), store.clone());
+        Ok(store)
+    }
+
+    /// A backend failure: `unavailable` while NATS is away or slow, `internal` otherwise.
+    fn backend(&self, message: impl Into<String>) -> RpcError {
+        let message = message.into();
+        let connected = matches!(
+            self.ctx.client.connection_state(),
+            async_nats::connection::State::Connected
+        );
+        if !connected || message.contains("timed out") || message.contains("no responders") {
+            RpcError::unavailable(message)
+        } else {
+            RpcError::internal(message)
+        }
+    }
+
+    async fn execute(&self, store: &Store, request: KvRequest) -> Result<KvReply, RpcError> {
+        let mut reply = KvReply::default();
+        match request {
+            KvRequest::Open { .. } => {}
+            KvRequest::Get { key, .. } => reply.value = self.get(store, &key).await?,
+            KvRequest::Set { key, value, .. } => self.set(store, &key, value.0).await?,
+            KvRequest::Delete { key, .. } => self.delete(store, &key).await?,
+            KvRequest::Exists { key, .. } => {
+                reply.exists = Some(self.get(store, &key).await?.is_some());
+            }
+            KvRequest::ListKeys { cursor, .. } => {
+                let (keys, next) = self.list(store, cursor.unwrap_or(0)).await?;
+                reply.keys = keys;
+                reply.cursor = next;
+            }
+            KvRequest::Increment { key, delta, .. } => {
+                reply.number = Some(self.increment(store, &key, delta).await?);
+            }
+            KvRequest::GetMany { keys, .. } => {
+                for key in keys {
+                    let value = self.get(store, &key).await?;
+                    reply.values.push(value.map(Bytes64));
+                }
+            }
+            KvRequest::SetMany { pairs, .. } => {
+                for (key, value) in pairs {
+                    self.set(store, &key, value.0).await?;
+                }
+            }
+            KvRequest::DeleteMany { keys, .. } => {
+                for key in keys {
+                    self.delete(store, &key).await?;
+                }
+            }
+        }
+        Ok(reply)
+    }
+
+    async fn get(&self, store: &Store, key: &str) -> Result<Option<Vec<u8>>, RpcError> {
+        store
+            .get(encode_key(key))
+            .await
+            .map(|v| v.map(|b| b.to_vec()))
+            .map_err(|e| self.backend(format!("get {key:?}: {e}")))
+    }
+
+    async fn set(&self, store: &Store, key: &str, value: Vec<u8>) -> Result<(), RpcError> {
+        store
+            .put(encode_key(key), Bytes::from(value))
+            .await
+            .map(drop)
+            .map_err(|e| self.backend(format!("set {key:?}: {e}")))
+    }
+
+    async fn delete(&self, store: &Store, key: &str) -> Result<(), RpcError> {
+        store
+            .delete(encode_key(key))
+            .await
+            .map_err(|e| self.backend(format!("delete {key:?}: {e}")))
+    }
+
+    async fn list(
+        &self,
+        store: &Store,
+        cursor: u64,
+    ) -> Result<(Vec<String>, Option<u64>), RpcError> {
+        let keys: Vec<String> = store
+            .keys()
+            .await
+            .map_err(|e| self.backend(format!("list keys: {e}")))?
+            .try_collect()
+            .await
+            .map_err(|e| self.backend(format!("list keys: {e}")))?;
+        Ok(page(keys.iter().map(|k| decode_key(k)).collect(), cursor))
+    }
+
+    async fn increment(&self, store: &Store, key: &str, delta: u64) -> Result<u64, RpcError> {
+        let stored = encode_key(key);
+        for _ in 0..CAS_ATTEMPTS {
+            let entry = store
+                .entry(stored.clone())
+                .await
+                .map_err(|e| self.backend(format!("increment {key:?}: {e}")))?;
+            match entry {
+                Some(entry) if entry.operation == Operation::Put => {
+                    let current = std::str::from_utf8(&entry.value)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u64>().ok())
+                        .ok_or_else(|| {
+                            RpcError::invalid(format!(
+                                "cannot increment {key:?}: its value is not a decimal number"
+                            ))
+                        })?;
+                    let next = current.checked_add(delta).ok_or_else(|| {
+                        RpcError::invalid(format!("incrementing {key:?} by {delta} overflows u64"))
+                    })?;
+                    match store
+                        .update(&stored, Bytes::from(next.to_string()), entry.revision)
+                        .await
+                    {
+                        Ok(_) => return Ok(next),
+                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                        Err(e) => return Err(self.backend(format!("increment {key:?}: {e}"))),
+                    }
+                }
+                _ => match store.create(&stored, Bytes::from(delta.to_string())).await {
+                    Ok(_) => return Ok(delta),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(self.backend(format!("increment {key:?}: {e}"))),
+                },
+            }
+        }
+        Err(RpcError::unavailable(format!(
+            "increment {key:?}: too much contention ({CAS_ATTEMPTS} attempts)"
+        )))
+    }
+}
+
+impl Provider for KvProvider {
+    async fn handle(&self, call: Call) -> Result<Reply, RpcError> {
+        let request: KvRequest = serde_json::from_slice(&call.body)
+            .map_err(|e| RpcError::invalid(format!("not a key-value request: {e}")))?;
+        let assigned = call.config("bucket").unwrap_or_default().to_owned();
+        if assigned.is_empty() {
+            return Err(RpcError::internal(format!(
+                "assignment {} names no bucket",
+                call.assignment.assignment_id
+            )));
+        }
+        let asked = request.bucket();
+        if !asked.is_empty() && asked != assigned {
+            return Err(RpcError::denied(format!(
+                "store {asked:?} is not assigned to {}: its assignment {} grants bucket {assigned:?} (open \"\" or {assigned:?})",
+                call.caller, call.assignment.assignment_id
+            )));
+        }
+        let store = self.store(&assigned).await?;
+        let reply = self.execute(&store, request).await?;
+        Reply::json(&reply)
+    }
+}
+
+/// The stream behind a bucket, configured as JetStream KV buckets are: one revision per key,
+/// rollups allowed, direct gets.
+fn bucket_stream(bucket: &str) -> stream::Config {
+    stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some("Trellis wasi:keyvalue bucket".to_owned()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        num_replicas: 1,
+        duplicate_window: std::time::Duration::from_secs(120),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && !key.starts_with('.')
+        && !key.ends_with('.')
+        && !key.contains("..")
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'/' | b'_' | b'=' | b'.'))
+}
+
+/// The JetStream KV key a component's key is stored under: the key itself when it is a valid
+/// KV key that does not start with `=`, else `=` and the lowercase hex of its UTF-8.
+pub fn encode_key(key: &str) -> String {
+    if valid_key(key) && !key.starts_with('=') {
+        key.to_owned()
+    } else {
+        format!("={}", hex::encode(key.as_bytes()))
+    }
+}
+
+/// The component's key of a stored key (the inverse of [`encode_key`]). A stored key that is
+/// not an encoding (written by another client) is returned as it is.
+pub fn decode_key(stored: &str) -> String {
+    stored
+        .strip_prefix('=')
+        .and_then(|h| hex::decode(h).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_else(|| stored.to_owned())
+}
+
+/// One page of `keys` (sorted here) from offset `cursor`, and the next cursor if more remain.
+pub fn page(mut keys: Vec<String>, cursor: u64) -> (Vec<String>, Option<u64>) {
+    keys.sort_unstable();
+    keys.dedup();
+    let start = usize::try_from(cursor)
+        .unwrap_or(usize::MAX)
+        .min(keys.len());
+    let end = start.saturating_add(PAGE).min(keys.len());
+    let next = (end < keys.len()).then_some(end as u64);
+    (keys.drain(start..end).collect(), next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_encode_injectively_and_decode() {
+        for key in [
+            "plain",
+            "a/b_c-d=e.f",
+            "",
+            ".dot",
+            "dot.",
+            "a..b",
+            "=x",
+            "=",
+            "with space",
+            "ünïcode",
+            "*",
+            ">",
+            "3d",
+        ] {
+            let stored = encode_key(key);
+            assert!(valid_key(&stored), "{key:?} → {stored:?}");
+            assert_eq!(decode_key(&stored), key, "{key:?} → {stored:?}");
+        }
+        assert_eq!(encode_key("plain"), "plain");
+        assert_eq!(encode_key("a b"), "=612062");
+        // A valid key starting with '=' is encoded, so it never collides with an encoding.
+        assert_ne!(encode_key("=612062"), "=612062");
+    }
+
+    #[test]
+    fn pages_are_sorted_and_resume_at_the_cursor() {
+        let keys: Vec<String> = (0..2500).rev().map(|i| format!("k{i:05}")).collect();
+        let (first, next) = page(keys.clone(), 0);
+        assert_eq!(first.len(), PAGE);
+        assert_eq!(first[0], "k00000");
+        assert_eq!(next, Some(1000));
+        let (third, next) = page(keys.clone(), 2000);
+        assert_eq!(third.len(), 500);
+        assert_eq!(third[499], "k02499");
+        assert_eq!(next, None);
+        let (none, next) = page(keys, 9999);
+        assert!(none.is_empty());
+        assert_eq!(next, None);
+    }
+}

@@ -1,0 +1,329 @@
+//! `trellis-provider-messaging`: NATS messaging for `wasmcloud:messaging`.
+//!
+//! - `consumer.publish` and `consumer.request` (RPC from a host) are allowed only to subjects
+//!   matching the assignment's `publish` patterns; a request waits for one reply (at most 60 s).
+//! - For every assignment with a `subscribe` list, the provider subscribes to each subject in a
+//!   queue group of that assignment (replicas of the provider share the messages) and delivers
+//!   each message by calling the target's `wasmcloud:messaging/handler@0.2.0#handle-message`
+//!   over the ordinary data plane. A revocation unsubscribes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::client::RequestErrorKind;
+use async_nats::{HeaderMap, Message};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use trellis_provider_sdk::{Call, Context, Provider, ProviderInfo, Reply, RpcError};
+use trellis_schemas::capability::rpc::{BrokerMessage, Bytes64, MessagingRequest};
+use trellis_schemas::capability::{split_list, subject_matches, valid_subject_pattern};
+use trellis_schemas::instance::dataplane;
+use trellis_schemas::{AssignmentId, AssignmentRecord, AssignmentTarget, Capability, subject};
+
+/// What this provider is.
+pub const INFO: ProviderInfo = ProviderInfo {
+    name: "messaging",
+    version: env!("CARGO_PKG_VERSION"),
+    capabilities: &[Capability::Messaging],
+    rpc: &[Capability::Messaging],
+};
+
+/// The export a subscribed message is delivered to.
+pub const HANDLER_EXPORT: &str = "wasmcloud:messaging/handler@0.2.0#handle-message";
+
+/// The longest a `consumer.request` may wait.
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a delivery waits for the component.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Deliveries in flight per subscription.
+const DELIVERIES_IN_FLIGHT: usize = 64;
+
+/// The provider.
+#[derive(Debug)]
+pub struct MessagingProvider {
+    ctx: Context,
+}
+
+impl MessagingProvider {
+    /// A provider on the context's client.
+    pub async fn new(ctx: Context) -> anyhow::Result<Self> {
+        Ok(Self { ctx })
+    }
+}
+
+/// Whether a component may name `subject` at all: a concrete subject outside the lattice's own.
+fn concrete(subject: &str) -> bool {
+    valid_subject_pattern(subject)
+        && !subject.split('.').any(|t| t == "*" || t == ">")
+        && !subject.starts_with("trellis.")
+        && !subject.starts_with('$')
+}
+
+/// Checks `subject` against the assignment's `publish` patterns.
+fn check_publish(call: &Call, subject: &str) -> Result<(), RpcError> {
+    if !concrete(subject) {
+        return Err(RpcError::denied(format!(
+            "{subject:?} is not a subject a component may publish to"
+        )));
+    }
+    let patterns = split_list(call.config("publish").unwrap_or_default());
+    if patterns.iter().any(|p| subject_matches(p, subject)) {
+        Ok(())
+    } else {
+        Err(RpcError::denied(format!(
+            "publishing to {subject:?} is not allowed by assignment {} (publish: {})",
+            call.assignment.assignment_id,
+            if patterns.is_empty() {
+                "none".to_owned()
+            } else {
+                patterns.join(",")
+            }
+        )))
+    }
+}
+
+impl Provider for MessagingProvider {
+    async fn handle(&self, call: Call) -> Result<Reply, RpcError> {
+        let request: MessagingRequest = serde_json::from_slice(&call.body)
+            .map_err(|e| RpcError::invalid(format!("not a messaging request: {e}")))?;
+        let client = &self.ctx.client;
+        match request {
+            MessagingRequest::Publish { message } => {
+                check_publish(&call, &message.subject)?;
+                let body = Bytes::from(message.body.0);
+                let sent = match message.reply_to {
+                    Some(reply_to) => {
+                        if !concrete(&reply_to) && !reply_to.starts_with("_INBOX.") {
+                            return Err(RpcError::denied(format!(
+                                "{reply_to:?} cannot be a reply subject"
+                            )));
+                        }
+                        client
+                            .publish_with_reply(message.subject, reply_to, body)
+                            .await
+                    }
+                    None => client.publish(message.subject, body).await,
+                };
+                sent.map_err(|e| RpcError::unavailable(format!("cannot publish: {e}")))?;
+                Ok(Reply::default())
+            }
+            MessagingRequest::Request {
+                subject,
+                body,
+                timeout_ms,
+            } => {
+                check_publish(&call, &subject)?;
+                let timeout =
+                    Duration::from_millis(u64::from(timeout_ms).max(1)).min(MAX_REQUEST_TIMEOUT);
+                let request = async_nats::Request::new()
+                    .payload(Bytes::from(body.0))
+                    .timeout(Some(timeout));
+                let reply = client
+                    .send_request(subject.clone(), request)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        RequestErrorKind::NoResponders => {
+                            RpcError::upstream(format!("no responders on {subject}"))
+                        }
+                        RequestErrorKind::TimedOut => RpcError::upstream(format!(
+                            "no reply on {subject} within {} ms",
+                            timeout.as_millis()
+                        )),
+                        _ => RpcError::unavailable(format!("request on {subject} failed: {e}")),
+                    })?;
+                Reply::json(&BrokerMessage {
+                    subject: reply.subject.to_string(),
+                    body: Bytes64(reply.payload.to_vec()),
+                    reply_to: None,
+                })
+            }
+        }
+    }
+
+    async fn run(self: Arc<Self>, ctx: Context) {
+        let mut changes = ctx.assignments.changes();
+        let mut active: HashMap<AssignmentId, Vec<JoinHandle<()>>> = HashMap::new();
+        loop {
+            let mine: HashMap<AssignmentId, AssignmentRecord> = ctx
+                .assignments
+                .mine(Capability::Messaging)
+                .into_iter()
+                .filter(|r| r.assignment.config.contains_key("subscribe"))
+                .map(|r| (r.assignment.assignment_id.clone(), r))
+                .collect();
+            active.retain(|id, tasks| {
+                let keep = mine.contains_key(id);
+                if !keep {
+                    tracing::info!(assignment = %id, "assignment revoked; unsubscribing");
+                    tasks.iter().for_each(JoinHandle::abort);
+                }
+                keep
+            });
+            for (id, record) in mine {
+                if active.contains_key(&id) {
+                    continue;
+                }
+                let tasks = subscribe(&ctx, &record).await;
+                active.insert(id, tasks);
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                () = ctx.shutdown() => break,
+            }
+        }
+        for task in active.values().flatten() {
+            task.abort();
+        }
+    }
+}
+
+/// Subscribes to every subject of an assignment's `subscribe` list.
+async fn subscribe(ctx: &Context, record: &AssignmentRecord) -> Vec<JoinHandle<()>> {
+    let assignment = &record.assignment;
+    let target = match &assignment.target {
+        AssignmentTarget::Component(name) => subject::component_call(&ctx.lattice, name),
+        AssignmentTarget::Instance(id) => subject::instance_call(&ctx.lattice, id),
+    };
+    let queue = format!("trellis-messaging-{}", assignment.assignment_id);
+    let subjects = split_list(
+        assignment
+            .config
+            .get("subscribe")
+            .map(String::as_str)
+            .unwrap_or_default(),
+    )
+    .into_iter()
+    .map(str::to_owned)
+    .collect::<Vec<_>>();
+    let mut tasks = Vec::new();
+    for topic in subjects {
+        let subscriber = match ctx
+            .client
+            .queue_subscribe(topic.clone(), queue.clone())
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(assignment = %assignment.assignment_id, subject = %topic, error = %e, "cannot subscribe");
+                continue;
+            }
+        };
+        tracing::info!(assignment = %assignment.assignment_id, subject = %topic, target = %assignment.target.describe(), "subscribed");
+        let client = ctx.client.clone();
+        let target = target.clone();
+        let id = assignment.assignment_id.clone();
+        tasks.push(tokio::spawn(async move {
+            let limit = Arc::new(Semaphore::new(DELIVERIES_IN_FLIGHT));
+            let mut subscriber = subscriber;
+            while let Some(message) = subscriber.next().await {
+                let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+                    return;
+                };
+                let client = client.clone();
+                let target = target.clone();
+                let id = id.clone();
+                tokio::spawn(async move {
+                    deliver(&client, &target, &id, message).await;
+                    drop(permit);
+                });
+            }
+        }));
+    }
+    tasks
+}
+
+/// The arguments of `handle-message` for `message`: a JSON array with one `broker-message`.
+pub fn handler_args(message: &Message) -> serde_json::Value {
+    json!([{
+        "subject": message.subject.as_str(),
+        "body": message.payload.as_ref(),
+        "reply-to": message.reply.as_ref().map(|r| r.as_str()),
+    }])
+}
+
+/// Calls the target's handler with one message; logs failures.
+async fn deliver(client: &async_nats::Client, target: &str, id: &AssignmentId, message: Message) {
+    let body = match serde_json::to_vec(&handler_args(&message)) {
+        Ok(body) => body,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode a delivery");
+            return;
+        }
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(dataplane::EXPORT, HANDLER_EXPORT);
+    let request = async_nats::Request::new()
+        .headers(headers)
+        .payload(Bytes::from(body))
+        .timeout(Some(DELIVERY_TIMEOUT));
+    let subject = message.subject.as_str();
+    match client.send_request(target.to_owned(), request).await {
+        Err(e) => {
+            tracing::warn!(assignment = %id, %subject, %target, error = %e, "delivery failed");
+        }
+        Ok(reply) => {
+            let status = reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(dataplane::STATUS))
+                .map(|v| v.as_str().to_owned());
+            if status.as_deref() != Some("ok") {
+                let code = reply
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(dataplane::ERROR_CODE))
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default();
+                tracing::warn!(assignment = %id, %subject, %target, %code, error = %String::from_utf8_lossy(&reply.payload), "delivery refused");
+                return;
+            }
+            match serde_json::from_slice::<serde_json::Value>(&reply.payload) {
+                Ok(value) if value.get("err").is_some() => {
+                    tracing::warn!(assignment = %id, %subject, %target, error = %value["err"], "the handler returned an error");
+                }
+                Ok(_) => tracing::debug!(assignment = %id, %subject, "delivered"),
+                Err(e) => {
+                    tracing::warn!(assignment = %id, %subject, error = %e, "unexpected handler reply");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_concrete_subjects_outside_the_lattice_may_be_named() {
+        assert!(concrete("orders.new"));
+        assert!(!concrete("orders.*"));
+        assert!(!concrete("orders.>"));
+        assert!(!concrete("trellis.ctl.v1.default.host.list"));
+        assert!(!concrete("$JS.API.INFO"));
+        assert!(!concrete("a..b"));
+    }
+
+    #[test]
+    fn handler_arguments_follow_the_json_mapping() {
+        let message = Message {
+            subject: "orders.new".into(),
+            reply: Some("_INBOX.x".into()),
+            payload: Bytes::from_static(b"hi"),
+            headers: None,
+            status: None,
+            description: None,
+            length: 0,
+        };
+        assert_eq!(
+            handler_args(&message),
+            json!([{"subject": "orders.new", "body": [104, 105], "reply-to": "_INBOX.x"}])
+        );
+    }
+}

@@ -1,0 +1,456 @@
+//! What every Trellis capability provider shares.
+//!
+//! A provider is a process that performs side effects on behalf of components: it serves its
+//! capabilities' RPC subjects, checks every call against the assignments it follows itself, and
+//! announces its life as facts. This crate does all of that; a provider only says what it serves
+//! ([`ProviderInfo`]) and implements [`Provider::handle`] (and, for listeners or subscriptions,
+//! [`Provider::run`]).
+//!
+//! ```no_run
+//! use std::process::ExitCode;
+//! use trellis_provider_sdk::{Call, Context, Provider, ProviderInfo, Reply, RpcError};
+//! use trellis_schemas::Capability;
+//!
+//! struct Echo;
+//!
+//! impl Provider for Echo {
+//!     async fn handle(&self, call: Call) -> Result<Reply, RpcError> {
+//!         Ok(Reply::new(call.body))
+//!     }
+//! }
+//!
+//! fn main() -> ExitCode {
+//!     const INFO: ProviderInfo = ProviderInfo {
+//!         name: "echo",
+//!         version: env!("CARGO_PKG_VERSION"),
+//!         capabilities: &[Capability::KeyValue],
+//!         rpc: &[Capability::KeyValue],
+//!     };
+//!     trellis_provider_sdk::main(INFO, |_ctx: Context| async { Ok(Echo) })
+//! }
+//! ```
+//!
+//! # Life of a provider process
+//!
+//! 1. Parse [`ProviderArgs`], connect to NATS (waiting for it), make sure the lattice's streams
+//!    exist.
+//! 2. Follow the `assignment.*` facts from the beginning of the stream until caught up
+//!    ([`Assignments`]).
+//! 3. Subscribe to `trellis.rpc.v1.<lattice>.provider.<name>.<capability>` in queue group
+//!    `trellis-provider-<name>` for every RPC capability (replicas share the calls) and to its
+//!    control subjects `trellis.prov.v1.<lattice>.<id>.{stop,config,health}`; start
+//!    [`Provider::run`].
+//! 4. Publish `provider.started`.
+//! 5. Serve: each call in its own task. A call's identity headers name the caller; the provider
+//!    looks the assignment up in its own projection (waiting up to 2 s for `Trellis-Min-Seq`)
+//!    and refuses with `access_denied` when none grants the capability through this provider.
+//! 6. On SIGTERM/SIGINT or a `stop` request: stop taking calls, finish those in flight (bounded),
+//!    stop the background work, publish `provider.stopped`, flush, exit 0.
+#![deny(missing_docs)]
+
+mod args;
+mod assignments;
+mod rpc;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::{Message, jetstream};
+use clap::Parser as _;
+use futures::StreamExt as _;
+use futures::stream::SelectAll;
+use tokio::sync::{Notify, watch};
+use trellis_bus::{FactPublisher, StreamSettings};
+use trellis_schemas::capability::rpc as proto;
+use trellis_schemas::fact::{ProviderStarted, ProviderStopped};
+use trellis_schemas::{Capability, Event, FactData, HostId, Lattice, ProviderId, ProviderName};
+
+pub use args::{ProviderArgs, parse_setting};
+pub use assignments::{Assignments, MIN_SEQ_WAIT};
+pub use rpc::{Call, Caller, Provider, Reply, RpcError, error_headers, header_safe};
+pub use trellis_schemas::capability::rpc::RpcErrorCode;
+
+/// How long in-flight calls may take to finish once the provider stops taking new ones.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a provider is: its default name, version and capabilities.
+#[derive(Debug, Clone, Copy)]
+pub struct ProviderInfo {
+    /// The default name (`kv`): the binary is `trellis-provider-<name>`.
+    pub name: &'static str,
+    /// The provider's version (its crate's).
+    pub version: &'static str,
+    /// The capabilities it serves (announced in `provider.started`).
+    pub capabilities: &'static [Capability],
+    /// The capabilities whose RPC subject it serves (components call them through a host).
+    pub rpc: &'static [Capability],
+}
+
+/// What a provider works with. Cloning is cheap.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The NATS client (one per process).
+    pub client: async_nats::Client,
+    /// JetStream on that client.
+    pub js: jetstream::Context,
+    /// The lattice served.
+    pub lattice: Lattice,
+    /// This provider's name: its queue group, and the `provider` of the assignments it serves.
+    pub name: ProviderName,
+    /// This process.
+    pub id: ProviderId,
+    /// The supervising host, if any.
+    pub host_id: Option<HostId>,
+    /// The `--config` settings.
+    pub settings: Arc<BTreeMap<String, String>>,
+    /// The assignments in force.
+    pub assignments: Assignments,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Context {
+    /// Completes once the provider drains: background work should wind down.
+    pub async fn shutdown(&self) {
+        let mut rx = self.shutdown.clone();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Whether the provider is draining.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// A `--config` setting.
+    pub fn setting(&self, key: &str) -> Option<&str> {
+        self.settings.get(key).map(String::as_str)
+    }
+}
+
+/// Runs a provider binary: sets up logging and a runtime, parses [`ProviderArgs`], then [`run`]s.
+/// Exits 0 after a drain, 1 when the provider could not start or failed.
+pub fn main<P, F, Fut>(info: ProviderInfo, make: F) -> ExitCode
+where
+    P: Provider,
+    F: FnOnce(Context) -> Fut,
+    Fut: Future<Output = anyhow::Result<P>>,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,async_nats=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = ProviderArgs::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(info, args, make, trellis_bus::shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("trellis-provider-{} failed: {e:#}", info.name);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Calls in flight, so that a drain can wait for them.
+#[derive(Debug, Default)]
+struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl InFlight {
+    fn enter(self: &Arc<Self>) -> Guard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        Guard(Arc::clone(self))
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct Guard(Arc<InFlight>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Runs a provider until `shutdown` completes (its value is the reason recorded, e.g.
+/// `signal: SIGTERM`) or a `stop` request arrives; then drains and records `provider.stopped`.
+pub async fn run<P, F, Fut>(
+    info: ProviderInfo,
+    args: ProviderArgs,
+    make: F,
+    shutdown: impl Future<Output = String>,
+) -> anyhow::Result<()>
+where
+    P: Provider,
+    F: FnOnce(Context) -> Fut,
+    Fut: Future<Output = anyhow::Result<P>>,
+{
+    let name = match args.name.clone() {
+        Some(name) => name,
+        None => ProviderName::new(info.name).context("the provider's default name")?,
+    };
+    let id = args
+        .provider_id
+        .clone()
+        .unwrap_or_else(ProviderId::generate);
+    let lattice = args.lattice.clone();
+    tracing::info!(%name, %id, %lattice, nats = %args.nats, "provider starting");
+    let client = trellis_bus::connect(&args.nats, &format!("trellis-provider-{name}-{id}"), true)
+        .await
+        .context("connecting to NATS")?;
+    let js = jetstream::new(client.clone());
+    let settings = StreamSettings::default();
+    trellis_bus::ensure_streams(&js, &lattice, &settings)
+        .await
+        .context("setting up the lattice's streams")?;
+    let (publisher, publisher_task) =
+        FactPublisher::spawn(js.clone(), lattice.clone(), settings, 256);
+    let source = trellis_schemas::fact::source(&lattice, "provider", id.as_str());
+
+    let assignments = Assignments::new(name.clone());
+    assignments.follow(client.clone(), lattice.clone()).await;
+    tracing::info!(
+        seq = assignments.last_seq(),
+        mine = assignments.count_mine(),
+        "assignments caught up"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ctx = Context {
+        client: client.clone(),
+        js,
+        lattice: lattice.clone(),
+        name: name.clone(),
+        id: id.clone(),
+        host_id: args.host_id.clone(),
+        settings: Arc::new(args.settings()),
+        assignments,
+        shutdown: stop_rx,
+    };
+    let provider = Arc::new(make(ctx.clone()).await.context("starting the provider")?);
+
+    let mut calls = SelectAll::new();
+    for &capability in info.rpc {
+        let subscriber = client
+            .queue_subscribe(
+                proto::provider_rpc(&lattice, &name, capability),
+                proto::provider_queue(&name),
+            )
+            .await
+            .context("subscribing to the RPC subject")?;
+        calls.push(subscriber.map(move |m| (capability, m)));
+    }
+    let mut control = client
+        .subscribe(proto::provider_control(&lattice, &id, "*"))
+        .await
+        .context("subscribing to the control subject")?;
+    let background = tokio::spawn(Arc::clone(&provider).run(ctx.clone()));
+
+    let started = Event::new(
+        source.clone(),
+        FactData::ProviderStarted(ProviderStarted {
+            provider_id: id.clone(),
+            name: name.clone(),
+            version: info.version.to_owned(),
+            capabilities: info.capabilities.to_vec(),
+            host_id: args.host_id.clone(),
+            node: node(),
+        }),
+    );
+    publisher
+        .publish(&started)
+        .await
+        .context("publishing provider.started")?;
+    tracing::info!(capabilities = ?info.capabilities, "provider serving");
+    // Optional: provider metadata in etcd, on a lease that ends with the process.
+    let registration = match &args.registry {
+        Some(url) => {
+            let registry = trellis_bus::registry::EtcdRegistry::new(url, &lattice)
+                .context("the registry URL")?;
+            let key = registry.provider_key(id.as_str());
+            let value = serde_json::json!({
+                "provider_id": id,
+                "name": name,
+                "lattice": lattice,
+                "capabilities": info.capabilities,
+                "version": info.version,
+                "host_id": args.host_id,
+                "node": node(),
+            });
+            Some(trellis_bus::registry::Registration::spawn(
+                registry,
+                key,
+                value.to_string().into_bytes(),
+                Duration::from_secs(6),
+            ))
+        }
+        None => None,
+    };
+
+    let in_flight = Arc::new(InFlight::default());
+    tokio::pin!(shutdown);
+    let reason = loop {
+        tokio::select! {
+            Some((capability, message)) = calls.next(), if !calls.is_empty() => {
+                spawn_call(&provider, &ctx, &in_flight, capability, message);
+            }
+            message = control.next() => {
+                let Some(message) = message else {
+                    break "control subscription ended".to_owned();
+                };
+                if control_request(&ctx, &in_flight, message).await {
+                    break "requested".to_owned();
+                }
+            }
+            reason = &mut shutdown => break reason,
+        }
+    };
+    tracing::info!(%reason, "provider draining");
+
+    // Stop taking calls: the queue group hands new ones to the other replicas. Calls already
+    // delivered to this process are still answered.
+    for subscriber in calls.iter_mut() {
+        let _ = subscriber.get_mut().drain().await;
+    }
+    let _ = control.unsubscribe().await;
+    let _ = client.flush().await;
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    while !calls.is_empty() {
+        match tokio::time::timeout_at(deadline, calls.next()).await {
+            Ok(Some((capability, message))) => {
+                spawn_call(&provider, &ctx, &in_flight, capability, message);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    if tokio::time::timeout_at(deadline, in_flight.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            in_flight = in_flight.count.load(Ordering::SeqCst),
+            "calls still in flight at the end of the drain"
+        );
+    }
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(DRAIN_TIMEOUT, background)
+        .await
+        .is_err()
+    {
+        tracing::warn!("background work did not end in time");
+    }
+
+    if let Some(registration) = registration {
+        registration.end().await;
+    }
+    let stopped = Event::new(
+        source,
+        FactData::ProviderStopped(ProviderStopped {
+            provider_id: id.clone(),
+            reason: reason.clone(),
+        }),
+    );
+    match tokio::time::timeout(Duration::from_secs(5), publisher.publish(&stopped)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot publish provider.stopped"),
+        Err(_) => tracing::warn!("provider.stopped not acknowledged in time"),
+    }
+    drop(publisher);
+    publisher_task.drain(Duration::from_secs(2)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    tracing::info!(%reason, "provider stopped");
+    Ok(())
+}
+
+/// Answers one call in its own task, counted in flight until it has replied.
+fn spawn_call<P: Provider>(
+    provider: &Arc<P>,
+    ctx: &Context,
+    in_flight: &Arc<InFlight>,
+    capability: Capability,
+    message: Message,
+) {
+    let guard = in_flight.enter();
+    let provider = Arc::clone(provider);
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        rpc::serve_call(&*provider, &ctx, capability, message).await;
+        drop(guard);
+    });
+}
+
+/// Answers one control request; returns whether it asks the provider to stop.
+async fn control_request(ctx: &Context, in_flight: &InFlight, message: Message) -> bool {
+    let verb = message.subject.rsplit('.').next().unwrap_or_default();
+    let (body, stop) = match verb {
+        "stop" => (serde_json::json!({ "ok": true, "data": {} }), true),
+        "config" => (serde_json::json!(*ctx.settings), false),
+        "health" => (
+            serde_json::json!({
+                "name": ctx.name,
+                "provider_id": ctx.id,
+                "host_id": ctx.host_id,
+                "assignments": ctx.assignments.count_mine(),
+                "last_seq": ctx.assignments.last_seq(),
+                "in_flight": in_flight.count.load(Ordering::SeqCst),
+                "status": if ctx.is_shutting_down() { "draining" } else { "serving" },
+            }),
+            false,
+        ),
+        other => (
+            serde_json::json!({
+                "ok": false,
+                "error": {
+                    "code": "invalid_request",
+                    "message": format!("unknown provider control {other:?}: use stop, config or health"),
+                },
+            }),
+            false,
+        ),
+    };
+    if let Some(reply) = message.reply {
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        if let Err(e) = ctx.client.publish(reply, body.into()).await {
+            tracing::debug!(error = %e, "cannot answer a control request");
+        }
+        let _ = ctx.client.flush().await;
+    }
+    stop
+}
+
+/// This machine's hostname.
+fn node() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
