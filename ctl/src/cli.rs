@@ -75,6 +75,12 @@ enum Command {
     Instance(crate::workload::InstanceCommand),
     /// Call an export of a component (any instance) or of one instance.
     Call(crate::workload::CallArgs),
+    /// Capability assignments: what each instance or component may do, and through which provider.
+    #[command(subcommand)]
+    Assignment(crate::capabilities::AssignmentCommand),
+    /// Capability provider processes.
+    #[command(subcommand)]
+    Provider(crate::capabilities::ProviderCommand),
     /// Start a whole lattice on this machine: NATS (unless --nats-url is given), a controller and a host.
     Up(crate::up::UpArgs),
 }
@@ -272,6 +278,14 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Call(args) => {
             let nats = trellis_bus::connect(&g.url(), "trellis call", false).await?;
             crate::workload::call(&g, &nats, args).await
+        }
+        Command::Assignment(cmd) => {
+            let client = ctl_client(&g).await?;
+            crate::capabilities::assignment(&g, &client, cmd).await
+        }
+        Command::Provider(cmd) => {
+            let client = ctl_client(&g).await?;
+            crate::capabilities::provider(&g, &client, cmd).await
         }
         Command::Up(args) => crate::up::run(&g.lattice, g.nats.clone(), args).await,
     }

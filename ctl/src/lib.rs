@@ -3,8 +3,10 @@
 //! - [`controller`]: the stateless controller replica (`trellis controller`).
 //! - [`client`]: [`CtlClient`], a typed client of the control subjects.
 //! - [`cli`]: the `trellis` command line, including `trellis up`.
+//! - [`capabilities`]: the `assignment` and `provider` commands.
 #![deny(missing_docs)]
 
+pub mod capabilities;
 pub mod cli;
 pub mod client;
 pub mod controller;

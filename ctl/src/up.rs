@@ -13,8 +13,12 @@ use clap::Args;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
-use trellis_schemas::control::{HostListRequest, InstanceListRequest, InstanceStartRequest};
-use trellis_schemas::{HostId, InstanceRecord, InstanceStatus, Lattice, RestartPolicy};
+use trellis_schemas::control::{
+    HostListRequest, InstanceListRequest, InstanceStartRequest, ProviderListRequest,
+};
+use trellis_schemas::{
+    HostId, InstanceRecord, InstanceStatus, Lattice, ProviderStatus, RestartPolicy,
+};
 
 use crate::cli::Failure;
 use crate::client::CtlClient;
@@ -54,6 +58,89 @@ pub struct UpArgs {
     /// (`"greet Trellis"`).
     #[arg(long, requires = "deploy", value_name = "EXPORT [ARG]...")]
     call: Option<String>,
+    /// Grant the deployed component's instance a capability, as `trellis instance start
+    /// --grant` does (`'wasi:keyvalue bucket=counts'`); repeat for more.
+    #[arg(long = "grant", requires = "deploy", value_parser = crate::capabilities::parse_grant)]
+    grants: Vec<trellis_schemas::control::Grant>,
+    /// Providers to run, comma separated [default: every `trellis-provider-*` next to this
+    /// binary among kv, http-server, http-client and messaging]; `none` for none.
+    #[arg(long, value_delimiter = ',')]
+    providers: Option<Vec<String>>,
+}
+
+/// The providers `trellis up` runs when it finds them.
+const PROVIDERS: &[&str] = &["kv", "http-server", "http-client", "messaging"];
+
+/// The providers to run, with their executables.
+fn providers_to_run(args: &UpArgs) -> Result<Vec<(String, PathBuf)>, Failure> {
+    let names: Vec<String> = match &args.providers {
+        Some(list) if list.iter().any(|n| n == "none") => return Ok(Vec::new()),
+        Some(list) => list.clone(),
+        None => PROVIDERS.iter().map(|s| (*s).to_owned()).collect(),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let path = sibling_binary(&format!("trellis-provider-{name}"));
+        if path.exists() {
+            out.push((name, path));
+        } else if args.providers.is_some() {
+            return Err(fail(format!(
+                "no trellis-provider-{name} next to {}; build it with `cargo build -p trellis-provider-{name}`",
+                std::env::current_exe()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// The address an HTTP grant listens on, as a URL a browser on this machine can open.
+fn http_url(grants: &[trellis_schemas::control::Grant]) -> Option<String> {
+    grants
+        .iter()
+        .find(|g| g.capability == trellis_schemas::Capability::HttpIncoming)
+        .and_then(|g| g.config.get("address"))
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .map(|mut a| {
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{a}/")
+        })
+}
+
+/// What one `GET` answered: the status line and the start of the body, or why it failed.
+type HttpProbe = Result<(String, String), String>;
+
+/// One `GET` over plain HTTP/1.1; returns the status line and the body (first 200 bytes).
+async fn http_get(url: &str, timeout: Duration) -> HttpProbe {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let rest = url.strip_prefix("http://").ok_or("not an http URL")?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let get = async {
+        let mut stream = tokio::net::TcpStream::connect(authority)
+            .await
+            .map_err(|e| e.to_string())?;
+        let request =
+            format!("GET /{path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head.lines().next().unwrap_or_default().to_owned();
+        Ok::<_, String>((status, body.chars().take(200).collect()))
+    };
+    tokio::time::timeout(timeout, get)
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -171,6 +258,8 @@ struct Deployed {
     instance: InstanceRecord,
     /// The `--call` made and its answer.
     answer: Option<(String, String)>,
+    /// The URL it serves HTTP on, and what a first `GET` answered.
+    http: Option<(String, HttpProbe)>,
 }
 
 /// Pushes the component, starts one instance, waits until it runs, and makes the `--call`.
@@ -184,6 +273,7 @@ async fn deploy(client: &CtlClient, wasm: &Path, args: &UpArgs) -> Result<Deploy
         labels: Default::default(),
         restart: RestartPolicy::Always,
         min_seq: Some(registered.seq),
+        grants: args.grants.clone(),
     };
     let placed = client.request(&start).await?;
     let id = placed
@@ -238,11 +328,27 @@ async fn deploy(client: &CtlClient, wasm: &Path, args: &UpArgs) -> Result<Deploy
         }
         None => None,
     };
+    let http = match http_url(&args.grants) {
+        Some(url) => {
+            // The http-server provider binds once it has seen the grant: retry briefly.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let got = loop {
+                let got = http_get(&url, Duration::from_secs(5)).await;
+                if got.is_ok() || Instant::now() > deadline {
+                    break got;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            Some((url, got))
+        }
+        None => None,
+    };
     Ok(Deployed {
         name: manifest.name.to_string(),
         version: manifest.version,
         instance,
         answer,
+        http,
     })
 }
 
@@ -341,6 +447,23 @@ async fn start_and_wait(
         .clone()
         .unwrap_or_else(|| sibling_binary("trellis-host"));
     procs.push(Proc::spawn("host", &host_bin, &host_args, logs)?);
+    let providers = providers_to_run(args)?;
+    for (name, path) in &providers {
+        let provider_args: Vec<String> = vec![
+            "--nats".into(),
+            url.clone(),
+            "--lattice".into(),
+            lattice.to_string(),
+        ];
+        let label: &'static str = match name.as_str() {
+            "kv" => "kv",
+            "http-server" => "http-server",
+            "http-client" => "http-client",
+            "messaging" => "messaging",
+            _ => "provider",
+        };
+        procs.push(Proc::spawn(label, path, &provider_args, logs)?);
+    }
 
     // Wait until the controller answers and lists the host.
     let nats = trellis_bus::connect(&url, "trellis up", true).await?;
@@ -356,8 +479,19 @@ async fn start_and_wait(
                 )));
             }
         }
+        let providers_up = client
+            .request(&ProviderListRequest::default())
+            .await
+            .map(|r| {
+                r.providers
+                    .iter()
+                    .filter(|p| p.status == ProviderStatus::Running)
+                    .count()
+            })
+            .unwrap_or(0);
         if let Ok(reply) = client.request(&HostListRequest::default()).await
             && reply.hosts.iter().any(|h| h.host_id == host_id)
+            && providers_up >= providers.len()
         {
             break reply.hosts;
         }
@@ -408,6 +542,15 @@ async fn start_and_wait(
         if let Some((call, answer)) = &d.answer {
             println!("  call        {}.{call} → {answer}", d.name);
         }
+        if let Some((url, got)) = &d.http {
+            println!("  url         {url}");
+            match got {
+                Ok((status, body)) => {
+                    println!("  GET {url} → {status}: {}", body.trim_end())
+                }
+                Err(e) => println!("  GET {url} failed: {e}"),
+            }
+        }
     }
     println!();
     println!("Try:");
@@ -418,6 +561,11 @@ async fn start_and_wait(
             println!("  trellis --nats {url} call {} {call}", d.name);
         }
     }
+    if let Some((http, _)) = deployed.as_ref().and_then(|d| d.http.as_ref()) {
+        println!("  curl {http}");
+    }
+    println!("  trellis --nats {url} provider ls");
+    println!("  trellis --nats {url} assignment ls");
     println!("  trellis --nats {url} events --follow");
     println!("  nats --server {url} req trellis.ctl.v1.{lattice}.lattice.status '{{}}'");
     println!();

@@ -82,6 +82,10 @@ pub struct StartArgs {
     /// `never`, `always` or `backoff:<initial>,<max>[,<attempts>]`.
     #[arg(long, default_value = "never")]
     restart: RestartPolicy,
+    /// Grant a capability to each new instance: `'<capability> [provider=<name>] [key=value …]'`,
+    /// e.g. `--grant 'wasi:keyvalue bucket=counts'`; repeat for more.
+    #[arg(long = "grant", value_parser = crate::capabilities::parse_grant)]
+    grants: Vec<trellis_schemas::control::Grant>,
     /// Wait until every instance has started (or failed to).
     #[arg(long)]
     wait: bool,
@@ -287,6 +291,7 @@ pub(crate) async fn instance(
                 labels: args.labels.into_iter().collect(),
                 restart: args.restart,
                 min_seq: None,
+                grants: args.grants,
             };
             let reply = client.request(&request).await?;
             if !args.wait {

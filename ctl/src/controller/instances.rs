@@ -16,10 +16,11 @@ use trellis_schemas::control::{
 use trellis_schemas::fact::InstanceStartFailed;
 use trellis_schemas::instance::{CommandAccepted, StartInstanceCommand, StopInstanceCommand};
 use trellis_schemas::{
-    ComponentSource, ErrorBody, ErrorCode, Event, FactData, HostId, InstanceId, InstanceStatus,
-    Projection, Reply, subject,
+    AssignmentRecord, AssignmentTarget, ComponentSource, ErrorBody, ErrorCode, Event, FactData,
+    HostId, InstanceId, InstanceStatus, Projection, Reply, subject,
 };
 
+use super::assignments::{record as record_assignment, validate as validate_grant};
 use super::components::manifest_error;
 use super::schedule::place;
 use super::serve::page;
@@ -88,7 +89,8 @@ fn resolve(
     ))
 }
 
-async fn command<T: serde::Serialize>(
+/// Sends `command` to `host` on its `verb` subject and waits for its acceptance.
+pub(crate) async fn command<T: serde::Serialize>(
     state: &State,
     host: &HostId,
     verb: &str,
@@ -140,27 +142,73 @@ pub(crate) async fn start(
         .restart
         .validate()
         .map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, format!("restart: {e}")))?;
-    let (source, hosts) = {
+    let operation_id = ulid::Ulid::generate().to_string();
+    let (source, placements, inherited, grants) = {
         let projection = state.projection();
         let (source, memory) = resolve(&projection, &request.component)?;
-        (source, place(&projection, &request, memory)?)
+        let hosts = place(&projection, &request, memory)?;
+        let placements: Vec<Placement> = hosts
+            .into_iter()
+            .map(|host_id| Placement {
+                instance_id: InstanceId::generate(),
+                host_id,
+            })
+            .collect();
+        // The component's own assignments apply to every new instance.
+        let name = component_name(&source);
+        let inherited: Vec<AssignmentRecord> = projection
+            .assignments
+            .values()
+            .filter(|r| {
+                matches!(&r.assignment.target, AssignmentTarget::Component(c) if Some(c.as_str()) == name.as_deref())
+            })
+            .cloned()
+            .collect();
+        // Validate every grant for every instance before recording any of them.
+        let mut grants = Vec::new();
+        for p in &placements {
+            let target = AssignmentTarget::Instance(p.instance_id.clone());
+            let mut own = Vec::new();
+            for grant in &request.grants {
+                if own
+                    .iter()
+                    .any(|a: &trellis_schemas::Assignment| a.capability == grant.capability)
+                {
+                    return Err(ErrorBody::new(
+                        ErrorCode::InvalidRequest,
+                        format!("{} is granted twice", grant.capability),
+                    ));
+                }
+                own.push(validate_grant(&projection, &target, grant, false)?);
+            }
+            grants.push(own);
+        }
+        (source, placements, inherited, grants)
     };
-    let operation_id = ulid::Ulid::generate().to_string();
-    let placements: Vec<Placement> = hosts
-        .into_iter()
-        .map(|host_id| Placement {
-            instance_id: InstanceId::generate(),
-            host_id,
-        })
-        .collect();
-    let sends = placements.iter().map(|p| {
-        let cmd = StartInstanceCommand {
-            operation_id: operation_id.clone(),
-            instance_id: p.instance_id.clone(),
-            component: source.clone(),
-            restart: request.restart,
-        };
-        async move { (p, command(state, &p.host_id, "instance.start", &cmd).await) }
+    let mut commands = Vec::with_capacity(placements.len());
+    for (p, own) in placements.iter().zip(grants) {
+        let mut assignments = inherited.clone();
+        for assignment in own {
+            let seq = record_assignment(state, &assignment, Some(&operation_id)).await?;
+            assignments.push(AssignmentRecord {
+                assignment,
+                granted_at: chrono::Utc::now(),
+                granted_seq: seq,
+            });
+        }
+        commands.push((
+            p,
+            StartInstanceCommand {
+                operation_id: operation_id.clone(),
+                instance_id: p.instance_id.clone(),
+                component: source.clone(),
+                restart: request.restart,
+                assignments,
+            },
+        ));
+    }
+    let sends = commands.iter().map(|(p, cmd)| async move {
+        (*p, command(state, &p.host_id, "instance.start", cmd).await)
     });
     for (placement, result) in join_all(sends).await {
         if let Err(e) = result {
@@ -184,6 +232,14 @@ pub(crate) async fn start(
         operation_id,
         instances: placements,
     })
+}
+
+/// The component name a source refers to, when the controller knows it.
+fn component_name(source: &ComponentSource) -> Option<String> {
+    match source {
+        ComponentSource::Artifact { manifest, .. } => Some(manifest.name.to_string()),
+        ComponentSource::File { .. } => None,
+    }
 }
 
 fn not_found(id: &InstanceId) -> ErrorBody {

@@ -1,4 +1,5 @@
-//! Declaring silent hosts lost, exactly once across replicas.
+//! Declaring silent hosts lost, exactly once across replicas; the replica whose declaration is
+//! stored then relocates the lost host's instances (see [`super::relocate`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,6 +59,13 @@ pub(crate) async fn run(state: Arc<State>) {
             {
                 Ok(Some(seq)) => {
                     tracing::warn!(host = %host_id, seq, silent_ms = silent_for.as_millis() as u64, "host declared lost");
+                    // This replica's declaration is the one stored: it alone relocates.
+                    tokio::spawn(super::relocate::relocate(
+                        state.clone(),
+                        host_id.clone(),
+                        seq,
+                        event.id.to_string(),
+                    ));
                 }
                 Ok(None) => {
                     tracing::debug!(host = %host_id, "another replica declared the host lost first");

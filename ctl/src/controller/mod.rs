@@ -13,12 +13,18 @@
 //! - **Liveness.** A host that is up according to the facts and whose heartbeats stop for
 //!   [`ControllerConfig::host_timeout`] is declared lost with one `host.lost` fact. Replicas publish
 //!   it expecting the subject's last sequence they know, so only one declaration is stored.
+//! - **Relocation.** The replica whose `host.lost` was stored starts a replacement, with a new
+//!   instance id, on a live host for each instance the loss made lost whose restart policy is
+//!   `always` or `backoff`, and records it as `instance.relocated`; `never` stays lost.
 //! - **Bad input.** Every request is decoded and validated before anything happens; failures get
 //!   the error envelope with a precise code, and the replica keeps serving.
 
+mod assignments;
 mod components;
 mod instances;
 mod liveness;
+mod providers;
+mod relocate;
 mod schedule;
 mod serve;
 mod state;

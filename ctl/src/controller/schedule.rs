@@ -23,6 +23,7 @@ fn room<'a>(
     host: &'a HostRecord,
     request: &InstanceStartRequest,
     memory_per_instance: Option<u64>,
+    pending: usize,
 ) -> Result<Room<'a>, String> {
     if host.status != HostStatus::Up {
         return Err(format!("host is {}", host.status.as_str()));
@@ -39,7 +40,7 @@ fn room<'a>(
         }
     }
     let active: Vec<_> = projection.active_instances_on(&host.host_id).collect();
-    let by_count = (host.capacity.max_instances as usize).saturating_sub(active.len());
+    let by_count = (host.capacity.max_instances as usize).saturating_sub(active.len() + pending);
     if by_count == 0 {
         return Err(format!(
             "host runs {} instances, its maximum",
@@ -54,7 +55,11 @@ fn room<'a>(
                 .filter_map(|d| projection.artifacts.get(d))
                 .map(|a| a.manifest.max_memory_bytes)
                 .sum();
-            let free = host.capacity.memory_bytes.saturating_sub(used);
+            let free = host
+                .capacity
+                .memory_bytes
+                .saturating_sub(used)
+                .saturating_sub(per.saturating_mul(pending as u64));
             let by_memory = (free / per) as usize;
             if by_memory == 0 {
                 return Err(format!(
@@ -67,7 +72,7 @@ fn room<'a>(
     };
     Ok(Room {
         host,
-        active: active.len(),
+        active: active.len() + pending,
         slots,
     })
 }
@@ -77,6 +82,17 @@ pub(crate) fn place(
     projection: &Projection,
     request: &InstanceStartRequest,
     memory_per_instance: Option<u64>,
+) -> Result<Vec<HostId>, ErrorBody> {
+    place_with(projection, request, memory_per_instance, &BTreeMap::new())
+}
+
+/// Like [`place`], counting `pending[host]` more instances on each host than the projection
+/// shows yet (placed a moment ago, not started): those take room and weigh on the spread.
+pub(crate) fn place_with(
+    projection: &Projection,
+    request: &InstanceStartRequest,
+    memory_per_instance: Option<u64>,
+    pending: &BTreeMap<HostId, usize>,
 ) -> Result<Vec<HostId>, ErrorBody> {
     let mut rooms = Vec::new();
     let mut refusals: BTreeMap<String, String> = BTreeMap::new();
@@ -88,7 +104,8 @@ pub(crate) fn place(
         {
             continue;
         }
-        match room(projection, host, request, memory_per_instance) {
+        let pending = pending.get(&host.host_id).copied().unwrap_or(0);
+        match room(projection, host, request, memory_per_instance, pending) {
             Ok(room) => rooms.push(room),
             Err(why) => {
                 refusals.insert(host.host_id.to_string(), why);
@@ -173,6 +190,7 @@ mod tests {
                 .collect(),
             restart: Default::default(),
             min_seq: None,
+            grants: vec![],
         }
     }
 
@@ -223,6 +241,26 @@ mod tests {
         assert!(err.message.contains("memory"), "{}", err.message);
         let err = place(&lattice(vec![]), &request(1, &[]), None).expect_err("empty");
         assert!(err.message.contains("no hosts"), "{}", err.message);
+    }
+
+    #[test]
+    fn pending_instances_weigh_on_the_spread_and_take_room() {
+        let p = lattice(vec![
+            host("a", HostStatus::Up, &[], 2),
+            host("b", HostStatus::Up, &[], 2),
+        ]);
+        let pending = BTreeMap::from([(HostId::new("a").expect("valid"), 1)]);
+        assert_eq!(
+            ids(place_with(&p, &request(1, &[]), None, &pending).expect("fits")),
+            ["b"]
+        );
+        let pending = BTreeMap::from([(HostId::new("a").expect("valid"), 2)]);
+        let err = place_with(&p, &request(3, &[]), None, &pending).expect_err("full");
+        assert!(
+            err.message.contains("a: host runs 2 instances"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

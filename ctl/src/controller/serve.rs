@@ -13,7 +13,7 @@ use trellis_schemas::control::{
 use trellis_schemas::{CtlOp, CtlRequest, ErrorBody, ErrorCode, HostStatus, Reply, subject};
 
 use super::state::State;
-use super::{components, instances};
+use super::{assignments, components, instances, providers};
 
 /// Answers one request; every request with a reply subject gets exactly one reply.
 pub(crate) async fn handle(state: &State, client: &Client, message: Message) {
@@ -57,6 +57,12 @@ async fn answer(state: &State, subject_name: &str, body: &[u8]) -> Vec<u8> {
         CtlOp::InstanceStop => respond(state, body, instances::stop).await,
         CtlOp::InstanceList => respond(state, body, async |s, r| instances::list(s, r)).await,
         CtlOp::InstanceGet => respond(state, body, instances::get).await,
+        CtlOp::AssignmentGrant => respond(state, body, assignments::grant).await,
+        CtlOp::AssignmentRevoke => respond(state, body, assignments::revoke).await,
+        CtlOp::AssignmentList => respond(state, body, async |s, r| assignments::list(s, r)).await,
+        CtlOp::ProviderStart => respond(state, body, providers::start).await,
+        CtlOp::ProviderStop => respond(state, body, providers::stop).await,
+        CtlOp::ProviderList => respond(state, body, async |s, r| providers::list(s, r)).await,
     }
 }
 

@@ -1,0 +1,184 @@
+//! `assignment.grant|revoke|list`: capability grants as facts.
+//!
+//! The controller validates a grant (known capability, well-formed provider configuration, an
+//! existing instance, no second grant for the same target and capability) and records it as an
+//! `assignment.granted` fact. Hosts and providers follow those facts and check every call
+//! against them; the controller keeps nothing beyond its projection.
+
+use trellis_schemas::control::{
+    AssignmentGrantReply, AssignmentGrantRequest, AssignmentListReply, AssignmentListRequest,
+    AssignmentRevokeReply, AssignmentRevokeRequest, Grant,
+};
+use trellis_schemas::fact::AssignmentRevoked;
+use trellis_schemas::{
+    Assignment, AssignmentId, AssignmentTarget, ErrorBody, ErrorCode, Event, FactData, Projection,
+    ProviderName,
+};
+
+use super::state::State;
+
+/// Checks a grant for `target` and turns it into an assignment with a fresh id.
+pub(crate) fn validate(
+    projection: &Projection,
+    target: &AssignmentTarget,
+    grant: &Grant,
+    check_target_exists: bool,
+) -> Result<Assignment, ErrorBody> {
+    let capability = grant.capability;
+    capability.validate_config(&grant.config).map_err(|e| {
+        ErrorBody::new(ErrorCode::InvalidRequest, e)
+            .with_details(serde_json::json!({ "capability": capability }))
+    })?;
+    let provider = match &grant.provider {
+        Some(p) => p.clone(),
+        None => ProviderName::new(capability.default_provider())
+            .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?,
+    };
+    if check_target_exists && let AssignmentTarget::Instance(id) = target {
+        match projection.instances.get(id) {
+            Some(i) if i.status.is_active() => {}
+            Some(i) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "instance {id} has ended ({}); grant to its component instead to cover future instances",
+                        i.status.as_str()
+                    ),
+                ));
+            }
+            None => {
+                return Err(ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!("no instance {id}; `trellis instance ls` lists the instances"),
+                )
+                .with_details(serde_json::json!({ "instance_id": id })));
+            }
+        }
+    }
+    if let Some(existing) = projection.assignment_of(target, capability) {
+        return Err(ErrorBody::new(
+            ErrorCode::Conflict,
+            format!(
+                "{} already holds {capability} through assignment {}; revoke it first (`trellis assignment revoke {}`)",
+                target.describe(),
+                existing.assignment.assignment_id,
+                existing.assignment.assignment_id
+            ),
+        )
+        .with_details(serde_json::json!({ "assignment_id": existing.assignment.assignment_id })));
+    }
+    Ok(Assignment {
+        assignment_id: AssignmentId::generate(),
+        target: target.clone(),
+        capability,
+        provider,
+        config: grant.config.clone(),
+    })
+}
+
+/// Records an assignment and returns the stream sequence of its fact.
+pub(crate) async fn record(
+    state: &State,
+    assignment: &Assignment,
+    causation: Option<&str>,
+) -> Result<u64, ErrorBody> {
+    let mut event = Event::new(
+        state.source.clone(),
+        FactData::AssignmentGranted(assignment.clone()),
+    );
+    if let Some(op) = causation {
+        event = event.caused_by(op);
+    }
+    state
+        .publisher
+        .publish(&event)
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::Unavailable, e.to_string()))
+}
+
+pub(crate) async fn grant(
+    state: &State,
+    request: AssignmentGrantRequest,
+) -> Result<AssignmentGrantReply, ErrorBody> {
+    let assignment = {
+        let projection = state.projection();
+        validate(&projection, &request.target, &request.grant(), true)?
+    };
+    let seq = record(state, &assignment, None).await?;
+    state
+        .wait_until_applied_for(seq, state.config.min_seq_wait)
+        .await;
+    Ok(AssignmentGrantReply { assignment, seq })
+}
+
+pub(crate) async fn revoke(
+    state: &State,
+    request: AssignmentRevokeRequest,
+) -> Result<AssignmentRevokeReply, ErrorBody> {
+    let assignment = {
+        let projection = state.projection();
+        projection
+            .assignments
+            .get(&request.assignment_id)
+            .map(|r| r.assignment.clone())
+            .ok_or_else(|| {
+                ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!(
+                        "no assignment {} in force; `trellis assignment ls` lists them",
+                        request.assignment_id
+                    ),
+                )
+                .with_details(serde_json::json!({ "assignment_id": request.assignment_id }))
+            })?
+    };
+    let event = Event::new(
+        state.source.clone(),
+        FactData::AssignmentRevoked(AssignmentRevoked {
+            assignment_id: request.assignment_id,
+            reason: "requested".to_owned(),
+        }),
+    );
+    let seq = state
+        .publisher
+        .publish(&event)
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::Unavailable, e.to_string()))?;
+    state
+        .wait_until_applied_for(seq, state.config.min_seq_wait)
+        .await;
+    Ok(AssignmentRevokeReply { assignment, seq })
+}
+
+pub(crate) fn list(
+    state: &State,
+    request: AssignmentListRequest,
+) -> Result<AssignmentListReply, ErrorBody> {
+    let projection = state.projection();
+    let component_of_instance = request
+        .instance_id
+        .as_ref()
+        .and_then(|id| projection.instances.get(id))
+        .map(|i| i.component.clone());
+    let assignments = projection
+        .assignments
+        .values()
+        .filter(|r| match (&request.instance_id, &r.assignment.target) {
+            (None, _) => true,
+            (Some(id), AssignmentTarget::Instance(target)) => id == target,
+            (Some(_), AssignmentTarget::Component(name)) => {
+                component_of_instance.as_deref() == Some(name.as_str())
+            }
+        })
+        .filter(|r| match (&request.component, &r.assignment.target) {
+            (None, _) => true,
+            (Some(c), AssignmentTarget::Component(name)) => c == name,
+            (Some(_), AssignmentTarget::Instance(_)) => false,
+        })
+        .cloned()
+        .collect();
+    Ok(AssignmentListReply {
+        assignments,
+        as_of: projection.last_seq.max(state.as_of()),
+    })
+}
