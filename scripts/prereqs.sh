@@ -41,3 +41,10 @@ ensure_docker() {
 target_dir() {
     echo "${CARGO_TARGET_DIR:-$(pwd)/target}"
 }
+
+ensure_etcd_server() {
+    if ! command -v etcd >/dev/null; then
+        echo "installing etcd (Debian package etcd-server)"
+        apt_install etcd-server
+    fi
+}
