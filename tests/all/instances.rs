@@ -65,6 +65,7 @@ fn manifest(name: &str) -> ManifestDoc {
         timeout_ms: 300,
         max_concurrency: 64,
         imports: Vec::new(),
+        requires: vec![],
     }
 }
 
@@ -132,6 +133,7 @@ async fn start(
         instance_id: InstanceId::new(id).unwrap(),
         component,
         restart,
+        assignments: vec![],
     };
     command(
         client,

@@ -1,9 +1,11 @@
 //! End-to-end suites: real nats-server, real `trellis` and `trellis-host` processes.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
+mod capabilities;
 mod cli;
 mod control;
 mod instances;
 mod lifecycle;
+mod providers;
 mod spine;
 mod workload;

@@ -74,9 +74,11 @@ async fn main() {
                 timeout_ms: 1000,
                 max_concurrency: 1024,
                 imports: Vec::new(),
+                requires: vec![],
             },
         },
         restart: RestartPolicy::Never,
+        assignments: vec![],
     };
     let host_subject = subject::host_command(&l, &HostId::new("bench").unwrap(), "instance.start");
     let body = serde_json::to_vec(&command).unwrap();

@@ -4,6 +4,9 @@
 //!
 //! The guests are a cargo workspace of their own (`tests/components/Cargo.toml`, excluded from the
 //! main workspace), one `cdylib` crate per component, built for `wasm32-wasip2` with wit-bindgen.
+//! The capability guests (`kv_probe`, `http_fetch`, `messenger`) build against the repository's
+//! `wit/` plus `tests/components/wit-capabilities/`; `http_upstream` uses only the upstream `wasi`
+//! crate, to prove portability.
 //! [`build`] runs, once per process,
 //!
 //! ```text
@@ -29,9 +32,13 @@ use std::sync::OnceLock;
 /// The names of the guest components (`tests/components/<name>`).
 pub const NAMES: &[&str] = &[
     "counter",
+    "http_fetch",
+    "http_upstream",
     "huge_output",
+    "kv_probe",
     "loop",
     "membomb",
+    "messenger",
     "panic",
     "probe",
     "recursion",
@@ -110,6 +117,44 @@ pub fn build() -> &'static Components {
         }
         components
     })
+}
+
+/// Builds the example components (`examples/`, once per process) and returns the path of the
+/// `.wasm` of example `crate_name` (e.g. `kv_counter`) and its `Component.toml`.
+pub fn example(crate_name: &str) -> (PathBuf, PathBuf) {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let dir = BUILT.get_or_init(|| {
+        let target_dir = outer_target_dir().join("wasm-examples");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let output = Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--manifest-path",
+            ])
+            .arg(examples.join("Cargo.toml"))
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_BUILD_TARGET")
+            .output()
+            .expect("running cargo to build the examples");
+        assert!(
+            output.status.success(),
+            "building the examples failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        target_dir.join("wasm32-wasip2/release")
+    });
+    let wasm = dir.join(format!("{crate_name}.wasm"));
+    assert!(wasm.is_file(), "missing {}", wasm.display());
+    let manifest = examples
+        .join(crate_name.replace('_', "-"))
+        .join("Component.toml");
+    (wasm, manifest)
 }
 
 /// The target directory of the build running this executable.

@@ -10,6 +10,8 @@
     reason = "test support: failing loudly is the point"
 )]
 
+pub mod bench;
+pub mod cluster;
 pub mod components;
 
 use std::future::Future;
@@ -23,7 +25,7 @@ use trellis_bus::{FactStream, StartAt};
 use trellis_ctl::CtlClient;
 use trellis_schemas::{Event, Fact, Lattice, subject};
 
-/// The directory holding `trellis` and `trellis-host`.
+/// The directory holding `trellis`, `trellis-host` and the `trellis-provider-*` binaries.
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("TRELLIS_BIN_DIR") {
         return PathBuf::from(dir);
@@ -47,13 +49,27 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback that this process has not handed out before.
+///
+/// Asking the kernel for port 0 can hand two parallel tests the same port (the first has not bound
+/// it yet), and a port from the ephemeral range can be taken by any outgoing connection before the
+/// test binds it. So ports come from below Linux's ephemeral range (32768–60999), each at most once
+/// per process, starting at an offset derived from the process id so that test binaries run one
+/// after another do not reuse each other's ports either.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOW + (offset + n) % SPAN).expect("below 32000");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port left in {LOW}..{}", LOW + SPAN);
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout` naming `what`.
@@ -307,53 +323,34 @@ impl Nats {
         )
     }
 
+    /// Starts provider `trellis-provider-<name>` on `lattice` with extra `args` (`--provider-id`,
+    /// `--config k=v`, …), as a host would.
+    pub fn provider(&self, lattice: &Lattice, name: &str, args: &[&str]) -> Proc {
+        let mut all: Vec<String> = vec![
+            "--nats".into(),
+            self.url(),
+            "--lattice".into(),
+            lattice.to_string(),
+        ];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Proc::spawn(
+            &format!("provider-{name}-{n}"),
+            &bin(&format!("trellis-provider-{name}")),
+            &all,
+            self.logs(),
+        )
+    }
+
     /// Runs the `trellis` CLI against this server; returns (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(bin("trellis"))
-            .arg("--nats")
-            .arg(self.url())
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        cli_at(&self.url(), args)
     }
 
     /// Every fact the lattice's stream holds, decoded, in order.
     pub async fn facts(&self, lattice: &Lattice) -> Vec<Fact> {
-        let client = self.client().await;
-        let js = async_nats::jetstream::new(client.clone());
-        // No stream yet (no process of the lattice has started) means no facts.
-        let Ok(state) = trellis_bus::events_stream_state(&js, lattice).await else {
-            return Vec::new();
-        };
-        if state.messages == 0 {
-            return Vec::new();
-        }
-        let mut reader = FactStream::open(
-            &client,
-            &js,
-            &subject::events_stream(lattice),
-            None,
-            StartAt::Beginning,
-        )
-        .await
-        .unwrap();
-        let mut facts = Vec::new();
-        while let Some(raw) = reader.next().await {
-            let raw = raw.unwrap();
-            facts.push(Fact {
-                seq: raw.seq,
-                event: Event::decode(&raw.payload).unwrap(),
-            });
-            if raw.seq >= state.last_sequence {
-                break;
-            }
-        }
-        facts
+        facts_at(&self.url(), lattice).await
     }
 }
 
@@ -361,6 +358,55 @@ impl Drop for Nats {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Runs the `trellis` CLI against the NATS server at `url`; returns (exit code, stdout, stderr).
+pub fn cli_at(url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin("trellis"))
+        .arg("--nats")
+        .arg(url)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every fact the stream of `lattice` on the NATS server at `url` holds, decoded, in order.
+pub async fn facts_at(url: &str, lattice: &Lattice) -> Vec<Fact> {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    // No stream yet (no process of the lattice has started) means no facts.
+    let Ok(state) = trellis_bus::events_stream_state(&js, lattice).await else {
+        return Vec::new();
+    };
+    if state.messages == 0 {
+        return Vec::new();
+    }
+    let mut reader = FactStream::open(
+        &client,
+        &js,
+        &subject::events_stream(lattice),
+        None,
+        StartAt::Beginning,
+    )
+    .await
+    .unwrap();
+    let mut facts = Vec::new();
+    while let Some(raw) = reader.next().await {
+        let raw = raw.unwrap();
+        facts.push(Fact {
+            seq: raw.seq,
+            event: Event::decode(&raw.payload).unwrap(),
+        });
+        if raw.seq >= state.last_sequence {
+            break;
+        }
+    }
+    facts
 }
 
 /// A lattice name unique to one test, so tests sharing nothing still never collide.

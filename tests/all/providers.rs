@@ -1,0 +1,961 @@
+//! Provider contracts: each provider binary against a real nats-server and controller, with the
+//! host side emulated by a plain NATS client that sends capability calls with identity headers,
+//! and components emulated by subscribers on their data-plane subjects.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use trellis_ctl::CtlClient;
+use trellis_schemas::capability::rpc::{
+    self, BrokerMessage, Bytes64, HttpRequestHead, HttpResponseHead, KvReply, KvRequest,
+    MessagingRequest,
+};
+use trellis_schemas::control::{
+    AssignmentGrantReply, AssignmentGrantRequest, AssignmentListRequest, AssignmentRevokeRequest,
+};
+use trellis_schemas::instance::dataplane;
+use trellis_schemas::{
+    AssignmentId, AssignmentTarget, Capability, ComponentName, FactData, Lattice, ProviderId,
+    ProviderName, subject,
+};
+use trellis_tests::{Nats, Proc, free_port, lattice, wait_for};
+
+const T: Duration = Duration::from_secs(30);
+
+/// A lattice with a controller, and a client that plays the host.
+struct Env {
+    nats: Nats,
+    l: Lattice,
+    ctl: CtlClient,
+    client: async_nats::Client,
+    _controller: Proc,
+}
+
+impl Env {
+    async fn start(name: &str) -> Self {
+        let nats = Nats::start().await;
+        let l = lattice(name);
+        let controller = nats.controller(&l, "c", "30s");
+        let ctl = nats.ctl(&l).await;
+        wait_for("the controller", T, || async {
+            ctl.request(&AssignmentListRequest::default()).await.ok()
+        })
+        .await;
+        let client = nats.client().await;
+        Self {
+            nats,
+            l,
+            ctl,
+            client,
+            _controller: controller,
+        }
+    }
+
+    /// Starts a provider and waits for its `provider.started` fact.
+    async fn provider(&self, name: &str, args: &[&str]) -> (Proc, ProviderId) {
+        let id = ProviderId::generate();
+        let mut all = vec!["--provider-id", id.as_str()];
+        all.extend_from_slice(args);
+        let proc = self.nats.provider(&self.l, name, &all);
+        let started = wait_for(&format!("{name} to start"), T, || async {
+            self.nats
+                .facts(&self.l)
+                .await
+                .into_iter()
+                .find_map(|f| match f.event.data {
+                    FactData::ProviderStarted(d) if d.provider_id == id => Some(d),
+                    _ => None,
+                })
+        })
+        .await;
+        assert_eq!(started.name.as_str(), name);
+        (proc, id)
+    }
+
+    async fn grant(
+        &self,
+        target: AssignmentTarget,
+        capability: Capability,
+        config: &[(&str, &str)],
+    ) -> AssignmentGrantReply {
+        self.ctl
+            .request(&AssignmentGrantRequest {
+                target,
+                capability,
+                provider: None,
+                config: config
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect::<BTreeMap<_, _>>(),
+            })
+            .await
+            .unwrap()
+    }
+
+    async fn revoke(&self, id: &AssignmentId) -> u64 {
+        self.ctl
+            .request(&AssignmentRevokeRequest {
+                assignment_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .seq
+    }
+
+    /// A capability call as a host sends it. `Ok((headers, body))` or `Err((code, message))`.
+    async fn call(
+        &self,
+        provider: &str,
+        capability: Capability,
+        caller: (&str, &str),
+        min_seq: Option<u64>,
+        http_head: Option<String>,
+        body: Vec<u8>,
+    ) -> Result<(HeaderMap, Vec<u8>), (String, String)> {
+        let mut headers = HeaderMap::new();
+        headers.insert(rpc::INSTANCE, caller.0);
+        headers.insert(rpc::COMPONENT, caller.1);
+        headers.insert(rpc::ASSIGNMENT, "whatever-the-host-says");
+        if let Some(seq) = min_seq {
+            headers.insert(rpc::MIN_SEQ, seq.to_string().as_str());
+        }
+        if let Some(head) = http_head {
+            headers.insert(rpc::HTTP_HEAD, head.as_str());
+        }
+        let subject = rpc::provider_rpc(&self.l, &ProviderName::new(provider).unwrap(), capability);
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .payload(body.into())
+            .timeout(Some(Duration::from_secs(15)));
+        let reply = self.client.send_request(subject, request).await.unwrap();
+        let headers = reply.headers.clone().unwrap_or_default();
+        let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+        match get(rpc::STATUS).as_deref() {
+            Some("ok") => Ok((headers.clone(), reply.payload.to_vec())),
+            Some("error") => Err((
+                get(rpc::ERROR_CODE).unwrap_or_default(),
+                get(rpc::ERROR).unwrap_or_default(),
+            )),
+            other => panic!("reply without a status: {other:?}"),
+        }
+    }
+
+    async fn kv(
+        &self,
+        caller: (&str, &str),
+        min_seq: Option<u64>,
+        request: &KvRequest,
+    ) -> Result<KvReply, (String, String)> {
+        let body = serde_json::to_vec(request).unwrap();
+        let (_, body) = self
+            .call("kv", Capability::KeyValue, caller, min_seq, None, body)
+            .await?;
+        Ok(serde_json::from_slice(&body).unwrap())
+    }
+
+    /// A control request to one provider process.
+    async fn control(&self, id: &ProviderId, verb: &str) -> Value {
+        let reply = self
+            .client
+            .request(rpc::provider_control(&self.l, id, verb), Vec::new().into())
+            .await
+            .unwrap();
+        serde_json::from_slice(&reply.payload).unwrap()
+    }
+
+    /// Waits until provider `id` sees `n` assignments of its own.
+    async fn wait_assignments(&self, id: &ProviderId, n: u64) {
+        wait_for(&format!("provider to see {n} assignments"), T, || async {
+            (self.control(id, "health").await["assignments"] == n).then_some(())
+        })
+        .await;
+    }
+}
+
+fn component(name: &str) -> AssignmentTarget {
+    AssignmentTarget::Component(ComponentName::new(name).unwrap())
+}
+
+fn get(key: &str) -> KvRequest {
+    KvRequest::Get {
+        bucket: String::new(),
+        key: key.into(),
+    }
+}
+
+fn set(key: &str, value: &[u8]) -> KvRequest {
+    KvRequest::Set {
+        bucket: String::new(),
+        key: key.into(),
+        value: Bytes64(value.to_vec()),
+    }
+}
+
+#[tokio::test]
+async fn kv_round_trips_and_isolates_buckets_by_assignment() {
+    let env = Env::start("kv").await;
+    let (_kv, kv_id) = env.provider("kv", &[]).await;
+    let a = env
+        .grant(component("ca"), Capability::KeyValue, &[("bucket", "a")])
+        .await;
+    let b = env
+        .grant(component("cb"), Capability::KeyValue, &[("bucket", "b")])
+        .await;
+    let ia = ("ia", "ca");
+    let ib = ("ib", "cb");
+
+    // The grant is brand new: Trellis-Min-Seq makes the provider wait for it.
+    let reply = env
+        .kv(
+            ia,
+            Some(a.seq),
+            &KvRequest::Open {
+                bucket: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply, KvReply::default());
+    env.kv(ia, Some(a.seq), &set("greeting", b"hello"))
+        .await
+        .unwrap();
+    let reply = env.kv(ia, None, &get("greeting")).await.unwrap();
+    assert_eq!(reply.value.as_deref(), Some(&b"hello"[..]));
+    assert_eq!(env.kv(ia, None, &get("missing")).await.unwrap().value, None);
+    // Opening by the bucket's own name is the same store.
+    let named = KvRequest::Get {
+        bucket: "a".into(),
+        key: "greeting".into(),
+    };
+    assert!(env.kv(ia, None, &named).await.unwrap().value.is_some());
+
+    // Atomic increments, created on first use, stored as decimal text.
+    let inc = |delta| KvRequest::Increment {
+        bucket: String::new(),
+        key: "count".into(),
+        delta,
+    };
+    assert_eq!(env.kv(ia, None, &inc(2)).await.unwrap().number, Some(2));
+    assert_eq!(env.kv(ia, None, &inc(3)).await.unwrap().number, Some(5));
+    assert_eq!(
+        env.kv(ia, None, &get("count"))
+            .await
+            .unwrap()
+            .value
+            .as_deref(),
+        Some(&b"5"[..])
+    );
+    let err = env
+        .kv(
+            ia,
+            None,
+            &KvRequest::Increment {
+                bucket: String::new(),
+                key: "greeting".into(),
+                delta: 1,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "invalid_request", "{err:?}");
+
+    // Keys JetStream cannot hold round-trip; list_keys gives them back sorted.
+    env.kv(ia, None, &set("with space/ü", b"x")).await.unwrap();
+    env.kv(ia, None, &set(".dot", b"y")).await.unwrap();
+    let reply = env
+        .kv(
+            ia,
+            None,
+            &KvRequest::ListKeys {
+                bucket: String::new(),
+                cursor: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.keys,
+        vec![".dot", "count", "greeting", "with space/ü"],
+        "{reply:?}"
+    );
+    assert_eq!(reply.cursor, None);
+    let reply = env
+        .kv(
+            ia,
+            None,
+            &KvRequest::Exists {
+                bucket: String::new(),
+                key: "with space/ü".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.exists, Some(true));
+
+    // Batches.
+    env.kv(
+        ia,
+        None,
+        &KvRequest::SetMany {
+            bucket: String::new(),
+            pairs: vec![
+                ("m1".into(), Bytes64(b"1".to_vec())),
+                ("m2".into(), Bytes64(b"2".to_vec())),
+            ],
+        },
+    )
+    .await
+    .unwrap();
+    let reply = env
+        .kv(
+            ia,
+            None,
+            &KvRequest::GetMany {
+                bucket: String::new(),
+                keys: vec!["m1".into(), "nope".into(), "m2".into()],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.values,
+        vec![
+            Some(Bytes64(b"1".to_vec())),
+            None,
+            Some(Bytes64(b"2".to_vec()))
+        ]
+    );
+    env.kv(
+        ia,
+        None,
+        &KvRequest::DeleteMany {
+            bucket: String::new(),
+            keys: vec!["m1".into(), "m2".into()],
+        },
+    )
+    .await
+    .unwrap();
+    env.kv(
+        ia,
+        None,
+        &KvRequest::Delete {
+            bucket: String::new(),
+            key: "greeting".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(env.kv(ia, None, &get("m1")).await.unwrap().value, None);
+    assert_eq!(
+        env.kv(ia, None, &get("greeting")).await.unwrap().value,
+        None
+    );
+
+    // Instance A cannot reach B's bucket, by name or otherwise; B sees only its own data.
+    for request in [
+        KvRequest::Open { bucket: "b".into() },
+        KvRequest::Get {
+            bucket: "b".into(),
+            key: "count".into(),
+        },
+    ] {
+        let (code, message) = env.kv(ia, None, &request).await.unwrap_err();
+        assert_eq!(code, "access_denied");
+        assert!(
+            message.contains("\"b\"") && message.contains("\"a\""),
+            "{message}"
+        );
+    }
+    env.kv(ib, Some(b.seq), &set("count", b"100"))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.kv(ia, None, &get("count"))
+            .await
+            .unwrap()
+            .value
+            .as_deref(),
+        Some(&b"5"[..])
+    );
+
+    // Two components granted the same bucket share it.
+    let s1 = env
+        .grant(
+            component("cs1"),
+            Capability::KeyValue,
+            &[("bucket", "shared")],
+        )
+        .await;
+    let s2 = env
+        .grant(
+            component("cs2"),
+            Capability::KeyValue,
+            &[("bucket", "shared")],
+        )
+        .await;
+    env.kv(("i1", "cs1"), Some(s1.seq), &set("k", b"together"))
+        .await
+        .unwrap();
+    let reply = env
+        .kv(("i2", "cs2"), Some(s2.seq), &get("k"))
+        .await
+        .unwrap();
+    assert_eq!(reply.value.as_deref(), Some(&b"together"[..]));
+
+    // Without an assignment, or after its revocation: access denied.
+    let (code, _) = env.kv(("ix", "cx"), None, &get("k")).await.unwrap_err();
+    assert_eq!(code, "access_denied");
+    env.revoke(&a.assignment.assignment_id).await;
+    env.wait_assignments(&kv_id, 3).await;
+    let (code, message) = env.kv(ia, None, &get("count")).await.unwrap_err();
+    assert_eq!(code, "access_denied", "{message}");
+
+    // Malformed calls are refused as such.
+    let err = env
+        .call("kv", Capability::KeyValue, ib, None, None, b"{".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "invalid_request");
+}
+
+/// A tiny HTTP/1.1 server answering every request with `200 hello` and reporting the request
+/// head it read.
+async fn http_upstream() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Upstream: yes\r\nConnection: close\r\n\r\nhello")
+                    .await;
+            });
+        }
+    });
+    (port, rx)
+}
+
+fn http_head(method: &str, uri: &str) -> String {
+    serde_json::to_string(&HttpRequestHead {
+        method: method.into(),
+        uri: uri.into(),
+        authority: None,
+        headers: vec![("x-request".into(), "42".into())],
+        timeout_ms: Some(5_000),
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn http_client_reaches_allowed_hosts_only() {
+    let env = Env::start("httpc").await;
+    let (_p, _) = env.provider("http-client", &[]).await;
+    let (port, mut requests) = http_upstream().await;
+    let g = env
+        .grant(
+            component("web"),
+            Capability::HttpOutgoing,
+            &[("allowed_hosts", "127.0.0.1")],
+        )
+        .await;
+    let caller = ("w1", "web");
+    let out = |head: String, body: &[u8]| {
+        env.call(
+            "http-client",
+            Capability::HttpOutgoing,
+            caller,
+            Some(g.seq),
+            Some(head),
+            body.to_vec(),
+        )
+    };
+
+    let (headers, body) = out(
+        http_head("POST", &format!("http://127.0.0.1:{port}/path?q=1")),
+        b"payload",
+    )
+    .await
+    .unwrap();
+    assert_eq!(body, b"hello");
+    let head: HttpResponseHead =
+        serde_json::from_str(headers.get(rpc::HTTP_HEAD).unwrap().as_str()).unwrap();
+    assert_eq!(head.status, 200);
+    assert!(
+        head.headers
+            .iter()
+            .any(|(k, v)| k == "x-upstream" && v == "yes"),
+        "{head:?}"
+    );
+    let seen = requests.recv().await.unwrap();
+    assert!(seen.starts_with("POST /path?q=1 HTTP/1.1\r\n"), "{seen}");
+    assert!(
+        seen.to_ascii_lowercase().contains("x-request: 42"),
+        "{seen}"
+    );
+
+    // A host not in the list, https, a port nobody listens on.
+    let (code, message) = out(http_head("GET", "http://example.com/"), b"")
+        .await
+        .unwrap_err();
+    assert_eq!(code, "access_denied");
+    assert!(message.contains("example.com"), "{message}");
+    let (code, message) = out(http_head("GET", "https://127.0.0.1/"), b"")
+        .await
+        .unwrap_err();
+    assert_eq!(code, "upstream");
+    assert!(message.contains("TLS"), "{message}");
+    let closed = free_port();
+    let (code, message) = out(
+        http_head("GET", &format!("http://127.0.0.1:{closed}/")),
+        b"",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code, "upstream");
+    assert_eq!(
+        message.split_whitespace().next(),
+        Some("connection_refused"),
+        "{message}"
+    );
+
+    // No assignment: denied before anything leaves.
+    let (code, _) = env
+        .call(
+            "http-client",
+            Capability::HttpOutgoing,
+            ("w2", "other"),
+            None,
+            Some(http_head("GET", &format!("http://127.0.0.1:{port}/"))),
+            Vec::new(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code, "access_denied");
+}
+
+#[tokio::test]
+async fn messaging_publishes_by_pattern_and_delivers_subscriptions() {
+    let env = Env::start("msg").await;
+    let (_p, id) = env.provider("messaging", &[]).await;
+    let g = env
+        .grant(
+            component("mc"),
+            Capability::Messaging,
+            &[("publish", "out.>"), ("subscribe", "in.jobs")],
+        )
+        .await;
+    let caller = ("m1", "mc");
+    let request = |r: &MessagingRequest| {
+        let body = serde_json::to_vec(r).unwrap();
+        env.call(
+            "messaging",
+            Capability::Messaging,
+            caller,
+            Some(g.seq),
+            None,
+            body,
+        )
+    };
+
+    // Publish: allowed by pattern, denied otherwise.
+    let mut out = env.client.subscribe("out.x").await.unwrap();
+    env.client.flush().await.unwrap();
+    request(&MessagingRequest::Publish {
+        message: BrokerMessage {
+            subject: "out.x".into(),
+            body: Bytes64(b"ping".to_vec()),
+            reply_to: None,
+        },
+    })
+    .await
+    .unwrap();
+    let message = tokio::time::timeout(T, out.next()).await.unwrap().unwrap();
+    assert_eq!(&message.payload[..], b"ping");
+    for subject in ["elsewhere.x", "trellis.ctl.v1.msg.host.list", "out.*"] {
+        let (code, _) = request(&MessagingRequest::Publish {
+            message: BrokerMessage {
+                subject: subject.into(),
+                body: Bytes64(Vec::new()),
+                reply_to: None,
+            },
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(code, "access_denied", "{subject}");
+    }
+
+    // Request: the reply comes back as a broker message; nobody listening is an upstream error.
+    let mut service = env.client.subscribe("out.svc").await.unwrap();
+    env.client.flush().await.unwrap();
+    let responder = env.client.clone();
+    tokio::spawn(async move {
+        if let Some(m) = service.next().await {
+            let body = [b"re: ".as_slice(), &m.payload].concat();
+            responder
+                .publish(m.reply.unwrap(), body.into())
+                .await
+                .unwrap();
+        }
+    });
+    let (_, body) = request(&MessagingRequest::Request {
+        subject: "out.svc".into(),
+        body: Bytes64(b"q".to_vec()),
+        timeout_ms: 5_000,
+    })
+    .await
+    .unwrap();
+    let reply: BrokerMessage = serde_json::from_slice(&body).unwrap();
+    assert_eq!(reply.body.0, b"re: q");
+    let (code, _) = request(&MessagingRequest::Request {
+        subject: "out.nobody".into(),
+        body: Bytes64(Vec::new()),
+        timeout_ms: 500,
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(code, "upstream");
+
+    // Subscriptions: a message on in.jobs reaches the component's handler export.
+    let mut component_calls = env
+        .client
+        .subscribe(subject::component_call(
+            &env.l,
+            &ComponentName::new("mc").unwrap(),
+        ))
+        .await
+        .unwrap();
+    env.client.flush().await.unwrap();
+    // The provider subscribes once it has seen the grant: publish until a delivery arrives.
+    let deadline = tokio::time::Instant::now() + T;
+    let delivered = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delivery to the component"
+        );
+        env.client
+            .publish("in.jobs", b"job-1".as_slice().into())
+            .await
+            .unwrap();
+        if let Ok(Some(m)) =
+            tokio::time::timeout(Duration::from_millis(300), component_calls.next()).await
+        {
+            break m;
+        }
+    };
+    let export = delivered
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(dataplane::EXPORT))
+        .map(|v| v.as_str().to_owned());
+    assert_eq!(
+        export.as_deref(),
+        Some("wasmcloud:messaging/handler@0.2.0#handle-message")
+    );
+    let args: Value = serde_json::from_slice(&delivered.payload).unwrap();
+    assert_eq!(
+        args,
+        json!([{"subject": "in.jobs", "body": b"job-1".to_vec(), "reply-to": null}])
+    );
+    let mut ok = HeaderMap::new();
+    ok.insert(dataplane::STATUS, "ok");
+    env.client
+        .publish_with_headers(
+            delivered.reply.unwrap(),
+            ok,
+            br#"{"ok":null}"#.as_slice().into(),
+        )
+        .await
+        .unwrap();
+
+    // Revoked: no more deliveries.
+    env.revoke(&g.assignment.assignment_id).await;
+    env.wait_assignments(&id, 0).await;
+    // Drain what was published before the revocation took effect.
+    while tokio::time::timeout(Duration::from_millis(300), component_calls.next())
+        .await
+        .is_ok()
+    {}
+    env.client
+        .publish("in.jobs", b"job-2".as_slice().into())
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), component_calls.next())
+            .await
+            .is_err(),
+        "delivered after the revocation"
+    );
+}
+
+/// Sends one HTTP/1.1 request over a fresh connection; returns (status, head, body).
+async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, head.to_owned(), body.to_owned()))
+}
+
+#[tokio::test]
+async fn http_server_dispatches_to_the_component_and_maps_errors() {
+    let env = Env::start("https").await;
+    let (_p, id) = env.provider("http-server", &[]).await;
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let g = env
+        .grant(
+            component("web"),
+            Capability::HttpIncoming,
+            &[("address", &address)],
+        )
+        .await;
+
+    // With nothing serving the component: 503.
+    let (status, _, body) = wait_for("the listener", T, || async {
+        http_get(port, "/").await.ok()
+    })
+    .await;
+    assert_eq!(status, 503);
+    assert!(
+        body.contains("no instance of component web is running"),
+        "{body}"
+    );
+
+    // A fake instance of `web` in the component's queue group.
+    let mut requests = env
+        .client
+        .queue_subscribe(
+            rpc::component_http(&env.l, &ComponentName::new("web").unwrap()),
+            subject::component_queue(&ComponentName::new("web").unwrap()),
+        )
+        .await
+        .unwrap();
+    env.client.flush().await.unwrap();
+    let instance = env.client.clone();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<HttpRequestHead>();
+    let fake = tokio::spawn(async move {
+        while let Some(m) = requests.next().await {
+            let head: HttpRequestHead = serde_json::from_str(
+                m.headers
+                    .as_ref()
+                    .unwrap()
+                    .get(rpc::HTTP_HEAD)
+                    .unwrap()
+                    .as_str(),
+            )
+            .unwrap();
+            let mut headers = HeaderMap::new();
+            if head.uri == "/crash" {
+                headers.insert(dataplane::STATUS, "error");
+                headers.insert(dataplane::ERROR_CODE, "crashed");
+                instance
+                    .publish_with_headers(m.reply.unwrap(), headers, "trap".into())
+                    .await
+                    .unwrap();
+                continue;
+            }
+            let reply = HttpResponseHead {
+                status: 201,
+                headers: vec![("x-served-by".into(), "fake".into())],
+            };
+            headers.insert(dataplane::STATUS, "ok");
+            headers.insert(
+                rpc::HTTP_HEAD,
+                serde_json::to_string(&reply).unwrap().as_str(),
+            );
+            let body = format!("hi {}", head.uri);
+            instance
+                .publish_with_headers(m.reply.unwrap(), headers, body.into())
+                .await
+                .unwrap();
+            let _ = seen_tx.send(head);
+        }
+    });
+
+    let (status, head, body) = http_get(port, "/hello?x=1").await.unwrap();
+    assert_eq!(status, 201, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("x-served-by: fake"),
+        "{head}"
+    );
+    assert_eq!(body, "hi /hello?x=1");
+    let request = seen.recv().await.unwrap();
+    assert_eq!(request.method, "GET");
+    assert_eq!(request.authority.as_deref(), Some("example.test"));
+    let (status, _, body) = http_get(port, "/crash").await.unwrap();
+    assert_eq!(status, 500);
+    assert!(body.contains("crashed"), "{body}");
+
+    // Keep-alive: two requests on one connection.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /one HTTP/1.1\r\nHost: h\r\n\r\nGET /two HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut both = String::new();
+    stream.read_to_string(&mut both).await.unwrap();
+    assert!(
+        both.contains("hi /one") && both.contains("hi /two"),
+        "{both}"
+    );
+
+    // A second assignment on the same address is refused and does not disturb the first.
+    let second = env
+        .grant(
+            component("web2"),
+            Capability::HttpIncoming,
+            &[("address", &address)],
+        )
+        .await;
+    env.wait_assignments(&id, 2).await;
+    let (status, _, _) = http_get(port, "/still").await.unwrap();
+    assert_eq!(status, 201);
+    env.revoke(&second.assignment.assignment_id).await;
+
+    // Revoked: the listener closes.
+    env.revoke(&g.assignment.assignment_id).await;
+    wait_for("the listener to close", T, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    fake.abort();
+}
+
+#[tokio::test]
+async fn providers_announce_themselves_and_stop_on_request_or_signal() {
+    let env = Env::start("plife").await;
+    let (mut first, id) = env
+        .provider("kv", &["--host-id", "h1", "--config", "mode=fast"])
+        .await;
+    let started = env
+        .nats
+        .facts(&env.l)
+        .await
+        .into_iter()
+        .find_map(|f| match f.event.data {
+            FactData::ProviderStarted(d) if d.provider_id == id => Some(d),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(started.capabilities, vec![Capability::KeyValue]);
+    assert_eq!(started.host_id.as_ref().map(|h| h.as_str()), Some("h1"));
+    assert_eq!(started.version, trellis_schemas::VERSION);
+    assert!(!started.node.is_empty());
+
+    assert_eq!(env.control(&id, "config").await, json!({"mode": "fast"}));
+    let health = env.control(&id, "health").await;
+    assert_eq!(health["name"], "kv");
+    assert_eq!(health["provider_id"], id.as_str());
+
+    // `stop` on the control subject: acknowledged, drained, recorded, exit 0.
+    assert_eq!(
+        env.control(&id, "stop").await,
+        json!({"ok": true, "data": {}})
+    );
+    assert_eq!(first.wait_exit(T).await, Some(0), "{}", first.log());
+    let stopped = |id: ProviderId| {
+        let env = &env;
+        async move {
+            env.nats
+                .facts(&env.l)
+                .await
+                .into_iter()
+                .find_map(|f| match f.event.data {
+                    FactData::ProviderStopped(d) if d.provider_id == id => Some(d.reason),
+                    _ => None,
+                })
+        }
+    };
+    assert_eq!(stopped(id.clone()).await.as_deref(), Some("requested"));
+
+    // SIGTERM: the same drain.
+    let (mut second, id2) = env.provider("kv", &[]).await;
+    second.signal(Signal::SIGTERM);
+    assert_eq!(second.wait_exit(T).await, Some(0), "{}", second.log());
+    assert_eq!(stopped(id2).await.as_deref(), Some("signal: SIGTERM"));
+}
+
+#[tokio::test]
+async fn a_draining_provider_answers_the_calls_it_took() {
+    let env = Env::start("pdrain").await;
+    let (mut provider, id) = env.provider("http-client", &[]).await;
+    // An upstream that takes a second to answer.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nslow",
+                    )
+                    .await;
+            });
+        }
+    });
+    let g = env
+        .grant(
+            component("web"),
+            Capability::HttpOutgoing,
+            &[("allowed_hosts", "127.0.0.1")],
+        )
+        .await;
+    let call = env.call(
+        "http-client",
+        Capability::HttpOutgoing,
+        ("w1", "web"),
+        Some(g.seq),
+        Some(http_head("GET", &format!("http://127.0.0.1:{port}/"))),
+        Vec::new(),
+    );
+    let stop = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        provider.signal(Signal::SIGTERM);
+    };
+    let (reply, ()) = tokio::join!(call, stop);
+    let (_, body) = reply.unwrap();
+    assert_eq!(body, b"slow");
+    assert_eq!(provider.wait_exit(T).await, Some(0), "{}", provider.log());
+    let reason = env
+        .nats
+        .facts(&env.l)
+        .await
+        .into_iter()
+        .find_map(|f| match f.event.data {
+            FactData::ProviderStopped(d) if d.provider_id == id => Some(d.reason),
+            _ => None,
+        });
+    assert_eq!(reason.as_deref(), Some("signal: SIGTERM"));
+}

@@ -1,0 +1,123 @@
+//! HTTP benchmark: `examples/http-hello` served through the `http-server` provider → NATS →
+//! `trellis-host` → a fresh instance per request, against `wasmtime serve` running the same
+//! `.wasm`, in one run with the same load.
+//!
+//! The load is `wrk --latency` with `TRELLIS_BENCH_CONNECTIONS` connections (default 32) on 2
+//! threads for `TRELLIS_BENCH_SECS` seconds (default 10) after a 2 s warm-up, on each side.
+//! Reports requests/s, p50 and p99 latency, and Trellis's requests/s as a ratio to wasmtime's.
+//!
+//! Run (needs `wrk` and wasmtime-cli 48.0.8, see `tests/benches/README.md`):
+//! `cargo build --release --bins && cargo bench -p trellis-tests --bench http`.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
+
+use std::time::Duration;
+
+use trellis_tests::bench::{BenchLattice, HttpFigures, env_usize, wasmtime, wrk};
+use trellis_tests::{Proc, components, free_port, wait_for};
+
+const WARM_UP: Duration = Duration::from_secs(2);
+
+/// Waits until `GET url` answers 200 with the greeting.
+async fn wait_serving(url: &str) {
+    let port: u16 = url
+        .trim_start_matches("http://127.0.0.1:")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    wait_for(
+        &format!("{url} to answer"),
+        Duration::from_secs(30),
+        || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut response = String::new();
+            s.read_to_string(&mut response).await.ok()?;
+            (response.starts_with("HTTP/1.1 200") && response.contains("Hello from Trellis"))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+fn measure(name: &str, url: &str, connections: usize, secs: u64) -> HttpFigures {
+    let _ = wrk(url, connections, 2, WARM_UP);
+    let figures = wrk(url, connections, 2, Duration::from_secs(secs));
+    println!(
+        "{name:<28} {:>10.0} req/s   p50 {:>8.2} ms   p99 {:>8.2} ms   ({} requests, {} errors)",
+        figures.requests_per_sec,
+        figures.p50.as_secs_f64() * 1e3,
+        figures.p99.as_secs_f64() * 1e3,
+        figures.requests,
+        figures.errors,
+    );
+    assert_eq!(figures.errors, 0, "{name}: requests failed under load");
+    figures
+}
+
+#[tokio::main]
+async fn main() {
+    let connections = env_usize("TRELLIS_BENCH_CONNECTIONS", 32);
+    let secs = env_usize("TRELLIS_BENCH_SECS", 10) as u64;
+    let instances = env_usize("TRELLIS_BENCH_INSTANCES", 1);
+    let wasmtime = wasmtime();
+    let (wasm, manifest) = components::example("http_hello");
+    println!(
+        "http-hello, {connections} connections, {secs} s per side, {instances} instance(s) on one host"
+    );
+
+    let trellis = {
+        let lat = BenchLattice::up("bench-http", &["http-server"]).await;
+        lat.cli(&[
+            "component",
+            "push",
+            wasm.to_str().unwrap(),
+            "--manifest",
+            manifest.to_str().unwrap(),
+        ]);
+        let address = format!("127.0.0.1:{}", free_port());
+        lat.cli(&[
+            "assignment",
+            "grant",
+            "component:http-hello",
+            "wasi:http/incoming-handler",
+            "http-server",
+            "--config",
+            &format!("address={address}"),
+        ]);
+        for _ in 0..instances {
+            lat.cli(&["instance", "start", "http-hello", "--wait"]);
+        }
+        let url = format!("http://{address}/");
+        wait_serving(&url).await;
+        measure("trellis (http-server→NATS)", &url, connections, secs)
+    };
+
+    let reference = {
+        let address = format!("127.0.0.1:{}", free_port());
+        let logs = tempfile::tempdir().unwrap();
+        let args: Vec<String> = vec![
+            "serve".into(),
+            "--addr".into(),
+            address.clone(),
+            "-S".into(),
+            "cli".into(),
+            wasm.display().to_string(),
+        ];
+        let _serve = Proc::spawn("wasmtime-serve", &wasmtime, &args, logs.path());
+        let url = format!("http://{address}/");
+        wait_serving(&url).await;
+        measure("wasmtime serve", &url, connections, secs)
+    };
+
+    println!(
+        "ratio trellis/wasmtime: {:.2} req/s, p50 {:.2}x, p99 {:.2}x",
+        trellis.requests_per_sec / reference.requests_per_sec,
+        trellis.p50.as_secs_f64() / reference.p50.as_secs_f64(),
+        trellis.p99.as_secs_f64() / reference.p99.as_secs_f64(),
+    );
+}

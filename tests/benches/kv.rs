@@ -1,0 +1,154 @@
+//! Key-value benchmark: set-then-get round trips from a component (guest → host → NATS → `kv`
+//! provider → JetStream KV) against a raw async-nats KV client doing the same operations on the
+//! same bucket, in one run.
+//!
+//! The guest is the `kv_probe` test component; its `round-trips` export does `n` set+get pairs in
+//! one invocation (keys `bench-0` … `bench-15`), so the figure is the capability path, not the
+//! call path. Runs `TRELLIS_BENCH_ROUND_TRIPS` pairs (default 5,000) sequentially, then the same
+//! from `TRELLIS_BENCH_CALLERS` concurrent callers (default 8), on each side. Reports round trips
+//! per second and Trellis's figure as a ratio to the raw client's.
+//!
+//! Run: `cargo build --release --bins && cargo bench -p trellis-tests --bench kv`.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use trellis_tests::bench::{BenchLattice, env_usize};
+use trellis_tests::components;
+
+const BUCKET: &str = "bench";
+
+const MANIFEST: &str = r#"
+[component]
+name = "kv-probe"
+version = "0.1.0"
+
+[limits]
+max_memory = "16MiB"
+fuel = 100_000_000_000
+timeout = "300s"
+max_concurrency = 64
+
+[capabilities]
+imports = ["wasi:keyvalue/store", "wasi:keyvalue/atomics", "wasi:keyvalue/batch", "wasi:logging/logging"]
+requires = ["wasi:keyvalue"]
+"#;
+
+/// Round trips per second of `callers` concurrent runs of `per_caller` round trips each.
+async fn from_component(
+    client: &async_nats::Client,
+    lat: &BenchLattice,
+    instance: &str,
+    callers: usize,
+    per_caller: usize,
+) -> f64 {
+    let began = Instant::now();
+    let mut runs = Vec::new();
+    for _ in 0..callers {
+        let client = client.clone();
+        let l = lat.l.clone();
+        let instance = instance.to_owned();
+        runs.push(tokio::spawn(async move {
+            let text = trellis_ctl::workload::call_export(
+                &client,
+                &l,
+                &instance,
+                "round-trips",
+                &["\"\"".into(), per_caller.to_string()],
+                Duration::from_secs(300),
+            )
+            .await
+            .unwrap_or_else(|f| panic!("round-trips: {}", f.message));
+            assert_eq!(
+                text,
+                format!("{{\"ok\":{per_caller}}}"),
+                "the guest's round trips failed"
+            );
+        }));
+    }
+    for run in runs {
+        run.await.unwrap();
+    }
+    (callers * per_caller) as f64 / began.elapsed().as_secs_f64()
+}
+
+/// The same workload as the guest's `round-trips`, from a raw async-nats KV client.
+async fn raw(store: &jetstream::kv::Store, callers: usize, per_caller: usize) -> f64 {
+    let began = Instant::now();
+    let mut runs = Vec::new();
+    for _ in 0..callers {
+        let store = store.clone();
+        runs.push(tokio::spawn(async move {
+            for i in 0..per_caller {
+                let key = format!("bench-{}", i % 16);
+                let value = u32::try_from(i).unwrap().to_le_bytes();
+                store
+                    .put(key.as_str(), value.to_vec().into())
+                    .await
+                    .unwrap();
+                let read = store.get(key.as_str()).await.unwrap();
+                // Concurrent callers share keys, as the guests do; a sequential run checks reads.
+                if callers == 1 {
+                    assert_eq!(read.as_deref(), Some(&value[..]));
+                }
+            }
+        }));
+    }
+    for run in runs {
+        run.await.unwrap();
+    }
+    (callers * per_caller) as f64 / began.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let total = env_usize("TRELLIS_BENCH_ROUND_TRIPS", 5_000);
+    let callers = env_usize("TRELLIS_BENCH_CALLERS", 8);
+    let lat = BenchLattice::up("bench-kv", &["kv"]).await;
+    let wasm = components::build().path("kv_probe");
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("kv-probe.toml");
+    std::fs::write(&manifest, MANIFEST).unwrap();
+    lat.cli(&[
+        "component",
+        "push",
+        wasm.to_str().unwrap(),
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]);
+    let out = lat.cli(&[
+        "instance",
+        "start",
+        "kv-probe",
+        "--grant",
+        &format!("wasi:keyvalue bucket={BUCKET}"),
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    let started: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let instance = started["instances"][0]["instance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let client = lat.nats.client().await;
+    // Warm-up: creates the bucket and the instance's code paths.
+    from_component(&client, &lat, &instance, 1, 200).await;
+    let store = jetstream::new(client.clone())
+        .get_key_value(BUCKET)
+        .await
+        .unwrap();
+    raw(&store, 1, 200).await;
+
+    println!("set+get round trips ({total} per run, bucket `{BUCKET}`, one host)");
+    for (label, n) in [("sequential", 1), ("concurrent", callers)] {
+        let per_caller = (total / n).max(1);
+        let component = from_component(&client, &lat, &instance, n, per_caller).await;
+        let direct = raw(&store, n, per_caller).await;
+        let ratio = component / direct;
+        println!(
+            "{label:<11} ({n:>2} caller(s))  component {component:>9.0}/s   raw client {direct:>9.0}/s   ratio {ratio:.2}"
+        );
+    }
+}

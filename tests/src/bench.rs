@@ -1,0 +1,245 @@
+//! Helpers for the scenario benchmarks in `tests/benches`: settings from the environment, a
+//! lattice with a controller, a host and standalone providers, and HTTP load from `wrk`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use trellis_schemas::Lattice;
+
+use crate::{Nats, Proc, wait_for};
+
+/// `name` from the environment as a number, or `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A lattice for a benchmark: a nats-server, one controller, one host and the given providers,
+/// each its own process (release builds: `cargo build --release --bins` first).
+pub struct BenchLattice {
+    /// The server.
+    pub nats: Nats,
+    /// The lattice's name.
+    pub l: Lattice,
+    _procs: Vec<Proc>,
+}
+
+impl std::fmt::Debug for BenchLattice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BenchLattice")
+            .field("url", &self.nats.url())
+            .field("lattice", &self.l)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BenchLattice {
+    /// Starts everything and waits until the host and the providers are up.
+    pub async fn up(name: &str, providers: &[&str]) -> Self {
+        let nats = Nats::start().await;
+        let l = crate::lattice(name);
+        let mut procs = vec![nats.controller(&l, "c1", "30s"), nats.host(&l, "h1", &[])];
+        for p in providers {
+            procs.push(nats.provider(&l, p, &[]));
+        }
+        let this = Self {
+            nats,
+            l,
+            _procs: procs,
+        };
+        let want = providers.len();
+        wait_for("host and providers up", Duration::from_secs(30), || async {
+            let (code, out, _) = this.nats.cli(&["provider", "ls", "-o", "json"]);
+            let (hcode, hosts, _) = this.nats.cli(&["host", "ls", "-o", "json"]);
+            let providers: Value = serde_json::from_str(&out).ok()?;
+            let hosts: Value = serde_json::from_str(&hosts).ok()?;
+            (code == 0
+                && hcode == 0
+                && providers["providers"].as_array()?.len() >= want
+                && !hosts["hosts"].as_array()?.is_empty())
+            .then_some(())
+        })
+        .await;
+        this
+    }
+
+    /// Runs the `trellis` CLI and panics, with its error, unless it succeeds; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.nats.cli(args);
+        assert_eq!(code, 0, "trellis {}: {err}", args.join(" "));
+        out
+    }
+}
+
+/// What one `wrk` run measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HttpFigures {
+    /// Completed requests per second.
+    pub requests_per_sec: f64,
+    /// Median latency.
+    pub p50: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+    /// Requests completed.
+    pub requests: u64,
+    /// Non-2xx/3xx responses plus socket errors (connect, read, write, timeout).
+    pub errors: u64,
+}
+
+/// Runs `wrk --latency` against `url` with `connections` connections on `threads` threads for
+/// `duration`, and returns its figures.
+///
+/// # Panics
+///
+/// When `wrk` is not installed (`apt-get install wrk`) or prints nothing it can read.
+pub fn wrk(url: &str, connections: usize, threads: usize, duration: Duration) -> HttpFigures {
+    let out = Command::new("wrk")
+        .args([
+            "--latency",
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &connections.to_string(),
+            "-d",
+            &format!("{}s", duration.as_secs().max(1)),
+            url,
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run wrk ({e}): install it with `apt-get install wrk`"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "wrk failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_wrk(&text).unwrap_or_else(|| panic!("cannot read wrk's output:\n{text}"))
+}
+
+/// Reads the figures out of `wrk --latency`'s report.
+pub fn parse_wrk(text: &str) -> Option<HttpFigures> {
+    let mut requests_per_sec = None;
+    let mut p50 = None;
+    let mut p99 = None;
+    let mut requests = None;
+    let mut errors = 0;
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", n] => requests_per_sec = n.parse().ok(),
+            ["50%", d] => p50 = parse_wrk_duration(d),
+            ["99%", d] => p99 = parse_wrk_duration(d),
+            [n, "requests", "in", ..] => requests = n.parse().ok(),
+            ["Non-2xx", "or", "3xx", "responses:", n] => errors += n.parse::<u64>().ok()?,
+            ["Socket", "errors:", rest @ ..] => {
+                // `connect 0, read 0, write 0, timeout 0`
+                for pair in rest.chunks(2) {
+                    if let [_, n] = pair {
+                        errors += n.trim_end_matches(',').parse::<u64>().ok()?;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(HttpFigures {
+        requests_per_sec: requests_per_sec?,
+        p50: p50?,
+        p99: p99?,
+        requests: requests?,
+        errors,
+    })
+}
+
+/// `812.00us`, `1.23ms`, `2.01s`, `1.00m` as wrk prints them.
+fn parse_wrk_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let seconds = match unit {
+        "us" => number / 1e6,
+        "ms" => number / 1e3,
+        "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(seconds))
+}
+
+/// The `wasmtime` command line: `$WASMTIME`, else `~/.cache/wasmtime-cli/bin/wasmtime` (where the
+/// benchmarks' instructions install it), else `wasmtime` on the `PATH`.
+///
+/// # Panics
+///
+/// When none of them runs, with the command that installs it.
+pub fn wasmtime() -> PathBuf {
+    let mut candidates = Vec::new();
+    if let Some(path) = std::env::var_os("WASMTIME") {
+        candidates.push(PathBuf::from(path));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(PathBuf::from(home).join(".cache/wasmtime-cli/bin/wasmtime"));
+    }
+    candidates.push(PathBuf::from("wasmtime"));
+    for candidate in candidates {
+        if Command::new(&candidate)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return candidate;
+        }
+    }
+    panic!(
+        "wasmtime is not installed: `cargo install wasmtime-cli --version 48.0.8 --locked --root ~/.cache/wasmtime-cli` (or set WASMTIME)"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REPORT: &str = "Running 10s test @ http://127.0.0.1:8080/
+  2 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     4.39ms    1.02ms  21.53ms   87.14%
+    Req/Sec     3.66k   231.35     4.10k    72.00%
+  Latency Distribution
+     50%    4.21ms
+     75%    4.71ms
+     90%    5.41ms
+     99%  812.00us
+  72983 requests in 10.01s, 8.35MB read
+  Socket errors: connect 0, read 2, write 0, timeout 3
+  Non-2xx or 3xx responses: 4
+Requests/sec:   7291.23
+Transfer/sec:    854.44KB
+";
+
+    #[test]
+    fn a_wrk_report_is_read() {
+        let f = parse_wrk(REPORT).unwrap();
+        assert!((f.requests_per_sec - 7291.23).abs() < 1e-6);
+        assert_eq!(f.p50, Duration::from_micros(4210));
+        assert_eq!(f.p99, Duration::from_micros(812));
+        assert_eq!(f.requests, 72983);
+        assert_eq!(f.errors, 9);
+    }
+
+    #[test]
+    fn a_report_without_figures_is_not_read() {
+        assert_eq!(parse_wrk("unable to connect to 127.0.0.1:1"), None);
+    }
+
+    #[test]
+    fn wrk_durations_have_units() {
+        assert_eq!(parse_wrk_duration("2.00s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_wrk_duration("1.50m"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_wrk_duration("12"), None);
+        assert_eq!(parse_wrk_duration("3.0xs"), None);
+    }
+}

@@ -1,0 +1,470 @@
+//! Multi-node lattices in Docker containers, for the `cluster` suite.
+//!
+//! A [`Cluster`] is one Docker network of its own with a NATS server (JetStream store on a named
+//! volume) and whatever nodes a test adds: hosts with labels, controller replicas, provider nodes,
+//! an etcd. The images are the ones `scripts/images` builds from the binaries in the target
+//! directory (nothing is pulled); [`Cluster::start`] runs that script once per test process, which
+//! takes well under a second when nothing changed.
+//!
+//! The test process itself reaches NATS through a port mapped on 127.0.0.1 (fixed for the
+//! cluster's life, so it survives a NATS restart), and drives the lattice with the `trellis` CLI,
+//! a [`CtlClient`] or plain NATS. Nodes reach NATS by container name on the cluster's network.
+//!
+//! Nodes can be killed (`SIGKILL`), paused and unpaused (cgroup freezer: the process is stopped
+//! without being told, its connections stay open), started again, and NATS can be restarted on
+//! its volume. Everything is removed when the cluster is dropped; when the test panicked, the
+//! logs of every node are printed first.
+//!
+//! Docker is required: without it [`Cluster::start`] panics with a message saying so, it never
+//! skips.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: failing loudly is the point"
+)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use testcontainers::core::{IntoContainerPort, Mount, WaitFor};
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+use trellis_ctl::CtlClient;
+use trellis_schemas::{Fact, Lattice};
+
+use crate::{bin_dir, cli_at, facts_at, free_port, wait_for};
+
+/// The label and value every container and volume of the suite carries, so that leftovers of an
+/// interrupted run can be found (`docker ps -a --filter label=dev.trellis.suite=cluster`).
+pub const SUITE_LABEL: (&str, &str) = ("dev.trellis.suite", "cluster");
+
+/// The images the suite uses; `scripts/images` builds them.
+pub const IMAGES: &[&str] = &[
+    "trellis-nats:local",
+    "trellis-host:local",
+    "trellis-controller:local",
+    "trellis-etcd:local",
+];
+
+/// Checks that Docker answers and builds the images (once per process). Panics, with what to do,
+/// when Docker is absent or an image cannot be built.
+pub fn ensure_images() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let info = Command::new("docker").arg("info").output();
+        assert!(
+            info.as_ref().is_ok_and(|o| o.status.success()),
+            "the cluster suite needs Docker and `docker info` failed ({}); start the Docker \
+             daemon (the suite never skips silently)",
+            match &info {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+                Err(e) => e.to_string(),
+            }
+        );
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/images");
+        let out = Command::new("bash")
+            .arg(&script)
+            .env("TRELLIS_BIN_DIR", bin_dir())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} failed:\n{}{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+fn docker(args: &[&str]) -> (bool, String) {
+    let out = Command::new("docker").args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// One node of a cluster: a container, and how it was started.
+struct Node {
+    container: ContainerAsync<GenericImage>,
+    /// `host`, `controller`, `provider`, `etcd`.
+    role: &'static str,
+}
+
+/// A lattice spread over containers on one Docker network.
+pub struct Cluster {
+    /// The prefix of every container, network and volume name of this cluster.
+    pub name: String,
+    /// The lattice the nodes join.
+    pub lattice: Lattice,
+    network: String,
+    volume: String,
+    nats_port: u16,
+    nats: Option<ContainerAsync<GenericImage>>,
+    nodes: BTreeMap<String, Node>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("name", &self.name)
+            .field("nats_port", &self.nats_port)
+            .field("nodes", &self.nodes.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Cluster {
+    /// Builds the images if needed, then starts NATS on a fresh network and volume.
+    pub async fn start(test: &str) -> Self {
+        ensure_images();
+        let id = ulid::Ulid::generate().to_string().to_lowercase();
+        let name = format!("trellis-{test}-{}", &id[id.len() - 6..]);
+        let volume = format!("{name}-js");
+        let (ok, text) = docker(&[
+            "volume",
+            "create",
+            "--label",
+            &format!("{}={}", SUITE_LABEL.0, SUITE_LABEL.1),
+            &volume,
+        ]);
+        assert!(ok, "docker volume create {volume}: {text}");
+        let mut cluster = Self {
+            network: format!("{name}-net"),
+            name,
+            lattice: Lattice::new("default").unwrap(),
+            volume,
+            nats_port: free_port(),
+            nats: None,
+            nodes: BTreeMap::new(),
+        };
+        cluster.start_nats().await;
+        cluster
+    }
+
+    fn container_name(&self, node: &str) -> String {
+        format!("{}-{node}", self.name)
+    }
+
+    fn image(&self, image: &str) -> GenericImage {
+        let (name, tag) = image.split_once(':').unwrap();
+        GenericImage::new(name, tag)
+    }
+
+    async fn start_nats(&mut self) {
+        let container = self
+            .image("trellis-nats:local")
+            .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
+            .with_network(&self.network)
+            .with_container_name(self.container_name("nats"))
+            .with_label(SUITE_LABEL.0, SUITE_LABEL.1)
+            .with_mount(Mount::volume_mount(&self.volume, "/data"))
+            .with_mapped_port(self.nats_port, 4222.tcp())
+            .with_startup_timeout(Duration::from_secs(60))
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("cannot start NATS of {}: {e}", self.name));
+        self.nats = Some(container);
+        let port = self.nats_port;
+        wait_for(
+            "NATS on its mapped port",
+            Duration::from_secs(30),
+            || async move {
+                async_nats::connect(format!("nats://127.0.0.1:{port}"))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
+
+    /// The NATS URL for the test process (a port mapped on 127.0.0.1).
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.nats_port)
+    }
+
+    /// The NATS URL for nodes on the cluster's network.
+    pub fn inner_url(&self) -> String {
+        format!("nats://{}:4222", self.container_name("nats"))
+    }
+
+    async fn add(&mut self, node: &str, role: &'static str, image: &str, cmd: Vec<String>) {
+        self.add_mapped(node, role, image, cmd, &[]).await;
+    }
+
+    /// Like `add`, with container ports mapped to free ports on 127.0.0.1.
+    async fn add_mapped(
+        &mut self,
+        node: &str,
+        role: &'static str,
+        image: &str,
+        cmd: Vec<String>,
+        ports: &[u16],
+    ) {
+        assert!(!self.nodes.contains_key(node), "node {node} exists already");
+        let mut request = self.image(image).with_cmd(cmd);
+        for port in ports {
+            request = request.with_mapped_port(free_port(), port.tcp());
+        }
+        let container = request
+            .with_network(&self.network)
+            .with_container_name(self.container_name(node))
+            .with_label(SUITE_LABEL.0, SUITE_LABEL.1)
+            .with_env_var("RUST_LOG", "info,async_nats=warn")
+            .with_startup_timeout(Duration::from_secs(60))
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("cannot start {node} of {}: {e}", self.name));
+        self.nodes.insert(node.to_owned(), Node { container, role });
+    }
+
+    /// Starts a host node `id` (also its host id) with `labels` (`k=v`), a 250 ms heartbeat and
+    /// ceilings suited to the test guests, plus `extra` arguments.
+    pub async fn host(&mut self, id: &str, labels: &[&str], extra: &[&str]) {
+        let mut cmd: Vec<String> = [
+            "--nats",
+            &self.inner_url(),
+            "--lattice",
+            self.lattice.as_str(),
+            "--host-id",
+            id,
+            "--heartbeat-interval",
+            "250ms",
+            "--max-memory",
+            "64MiB",
+            "--max-fuel",
+            "1000000000000",
+            "--pooling-instances",
+            "64",
+            "--cache-dir",
+            "/tmp/cache",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        for label in labels {
+            cmd.push("--label".into());
+            cmd.push((*label).into());
+        }
+        cmd.extend(extra.iter().map(|s| (*s).to_owned()));
+        self.add(id, "host", "trellis-host:local", cmd).await;
+    }
+
+    /// Starts a controller replica node `replica` (also its replica id) that declares a host lost
+    /// after `host_timeout` (`3s`) of silence.
+    pub async fn controller(&mut self, replica: &str, host_timeout: &str) {
+        let cmd: Vec<String> = [
+            "--nats",
+            &self.inner_url(),
+            "--lattice",
+            self.lattice.as_str(),
+            "controller",
+            "--host-timeout",
+            host_timeout,
+            "--replica-id",
+            replica,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        self.add(replica, "controller", "trellis-controller:local", cmd)
+            .await;
+    }
+
+    /// Starts a node `node` running the provider binary `trellis-provider-<provider>` with `args`
+    /// after `--nats <url> --lattice <lattice>`.
+    pub async fn provider(&mut self, node: &str, provider: &str, args: &[&str]) {
+        self.provider_with_ports(node, provider, args, &[]).await;
+    }
+
+    /// Like [`Cluster::provider`], with container `ports` mapped on 127.0.0.1 (see
+    /// [`Cluster::host_port`]): for the listeners of an `http-server` provider.
+    pub async fn provider_with_ports(
+        &mut self,
+        node: &str,
+        provider: &str,
+        args: &[&str],
+        ports: &[u16],
+    ) {
+        let image = format!("trellis-provider-{provider}:local");
+        let mut cmd: Vec<String> = vec![
+            "--nats".into(),
+            self.inner_url(),
+            "--lattice".into(),
+            self.lattice.to_string(),
+        ];
+        cmd.extend(args.iter().map(|s| (*s).to_owned()));
+        self.add_mapped(node, "provider", &image, cmd, ports).await;
+    }
+
+    /// Starts an etcd node `node` with its client port also mapped on 127.0.0.1 (see
+    /// [`Cluster::host_port`]); returns its URL on the cluster's network
+    /// (`etcd://<container>:2379`).
+    pub async fn etcd(&mut self, node: &str) -> String {
+        let url = format!("http://{}:2379", self.container_name(node));
+        let cmd: Vec<String> = [
+            "--name",
+            node,
+            "--data-dir",
+            "/data",
+            "--listen-client-urls",
+            "http://0.0.0.0:2379",
+            "--advertise-client-urls",
+            &url,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        self.add_mapped(node, "etcd", "trellis-etcd:local", cmd, &[2379])
+            .await;
+        format!("etcd://{}:2379", self.container_name(node))
+    }
+
+    /// The port on 127.0.0.1 mapped to `port` of `node` (the node must expose it).
+    pub async fn host_port(&self, node: &str, port: u16) -> u16 {
+        self.node(node)
+            .container
+            .get_host_port_ipv4(port.tcp())
+            .await
+            .unwrap()
+    }
+
+    fn node(&self, node: &str) -> &Node {
+        self.nodes
+            .get(node)
+            .unwrap_or_else(|| panic!("no node {node} in {}", self.name))
+    }
+
+    /// The container id of `node`.
+    pub fn container_id(&self, node: &str) -> String {
+        self.node(node).container.id().to_owned()
+    }
+
+    /// Kills `node` with `SIGKILL`: no drain, no last words.
+    pub fn kill(&self, node: &str) {
+        let id = self.container_id(node);
+        let (ok, text) = docker(&["kill", "--signal", "KILL", &id]);
+        assert!(ok, "docker kill {node}: {text}");
+    }
+
+    /// Freezes every process of `node` (its sockets stay open, it just stops answering).
+    pub async fn pause(&self, node: &str) {
+        self.node(node).container.pause().await.unwrap();
+    }
+
+    /// Thaws a paused node.
+    pub async fn unpause(&self, node: &str) {
+        self.node(node).container.unpause().await.unwrap();
+    }
+
+    /// Starts a killed or stopped node again, with the same command line.
+    pub async fn start_again(&self, node: &str) {
+        self.node(node).container.start().await.unwrap();
+    }
+
+    /// Whether `node`'s container is running.
+    pub async fn is_running(&self, node: &str) -> bool {
+        self.node(node)
+            .container
+            .is_running()
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Stops NATS (`SIGTERM`, then removes its container) and starts a new NATS container on the
+    /// same volume, network name and mapped port. `down` is how long NATS stays away.
+    pub async fn restart_nats(&mut self, down: Duration) {
+        let old = self.nats.take().expect("NATS runs");
+        old.stop_with_timeout(Some(10)).await.unwrap();
+        old.rm().await.unwrap();
+        tokio::time::sleep(down).await;
+        self.start_nats().await;
+    }
+
+    /// Stops NATS without starting it again (see [`Cluster::start_nats_again`]).
+    pub async fn stop_nats(&mut self) {
+        let old = self.nats.take().expect("NATS runs");
+        old.stop_with_timeout(Some(10)).await.unwrap();
+        old.rm().await.unwrap();
+    }
+
+    /// Starts NATS again on its volume after [`Cluster::stop_nats`].
+    pub async fn start_nats_again(&mut self) {
+        assert!(self.nats.is_none(), "NATS runs already");
+        self.start_nats().await;
+    }
+
+    /// The logs (stdout and stderr) of `node`, or of NATS for `"nats"`.
+    pub fn logs(&self, node: &str) -> String {
+        let id = if node == "nats" {
+            match &self.nats {
+                Some(c) => c.id().to_owned(),
+                None => return String::new(),
+            }
+        } else {
+            self.container_id(node)
+        };
+        docker(&["logs", &id]).1
+    }
+
+    /// The names of the nodes that have `role` (`host`, `controller`, …).
+    pub fn nodes_with_role(&self, role: &str) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.role == role)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Runs the `trellis` CLI of the target directory against the cluster, from the test process.
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        cli_at(&self.url(), args)
+    }
+
+    /// A NATS client of the test process.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.unwrap()
+    }
+
+    /// A control client with a 10 s timeout.
+    pub async fn ctl(&self) -> CtlClient {
+        CtlClient::new(
+            self.client().await,
+            self.lattice.clone(),
+            Duration::from_secs(10),
+        )
+    }
+
+    /// Every fact in the lattice's stream, in order.
+    pub async fn facts(&self) -> Vec<Fact> {
+        facts_at(&self.url(), &self.lattice).await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("==== logs of cluster {} (the test failed)", self.name);
+            for node in self.nodes.keys().chain(std::iter::once(&"nats".to_owned())) {
+                let logs = self.logs(node);
+                let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+                eprintln!("---- {node} (last {} lines)", tail.len());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        // Containers first (testcontainers removes each on drop, then the network once unused),
+        // then the volume.
+        self.nodes.clear();
+        self.nats = None;
+        let _ = docker(&["volume", "rm", "--force", &self.volume]);
+    }
+}
