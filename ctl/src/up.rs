@@ -196,10 +196,10 @@ impl Proc {
             let _ = kill(Pid::from_raw(pid as i32), signal);
         }
         match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(Ok(status)) => println!("  {:<10} stopped ({status})", self.name),
+            Ok(Ok(status)) => println!("  {:<11} stopped ({status})", self.name),
             _ => {
                 let _ = self.child.kill().await;
-                println!("  {:<10} killed after {grace:?}", self.name);
+                println!("  {:<11} killed after {grace:?}", self.name);
             }
         }
     }
@@ -517,7 +517,7 @@ async fn start_and_wait(
     }
     for p in procs.iter() {
         println!(
-            "  {:<10}  pid {:<8} log {}",
+            "  {:<11} pid {:<8} log {}",
             p.name,
             p.pid(),
             p.log.display()

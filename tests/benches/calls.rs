@@ -5,7 +5,7 @@
 //! 200,000) of its `add` export from `TRELLIS_BENCH_CALLERS` concurrent callers (default 256)
 //! spread over 4 NATS connections. Reports calls/s and the p50/p99/max latency of a call.
 //!
-//! Run: `cargo build --release --bins && cargo bench -p trellis-tests --bench calls`.
+//! Run: `cargo build --release --bins && cargo bench --bench calls`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
 
 use std::sync::Arc;

@@ -7,7 +7,7 @@
 //! Reports requests/s, p50 and p99 latency, and Trellis's requests/s as a ratio to wasmtime's.
 //!
 //! Run (needs `wrk` and wasmtime-cli 48.0.8, see `tests/benches/README.md`):
-//! `cargo build --release --bins && cargo bench -p trellis-tests --bench http`.
+//! `cargo build --release --bins && cargo bench --bench http`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
 
 use std::time::Duration;

@@ -4,16 +4,19 @@
 //!
 //! The guest is the `kv_probe` test component; its `round-trips` export does `n` set+get pairs in
 //! one invocation (keys `bench-0` … `bench-15`), so the figure is the capability path, not the
-//! call path. Runs `TRELLIS_BENCH_ROUND_TRIPS` pairs (default 5,000) sequentially, then the same
+//! call path; requests sent straight to the provider with the instance's identity show what the
+//! provider hop alone costs. Runs `TRELLIS_BENCH_ROUND_TRIPS` pairs (default 5,000) sequentially, then the same
 //! from `TRELLIS_BENCH_CALLERS` concurrent callers (default 8), on each side. Reports round trips
 //! per second and Trellis's figure as a ratio to the raw client's.
 //!
-//! Run: `cargo build --release --bins && cargo bench -p trellis-tests --bench kv`.
+//! Run: `cargo build --release --bins && cargo bench --bench kv`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
 
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use trellis_schemas::capability::rpc::{self, Bytes64, KvReply, KvRequest};
+use trellis_schemas::{Capability, ProviderName};
 use trellis_tests::bench::{BenchLattice, env_usize};
 use trellis_tests::components;
 
@@ -26,8 +29,8 @@ version = "0.1.0"
 
 [limits]
 max_memory = "16MiB"
-fuel = 100_000_000_000
-timeout = "300s"
+fuel = 10_000_000_000
+timeout = "60s"
 max_concurrency = 64
 
 [capabilities]
@@ -56,7 +59,7 @@ async fn from_component(
                 &instance,
                 "round-trips",
                 &["\"\"".into(), per_caller.to_string()],
-                Duration::from_secs(300),
+                Duration::from_secs(90),
             )
             .await
             .unwrap_or_else(|f| panic!("round-trips: {}", f.message));
@@ -65,6 +68,68 @@ async fn from_component(
                 format!("{{\"ok\":{per_caller}}}"),
                 "the guest's round trips failed"
             );
+        }));
+    }
+    for run in runs {
+        run.await.unwrap();
+    }
+    (callers * per_caller) as f64 / began.elapsed().as_secs_f64()
+}
+
+/// The same workload as the guest's `round-trips`, as requests straight to the `kv` provider with
+/// the instance's identity (what the host sends, without the host and the guest): the cost of the
+/// provider hop alone.
+async fn through_provider(
+    client: &async_nats::Client,
+    lat: &BenchLattice,
+    instance: &str,
+    callers: usize,
+    per_caller: usize,
+) -> f64 {
+    let subject = rpc::provider_rpc(
+        &lat.l,
+        &ProviderName::new("kv").unwrap(),
+        Capability::KeyValue,
+    );
+    let began = Instant::now();
+    let mut runs = Vec::new();
+    for _ in 0..callers {
+        let client = client.clone();
+        let subject = subject.clone();
+        let instance = instance.to_owned();
+        runs.push(tokio::spawn(async move {
+            let call = |request: KvRequest| {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(rpc::INSTANCE, instance.as_str());
+                headers.insert(rpc::COMPONENT, "kv-probe");
+                let body = serde_json::to_vec(&request).unwrap();
+                let client = client.clone();
+                let subject = subject.clone();
+                async move {
+                    let reply = client
+                        .request_with_headers(subject, headers, body.into())
+                        .await
+                        .unwrap();
+                    let status = reply.headers.as_ref().and_then(|h| h.get(rpc::STATUS));
+                    assert_eq!(status.map(|v| v.as_str()), Some("ok"), "{reply:?}");
+                    serde_json::from_slice::<KvReply>(&reply.payload).unwrap()
+                }
+            };
+            for i in 0..per_caller {
+                let key = format!("bench-{}", i % 16);
+                let value = u32::try_from(i).unwrap().to_le_bytes().to_vec();
+                call(KvRequest::Set {
+                    bucket: String::new(),
+                    key: key.clone(),
+                    value: Bytes64(value),
+                })
+                .await;
+                call(KvRequest::Get {
+                    bucket: String::new(),
+                    key,
+                })
+                .await;
+            }
         }));
     }
     for run in runs {
@@ -145,10 +210,11 @@ async fn main() {
     for (label, n) in [("sequential", 1), ("concurrent", callers)] {
         let per_caller = (total / n).max(1);
         let component = from_component(&client, &lat, &instance, n, per_caller).await;
+        let provider = through_provider(&client, &lat, &instance, n, per_caller).await;
         let direct = raw(&store, n, per_caller).await;
         let ratio = component / direct;
         println!(
-            "{label:<11} ({n:>2} caller(s))  component {component:>9.0}/s   raw client {direct:>9.0}/s   ratio {ratio:.2}"
+            "{label:<11} ({n:>2} caller(s))  component {component:>7.0}/s   provider RPC alone {provider:>7.0}/s   raw client {direct:>7.0}/s   ratio component/raw {ratio:.2}"
         );
     }
 }

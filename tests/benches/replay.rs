@@ -5,7 +5,7 @@
 //! 2. the controller's replay (read, decode, fold) over the same stream, and
 //! 3. the time from starting a `trellis controller` process to its first answer.
 //!
-//! Run: `cargo build --release --bins && cargo bench -p trellis-tests --bench replay`.
+//! Run: `cargo build --release --bins && cargo bench --bench replay`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
 
 use std::time::{Duration, Instant};

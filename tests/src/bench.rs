@@ -53,8 +53,8 @@ impl BenchLattice {
         };
         let want = providers.len();
         wait_for("host and providers up", Duration::from_secs(30), || async {
-            let (code, out, _) = this.nats.cli(&["provider", "ls", "-o", "json"]);
-            let (hcode, hosts, _) = this.nats.cli(&["host", "ls", "-o", "json"]);
+            let (code, out, _) = this.try_cli(&["provider", "ls", "-o", "json"]);
+            let (hcode, hosts, _) = this.try_cli(&["host", "ls", "-o", "json"]);
             let providers: Value = serde_json::from_str(&out).ok()?;
             let hosts: Value = serde_json::from_str(&hosts).ok()?;
             (code == 0
@@ -67,10 +67,18 @@ impl BenchLattice {
         this
     }
 
-    /// Runs the `trellis` CLI and panics, with its error, unless it succeeds; returns stdout.
+    /// Runs the `trellis` CLI on this lattice; returns (exit code, stdout, stderr).
+    pub fn try_cli(&self, args: &[&str]) -> (i32, String, String) {
+        let mut all = vec!["--lattice", self.l.as_str()];
+        all.extend_from_slice(args);
+        self.nats.cli(&all)
+    }
+
+    /// Runs the `trellis` CLI on this lattice and panics, with its error, unless it succeeds;
+    /// returns stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let (code, out, err) = self.nats.cli(args);
-        assert_eq!(code, 0, "trellis {}: {err}", args.join(" "));
+        let (code, out, err) = self.try_cli(args);
+        assert_eq!(code, 0, "trellis {}: {out}{err}", args.join(" "));
         out
     }
 }
