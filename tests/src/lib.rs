@@ -115,6 +115,9 @@ impl Proc {
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .env("RUST_LOG", "info,async_nats=warn")
+            // Panics keep their backtraces, but errors do not capture one: with
+            // RUST_BACKTRACE=1 inherited, every wasmtime store drop would (see TOOLCHAIN.md).
+            .env("RUST_LIB_BACKTRACE", "0")
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({}): {e}", program.display()));
         Self {
