@@ -338,12 +338,22 @@ where
 
     // Stop taking calls: the queue group hands new ones to the other replicas. Calls already
     // delivered to this process are still answered.
-    for subscriber in calls.iter_mut() {
-        let _ = subscriber.get_mut().drain().await;
-    }
-    let _ = control.unsubscribe().await;
-    let _ = client.flush().await;
+    // Every step is bounded: with NATS gone (its server stopped, or the host that started this
+    // process killed along with it) a flush would wait for a reconnection that never comes.
     let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    let unsubscribe = async {
+        for subscriber in calls.iter_mut() {
+            let _ = subscriber.get_mut().drain().await;
+        }
+        let _ = control.unsubscribe().await;
+        let _ = client.flush().await;
+    };
+    if tokio::time::timeout_at(deadline, unsubscribe)
+        .await
+        .is_err()
+    {
+        tracing::warn!("NATS did not confirm the end of the subscriptions in time");
+    }
     while !calls.is_empty() {
         match tokio::time::timeout_at(deadline, calls.next()).await {
             Ok(Some((capability, message))) => {
