@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use serde_json::{Value, json};
-use trellis_schemas::{FactData, FactKind, Lattice};
-use trellis_tests::{Nats, Proc, components, free_port, lattice, wait_for};
+use trellis_schemas::{FactData, FactKind};
+use trellis_tests::bench::BenchLattice;
+use trellis_tests::{components, free_port, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -54,46 +55,30 @@ const KV_IMPORTS: &[&str] = &[
     "wasi:logging/logging",
 ];
 
-/// A lattice with a controller, a host and the given providers (standalone).
+/// A lattice with a controller, a host and the given providers (standalone), and a directory for
+/// manifests.
 struct Lab {
-    nats: Nats,
-    l: Lattice,
-    _procs: Vec<Proc>,
+    lattice: BenchLattice,
     dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Lab {
+    type Target = BenchLattice;
+    fn deref(&self) -> &BenchLattice {
+        &self.lattice
+    }
 }
 
 impl Lab {
     async fn up(providers: &[&str]) -> Self {
-        let nats = Nats::start().await;
-        let l = lattice("default");
-        let mut procs = vec![nats.controller(&l, "c1", "30s"), nats.host(&l, "h1", &[])];
-        for p in providers {
-            procs.push(nats.provider(&l, p, &[]));
-        }
-        let this = Self {
-            nats,
-            l,
-            _procs: procs,
+        Self {
+            lattice: BenchLattice::up("default", providers).await,
             dir: tempfile::tempdir().unwrap(),
-        };
-        let want = providers.len();
-        wait_for("host and providers up", T, || async {
-            let (code, out, _) = this.nats.cli(&["provider", "ls", "-o", "json"]);
-            let (hcode, hosts, _) = this.nats.cli(&["host", "ls", "-o", "json"]);
-            let providers: Value = serde_json::from_str(&out).ok()?;
-            let hosts: Value = serde_json::from_str(&hosts).ok()?;
-            (code == 0
-                && hcode == 0
-                && providers["providers"].as_array()?.len() >= want
-                && !hosts["hosts"].as_array()?.is_empty())
-            .then_some(())
-        })
-        .await;
-        this
+        }
     }
 
     fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        self.nats.cli(args)
+        self.lattice.try_cli(args)
     }
 
     /// Pushes guest `name` with a manifest.

@@ -18,8 +18,9 @@ pub fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// A lattice for a benchmark: a nats-server, one controller, one host and the given providers,
-/// each its own process (release builds: `cargo build --release --bins` first).
+/// A lattice for a benchmark or a test: a nats-server, one controller, one host and the given
+/// providers, each its own process (from the profile the caller was built with; benchmarks want
+/// `cargo build --release --bins` first).
 pub struct BenchLattice {
     /// The server.
     pub nats: Nats,
