@@ -65,6 +65,10 @@ pub enum ProviderCommand {
         /// Provider settings, `key=value`; repeat for more.
         #[arg(long = "config", value_parser = parse_kv)]
         config: Vec<(String, String)>,
+        /// Run it inside the host's process (hosts embed `kv`): that host's instances call it
+        /// without a NATS round trip to another process; it lives and dies with the host.
+        #[arg(long)]
+        embedded: bool,
         /// Wait until it has started (or failed to).
         #[arg(long)]
         wait: bool,
@@ -245,9 +249,11 @@ fn print_providers(records: &[ProviderRecord]) {
             p.provider_id.to_string(),
             p.name.to_string(),
             p.status.as_str().to_owned(),
-            p.host_id
-                .as_ref()
-                .map_or_else(|| "standalone".to_owned(), ToString::to_string),
+            match (&p.host_id, p.embedded) {
+                (Some(host), true) => format!("{host} (embedded)"),
+                (Some(host), false) => host.to_string(),
+                (None, _) => "standalone".to_owned(),
+            },
             p.node.clone().unwrap_or_else(|| "-".to_owned()),
             p.version.clone().unwrap_or_else(|| "-".to_owned()),
             p.restarts.to_string(),
@@ -321,12 +327,14 @@ pub(crate) async fn provider(
             name,
             host,
             config,
+            embedded,
             wait,
         } => {
             let request = ProviderStartRequest {
                 name,
                 host_id: host,
                 config: config.into_iter().collect(),
+                embedded,
             };
             if wait {
                 let mut facts = client
@@ -400,6 +408,7 @@ pub(crate) async fn provider(
                     name: old.name.clone(),
                     host_id: Some(host),
                     config,
+                    embedded: old.embedded,
                 },
                 &mut facts,
             )

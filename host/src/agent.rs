@@ -36,7 +36,7 @@ use trellis_schemas::{
 };
 
 use crate::instances::{InstanceManager, InstancesConfig, serve_commands};
-use crate::providers::{Providers, ProvidersConfig};
+use crate::providers::{EmbeddedProviders, Providers, ProvidersConfig};
 use crate::runtime::{Runtime, RuntimeConfig, RuntimeError};
 
 /// How a host is configured.
@@ -201,6 +201,7 @@ pub async fn run(
         StartAt::Sequence(tip + 1),
     )
     .await?;
+    let embedded = EmbeddedProviders::default();
     let instances = InstanceManager::new(
         client.clone(),
         publisher.clone(),
@@ -211,6 +212,7 @@ pub async fn run(
             max_instances: config.capacity.max_instances,
             max_artifact_bytes: config.max_artifact_bytes,
         },
+        embedded.clone(),
     );
     let rejoin = {
         let publisher = publisher.clone();
@@ -247,6 +249,7 @@ pub async fn run(
         publisher.clone(),
         config.lattice.clone(),
         config.host_id.clone(),
+        embedded,
     );
     let commands = serve_commands(
         client.clone(),

@@ -7,20 +7,36 @@
 //! being asked to stop, the host records `provider.crashed` and starts it again after a delay
 //! that doubles with each crash in a row (0.5 s up to 30 s). `provider.stop` (and the host's
 //! drain) send it SIGTERM: it drains, records `provider.stopped` and exits; it is not restarted.
+//!
+//! A start command with `embedded` runs the provider inside the host's process instead (for the
+//! providers this host links: [`EMBEDDABLE`]). It is the same provider, with the same arguments
+//! and its own NATS connection: it follows the assignments, serves its RPC subject in its queue
+//! group and records the same facts. The difference is that this host's instances call it
+//! through an [`EmbeddedProviders`] handle, without the NATS round trip to another process; the
+//! price is isolation, since it lives and dies with the host. A run that fails or panics is
+//! recorded as `provider.crashed` and restarted with the same backoff as a process.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
+use clap::Parser as _;
+use futures::FutureExt as _;
 use tokio::process::Command;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use trellis_bus::FactPublisher;
+use trellis_provider_sdk::{LocalProvider, ProviderArgs};
 use trellis_schemas::fact::{ProviderCrashed, ProviderStartFailed};
 use trellis_schemas::instance::{StartProviderCommand, StopProviderCommand};
-use trellis_schemas::{ErrorBody, ErrorCode, Event, FactData, HostId, Lattice, ProviderId};
+use trellis_schemas::{
+    ErrorBody, ErrorCode, Event, FactData, HostId, Lattice, ProviderId, ProviderName,
+};
+
+/// The providers a host can run inside its own process.
+pub const EMBEDDABLE: &[&str] = &["kv"];
 
 /// The first delay before restarting a crashed provider.
 const FIRST_DELAY: Duration = Duration::from_millis(500);
@@ -55,6 +71,44 @@ impl ProvidersConfig {
     }
 }
 
+/// The providers running inside this host's process, by name. The host's instances call a
+/// provider through here when one of that name serves in the process, and over NATS otherwise.
+/// Cloning shares them.
+#[derive(Debug, Clone, Default)]
+pub struct EmbeddedProviders {
+    by_name: Arc<RwLock<HashMap<ProviderName, Vec<LocalProvider>>>>,
+}
+
+impl EmbeddedProviders {
+    /// A serving provider named `name` in this process, if any.
+    pub fn get(&self, name: &ProviderName) -> Option<LocalProvider> {
+        self.by_name
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)?
+            .iter()
+            .find(|p| p.serving())
+            .cloned()
+    }
+
+    fn add(&self, provider: LocalProvider) {
+        self.by_name
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(provider.name().clone())
+            .or_default()
+            .push(provider);
+    }
+
+    fn remove(&self, id: &ProviderId) {
+        let mut by_name = self.by_name.write().unwrap_or_else(PoisonError::into_inner);
+        for providers in by_name.values_mut() {
+            providers.retain(|p| p.id() != id);
+        }
+        by_name.retain(|_, providers| !providers.is_empty());
+    }
+}
+
 /// The providers of one host. Cloning shares them.
 #[derive(Debug, Clone)]
 pub struct Providers {
@@ -69,6 +123,7 @@ struct Inner {
     host_id: HostId,
     source: String,
     children: Mutex<HashMap<ProviderId, Child>>,
+    embedded: EmbeddedProviders,
 }
 
 #[derive(Debug)]
@@ -78,12 +133,13 @@ struct Child {
 }
 
 impl Providers {
-    /// Supervision of no providers yet.
+    /// Supervision of no providers yet; embedded ones are registered in `embedded`.
     pub fn new(
         config: ProvidersConfig,
         publisher: FactPublisher,
         lattice: Lattice,
         host_id: HostId,
+        embedded: EmbeddedProviders,
     ) -> Self {
         let source = trellis_schemas::fact::source(&lattice, "host", host_id.as_str());
         Self {
@@ -94,6 +150,7 @@ impl Providers {
                 host_id,
                 source,
                 children: Mutex::new(HashMap::new()),
+                embedded,
             }),
         }
     }
@@ -113,8 +170,9 @@ impl Providers {
             .find(|p| p.is_file())
     }
 
-    /// Accepts a start command: the provider is spawned and supervised in the background. A
-    /// provider that is not installed is reported as `provider.start_failed`.
+    /// Accepts a start command: the provider is spawned (or, `embedded`, run in this process) and
+    /// supervised in the background. A provider that is not installed, or that this host cannot
+    /// embed, is reported as `provider.start_failed`.
     ///
     /// # Errors
     ///
@@ -130,37 +188,48 @@ impl Providers {
                 ),
             ));
         }
-        let Some(program) = self.executable(command.name.as_str()) else {
-            let dirs: Vec<String> = self
-                .inner
-                .config
-                .dirs
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect();
-            self.publish(
-                Event::new(
-                    self.inner.source.clone(),
-                    FactData::ProviderStartFailed(ProviderStartFailed {
-                        provider_id: command.provider_id.clone(),
-                        name: command.name.clone(),
-                        host_id: self.inner.host_id.clone(),
-                        reason: format!(
-                            "no executable trellis-provider-{} in {} or on PATH",
-                            command.name,
-                            dirs.join(", ")
-                        ),
-                    }),
-                )
-                .caused_by(command.operation_id.clone()),
-            );
-            return Ok(());
+        let program = if command.embedded {
+            if !EMBEDDABLE.contains(&command.name.as_str()) {
+                self.start_failed(
+                    &command,
+                    format!(
+                        "this host cannot embed provider `{}` (it embeds {}); start it without --embedded",
+                        command.name,
+                        EMBEDDABLE.join(", ")
+                    ),
+                );
+                return Ok(());
+            }
+            None
+        } else {
+            let Some(program) = self.executable(command.name.as_str()) else {
+                let dirs: Vec<String> = self
+                    .inner
+                    .config
+                    .dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect();
+                self.start_failed(
+                    &command,
+                    format!(
+                        "no executable trellis-provider-{} in {} or on PATH",
+                        command.name,
+                        dirs.join(", ")
+                    ),
+                );
+                return Ok(());
+            };
+            Some(program)
         };
         let (stop, stopped) = watch::channel(false);
         let inner = Arc::clone(&self.inner);
         let id = command.provider_id.clone();
         let task = tokio::spawn(async move {
-            supervise(&inner, &program, &command, stopped).await;
+            match program {
+                Some(program) => supervise(&inner, &program, &command, stopped).await,
+                None => supervise_embedded(&inner, &command, stopped).await,
+            }
             inner
                 .children
                 .lock()
@@ -225,10 +294,8 @@ impl Providers {
         self.len() == 0
     }
 
-    fn publish(&self, event: Event) {
-        if let Err(e) = self.inner.publisher.enqueue(&event) {
-            tracing::error!(error = %e, "cannot queue a provider fact");
-        }
+    fn start_failed(&self, command: &StartProviderCommand, reason: String) {
+        start_failed(&self.inner, command, reason);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ProviderId, Child>> {
@@ -266,8 +333,7 @@ async fn supervise(
     mut stop: watch::Receiver<bool>,
 ) {
     let args = args(inner, command);
-    let mut restarts: u32 = 0;
-    let mut delay = FIRST_DELAY;
+    let mut restarts = Restarts::default();
     loop {
         let started = Instant::now();
         let mut cmd = Command::new(program);
@@ -277,18 +343,10 @@ async fn supervise(
         let mut child = match child {
             Ok(child) => child,
             Err(e) => {
-                publish(
+                start_failed(
                     inner,
-                    Event::new(
-                        inner.source.clone(),
-                        FactData::ProviderStartFailed(ProviderStartFailed {
-                            provider_id: command.provider_id.clone(),
-                            name: command.name.clone(),
-                            host_id: inner.host_id.clone(),
-                            reason: format!("cannot run {}: {e}", program.display()),
-                        }),
-                    )
-                    .caused_by(command.operation_id.clone()),
+                    command,
+                    format!("cannot run {}: {e}", program.display()),
                 );
                 return;
             }
@@ -314,10 +372,131 @@ async fn supervise(
             Ok(s) => describe(s),
             Err(e) => format!("cannot wait for the process: {e}"),
         };
-        if started.elapsed() >= STABLE_AFTER {
-            delay = FIRST_DELAY;
+        let delay = restarts.crashed(inner, command, started, reason);
+        if stopped_during(delay, &mut stop).await {
+            return;
         }
-        restarts = restarts.saturating_add(1);
+    }
+}
+
+/// Runs an embedded provider until it is stopped, restarting it with backoff when its run fails
+/// or panics.
+async fn supervise_embedded(
+    inner: &Inner,
+    command: &StartProviderCommand,
+    mut stop: watch::Receiver<bool>,
+) {
+    let program = format!("trellis-provider-{}", command.name);
+    let args =
+        match ProviderArgs::try_parse_from(std::iter::once(program).chain(args(inner, command))) {
+            Ok(args) => args,
+            Err(e) => {
+                start_failed(inner, command, format!("invalid provider settings: {e}"));
+                return;
+            }
+        };
+    let mut restarts = Restarts::default();
+    loop {
+        let started = Instant::now();
+        let mut stopping = stop.clone();
+        let shutdown = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+            "requested".to_owned()
+        };
+        let registry = inner.embedded.clone();
+        let run = embed(
+            command.name.as_str(),
+            args.clone(),
+            shutdown,
+            move |local| {
+                registry.add(local);
+            },
+        );
+        tracing::info!(provider = %command.provider_id, name = %command.name, "embedded provider starting");
+        let outcome = std::panic::AssertUnwindSafe(run).catch_unwind().await;
+        inner.embedded.remove(&command.provider_id);
+        if *stop.borrow() {
+            return;
+        }
+        let reason = match outcome {
+            Ok(Ok(())) => {
+                // It stopped by itself after a stop request on its own control subject.
+                tracing::info!(provider = %command.provider_id, "embedded provider ended");
+                return;
+            }
+            Ok(Err(e)) => format!("failed: {e:#}"),
+            Err(panic) => format!("panicked: {}", panic_message(panic.as_ref())),
+        };
+        let delay = restarts.crashed(inner, command, started, reason);
+        if stopped_during(delay, &mut stop).await {
+            return;
+        }
+    }
+}
+
+/// Runs the embedded provider `name` until `shutdown`; `serving` gets its handle once it serves.
+async fn embed(
+    name: &str,
+    args: ProviderArgs,
+    shutdown: impl Future<Output = String> + Send,
+    serving: impl FnOnce(LocalProvider) + Send + 'static,
+) -> anyhow::Result<()> {
+    match name {
+        "kv" => {
+            trellis_provider_sdk::run_embedded(
+                trellis_provider_kv::INFO,
+                args,
+                trellis_provider_kv::KvProvider::new,
+                shutdown,
+                serving,
+            )
+            .await
+        }
+        other => anyhow::bail!("provider `{other}` cannot be embedded"),
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// The restarts of one supervised provider: how many, and the next delay, which doubles with
+/// each crash in a row (from [`FIRST_DELAY`] up to [`MAX_DELAY`]).
+#[derive(Debug)]
+struct Restarts {
+    count: u32,
+    delay: Duration,
+}
+
+impl Default for Restarts {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            delay: FIRST_DELAY,
+        }
+    }
+}
+
+impl Restarts {
+    /// Records a crash of the run that began at `started` (`provider.crashed`); returns how long
+    /// to wait before the next run.
+    fn crashed(
+        &mut self,
+        inner: &Inner,
+        command: &StartProviderCommand,
+        started: Instant,
+        reason: String,
+    ) -> Duration {
+        if started.elapsed() >= STABLE_AFTER {
+            self.delay = FIRST_DELAY;
+        }
+        let delay = self.delay;
+        self.delay = (self.delay * 2).min(MAX_DELAY);
+        self.count = self.count.saturating_add(1);
         tracing::warn!(provider = %command.provider_id, %reason, ?delay, "provider crashed; restarting");
         publish(
             inner,
@@ -328,20 +507,37 @@ async fn supervise(
                     host_id: inner.host_id.clone(),
                     reason,
                     will_restart: true,
-                    restarts,
+                    restarts: self.count,
                 }),
             )
             .caused_by(command.operation_id.clone()),
         );
-        let stopped = tokio::select! {
-            () = tokio::time::sleep(delay) => false,
-            _ = stop.wait_for(|s| *s) => true,
-        };
-        if stopped {
-            return;
-        }
-        delay = (delay * 2).min(MAX_DELAY);
+        delay
     }
+}
+
+/// Waits `delay`; returns early, with `true`, if the provider is stopped meanwhile.
+async fn stopped_during(delay: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    }
+}
+
+fn start_failed(inner: &Inner, command: &StartProviderCommand, reason: String) {
+    publish(
+        inner,
+        Event::new(
+            inner.source.clone(),
+            FactData::ProviderStartFailed(ProviderStartFailed {
+                provider_id: command.provider_id.clone(),
+                name: command.name.clone(),
+                host_id: inner.host_id.clone(),
+                reason,
+            }),
+        )
+        .caused_by(command.operation_id.clone()),
+    );
 }
 
 fn publish(inner: &Inner, event: Event) {

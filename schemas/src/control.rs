@@ -510,6 +510,12 @@ pub struct ProviderStartRequest {
     /// Provider settings, passed as `--config key=value`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, String>,
+    /// Run the provider inside the host's process rather than as a child process. The host's
+    /// own instances then call it without the NATS round trip to another process (other hosts
+    /// still reach it over NATS, and it still checks every call against its own assignments);
+    /// the price is isolation: it lives and dies with the host. Hosts embed `kv`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub embedded: bool,
 }
 
 /// Reply to `provider.start`.

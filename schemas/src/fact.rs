@@ -384,6 +384,10 @@ pub struct ProviderStarted {
     pub host_id: Option<HostId>,
     /// The machine it runs on (its hostname).
     pub node: String,
+    /// Whether it runs inside its host's process (`trellis provider start --embedded`) rather
+    /// than as a process of its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub embedded: bool,
 }
 
 /// `provider.start_failed`: a host could not start a provider.

@@ -265,6 +265,10 @@ pub struct StartProviderCommand {
     /// Settings passed as `--config key=value`.
     #[serde(default)]
     pub config: std::collections::BTreeMap<String, String>,
+    /// Run the provider inside the host's process instead of spawning its binary: the host's
+    /// own instances then call it without a NATS round trip (see `ProviderStartRequest`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub embedded: bool,
 }
 
 /// Command to a host: stop a provider it supervises, without restarting it

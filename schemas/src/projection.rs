@@ -206,6 +206,9 @@ pub struct ProviderRecord {
     pub host_id: Option<HostId>,
     /// The machine it runs on, once started.
     pub node: Option<String>,
+    /// Whether it runs inside its host's process.
+    #[serde(default)]
+    pub embedded: bool,
     /// Its status.
     pub status: ProviderStatus,
     /// Restarts by its host so far.
@@ -513,6 +516,7 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
                     capabilities: d.capabilities.clone(),
                     host_id: d.host_id.clone(),
                     node: Some(d.node.clone()),
+                    embedded: d.embedded,
                     status: ProviderStatus::Running,
                     restarts,
                     last_reason: None,
@@ -531,6 +535,7 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
                     capabilities: Vec::new(),
                     host_id: Some(d.host_id.clone()),
                     node: None,
+                    embedded: false,
                     status: ProviderStatus::Failed,
                     restarts: 0,
                     last_reason: Some(d.reason.clone()),

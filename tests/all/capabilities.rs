@@ -621,3 +621,147 @@ async fn kv_counter_keeps_counting_across_instances_because_state_lives_in_the_p
     .await;
     assert_eq!((status, body), (200, count(3)));
 }
+
+#[tokio::test]
+async fn an_embedded_kv_provider_serves_its_hosts_instances_without_nats_and_checks_them() {
+    let lat = Lab::up(&[]).await;
+    lat.push("kv_probe", KV_IMPORTS, &["wasi:keyvalue"]);
+    let start_embedded = || {
+        let (code, out, err) = lat.cli(&[
+            "provider",
+            "start",
+            "kv",
+            "--embedded",
+            "--wait",
+            "-o",
+            "json",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()["provider_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let provider_id = start_embedded();
+    // It runs inside the host: the provider list says so, and no provider process exists.
+    let (code, out, err) = lat.cli(&["provider", "ls", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    let record = listed["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["provider_id"] == provider_id.as_str())
+        .unwrap_or_else(|| panic!("{provider_id} not listed: {listed}"));
+    assert_eq!(record["embedded"], true, "{record}");
+    assert_eq!(record["host_id"], "h1", "{record}");
+    let processes = std::process::Command::new("pgrep")
+        .args(["-f", "--", &format!("--provider-id {provider_id}")])
+        .output()
+        .unwrap();
+    assert!(
+        processes.stdout.is_empty(),
+        "an embedded provider has a process: {}",
+        String::from_utf8_lossy(&processes.stdout)
+    );
+    // A host cannot embed a provider it does not link.
+    let (code, _, err) = lat.cli(&["provider", "start", "http-server", "--embedded", "--wait"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot embed"), "{err}");
+
+    let (a, started, reason) = lat.start("kv-probe", &["wasi:keyvalue bucket=embedded-a"]);
+    assert!(started, "{reason}");
+    let (b, started, reason) = lat.start("kv-probe", &["wasi:keyvalue bucket=embedded-b"]);
+    assert!(started, "{reason}");
+
+    // The host's calls reach it without crossing NATS: a plain subscriber on the provider's RPC
+    // subject (which would receive a copy of every call sent there) sees none of them.
+    let client = lat.nats.client().await;
+    let rpc_subject = trellis_schemas::capability::rpc::provider_rpc(
+        &lat.l,
+        &trellis_schemas::ProviderName::new("kv").unwrap(),
+        trellis_schemas::Capability::KeyValue,
+    );
+    let mut observer = client.subscribe(rpc_subject.clone()).await.unwrap();
+    client.flush().await.unwrap();
+    assert_eq!(
+        lat.call(&a, "increment", json!(["", "n", 2])).await,
+        json!({"ok": 2})
+    );
+    assert_eq!(
+        lat.call(&a, "set", json!(["embedded-a", "greeting", "hello"]))
+            .await,
+        json!({"ok": null})
+    );
+    assert_eq!(
+        lat.call(&a, "get", json!(["", "greeting"])).await,
+        json!({"ok": "hello"})
+    );
+    // The provider's own checks run in process too: B is refused A's bucket.
+    assert_eq!(
+        lat.call(&b, "get", json!(["embedded-a", "greeting"])).await,
+        json!({"err": "access-denied"})
+    );
+    assert_eq!(
+        lat.call(&b, "get", json!(["", "greeting"])).await,
+        json!({"ok": null})
+    );
+    let crossed = tokio::time::timeout(Duration::from_millis(300), observer.next()).await;
+    assert!(
+        crossed.is_err(),
+        "a call crossed NATS: {:?}",
+        crossed.ok().flatten().map(|m| m.subject)
+    );
+
+    // The embedded provider still serves the lattice over NATS (for other hosts), with its
+    // checks: A's identity is answered, an unknown instance's is refused.
+    let ask = |instance: &str| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(trellis_schemas::capability::rpc::INSTANCE, instance);
+        headers.insert(trellis_schemas::capability::rpc::COMPONENT, "kv-probe");
+        let body = br#"{"op":"get","bucket":"","key":"greeting"}"#.to_vec();
+        let (client, subject) = (client.clone(), rpc_subject.clone());
+        async move {
+            let reply = client
+                .request_with_headers(subject, headers, body.into())
+                .await
+                .unwrap();
+            let header = |name: &str| {
+                reply
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_owned())
+            };
+            (
+                header(trellis_schemas::capability::rpc::STATUS),
+                header(trellis_schemas::capability::rpc::ERROR_CODE),
+            )
+        }
+    };
+    assert_eq!(ask(&a).await, (Some("ok".to_owned()), None));
+    assert_eq!(
+        ask("nobody-1").await,
+        (Some("error".to_owned()), Some("access_denied".to_owned()))
+    );
+
+    // Stopped, it takes no calls: the guest gets an error (no provider of that name runs
+    // anywhere), the host and the instance carry on.
+    let (code, _, err) = lat.cli(&["provider", "stop", &provider_id, "--wait"]);
+    assert_eq!(code, 0, "{err}");
+    let failed = lat.call(&a, "get", json!(["", "greeting"])).await;
+    let message = failed["err"].as_str().unwrap_or_default();
+    assert!(message.contains("kv"), "{failed}");
+    // Started again, the data is where it was: it lives in JetStream, not in the provider.
+    start_embedded();
+    assert_eq!(
+        lat.call(&a, "increment", json!(["", "n", 1])).await,
+        json!({"ok": 3})
+    );
+    let facts = lat.nats.facts(&lat.l).await;
+    assert!(
+        !facts
+            .iter()
+            .any(|f| f.event.kind() == FactKind::InstanceCrashed)
+    );
+}

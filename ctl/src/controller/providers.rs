@@ -86,6 +86,7 @@ pub(crate) async fn start(
         provider_id: provider_id.clone(),
         name: request.name,
         config: request.config,
+        embedded: request.embedded,
     };
     command(state, &host_id, "provider.start", &cmd).await?;
     Ok(ProviderStartReply {

@@ -5,7 +5,9 @@
 //! call of an instance is checked there first: without an assignment the guest gets an
 //! access-denied error and nothing leaves the host. With one, the call goes to the assigned
 //! provider's subject (`trellis.rpc.v1.<lattice>.provider.<name>.<capability>`) with the
-//! caller's identity in headers, and the provider checks the assignment again.
+//! caller's identity in headers, and the provider checks the assignment again. When a provider
+//! of the assigned name is embedded in this host's process, the call goes to it directly, with
+//! the same identity, and it checks the assignment again just the same.
 
 use std::collections::HashSet;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -14,12 +16,14 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::client::RequestErrorKind;
 use trellis_bus::{FactStream, StartAt};
+use trellis_provider_sdk::{Caller, LocalProvider, Request};
 use trellis_schemas::capability::rpc::{self, RpcErrorCode};
 use trellis_schemas::{
     AssignmentId, AssignmentRecord, AssignmentTarget, Capability, Event, Fact, FactData,
     InstanceId, Lattice, Projection, apply, subject,
 };
 
+use crate::providers::EmbeddedProviders;
 use crate::runtime::{
     BridgeFuture, CapabilityBridge, CapabilityCall, CapabilityError, CapabilityReply,
 };
@@ -137,7 +141,8 @@ impl Assignments {
     }
 }
 
-/// The bridge of one instance: its identity, the host's assignments, the NATS client.
+/// The bridge of one instance: its identity, the host's assignments, the NATS client and the
+/// providers embedded in this host.
 #[derive(Debug)]
 pub(crate) struct NatsBridge {
     pub client: async_nats::Client,
@@ -145,6 +150,7 @@ pub(crate) struct NatsBridge {
     pub instance: InstanceId,
     pub component: String,
     pub assignments: Arc<Assignments>,
+    pub embedded: EmbeddedProviders,
 }
 
 impl NatsBridge {
@@ -164,6 +170,9 @@ impl NatsBridge {
             return Err(self.denied(capability));
         };
         let assignment = &record.assignment;
+        if let Some(local) = self.embedded.get(&assignment.provider) {
+            return self.call_embedded(&local, &record, call).await;
+        }
         let subject = rpc::provider_rpc(&self.lattice, &assignment.provider, capability);
         let mut headers = HeaderMap::new();
         headers.insert(rpc::INSTANCE, self.instance.as_str());
@@ -212,6 +221,45 @@ impl NatsBridge {
         let message = header(rpc::ERROR)
             .unwrap_or_else(|| String::from_utf8_lossy(&reply.payload).into_owned());
         Err(CapabilityError::from_remote(code, message))
+    }
+}
+
+impl NatsBridge {
+    /// A call to a provider embedded in this process: what would travel in headers is handed
+    /// over as it is, and the provider's own checks run as for a call from NATS.
+    async fn call_embedded(
+        &self,
+        local: &LocalProvider,
+        record: &AssignmentRecord,
+        call: CapabilityCall,
+    ) -> Result<CapabilityReply, CapabilityError> {
+        let mut headers = HeaderMap::new();
+        if let Some(head) = &call.http_head {
+            headers.insert(rpc::HTTP_HEAD, head.as_str());
+        }
+        let request = Request {
+            capability: call.capability,
+            caller: Caller {
+                instance: self.instance.clone(),
+                component: self.component.clone(),
+            },
+            min_seq: Some(record.granted_seq),
+            claimed: Some(record.assignment.assignment_id.to_string()),
+            headers,
+            body: call.body,
+        };
+        match tokio::time::timeout(call.timeout, local.call(request)).await {
+            Ok(Ok(reply)) => Ok(CapabilityReply {
+                body: reply.body,
+                http_head: reply.http_head,
+            }),
+            Ok(Err(e)) => Err(CapabilityError::from_remote(e.code, e.message)),
+            Err(_) => Err(CapabilityError::Unavailable(format!(
+                "the `{}` provider (embedded) did not answer within {:?}",
+                local.name(),
+                call.timeout
+            ))),
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use super::artifact::{Artifacts, Loaded, load_file};
 use super::bridge::{Assignments, NatsBridge};
 use super::error::StartError;
 use super::instance::{Spec, State, StateCell, Stop, supervise};
+use crate::providers::EmbeddedProviders;
 use crate::runtime::{Digest, Runtime};
 
 /// What every instance of a host shares: the NATS client, the fact publisher and its identity.
@@ -75,6 +76,7 @@ struct Inner {
     runtime: Runtime,
     artifacts: Artifacts,
     assignments: Arc<Assignments>,
+    embedded: EmbeddedProviders,
     max_instances: u32,
     instances: Mutex<HashMap<InstanceId, Entry>>,
     next_key: AtomicU64,
@@ -91,7 +93,8 @@ struct Entry {
 }
 
 impl InstanceManager {
-    /// A manager of no instances yet.
+    /// A manager of no instances yet. Capability calls go to the providers embedded in this
+    /// process (`embedded`) when one of the assigned name serves here, and over NATS otherwise.
     pub fn new(
         client: async_nats::Client,
         publisher: FactPublisher,
@@ -99,6 +102,7 @@ impl InstanceManager {
         host_id: HostId,
         runtime: Runtime,
         config: &InstancesConfig,
+        embedded: EmbeddedProviders,
     ) -> Self {
         let js = jetstream::new(client.clone());
         let source = trellis_schemas::fact::source(&lattice, "host", host_id.as_str());
@@ -117,6 +121,7 @@ impl InstanceManager {
                 runtime,
                 artifacts,
                 assignments,
+                embedded,
                 max_instances: config.max_instances,
                 instances: Mutex::new(HashMap::new()),
                 next_key: AtomicU64::new(1),
@@ -418,6 +423,7 @@ async fn run(
         instance: command.instance_id.clone(),
         component: component_name,
         assignments: Arc::clone(&inner.assignments),
+        embedded: inner.embedded.clone(),
     }));
     supervise(Arc::clone(ctx), spec, component, state, stop, slot).await;
     drop(bytes);

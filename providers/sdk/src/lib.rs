@@ -50,6 +50,7 @@
 
 mod args;
 mod assignments;
+mod local;
 mod rpc;
 
 use std::collections::BTreeMap;
@@ -72,7 +73,8 @@ use trellis_schemas::{Capability, Event, FactData, HostId, Lattice, ProviderId, 
 
 pub use args::{ProviderArgs, parse_setting};
 pub use assignments::{Assignments, MIN_SEQ_WAIT};
-pub use rpc::{Call, Caller, Provider, Reply, RpcError, error_headers, header_safe};
+pub use local::{LocalFuture, LocalProvider};
+pub use rpc::{Call, Caller, Provider, Reply, Request, RpcError, error_headers, header_safe};
 pub use trellis_schemas::capability::rpc::RpcErrorCode;
 
 /// How long in-flight calls may take to finish once the provider stops taking new ones.
@@ -169,13 +171,13 @@ where
 
 /// Calls in flight, so that a drain can wait for them.
 #[derive(Debug, Default)]
-struct InFlight {
+pub(crate) struct InFlight {
     count: AtomicUsize,
     idle: Notify,
 }
 
 impl InFlight {
-    fn enter(self: &Arc<Self>) -> Guard {
+    pub(crate) fn enter(self: &Arc<Self>) -> Guard {
         self.count.fetch_add(1, Ordering::SeqCst);
         Guard(Arc::clone(self))
     }
@@ -191,7 +193,7 @@ impl InFlight {
     }
 }
 
-struct Guard(Arc<InFlight>);
+pub(crate) struct Guard(Arc<InFlight>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -214,6 +216,43 @@ where
     F: FnOnce(Context) -> Fut,
     Fut: Future<Output = anyhow::Result<P>>,
 {
+    serve(info, args, make, shutdown, None).await
+}
+
+/// Runs a provider embedded in this process (a host): everything [`run`] does, the facts
+/// saying `embedded`, and once it serves, `serving` gets a [`LocalProvider`] through which this
+/// process calls it without NATS. The handle stops taking calls when the provider drains.
+pub async fn run_embedded<P, F, Fut>(
+    info: ProviderInfo,
+    args: ProviderArgs,
+    make: F,
+    shutdown: impl Future<Output = String>,
+    serving: impl FnOnce(LocalProvider) + Send + 'static,
+) -> anyhow::Result<()>
+where
+    P: Provider,
+    F: FnOnce(Context) -> Fut,
+    Fut: Future<Output = anyhow::Result<P>>,
+{
+    serve(info, args, make, shutdown, Some(Box::new(serving))).await
+}
+
+/// Receives the handle of an embedded provider.
+type OnServing = Box<dyn FnOnce(LocalProvider) + Send>;
+
+async fn serve<P, F, Fut>(
+    info: ProviderInfo,
+    args: ProviderArgs,
+    make: F,
+    shutdown: impl Future<Output = String>,
+    on_serving: Option<OnServing>,
+) -> anyhow::Result<()>
+where
+    P: Provider,
+    F: FnOnce(Context) -> Fut,
+    Fut: Future<Output = anyhow::Result<P>>,
+{
+    let embedded = on_serving.is_some();
     let name = match args.name.clone() {
         Some(name) => name,
         None => ProviderName::new(info.name).context("the provider's default name")?,
@@ -284,6 +323,7 @@ where
             capabilities: info.capabilities.to_vec(),
             host_id: args.host_id.clone(),
             node: node(),
+            embedded,
         }),
     );
     publisher
@@ -305,6 +345,7 @@ where
                 "version": info.version,
                 "host_id": args.host_id,
                 "node": node(),
+                "embedded": embedded,
             });
             Some(trellis_bus::registry::Registration::spawn(
                 registry,
@@ -317,6 +358,16 @@ where
     };
 
     let in_flight = Arc::new(InFlight::default());
+    let local = on_serving.map(|give| {
+        let (handle, flag) = LocalProvider::new(
+            Arc::clone(&provider),
+            ctx.clone(),
+            Arc::clone(&in_flight),
+            info.rpc,
+        );
+        give(handle);
+        flag
+    });
     tokio::pin!(shutdown);
     let reason = loop {
         tokio::select! {
@@ -335,6 +386,9 @@ where
         }
     };
     tracing::info!(%reason, "provider draining");
+    if let Some(local) = &local {
+        local.stop();
+    }
 
     // Stop taking calls: the queue group hands new ones to the other replicas. Calls already
     // delivered to this process are still answered.

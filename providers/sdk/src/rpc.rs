@@ -272,18 +272,63 @@ async fn check_and_handle<P: Provider>(
         })?),
         None => None,
     };
-    let claimed = text(&NAMES.assignment).unwrap_or("-").to_owned();
-    let caller = Caller {
-        instance,
-        component,
+    let claimed = text(&NAMES.assignment).map(str::to_owned);
+    let request = Request {
+        capability,
+        caller: Caller {
+            instance,
+            component,
+        },
+        min_seq,
+        claimed,
+        headers,
+        body: message.payload,
     };
-    if message.payload.len() > rpc::MAX_BODY_BYTES {
+    check_and_handle_request(provider, ctx, request).await
+}
+
+/// One call as it reaches a provider, before its checks: over NATS (from the identity headers)
+/// or from the process the provider is embedded in.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The capability called.
+    pub capability: Capability,
+    /// Who calls, as its host names it.
+    pub caller: Caller,
+    /// The fact sequence of the assignment the host resolved: the provider waits (bounded) until
+    /// its own projection has applied it.
+    pub min_seq: Option<u64>,
+    /// The assignment the host resolved (for the log only: the provider decides by its own).
+    pub claimed: Option<String>,
+    /// The request's headers (e.g. [`rpc::HTTP_HEAD`]).
+    pub headers: HeaderMap,
+    /// The request body.
+    pub body: Bytes,
+}
+
+/// The checks every call passes, however it arrived: the body's size, then an assignment in
+/// this provider's own projection granting the capability to the caller through this provider.
+pub(crate) async fn check_and_handle_request<P: Provider>(
+    provider: &P,
+    ctx: &Context,
+    request: Request,
+) -> Result<Reply, RpcError> {
+    let Request {
+        capability,
+        caller,
+        min_seq,
+        claimed,
+        headers,
+        body,
+    } = request;
+    if body.len() > rpc::MAX_BODY_BYTES {
         return Err(RpcError::too_large(format!(
             "the request body is {} bytes; the limit is {}",
-            message.payload.len(),
+            body.len(),
             rpc::MAX_BODY_BYTES
         )));
     }
+    let claimed = claimed.as_deref().unwrap_or("-");
     let Some(record) = ctx
         .assignments
         .lookup_at(&caller.instance, &caller.component, capability, min_seq)
@@ -304,7 +349,7 @@ async fn check_and_handle<P: Provider>(
             assignment: record.assignment,
             caller,
             headers,
-            body: message.payload,
+            body,
         })
         .await
 }
