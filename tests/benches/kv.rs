@@ -3,11 +3,14 @@
 //! same bucket, in one run.
 //!
 //! The guest is the `kv_probe` test component; its `round-trips` export does `n` set+get pairs in
-//! one invocation (keys `bench-0` … `bench-15`), so the figure is the capability path, not the
+//! one invocation (keys `bench<caller>-0` … `-15`: each caller its own), so the figure is the capability path, not the
 //! call path; requests sent straight to the provider with the instance's identity show what the
 //! provider hop alone costs. Runs `TRELLIS_BENCH_ROUND_TRIPS` pairs (default 5,000) sequentially, then the same
 //! from `TRELLIS_BENCH_CALLERS` concurrent callers (default 8), on each side. Reports round trips
 //! per second and Trellis's figure as a ratio to the raw client's.
+//!
+//! Then the same with the provider embedded in the host (`trellis provider start kv --embedded`),
+//! which the host prefers: guest → host → JetStream KV, no second process and no extra hop.
 //!
 //! Run: `cargo build --release --bins && cargo bench --bench kv`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
@@ -48,7 +51,7 @@ async fn from_component(
 ) -> f64 {
     let began = Instant::now();
     let mut runs = Vec::new();
-    for _ in 0..callers {
+    for caller in 0..callers {
         let client = client.clone();
         let l = lat.l.clone();
         let instance = instance.to_owned();
@@ -58,7 +61,11 @@ async fn from_component(
                 &l,
                 &instance,
                 "round-trips",
-                &["\"\"".into(), per_caller.to_string()],
+                &[
+                    "\"\"".into(),
+                    format!("\"bench{caller}\""),
+                    per_caller.to_string(),
+                ],
                 Duration::from_secs(90),
             )
             .await
@@ -93,7 +100,7 @@ async fn through_provider(
     );
     let began = Instant::now();
     let mut runs = Vec::new();
-    for _ in 0..callers {
+    for caller in 0..callers {
         let client = client.clone();
         let subject = subject.clone();
         let instance = instance.to_owned();
@@ -116,7 +123,7 @@ async fn through_provider(
                 }
             };
             for i in 0..per_caller {
-                let key = format!("bench-{}", i % 16);
+                let key = format!("bench{caller}-{}", i % 16);
                 let value = u32::try_from(i).unwrap().to_le_bytes().to_vec();
                 call(KvRequest::Set {
                     bucket: String::new(),
@@ -142,21 +149,18 @@ async fn through_provider(
 async fn raw(store: &jetstream::kv::Store, callers: usize, per_caller: usize) -> f64 {
     let began = Instant::now();
     let mut runs = Vec::new();
-    for _ in 0..callers {
+    for caller in 0..callers {
         let store = store.clone();
         runs.push(tokio::spawn(async move {
             for i in 0..per_caller {
-                let key = format!("bench-{}", i % 16);
+                let key = format!("bench{caller}-{}", i % 16);
                 let value = u32::try_from(i).unwrap().to_le_bytes();
                 store
                     .put(key.as_str(), value.to_vec().into())
                     .await
                     .unwrap();
                 let read = store.get(key.as_str()).await.unwrap();
-                // Concurrent callers share keys, as the guests do; a sequential run checks reads.
-                if callers == 1 {
-                    assert_eq!(read.as_deref(), Some(&value[..]));
-                }
+                assert_eq!(read.as_deref(), Some(&value[..]));
             }
         }));
     }
@@ -207,6 +211,7 @@ async fn main() {
     raw(&store, 1, 200).await;
 
     println!("set+get round trips ({total} per run, bucket `{BUCKET}`, one host)");
+    println!("kv provider in its own process:");
     for (label, n) in [("sequential", 1), ("concurrent", callers)] {
         let per_caller = (total / n).max(1);
         let component = from_component(&client, &lat, &instance, n, per_caller).await;
@@ -214,7 +219,21 @@ async fn main() {
         let direct = raw(&store, n, per_caller).await;
         let ratio = component / direct;
         println!(
-            "{label:<11} ({n:>2} caller(s))  component {component:>7.0}/s   provider RPC alone {provider:>7.0}/s   raw client {direct:>7.0}/s   ratio component/raw {ratio:.2}"
+            "  {label:<11} ({n:>2} caller(s))  component {component:>7.0}/s   provider RPC alone {provider:>7.0}/s   raw client {direct:>7.0}/s   ratio component/raw {ratio:.2}"
+        );
+    }
+
+    // The same provider embedded in the host: the host prefers it to the standalone process.
+    lat.cli(&["provider", "start", "kv", "--embedded", "--wait"]);
+    from_component(&client, &lat, &instance, 1, 200).await;
+    println!("kv provider embedded in the host (`trellis provider start kv --embedded`):");
+    for (label, n) in [("sequential", 1), ("concurrent", callers)] {
+        let per_caller = (total / n).max(1);
+        let component = from_component(&client, &lat, &instance, n, per_caller).await;
+        let direct = raw(&store, n, per_caller).await;
+        let ratio = component / direct;
+        println!(
+            "  {label:<11} ({n:>2} caller(s))  component {component:>7.0}/s   raw client {direct:>7.0}/s   ratio component/raw {ratio:.2}"
         );
     }
 }

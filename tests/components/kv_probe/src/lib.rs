@@ -33,10 +33,10 @@ fn text(bytes: Vec<u8>) -> String {
 }
 
 impl Guest for KvProbe {
-    fn round_trips(bucket: String, n: u32) -> Result<u32, String> {
+    fn round_trips(bucket: String, prefix: String, n: u32) -> Result<u32, String> {
         let bucket = open(&bucket)?;
         for i in 0..n {
-            let key = format!("bench-{}", i % 16);
+            let key = format!("{prefix}-{}", i % 16);
             let value = i.to_le_bytes();
             bucket.set(&key, &value).map_err(describe)?;
             let read = bucket.get(&key).map_err(describe)?;
