@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use futures::FutureExt as _;
 use trellis_schemas::{Capability, ProviderId, ProviderName};
 
 use crate::rpc::{Provider, Reply, Request, RpcError, check_and_handle_request};
@@ -134,7 +135,19 @@ impl<P: Provider> Calls for Served<P> {
                 )));
             }
             let _guard = self.in_flight.enter();
-            check_and_handle_request(&*self.provider, &self.ctx, request).await
+            // A call from NATS runs in a task of its own, so a panic ends that task only; here
+            // the caller's task runs it, and the panic becomes this call's error instead.
+            let call = check_and_handle_request(&*self.provider, &self.ctx, request);
+            match std::panic::AssertUnwindSafe(call).catch_unwind().await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::error!(provider = %self.ctx.name, "the provider panicked in a call");
+                    Err(RpcError::internal(format!(
+                        "provider `{}` failed while handling the call",
+                        self.ctx.name
+                    )))
+                }
+            }
         })
     }
 }
