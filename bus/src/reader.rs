@@ -116,6 +116,64 @@ impl FactStream {
     }
 }
 
+/// One message delivered by [`follow`]: its sequence, how many follow it, and its fact (or why
+/// it could not be decoded).
+#[derive(Debug)]
+pub struct Followed {
+    /// Its stream sequence.
+    pub seq: u64,
+    /// Messages after it (matching the filter) at delivery time; 0 at the tip.
+    pub pending: u64,
+    /// The fact it carries.
+    pub event: Result<trellis_schemas::Event, trellis_schemas::fact::DecodeError>,
+}
+
+/// Follows the messages of `stream` matching `filter`, forever: opens a reader at the sequence
+/// `next_seq` gives and hands each message to `deliver`, in order. After a failure it opens a
+/// new reader (a second after a failed open, 200 ms after a reader ends) at `next_seq` again,
+/// so `next_seq` should say where the caller is: nothing is skipped and nothing applied twice.
+pub async fn follow(
+    client: &async_nats::Client,
+    stream: &str,
+    filter: &str,
+    mut next_seq: impl FnMut() -> u64,
+    mut deliver: impl FnMut(Followed),
+) {
+    let js = jetstream::new(client.clone());
+    loop {
+        let opened = FactStream::open(
+            client,
+            &js,
+            stream,
+            Some(filter.to_owned()),
+            StartAt::Sequence(next_seq()),
+        )
+        .await;
+        let mut reader = match opened {
+            Ok(reader) => reader,
+            Err(e) => {
+                tracing::warn!(error = %e, %filter, "cannot open a fact reader; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(raw) = reader.next().await {
+            match raw {
+                Ok(raw) => deliver(Followed {
+                    seq: raw.seq,
+                    pending: raw.pending,
+                    event: trellis_schemas::Event::decode(&raw.payload),
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, %filter, "fact reader failed; reopening");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Reads `stream` from the beginning with an ordered consumer and only counts messages until it has
 /// seen sequence `until_seq`. The baseline that replay speed is compared against.
 pub async fn count_messages(

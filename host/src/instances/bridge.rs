@@ -11,16 +11,14 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::client::RequestErrorKind;
-use trellis_bus::{FactStream, StartAt};
 use trellis_provider_sdk::{Caller, LocalProvider, Request};
 use trellis_schemas::capability::rpc::{self, RpcErrorCode};
 use trellis_schemas::{
-    AssignmentId, AssignmentRecord, AssignmentTarget, Capability, Event, Fact, FactData,
-    InstanceId, Lattice, Projection, apply, subject,
+    AssignmentId, AssignmentRecord, AssignmentTarget, Capability, Fact, FactData, InstanceId,
+    Lattice, Projection, apply, subject,
 };
 
 use crate::providers::EmbeddedProviders;
@@ -96,43 +94,22 @@ impl Assignments {
     /// Follows the lattice's assignment facts from the beginning of the stream, forever (the
     /// reader resumes by itself after NATS outages).
     pub(crate) async fn follow(self: Arc<Self>, client: async_nats::Client, lattice: Lattice) {
-        let js = async_nats::jetstream::new(client.clone());
-        loop {
-            let reader = FactStream::open(
-                &client,
-                &js,
-                &subject::events_stream(&lattice),
-                Some(subject::assignment_events(&lattice)),
-                StartAt::Sequence(self.next_seq()),
-            )
-            .await;
-            let mut reader = match reader {
-                Ok(reader) => reader,
+        trellis_bus::follow(
+            &client,
+            &subject::events_stream(&lattice),
+            &subject::assignment_events(&lattice),
+            || self.next_seq(),
+            |followed| match followed.event {
+                Ok(event) => self.apply(&Fact {
+                    seq: followed.seq,
+                    event,
+                }),
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot read assignment facts; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+                    tracing::warn!(seq = followed.seq, error = %e, "skipping an undecodable fact");
                 }
-            };
-            while let Some(raw) = reader.next().await {
-                match raw {
-                    Ok(raw) => match Event::decode(&raw.payload) {
-                        Ok(event) => self.apply(&Fact {
-                            seq: raw.seq,
-                            event,
-                        }),
-                        Err(e) => {
-                            tracing::warn!(seq = raw.seq, error = %e, "skipping an undecodable fact")
-                        }
-                    },
-                    Err(e) => {
-                        tracing::warn!(error = %e, "assignment reader failed; reopening");
-                        break;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            },
+        )
+        .await;
     }
 
     fn next_seq(&self) -> u64 {

@@ -10,10 +10,9 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::TryStreamExt as _;
 use tokio::sync::{oneshot, watch};
-use trellis_bus::{FactStream, StartAt};
 use trellis_schemas::{
-    AssignmentRecord, Capability, Event, Fact, InstanceId, Lattice, Projection, ProviderName,
-    apply, subject,
+    AssignmentRecord, Capability, Fact, InstanceId, Lattice, Projection, ProviderName, apply,
+    subject,
 };
 
 /// How long a lookup waits for the follower to reach the caller's `Trellis-Min-Seq`.
@@ -177,66 +176,46 @@ impl Assignments {
         let stream = subject::events_stream(&lattice);
         let filter = subject::assignment_events(&lattice);
         let mut caught_up = Some(caught_up);
-        loop {
-            if caught_up.is_some() && !has_backlog(&js, &stream, &filter).await {
-                tracing::debug!("no assignment facts yet");
-                if let Some(tx) = caught_up.take() {
-                    let _ = tx.send(());
-                }
+        if !has_backlog(&js, &stream, &filter).await {
+            tracing::debug!("no assignment facts yet");
+            if let Some(tx) = caught_up.take() {
+                let _ = tx.send(());
             }
-            let reader = FactStream::open(
-                &client,
-                &js,
-                &stream,
-                Some(filter.clone()),
-                StartAt::Sequence(self.last_seq() + 1),
-            )
-            .await;
-            let mut reader = match reader {
-                Ok(reader) => reader,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read assignment facts; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            while let Some(raw) = reader.next().await {
-                match raw {
-                    Ok(raw) => {
-                        match Event::decode(&raw.payload) {
-                            Ok(event) => {
-                                let fact = Fact {
-                                    seq: raw.seq,
-                                    event,
-                                };
-                                if self.apply(&fact) {
-                                    tracing::debug!(seq = raw.seq, kind = %fact.event.kind().short_name(), "assignment fact");
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(seq = raw.seq, error = %e, "skipping an undecodable fact");
-                                // Still count it as read, so that waiters are not held up.
-                                self.inner.seq.send_if_modified(|s| {
-                                    let newer = raw.seq > *s;
-                                    *s = (*s).max(raw.seq);
-                                    newer
-                                });
-                            }
-                        }
-                        if raw.pending == 0
-                            && let Some(tx) = caught_up.take()
-                        {
-                            let _ = tx.send(());
+        }
+        trellis_bus::follow(
+            &client,
+            &stream,
+            &filter,
+            || self.last_seq() + 1,
+            |followed| {
+                match followed.event {
+                    Ok(event) => {
+                        let fact = Fact {
+                            seq: followed.seq,
+                            event,
+                        };
+                        if self.apply(&fact) {
+                            tracing::debug!(seq = fact.seq, kind = %fact.event.kind().short_name(), "assignment fact");
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "assignment reader failed; reopening");
-                        break;
+                        tracing::warn!(seq = followed.seq, error = %e, "skipping an undecodable fact");
+                        // Still count it as read, so that waiters are not held up.
+                        self.inner.seq.send_if_modified(|s| {
+                            let newer = followed.seq > *s;
+                            *s = (*s).max(followed.seq);
+                            newer
+                        });
                     }
                 }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+                if followed.pending == 0
+                    && let Some(tx) = caught_up.take()
+                {
+                    let _ = tx.send(());
+                }
+            },
+        )
+        .await;
     }
 }
 
@@ -257,7 +236,9 @@ mod tests {
     use std::collections::BTreeMap;
 
     use trellis_schemas::fact::AssignmentRevoked;
-    use trellis_schemas::{Assignment, AssignmentId, AssignmentTarget, ComponentName, FactData};
+    use trellis_schemas::{
+        Assignment, AssignmentId, AssignmentTarget, ComponentName, Event, FactData,
+    };
 
     use super::*;
 
