@@ -36,7 +36,7 @@ pub use artifacts::{
 pub use connect::{ConnectError, connect};
 pub use publisher::{FactPublisher, PublishError, publish_exclusive};
 pub use reader::{FactStream, Followed, RawFact, ReadError, StartAt, count_messages, follow};
-pub use signal::shutdown_signal;
+pub use signal::{init_logging, shutdown_signal};
 pub use streams::{StreamError, StreamSettings, ensure_streams, events_stream_state};
 
 pub use async_nats;

@@ -14,3 +14,16 @@ pub async fn shutdown_signal() -> String {
         _ = int.recv() => "signal: SIGINT".to_owned(),
     }
 }
+
+/// Logs to stderr (coloured on a terminal) at the levels of `RUST_LOG`, or `default_filter`
+/// (e.g. `info,async_nats=warn`) when it is unset or invalid. Every Trellis binary calls it once.
+pub fn init_logging(default_filter: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

@@ -188,14 +188,7 @@ pub fn main() -> ! {
         Command::Controller(_) => "info,async_nats=warn",
         _ => "warn,async_nats=error",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| verbose_default.into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    trellis_bus::init_logging(verbose_default);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -91,14 +91,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,async_nats=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    trellis_bus::init_logging("info,async_nats=warn");
     let args = Args::parse();
     let mut config = HostConfig::new(args.nats, args.lattice);
     if let Some(id) = args.host_id {

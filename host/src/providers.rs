@@ -190,7 +190,8 @@ impl Providers {
         }
         let program = if command.embedded {
             if !EMBEDDABLE.contains(&command.name.as_str()) {
-                self.start_failed(
+                start_failed(
+                    &self.inner,
                     &command,
                     format!(
                         "this host cannot embed provider `{}` (it embeds {}); start it without --embedded",
@@ -210,7 +211,8 @@ impl Providers {
                     .iter()
                     .map(|d| d.display().to_string())
                     .collect();
-                self.start_failed(
+                start_failed(
+                    &self.inner,
                     &command,
                     format!(
                         "no executable trellis-provider-{} in {} or on PATH",
@@ -292,10 +294,6 @@ impl Providers {
     /// Whether this host supervises no provider.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    fn start_failed(&self, command: &StartProviderCommand, reason: String) {
-        start_failed(&self.inner, command, reason);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ProviderId, Child>> {

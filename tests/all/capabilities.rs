@@ -85,14 +85,7 @@ impl Lab {
     fn push(&self, name: &str, imports: &[&str], requires: &[&str]) {
         let wasm = components::build().path(name);
         let manifest = manifest(self.dir.path(), &name.replace('_', "-"), imports, requires);
-        let (code, _, err) = self.cli(&[
-            "component",
-            "push",
-            wasm.to_str().unwrap(),
-            "--manifest",
-            manifest.to_str().unwrap(),
-        ]);
-        assert_eq!(code, 0, "push {name}: {err}");
+        self.lattice.push(&wasm, &manifest);
     }
 
     /// Starts one instance and waits for its outcome; returns (instance id, started?, reason).
@@ -581,14 +574,7 @@ async fn a_provider_killed_under_load_fails_calls_cleanly_and_its_host_restarts_
 async fn kv_counter_keeps_counting_across_instances_because_state_lives_in_the_provider() {
     let lat = Lab::up(&["kv", "http-server"]).await;
     let (wasm, manifest) = components::example("kv_counter");
-    let (code, _, err) = lat.cli(&[
-        "component",
-        "push",
-        wasm.to_str().unwrap(),
-        "--manifest",
-        manifest.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    lat.lattice.push(&wasm, &manifest);
     let port = free_port();
     let http_grant = format!("wasi:http/incoming-handler address=127.0.0.1:{port}");
     let kv_grant = "wasi:keyvalue bucket=counter";

@@ -72,13 +72,7 @@ async fn main() {
 
     let trellis = {
         let lat = BenchLattice::up("bench-http", &["http-server"]).await;
-        lat.cli(&[
-            "component",
-            "push",
-            wasm.to_str().unwrap(),
-            "--manifest",
-            manifest.to_str().unwrap(),
-        ]);
+        lat.push(&wasm, &manifest);
         let address = format!("127.0.0.1:{}", free_port());
         lat.cli(&[
             "assignment",

@@ -179,13 +179,7 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("kv-probe.toml");
     std::fs::write(&manifest, MANIFEST).unwrap();
-    lat.cli(&[
-        "component",
-        "push",
-        wasm.to_str().unwrap(),
-        "--manifest",
-        manifest.to_str().unwrap(),
-    ]);
+    lat.push(&wasm, &manifest);
     let out = lat.cli(&[
         "instance",
         "start",

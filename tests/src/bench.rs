@@ -1,7 +1,7 @@
 //! Helpers for the scenario benchmarks in `tests/benches`: settings from the environment, a
 //! lattice with a controller, a host and standalone providers, and HTTP load from `wrk`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -81,6 +81,12 @@ impl BenchLattice {
         let (code, out, err) = self.try_cli(args);
         assert_eq!(code, 0, "trellis {}: {out}{err}", args.join(" "));
         out
+    }
+
+    /// Pushes the component `wasm` with its `Component.toml`; panics unless it is accepted.
+    pub fn push(&self, wasm: &Path, manifest: &Path) {
+        let (wasm, manifest) = (wasm.to_string_lossy(), manifest.to_string_lossy());
+        self.cli(&["component", "push", &wasm, "--manifest", &manifest]);
     }
 }
 

@@ -82,28 +82,7 @@ pub fn build() -> &'static Components {
             Some(dir) => PathBuf::from(dir),
             None => outer_target_dir().join("wasm-components"),
         };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let output = Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip2",
-                "--manifest-path",
-            ])
-            .arg(workspace.join("Cargo.toml"))
-            .env("CARGO_TARGET_DIR", &target_dir)
-            // Flags meant for the host build must not leak into the guests' build.
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("CARGO_BUILD_TARGET")
-            .output()
-            .expect("running cargo to build the guest components");
-        assert!(
-            output.status.success(),
-            "building the guest components failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        build_wasm(&workspace, &target_dir, "the guest components");
         let components = Components {
             dir: target_dir.join("wasm32-wasip2/release"),
             target_dir,
@@ -126,27 +105,7 @@ pub fn example(crate_name: &str) -> (PathBuf, PathBuf) {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let dir = BUILT.get_or_init(|| {
         let target_dir = outer_target_dir().join("wasm-examples");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let output = Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip2",
-                "--manifest-path",
-            ])
-            .arg(examples.join("Cargo.toml"))
-            .env("CARGO_TARGET_DIR", &target_dir)
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("CARGO_BUILD_TARGET")
-            .output()
-            .expect("running cargo to build the examples");
-        assert!(
-            output.status.success(),
-            "building the examples failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        build_wasm(&examples, &target_dir, "the examples");
         target_dir.join("wasm32-wasip2/release")
     });
     let wasm = dir.join(format!("{crate_name}.wasm"));
@@ -155,6 +114,33 @@ pub fn example(crate_name: &str) -> (PathBuf, PathBuf) {
         .join(crate_name.replace('_', "-"))
         .join("Component.toml");
     (wasm, manifest)
+}
+
+/// Builds the wasm32-wasip2 workspace in `workspace` (release) into `target_dir`; panics with
+/// cargo's output, naming `what`, when the build fails.
+fn build_wasm(workspace: &Path, target_dir: &Path, what: &str) {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--manifest-path",
+        ])
+        .arg(workspace.join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", target_dir)
+        // Flags meant for the host build must not leak into the guests' build.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .output()
+        .unwrap_or_else(|e| panic!("running cargo to build {what}: {e}"));
+    assert!(
+        output.status.success(),
+        "building {what} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// The target directory of the build running this executable.

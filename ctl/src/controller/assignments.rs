@@ -89,11 +89,7 @@ pub(crate) async fn record(
     if let Some(op) = causation {
         event = event.caused_by(op);
     }
-    state
-        .publisher
-        .publish(&event)
-        .await
-        .map_err(|e| ErrorBody::new(ErrorCode::Unavailable, e.to_string()))
+    state.publish(&event).await
 }
 
 pub(crate) async fn grant(
@@ -139,14 +135,7 @@ pub(crate) async fn revoke(
             reason: "requested".to_owned(),
         }),
     );
-    let seq = state
-        .publisher
-        .publish(&event)
-        .await
-        .map_err(|e| ErrorBody::new(ErrorCode::Unavailable, e.to_string()))?;
-    state
-        .wait_until_applied_for(seq, state.config.min_seq_wait)
-        .await;
+    let seq = state.publish_and_apply(&event).await?;
     Ok(AssignmentRevokeReply { assignment, seq })
 }
 

@@ -59,16 +59,8 @@ pub(crate) async fn register(
         state.source.clone(),
         FactData::ArtifactStored(stored.clone()),
     );
-    let seq = state
-        .publisher
-        .publish(&event)
-        .await
-        .map_err(|e| ErrorBody::new(ErrorCode::Unavailable, e.to_string()))?;
-    // Answer once this replica has applied its own fact, so the caller's next request (served by
-    // this replica) sees the component; other replicas are read with `min_seq`.
-    state
-        .wait_until_applied_for(seq, state.config.min_seq_wait)
-        .await;
+    // Answer once this replica has applied its own fact.
+    let seq = state.publish_and_apply(&event).await?;
     Ok(ComponentRegisterReply {
         seq,
         component: stored,

@@ -11,7 +11,9 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, watch};
 use trellis_bus::{FactPublisher, RawFact};
 use trellis_schemas::control::HostView;
-use trellis_schemas::{Event, Fact, FactData, Heartbeat, HostId, HostRecord, Projection, apply};
+use trellis_schemas::{
+    ErrorBody, ErrorCode, Event, Fact, FactData, Heartbeat, HostId, HostRecord, Projection, apply,
+};
 
 use super::ControllerConfig;
 
@@ -113,6 +115,25 @@ impl State {
         self.live
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records `event` in the fact stream; returns its sequence (`unavailable` when it could
+    /// not be stored).
+    pub async fn publish(&self, event: &Event) -> Result<u64, ErrorBody> {
+        self.publisher
+            .publish(event)
+            .await
+            .map_err(|e| ErrorBody::new(ErrorCode::Unavailable, e.to_string()))
+    }
+
+    /// Records `event`, then waits (at most `min_seq_wait`) until this replica has applied it, so
+    /// that the caller's next request, if this replica serves it, sees it; other replicas are
+    /// read with `min_seq`. Returns its sequence.
+    pub async fn publish_and_apply(&self, event: &Event) -> Result<u64, ErrorBody> {
+        let seq = self.publish(event).await?;
+        self.wait_until_applied_for(seq, self.config.min_seq_wait)
+            .await;
+        Ok(seq)
     }
 
     /// Waits until the projection reflects stream sequence `seq`.

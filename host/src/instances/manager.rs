@@ -352,20 +352,8 @@ async fn run(
     let (loaded, name) = match loaded {
         Ok(ok) => ok,
         Err(error) => {
-            tracing::warn!(instance = %command.instance_id, %error, "instance failed to start");
             drop(slot);
-            ctx.publish(
-                Event::new(
-                    ctx.source.clone(),
-                    FactData::InstanceStartFailed(InstanceStartFailed {
-                        instance_id: command.instance_id.clone(),
-                        host_id: ctx.host_id.clone(),
-                        component,
-                        reason: error.to_string(),
-                    }),
-                )
-                .caused_by(command.operation_id.clone()),
-            );
+            start_failed(ctx, &command, component, error.to_string());
             return;
         }
     };
@@ -388,20 +376,8 @@ async fn run(
             missing.join(", "),
             missing[0]
         );
-        tracing::warn!(instance = %command.instance_id, %reason, "instance failed to start");
         drop(slot);
-        ctx.publish(
-            Event::new(
-                ctx.source.clone(),
-                FactData::InstanceStartFailed(InstanceStartFailed {
-                    instance_id: command.instance_id.clone(),
-                    host_id: ctx.host_id.clone(),
-                    component,
-                    reason,
-                }),
-            )
-            .caused_by(command.operation_id.clone()),
-        );
+        start_failed(ctx, &command, component, reason);
         return;
     }
     let component_name = name.to_string();
@@ -450,4 +426,21 @@ async fn load(
     };
     let name = ComponentName::new(loaded.component.manifest().name.as_str())?;
     Ok((loaded, name))
+}
+
+/// Records that the instance of `command` did not start, and why.
+fn start_failed(ctx: &Context, command: &StartInstanceCommand, component: String, reason: String) {
+    tracing::warn!(instance = %command.instance_id, %reason, "instance failed to start");
+    ctx.publish(
+        Event::new(
+            ctx.source.clone(),
+            FactData::InstanceStartFailed(InstanceStartFailed {
+                instance_id: command.instance_id.clone(),
+                host_id: ctx.host_id.clone(),
+                component,
+                reason,
+            }),
+        )
+        .caused_by(command.operation_id.clone()),
+    );
 }

@@ -39,7 +39,7 @@ use super::store::{OutputHandle, StoreState};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use trellis_schemas::capability::rpc::{HttpRequestHead, HttpResponseHead, MAX_BODY_BYTES};
-use trellis_schemas::manifest::Manifest;
+use trellis_schemas::manifest::{Limits, Manifest};
 use wasmtime::component::Resource;
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -232,23 +232,8 @@ impl LoadedComponent {
         let fuel_consumed = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
         drop(store);
         match outcome {
-            Err(_elapsed) => Err(InvokeError::Timeout {
-                timeout: limits.timeout,
-                output: output.collect(),
-            }),
-            Ok(Err(Failure::Instantiate(error))) => {
-                match InvokeError::from_guest(error, output.collect(), limits.fuel, limits.timeout)
-                {
-                    InvokeError::Host { error, .. } => Err(InvokeError::Instantiation(error)),
-                    classified => Err(classified),
-                }
-            }
-            Ok(Err(Failure::Call(error))) => Err(InvokeError::from_guest(
-                error,
-                output.collect(),
-                limits.fuel,
-                limits.timeout,
-            )),
+            Err(_elapsed) => Err(failed(None, &output, &limits)),
+            Ok(Err(failure)) => Err(failed(Some(failure), &output, &limits)),
             Ok(Ok(())) => {
                 let mut budget = Budget::new(config.max_result_bytes);
                 let value = match results.as_slice() {
@@ -410,23 +395,8 @@ impl LoadedComponent {
         let outcome = tokio::time::timeout(limits.timeout + CANCEL_GRACE, both).await;
         drop(store);
         match outcome {
-            Err(_elapsed) => Err(InvokeError::Timeout {
-                timeout: limits.timeout,
-                output: output.collect(),
-            }),
-            Ok(Err(Failure::Instantiate(error))) => {
-                match InvokeError::from_guest(error, output.collect(), limits.fuel, limits.timeout)
-                {
-                    InvokeError::Host { error, .. } => Err(InvokeError::Instantiation(error)),
-                    classified => Err(classified),
-                }
-            }
-            Ok(Err(Failure::Call(error))) => Err(InvokeError::from_guest(
-                error,
-                output.collect(),
-                limits.fuel,
-                limits.timeout,
-            )),
+            Err(_elapsed) => Err(failed(None, &output, &limits)),
+            Ok(Err(failure)) => Err(failed(Some(failure), &output, &limits)),
             Ok(Ok(Ok(answer))) => Ok(answer),
             Ok(Ok(Err(HttpFailure::Body(message)))) if message.contains("length limit") => {
                 Err(InvokeError::OutputTooLarge {
@@ -464,6 +434,25 @@ impl LoadedComponent {
 enum Failure {
     Instantiate(wasmtime::Error),
     Call(wasmtime::Error),
+}
+
+/// The error of an invocation that ran out of time (`None`) or failed, with what it printed.
+fn failed(failure: Option<Failure>, output: &OutputHandle, limits: &Limits) -> InvokeError {
+    match failure {
+        None => InvokeError::Timeout {
+            timeout: limits.timeout,
+            output: output.collect(),
+        },
+        Some(Failure::Instantiate(error)) => {
+            match InvokeError::from_guest(error, output.collect(), limits.fuel, limits.timeout) {
+                InvokeError::Host { error, .. } => InvokeError::Instantiation(error),
+                classified => classified,
+            }
+        }
+        Some(Failure::Call(error)) => {
+            InvokeError::from_guest(error, output.collect(), limits.fuel, limits.timeout)
+        }
+    }
 }
 
 /// Why an HTTP handler produced no usable response.

@@ -141,14 +141,7 @@ where
     F: FnOnce(Context) -> Fut,
     Fut: Future<Output = anyhow::Result<P>>,
 {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,async_nats=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    trellis_bus::init_logging("info,async_nats=warn");
     let args = ProviderArgs::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
