@@ -12,6 +12,8 @@
 //!   caller expects, so that of several replicas deciding the same thing only one fact is stored.
 //! - [`FactStream`]: reads facts in stream order with an ordered consumer, from the start or live.
 //! - [`put_artifact`], [`fetch_artifact`]: components in the content-addressed artifact store.
+//! - [`dataplane`]: the data-plane codec every caller and server of calls, HTTP and capability
+//!   requests uses.
 //! - [`registry`]: the optional etcd registry of nodes and providers (`--registry etcd://…`).
 //!
 //! # Disconnection
@@ -23,6 +25,7 @@
 
 mod artifacts;
 mod connect;
+pub mod dataplane;
 mod publisher;
 mod reader;
 pub mod registry;

@@ -65,8 +65,9 @@ pub enum ProviderCommand {
         /// Provider settings, `key=value`; repeat for more.
         #[arg(long = "config", value_parser = parse_kv)]
         config: Vec<(String, String)>,
-        /// Run it inside the host's process (hosts embed `kv`): that host's instances call it
-        /// without a NATS round trip to another process; it lives and dies with the host.
+        /// Run it inside the host's process (hosts embed `kv` and `http-server`): the host's
+        /// instances call an embedded `kv`, and an embedded `http-server` hands requests to
+        /// them, without a NATS round trip to another process; it lives and dies with the host.
         #[arg(long)]
         embedded: bool,
         /// Wait until it has started (or failed to).
@@ -451,8 +452,11 @@ pub(crate) async fn provider(
 /// The settings a provider process runs with, as it reports them on its control subject
 /// (empty when it does not answer).
 async fn old_config(client: &CtlClient, provider: &ProviderId) -> BTreeMap<String, String> {
-    let subject =
-        trellis_schemas::capability::rpc::provider_control(client.lattice(), provider, "config");
+    let subject = trellis_schemas::dataplane::provider_control(
+        client.lattice(),
+        provider,
+        trellis_schemas::dataplane::ProviderVerb::Config,
+    );
     let Ok(Ok(reply)) = tokio::time::timeout(
         Duration::from_secs(3),
         client.nats().request(subject, Vec::new().into()),
@@ -461,5 +465,8 @@ async fn old_config(client: &CtlClient, provider: &ProviderId) -> BTreeMap<Strin
     else {
         return BTreeMap::new();
     };
-    serde_json::from_slice(&reply.payload).unwrap_or_default()
+    serde_json::from_slice::<trellis_schemas::Reply<BTreeMap<String, String>>>(&reply.payload)
+        .ok()
+        .and_then(|r| r.into_result().ok())
+        .unwrap_or_default()
 }

@@ -4,14 +4,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
 use clap::{Args, Subcommand};
 use futures::StreamExt;
+use trellis_bus::dataplane::{self as codec, SendError};
 use trellis_schemas::control::{
     ComponentListRequest, ComponentRegisterReply, ComponentRegisterRequest, InstanceGetRequest,
     InstanceListRequest, InstanceStartRequest, InstanceStopRequest,
 };
-use trellis_schemas::instance::dataplane;
+use trellis_schemas::dataplane::{self, Op};
 use trellis_schemas::{
     ComponentName, Event, FactData, HostId, InstanceId, InstanceRecord, Lattice, Manifest,
     RestartPolicy, subject,
@@ -490,45 +490,31 @@ pub async fn call_export(
 ) -> Result<String, Failure> {
     let subject = if ulid::Ulid::from_string(target).is_ok() {
         let id = InstanceId::new(target).map_err(|e| failure(2, e.to_string()))?;
-        subject::instance_call(lattice, &id)
+        dataplane::instance(lattice, &id, Op::Call)
     } else {
         let name = ComponentName::new(target).map_err(|e| failure(2, e.to_string()))?;
-        subject::component_call(lattice, &name)
+        dataplane::component(lattice, &name, Op::Call)
     };
     let body = serde_json::to_vec(&call_args(args)).map_err(|e| failure(1, e.to_string()))?;
-    let mut headers = HeaderMap::new();
-    headers.insert(dataplane::EXPORT, export);
-    let request = async_nats::Request::new()
-        .headers(headers)
-        .payload(body.into());
-    let reply = tokio::time::timeout(timeout, nats.send_request(subject, request))
-        .await
-        .map_err(|_| failure(4, format!("no answer within {timeout:?}")))?
-        .map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => failure(
-                4,
-                format!(
-                    "no running instance of {target} answers; `trellis instance ls` shows them"
-                ),
-            ),
-            _ => failure(4, e.to_string()),
-        })?;
-    let header = |name: &str| {
-        reply
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_owned())
-    };
+    let reply = codec::request(
+        nats,
+        subject,
+        codec::call_headers(export),
+        body.into(),
+        timeout,
+    )
+    .await
+    .map_err(|e| match e {
+        SendError::NoResponders => failure(
+            4,
+            format!("no running instance of {target} answers; `trellis instance ls` shows them"),
+        ),
+        SendError::TimedOut(t) => failure(4, format!("no answer within {t:?}")),
+        SendError::Failed(e) => failure(4, e),
+    })?;
     let text = String::from_utf8_lossy(&reply.payload).into_owned();
-    if header(dataplane::STATUS).as_deref() == Some("ok") {
-        return Ok(text);
-    }
-    let code = header(dataplane::ERROR_CODE).unwrap_or_else(|| "error".into());
-    let reason = header(dataplane::REASON)
-        .map(|r| format!(" ({r})"))
-        .unwrap_or_default();
-    Err(failure(1, format!("{code}{reason}: {text}")))
+    codec::read_reply(&reply).map_err(|e| failure(1, e.to_string()))?;
+    Ok(text)
 }
 
 #[cfg(test)]

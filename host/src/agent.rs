@@ -250,6 +250,7 @@ pub async fn run(
         config.lattice.clone(),
         config.host_id.clone(),
         embedded,
+        instances.local_http(),
     );
     let commands = serve_commands(
         client.clone(),

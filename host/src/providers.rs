@@ -28,6 +28,7 @@ use tokio::process::Command;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use trellis_bus::FactPublisher;
+use trellis_provider_http_server::{HttpServerProvider, LocalTargets};
 use trellis_provider_sdk::{LocalProvider, ProviderArgs};
 use trellis_schemas::fact::{ProviderCrashed, ProviderStartFailed};
 use trellis_schemas::instance::{StartProviderCommand, StopProviderCommand};
@@ -36,7 +37,7 @@ use trellis_schemas::{
 };
 
 /// The providers a host can run inside its own process.
-pub const EMBEDDABLE: &[&str] = &["kv"];
+pub const EMBEDDABLE: &[&str] = &["kv", "http-server"];
 
 /// The first delay before restarting a crashed provider.
 const FIRST_DELAY: Duration = Duration::from_millis(500);
@@ -124,6 +125,8 @@ struct Inner {
     source: String,
     children: Mutex<HashMap<ProviderId, Child>>,
     embedded: EmbeddedProviders,
+    /// This host's instances, for an embedded `http-server`.
+    local_http: Arc<dyn LocalTargets>,
 }
 
 #[derive(Debug)]
@@ -140,6 +143,7 @@ impl Providers {
         lattice: Lattice,
         host_id: HostId,
         embedded: EmbeddedProviders,
+        local_http: Arc<dyn LocalTargets>,
     ) -> Self {
         let source = trellis_schemas::fact::source(&lattice, "host", host_id.as_str());
         Self {
@@ -151,6 +155,7 @@ impl Providers {
                 source,
                 children: Mutex::new(HashMap::new()),
                 embedded,
+                local_http,
             }),
         }
     }
@@ -405,6 +410,7 @@ async fn supervise_embedded(
         let run = embed(
             command.name.as_str(),
             args.clone(),
+            Arc::clone(&inner.local_http),
             shutdown,
             move |local| {
                 registry.add(local);
@@ -436,6 +442,7 @@ async fn supervise_embedded(
 async fn embed(
     name: &str,
     args: ProviderArgs,
+    local_http: Arc<dyn LocalTargets>,
     shutdown: impl Future<Output = String> + Send,
     serving: impl FnOnce(LocalProvider) + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -445,6 +452,16 @@ async fn embed(
                 trellis_provider_kv::INFO,
                 args,
                 trellis_provider_kv::KvProvider::new,
+                shutdown,
+                serving,
+            )
+            .await
+        }
+        "http-server" => {
+            trellis_provider_sdk::run_embedded(
+                trellis_provider_http_server::INFO,
+                args,
+                move |_ctx| async move { Ok(HttpServerProvider::embedded(local_http)) },
                 shutdown,
                 serving,
             )

@@ -9,6 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::capability::Capability;
+use crate::dataplane::HostVerb;
 use crate::manifest::{Limits, Manifest, ManifestError};
 use crate::names::{ComponentName, InstanceId, ProviderId, ProviderName};
 use crate::projection::AssignmentRecord;
@@ -292,28 +293,33 @@ pub struct StopInstanceCommand {
     pub instance_id: InstanceId,
 }
 
+/// A command to a host: its body type tied to its verb, as [`CtlRequest`](crate::CtlRequest)
+/// ties a control request to its operation.
+pub trait HostCommand: Serialize + serde::de::DeserializeOwned {
+    /// The verb the command is sent on.
+    const VERB: HostVerb;
+}
+
+impl HostCommand for StartInstanceCommand {
+    const VERB: HostVerb = HostVerb::InstanceStart;
+}
+
+impl HostCommand for StopInstanceCommand {
+    const VERB: HostVerb = HostVerb::InstanceStop;
+}
+
+impl HostCommand for StartProviderCommand {
+    const VERB: HostVerb = HostVerb::ProviderStart;
+}
+
+impl HostCommand for StopProviderCommand {
+    const VERB: HostVerb = HostVerb::ProviderStop;
+}
+
 /// A host's answer to a command: accepted; the outcome follows as a fact.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandAccepted {}
-
-/// Header names and values of the data plane (`trellis.rpc.v1.…`). Bodies are raw bytes: the
-/// JSON array of arguments in a call, the JSON result (or an error message) in its reply.
-pub mod dataplane {
-    /// Request header: the export to call (`add`, `pkg:name/iface#func`).
-    pub const EXPORT: &str = "Trellis-Export";
-    /// Reply header: `ok` or `error`.
-    pub const STATUS: &str = "Trellis-Status";
-    /// Reply header on errors: a stable code (`unknown_export`, `invalid_arguments`, `busy`,
-    /// `crashed`, `not_running`, …).
-    pub const ERROR_CODE: &str = "Trellis-Error-Code";
-    /// Reply header on crashes: the crash reason (`fuel_exhausted`, `trap: unreachable`, …).
-    pub const REASON: &str = "Trellis-Reason";
-    /// Reply header: the instance that served the call.
-    pub const INSTANCE: &str = "Trellis-Instance";
-    /// Largest call body accepted, in bytes.
-    pub const MAX_CALL_BYTES: usize = 1024 * 1024;
-}
 
 #[cfg(test)]
 mod tests {

@@ -6,9 +6,7 @@
 use schemars::{JsonSchema, schema_for};
 
 use crate::capability::Assignment;
-use crate::capability::rpc::{
-    HttpRequestHead, HttpResponseHead, KvReply, KvRequest, MessagingRequest,
-};
+use crate::capability::rpc::{HttpRequestHead, HttpResponseHead};
 use crate::control::{
     AssignmentGrantRequest, AssignmentListRequest, AssignmentRevokeRequest, ComponentListRequest,
     ComponentRegisterRequest, CtlOp, CtlRequest, HostGetRequest, HostListRequest,
@@ -123,15 +121,6 @@ pub fn all() -> Vec<NamedSchema> {
     ));
     out.push(named::<StopProviderCommand>(
         "host.provider.stop.schema.json".to_owned(),
-    ));
-    out.push(named::<KvRequest>(
-        "rpc.keyvalue.request.schema.json".to_owned(),
-    ));
-    out.push(named::<KvReply>(
-        "rpc.keyvalue.reply.schema.json".to_owned(),
-    ));
-    out.push(named::<MessagingRequest>(
-        "rpc.messaging.request.schema.json".to_owned(),
     ));
     out.push(named::<HttpRequestHead>(
         "rpc.http.request-head.schema.json".to_owned(),

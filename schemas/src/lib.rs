@@ -10,8 +10,11 @@
 //! - [`projection`]: the lattice's state as a pure, idempotent fold over facts ([`apply`]).
 //! - [`heartbeat`]: host heartbeats with their inventory.
 //! - [`manifest`]: `Component.toml`, whose limits are all required.
-//! - [`capability`]: capabilities, assignments and the RPC protocol of providers.
-//! - [`instance`]: restart policies, component sources, host commands, data-plane headers.
+//! - [`dataplane`]: subjects, headers, reply status, error codes and crash reasons of calls to
+//!   components and providers; host and provider command subjects.
+//! - [`capability`]: capabilities, assignments and the typed capability calls of providers
+//!   ([`capability::rpc`]), with their binary encoding.
+//! - [`instance`]: restart policies, component sources, host commands.
 //! - [`json_schema`]: JSON Schemas for all of the above, checked in under `schemas/json/`.
 //!
 //! ```
@@ -37,6 +40,7 @@
 
 pub mod capability;
 pub mod control;
+pub mod dataplane;
 pub mod fact;
 pub mod heartbeat;
 pub mod instance;
@@ -45,9 +49,11 @@ pub mod manifest;
 mod names;
 pub mod projection;
 pub mod subject;
+mod wire;
 
 pub use capability::{Assignment, AssignmentTarget, Capability};
 pub use control::{CtlOp, CtlRequest, ErrorBody, ErrorCode, Reply};
+pub use dataplane::{CrashReason, DataError};
 pub use fact::{
     Capacity, DecodeError, Event, Fact, FactData, FactKind, HostLost, HostStarted, HostStopped,
 };
@@ -61,6 +67,7 @@ pub use projection::{
     ArtifactRecord, AssignmentRecord, HostRecord, HostStatus, InstanceRecord, InstanceStatus,
     Projection, ProviderRecord, ProviderStatus, apply,
 };
+pub use wire::WireError;
 
 /// The version of this crate, reported by every process.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -7,11 +7,12 @@
 //! | `trellis.ctl.v1.<lattice>.<noun>.<verb>` | control requests to the controller (queue group [`CONTROLLER_QUEUE`]) |
 //! | `trellis.evt.v1.<lattice>.<noun>.<id>.<verb>` | facts, captured by the stream [`events_stream`] |
 //! | `trellis.hb.v1.<lattice>.<host_id>` | host heartbeats, captured by the stream [`heartbeat_stream`] |
-//! | `trellis.host.v1.<lattice>.<host_id>.<verb>` | commands to one host |
+//!
+//! The data plane and the command subjects of hosts and providers are in [`crate::dataplane`].
 
 use crate::control::CtlOp;
 use crate::fact::FactKind;
-use crate::names::{ComponentName, HostId, InstanceId, Lattice};
+use crate::names::{HostId, InstanceId, Lattice};
 
 /// The queue group every controller replica joins, so each request is served once.
 pub const CONTROLLER_QUEUE: &str = "trellis-controller";
@@ -37,6 +38,12 @@ pub fn parse_ctl<'a>(lattice: &Lattice, subject: &'a str) -> Option<(&'a str, &'
         return None;
     }
     Some((noun, verb))
+}
+
+/// Whether a subject belongs to Trellis itself (`trellis.…`): components may not publish or
+/// subscribe there through the messaging capability.
+pub fn is_reserved(subject: &str) -> bool {
+    subject == "trellis" || subject.starts_with("trellis.")
 }
 
 /// The subject a fact about entity `id` is published on.
@@ -73,38 +80,6 @@ pub fn heartbeats_all(lattice: &Lattice) -> String {
     format!("trellis.hb.v1.{lattice}.*")
 }
 
-/// The subject of a command to one host.
-pub fn host_command(lattice: &Lattice, host: &HostId, verb: &str) -> String {
-    format!("trellis.host.v1.{lattice}.{host}.{verb}")
-}
-
-/// The data-plane subject that calls any instance of a component (queue group
-/// [`component_queue`]).
-pub fn component_call(lattice: &Lattice, component: &ComponentName) -> String {
-    format!("trellis.rpc.v1.{lattice}.component.{component}.call")
-}
-
-/// The queue group the instances of a component serve calls in.
-pub fn component_queue(component: &ComponentName) -> String {
-    format!("trellis-component-{component}")
-}
-
-/// Every data-plane subject of a component (`.call`, `.http`): what its instances subscribe
-/// to, in queue group [`component_queue`].
-pub fn component_rpc_all(lattice: &Lattice, component: &ComponentName) -> String {
-    format!("trellis.rpc.v1.{lattice}.component.{component}.*")
-}
-
-/// Every data-plane subject of one instance (`.call`, `.http`).
-pub fn instance_rpc_all(lattice: &Lattice, instance: &InstanceId) -> String {
-    format!("trellis.rpc.v1.{lattice}.instance.{instance}.*")
-}
-
-/// The data-plane subject that calls one instance.
-pub fn instance_call(lattice: &Lattice, instance: &InstanceId) -> String {
-    format!("trellis.rpc.v1.{lattice}.instance.{instance}.call")
-}
-
 /// Facts of any kind about one instance.
 pub fn events_of_instance(lattice: &Lattice, instance: &InstanceId) -> String {
     format!("trellis.evt.v1.{lattice}.instance.{instance}.*")
@@ -123,11 +98,6 @@ pub fn provider_events(lattice: &Lattice) -> String {
 /// Every assignment fact of the lattice.
 pub fn assignment_events(lattice: &Lattice) -> String {
     format!("trellis.evt.v1.{lattice}.assignment.>")
-}
-
-/// Every command subject of one host.
-pub fn host_commands(lattice: &Lattice, host: &HostId) -> String {
-    format!("trellis.host.v1.{lattice}.{host}.>")
 }
 
 /// The JetStream object store bucket holding components, keyed by the hex SHA-256 of the `.wasm`.

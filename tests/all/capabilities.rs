@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use serde_json::{Value, json};
+use trellis_schemas::capability::rpc::{CapabilityRequest, KvRequest};
 use trellis_schemas::{FactData, FactKind};
 use trellis_tests::bench::BenchLattice;
 use trellis_tests::{components, free_port, wait_for};
@@ -651,7 +652,7 @@ async fn an_embedded_kv_provider_serves_its_hosts_instances_without_nats_and_che
         String::from_utf8_lossy(&processes.stdout)
     );
     // A host cannot embed a provider it does not link.
-    let (code, _, err) = lat.cli(&["provider", "start", "http-server", "--embedded", "--wait"]);
+    let (code, _, err) = lat.cli(&["provider", "start", "messaging", "--embedded", "--wait"]);
     assert_ne!(code, 0);
     assert!(err.contains("cannot embed"), "{err}");
 
@@ -663,7 +664,7 @@ async fn an_embedded_kv_provider_serves_its_hosts_instances_without_nats_and_che
     // The host's calls reach it without crossing NATS: a plain subscriber on the provider's RPC
     // subject (which would receive a copy of every call sent there) sees none of them.
     let client = lat.nats.client().await;
-    let rpc_subject = trellis_schemas::capability::rpc::provider_rpc(
+    let rpc_subject = trellis_schemas::dataplane::provider_rpc(
         &lat.l,
         &trellis_schemas::ProviderName::new("kv").unwrap(),
         trellis_schemas::Capability::KeyValue,
@@ -702,27 +703,17 @@ async fn an_embedded_kv_provider_serves_its_hosts_instances_without_nats_and_che
     // The embedded provider still serves the lattice over NATS (for other hosts), with its
     // checks: A's identity is answered, an unknown instance's is refused.
     let ask = |instance: &str| {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(trellis_schemas::capability::rpc::INSTANCE, instance);
-        headers.insert(trellis_schemas::capability::rpc::COMPONENT, "kv-probe");
-        let body = br#"{"op":"get","bucket":"","key":"greeting"}"#.to_vec();
-        let (client, subject) = (client.clone(), rpc_subject.clone());
+        let (client, l) = (client.clone(), lat.l.clone());
+        let identity = trellis_tests::caller(instance, "kv-probe");
         async move {
-            let reply = client
-                .request_with_headers(subject, headers, body.into())
-                .await
-                .unwrap();
-            let header = |name: &str| {
-                reply
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(name))
-                    .map(|v| v.as_str().to_owned())
-            };
-            (
-                header(trellis_schemas::capability::rpc::STATUS),
-                header(trellis_schemas::capability::rpc::ERROR_CODE),
-            )
+            let request = CapabilityRequest::KeyValue(KvRequest::Get {
+                bucket: String::new(),
+                key: "greeting".into(),
+            });
+            match trellis_tests::provider_call(&client, &l, "kv", &identity, &request).await {
+                Ok(_) => (Some("ok".to_owned()), None),
+                Err(e) => (Some("error".to_owned()), Some(e.code.as_str().to_owned())),
+            }
         }
     };
     assert_eq!(ask(&a).await, (Some("ok".to_owned()), None));

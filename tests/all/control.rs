@@ -46,10 +46,14 @@ fn readme_commands() -> (Vec<ReadmeRequest>, Vec<String>) {
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     let mut requests = Vec::new();
     let mut subs = Vec::new();
+    let default = trellis_schemas::Lattice::new("default").unwrap();
+    let ctl_prefix = subject::ctl_all(&default).trim_end_matches('>').to_owned();
     for line in readme.lines() {
         let line = line.trim().trim_start_matches("$ ");
-        if let Some(rest) = line.strip_prefix("nats req trellis.ctl.") {
-            let rest = format!("trellis.ctl.{rest}");
+        if let Some(rest) = line
+            .strip_prefix("nats req ")
+            .filter(|r| r.starts_with(&ctl_prefix))
+        {
             let (command, expect_error) = match rest.split_once("# →") {
                 Some((c, e)) => (c.trim().to_owned(), Some(e.trim().to_owned())),
                 None => (rest.trim().to_owned(), None),
@@ -156,12 +160,17 @@ async fn readme_nats_commands_get_replies_that_match_the_schemas() {
 
     // The README's data-plane call reaches one of the counter instances it started.
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let default = trellis_schemas::Lattice::new("default").unwrap();
     let call = readme
         .lines()
-        .find_map(|l| l.trim().strip_prefix("nats req trellis.rpc."))
+        .filter_map(|l| l.trim().strip_prefix("nats req "))
+        .find(|r| {
+            let subject = r.split(' ').next().unwrap_or_default();
+            trellis_schemas::dataplane::parse_op(&default, subject).is_ok()
+        })
         .expect("README shows a data-plane call");
     let (subj, rest) = call.split_once(' ').unwrap();
-    let subj = format!("trellis.rpc.{subj}");
+    let subj = subj.to_owned();
     let (body, header) = rest.split_once(" -H ").unwrap();
     let (name, value) = header.trim().trim_matches('\'').split_once(": ").unwrap();
     let mut headers = async_nats::HeaderMap::new();
@@ -269,12 +278,12 @@ async fn bad_requests_get_precise_error_codes_and_the_controller_keeps_serving()
         ("payload_too_large", list.clone(), vec![b' '; 200 * 1024]),
         (
             "unknown_verb",
-            format!("trellis.ctl.v1.{l}.host.explode"),
+            subject::ctl_all(&l).replace('>', "host.explode"),
             b"{}".to_vec(),
         ),
         (
             "unknown_verb",
-            format!("trellis.ctl.v1.{l}.spaceship.launch"),
+            subject::ctl_all(&l).replace('>', "spaceship.launch"),
             b"{}".to_vec(),
         ),
     ];
@@ -349,7 +358,7 @@ async fn burst_of_garbage_mixed_with_valid_requests_is_answered_in_full() {
                 false,
             ),
             _ => (
-                format!("trellis.ctl.v1.{l}.x{i}.y"),
+                subject::ctl_all(&l).replace('>', &format!("x{i}.y")),
                 garbage[i % garbage.len()].clone(),
                 false,
             ),

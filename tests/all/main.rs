@@ -4,8 +4,10 @@
 mod capabilities;
 mod cli;
 mod control;
+mod http_status;
 mod instances;
 mod lifecycle;
+mod protocol;
 mod providers;
 mod spine;
 mod workload;

@@ -6,19 +6,22 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use bytes::Bytes;
 use futures::StreamExt;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use trellis_bus::dataplane::{self as codec, Identity};
 use trellis_ctl::CtlClient;
 use trellis_schemas::capability::rpc::{
-    self, BrokerMessage, Bytes64, HttpRequestHead, HttpResponseHead, KvReply, KvRequest,
-    MessagingRequest,
+    BrokerMessage, CapabilityRequest, CapabilityResponse, HttpMessage, HttpRequestHead,
+    HttpResponseHead, KvReply, KvRequest, MessagingRequest,
 };
+use trellis_schemas::control::Reply;
 use trellis_schemas::control::{
     AssignmentGrantReply, AssignmentGrantRequest, AssignmentListRequest, AssignmentRevokeRequest,
 };
-use trellis_schemas::instance::dataplane;
+use trellis_schemas::dataplane::{self, Op, ProviderVerb, headers};
 use trellis_schemas::{
     AssignmentId, AssignmentTarget, Capability, ComponentName, FactData, Lattice, ProviderId,
     ProviderName, subject,
@@ -107,42 +110,48 @@ impl Env {
             .seq
     }
 
-    /// A capability call as a host sends it. `Ok((headers, body))` or `Err((code, message))`.
-    async fn call(
+    /// A capability call as a host sends it, raw: identity headers and `body` as it is.
+    /// `Ok((headers, body))` or `Err((code, message))`.
+    async fn raw_call(
         &self,
         provider: &str,
         capability: Capability,
         caller: (&str, &str),
-        min_seq: Option<u64>,
-        http_head: Option<String>,
         body: Vec<u8>,
     ) -> Result<(HeaderMap, Vec<u8>), (String, String)> {
         let mut headers = HeaderMap::new();
-        headers.insert(rpc::INSTANCE, caller.0);
-        headers.insert(rpc::COMPONENT, caller.1);
-        headers.insert(rpc::ASSIGNMENT, "whatever-the-host-says");
-        if let Some(seq) = min_seq {
-            headers.insert(rpc::MIN_SEQ, seq.to_string().as_str());
-        }
-        if let Some(head) = http_head {
-            headers.insert(rpc::HTTP_HEAD, head.as_str());
-        }
-        let subject = rpc::provider_rpc(&self.l, &ProviderName::new(provider).unwrap(), capability);
-        let request = async_nats::Request::new()
-            .headers(headers)
-            .payload(body.into())
-            .timeout(Some(Duration::from_secs(15)));
-        let reply = self.client.send_request(subject, request).await.unwrap();
-        let headers = reply.headers.clone().unwrap_or_default();
-        let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
-        match get(rpc::STATUS).as_deref() {
-            Some("ok") => Ok((headers.clone(), reply.payload.to_vec())),
-            Some("error") => Err((
-                get(rpc::ERROR_CODE).unwrap_or_default(),
-                get(rpc::ERROR).unwrap_or_default(),
+        headers.insert(headers::INSTANCE, caller.0);
+        headers.insert(headers::COMPONENT, caller.1);
+        let subject =
+            dataplane::provider_rpc(&self.l, &ProviderName::new(provider).unwrap(), capability);
+        let reply = codec::request(&self.client, subject, headers, body.into(), T)
+            .await
+            .unwrap();
+        match codec::read_reply(&reply) {
+            Ok(()) => Ok((
+                reply.headers.clone().unwrap_or_default(),
+                reply.payload.to_vec(),
             )),
-            other => panic!("reply without a status: {other:?}"),
+            Err(e) => Err((e.code.as_str().to_owned(), e.message)),
         }
+    }
+
+    /// A typed capability call as a host sends it, through the data-plane codec.
+    async fn call(
+        &self,
+        provider: &str,
+        caller: (&str, &str),
+        min_seq: Option<u64>,
+        request: CapabilityRequest,
+    ) -> Result<CapabilityResponse, (String, String)> {
+        let identity = Identity {
+            min_seq,
+            assignment: Some("whatever-the-host-says".to_owned()),
+            ..trellis_tests::caller(caller.0, caller.1)
+        };
+        trellis_tests::provider_call(&self.client, &self.l, provider, &identity, &request)
+            .await
+            .map_err(|e| (e.code.as_str().to_owned(), e.message))
     }
 
     async fn kv(
@@ -151,27 +160,39 @@ impl Env {
         min_seq: Option<u64>,
         request: &KvRequest,
     ) -> Result<KvReply, (String, String)> {
-        let body = serde_json::to_vec(request).unwrap();
-        let (_, body) = self
-            .call("kv", Capability::KeyValue, caller, min_seq, None, body)
-            .await?;
-        Ok(serde_json::from_slice(&body).unwrap())
+        match self
+            .call(
+                "kv",
+                caller,
+                min_seq,
+                CapabilityRequest::KeyValue(request.clone()),
+            )
+            .await?
+        {
+            CapabilityResponse::KeyValue(reply) => Ok(reply),
+            other => panic!("not a key-value reply: {other:?}"),
+        }
     }
 
     /// A control request to one provider process.
-    async fn control(&self, id: &ProviderId, verb: &str) -> Value {
+    /// A control request to one provider process: the `data` of its control envelope.
+    async fn control(&self, id: &ProviderId, verb: ProviderVerb) -> Value {
         let reply = self
             .client
-            .request(rpc::provider_control(&self.l, id, verb), Vec::new().into())
+            .request(
+                dataplane::provider_control(&self.l, id, verb),
+                Vec::new().into(),
+            )
             .await
             .unwrap();
-        serde_json::from_slice(&reply.payload).unwrap()
+        let reply: Reply<Value> = serde_json::from_slice(&reply.payload).unwrap();
+        reply.into_result().unwrap()
     }
 
     /// Waits until provider `id` sees `n` assignments of its own.
     async fn wait_assignments(&self, id: &ProviderId, n: u64) {
         wait_for(&format!("provider to see {n} assignments"), T, || async {
-            (self.control(id, "health").await["assignments"] == n).then_some(())
+            (self.control(id, ProviderVerb::Health).await["assignments"] == n).then_some(())
         })
         .await;
     }
@@ -192,7 +213,7 @@ fn set(key: &str, value: &[u8]) -> KvRequest {
     KvRequest::Set {
         bucket: String::new(),
         key: key.into(),
-        value: Bytes64(value.to_vec()),
+        value: Bytes::copy_from_slice(value),
     }
 }
 
@@ -304,8 +325,8 @@ async fn kv_round_trips_and_isolates_buckets_by_assignment() {
         &KvRequest::SetMany {
             bucket: String::new(),
             pairs: vec![
-                ("m1".into(), Bytes64(b"1".to_vec())),
-                ("m2".into(), Bytes64(b"2".to_vec())),
+                ("m1".into(), Bytes::from_static(b"1")),
+                ("m2".into(), Bytes::from_static(b"2")),
             ],
         },
     )
@@ -325,9 +346,9 @@ async fn kv_round_trips_and_isolates_buckets_by_assignment() {
     assert_eq!(
         reply.values,
         vec![
-            Some(Bytes64(b"1".to_vec())),
+            Some(Bytes::from_static(b"1")),
             None,
-            Some(Bytes64(b"2".to_vec()))
+            Some(Bytes::from_static(b"2"))
         ]
     );
     env.kv(
@@ -417,7 +438,7 @@ async fn kv_round_trips_and_isolates_buckets_by_assignment() {
 
     // Malformed calls are refused as such.
     let err = env
-        .call("kv", Capability::KeyValue, ib, None, None, b"{".to_vec())
+        .raw_call("kv", Capability::KeyValue, ib, b"{".to_vec())
         .await
         .unwrap_err();
     assert_eq!(err.0, "invalid_request");
@@ -451,15 +472,14 @@ async fn http_upstream() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) 
     (port, rx)
 }
 
-fn http_head(method: &str, uri: &str) -> String {
-    serde_json::to_string(&HttpRequestHead {
+fn http_head(method: &str, uri: &str) -> HttpRequestHead {
+    HttpRequestHead {
         method: method.into(),
         uri: uri.into(),
         authority: None,
         headers: vec![("x-request".into(), "42".into())],
         timeout_ms: Some(5_000),
-    })
-    .unwrap()
+    }
 }
 
 #[tokio::test]
@@ -475,26 +495,30 @@ async fn http_client_reaches_allowed_hosts_only() {
         )
         .await;
     let caller = ("w1", "web");
-    let out = |head: String, body: &[u8]| {
-        env.call(
-            "http-client",
-            Capability::HttpOutgoing,
-            caller,
-            Some(g.seq),
-            Some(head),
-            body.to_vec(),
-        )
+    let env = &env;
+    let out = |head: HttpRequestHead, body: &[u8]| {
+        let request = CapabilityRequest::Http(HttpMessage {
+            head,
+            body: Bytes::copy_from_slice(body),
+        });
+        async move {
+            match env
+                .call("http-client", caller, Some(g.seq), request)
+                .await?
+            {
+                CapabilityResponse::Http(m) => Ok((m.head, m.body)),
+                other => panic!("not an HTTP reply: {other:?}"),
+            }
+        }
     };
 
-    let (headers, body) = out(
+    let (head, body) = out(
         http_head("POST", &format!("http://127.0.0.1:{port}/path?q=1")),
         b"payload",
     )
     .await
     .unwrap();
-    assert_eq!(body, b"hello");
-    let head: HttpResponseHead =
-        serde_json::from_str(headers.get(rpc::HTTP_HEAD).unwrap().as_str()).unwrap();
+    assert_eq!(&body[..], b"hello");
     assert_eq!(head.status, 200);
     assert!(
         head.headers
@@ -535,15 +559,12 @@ async fn http_client_reaches_allowed_hosts_only() {
     );
 
     // No assignment: denied before anything leaves.
+    let request = CapabilityRequest::Http(HttpMessage {
+        head: http_head("GET", &format!("http://127.0.0.1:{port}/")),
+        body: Bytes::new(),
+    });
     let (code, _) = env
-        .call(
-            "http-client",
-            Capability::HttpOutgoing,
-            ("w2", "other"),
-            None,
-            Some(http_head("GET", &format!("http://127.0.0.1:{port}/"))),
-            Vec::new(),
-        )
+        .call("http-client", ("w2", "other"), None, request)
         .await
         .unwrap_err();
     assert_eq!(code, "access_denied");
@@ -561,16 +582,15 @@ async fn messaging_publishes_by_pattern_and_delivers_subscriptions() {
         )
         .await;
     let caller = ("m1", "mc");
+    let env = &env;
     let request = |r: &MessagingRequest| {
-        let body = serde_json::to_vec(r).unwrap();
-        env.call(
-            "messaging",
-            Capability::Messaging,
-            caller,
-            Some(g.seq),
-            None,
-            body,
-        )
+        let request = CapabilityRequest::Messaging(r.clone());
+        async move {
+            match env.call("messaging", caller, Some(g.seq), request).await? {
+                CapabilityResponse::Messaging(m) => Ok(m.message),
+                other => panic!("not a messaging reply: {other:?}"),
+            }
+        }
     };
 
     // Publish: allowed by pattern, denied otherwise.
@@ -579,7 +599,7 @@ async fn messaging_publishes_by_pattern_and_delivers_subscriptions() {
     request(&MessagingRequest::Publish {
         message: BrokerMessage {
             subject: "out.x".into(),
-            body: Bytes64(b"ping".to_vec()),
+            body: Bytes::from_static(b"ping"),
             reply_to: None,
         },
     })
@@ -587,11 +607,12 @@ async fn messaging_publishes_by_pattern_and_delivers_subscriptions() {
     .unwrap();
     let message = tokio::time::timeout(T, out.next()).await.unwrap().unwrap();
     assert_eq!(&message.payload[..], b"ping");
-    for subject in ["elsewhere.x", "trellis.ctl.v1.msg.host.list", "out.*"] {
+    let reserved = subject::ctl(&env.l, trellis_schemas::CtlOp::HostList);
+    for subject in ["elsewhere.x", reserved.as_str(), "out.*"] {
         let (code, _) = request(&MessagingRequest::Publish {
             message: BrokerMessage {
                 subject: subject.into(),
-                body: Bytes64(Vec::new()),
+                body: Bytes::new(),
                 reply_to: None,
             },
         })
@@ -613,18 +634,18 @@ async fn messaging_publishes_by_pattern_and_delivers_subscriptions() {
                 .unwrap();
         }
     });
-    let (_, body) = request(&MessagingRequest::Request {
+    let reply = request(&MessagingRequest::Request {
         subject: "out.svc".into(),
-        body: Bytes64(b"q".to_vec()),
+        body: Bytes::from_static(b"q"),
         timeout_ms: 5_000,
     })
     .await
     .unwrap();
-    let reply: BrokerMessage = serde_json::from_slice(&body).unwrap();
-    assert_eq!(reply.body.0, b"re: q");
+    let reply = reply.expect("a reply message");
+    assert_eq!(&reply.body[..], b"re: q");
     let (code, _) = request(&MessagingRequest::Request {
         subject: "out.nobody".into(),
-        body: Bytes64(Vec::new()),
+        body: Bytes::new(),
         timeout_ms: 500,
     })
     .await
@@ -634,9 +655,10 @@ async fn messaging_publishes_by_pattern_and_delivers_subscriptions() {
     // Subscriptions: a message on in.jobs reaches the component's handler export.
     let mut component_calls = env
         .client
-        .subscribe(subject::component_call(
+        .subscribe(dataplane::component(
             &env.l,
             &ComponentName::new("mc").unwrap(),
+            Op::Call,
         ))
         .await
         .unwrap();
@@ -661,7 +683,7 @@ async fn messaging_publishes_by_pattern_and_delivers_subscriptions() {
     let export = delivered
         .headers
         .as_ref()
-        .and_then(|h| h.get(dataplane::EXPORT))
+        .and_then(|h| h.get(headers::EXPORT))
         .map(|v| v.as_str().to_owned());
     assert_eq!(
         export.as_deref(),
@@ -673,7 +695,7 @@ async fn messaging_publishes_by_pattern_and_delivers_subscriptions() {
         json!([{"subject": "in.jobs", "body": b"job-1".to_vec(), "reply-to": null}])
     );
     let mut ok = HeaderMap::new();
-    ok.insert(dataplane::STATUS, "ok");
+    ok.insert(headers::STATUS, "ok");
     env.client
         .publish_with_headers(
             delivered.reply.unwrap(),
@@ -734,14 +756,15 @@ async fn http_server_dispatches_to_the_component_and_maps_errors() {
         )
         .await;
 
-    // With nothing serving the component: 503.
+    // With nothing serving a component that was never pushed: 503, and the body says so
+    // (the fake instance below is not a pushed component either).
     let (status, _, body) = wait_for("the listener", T, || async {
         http_get(port, "/").await.ok()
     })
     .await;
     assert_eq!(status, 503);
     assert!(
-        body.contains("no instance of component web is running"),
+        body.starts_with("unknown_component: component web is not known"),
         "{body}"
     );
 
@@ -749,8 +772,8 @@ async fn http_server_dispatches_to_the_component_and_maps_errors() {
     let mut requests = env
         .client
         .queue_subscribe(
-            rpc::component_http(&env.l, &ComponentName::new("web").unwrap()),
-            subject::component_queue(&ComponentName::new("web").unwrap()),
+            dataplane::component(&env.l, &ComponentName::new("web").unwrap(), Op::Http),
+            dataplane::component_queue(&ComponentName::new("web").unwrap()),
         )
         .await
         .unwrap();
@@ -763,15 +786,15 @@ async fn http_server_dispatches_to_the_component_and_maps_errors() {
                 m.headers
                     .as_ref()
                     .unwrap()
-                    .get(rpc::HTTP_HEAD)
+                    .get(headers::HTTP_HEAD)
                     .unwrap()
                     .as_str(),
             )
             .unwrap();
             let mut headers = HeaderMap::new();
             if head.uri == "/crash" {
-                headers.insert(dataplane::STATUS, "error");
-                headers.insert(dataplane::ERROR_CODE, "crashed");
+                headers.insert(headers::STATUS, "error");
+                headers.insert(headers::ERROR_CODE, "crashed");
                 instance
                     .publish_with_headers(m.reply.unwrap(), headers, "trap".into())
                     .await
@@ -782,9 +805,9 @@ async fn http_server_dispatches_to_the_component_and_maps_errors() {
                 status: 201,
                 headers: vec![("x-served-by".into(), "fake".into())],
             };
-            headers.insert(dataplane::STATUS, "ok");
+            headers.insert(headers::STATUS, "ok");
             headers.insert(
-                rpc::HTTP_HEAD,
+                headers::HTTP_HEAD,
                 serde_json::to_string(&reply).unwrap().as_str(),
             );
             let body = format!("hi {}", head.uri);
@@ -871,16 +894,16 @@ async fn providers_announce_themselves_and_stop_on_request_or_signal() {
     assert_eq!(started.version, trellis_schemas::VERSION);
     assert!(!started.node.is_empty());
 
-    assert_eq!(env.control(&id, "config").await, json!({"mode": "fast"}));
-    let health = env.control(&id, "health").await;
+    assert_eq!(
+        env.control(&id, ProviderVerb::Config).await,
+        json!({"mode": "fast"})
+    );
+    let health = env.control(&id, ProviderVerb::Health).await;
     assert_eq!(health["name"], "kv");
     assert_eq!(health["provider_id"], id.as_str());
 
     // `stop` on the control subject: acknowledged, drained, recorded, exit 0.
-    assert_eq!(
-        env.control(&id, "stop").await,
-        json!({"ok": true, "data": {}})
-    );
+    assert_eq!(env.control(&id, ProviderVerb::Stop).await, json!({}));
     assert_eq!(first.wait_exit(T).await, Some(0), "{}", first.log());
     let stopped = |id: ProviderId| {
         let env = &env;
@@ -932,21 +955,20 @@ async fn a_draining_provider_answers_the_calls_it_took() {
             &[("allowed_hosts", "127.0.0.1")],
         )
         .await;
-    let call = env.call(
-        "http-client",
-        Capability::HttpOutgoing,
-        ("w1", "web"),
-        Some(g.seq),
-        Some(http_head("GET", &format!("http://127.0.0.1:{port}/"))),
-        Vec::new(),
-    );
+    let request = CapabilityRequest::Http(HttpMessage {
+        head: http_head("GET", &format!("http://127.0.0.1:{port}/")),
+        body: Bytes::new(),
+    });
+    let call = env.call("http-client", ("w1", "web"), Some(g.seq), request);
     let stop = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         provider.signal(Signal::SIGTERM);
     };
     let (reply, ()) = tokio::join!(call, stop);
-    let (_, body) = reply.unwrap();
-    assert_eq!(body, b"slow");
+    let CapabilityResponse::Http(reply) = reply.unwrap() else {
+        panic!("not an HTTP reply")
+    };
+    assert_eq!(&reply.body[..], b"slow");
     assert_eq!(provider.wait_exit(T).await, Some(0), "{}", provider.log());
     let reason = env
         .nats

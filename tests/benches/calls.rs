@@ -12,11 +12,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, object_store};
 use sha2::Digest as _;
+use trellis_bus::dataplane as codec;
+use trellis_schemas::dataplane::{self, HostVerb, Op};
 use trellis_schemas::instance::{
-    ComponentSource, ManifestDoc, RestartPolicy, StartInstanceCommand, dataplane,
+    ComponentSource, ManifestDoc, RestartPolicy, StartInstanceCommand,
 };
 use trellis_schemas::{ComponentName, FactKind, HostId, InstanceId, subject};
 use trellis_tests::{Nats, Proc, bin, components, lattice, wait_for};
@@ -80,7 +81,8 @@ async fn main() {
         restart: RestartPolicy::Never,
         assignments: vec![],
     };
-    let host_subject = subject::host_command(&l, &HostId::new("bench").unwrap(), "instance.start");
+    let host_subject =
+        dataplane::host_command(&l, &HostId::new("bench").unwrap(), HostVerb::InstanceStart);
     let body = serde_json::to_vec(&command).unwrap();
     wait_for(
         "the host to accept the start",
@@ -100,7 +102,7 @@ async fn main() {
     })
     .await;
 
-    let call_subject = subject::component_call(&l, &ComponentName::new("typed").unwrap());
+    let call_subject = dataplane::component(&l, &ComponentName::new("typed").unwrap(), Op::Call);
     let mut clients = Vec::new();
     for _ in 0..4 {
         clients.push(nats.client().await);
@@ -146,20 +148,14 @@ async fn run(
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < total {
-                let mut headers = HeaderMap::new();
-                headers.insert(dataplane::EXPORT, "add");
+                let headers = codec::call_headers("add");
                 let t = Instant::now();
                 let reply = client
                     .request_with_headers(subject.clone(), headers, "[40,2]".into())
                     .await;
                 latencies.push(t.elapsed());
-                let ok = reply.is_ok_and(|m| {
-                    m.headers
-                        .as_ref()
-                        .and_then(|h| h.get(dataplane::STATUS))
-                        .is_some_and(|s| s.as_str() == "ok")
-                        && &m.payload[..] == b"42"
-                });
+                let ok =
+                    reply.is_ok_and(|m| codec::read_reply(&m).is_ok() && &m.payload[..] == b"42");
                 if !ok {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }

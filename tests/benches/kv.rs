@@ -18,8 +18,7 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use trellis_schemas::capability::rpc::{self, Bytes64, KvReply, KvRequest};
-use trellis_schemas::{Capability, ProviderName};
+use trellis_schemas::capability::rpc::{CapabilityRequest, KvRequest};
 use trellis_tests::bench::{BenchLattice, env_usize};
 use trellis_tests::components;
 
@@ -93,33 +92,22 @@ async fn through_provider(
     callers: usize,
     per_caller: usize,
 ) -> f64 {
-    let subject = rpc::provider_rpc(
-        &lat.l,
-        &ProviderName::new("kv").unwrap(),
-        Capability::KeyValue,
-    );
     let began = Instant::now();
     let mut runs = Vec::new();
     for caller in 0..callers {
         let client = client.clone();
-        let subject = subject.clone();
-        let instance = instance.to_owned();
+        let lattice = lat.l.clone();
+        let identity = trellis_tests::caller(instance, "kv-probe");
         runs.push(tokio::spawn(async move {
             let call = |request: KvRequest| {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert(rpc::INSTANCE, instance.as_str());
-                headers.insert(rpc::COMPONENT, "kv-probe");
-                let body = serde_json::to_vec(&request).unwrap();
                 let client = client.clone();
-                let subject = subject.clone();
+                let lattice = lattice.clone();
+                let identity = identity.clone();
                 async move {
-                    let reply = client
-                        .request_with_headers(subject, headers, body.into())
+                    let request = CapabilityRequest::KeyValue(request);
+                    trellis_tests::provider_call(&client, &lattice, "kv", &identity, &request)
                         .await
-                        .unwrap();
-                    let status = reply.headers.as_ref().and_then(|h| h.get(rpc::STATUS));
-                    assert_eq!(status.map(|v| v.as_str()), Some("ok"), "{reply:?}");
-                    serde_json::from_slice::<KvReply>(&reply.payload).unwrap()
+                        .unwrap()
                 }
             };
             for i in 0..per_caller {
@@ -128,7 +116,7 @@ async fn through_provider(
                 call(KvRequest::Set {
                     bucket: String::new(),
                     key: key.clone(),
-                    value: Bytes64(value),
+                    value: value.into(),
                 })
                 .await;
                 call(KvRequest::Get {

@@ -3,11 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
 use chrono::Utc;
 use trellis_schemas::control::HostListRequest;
-use trellis_schemas::instance::dataplane;
-use trellis_schemas::{FactData, FactKind, HostStatus, InstanceId, subject};
+use trellis_schemas::dataplane::{self, Op};
+use trellis_schemas::{FactData, FactKind, HostStatus, InstanceId};
 use trellis_tests::wait_for;
 
 use crate::common::{
@@ -29,10 +28,12 @@ async fn nats_restarts_on_its_volume_and_buffered_facts_arrive_in_order_exactly_
 
     let client = cluster.client().await;
     for (id, _) in &instances {
-        let mut headers = HeaderMap::new();
-        headers.insert(dataplane::EXPORT, "run");
-        let subject =
-            subject::instance_call(&cluster.lattice, &InstanceId::new(id.as_str()).unwrap());
+        let headers = trellis_bus::dataplane::call_headers("run");
+        let subject = dataplane::instance(
+            &cluster.lattice,
+            &InstanceId::new(id.as_str()).unwrap(),
+            Op::Call,
+        );
         // The reply will never come (NATS goes away); only the invocation matters.
         let inbox = client.new_inbox();
         client

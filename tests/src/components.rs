@@ -32,6 +32,7 @@ use std::sync::OnceLock;
 /// The names of the guest components (`tests/components/<name>`).
 pub const NAMES: &[&str] = &[
     "counter",
+    "http_faults",
     "http_fetch",
     "http_upstream",
     "huge_output",

@@ -416,3 +416,40 @@ pub async fn facts_at(url: &str, lattice: &Lattice) -> Vec<Fact> {
 pub fn lattice(name: &str) -> Lattice {
     Lattice::new(name).unwrap()
 }
+
+/// Sends one capability request straight to a provider's RPC subject (as a host would, with
+/// `identity`), through the data-plane codec, and reads the typed answer.
+///
+/// # Errors
+///
+/// The provider's error, or `unavailable` when nothing answered within 10 s.
+pub async fn provider_call(
+    client: &async_nats::Client,
+    lattice: &Lattice,
+    provider: &str,
+    identity: &trellis_bus::dataplane::Identity,
+    request: &trellis_schemas::capability::rpc::CapabilityRequest,
+) -> Result<trellis_schemas::capability::rpc::CapabilityResponse, trellis_schemas::DataError> {
+    use trellis_bus::dataplane as codec;
+    let capability = request.capability();
+    let subject = trellis_schemas::dataplane::provider_rpc(
+        lattice,
+        &trellis_schemas::ProviderName::new(provider).expect("provider name"),
+        capability,
+    );
+    let (headers, body) = codec::capability_request(identity, request)?;
+    let reply = codec::request(client, subject, headers, body, Duration::from_secs(10))
+        .await
+        .map_err(|e| trellis_schemas::DataError::unavailable(e.to_string()))?;
+    codec::read_capability_reply(capability, &reply)
+}
+
+/// The identity of a caller that the host would send: no assignment claim, no sequence.
+pub fn caller(instance: &str, component: &str) -> trellis_bus::dataplane::Identity {
+    trellis_bus::dataplane::Identity {
+        instance: trellis_schemas::InstanceId::new(instance).expect("instance id"),
+        component: component.to_owned(),
+        assignment: None,
+        min_seq: None,
+    }
+}

@@ -13,8 +13,11 @@ use trellis_schemas::control::{
     InstanceStartReply, InstanceStartRequest, InstanceStopReply, InstanceStopRequest, Placement,
     page_size,
 };
+use trellis_schemas::dataplane;
 use trellis_schemas::fact::InstanceStartFailed;
-use trellis_schemas::instance::{CommandAccepted, StartInstanceCommand, StopInstanceCommand};
+use trellis_schemas::instance::{
+    CommandAccepted, HostCommand, StartInstanceCommand, StopInstanceCommand,
+};
 use trellis_schemas::{
     AssignmentRecord, AssignmentTarget, ComponentSource, ErrorBody, ErrorCode, Event, FactData,
     HostId, InstanceId, InstanceStatus, Projection, Reply, subject,
@@ -89,14 +92,13 @@ fn resolve(
     ))
 }
 
-/// Sends `command` to `host` on its `verb` subject and waits for its acceptance.
-pub(crate) async fn command<T: serde::Serialize>(
+/// Sends `command` to `host` on its verb's subject and waits for its acceptance.
+pub(crate) async fn command<T: HostCommand>(
     state: &State,
     host: &HostId,
-    verb: &str,
     command: &T,
 ) -> Result<(), ErrorBody> {
-    let subject = subject::host_command(&state.config.lattice, host, verb);
+    let subject = dataplane::host_command(&state.config.lattice, host, T::VERB);
     let body = serde_json::to_vec(command)
         .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
     let reply = tokio::time::timeout(
@@ -207,9 +209,9 @@ pub(crate) async fn start(
             },
         ));
     }
-    let sends = commands.iter().map(|(p, cmd)| async move {
-        (*p, command(state, &p.host_id, "instance.start", cmd).await)
-    });
+    let sends = commands
+        .iter()
+        .map(|(p, cmd)| async move { (*p, command(state, &p.host_id, cmd).await) });
     for (placement, result) in join_all(sends).await {
         if let Err(e) = result {
             tracing::warn!(instance = %placement.instance_id, host = %placement.host_id, error = %e, "start command failed");
@@ -283,7 +285,7 @@ pub(crate) async fn stop(
         operation_id: operation_id.clone(),
         instance_id: request.instance_id.clone(),
     };
-    command(state, &host_id, "instance.stop", &cmd).await?;
+    command(state, &host_id, &cmd).await?;
     Ok(InstanceStopReply {
         operation_id,
         instance: Placement {

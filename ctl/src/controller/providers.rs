@@ -7,11 +7,11 @@
 
 use std::collections::BTreeMap;
 
-use trellis_schemas::capability::rpc;
 use trellis_schemas::control::{
     ProviderListReply, ProviderListRequest, ProviderStartReply, ProviderStartRequest,
     ProviderStopReply, ProviderStopRequest,
 };
+use trellis_schemas::dataplane::{self, ProviderVerb};
 use trellis_schemas::instance::{CommandAccepted, StartProviderCommand, StopProviderCommand};
 use trellis_schemas::{
     ErrorBody, ErrorCode, HostId, HostStatus, ProviderId, ProviderStatus, Reply,
@@ -88,7 +88,7 @@ pub(crate) async fn start(
         config: request.config,
         embedded: request.embedded,
     };
-    command(state, &host_id, "provider.start", &cmd).await?;
+    command(state, &host_id, &cmd).await?;
     Ok(ProviderStartReply {
         operation_id,
         provider_id,
@@ -132,11 +132,14 @@ pub(crate) async fn stop(
                 operation_id: ulid::Ulid::generate().to_string(),
                 provider_id: request.provider_id.clone(),
             };
-            command(state, &host, "provider.stop", &cmd).await?;
+            command(state, &host, &cmd).await?;
         }
         None => {
-            let subject =
-                rpc::provider_control(&state.config.lattice, &request.provider_id, "stop");
+            let subject = dataplane::provider_control(
+                &state.config.lattice,
+                &request.provider_id,
+                ProviderVerb::Stop,
+            );
             let reply = tokio::time::timeout(
                 std::time::Duration::from_secs(5),
                 state.client.request(subject, Vec::new().into()),

@@ -100,7 +100,7 @@ pub(crate) async fn relocate(state: Arc<State>, host: HostId, lost_seq: u64, los
             restart: mv.restart,
             assignments,
         };
-        if let Err(e) = command(&state, &mv.to_host, "instance.start", &start).await {
+        if let Err(e) = command(&state, &mv.to_host, &start).await {
             tracing::warn!(%replacement, host = %mv.to_host, error = %e, "start command for a replacement failed");
             let failed = Event::new(
                 state.source.clone(),

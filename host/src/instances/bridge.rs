@@ -12,10 +12,9 @@
 use std::collections::HashSet;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use async_nats::HeaderMap;
-use async_nats::client::RequestErrorKind;
-use trellis_provider_sdk::{Caller, LocalProvider, Request};
-use trellis_schemas::capability::rpc::{self, RpcErrorCode};
+use trellis_bus::dataplane::{self as codec, Identity, SendError};
+use trellis_provider_sdk::{LocalProvider, Request};
+use trellis_schemas::dataplane;
 use trellis_schemas::{
     AssignmentId, AssignmentRecord, AssignmentTarget, Capability, Fact, FactData, InstanceId,
     Lattice, Projection, apply, subject,
@@ -23,7 +22,7 @@ use trellis_schemas::{
 
 use crate::providers::EmbeddedProviders;
 use crate::runtime::{
-    BridgeFuture, CapabilityBridge, CapabilityCall, CapabilityError, CapabilityReply,
+    BridgeFuture, CapabilityBridge, CapabilityCall, CapabilityError, CapabilityResponse,
 };
 
 /// The assignments in force, as this host knows them.
@@ -138,8 +137,8 @@ impl NatsBridge {
         ))
     }
 
-    async fn forward(&self, call: CapabilityCall) -> Result<CapabilityReply, CapabilityError> {
-        let capability = call.capability;
+    async fn forward(&self, call: CapabilityCall) -> Result<CapabilityResponse, CapabilityError> {
+        let capability = call.capability();
         let Some(record) = self
             .assignments
             .lookup(&self.instance, &self.component, capability)
@@ -147,96 +146,54 @@ impl NatsBridge {
             return Err(self.denied(capability));
         };
         let assignment = &record.assignment;
+        let identity = Identity {
+            instance: self.instance.clone(),
+            component: self.component.clone(),
+            assignment: Some(assignment.assignment_id.to_string()),
+            min_seq: Some(record.granted_seq),
+        };
         if let Some(local) = self.embedded.get(&assignment.provider) {
-            return self.call_embedded(&local, &record, call).await;
+            return call_embedded(&local, identity, call).await;
         }
-        let subject = rpc::provider_rpc(&self.lattice, &assignment.provider, capability);
-        let mut headers = HeaderMap::new();
-        headers.insert(rpc::INSTANCE, self.instance.as_str());
-        headers.insert(rpc::COMPONENT, self.component.as_str());
-        headers.insert(rpc::ASSIGNMENT, assignment.assignment_id.as_str());
-        headers.insert(rpc::MIN_SEQ, record.granted_seq.to_string().as_str());
-        if let Some(head) = &call.http_head {
-            headers.insert(rpc::HTTP_HEAD, head.as_str());
-        }
-        let request = async_nats::Request::new()
-            .headers(headers)
-            .payload(call.body)
-            .timeout(Some(call.timeout));
         let provider = &assignment.provider;
-        let reply = self
-            .client
-            .send_request(subject, request)
+        let subject = dataplane::provider_rpc(&self.lattice, provider, capability);
+        let (headers, body) = codec::capability_request(&identity, &call.request)
+            .map_err(CapabilityError::from_remote)?;
+        let reply = codec::request(&self.client, subject, headers, body, call.timeout)
             .await
-            .map_err(|e| match e.kind() {
-                RequestErrorKind::NoResponders => CapabilityError::Unavailable(format!(
+            .map_err(|e| match e {
+                SendError::NoResponders => CapabilityError::Unavailable(format!(
                     "no `{provider}` provider is running for {capability}"
                 )),
-                RequestErrorKind::TimedOut => CapabilityError::Unavailable(format!(
-                    "the `{provider}` provider did not answer within {:?}",
-                    call.timeout
+                SendError::TimedOut(t) => CapabilityError::Unavailable(format!(
+                    "the `{provider}` provider did not answer within {t:?}"
                 )),
-                _ => CapabilityError::Unavailable(format!(
+                SendError::Failed(e) => CapabilityError::Unavailable(format!(
                     "cannot reach the `{provider}` provider: {e}"
                 )),
             })?;
-        let header = |name: &str| {
-            reply
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
-        if header(rpc::STATUS).as_deref() == Some("ok") {
-            return Ok(CapabilityReply {
-                body: reply.payload.clone(),
-                http_head: header(rpc::HTTP_HEAD),
-            });
-        }
-        let code =
-            header(rpc::ERROR_CODE).map_or(RpcErrorCode::Internal, |c| RpcErrorCode::parse(&c));
-        let message = header(rpc::ERROR)
-            .unwrap_or_else(|| String::from_utf8_lossy(&reply.payload).into_owned());
-        Err(CapabilityError::from_remote(code, message))
+        codec::read_capability_reply(capability, &reply).map_err(CapabilityError::from_remote)
     }
 }
 
-impl NatsBridge {
-    /// A call to a provider embedded in this process: what would travel in headers is handed
-    /// over as it is, and the provider's own checks run as for a call from NATS.
-    async fn call_embedded(
-        &self,
-        local: &LocalProvider,
-        record: &AssignmentRecord,
-        call: CapabilityCall,
-    ) -> Result<CapabilityReply, CapabilityError> {
-        let mut headers = HeaderMap::new();
-        if let Some(head) = &call.http_head {
-            headers.insert(rpc::HTTP_HEAD, head.as_str());
-        }
-        let request = Request {
-            capability: call.capability,
-            caller: Caller {
-                instance: self.instance.clone(),
-                component: self.component.clone(),
-            },
-            min_seq: Some(record.granted_seq),
-            claimed: Some(record.assignment.assignment_id.to_string()),
-            headers,
-            body: call.body,
-        };
-        match tokio::time::timeout(call.timeout, local.call(request)).await {
-            Ok(Ok(reply)) => Ok(CapabilityReply {
-                body: reply.body,
-                http_head: reply.http_head,
-            }),
-            Ok(Err(e)) => Err(CapabilityError::from_remote(e.code, e.message)),
-            Err(_) => Err(CapabilityError::Unavailable(format!(
-                "the `{}` provider (embedded) did not answer within {:?}",
-                local.name(),
-                call.timeout
-            ))),
-        }
+/// A call to a provider embedded in this process: the typed request is handed over as it is
+/// (nothing is encoded), and the provider's own checks run as for a call from NATS.
+async fn call_embedded(
+    local: &LocalProvider,
+    identity: Identity,
+    call: CapabilityCall,
+) -> Result<CapabilityResponse, CapabilityError> {
+    let request = Request {
+        identity,
+        request: call.request,
+    };
+    match tokio::time::timeout(call.timeout, local.call(request)).await {
+        Ok(result) => result.map_err(CapabilityError::from_remote),
+        Err(_) => Err(CapabilityError::Unavailable(format!(
+            "the `{}` provider (embedded) did not answer within {:?}",
+            local.name(),
+            call.timeout
+        ))),
     }
 }
 

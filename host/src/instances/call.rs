@@ -1,28 +1,36 @@
-//! The data plane of one instance: answering calls.
+//! The data plane of one instance: answering calls and HTTP requests.
 //!
-//! A call is a NATS request whose `Trellis-Export` header names the export and whose body is the
-//! JSON array of arguments (an empty body is `[]`). The reply carries `Trellis-Status: ok` and the
-//! JSON result, or `Trellis-Status: error`, a stable `Trellis-Error-Code`, a `Trellis-Reason` for
-//! crashes and a human-readable message as body. Every reply names the instance that served it in
-//! `Trellis-Instance`.
+//! A call is a NATS request on the instance's (or its component's) `call` subject whose
+//! `Trellis-Export` header names the export and whose body is the JSON array of arguments (an
+//! empty body is `[]`); an HTTP request comes on the `http` subject (see
+//! [`trellis_schemas::dataplane`]). Replies are written by the data-plane codec
+//! ([`trellis_bus::dataplane`]): status, a typed error code, a crash reason for crashes, the
+//! serving instance, and the result (or a message for people) as body.
+//!
+//! The same serving period also answers HTTP requests handed over in process
+//! ([`Serving::serve_http`]), with the same checks and the same crash handling.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use async_nats::header::HeaderName;
 use async_nats::{HeaderMap, HeaderValue, Message};
 use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::{Notify, oneshot};
-use trellis_schemas::capability::rpc::{self, HttpRequestHead};
-use trellis_schemas::instance::dataplane;
+use trellis_bus::dataplane::{self as codec, NAMES};
+use trellis_schemas::Lattice;
+use trellis_schemas::capability::rpc::{HttpMessage, HttpRequestHead, HttpResponseHead};
+use trellis_schemas::dataplane::{self, DataError, ErrorCode, Op};
 
 use crate::runtime::{InvokeError, LoadedComponent};
+
+/// The export name under which HTTP requests are served.
+const HTTP_EXPORT: &str = "wasi:http/incoming-handler#handle";
 
 /// What a crashing invocation tells its instance's supervisor.
 #[derive(Debug)]
 pub(crate) struct Crash {
-    /// Stable reason (`InvokeError::reason`).
+    /// Stable reason (`CrashReason`, as text).
     pub reason: String,
     /// What the runtime said, with the guest's panic message when there is one.
     pub detail: String,
@@ -36,10 +44,9 @@ pub(crate) struct Crash {
 pub(crate) struct Serving {
     pub client: async_nats::Client,
     pub component: LoadedComponent,
+    lattice: Lattice,
     instance: HeaderValue,
-    /// The header names, parsed once: a name given as `&str` is copied at every use.
-    names: Names,
-    /// The headers of every successful reply.
+    /// The headers of every successful call reply.
     ok: HeaderMap,
     /// Set by the first crash (or the stop): later calls of this period are refused.
     ended: AtomicBool,
@@ -48,23 +55,33 @@ pub(crate) struct Serving {
     idle: Notify,
 }
 
+/// Counts one call in flight until dropped.
+#[derive(Debug)]
+pub(crate) struct InFlight<'a>(&'a Serving);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 impl Serving {
     pub fn new(
         client: async_nats::Client,
         component: LoadedComponent,
+        lattice: Lattice,
         instance_id: &str,
     ) -> (Self, oneshot::Receiver<Crash>) {
         let (tx, rx) = oneshot::channel();
-        let names = Names::new();
         let instance = HeaderValue::from(instance_id);
-        let mut ok = HeaderMap::new();
-        ok.insert(names.status.clone(), "ok");
-        ok.insert(names.instance.clone(), instance.clone());
+        let ok = codec::ok_headers(Some(&instance));
         let serving = Self {
             client,
             component,
+            lattice,
             instance,
-            names,
             ok,
             ended: AtomicBool::new(false),
             crash: Mutex::new(Some(tx)),
@@ -77,6 +94,11 @@ impl Serving {
     /// Refuses calls of this period from now on.
     pub fn end(&self) {
         self.ended.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether this period still takes calls.
+    pub fn serving(&self) -> bool {
+        !self.ended.load(Ordering::SeqCst)
     }
 
     /// Waits until no call of this period runs.
@@ -98,226 +120,141 @@ impl Serving {
 
     /// Answers one call message counted by [`enter`](Self::enter).
     pub async fn handle(&self, message: Message) {
+        let _counted = InFlight(self);
         self.answer(message).await;
-        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.idle.notify_waiters();
-        }
     }
 
     /// Tells the caller this instance no longer serves.
     pub async fn refuse(&self, message: Message) {
-        self.reply_error(
+        codec::reply_error(
+            &self.client,
             message.reply,
-            "not_running",
-            None,
-            "the instance is not running; retry".to_owned(),
+            &not_running(),
+            Some(&self.instance),
         )
         .await;
     }
 
     async fn answer(&self, message: Message) {
-        if self.ended.load(Ordering::SeqCst) {
+        if !self.serving() {
             return self.refuse(message).await;
         }
-        if message.subject.ends_with(".http") {
-            return self.answer_http(message).await;
-        }
-        if !message.subject.ends_with(".call") {
-            let why = format!(
-                "{} is not a data-plane operation; use .call or .http",
-                message.subject
-            );
-            return self
-                .reply_error(message.reply, "bad_request", None, why)
-                .await;
-        }
-        let reply = message.reply;
-        let Some(export) = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(self.names.export.clone()))
-            .map(HeaderValue::as_str)
-            .filter(|e| !e.is_empty())
-        else {
-            let why = format!(
-                "missing header {}: name the export to call",
-                dataplane::EXPORT
-            );
-            return self.reply_error(reply, "bad_request", None, why).await;
+        let result = match dataplane::parse_op(&self.lattice, &message.subject) {
+            Ok(Op::Call) => self
+                .call(message.headers.as_ref(), &message.payload)
+                .await
+                .map(|body| (self.ok.clone(), body)),
+            Ok(Op::Http) => match codec::read_http_request(&message) {
+                Ok(request) => match self.http(request).await {
+                    Ok(response) => codec::http_reply(&response, Some(&self.instance)),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            },
+            Err(op) => Err(DataError::new(
+                ErrorCode::InvalidRequest,
+                format!("{op:?} is not a data-plane operation; use .call or .http"),
+            )),
         };
-        if message.payload.len() > dataplane::MAX_CALL_BYTES {
-            let why = format!(
-                "call body is {} bytes; the limit is {}",
-                message.payload.len(),
-                dataplane::MAX_CALL_BYTES
-            );
-            return self
-                .reply_error(reply, "payload_too_large", None, why)
-                .await;
-        }
-        let args = if message.payload.iter().all(u8::is_ascii_whitespace) {
-            Value::Array(Vec::new())
-        } else {
-            match serde_json::from_slice::<Value>(&message.payload) {
-                Ok(args) => args,
-                Err(e) => {
-                    let why = format!("the body must be a JSON array of arguments: {e}");
-                    return self.reply_error(reply, "bad_request", None, why).await;
-                }
-            }
-        };
-        match self.component.invoke(export, args).await {
-            Ok(value) => {
-                let Some(reply) = reply else { return };
-                let body = match serde_json::to_vec(&value) {
-                    Ok(body) => body,
-                    Err(e) => {
-                        let why = format!("cannot encode the result: {e}");
-                        return self.reply_error(Some(reply), "internal", None, why).await;
-                    }
-                };
-                if let Err(e) = self
-                    .client
-                    .publish_with_headers(reply, self.ok.clone(), Bytes::from(body))
-                    .await
-                {
-                    tracing::debug!(error = %e, "cannot send a call reply");
-                }
-            }
-            Err(error) => self.fail(reply, export, error).await,
-        }
-    }
-
-    /// Serves an HTTP request (head in the `Trellis-Http` header, body as payload) with the
-    /// component's `wasi:http/incoming-handler`.
-    async fn answer_http(&self, message: Message) {
-        let reply = message.reply;
-        let head = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(rpc::HTTP_HEAD))
-            .map(HeaderValue::as_str)
-            .map(serde_json::from_str::<HttpRequestHead>);
-        let head = match head {
-            Some(Ok(head)) => head,
-            Some(Err(e)) => {
-                let why = format!("header {} is not a request head: {e}", rpc::HTTP_HEAD);
-                return self.reply_error(reply, "bad_request", None, why).await;
-            }
-            None => {
-                let why = format!("missing header {}", rpc::HTTP_HEAD);
-                return self.reply_error(reply, "bad_request", None, why).await;
-            }
-        };
-        if message.payload.len() > rpc::MAX_BODY_BYTES {
-            let why = format!(
-                "request body is {} bytes; the limit is {}",
-                message.payload.len(),
-                rpc::MAX_BODY_BYTES
-            );
-            return self
-                .reply_error(reply, "payload_too_large", None, why)
-                .await;
-        }
-        match self.component.handle_http(&head, message.payload).await {
-            Ok((head, body)) => {
-                let Some(reply) = reply else { return };
-                let mut headers = self.ok.clone();
-                match serde_json::to_string(&head) {
-                    Ok(head) => headers.insert(rpc::HTTP_HEAD, header_safe(&head)),
-                    Err(e) => {
-                        let why = format!("cannot encode the response head: {e}");
-                        return self.reply_error(Some(reply), "internal", None, why).await;
-                    }
-                }
-                if let Err(e) = self.client.publish_with_headers(reply, headers, body).await {
-                    tracing::debug!(error = %e, "cannot send an HTTP reply");
-                }
+        match result {
+            Ok((headers, body)) => {
+                codec::reply_ok(&self.client, message.reply, headers, body).await
             }
             Err(error) => {
-                self.fail(reply, "wasi:http/incoming-handler#handle", error)
-                    .await
+                codec::reply_error(&self.client, message.reply, &error, Some(&self.instance)).await;
             }
         }
     }
 
-    /// Answers a failed invocation; a crash ends the serving period and tells the supervisor.
-    async fn fail(&self, reply: Option<async_nats::Subject>, export: &str, error: InvokeError) {
-        if error.is_crash() {
-            let reason = error.reason();
-            let detail = crash_detail(&error);
-            self.reply_error(reply, "crashed", Some(&reason), detail.clone())
-                .await;
-            // Only the first crash of the period reaches the supervisor.
-            self.end();
-            let tx = self
-                .crash
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            if let Some(tx) = tx {
-                let _ = tx.send(Crash {
-                    reason,
-                    detail,
-                    export: export.to_owned(),
-                });
-            }
-            return;
-        }
-        let code = match &error {
-            InvokeError::Instantiation(_) | InvokeError::Host { .. } => "internal".to_owned(),
-            _ => error.reason(),
+    /// Calls the export the headers name with the JSON arguments of `payload`.
+    async fn call(&self, headers: Option<&HeaderMap>, payload: &Bytes) -> Result<Bytes, DataError> {
+        let Some(export) = codec::header(headers, &NAMES.export) else {
+            return Err(DataError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "missing header {}: name the export to call",
+                    dataplane::headers::EXPORT
+                ),
+            ));
         };
-        self.reply_error(reply, &code, None, error.to_string())
-            .await;
-    }
-
-    async fn reply_error(
-        &self,
-        reply: Option<async_nats::Subject>,
-        code: &str,
-        reason: Option<&str>,
-        message: String,
-    ) {
-        let Some(reply) = reply else { return };
-        let names = &self.names;
-        let mut headers = HeaderMap::new();
-        headers.insert(names.status.clone(), "error");
-        headers.insert(names.error_code.clone(), header_safe(code));
-        if let Some(reason) = reason {
-            headers.insert(names.reason.clone(), header_safe(reason));
-        }
-        headers.insert(names.instance.clone(), self.instance.clone());
-        if let Err(e) = self
-            .client
-            .publish_with_headers(reply, headers, Bytes::from(message))
+        codec::check_size(payload.len())?;
+        let args = if payload.iter().all(u8::is_ascii_whitespace) {
+            Value::Array(Vec::new())
+        } else {
+            serde_json::from_slice::<Value>(payload).map_err(|e| {
+                DataError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("the body must be a JSON array of arguments: {e}"),
+                )
+            })?
+        };
+        let value = self
+            .component
+            .invoke(export, args)
             .await
-        {
-            tracing::debug!(error = %e, "cannot send a call reply");
+            .map_err(|error| self.fail(export, error))?;
+        serde_json::to_vec(&value).map(Bytes::from).map_err(|e| {
+            DataError::new(
+                ErrorCode::Internal,
+                format!("cannot encode the result: {e}"),
+            )
+        })
+    }
+
+    /// Serves an HTTP request with the component's `wasi:http/incoming-handler`.
+    async fn http(
+        &self,
+        request: HttpMessage<HttpRequestHead>,
+    ) -> Result<HttpMessage<HttpResponseHead>, DataError> {
+        codec::check_size(request.body.len())?;
+        self.component
+            .handle_http(&request.head, request.body)
+            .await
+            .map(|(head, body)| HttpMessage { head, body })
+            .map_err(|error| self.fail(HTTP_EXPORT, error))
+    }
+
+    /// Serves an HTTP request handed over in process (no NATS), counted in flight like a
+    /// message; refused once the period has ended.
+    pub async fn serve_http(
+        &self,
+        request: HttpMessage<HttpRequestHead>,
+    ) -> Result<HttpMessage<HttpResponseHead>, DataError> {
+        self.enter();
+        let _counted = InFlight(self);
+        if !self.serving() {
+            return Err(not_running());
         }
+        self.http(request).await
+    }
+
+    /// The error a failed invocation answers with; a crash ends the serving period and tells
+    /// the supervisor.
+    fn fail(&self, export: &str, error: InvokeError) -> DataError {
+        let Some(reason) = error.crash_reason() else {
+            return DataError::new(error.code(), error.to_string());
+        };
+        let detail = crash_detail(&error);
+        // Only the first crash of the period reaches the supervisor.
+        self.end();
+        let tx = self
+            .crash
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(tx) = tx {
+            let _ = tx.send(Crash {
+                reason: reason.to_string(),
+                detail: detail.clone(),
+                export: export.to_owned(),
+            });
+        }
+        DataError::crash(reason, detail)
     }
 }
 
-/// The data plane's header names.
-#[derive(Debug)]
-struct Names {
-    export: HeaderName,
-    status: HeaderName,
-    error_code: HeaderName,
-    reason: HeaderName,
-    instance: HeaderName,
-}
-
-impl Names {
-    fn new() -> Self {
-        Self {
-            export: HeaderName::from_static(dataplane::EXPORT),
-            status: HeaderName::from_static(dataplane::STATUS),
-            error_code: HeaderName::from_static(dataplane::ERROR_CODE),
-            reason: HeaderName::from_static(dataplane::REASON),
-            instance: HeaderName::from_static(dataplane::INSTANCE),
-        }
-    }
+fn not_running() -> DataError {
+    DataError::new(ErrorCode::NotRunning, "the instance is not running; retry")
 }
 
 /// The crash's description, with the tail of the guest's stderr when it wrote any (a panic's
@@ -342,9 +279,4 @@ fn crash_detail(error: &InvokeError) -> String {
         }
     }
     detail
-}
-
-/// A header value cannot hold line breaks.
-fn header_safe(value: &str) -> String {
-    value.replace(['\r', '\n'], " ")
 }

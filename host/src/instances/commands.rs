@@ -7,11 +7,12 @@ use futures::StreamExt as _;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 use trellis_schemas::control::decode_request;
+use trellis_schemas::dataplane::{self, HostVerb};
 use trellis_schemas::instance::{
     CommandAccepted, StartInstanceCommand, StartProviderCommand, StopInstanceCommand,
     StopProviderCommand,
 };
-use trellis_schemas::{ErrorBody, ErrorCode, HostId, Lattice, Reply, subject};
+use trellis_schemas::{ErrorBody, ErrorCode, HostId, Lattice, Reply};
 
 use super::manager::InstanceManager;
 use crate::providers::Providers;
@@ -29,36 +30,36 @@ pub async fn serve_commands(
     providers: Providers,
 ) -> Result<JoinHandle<()>, async_nats::SubscribeError> {
     let mut commands = client
-        .subscribe(subject::host_commands(lattice, host_id))
+        .subscribe(dataplane::host_commands(lattice, host_id))
         .await?;
-    let start = subject::host_command(lattice, host_id, "instance.start");
-    let stop = subject::host_command(lattice, host_id, "instance.stop");
-    let provider_start = subject::host_command(lattice, host_id, "provider.start");
-    let provider_stop = subject::host_command(lattice, host_id, "provider.stop");
-    let prefix = subject::host_command(lattice, host_id, "");
+    let (lattice, host_id) = (lattice.clone(), host_id.clone());
     Ok(tokio::spawn(async move {
         while let Some(message) = commands.next().await {
             let subject = message.subject.as_str();
-            let outcome = if subject == start {
-                decode_request::<StartInstanceCommand>(&message.payload)
-                    .and_then(|command| manager.start(command))
-            } else if subject == stop {
-                decode_request::<StopInstanceCommand>(&message.payload)
-                    .and_then(|command| manager.stop(command))
-            } else if subject == provider_start {
-                decode_request::<StartProviderCommand>(&message.payload)
-                    .and_then(|command| providers.start(command))
-            } else if subject == provider_stop {
-                decode_request::<StopProviderCommand>(&message.payload)
-                    .and_then(|command| providers.stop(&command))
-            } else {
-                let verb = subject.strip_prefix(prefix.as_str()).unwrap_or(subject);
-                Err(ErrorBody::new(
+            let outcome = match dataplane::parse_host_command(&lattice, &host_id, subject) {
+                Ok(HostVerb::InstanceStart) => {
+                    decode_request::<StartInstanceCommand>(&message.payload)
+                        .and_then(|command| manager.start(command))
+                }
+                Ok(HostVerb::InstanceStop) => {
+                    decode_request::<StopInstanceCommand>(&message.payload)
+                        .and_then(|command| manager.stop(command))
+                }
+                Ok(HostVerb::ProviderStart) => {
+                    decode_request::<StartProviderCommand>(&message.payload)
+                        .and_then(|command| providers.start(command))
+                }
+                Ok(HostVerb::ProviderStop) => {
+                    decode_request::<StopProviderCommand>(&message.payload)
+                        .and_then(|command| providers.stop(&command))
+                }
+                Err(verb) => Err(ErrorBody::new(
                     ErrorCode::UnknownVerb,
                     format!(
-                        "unknown host command {verb:?}; known: instance.start, instance.stop, provider.start, provider.stop"
+                        "unknown host command {verb:?}; known: {}",
+                        HostVerb::known()
                     ),
-                ))
+                )),
             };
             let Some(reply) = message.reply else { continue };
             let body = match outcome {

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use futures::{FutureExt as _, StreamExt as _};
+use futures::StreamExt as _;
 use tokio::sync::mpsc;
+use trellis_schemas::dataplane;
 use trellis_schemas::fact::{
     InstanceCrashed, InstanceGaveUp, InstanceRestarting, InstanceStarted, InstanceStopped,
 };
-use trellis_schemas::{ComponentName, Event, FactData, InstanceId, RestartPolicy, subject};
+use trellis_schemas::{ComponentName, Event, FactData, InstanceId, RestartPolicy};
 
 use super::call::{Crash, Serving};
 use super::manager::{Context, Slot};
@@ -107,18 +108,22 @@ pub(crate) async fn supervise(
     let mut attempt: u32 = 0;
     let timeout = component.manifest().limits.timeout;
     loop {
-        let (serving, crashed) =
-            Serving::new(ctx.client.clone(), component.clone(), spec.id.as_str());
+        let (serving, crashed) = Serving::new(
+            ctx.client.clone(),
+            component.clone(),
+            ctx.lattice.clone(),
+            spec.id.as_str(),
+        );
         let serving = Arc::new(serving);
-        let queue = subject::component_queue(&spec.name);
+        let queue = dataplane::component_queue(&spec.name);
         let subscribed = async {
             let by_component = ctx
                 .client
-                .queue_subscribe(subject::component_rpc_all(&ctx.lattice, &spec.name), queue)
+                .queue_subscribe(dataplane::component_all(&ctx.lattice, &spec.name), queue)
                 .await?;
             let by_instance = ctx
                 .client
-                .subscribe(subject::instance_rpc_all(&ctx.lattice, &spec.id))
+                .subscribe(dataplane::instance_all(&ctx.lattice, &spec.id))
                 .await?;
             Ok::<_, async_nats::SubscribeError>((by_component, by_instance))
         }
@@ -132,6 +137,7 @@ pub(crate) async fn supervise(
             }
         };
         state.set(State::Running);
+        ctx.local.add(&spec.name, &spec.id, &serving);
         ctx.publish(
             Event::new(
                 ctx.source.clone(),
@@ -174,13 +180,23 @@ pub(crate) async fn supervise(
 
         // Stop serving: no new calls of this period; those already delivered are refused.
         serving.end();
-        let _ = by_component.unsubscribe().await;
-        let _ = by_instance.unsubscribe().await;
-        while let Some(Some(message)) = by_component.next().now_or_never() {
-            refuse(&serving, message);
-        }
-        while let Some(Some(message)) = by_instance.next().now_or_never() {
-            refuse(&serving, message);
+        ctx.local.remove(&spec.name, &spec.id);
+        // Drained, not just unsubscribed: what the server had already routed here is still
+        // delivered and refused (`not_running`, the caller retries) instead of being dropped,
+        // which would leave its caller waiting for a reply that never comes. Bounded, for a
+        // NATS that is away.
+        let _ = by_component.drain().await;
+        let _ = by_instance.drain().await;
+        let leftovers = async {
+            while let Some(message) = by_component.next().await {
+                refuse(&serving, message);
+            }
+            while let Some(message) = by_instance.next().await {
+                refuse(&serving, message);
+            }
+        };
+        if tokio::time::timeout(DRAIN_BOUND, leftovers).await.is_err() {
+            tracing::debug!(instance = %spec.id, "the subscriptions did not drain in time");
         }
 
         let crash = match ended {
@@ -265,6 +281,9 @@ fn spawn_call(serving: &Arc<Serving>, message: async_nats::Message) {
     let serving = Arc::clone(serving);
     tokio::spawn(async move { serving.handle(message).await });
 }
+
+/// How long the end of a serving period waits for its subscriptions to drain.
+const DRAIN_BOUND: Duration = Duration::from_secs(2);
 
 fn refuse(serving: &Arc<Serving>, message: async_nats::Message) {
     let serving = Arc::clone(serving);

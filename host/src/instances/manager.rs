@@ -20,6 +20,7 @@ use super::artifact::{Artifacts, Loaded, load_file};
 use super::bridge::{Assignments, NatsBridge};
 use super::error::StartError;
 use super::instance::{Spec, State, StateCell, Stop, supervise};
+use super::local::LocalInstances;
 use crate::providers::EmbeddedProviders;
 use crate::runtime::{Digest, Runtime};
 
@@ -31,6 +32,8 @@ pub(crate) struct Context {
     pub lattice: Lattice,
     pub host_id: HostId,
     pub source: String,
+    /// The serving periods of this host's instances, for in-process HTTP.
+    pub local: LocalInstances,
 }
 
 impl Context {
@@ -117,6 +120,7 @@ impl InstanceManager {
                     lattice,
                     host_id,
                     source,
+                    local: LocalInstances::default(),
                 }),
                 runtime,
                 artifacts,
@@ -127,6 +131,11 @@ impl InstanceManager {
                 next_key: AtomicU64::new(1),
             }),
         }
+    }
+
+    /// The instances serving in this process, for an `http-server` provider embedded here.
+    pub fn local_http(&self) -> Arc<dyn trellis_provider_http_server::LocalTargets> {
+        Arc::new(self.inner.ctx.local.clone())
     }
 
     /// Accepts a start command: the instance starts in the background.

@@ -19,6 +19,9 @@
 //!   is not assigned does not start (`instance.start_failed` naming the capability). HTTP requests
 //!   from the `http-server` provider arrive on the component's `.http` subject and are served by
 //!   its `wasi:http/incoming-handler`.
+//! - **In process.** An `http-server` provider embedded in this host hands HTTP requests to
+//!   the instances running here directly ([`InstanceManager::local_http`]), with the same checks,
+//!   limits and crash handling as a request over NATS.
 //! - **Crashes.** A call that crashes (trap, fuel, timeout, memory, stack, panic, output size) is
 //!   answered with the crash; the instance stops serving and reports `instance.crashed`. The
 //!   restart policy is applied here, without asking anyone: `instance.restarting`, a delay, then
@@ -34,6 +37,7 @@ mod call;
 mod commands;
 mod error;
 mod instance;
+mod local;
 mod manager;
 
 pub use commands::serve_commands;

@@ -3,14 +3,15 @@
 //! `wasmcloud:messaging/consumer`. `wasi:http` comes from wasmtime-wasi-http (see
 //! [`super::http`]).
 //!
-//! Key-value and messaging calls are encoded as the JSON requests of
-//! [`trellis_schemas::capability::rpc`] and handed to the invocation's
-//! [`CapabilityBridge`](super::CapabilityBridge); logging writes to the captured stderr.
+//! Key-value and messaging calls become the typed requests of
+//! [`trellis_schemas::capability::rpc`] and are handed to the invocation's
+//! [`CapabilityBridge`](super::CapabilityBridge) as they are (the bridge encodes them only if
+//! they cross NATS); logging writes to the captured stderr.
 
 use bytes::Bytes;
-use trellis_schemas::Capability;
 use trellis_schemas::capability::rpc::{
-    BrokerMessage as WireMessage, Bytes64, KvReply, KvRequest, MessagingRequest,
+    BrokerMessage as WireMessage, CapabilityRequest, CapabilityResponse, KvReply, KvRequest,
+    MessagingRequest,
 };
 use wasmtime::component::{HasSelf, Linker, Resource};
 
@@ -73,28 +74,40 @@ fn kv_error(e: CapabilityError) -> store::Error {
 impl StoreState {
     async fn capability(
         &mut self,
-        capability: Capability,
-        body: Vec<u8>,
-    ) -> Result<Bytes, CapabilityError> {
+        request: CapabilityRequest,
+    ) -> Result<CapabilityResponse, CapabilityError> {
         let call = CapabilityCall {
-            capability,
-            body: Bytes::from(body),
-            http_head: None,
+            request,
             timeout: self.call_budget(),
         };
-        self.bridge.call(call).await.map(|reply| reply.body)
+        self.bridge.call(call).await
     }
 
     async fn kv(&mut self, request: KvRequest) -> Result<KvReply, store::Error> {
-        let body = serde_json::to_vec(&request)
-            .map_err(|e| store::Error::Other(format!("cannot encode the request: {e}")))?;
-        let reply = self
-            .capability(Capability::KeyValue, body)
+        match self
+            .capability(CapabilityRequest::KeyValue(request))
             .await
-            .map_err(kv_error)?;
-        serde_json::from_slice(&reply).map_err(|e| {
-            store::Error::Other(format!("the kv provider sent a malformed reply: {e}"))
-        })
+            .map_err(kv_error)?
+        {
+            CapabilityResponse::KeyValue(reply) => Ok(reply),
+            _ => Err(store::Error::Other(
+                "the kv provider answered another capability's reply".to_owned(),
+            )),
+        }
+    }
+
+    async fn messaging(
+        &mut self,
+        request: MessagingRequest,
+    ) -> Result<Option<WireMessage>, String> {
+        match self
+            .capability(CapabilityRequest::Messaging(request))
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            CapabilityResponse::Messaging(reply) => Ok(reply.message),
+            _ => Err("the messaging provider answered another capability's reply".to_owned()),
+        }
     }
 
     fn identifier(&self, bucket: &Resource<KvBucket>) -> wasmtime::Result<String> {
@@ -129,7 +142,7 @@ impl store::HostBucket for StoreState {
         Ok(self
             .kv(KvRequest::Get { bucket, key })
             .await
-            .map(|r| r.value))
+            .map(|r| r.value.map(Vec::from)))
     }
 
     async fn set(
@@ -143,7 +156,7 @@ impl store::HostBucket for StoreState {
             .kv(KvRequest::Set {
                 bucket,
                 key,
-                value: Bytes64(value),
+                value: Bytes::from(value),
             })
             .await
             .map(|_| ()))
@@ -237,7 +250,7 @@ impl batch::Host for StoreState {
         Ok(Ok(keys
             .into_iter()
             .zip(reply.values)
-            .map(|(k, v)| v.map(|v| (k, v.0)))
+            .map(|(k, v)| v.map(|v| (k, Vec::from(v))))
             .collect()))
     }
 
@@ -249,7 +262,7 @@ impl batch::Host for StoreState {
         let bucket = self.identifier(&bucket)?;
         let pairs = key_values
             .into_iter()
-            .map(|(k, v)| (k, Bytes64(v)))
+            .map(|(k, v)| (k, Bytes::from(v)))
             .collect();
         Ok(self
             .kv(KvRequest::SetMany { bucket, pairs })
@@ -300,7 +313,7 @@ impl msg_types::Host for StoreState {}
 fn to_wire(msg: msg_types::BrokerMessage) -> WireMessage {
     WireMessage {
         subject: msg.subject,
-        body: Bytes64(msg.body),
+        body: Bytes::from(msg.body),
         reply_to: msg.reply_to,
     }
 }
@@ -314,23 +327,18 @@ impl consumer::Host for StoreState {
     ) -> wasmtime::Result<Result<msg_types::BrokerMessage, String>> {
         let request = MessagingRequest::Request {
             subject,
-            body: Bytes64(body),
+            body: Bytes::from(body),
             timeout_ms,
         };
-        let Ok(body) = serde_json::to_vec(&request) else {
-            return Ok(Err("cannot encode the request".to_owned()));
-        };
-        let reply = match self.capability(Capability::Messaging, body).await {
-            Ok(reply) => reply,
-            Err(e) => return Ok(Err(e.to_string())),
-        };
-        Ok(serde_json::from_slice::<WireMessage>(&reply)
-            .map(|m| msg_types::BrokerMessage {
-                subject: m.subject,
-                body: m.body.0,
-                reply_to: m.reply_to,
-            })
-            .map_err(|e| format!("the messaging provider sent a malformed reply: {e}")))
+        Ok(self.messaging(request).await.and_then(|reply| {
+            reply
+                .map(|m| msg_types::BrokerMessage {
+                    subject: m.subject,
+                    body: Vec::from(m.body),
+                    reply_to: m.reply_to,
+                })
+                .ok_or_else(|| "the messaging provider sent no reply message".to_owned())
+        }))
     }
 
     async fn publish(
@@ -340,13 +348,6 @@ impl consumer::Host for StoreState {
         let request = MessagingRequest::Publish {
             message: to_wire(msg),
         };
-        let Ok(body) = serde_json::to_vec(&request) else {
-            return Ok(Err("cannot encode the request".to_owned()));
-        };
-        Ok(self
-            .capability(Capability::Messaging, body)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()))
+        Ok(self.messaging(request).await.map(|_| ()))
     }
 }

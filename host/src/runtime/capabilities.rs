@@ -16,30 +16,24 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use bytes::Bytes;
 use trellis_schemas::Capability;
-use trellis_schemas::capability::rpc::RpcErrorCode;
+pub use trellis_schemas::capability::rpc::{CapabilityRequest, CapabilityResponse};
+use trellis_schemas::dataplane::{DataError, ErrorCode};
 
-/// One capability call on its way to a provider.
+/// One capability call on its way to a provider: a typed request, never encoded in process.
 #[derive(Debug, Clone)]
 pub struct CapabilityCall {
-    /// The capability the call belongs to.
-    pub capability: Capability,
-    /// The request body (JSON for key-value and messaging, the raw body for HTTP).
-    pub body: Bytes,
-    /// For HTTP: the request head as JSON (an `HttpRequestHead`).
-    pub http_head: Option<String>,
+    /// What is asked.
+    pub request: CapabilityRequest,
     /// How long the caller waits for an answer.
     pub timeout: Duration,
 }
 
-/// A provider's successful answer.
-#[derive(Debug, Clone, Default)]
-pub struct CapabilityReply {
-    /// The reply body.
-    pub body: Bytes,
-    /// For HTTP: the response head as JSON (an `HttpResponseHead`).
-    pub http_head: Option<String>,
+impl CapabilityCall {
+    /// The capability the call belongs to.
+    pub fn capability(&self) -> Capability {
+        self.request.capability()
+    }
 }
 
 /// Why a capability call failed. The guest sees it as its interface's error.
@@ -58,7 +52,7 @@ pub enum CapabilityError {
     #[error("{code}: {message}")]
     Remote {
         /// The provider's error code.
-        code: RpcErrorCode,
+        code: ErrorCode,
         /// Its message.
         message: String,
     },
@@ -66,11 +60,12 @@ pub enum CapabilityError {
 
 impl CapabilityError {
     /// Builds the error for a provider's error reply.
-    pub fn from_remote(code: RpcErrorCode, message: String) -> Self {
+    pub fn from_remote(error: DataError) -> Self {
+        let DataError { code, message, .. } = error;
         match code {
-            RpcErrorCode::AccessDenied => CapabilityError::Denied(message),
-            RpcErrorCode::NoSuchStore => CapabilityError::NoSuchStore(message),
-            RpcErrorCode::Unavailable => CapabilityError::Unavailable(message),
+            ErrorCode::AccessDenied => CapabilityError::Denied(message),
+            ErrorCode::NoSuchStore => CapabilityError::NoSuchStore(message),
+            ErrorCode::Unavailable => CapabilityError::Unavailable(message),
             code => CapabilityError::Remote { code, message },
         }
     }
@@ -78,7 +73,7 @@ impl CapabilityError {
 
 /// A boxed future returned by [`CapabilityBridge::call`].
 pub type BridgeFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<CapabilityReply, CapabilityError>> + Send + 'a>>;
+    Pin<Box<dyn Future<Output = Result<CapabilityResponse, CapabilityError>> + Send + 'a>>;
 
 /// Carries a component's capability calls to whoever serves them, after checking that they are
 /// allowed. Implemented by the host (over NATS, to the assigned providers) and by embedders.
@@ -104,7 +99,7 @@ impl CapabilityBridge for DenyAll {
         Box::pin(async move {
             Err(CapabilityError::Denied(format!(
                 "{} is not assigned to this component",
-                call.capability
+                call.capability()
             )))
         })
     }
@@ -112,6 +107,9 @@ impl CapabilityBridge for DenyAll {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+    use trellis_schemas::capability::rpc::{BrokerMessage, KvRequest, MessagingRequest};
+
     use super::*;
 
     #[tokio::test]
@@ -119,11 +117,24 @@ mod tests {
         let bridge = DenyAll;
         for cap in Capability::ALL {
             assert!(!bridge.allows(*cap));
+        }
+        let requests = [
+            CapabilityRequest::KeyValue(KvRequest::Open {
+                bucket: String::new(),
+            }),
+            CapabilityRequest::Messaging(MessagingRequest::Publish {
+                message: BrokerMessage {
+                    subject: "a".into(),
+                    body: Bytes::new(),
+                    reply_to: None,
+                },
+            }),
+        ];
+        for request in requests {
+            let cap = request.capability();
             let err = bridge
                 .call(CapabilityCall {
-                    capability: *cap,
-                    body: Bytes::new(),
-                    http_head: None,
+                    request,
                     timeout: Duration::from_secs(1),
                 })
                 .await
@@ -135,13 +146,13 @@ mod tests {
     #[test]
     fn remote_codes_map_to_errors() {
         assert!(matches!(
-            CapabilityError::from_remote(RpcErrorCode::AccessDenied, "x".into()),
+            CapabilityError::from_remote(DataError::new(ErrorCode::AccessDenied, "x")),
             CapabilityError::Denied(_)
         ));
         assert!(matches!(
-            CapabilityError::from_remote(RpcErrorCode::Upstream, "x".into()),
+            CapabilityError::from_remote(DataError::new(ErrorCode::Upstream, "x")),
             CapabilityError::Remote {
-                code: RpcErrorCode::Upstream,
+                code: ErrorCode::Upstream,
                 ..
             }
         ));

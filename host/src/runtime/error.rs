@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use trellis_schemas::dataplane::{CrashReason, ErrorCode};
 use wasmtime::Trap;
 
 use super::convert::ConvertError;
@@ -277,6 +278,38 @@ impl InvokeError {
                 | Self::Trap { .. }
                 | Self::OutputTooLarge { .. }
         )
+    }
+
+    /// How the guest crashed, for a crash ([`is_crash`](Self::is_crash)).
+    pub fn crash_reason(&self) -> Option<CrashReason> {
+        Some(match self {
+            Self::FuelExhausted { .. } => CrashReason::FuelExhausted,
+            Self::Timeout { .. } => CrashReason::Timeout,
+            Self::MemoryLimit { .. } => CrashReason::MemoryLimit,
+            Self::StackOverflow { .. } => CrashReason::StackOverflow,
+            Self::Panic { .. } => CrashReason::Panic,
+            Self::Trap { trap, .. } => CrashReason::Trap(trap_code(*trap)),
+            Self::OutputTooLarge { .. } => CrashReason::OutputTooLarge,
+            _ => return None,
+        })
+    }
+
+    /// The data-plane error code a call that failed this way answers with.
+    pub fn code(&self) -> ErrorCode {
+        if let Some(reason) = self.crash_reason() {
+            return reason.error_code();
+        }
+        match self {
+            Self::UnknownExport { .. } => ErrorCode::UnknownExport,
+            Self::ArgumentsNotArray { .. }
+            | Self::ArgumentCount { .. }
+            | Self::ArgumentType { .. } => ErrorCode::InvalidArguments,
+            Self::Busy { .. } => ErrorCode::Busy,
+            Self::UnsupportedResult { .. } => ErrorCode::UnsupportedResult,
+            Self::BadRequest { .. } => ErrorCode::InvalidRequest,
+            Self::HttpResponse { .. } => ErrorCode::NoResponse,
+            _ => ErrorCode::Internal,
+        }
     }
 
     /// What the guest wrote to stdout and stderr before it failed, when it ran at all.

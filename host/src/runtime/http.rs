@@ -9,8 +9,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use trellis_schemas::Capability;
 use trellis_schemas::capability::rpc::{
-    HttpRequestHead, HttpResponseHead, MAX_BODY_BYTES, RpcErrorCode,
+    CapabilityRequest, CapabilityResponse, HttpMessage, HttpRequestHead, HttpResponseHead,
 };
+use trellis_schemas::dataplane::{ErrorCode, MAX_BODY_BYTES};
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::capabilities::{CapabilityBridge, CapabilityCall, CapabilityError};
@@ -39,11 +40,11 @@ fn outgoing_error(e: CapabilityError) -> Error {
     match e {
         CapabilityError::Denied(_) => Error::HttpRequestDenied,
         CapabilityError::Remote {
-            code: RpcErrorCode::TooLarge,
+            code: ErrorCode::PayloadTooLarge,
             ..
         } => Error::HttpRequestBodySize(None),
         CapabilityError::Remote {
-            code: RpcErrorCode::Upstream,
+            code: ErrorCode::Upstream,
             message,
         } => {
             // The provider names the failure in the message's first word.
@@ -102,33 +103,23 @@ impl WasiHttpHooks for HttpHooks {
                 &parts,
                 Some(u64::try_from(wanted.as_millis()).unwrap_or(u64::MAX)),
             );
-            let head = serde_json::to_string(&head)
-                .map_err(|e| Error::InternalError(Some(e.to_string())))?;
             let reply = bridge
                 .call(CapabilityCall {
-                    capability: Capability::HttpOutgoing,
-                    body,
-                    http_head: Some(head),
+                    request: CapabilityRequest::Http(HttpMessage { head, body }),
                     timeout: remaining,
                 })
                 .await
                 .map_err(outgoing_error)?;
-            let head: HttpResponseHead = reply
-                .http_head
-                .as_deref()
-                .ok_or_else(|| {
-                    Error::InternalError(Some("the http-client reply has no head".to_owned()))
-                })
-                .and_then(|h| {
-                    serde_json::from_str(h).map_err(|e| {
-                        Error::InternalError(Some(format!("malformed http-client reply: {e}")))
-                    })
-                })?;
+            let CapabilityResponse::Http(HttpMessage { head, body }) = reply else {
+                return Err(Error::InternalError(Some(
+                    "the http-client answered another capability's reply".to_owned(),
+                )));
+            };
             let mut response = http::Response::builder().status(head.status);
             for (name, value) in &head.headers {
                 response = response.header(name, value);
             }
-            let body = Full::new(reply.body)
+            let body = Full::new(body)
                 .map_err(|never| match never {})
                 .boxed_unsync();
             let response = response

@@ -20,7 +20,8 @@ mod store;
 mod ticker;
 
 pub use capabilities::{
-    BridgeFuture, CapabilityBridge, CapabilityCall, CapabilityError, CapabilityReply, DenyAll,
+    BridgeFuture, CapabilityBridge, CapabilityCall, CapabilityError, CapabilityRequest,
+    CapabilityResponse, DenyAll,
 };
 pub use component::{ExportInfo, Invocation, LoadedComponent};
 pub use config::RuntimeConfig;

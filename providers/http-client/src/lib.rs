@@ -18,10 +18,14 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use trellis_provider_sdk::{Call, Context, Provider, ProviderInfo, Reply, RpcError};
+use trellis_provider_sdk::{
+    Call, CapabilityRequest, CapabilityResponse, Context, DataError, Outcome, Provider,
+    ProviderInfo,
+};
 use trellis_schemas::Capability;
 use trellis_schemas::capability::host_allowed;
-use trellis_schemas::capability::rpc::{self, HttpRequestHead, HttpResponseHead};
+use trellis_schemas::capability::rpc::{HttpMessage, HttpResponseHead};
+use trellis_schemas::dataplane::MAX_BODY_BYTES;
 
 /// What this provider is.
 pub const INFO: ProviderInfo = ProviderInfo {
@@ -87,7 +91,7 @@ pub fn effective_timeout(head: Option<u64>, config: Option<&str>) -> Duration {
 }
 
 /// The `upstream` error for a failed request, its first word the `wasi:http` error.
-fn classify(error: &hyper_util::client::legacy::Error) -> RpcError {
+fn classify(error: &hyper_util::client::legacy::Error) -> DataError {
     let mut detail = error.to_string();
     let mut source = std::error::Error::source(error);
     let mut io_kind = None;
@@ -114,26 +118,23 @@ fn classify(error: &hyper_util::client::legacy::Error) -> RpcError {
     } else {
         "connection_terminated"
     };
-    RpcError::upstream(format!("{word} {detail}"))
+    DataError::upstream(format!("{word} {detail}"))
 }
 
 impl Provider for HttpClientProvider {
-    async fn handle(&self, call: Call) -> Result<Reply, RpcError> {
-        let head = call
-            .header(rpc::HTTP_HEAD)
-            .ok_or_else(|| RpcError::invalid(format!("missing header {}", rpc::HTTP_HEAD)))?;
-        let head: HttpRequestHead = serde_json::from_str(head).map_err(|e| {
-            RpcError::invalid(format!(
-                "header {} is not a request head: {e}",
-                rpc::HTTP_HEAD
-            ))
-        })?;
+    async fn handle(&self, call: Call) -> Outcome {
+        let CapabilityRequest::Http(HttpMessage { head, body }) = call.request.clone() else {
+            return Err(DataError::invalid(format!(
+                "the http-client provider does not serve {}",
+                call.request.capability()
+            )));
+        };
         let uri: http::Uri = head
             .uri
             .parse()
-            .map_err(|e| RpcError::invalid(format!("invalid URI {:?}: {e}", head.uri)))?;
+            .map_err(|e| DataError::invalid(format!("invalid URI {:?}: {e}", head.uri)))?;
         let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
-            return Err(RpcError::invalid(format!(
+            return Err(DataError::invalid(format!(
                 "URI {:?} is not absolute (scheme and host needed)",
                 head.uri
             )));
@@ -142,7 +143,7 @@ impl Provider for HttpClientProvider {
             "http" => 80,
             "https" => 443,
             other => {
-                return Err(RpcError::invalid(format!(
+                return Err(DataError::invalid(format!(
                     "scheme {other:?} is not supported (http only)"
                 )));
             }
@@ -150,19 +151,19 @@ impl Provider for HttpClientProvider {
         let port = uri.port_u16().unwrap_or(default_port);
         let allowed = call.config("allowed_hosts").unwrap_or_default();
         if !host_allowed(allowed, host, Some(port)) {
-            return Err(RpcError::denied(format!(
+            return Err(DataError::denied(format!(
                 "{host}:{port} is not in the allowed hosts of assignment {} ({allowed})",
                 call.assignment.assignment_id
             )));
         }
         if scheme == "https" {
-            return Err(RpcError::upstream(format!(
+            return Err(DataError::upstream(format!(
                 "tls_unsupported: {} cannot be reached: this provider does not support TLS (https) yet",
                 head.uri
             )));
         }
         let method = http::Method::from_bytes(head.method.as_bytes())
-            .map_err(|_| RpcError::invalid(format!("invalid method {:?}", head.method)))?;
+            .map_err(|_| DataError::invalid(format!("invalid method {:?}", head.method)))?;
         let mut request = http::Request::builder().method(method).uri(uri);
         if let Some(headers) = request.headers_mut() {
             for (name, value) in &head.headers {
@@ -170,7 +171,7 @@ impl Provider for HttpClientProvider {
                     HeaderName::from_bytes(name.as_bytes()),
                     HeaderValue::from_str(value),
                 ) else {
-                    return Err(RpcError::invalid(format!(
+                    return Err(DataError::invalid(format!(
                         "invalid request header {name:?}"
                     )));
                 };
@@ -178,14 +179,14 @@ impl Provider for HttpClientProvider {
                     headers.append(name, value);
                 }
             }
-            if !call.body.is_empty() {
-                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(call.body.len()));
+            if !body.is_empty() {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
             }
         }
         let timeout = effective_timeout(head.timeout_ms, call.config("timeout_ms"));
         let request = request
-            .body(Full::new(call.body))
-            .map_err(|e| RpcError::invalid(format!("invalid request: {e}")))?;
+            .body(Full::new(body))
+            .map_err(|e| DataError::invalid(format!("invalid request: {e}")))?;
         let exchange = async {
             let response = self
                 .client
@@ -193,26 +194,26 @@ impl Provider for HttpClientProvider {
                 .await
                 .map_err(|e| classify(&e))?;
             let (parts, body) = response.into_parts();
-            let body = Limited::new(body, rpc::MAX_BODY_BYTES)
+            let body = Limited::new(body, MAX_BODY_BYTES)
                 .collect()
                 .await
                 .map_err(|e| {
                     if e.is::<http_body_util::LengthLimitError>() {
-                        RpcError::too_large(format!(
+                        DataError::too_large(format!(
                             "the response body is over {} bytes",
-                            rpc::MAX_BODY_BYTES
+                            MAX_BODY_BYTES
                         ))
                     } else {
-                        RpcError::upstream(format!("connection_terminated reading the body: {e}"))
+                        DataError::upstream(format!("connection_terminated reading the body: {e}"))
                     }
                 })?
                 .to_bytes();
-            Ok::<_, RpcError>((parts, body))
+            Ok::<_, DataError>((parts, body))
         };
         let (parts, body) = tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| {
-                RpcError::upstream(format!(
+                DataError::upstream(format!(
                     "response_timeout no complete response from {} within {} ms",
                     head.uri,
                     timeout.as_millis()
@@ -227,7 +228,7 @@ impl Provider for HttpClientProvider {
                 .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
                 .collect(),
         };
-        Reply::http(&head, body)
+        Ok(CapabilityResponse::Http(HttpMessage { head, body }))
     }
 }
 

@@ -5,30 +5,40 @@
 //! `trellis.rpc.v1.<lattice>.component.<name>.http` (any instance of the component, on any
 //! host, through its queue group) or `trellis.rpc.v1.<lattice>.instance.<id>.http` (one
 //! instance). The request head travels as JSON in the `Trellis-Http` header and the body as
-//! payload; the reply carries the response head the same way.
+//! payload; the reply carries the response head the same way (see
+//! [`trellis_bus::dataplane`]).
+//!
+//! Embedded in a host ([`HttpServerProvider::embedded`]), the provider hands a request to an
+//! instance of that host's own process when one serves the target ([`LocalTargets`]), without
+//! NATS, and falls back to the lattice otherwise.
+//!
+//! Failures answer with the HTTP status of their data-plane error code
+//! ([`ErrorCode::http_status`]):
 //!
 //! | outcome | HTTP status |
 //! |---|---|
-//! | `Trellis-Status: ok` | the component's status, headers and body |
-//! | error `busy`, `not_running`; nobody serves the subject | 503 |
-//! | error `crashed` | 500 |
-//! | error `timeout`; no reply within 30 s | 504 |
-//! | any other error | 502 |
-//! | request body over 1 MiB | 413 |
+//! | the component answered | its status, headers and body |
+//! | `timeout` (the invocation ran out of time, or no reply within 30 s) | 504 |
+//! | `busy`, `not_running` | 503 |
+//! | `no_instance` (nothing serves the target), `unknown_component` (never pushed) | 503, the body says which |
+//! | `crashed` (trap, fuel, memory, stack, panic) | 500 |
+//! | request body over 1 MiB (`payload_too_large`) | 413 |
+//! | any other code | its status (see [`ErrorCode`]) |
 //!
 //! A revocation closes the listener (open connections finish their current request). A second
 //! assignment on an address already served is refused with an error in the log and does not
 //! disturb the first.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use async_nats::client::RequestErrorKind;
-use async_nats::{HeaderMap, Subject};
+use async_nats::Subject;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
@@ -37,14 +47,18 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
-use trellis_provider_sdk::{Call, Context, Provider, ProviderInfo, Reply, RpcError};
-use trellis_schemas::capability::rpc;
-use trellis_schemas::instance::dataplane;
-use trellis_schemas::{AssignmentId, AssignmentRecord, AssignmentTarget, Capability};
+use trellis_bus::dataplane::{self as codec, SendError};
+use trellis_provider_sdk::{Call, Context, DataError, ErrorCode, Outcome, Provider, ProviderInfo};
+use trellis_schemas::capability::rpc::{HttpMessage, HttpRequestHead, HttpResponseHead};
+use trellis_schemas::dataplane::{self, MAX_BODY_BYTES, Op};
+use trellis_schemas::{
+    AssignmentId, AssignmentRecord, AssignmentTarget, Capability, ComponentName, FactData,
+    FactKind, subject,
+};
 
 /// What this provider is.
 pub const INFO: ProviderInfo = ProviderInfo {
@@ -60,45 +74,70 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often listeners that could not bind are tried again.
 const RETRY_BIND: Duration = Duration::from_secs(5);
 
-static HTTP_HEAD: async_nats::header::HeaderName =
-    async_nats::header::HeaderName::from_static(rpc::HTTP_HEAD);
-static STATUS: async_nats::header::HeaderName =
-    async_nats::header::HeaderName::from_static(dataplane::STATUS);
-static ERROR_CODE: async_nats::header::HeaderName =
-    async_nats::header::HeaderName::from_static(dataplane::ERROR_CODE);
+/// A boxed future of an in-process HTTP request.
+pub type LocalFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<HttpMessage<HttpResponseHead>, DataError>> + Send + 'a>>;
+
+/// Instances of the process this provider is embedded in, which it can hand requests to
+/// without NATS.
+pub trait LocalTargets: Send + Sync + fmt::Debug + 'static {
+    /// Serves `request` on an instance of this process that serves `target`, or gives the
+    /// request back (`Err`) when none does, so that it goes over NATS.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the request is given back whole so that it can go over NATS without a copy"
+    )]
+    fn serve(
+        &self,
+        target: &AssignmentTarget,
+        request: HttpMessage<HttpRequestHead>,
+    ) -> Result<LocalFuture<'_>, HttpMessage<HttpRequestHead>>;
+}
 
 /// The provider.
 #[derive(Debug)]
-pub struct HttpServerProvider;
+pub struct HttpServerProvider {
+    local: Option<Arc<dyn LocalTargets>>,
+}
 
 impl HttpServerProvider {
-    /// A provider; its listeners follow the assignments once it runs.
+    /// A provider in its own process; its listeners follow the assignments once it runs.
     pub async fn new(_ctx: Context) -> anyhow::Result<Self> {
-        Ok(Self)
+        Ok(Self { local: None })
+    }
+
+    /// A provider embedded in a host: requests go to `local`'s instances when they serve the
+    /// target, over NATS otherwise.
+    pub fn embedded(local: Arc<dyn LocalTargets>) -> Self {
+        Self { local: Some(local) }
     }
 }
 
 impl Provider for HttpServerProvider {
-    async fn handle(&self, call: Call) -> Result<Reply, RpcError> {
-        Err(RpcError::invalid(format!(
+    async fn handle(&self, call: Call) -> Outcome {
+        Err(DataError::invalid(format!(
             "{} is served by listening, not by RPC",
-            call.capability
+            call.capability()
         )))
     }
 
     async fn run(self: Arc<Self>, ctx: Context) {
+        let known = Arc::new(KnownComponents::default());
+        let follower =
+            tokio::spawn(Arc::clone(&known).follow(ctx.client.clone(), ctx.lattice.clone()));
         let mut changes = ctx.assignments.changes();
         let mut listeners: HashMap<AssignmentId, Listener> = HashMap::new();
         let mut reported: HashSet<AssignmentId> = HashSet::new();
         let mut retry = tokio::time::interval(RETRY_BIND);
         loop {
-            reconcile(&ctx, &mut listeners, &mut reported).await;
+            reconcile(&ctx, &self, &known, &mut listeners, &mut reported).await;
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { break },
                 _ = retry.tick() => {}
                 () = ctx.shutdown() => break,
             }
         }
+        follower.abort();
         let tasks: Vec<JoinHandle<()>> = listeners
             .into_values()
             .map(|l| {
@@ -107,6 +146,49 @@ impl Provider for HttpServerProvider {
             })
             .collect();
         futures::future::join_all(tasks).await;
+    }
+}
+
+/// The components pushed to the lattice, by name (from the `artifact.stored` facts), so that a
+/// request nobody serves can say whether the component is unknown or merely not running.
+#[derive(Debug, Default)]
+struct KnownComponents {
+    names: RwLock<HashSet<ComponentName>>,
+    next_seq: std::sync::atomic::AtomicU64,
+}
+
+impl KnownComponents {
+    fn knows(&self, name: &ComponentName) -> bool {
+        self.names
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(name)
+    }
+
+    async fn follow(
+        self: Arc<Self>,
+        client: async_nats::Client,
+        lattice: trellis_schemas::Lattice,
+    ) {
+        use std::sync::atomic::Ordering;
+        trellis_bus::follow(
+            &client,
+            &subject::events_stream(&lattice),
+            &subject::events_of_kind(&lattice, FactKind::ArtifactStored),
+            || self.next_seq.load(Ordering::SeqCst).max(1),
+            |followed| {
+                self.next_seq.store(followed.seq + 1, Ordering::SeqCst);
+                if let Ok(event) = followed.event
+                    && let FactData::ArtifactStored(stored) = event.data
+                {
+                    self.names
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(stored.manifest.name);
+                }
+            },
+        )
+        .await;
     }
 }
 
@@ -121,6 +203,8 @@ struct Listener {
 /// Brings the listeners in line with the assignments in force.
 async fn reconcile(
     ctx: &Context,
+    provider: &HttpServerProvider,
+    known: &Arc<KnownComponents>,
     listeners: &mut HashMap<AssignmentId, Listener>,
     reported: &mut HashSet<AssignmentId>,
 ) {
@@ -171,20 +255,17 @@ async fn reconcile(
             }
         };
         reported.remove(id);
-        let (subject, name) = match &assignment.target {
-            AssignmentTarget::Component(c) => (
-                rpc::component_http(&ctx.lattice, c),
-                format!("component {c}"),
-            ),
-            AssignmentTarget::Instance(i) => {
-                (rpc::instance_http(&ctx.lattice, i), format!("instance {i}"))
-            }
-        };
         tracing::info!(assignment = %id, %address, target = %assignment.target.describe(), "listening");
         let target = Arc::new(Target {
             client: ctx.client.clone(),
-            subject: Subject::from(subject),
-            unavailable: Bytes::from(format!("no instance of {name} is running\n")),
+            subject: Subject::from(dataplane::target_subject(
+                &ctx.lattice,
+                &assignment.target,
+                Op::Http,
+            )),
+            target: assignment.target.clone(),
+            known: Arc::clone(known),
+            local: provider.local.clone(),
         });
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(serve(listener, target, stopped));
@@ -253,7 +334,9 @@ async fn connection(stream: TcpStream, target: Arc<Target>, mut stop: watch::Rec
 struct Target {
     client: async_nats::Client,
     subject: Subject,
-    unavailable: Bytes,
+    target: AssignmentTarget,
+    known: Arc<KnownComponents>,
+    local: Option<Arc<dyn LocalTargets>>,
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -275,17 +358,28 @@ fn hop_by_hop(name: &str) -> bool {
         || name.eq_ignore_ascii_case("content-length")
 }
 
-/// The HTTP status an error code of the data plane becomes.
-pub fn status_of(code: &str) -> StatusCode {
-    match code {
-        "busy" | "not_running" => StatusCode::SERVICE_UNAVAILABLE,
-        "crashed" => StatusCode::INTERNAL_SERVER_ERROR,
-        "timeout" => StatusCode::GATEWAY_TIMEOUT,
-        _ => StatusCode::BAD_GATEWAY,
-    }
+/// The response a failed request gets: the code's HTTP status, and a body that names the code
+/// (and, for failures of the lattice rather than of the guest, what to do). A crash's details
+/// stay in the host's log and facts: they are not for the HTTP client.
+pub fn error_response(error: &DataError) -> Response<Full<Bytes>> {
+    let status =
+        StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = match error.code {
+        ErrorCode::NoInstance
+        | ErrorCode::UnknownComponent
+        | ErrorCode::Busy
+        | ErrorCode::NotRunning
+        | ErrorCode::Timeout
+        | ErrorCode::PayloadTooLarge => format!("{}: {}\n", error.code, error.message),
+        _ => match &error.reason {
+            Some(reason) => format!("component error: {} ({reason})\n", error.code),
+            None => format!("component error: {}\n", error.code),
+        },
+    };
+    text(status, body)
 }
 
-/// [`rpc::HttpRequestHead`] borrowed from the request, so that encoding it copies nothing first.
+/// [`HttpRequestHead`] borrowed from the request, so that encoding it copies nothing first.
 #[derive(Debug, Serialize)]
 struct RequestHead<'a> {
     method: &'a str,
@@ -313,14 +407,20 @@ impl<'a> RequestHead<'a> {
                 .collect(),
         }
     }
-}
 
-/// [`rpc::HttpResponseHead`] borrowing from the reply header where it can.
-#[derive(Debug, Deserialize)]
-struct ResponseHead<'a> {
-    status: u16,
-    #[serde(borrow, default)]
-    headers: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    fn to_owned_head(&self) -> HttpRequestHead {
+        HttpRequestHead {
+            method: self.method.to_owned(),
+            uri: self.uri.to_owned(),
+            authority: self.authority.map(str::to_owned),
+            headers: self
+                .headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            timeout_ms: None,
+        }
+    }
 }
 
 impl Target {
@@ -331,96 +431,127 @@ impl Target {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > rpc::MAX_BODY_BYTES as u64) {
-            return text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
+        let too_large = || {
+            error_response(&DataError::too_large(format!(
+                "the request body is over {MAX_BODY_BYTES} bytes"
+            )))
+        };
+        if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+            return too_large();
         }
-        let body = match Limited::new(body, rpc::MAX_BODY_BYTES).collect().await {
+        let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
             Ok(body) => body.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
-            }
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read a request body");
                 return text(StatusCode::BAD_REQUEST, "cannot read the request body\n");
             }
         };
-        let head = match serde_json::to_string(&RequestHead::of(&parts)) {
-            Ok(head) => head,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot encode a request head");
-                return text(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
-            }
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert(HTTP_HEAD.clone(), head);
-        let request = async_nats::Request::new()
-            .headers(headers)
-            .payload(body)
-            .timeout(Some(REQUEST_TIMEOUT));
-        let reply = match self
-            .client
-            .send_request(self.subject.clone(), request)
-            .await
-        {
-            Ok(reply) => reply,
-            Err(e) => {
-                return match e.kind() {
-                    RequestErrorKind::NoResponders => {
-                        text(StatusCode::SERVICE_UNAVAILABLE, self.unavailable.clone())
-                    }
-                    RequestErrorKind::TimedOut => text(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "the component did not answer in time\n",
-                    ),
-                    _ => {
-                        tracing::warn!(error = %e, subject = %self.subject, "request failed");
-                        text(StatusCode::BAD_GATEWAY, "cannot reach the component\n")
-                    }
+        let head = RequestHead::of(&parts);
+        let result = match &self.local {
+            Some(local) => {
+                let request = HttpMessage {
+                    head: head.to_owned_head(),
+                    body: body.clone(),
                 };
+                match local.serve(&self.target, request) {
+                    Ok(served) => match served.await {
+                        // A local instance that cannot take the request now (it never ran
+                        // there) leaves it to the others on the lattice.
+                        Err(e) if matches!(e.code, ErrorCode::Busy | ErrorCode::NotRunning) => {
+                            self.send(&head, body).await
+                        }
+                        other => other,
+                    },
+                    Err(_) => self.send(&head, body).await,
+                }
             }
+            None => self.send(&head, body).await,
         };
-        let reply_headers = reply.headers.as_ref();
-        let get = |name: &async_nats::header::HeaderName| {
-            reply_headers
-                .and_then(|h| h.get(name.clone()))
-                .map(async_nats::HeaderValue::as_str)
-        };
-        if get(&STATUS) != Some("ok") {
-            let code = get(&ERROR_CODE).unwrap_or("internal");
-            tracing::debug!(%code, message = %String::from_utf8_lossy(&reply.payload), subject = %self.subject, "component error");
-            return text(status_of(code), format!("component error: {code}\n"));
-        }
-        let Some(Ok(head)) = get(&HTTP_HEAD).map(serde_json::from_str::<ResponseHead<'_>>) else {
-            tracing::warn!(subject = %self.subject, "reply without a valid response head");
-            return text(
-                StatusCode::BAD_GATEWAY,
-                "component error: no response head\n",
-            );
-        };
-        let mut response = Response::new(Full::new(reply.payload));
-        *response.status_mut() =
-            StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
-        let headers = response.headers_mut();
-        headers.reserve(head.headers.len());
-        for (name, value) in head.headers {
-            if hop_by_hop(&name) {
-                continue;
-            }
-            if let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(&value),
-            ) {
-                headers.append(name, value);
+        match result {
+            Ok(response) => respond(response),
+            Err(error) => {
+                tracing::debug!(%error, subject = %self.subject, "request failed");
+                error_response(&error)
             }
         }
-        response
     }
+
+    /// Sends the request over NATS and reads the reply.
+    async fn send(
+        &self,
+        head: &RequestHead<'_>,
+        body: Bytes,
+    ) -> Result<HttpMessage<HttpResponseHead>, DataError> {
+        let (headers, body) = codec::http_request(head, body)?;
+        let reply = codec::request(
+            &self.client,
+            self.subject.clone(),
+            headers,
+            body,
+            REQUEST_TIMEOUT,
+        )
+        .await
+        .map_err(|e| match e {
+            SendError::NoResponders => self.nobody_serves(),
+            SendError::TimedOut(t) => DataError::new(
+                ErrorCode::Timeout,
+                format!("the component did not answer within {t:?}"),
+            ),
+            SendError::Failed(e) => {
+                tracing::warn!(error = %e, subject = %self.subject, "request failed");
+                DataError::new(ErrorCode::Upstream, "cannot reach the component")
+            }
+        })?;
+        codec::read_http_reply(reply)
+    }
+
+    /// The error of a request nothing on the lattice serves.
+    fn nobody_serves(&self) -> DataError {
+        match &self.target {
+            AssignmentTarget::Component(name) if !self.known.knows(name) => DataError::new(
+                ErrorCode::UnknownComponent,
+                format!(
+                    "component {name} is not known to the lattice; push it with `trellis component push`"
+                ),
+            ),
+            AssignmentTarget::Component(name) => DataError::new(
+                ErrorCode::NoInstance,
+                format!(
+                    "no instance of component {name} is running; start one with `trellis instance start {name}`"
+                ),
+            ),
+            AssignmentTarget::Instance(id) => DataError::new(
+                ErrorCode::NoInstance,
+                format!("instance {id} is not running"),
+            ),
+        }
+    }
+}
+
+/// The HTTP response of a component's answer.
+fn respond(answer: HttpMessage<HttpResponseHead>) -> Response<Full<Bytes>> {
+    let HttpMessage { head, body } = answer;
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let headers = response.headers_mut();
+    headers.reserve(head.headers.len());
+    for (name, value) in head.headers {
+        if hop_by_hop(&name) {
+            continue;
+        }
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    response
 }
 
 #[cfg(test)]
 mod tests {
-    use trellis_schemas::capability::rpc::{HttpRequestHead, HttpResponseHead};
-
     use super::*;
 
     #[test]
@@ -441,23 +572,23 @@ mod tests {
         assert_eq!(head.authority.as_deref(), Some("example.test:8080"));
         assert_eq!(head.headers.len(), 3);
         assert_eq!(head.timeout_ms, None);
-
-        let reply = serde_json::to_string(&HttpResponseHead {
-            status: 404,
-            headers: vec![("content-type".into(), "text/\"plain\"".into())],
-        })
-        .expect("json");
-        let head: ResponseHead<'_> = serde_json::from_str(&reply).expect("parses");
-        assert_eq!(head.status, 404);
-        assert_eq!(head.headers[0].1, "text/\"plain\"");
+        assert_eq!(RequestHead::of(&parts).to_owned_head(), head);
     }
 
     #[test]
-    fn error_codes_map_to_statuses() {
-        assert_eq!(status_of("busy"), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(status_of("not_running"), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(status_of("crashed"), StatusCode::INTERNAL_SERVER_ERROR);
-        assert_eq!(status_of("timeout"), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(status_of("fuel_exhausted"), StatusCode::BAD_GATEWAY);
+    fn error_codes_map_to_statuses_and_bodies() {
+        use trellis_schemas::CrashReason;
+        let status = |e: DataError| error_response(&e).status().as_u16();
+        assert_eq!(status(DataError::new(ErrorCode::Busy, "")), 503);
+        assert_eq!(status(DataError::new(ErrorCode::NotRunning, "")), 503);
+        assert_eq!(status(DataError::crash(CrashReason::Panic, "")), 500);
+        assert_eq!(status(DataError::crash(CrashReason::Timeout, "")), 504);
+        assert_eq!(status(DataError::too_large("")), 413);
+        let secret = DataError::crash(CrashReason::FuelExhausted, "stderr: secret");
+        let response = error_response(&secret);
+        let body = futures::executor::block_on(response.into_body().collect())
+            .expect("body")
+            .to_bytes();
+        assert_eq!(&body[..], b"component error: crashed (fuel_exhausted)\n");
     }
 }

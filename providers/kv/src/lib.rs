@@ -17,9 +17,12 @@ use async_nats::jetstream::kv::{self, Operation, Store};
 use async_nats::jetstream::stream;
 use bytes::Bytes;
 use futures::TryStreamExt as _;
-use trellis_provider_sdk::{Call, Context, Provider, ProviderInfo, Reply, RpcError};
+use trellis_provider_sdk::{
+    Call, CapabilityRequest, CapabilityResponse, Context, DataError, Outcome, Provider,
+    ProviderInfo,
+};
 use trellis_schemas::Capability;
-use trellis_schemas::capability::rpc::{Bytes64, KvReply, KvRequest};
+use trellis_schemas::capability::rpc::{KvReply, KvRequest};
 
 /// What this provider is.
 pub const INFO: ProviderInfo = ProviderInfo {
@@ -52,7 +55,7 @@ impl KvProvider {
     }
 
     /// The store of `bucket`, created on first use.
-    async fn store(&self, bucket: &str) -> Result<Store, RpcError> {
+    async fn store(&self, bucket: &str) -> Result<Store, DataError> {
         if let Some(store) = self
             .stores
             .read()
@@ -90,25 +93,25 @@ impl KvProvider {
     }
 
     /// A backend failure: `unavailable` while NATS is away or slow, `internal` otherwise.
-    fn backend(&self, message: impl Into<String>) -> RpcError {
+    fn backend(&self, message: impl Into<String>) -> DataError {
         let message = message.into();
         let connected = matches!(
             self.ctx.client.connection_state(),
             async_nats::connection::State::Connected
         );
         if !connected || message.contains("timed out") || message.contains("no responders") {
-            RpcError::unavailable(message)
+            DataError::unavailable(message)
         } else {
-            RpcError::internal(message)
+            DataError::internal(message)
         }
     }
 
-    async fn execute(&self, store: &Store, request: KvRequest) -> Result<KvReply, RpcError> {
+    async fn execute(&self, store: &Store, request: KvRequest) -> Result<KvReply, DataError> {
         let mut reply = KvReply::default();
         match request {
             KvRequest::Open { .. } => {}
             KvRequest::Get { key, .. } => reply.value = self.get(store, &key).await?,
-            KvRequest::Set { key, value, .. } => self.set(store, &key, value.0).await?,
+            KvRequest::Set { key, value, .. } => self.set(store, &key, value).await?,
             KvRequest::Delete { key, .. } => self.delete(store, &key).await?,
             KvRequest::Exists { key, .. } => {
                 reply.exists = Some(self.get(store, &key).await?.is_some());
@@ -124,12 +127,12 @@ impl KvProvider {
             KvRequest::GetMany { keys, .. } => {
                 for key in keys {
                     let value = self.get(store, &key).await?;
-                    reply.values.push(value.map(Bytes64));
+                    reply.values.push(value);
                 }
             }
             KvRequest::SetMany { pairs, .. } => {
                 for (key, value) in pairs {
-                    self.set(store, &key, value.0).await?;
+                    self.set(store, &key, value).await?;
                 }
             }
             KvRequest::DeleteMany { keys, .. } => {
@@ -141,23 +144,22 @@ impl KvProvider {
         Ok(reply)
     }
 
-    async fn get(&self, store: &Store, key: &str) -> Result<Option<Vec<u8>>, RpcError> {
+    async fn get(&self, store: &Store, key: &str) -> Result<Option<Bytes>, DataError> {
         store
             .get(encode_key(key))
             .await
-            .map(|v| v.map(|b| b.to_vec()))
             .map_err(|e| self.backend(format!("get {key:?}: {e}")))
     }
 
-    async fn set(&self, store: &Store, key: &str, value: Vec<u8>) -> Result<(), RpcError> {
+    async fn set(&self, store: &Store, key: &str, value: Bytes) -> Result<(), DataError> {
         store
-            .put(encode_key(key), Bytes::from(value))
+            .put(encode_key(key), value)
             .await
             .map(drop)
             .map_err(|e| self.backend(format!("set {key:?}: {e}")))
     }
 
-    async fn delete(&self, store: &Store, key: &str) -> Result<(), RpcError> {
+    async fn delete(&self, store: &Store, key: &str) -> Result<(), DataError> {
         store
             .delete(encode_key(key))
             .await
@@ -168,7 +170,7 @@ impl KvProvider {
         &self,
         store: &Store,
         cursor: u64,
-    ) -> Result<(Vec<String>, Option<u64>), RpcError> {
+    ) -> Result<(Vec<String>, Option<u64>), DataError> {
         let keys: Vec<String> = store
             .keys()
             .await
@@ -179,7 +181,7 @@ impl KvProvider {
         Ok(page(keys.iter().map(|k| decode_key(k)).collect(), cursor))
     }
 
-    async fn increment(&self, store: &Store, key: &str, delta: u64) -> Result<u64, RpcError> {
+    async fn increment(&self, store: &Store, key: &str, delta: u64) -> Result<u64, DataError> {
         let stored = encode_key(key);
         for _ in 0..CAS_ATTEMPTS {
             let entry = store
@@ -192,12 +194,12 @@ impl KvProvider {
                         .ok()
                         .and_then(|s| s.trim().parse::<u64>().ok())
                         .ok_or_else(|| {
-                            RpcError::invalid(format!(
+                            DataError::invalid(format!(
                                 "cannot increment {key:?}: its value is not a decimal number"
                             ))
                         })?;
                     let next = current.checked_add(delta).ok_or_else(|| {
-                        RpcError::invalid(format!("incrementing {key:?} by {delta} overflows u64"))
+                        DataError::invalid(format!("incrementing {key:?} by {delta} overflows u64"))
                     })?;
                     match store
                         .update(&stored, Bytes::from(next.to_string()), entry.revision)
@@ -215,33 +217,42 @@ impl KvProvider {
                 },
             }
         }
-        Err(RpcError::unavailable(format!(
+        Err(DataError::unavailable(format!(
             "increment {key:?}: too much contention ({CAS_ATTEMPTS} attempts)"
         )))
     }
 }
 
 impl Provider for KvProvider {
-    async fn handle(&self, call: Call) -> Result<Reply, RpcError> {
-        let request: KvRequest = serde_json::from_slice(&call.body)
-            .map_err(|e| RpcError::invalid(format!("not a key-value request: {e}")))?;
-        let assigned = call.config("bucket").unwrap_or_default().to_owned();
+    async fn handle(&self, call: Call) -> Outcome {
+        let Call {
+            assignment,
+            caller,
+            request,
+        } = call;
+        let CapabilityRequest::KeyValue(request) = request else {
+            return Err(DataError::invalid(format!(
+                "the kv provider does not serve {}",
+                request.capability()
+            )));
+        };
+        let assigned = assignment.config.get("bucket").cloned().unwrap_or_default();
         if assigned.is_empty() {
-            return Err(RpcError::internal(format!(
+            return Err(DataError::internal(format!(
                 "assignment {} names no bucket",
-                call.assignment.assignment_id
+                assignment.assignment_id
             )));
         }
         let asked = request.bucket();
         if !asked.is_empty() && asked != assigned {
-            return Err(RpcError::denied(format!(
+            return Err(DataError::denied(format!(
                 "store {asked:?} is not assigned to {}: its assignment {} grants bucket {assigned:?} (open \"\" or {assigned:?})",
-                call.caller, call.assignment.assignment_id
+                caller, assignment.assignment_id
             )));
         }
         let store = self.store(&assigned).await?;
         let reply = self.execute(&store, request).await?;
-        Reply::json(&reply)
+        Ok(CapabilityResponse::KeyValue(reply))
     }
 }
 

@@ -11,18 +11,22 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::Message;
 use async_nats::client::RequestErrorKind;
-use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
-use trellis_provider_sdk::{Call, Context, Provider, ProviderInfo, Reply, RpcError};
-use trellis_schemas::capability::rpc::{BrokerMessage, Bytes64, MessagingRequest};
+use trellis_bus::dataplane as codec;
+use trellis_provider_sdk::{
+    Call, CapabilityRequest, CapabilityResponse, Context, DataError, Outcome, Provider,
+    ProviderInfo,
+};
+use trellis_schemas::capability::rpc::{BrokerMessage, MessagingReply, MessagingRequest};
 use trellis_schemas::capability::{split_list, subject_matches, valid_subject_pattern};
-use trellis_schemas::instance::dataplane;
-use trellis_schemas::{AssignmentId, AssignmentRecord, AssignmentTarget, Capability, subject};
+use trellis_schemas::dataplane::{self, Op};
+use trellis_schemas::{AssignmentId, AssignmentRecord, Capability, subject};
 
 /// What this provider is.
 pub const INFO: ProviderInfo = ProviderInfo {
@@ -61,14 +65,14 @@ impl MessagingProvider {
 fn concrete(subject: &str) -> bool {
     valid_subject_pattern(subject)
         && !subject.split('.').any(|t| t == "*" || t == ">")
-        && !subject.starts_with("trellis.")
+        && !subject::is_reserved(subject)
         && !subject.starts_with('$')
 }
 
 /// Checks `subject` against the assignment's `publish` patterns.
-fn check_publish(call: &Call, subject: &str) -> Result<(), RpcError> {
+fn check_publish(call: &Call, subject: &str) -> Result<(), DataError> {
     if !concrete(subject) {
-        return Err(RpcError::denied(format!(
+        return Err(DataError::denied(format!(
             "{subject:?} is not a subject a component may publish to"
         )));
     }
@@ -76,7 +80,7 @@ fn check_publish(call: &Call, subject: &str) -> Result<(), RpcError> {
     if patterns.iter().any(|p| subject_matches(p, subject)) {
         Ok(())
     } else {
-        Err(RpcError::denied(format!(
+        Err(DataError::denied(format!(
             "publishing to {subject:?} is not allowed by assignment {} (publish: {})",
             call.assignment.assignment_id,
             if patterns.is_empty() {
@@ -89,18 +93,23 @@ fn check_publish(call: &Call, subject: &str) -> Result<(), RpcError> {
 }
 
 impl Provider for MessagingProvider {
-    async fn handle(&self, call: Call) -> Result<Reply, RpcError> {
-        let request: MessagingRequest = serde_json::from_slice(&call.body)
-            .map_err(|e| RpcError::invalid(format!("not a messaging request: {e}")))?;
+    async fn handle(&self, call: Call) -> Outcome {
+        let CapabilityRequest::Messaging(request) = &call.request else {
+            return Err(DataError::invalid(format!(
+                "the messaging provider does not serve {}",
+                call.request.capability()
+            )));
+        };
+        let request = request.clone();
         let client = &self.ctx.client;
         match request {
             MessagingRequest::Publish { message } => {
                 check_publish(&call, &message.subject)?;
-                let body = Bytes::from(message.body.0);
+                let body = message.body;
                 let sent = match message.reply_to {
                     Some(reply_to) => {
                         if !concrete(&reply_to) && !reply_to.starts_with("_INBOX.") {
-                            return Err(RpcError::denied(format!(
+                            return Err(DataError::denied(format!(
                                 "{reply_to:?} cannot be a reply subject"
                             )));
                         }
@@ -110,8 +119,8 @@ impl Provider for MessagingProvider {
                     }
                     None => client.publish(message.subject, body).await,
                 };
-                sent.map_err(|e| RpcError::unavailable(format!("cannot publish: {e}")))?;
-                Ok(Reply::default())
+                sent.map_err(|e| DataError::unavailable(format!("cannot publish: {e}")))?;
+                Ok(CapabilityResponse::Messaging(MessagingReply::default()))
             }
             MessagingRequest::Request {
                 subject,
@@ -122,26 +131,28 @@ impl Provider for MessagingProvider {
                 let timeout =
                     Duration::from_millis(u64::from(timeout_ms).max(1)).min(MAX_REQUEST_TIMEOUT);
                 let request = async_nats::Request::new()
-                    .payload(Bytes::from(body.0))
+                    .payload(body)
                     .timeout(Some(timeout));
                 let reply = client
                     .send_request(subject.clone(), request)
                     .await
                     .map_err(|e| match e.kind() {
                         RequestErrorKind::NoResponders => {
-                            RpcError::upstream(format!("no responders on {subject}"))
+                            DataError::upstream(format!("no responders on {subject}"))
                         }
-                        RequestErrorKind::TimedOut => RpcError::upstream(format!(
+                        RequestErrorKind::TimedOut => DataError::upstream(format!(
                             "no reply on {subject} within {} ms",
                             timeout.as_millis()
                         )),
-                        _ => RpcError::unavailable(format!("request on {subject} failed: {e}")),
+                        _ => DataError::unavailable(format!("request on {subject} failed: {e}")),
                     })?;
-                Reply::json(&BrokerMessage {
-                    subject: reply.subject.to_string(),
-                    body: Bytes64(reply.payload.to_vec()),
-                    reply_to: None,
-                })
+                Ok(CapabilityResponse::Messaging(MessagingReply {
+                    message: Some(BrokerMessage {
+                        subject: reply.subject.to_string(),
+                        body: reply.payload,
+                        reply_to: None,
+                    }),
+                }))
             }
         }
     }
@@ -186,10 +197,7 @@ impl Provider for MessagingProvider {
 /// Subscribes to every subject of an assignment's `subscribe` list.
 async fn subscribe(ctx: &Context, record: &AssignmentRecord) -> Vec<JoinHandle<()>> {
     let assignment = &record.assignment;
-    let target = match &assignment.target {
-        AssignmentTarget::Component(name) => subject::component_call(&ctx.lattice, name),
-        AssignmentTarget::Instance(id) => subject::instance_call(&ctx.lattice, id),
-    };
+    let target = dataplane::target_subject(&ctx.lattice, &assignment.target, Op::Call);
     let queue = format!("trellis-messaging-{}", assignment.assignment_id);
     let subjects = split_list(
         assignment
@@ -256,31 +264,22 @@ async fn deliver(client: &async_nats::Client, target: &str, id: &AssignmentId, m
             return;
         }
     };
-    let mut headers = HeaderMap::new();
-    headers.insert(dataplane::EXPORT, HANDLER_EXPORT);
-    let request = async_nats::Request::new()
-        .headers(headers)
-        .payload(Bytes::from(body))
-        .timeout(Some(DELIVERY_TIMEOUT));
     let subject = message.subject.as_str();
-    match client.send_request(target.to_owned(), request).await {
+    let sent = codec::request(
+        client,
+        target.to_owned(),
+        codec::call_headers(HANDLER_EXPORT),
+        Bytes::from(body),
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    match sent {
         Err(e) => {
             tracing::warn!(assignment = %id, %subject, %target, error = %e, "delivery failed");
         }
         Ok(reply) => {
-            let status = reply
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(dataplane::STATUS))
-                .map(|v| v.as_str().to_owned());
-            if status.as_deref() != Some("ok") {
-                let code = reply
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(dataplane::ERROR_CODE))
-                    .map(|v| v.as_str().to_owned())
-                    .unwrap_or_default();
-                tracing::warn!(assignment = %id, %subject, %target, %code, error = %String::from_utf8_lossy(&reply.payload), "delivery refused");
+            if let Err(e) = codec::read_reply(&reply) {
+                tracing::warn!(assignment = %id, %subject, %target, code = %e.code, error = %e.message, "delivery refused");
                 return;
             }
             match serde_json::from_slice::<serde_json::Value>(&reply.payload) {
@@ -305,7 +304,11 @@ mod tests {
         assert!(concrete("orders.new"));
         assert!(!concrete("orders.*"));
         assert!(!concrete("orders.>"));
-        assert!(!concrete("trellis.ctl.v1.default.host.list"));
+        let ctl = subject::ctl(
+            &trellis_schemas::Lattice::new("default").expect("valid"),
+            trellis_schemas::CtlOp::HostList,
+        );
+        assert!(!concrete(&ctl));
         assert!(!concrete("$JS.API.INFO"));
         assert!(!concrete("a..b"));
     }

@@ -8,14 +8,27 @@
 //!
 //! ```no_run
 //! use std::process::ExitCode;
-//! use trellis_provider_sdk::{Call, Context, Provider, ProviderInfo, Reply, RpcError};
+//! use trellis_provider_sdk::{
+//!     Call, CapabilityRequest, CapabilityResponse, Context, DataError, Outcome, Provider,
+//!     ProviderInfo,
+//! };
 //! use trellis_schemas::Capability;
+//! use trellis_schemas::capability::rpc::KvReply;
 //!
+//! /// Answers every `get` with the key itself.
 //! struct Echo;
 //!
 //! impl Provider for Echo {
-//!     async fn handle(&self, call: Call) -> Result<Reply, RpcError> {
-//!         Ok(Reply::new(call.body))
+//!     async fn handle(&self, call: Call) -> Outcome {
+//!         match call.request {
+//!             CapabilityRequest::KeyValue(trellis_schemas::capability::rpc::KvRequest::Get {
+//!                 key, ..
+//!             }) => Ok(CapabilityResponse::KeyValue(KvReply {
+//!                 value: Some(key.into_bytes().into()),
+//!                 ..KvReply::default()
+//!             })),
+//!             _ => Err(DataError::invalid("only get")),
+//!         }
 //!     }
 //! }
 //!
@@ -67,15 +80,19 @@ use futures::StreamExt as _;
 use futures::stream::SelectAll;
 use tokio::sync::{Notify, watch};
 use trellis_bus::{FactPublisher, StreamSettings};
-use trellis_schemas::capability::rpc as proto;
+use trellis_schemas::control::{ErrorBody, ErrorCode as CtlErrorCode, Reply};
+use trellis_schemas::dataplane::ProviderHealth;
+use trellis_schemas::dataplane::{self as proto, ProviderVerb};
 use trellis_schemas::fact::{ProviderStarted, ProviderStopped};
 use trellis_schemas::{Capability, Event, FactData, HostId, Lattice, ProviderId, ProviderName};
 
 pub use args::{ProviderArgs, parse_setting};
 pub use assignments::{Assignments, MIN_SEQ_WAIT};
 pub use local::{LocalFuture, LocalProvider};
-pub use rpc::{Call, Caller, Provider, Reply, Request, RpcError, error_headers, header_safe};
-pub use trellis_schemas::capability::rpc::RpcErrorCode;
+pub use rpc::{Call, Caller, Outcome, Provider, Request};
+pub use trellis_bus::dataplane::Identity;
+pub use trellis_schemas::capability::rpc::{CapabilityRequest, CapabilityResponse};
+pub use trellis_schemas::dataplane::{DataError, ErrorCode};
 
 /// How long in-flight calls may take to finish once the provider stops taking new ones.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -302,7 +319,7 @@ where
         calls.push(subscriber.map(move |m| (capability, m)));
     }
     let mut control = client
-        .subscribe(proto::provider_control(&lattice, &id, "*"))
+        .subscribe(proto::provider_controls(&lattice, &id))
         .await
         .context("subscribing to the control subject")?;
     let background = tokio::spawn(Arc::clone(&provider).run(ctx.clone()));
@@ -465,43 +482,54 @@ fn spawn_call<P: Provider>(
     });
 }
 
-/// Answers one control request; returns whether it asks the provider to stop.
+/// Answers one control request (in the control envelope); returns whether it asks the
+/// provider to stop.
 async fn control_request(ctx: &Context, in_flight: &InFlight, message: Message) -> bool {
-    let verb = message.subject.rsplit('.').next().unwrap_or_default();
+    let verb = proto::parse_provider_control(&ctx.lattice, &ctx.id, &message.subject);
     let (body, stop) = match verb {
-        "stop" => (serde_json::json!({ "ok": true, "data": {} }), true),
-        "config" => (serde_json::json!(*ctx.settings), false),
-        "health" => (
-            serde_json::json!({
-                "name": ctx.name,
-                "provider_id": ctx.id,
-                "host_id": ctx.host_id,
-                "assignments": ctx.assignments.count_mine(),
-                "last_seq": ctx.assignments.last_seq(),
-                "in_flight": in_flight.count.load(Ordering::SeqCst),
-                "status": if ctx.is_shutting_down() { "draining" } else { "serving" },
-            }),
+        Ok(ProviderVerb::Stop) => (encode_reply(&Reply::ok(serde_json::json!({}))), true),
+        Ok(ProviderVerb::Config) => (encode_reply(&Reply::ok(&*ctx.settings)), false),
+        Ok(ProviderVerb::Health) => (
+            encode_reply(&Reply::ok(ProviderHealth {
+                name: ctx.name.clone(),
+                provider_id: ctx.id.clone(),
+                host_id: ctx.host_id.clone(),
+                assignments: ctx.assignments.count_mine(),
+                last_seq: ctx.assignments.last_seq(),
+                in_flight: in_flight.count.load(Ordering::SeqCst),
+                status: if ctx.is_shutting_down() {
+                    "draining".to_owned()
+                } else {
+                    "serving".to_owned()
+                },
+            })),
             false,
         ),
-        other => (
-            serde_json::json!({
-                "ok": false,
-                "error": {
-                    "code": "invalid_request",
-                    "message": format!("unknown provider control {other:?}: use stop, config or health"),
-                },
-            }),
+        Err(other) => (
+            encode_reply(&Reply::<()>::err(ErrorBody::new(
+                CtlErrorCode::UnknownVerb,
+                format!(
+                    "unknown provider control {other:?}; known: {}",
+                    ProviderVerb::known()
+                ),
+            ))),
             false,
         ),
     };
     if let Some(reply) = message.reply {
-        let body = serde_json::to_vec(&body).unwrap_or_default();
         if let Err(e) = ctx.client.publish(reply, body.into()).await {
             tracing::debug!(error = %e, "cannot answer a control request");
         }
         let _ = ctx.client.flush().await;
     }
     stop
+}
+
+fn encode_reply<T: serde::Serialize>(reply: &Reply<T>) -> Vec<u8> {
+    serde_json::to_vec(reply).unwrap_or_else(|e| {
+        format!(r#"{{"ok":false,"error":{{"code":"internal","message":"cannot encode the reply: {e}"}}}}"#)
+            .into_bytes()
+    })
 }
 
 /// This machine's hostname.

@@ -16,11 +16,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures::FutureExt as _;
 use trellis_schemas::{Capability, ProviderId, ProviderName};
 
-use crate::rpc::{Provider, Reply, Request, RpcError, check_and_handle_request};
+use trellis_schemas::dataplane::DataError;
+
+use crate::rpc::{Outcome, Provider, Request, check_and_handle_request};
 use crate::{Context, InFlight};
 
 /// A boxed call future.
-pub type LocalFuture<'a> = Pin<Box<dyn Future<Output = Result<Reply, RpcError>> + Send + 'a>>;
+pub type LocalFuture<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
 
 /// A handle on a provider running in this process. Cloning shares it.
 #[derive(Clone)]
@@ -123,15 +125,16 @@ impl<P: Provider> Calls for Served<P> {
     fn call(&self, request: Request) -> LocalFuture<'_> {
         Box::pin(async move {
             if !self.serving() {
-                return Err(RpcError::unavailable(format!(
+                return Err(DataError::unavailable(format!(
                     "provider `{}` ({}) is stopping",
                     self.ctx.name, self.ctx.id
                 )));
             }
-            if !self.rpc.contains(&request.capability) {
-                return Err(RpcError::invalid(format!(
-                    "provider `{}` does not serve {}",
-                    self.ctx.name, request.capability
+            let capability = request.request.capability();
+            if !self.rpc.contains(&capability) {
+                return Err(DataError::invalid(format!(
+                    "provider `{}` does not serve {capability}",
+                    self.ctx.name
                 )));
             }
             let _guard = self.in_flight.enter();
@@ -142,7 +145,7 @@ impl<P: Provider> Calls for Served<P> {
                 Ok(result) => result,
                 Err(_) => {
                     tracing::error!(provider = %self.ctx.name, "the provider panicked in a call");
-                    Err(RpcError::internal(format!(
+                    Err(DataError::internal(format!(
                         "provider `{}` failed while handling the call",
                         self.ctx.name
                     )))

@@ -1,0 +1,99 @@
+//! The instances serving in this process, for the `http-server` provider when it is embedded
+//! here: it hands them requests directly, with no NATS round trip.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use trellis_provider_http_server::{LocalFuture, LocalTargets};
+use trellis_schemas::capability::rpc::{HttpMessage, HttpRequestHead};
+use trellis_schemas::{AssignmentTarget, ComponentName, InstanceId};
+
+use super::call::Serving;
+
+/// The serving periods of this host's instances, by component. Cloning shares them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LocalInstances {
+    inner: Arc<Inner>,
+}
+
+/// The serving periods of one component's local instances.
+type Servings = Vec<(InstanceId, Arc<Serving>)>;
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_component: RwLock<HashMap<ComponentName, Servings>>,
+    /// Spreads a component's requests over its local instances.
+    next: AtomicUsize,
+}
+
+impl LocalInstances {
+    /// Registers a serving period of `instance` (replacing an earlier one).
+    pub(crate) fn add(
+        &self,
+        component: &ComponentName,
+        instance: &InstanceId,
+        serving: &Arc<Serving>,
+    ) {
+        let mut map = self
+            .inner
+            .by_component
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let list = map.entry(component.clone()).or_default();
+        list.retain(|(id, _)| id != instance);
+        list.push((instance.clone(), Arc::clone(serving)));
+    }
+
+    /// Forgets `instance`'s serving period.
+    pub(crate) fn remove(&self, component: &ComponentName, instance: &InstanceId) {
+        let mut map = self
+            .inner
+            .by_component
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(list) = map.get_mut(component) {
+            list.retain(|(id, _)| id != instance);
+            if list.is_empty() {
+                map.remove(component);
+            }
+        }
+    }
+
+    /// A serving period of this process that serves `target`, if any.
+    fn pick(&self, target: &AssignmentTarget) -> Option<Arc<Serving>> {
+        let map = self
+            .inner
+            .by_component
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        match target {
+            AssignmentTarget::Component(name) => {
+                let list = map.get(name)?;
+                let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
+                (0..list.len())
+                    .map(|i| &list[(start + i) % list.len()].1)
+                    .find(|s| s.serving())
+                    .cloned()
+            }
+            AssignmentTarget::Instance(id) => map
+                .values()
+                .flatten()
+                .find(|(i, s)| i == id && s.serving())
+                .map(|(_, s)| Arc::clone(s)),
+        }
+    }
+}
+
+impl LocalTargets for LocalInstances {
+    fn serve(
+        &self,
+        target: &AssignmentTarget,
+        request: HttpMessage<HttpRequestHead>,
+    ) -> Result<LocalFuture<'_>, HttpMessage<HttpRequestHead>> {
+        match self.pick(target) {
+            Some(serving) => Ok(Box::pin(async move { serving.serve_http(request).await })),
+            None => Err(request),
+        }
+    }
+}
