@@ -5,7 +5,6 @@
 
 use schemars::{JsonSchema, schema_for};
 
-use crate::capability::Assignment;
 use crate::capability::rpc::{
     HttpRequestHead, HttpResponseHead, KvReply, KvRequest, MessagingRequest,
 };
@@ -16,12 +15,7 @@ use crate::control::{
     ProjectionRequest, ProviderListRequest, ProviderStartRequest, ProviderStopRequest, Reply,
     StatusRequest,
 };
-use crate::fact::{
-    ArtifactStored, AssignmentRevoked, CloudEventEnvelope, FactKind, HostLost, HostStarted,
-    HostStopped, InstanceCrashed, InstanceGaveUp, InstanceRelocated, InstanceRestarting,
-    InstanceStartFailed, InstanceStarted, InstanceStopped, ProviderCrashed, ProviderStartFailed,
-    ProviderStarted, ProviderStopped,
-};
+use crate::fact::{CloudEventEnvelope, FactKind};
 use crate::heartbeat::Heartbeat;
 use crate::instance::{
     StartInstanceCommand, StartProviderCommand, StopInstanceCommand, StopProviderCommand,
@@ -36,9 +30,16 @@ pub struct NamedSchema {
     pub schema: serde_json::Value,
 }
 
+/// The JSON Schema of `T` as a JSON value.
+pub(crate) fn schema_of<T: JsonSchema>() -> serde_json::Value {
+    serde_json::to_value(schema_for!(T)).unwrap_or(serde_json::Value::Null)
+}
+
 fn named<T: JsonSchema>(file: String) -> NamedSchema {
-    let schema = serde_json::to_value(schema_for!(T)).unwrap_or(serde_json::Value::Null);
-    NamedSchema { file, schema }
+    NamedSchema {
+        file,
+        schema: schema_of::<T>(),
+    }
 }
 
 fn control<R: CtlRequest + JsonSchema>() -> [NamedSchema; 2]
@@ -87,25 +88,9 @@ pub fn all() -> Vec<NamedSchema> {
     out.extend(control::<ProviderStopRequest>());
     out.extend(control::<ProviderListRequest>());
     for kind in FactKind::ALL {
-        let file = fact_file(*kind);
-        out.push(match kind {
-            FactKind::HostStarted => named::<HostStarted>(file),
-            FactKind::HostStopped => named::<HostStopped>(file),
-            FactKind::HostLost => named::<HostLost>(file),
-            FactKind::ArtifactStored => named::<ArtifactStored>(file),
-            FactKind::InstanceStarted => named::<InstanceStarted>(file),
-            FactKind::InstanceStartFailed => named::<InstanceStartFailed>(file),
-            FactKind::InstanceStopped => named::<InstanceStopped>(file),
-            FactKind::InstanceCrashed => named::<InstanceCrashed>(file),
-            FactKind::InstanceRestarting => named::<InstanceRestarting>(file),
-            FactKind::InstanceGaveUp => named::<InstanceGaveUp>(file),
-            FactKind::InstanceRelocated => named::<InstanceRelocated>(file),
-            FactKind::AssignmentGranted => named::<Assignment>(file),
-            FactKind::AssignmentRevoked => named::<AssignmentRevoked>(file),
-            FactKind::ProviderStarted => named::<ProviderStarted>(file),
-            FactKind::ProviderStartFailed => named::<ProviderStartFailed>(file),
-            FactKind::ProviderStopped => named::<ProviderStopped>(file),
-            FactKind::ProviderCrashed => named::<ProviderCrashed>(file),
+        out.push(NamedSchema {
+            file: fact_file(*kind),
+            schema: kind.payload_schema(),
         });
     }
     out.push(named::<CloudEventEnvelope>(
@@ -145,6 +130,7 @@ pub fn all() -> Vec<NamedSchema> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fact::HostStopped;
     use std::path::PathBuf;
 
     fn dir() -> PathBuf {
