@@ -8,13 +8,7 @@ use schemars::{JsonSchema, schema_for};
 use crate::capability::rpc::{
     HttpRequestHead, HttpResponseHead, KvReply, KvRequest, MessagingRequest,
 };
-use crate::control::{
-    AssignmentGrantRequest, AssignmentListRequest, AssignmentRevokeRequest, ComponentListRequest,
-    ComponentRegisterRequest, CtlOp, CtlRequest, HostGetRequest, HostListRequest,
-    InstanceGetRequest, InstanceListRequest, InstanceStartRequest, InstanceStopRequest,
-    ProjectionRequest, ProviderListRequest, ProviderStartRequest, ProviderStopRequest, Reply,
-    StatusRequest,
-};
+use crate::control::CtlOp;
 use crate::fact::{CloudEventEnvelope, FactKind};
 use crate::heartbeat::Heartbeat;
 use crate::instance::{
@@ -42,17 +36,6 @@ fn named<T: JsonSchema>(file: String) -> NamedSchema {
     }
 }
 
-fn control<R: CtlRequest + JsonSchema>() -> [NamedSchema; 2]
-where
-    R::Reply: JsonSchema,
-{
-    let op = R::OP.name();
-    [
-        named::<R>(format!("ctl.{op}.request.schema.json")),
-        named::<Reply<R::Reply>>(format!("ctl.{op}.reply.schema.json")),
-    ]
-}
-
 /// The file name of the request schema of `op`.
 pub fn request_file(op: CtlOp) -> String {
     format!("ctl.{}.request.schema.json", op.name())
@@ -71,22 +54,16 @@ pub fn fact_file(kind: FactKind) -> String {
 /// Every schema Trellis publishes.
 pub fn all() -> Vec<NamedSchema> {
     let mut out = Vec::new();
-    out.extend(control::<HostListRequest>());
-    out.extend(control::<HostGetRequest>());
-    out.extend(control::<StatusRequest>());
-    out.extend(control::<ProjectionRequest>());
-    out.extend(control::<ComponentRegisterRequest>());
-    out.extend(control::<ComponentListRequest>());
-    out.extend(control::<InstanceStartRequest>());
-    out.extend(control::<InstanceStopRequest>());
-    out.extend(control::<InstanceListRequest>());
-    out.extend(control::<InstanceGetRequest>());
-    out.extend(control::<AssignmentGrantRequest>());
-    out.extend(control::<AssignmentRevokeRequest>());
-    out.extend(control::<AssignmentListRequest>());
-    out.extend(control::<ProviderStartRequest>());
-    out.extend(control::<ProviderStopRequest>());
-    out.extend(control::<ProviderListRequest>());
+    for op in CtlOp::ALL {
+        out.push(NamedSchema {
+            file: request_file(*op),
+            schema: op.request_schema(),
+        });
+        out.push(NamedSchema {
+            file: reply_file(*op),
+            schema: op.reply_schema(),
+        });
+    }
     for kind in FactKind::ALL {
         out.push(NamedSchema {
             file: fact_file(*kind),
