@@ -29,8 +29,8 @@ use crate::names::{
 };
 
 /// The fact catalogue, one line per fact in catalogue order: its doc, its [`FactKind`] and
-/// [`FactData`] variant with the payload type, its `<noun>.<verb>`, and how to read the entity id
-/// from the payload (`|d| …`, a pattern binding, not a closure).
+/// [`FactData`] variant with the payload type, its `<noun>.<verb>`, and where the payload keeps
+/// the entity id (`id: field` for a name field, `id: method()` for a method returning `&str`).
 ///
 /// Every table that lists each fact is generated from this list by `fact_catalogue!`, as
 /// wasmtime generates its builtin tables with `for_each_builtin_function!`: the kinds, their
@@ -44,42 +44,39 @@ macro_rules! for_each_fact {
     ($mac:ident) => {
         $mac! {
             /// A host joined the lattice.
-            HostStarted(HostStarted) = host.started, |d| d.host_id.as_str();
+            HostStarted(HostStarted) = host.started, id: host_id;
             /// A host left the lattice after draining.
-            HostStopped(HostStopped) = host.stopped, |d| d.host_id.as_str();
+            HostStopped(HostStopped) = host.stopped, id: host_id;
             /// A host's heartbeats stopped and a controller declared it lost.
-            HostLost(HostLost) = host.lost, |d| d.host_id.as_str();
+            HostLost(HostLost) = host.lost, id: host_id;
             /// A component was stored in the artifact store.
-            ArtifactStored(ArtifactStored) = artifact.stored, |d| d.hex();
+            ArtifactStored(ArtifactStored) = artifact.stored, id: hex();
             /// An instance started serving, first or after a restart.
-            InstanceStarted(InstanceStarted) = instance.started, |d| d.instance_id.as_str();
+            InstanceStarted(InstanceStarted) = instance.started, id: instance_id;
             /// An instance could not start.
-            InstanceStartFailed(InstanceStartFailed) = instance.start_failed,
-                |d| d.instance_id.as_str();
+            InstanceStartFailed(InstanceStartFailed) = instance.start_failed, id: instance_id;
             /// An instance was stopped on request or by a draining host.
-            InstanceStopped(InstanceStopped) = instance.stopped, |d| d.instance_id.as_str();
+            InstanceStopped(InstanceStopped) = instance.stopped, id: instance_id;
             /// An invocation crashed the instance.
-            InstanceCrashed(InstanceCrashed) = instance.crashed, |d| d.instance_id.as_str();
+            InstanceCrashed(InstanceCrashed) = instance.crashed, id: instance_id;
             /// The host will restart a crashed instance after a delay.
-            InstanceRestarting(InstanceRestarting) = instance.restarting,
-                |d| d.instance_id.as_str();
+            InstanceRestarting(InstanceRestarting) = instance.restarting, id: instance_id;
             /// The restart policy's attempts are exhausted.
-            InstanceGaveUp(InstanceGaveUp) = instance.gave_up, |d| d.instance_id.as_str();
+            InstanceGaveUp(InstanceGaveUp) = instance.gave_up, id: instance_id;
             /// A lost instance was replaced on another host.
-            InstanceRelocated(InstanceRelocated) = instance.relocated, |d| d.instance_id.as_str();
+            InstanceRelocated(InstanceRelocated) = instance.relocated, id: instance_id;
             /// A capability was granted.
-            AssignmentGranted(Assignment) = assignment.granted, |d| d.assignment_id.as_str();
+            AssignmentGranted(Assignment) = assignment.granted, id: assignment_id;
             /// A capability grant was withdrawn.
-            AssignmentRevoked(AssignmentRevoked) = assignment.revoked, |d| d.assignment_id.as_str();
+            AssignmentRevoked(AssignmentRevoked) = assignment.revoked, id: assignment_id;
             /// A provider process serves its capabilities.
-            ProviderStarted(ProviderStarted) = provider.started, |d| d.provider_id.as_str();
+            ProviderStarted(ProviderStarted) = provider.started, id: provider_id;
             /// A host could not start a provider.
-            ProviderStartFailed(ProviderStartFailed) = provider.start_failed,
-                |d| d.provider_id.as_str();
+            ProviderStartFailed(ProviderStartFailed) = provider.start_failed, id: provider_id;
             /// A provider drained and exited.
-            ProviderStopped(ProviderStopped) = provider.stopped, |d| d.provider_id.as_str();
+            ProviderStopped(ProviderStopped) = provider.stopped, id: provider_id;
             /// A provider process died.
-            ProviderCrashed(ProviderCrashed) = provider.crashed, |d| d.provider_id.as_str();
+            ProviderCrashed(ProviderCrashed) = provider.crashed, id: provider_id;
         }
     };
 }
@@ -98,11 +95,21 @@ macro_rules! fact_type {
     };
 }
 
+/// The entity id of payload `$d`: a name field, or a method that returns it.
+macro_rules! fact_entity {
+    ($d:ident, $field:ident) => {
+        $d.$field.as_str()
+    };
+    ($d:ident, $method:ident()) => {
+        $d.$method()
+    };
+}
+
 /// Generates [`FactKind`], [`FactData`] and their per-fact tables from `for_each_fact!`'s list.
 macro_rules! fact_catalogue {
     ($(
         $(#[$doc:meta])*
-        $kind:ident($payload:ty) = $noun:ident . $verb:ident, |$d:ident| $entity:expr;
+        $kind:ident($payload:ty) = $noun:ident . $verb:ident, id: $id:ident $(($($args:tt)*))?;
     )*) => {
         /// The kinds of fact, one per CloudEvent `type`.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -181,7 +188,7 @@ macro_rules! fact_catalogue {
             /// token.
             pub fn entity_id(&self) -> &str {
                 match self {
-                    $(FactData::$kind($d) => $entity,)*
+                    $(FactData::$kind(d) => fact_entity!(d, $id $(($($args)*))?),)*
                 }
             }
 
