@@ -34,113 +34,132 @@ use crate::projection::{
 /// The largest control request body the controller accepts, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
-/// Every control operation: one subject each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CtlOp {
-    /// `host.list` — [`HostListRequest`] → [`HostListReply`].
-    HostList,
-    /// `host.get` — [`HostGetRequest`] → [`HostGetReply`].
-    HostGet,
-    /// `lattice.status` — [`StatusRequest`] → [`StatusReply`].
-    LatticeStatus,
-    /// `lattice.projection` — [`ProjectionRequest`] → [`ProjectionReply`]: the controller's whole
-    /// projection, for diagnosis and for comparing replicas.
-    LatticeProjection,
-    /// `component.register` — [`ComponentRegisterRequest`] → [`ComponentRegisterReply`]: records a
-    /// component already put in the artifact store, after checking its digest and manifest.
-    ComponentRegister,
-    /// `component.list` — [`ComponentListRequest`] → [`ComponentListReply`].
-    ComponentList,
-    /// `instance.start` — [`InstanceStartRequest`] → [`InstanceStartReply`].
-    InstanceStart,
-    /// `instance.stop` — [`InstanceStopRequest`] → [`InstanceStopReply`].
-    InstanceStop,
-    /// `instance.list` — [`InstanceListRequest`] → [`InstanceListReply`].
-    InstanceList,
-    /// `instance.get` — [`InstanceGetRequest`] → [`InstanceGetReply`].
-    InstanceGet,
-    /// `assignment.grant` — [`AssignmentGrantRequest`] → [`AssignmentGrantReply`].
-    AssignmentGrant,
-    /// `assignment.revoke` — [`AssignmentRevokeRequest`] → [`AssignmentRevokeReply`].
-    AssignmentRevoke,
-    /// `assignment.list` — [`AssignmentListRequest`] → [`AssignmentListReply`].
-    AssignmentList,
-    /// `provider.start` — [`ProviderStartRequest`] → [`ProviderStartReply`].
-    ProviderStart,
-    /// `provider.stop` — [`ProviderStopRequest`] → [`ProviderStopReply`].
-    ProviderStop,
-    /// `provider.list` — [`ProviderListRequest`] → [`ProviderListReply`].
-    ProviderList,
+/// The control operations, one line per operation: extra doc if any, its [`CtlOp`] variant,
+/// its subject's `<noun>.<verb>`, its request and reply types, and `, min_seq` when the request
+/// has a `min_seq` field to wait for.
+///
+/// `ctl_ops!` generates from this list every table that lists each operation: [`CtlOp`], its
+/// names, [`CtlOp::ALL`], [`CtlOp::from_parts`], the [`CtlRequest`] impls and the request and
+/// reply JSON Schemas, in the manner of wasmtime's `for_each_builtin_function!`. Adding an
+/// operation is one line here plus its request and reply types; the compiler then asks the
+/// controller for its handler.
+macro_rules! for_each_ctl_op {
+    ($mac:ident) => {
+        $mac! {
+            HostList = host.list: HostListRequest => HostListReply, min_seq;
+            HostGet = host.get: HostGetRequest => HostGetReply, min_seq;
+            LatticeStatus = lattice.status: StatusRequest => StatusReply, min_seq;
+            /// The controller's whole projection, for diagnosis and for comparing replicas.
+            LatticeProjection = lattice.projection: ProjectionRequest => ProjectionReply, min_seq;
+            /// Records a component already put in the artifact store, after checking its digest
+            /// and manifest.
+            ComponentRegister = component.register: ComponentRegisterRequest
+                => ComponentRegisterReply;
+            ComponentList = component.list: ComponentListRequest => ComponentListReply, min_seq;
+            InstanceStart = instance.start: InstanceStartRequest => InstanceStartReply, min_seq;
+            InstanceStop = instance.stop: InstanceStopRequest => InstanceStopReply;
+            InstanceList = instance.list: InstanceListRequest => InstanceListReply, min_seq;
+            InstanceGet = instance.get: InstanceGetRequest => InstanceGetReply, min_seq;
+            AssignmentGrant = assignment.grant: AssignmentGrantRequest => AssignmentGrantReply;
+            AssignmentRevoke = assignment.revoke: AssignmentRevokeRequest
+                => AssignmentRevokeReply;
+            AssignmentList = assignment.list: AssignmentListRequest => AssignmentListReply,
+                min_seq;
+            ProviderStart = provider.start: ProviderStartRequest => ProviderStartReply;
+            ProviderStop = provider.stop: ProviderStopRequest => ProviderStopReply;
+            ProviderList = provider.list: ProviderListRequest => ProviderListReply, min_seq;
+        }
+    };
 }
 
-impl CtlOp {
-    /// Every operation.
-    pub const ALL: &'static [CtlOp] = &[
-        CtlOp::HostList,
-        CtlOp::HostGet,
-        CtlOp::LatticeStatus,
-        CtlOp::LatticeProjection,
-        CtlOp::ComponentRegister,
-        CtlOp::ComponentList,
-        CtlOp::InstanceStart,
-        CtlOp::InstanceStop,
-        CtlOp::InstanceList,
-        CtlOp::InstanceGet,
-        CtlOp::AssignmentGrant,
-        CtlOp::AssignmentRevoke,
-        CtlOp::AssignmentList,
-        CtlOp::ProviderStart,
-        CtlOp::ProviderStop,
-        CtlOp::ProviderList,
-    ];
+/// `self.min_seq` for a request with that field, `None` for one without.
+macro_rules! ctl_min_seq {
+    ($request:ident) => {
+        None
+    };
+    ($request:ident, $field:ident) => {
+        $request.$field
+    };
+}
 
-    /// The noun of the subject.
-    pub fn noun(self) -> &'static str {
-        match self {
-            CtlOp::HostList | CtlOp::HostGet => "host",
-            CtlOp::LatticeStatus | CtlOp::LatticeProjection => "lattice",
-            CtlOp::ComponentRegister | CtlOp::ComponentList => "component",
-            CtlOp::InstanceStart
-            | CtlOp::InstanceStop
-            | CtlOp::InstanceList
-            | CtlOp::InstanceGet => "instance",
-            CtlOp::AssignmentGrant | CtlOp::AssignmentRevoke | CtlOp::AssignmentList => {
-                "assignment"
+/// Generates [`CtlOp`], its tables and the [`CtlRequest`] impls from `for_each_ctl_op!`'s list.
+macro_rules! ctl_ops {
+    ($(
+        $(#[$doc:meta])*
+        $op:ident = $noun:ident . $verb:ident: $request:ty => $reply:ty $(, $min_seq:ident)?;
+    )*) => {
+        /// Every control operation: one subject each.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum CtlOp {
+            $(
+                #[doc = concat!(
+                    "`", stringify!($noun), ".", stringify!($verb), "` — [`",
+                    stringify!($request), "`] → [`", stringify!($reply), "`]."
+                )]
+                $(#[$doc])*
+                $op,
+            )*
+        }
+
+        impl CtlOp {
+            /// Every operation.
+            pub const ALL: &'static [CtlOp] = &[$(CtlOp::$op),*];
+
+            /// The noun of the subject.
+            pub fn noun(self) -> &'static str {
+                match self {
+                    $(CtlOp::$op => stringify!($noun),)*
+                }
             }
-            CtlOp::ProviderStart | CtlOp::ProviderStop | CtlOp::ProviderList => "provider",
-        }
-    }
 
-    /// The verb of the subject.
-    pub fn verb(self) -> &'static str {
-        match self {
-            CtlOp::HostList
-            | CtlOp::ComponentList
-            | CtlOp::InstanceList
-            | CtlOp::AssignmentList
-            | CtlOp::ProviderList => "list",
-            CtlOp::HostGet | CtlOp::InstanceGet => "get",
-            CtlOp::LatticeStatus => "status",
-            CtlOp::LatticeProjection => "projection",
-            CtlOp::ComponentRegister => "register",
-            CtlOp::InstanceStart | CtlOp::ProviderStart => "start",
-            CtlOp::InstanceStop | CtlOp::ProviderStop => "stop",
-            CtlOp::AssignmentGrant => "grant",
-            CtlOp::AssignmentRevoke => "revoke",
-        }
-    }
+            /// The verb of the subject.
+            pub fn verb(self) -> &'static str {
+                match self {
+                    $(CtlOp::$op => stringify!($verb),)*
+                }
+            }
 
+            /// The operation for a subject's noun and verb.
+            pub fn from_parts(noun: &str, verb: &str) -> Option<Self> {
+                match (noun, verb) {
+                    $((stringify!($noun), stringify!($verb)) => Some(CtlOp::$op),)*
+                    _ => None,
+                }
+            }
+
+            /// The JSON Schema of the operation's request.
+            pub(crate) fn request_schema(self) -> serde_json::Value {
+                match self {
+                    $(CtlOp::$op => crate::json_schema::schema_of::<$request>(),)*
+                }
+            }
+
+            /// The JSON Schema of the operation's reply envelope.
+            pub(crate) fn reply_schema(self) -> serde_json::Value {
+                match self {
+                    $(CtlOp::$op => crate::json_schema::schema_of::<Reply<$reply>>(),)*
+                }
+            }
+        }
+
+        $(
+            impl CtlRequest for $request {
+                const OP: CtlOp = CtlOp::$op;
+                type Reply = $reply;
+                fn min_seq(&self) -> Option<u64> {
+                    ctl_min_seq!(self $(, $min_seq)?)
+                }
+            }
+        )*
+    };
+}
+
+for_each_ctl_op!(ctl_ops);
+
+impl CtlOp {
     /// `<noun>.<verb>`, also the stem of the schema file names.
     pub fn name(self) -> String {
         format!("{}.{}", self.noun(), self.verb())
-    }
-
-    /// The operation for a subject's noun and verb.
-    pub fn from_parts(noun: &str, verb: &str) -> Option<Self> {
-        Self::ALL
-            .iter()
-            .copied()
-            .find(|op| op.noun() == noun && op.verb() == verb)
     }
 }
 
@@ -701,134 +720,6 @@ pub struct InstanceGetReply {
     pub instance: InstanceRecord,
     /// Its facts still kept by the stream, oldest first.
     pub history: Vec<HistoryEntry>,
-}
-
-impl CtlRequest for ComponentRegisterRequest {
-    const OP: CtlOp = CtlOp::ComponentRegister;
-    type Reply = ComponentRegisterReply;
-    fn min_seq(&self) -> Option<u64> {
-        None
-    }
-}
-
-impl CtlRequest for ComponentListRequest {
-    const OP: CtlOp = CtlOp::ComponentList;
-    type Reply = ComponentListReply;
-    fn min_seq(&self) -> Option<u64> {
-        self.min_seq
-    }
-}
-
-impl CtlRequest for InstanceStartRequest {
-    const OP: CtlOp = CtlOp::InstanceStart;
-    type Reply = InstanceStartReply;
-    fn min_seq(&self) -> Option<u64> {
-        self.min_seq
-    }
-}
-
-impl CtlRequest for InstanceStopRequest {
-    const OP: CtlOp = CtlOp::InstanceStop;
-    type Reply = InstanceStopReply;
-    fn min_seq(&self) -> Option<u64> {
-        None
-    }
-}
-
-impl CtlRequest for InstanceListRequest {
-    const OP: CtlOp = CtlOp::InstanceList;
-    type Reply = InstanceListReply;
-    fn min_seq(&self) -> Option<u64> {
-        self.min_seq
-    }
-}
-
-impl CtlRequest for InstanceGetRequest {
-    const OP: CtlOp = CtlOp::InstanceGet;
-    type Reply = InstanceGetReply;
-    fn min_seq(&self) -> Option<u64> {
-        self.min_seq
-    }
-}
-
-impl CtlRequest for HostListRequest {
-    const OP: CtlOp = CtlOp::HostList;
-    type Reply = HostListReply;
-    fn min_seq(&self) -> Option<u64> {
-        self.min_seq
-    }
-}
-
-impl CtlRequest for HostGetRequest {
-    const OP: CtlOp = CtlOp::HostGet;
-    type Reply = HostGetReply;
-    fn min_seq(&self) -> Option<u64> {
-        self.min_seq
-    }
-}
-
-impl CtlRequest for StatusRequest {
-    const OP: CtlOp = CtlOp::LatticeStatus;
-    type Reply = StatusReply;
-    fn min_seq(&self) -> Option<u64> {
-        self.min_seq
-    }
-}
-
-impl CtlRequest for AssignmentGrantRequest {
-    const OP: CtlOp = CtlOp::AssignmentGrant;
-    type Reply = AssignmentGrantReply;
-    fn min_seq(&self) -> Option<u64> {
-        None
-    }
-}
-
-impl CtlRequest for AssignmentRevokeRequest {
-    const OP: CtlOp = CtlOp::AssignmentRevoke;
-    type Reply = AssignmentRevokeReply;
-    fn min_seq(&self) -> Option<u64> {
-        None
-    }
-}
-
-impl CtlRequest for AssignmentListRequest {
-    const OP: CtlOp = CtlOp::AssignmentList;
-    type Reply = AssignmentListReply;
-    fn min_seq(&self) -> Option<u64> {
-        self.min_seq
-    }
-}
-
-impl CtlRequest for ProviderStartRequest {
-    const OP: CtlOp = CtlOp::ProviderStart;
-    type Reply = ProviderStartReply;
-    fn min_seq(&self) -> Option<u64> {
-        None
-    }
-}
-
-impl CtlRequest for ProviderStopRequest {
-    const OP: CtlOp = CtlOp::ProviderStop;
-    type Reply = ProviderStopReply;
-    fn min_seq(&self) -> Option<u64> {
-        None
-    }
-}
-
-impl CtlRequest for ProviderListRequest {
-    const OP: CtlOp = CtlOp::ProviderList;
-    type Reply = ProviderListReply;
-    fn min_seq(&self) -> Option<u64> {
-        self.min_seq
-    }
-}
-
-impl CtlRequest for ProjectionRequest {
-    const OP: CtlOp = CtlOp::LatticeProjection;
-    type Reply = ProjectionReply;
-    fn min_seq(&self) -> Option<u64> {
-        self.min_seq
-    }
 }
 
 /// Stable error codes of control replies. Clients branch on these, never on messages.

@@ -28,140 +28,192 @@ use crate::names::{
     AssignmentId, ComponentName, HostId, InstanceId, Lattice, ProviderId, ProviderName,
 };
 
-/// The kinds of fact, one per CloudEvent `type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[non_exhaustive]
-pub enum FactKind {
-    /// A host joined the lattice (`dev.trellis.host.started.v1`).
-    HostStarted,
-    /// A host left the lattice after draining (`dev.trellis.host.stopped.v1`).
-    HostStopped,
-    /// A host's heartbeats stopped and a controller declared it lost (`dev.trellis.host.lost.v1`).
-    HostLost,
-    /// A component was stored in the artifact store (`dev.trellis.artifact.stored.v1`).
-    ArtifactStored,
-    /// An instance started serving, first or after a restart (`dev.trellis.instance.started.v1`).
-    InstanceStarted,
-    /// An instance could not start (`dev.trellis.instance.start_failed.v1`).
-    InstanceStartFailed,
-    /// An instance was stopped on request or by a draining host (`dev.trellis.instance.stopped.v1`).
-    InstanceStopped,
-    /// An invocation crashed the instance (`dev.trellis.instance.crashed.v1`).
-    InstanceCrashed,
-    /// The host will restart a crashed instance after a delay (`dev.trellis.instance.restarting.v1`).
-    InstanceRestarting,
-    /// The restart policy's attempts are exhausted (`dev.trellis.instance.gave_up.v1`).
-    InstanceGaveUp,
-    /// A lost instance was replaced on another host (`dev.trellis.instance.relocated.v1`).
-    InstanceRelocated,
-    /// A capability was granted (`dev.trellis.assignment.granted.v1`).
-    AssignmentGranted,
-    /// A capability grant was withdrawn (`dev.trellis.assignment.revoked.v1`).
-    AssignmentRevoked,
-    /// A provider process serves its capabilities (`dev.trellis.provider.started.v1`).
-    ProviderStarted,
-    /// A host could not start a provider (`dev.trellis.provider.start_failed.v1`).
-    ProviderStartFailed,
-    /// A provider drained and exited (`dev.trellis.provider.stopped.v1`).
-    ProviderStopped,
-    /// A provider process died (`dev.trellis.provider.crashed.v1`).
-    ProviderCrashed,
+/// The fact catalogue, one line per fact in catalogue order: its doc, its [`FactKind`] and
+/// [`FactData`] variant with the payload type, its `<noun>.<verb>`, and where the payload keeps
+/// the entity id (`id: field` for a name field, `id: method()` for a method returning `&str`).
+///
+/// Every table that lists each fact is generated from this list by `fact_catalogue!`, as
+/// wasmtime generates its builtin tables with `for_each_builtin_function!`: the kinds, their
+/// names and CloudEvent types, the payload enum, entity ids, payload (de)serialisation and the
+/// payload JSON Schemas. Adding a fact is one line here plus its payload type; the compiler then
+/// asks for what only a person can write (its summary, its effect on the projection).
+///
+/// Nouns and verbs are Rust identifiers, spelled on the wire as written; a keyword (`r#move`)
+/// would keep its `r#`, so pick another word.
+macro_rules! for_each_fact {
+    ($mac:ident) => {
+        $mac! {
+            /// A host joined the lattice.
+            HostStarted(HostStarted) = host.started, id: host_id;
+            /// A host left the lattice after draining.
+            HostStopped(HostStopped) = host.stopped, id: host_id;
+            /// A host's heartbeats stopped and a controller declared it lost.
+            HostLost(HostLost) = host.lost, id: host_id;
+            /// A component was stored in the artifact store.
+            ArtifactStored(ArtifactStored) = artifact.stored, id: hex();
+            /// An instance started serving, first or after a restart.
+            InstanceStarted(InstanceStarted) = instance.started, id: instance_id;
+            /// An instance could not start.
+            InstanceStartFailed(InstanceStartFailed) = instance.start_failed, id: instance_id;
+            /// An instance was stopped on request or by a draining host.
+            InstanceStopped(InstanceStopped) = instance.stopped, id: instance_id;
+            /// An invocation crashed the instance.
+            InstanceCrashed(InstanceCrashed) = instance.crashed, id: instance_id;
+            /// The host will restart a crashed instance after a delay.
+            InstanceRestarting(InstanceRestarting) = instance.restarting, id: instance_id;
+            /// The restart policy's attempts are exhausted.
+            InstanceGaveUp(InstanceGaveUp) = instance.gave_up, id: instance_id;
+            /// A lost instance was replaced on another host.
+            InstanceRelocated(InstanceRelocated) = instance.relocated, id: instance_id;
+            /// A capability was granted.
+            AssignmentGranted(Assignment) = assignment.granted, id: assignment_id;
+            /// A capability grant was withdrawn.
+            AssignmentRevoked(AssignmentRevoked) = assignment.revoked, id: assignment_id;
+            /// A provider process serves its capabilities.
+            ProviderStarted(ProviderStarted) = provider.started, id: provider_id;
+            /// A host could not start a provider.
+            ProviderStartFailed(ProviderStartFailed) = provider.start_failed, id: provider_id;
+            /// A provider drained and exited.
+            ProviderStopped(ProviderStopped) = provider.stopped, id: provider_id;
+            /// A provider process died.
+            ProviderCrashed(ProviderCrashed) = provider.crashed, id: provider_id;
+        }
+    };
 }
 
+/// The CloudEvent `type` of a fact: `dev.trellis.<noun>.<verb>.v1`, as a literal (usable in
+/// patterns and docs).
+macro_rules! fact_type {
+    ($noun:ident . $verb:ident) => {
+        concat!(
+            "dev.trellis.",
+            stringify!($noun),
+            ".",
+            stringify!($verb),
+            ".v1"
+        )
+    };
+}
+
+/// The entity id of payload `$d`: a name field, or a method that returns it.
+macro_rules! fact_entity {
+    ($d:ident, $field:ident) => {
+        $d.$field.as_str()
+    };
+    ($d:ident, $method:ident()) => {
+        $d.$method()
+    };
+}
+
+/// Generates [`FactKind`], [`FactData`] and their per-fact tables from `for_each_fact!`'s list.
+macro_rules! fact_catalogue {
+    ($(
+        $(#[$doc:meta])*
+        $kind:ident($payload:ty) = $noun:ident . $verb:ident, id: $id:ident $(($($args:tt)*))?;
+    )*) => {
+        /// The kinds of fact, one per CloudEvent `type`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[non_exhaustive]
+        pub enum FactKind {
+            $(
+                $(#[$doc])*
+                #[doc = concat!("(`", fact_type!($noun.$verb), "`)")]
+                $kind,
+            )*
+        }
+
+        impl FactKind {
+            /// Every kind, in catalogue order.
+            pub const ALL: &'static [FactKind] = &[$(FactKind::$kind),*];
+
+            /// The entity noun (`host`, `instance`, …): the first part of the type and subject.
+            pub fn noun(self) -> &'static str {
+                match self {
+                    $(FactKind::$kind => stringify!($noun),)*
+                }
+            }
+
+            /// The verb (`started`, `lost`, …).
+            pub fn verb(self) -> &'static str {
+                match self {
+                    $(FactKind::$kind => stringify!($verb),)*
+                }
+            }
+
+            /// The CloudEvent `type`: `dev.trellis.<noun>.<verb>.v1`.
+            pub fn type_name(self) -> &'static str {
+                match self {
+                    $(FactKind::$kind => fact_type!($noun.$verb),)*
+                }
+            }
+
+            /// Looks a kind up by its CloudEvent type.
+            pub fn from_type_name(ty: &str) -> Option<Self> {
+                match ty {
+                    $(fact_type!($noun.$verb) => Some(FactKind::$kind),)*
+                    _ => None,
+                }
+            }
+
+            /// The JSON Schema of this kind's payload.
+            pub(crate) fn payload_schema(self) -> serde_json::Value {
+                match self {
+                    $(FactKind::$kind => crate::json_schema::schema_of::<$payload>(),)*
+                }
+            }
+        }
+
+        /// The typed payload of a fact. The variant decides the CloudEvent `type`.
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub enum FactData {
+            $(
+                #[doc = concat!(
+                    "`", stringify!($noun), ".", stringify!($verb), "`: see [`",
+                    stringify!($payload), "`]."
+                )]
+                $kind($payload),
+            )*
+        }
+
+        impl FactData {
+            /// The kind of this fact.
+            pub fn kind(&self) -> FactKind {
+                match self {
+                    $(FactData::$kind(_) => FactKind::$kind,)*
+                }
+            }
+
+            /// The id of the entity the fact is about: the CloudEvent `subject` and a subject
+            /// token.
+            pub fn entity_id(&self) -> &str {
+                match self {
+                    $(FactData::$kind(d) => fact_entity!(d, $id $(($($args)*))?),)*
+                }
+            }
+
+            fn to_raw(&self) -> Result<Box<RawValue>, serde_json::Error> {
+                match self {
+                    $(FactData::$kind(d) => serde_json::value::to_raw_value(d),)*
+                }
+            }
+
+            fn from_raw(kind: FactKind, raw: &RawValue) -> Result<Self, serde_json::Error> {
+                let json = raw.get();
+                Ok(match kind {
+                    $(FactKind::$kind => FactData::$kind(serde_json::from_str(json)?),)*
+                })
+            }
+        }
+    };
+}
+
+for_each_fact!(fact_catalogue);
+
 impl FactKind {
-    /// Every kind, in catalogue order.
-    pub const ALL: &'static [FactKind] = &[
-        FactKind::HostStarted,
-        FactKind::HostStopped,
-        FactKind::HostLost,
-        FactKind::ArtifactStored,
-        FactKind::InstanceStarted,
-        FactKind::InstanceStartFailed,
-        FactKind::InstanceStopped,
-        FactKind::InstanceCrashed,
-        FactKind::InstanceRestarting,
-        FactKind::InstanceGaveUp,
-        FactKind::InstanceRelocated,
-        FactKind::AssignmentGranted,
-        FactKind::AssignmentRevoked,
-        FactKind::ProviderStarted,
-        FactKind::ProviderStartFailed,
-        FactKind::ProviderStopped,
-        FactKind::ProviderCrashed,
-    ];
-
-    /// The entity noun (`host`, `instance`, …): the first part of the type and subject.
-    pub fn noun(self) -> &'static str {
-        match self {
-            FactKind::HostStarted | FactKind::HostStopped | FactKind::HostLost => "host",
-            FactKind::ArtifactStored => "artifact",
-            FactKind::InstanceStarted
-            | FactKind::InstanceStartFailed
-            | FactKind::InstanceStopped
-            | FactKind::InstanceCrashed
-            | FactKind::InstanceRestarting
-            | FactKind::InstanceGaveUp
-            | FactKind::InstanceRelocated => "instance",
-            FactKind::AssignmentGranted | FactKind::AssignmentRevoked => "assignment",
-            FactKind::ProviderStarted
-            | FactKind::ProviderStartFailed
-            | FactKind::ProviderStopped
-            | FactKind::ProviderCrashed => "provider",
-        }
-    }
-
-    /// The verb (`started`, `lost`, …).
-    pub fn verb(self) -> &'static str {
-        match self {
-            FactKind::HostStarted | FactKind::InstanceStarted | FactKind::ProviderStarted => {
-                "started"
-            }
-            FactKind::HostStopped | FactKind::InstanceStopped | FactKind::ProviderStopped => {
-                "stopped"
-            }
-            FactKind::HostLost => "lost",
-            FactKind::ArtifactStored => "stored",
-            FactKind::InstanceStartFailed | FactKind::ProviderStartFailed => "start_failed",
-            FactKind::InstanceCrashed | FactKind::ProviderCrashed => "crashed",
-            FactKind::InstanceRestarting => "restarting",
-            FactKind::InstanceGaveUp => "gave_up",
-            FactKind::InstanceRelocated => "relocated",
-            FactKind::AssignmentGranted => "granted",
-            FactKind::AssignmentRevoked => "revoked",
-        }
-    }
-
-    /// The CloudEvent `type`: `dev.trellis.<noun>.<verb>.v1`.
-    pub fn type_name(self) -> &'static str {
-        match self {
-            FactKind::HostStarted => "dev.trellis.host.started.v1",
-            FactKind::HostStopped => "dev.trellis.host.stopped.v1",
-            FactKind::HostLost => "dev.trellis.host.lost.v1",
-            FactKind::ArtifactStored => "dev.trellis.artifact.stored.v1",
-            FactKind::InstanceStarted => "dev.trellis.instance.started.v1",
-            FactKind::InstanceStartFailed => "dev.trellis.instance.start_failed.v1",
-            FactKind::InstanceStopped => "dev.trellis.instance.stopped.v1",
-            FactKind::InstanceCrashed => "dev.trellis.instance.crashed.v1",
-            FactKind::InstanceRestarting => "dev.trellis.instance.restarting.v1",
-            FactKind::InstanceGaveUp => "dev.trellis.instance.gave_up.v1",
-            FactKind::InstanceRelocated => "dev.trellis.instance.relocated.v1",
-            FactKind::AssignmentGranted => "dev.trellis.assignment.granted.v1",
-            FactKind::AssignmentRevoked => "dev.trellis.assignment.revoked.v1",
-            FactKind::ProviderStarted => "dev.trellis.provider.started.v1",
-            FactKind::ProviderStartFailed => "dev.trellis.provider.start_failed.v1",
-            FactKind::ProviderStopped => "dev.trellis.provider.stopped.v1",
-            FactKind::ProviderCrashed => "dev.trellis.provider.crashed.v1",
-        }
-    }
-
     /// The short name used by the CLI and in schema file names: `<noun>.<verb>`.
     pub fn short_name(self) -> String {
         format!("{}.{}", self.noun(), self.verb())
-    }
-
-    /// Looks a kind up by its CloudEvent type.
-    pub fn from_type_name(ty: &str) -> Option<Self> {
-        Self::ALL.iter().copied().find(|k| k.type_name() == ty)
     }
 
     /// Looks a kind up by `<noun>.<verb>` or by its full CloudEvent type.
@@ -428,152 +480,6 @@ pub struct ProviderCrashed {
     pub will_restart: bool,
     /// Restarts so far.
     pub restarts: u32,
-}
-
-/// The typed payload of a fact. The variant decides the CloudEvent `type`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum FactData {
-    /// See [`HostStarted`].
-    HostStarted(HostStarted),
-    /// See [`HostStopped`].
-    HostStopped(HostStopped),
-    /// See [`HostLost`].
-    HostLost(HostLost),
-    /// See [`ArtifactStored`].
-    ArtifactStored(ArtifactStored),
-    /// See [`InstanceStarted`].
-    InstanceStarted(InstanceStarted),
-    /// See [`InstanceStartFailed`].
-    InstanceStartFailed(InstanceStartFailed),
-    /// See [`InstanceStopped`].
-    InstanceStopped(InstanceStopped),
-    /// See [`InstanceCrashed`].
-    InstanceCrashed(InstanceCrashed),
-    /// See [`InstanceRestarting`].
-    InstanceRestarting(InstanceRestarting),
-    /// See [`InstanceGaveUp`].
-    InstanceGaveUp(InstanceGaveUp),
-    /// See [`InstanceRelocated`].
-    InstanceRelocated(InstanceRelocated),
-    /// `assignment.granted`: see [`Assignment`].
-    AssignmentGranted(Assignment),
-    /// See [`AssignmentRevoked`].
-    AssignmentRevoked(AssignmentRevoked),
-    /// See [`ProviderStarted`].
-    ProviderStarted(ProviderStarted),
-    /// See [`ProviderStartFailed`].
-    ProviderStartFailed(ProviderStartFailed),
-    /// See [`ProviderStopped`].
-    ProviderStopped(ProviderStopped),
-    /// See [`ProviderCrashed`].
-    ProviderCrashed(ProviderCrashed),
-}
-
-/// Applies `$body` to the payload of every variant, bound as `$d`.
-macro_rules! each_payload {
-    ($data:expr, $d:ident => $body:expr) => {
-        match $data {
-            FactData::HostStarted($d) => $body,
-            FactData::HostStopped($d) => $body,
-            FactData::HostLost($d) => $body,
-            FactData::ArtifactStored($d) => $body,
-            FactData::InstanceStarted($d) => $body,
-            FactData::InstanceStartFailed($d) => $body,
-            FactData::InstanceStopped($d) => $body,
-            FactData::InstanceCrashed($d) => $body,
-            FactData::InstanceRestarting($d) => $body,
-            FactData::InstanceGaveUp($d) => $body,
-            FactData::InstanceRelocated($d) => $body,
-            FactData::AssignmentGranted($d) => $body,
-            FactData::AssignmentRevoked($d) => $body,
-            FactData::ProviderStarted($d) => $body,
-            FactData::ProviderStartFailed($d) => $body,
-            FactData::ProviderStopped($d) => $body,
-            FactData::ProviderCrashed($d) => $body,
-        }
-    };
-}
-
-impl FactData {
-    /// The kind of this fact.
-    pub fn kind(&self) -> FactKind {
-        match self {
-            FactData::HostStarted(_) => FactKind::HostStarted,
-            FactData::HostStopped(_) => FactKind::HostStopped,
-            FactData::HostLost(_) => FactKind::HostLost,
-            FactData::ArtifactStored(_) => FactKind::ArtifactStored,
-            FactData::InstanceStarted(_) => FactKind::InstanceStarted,
-            FactData::InstanceStartFailed(_) => FactKind::InstanceStartFailed,
-            FactData::InstanceStopped(_) => FactKind::InstanceStopped,
-            FactData::InstanceCrashed(_) => FactKind::InstanceCrashed,
-            FactData::InstanceRestarting(_) => FactKind::InstanceRestarting,
-            FactData::InstanceGaveUp(_) => FactKind::InstanceGaveUp,
-            FactData::InstanceRelocated(_) => FactKind::InstanceRelocated,
-            FactData::AssignmentGranted(_) => FactKind::AssignmentGranted,
-            FactData::AssignmentRevoked(_) => FactKind::AssignmentRevoked,
-            FactData::ProviderStarted(_) => FactKind::ProviderStarted,
-            FactData::ProviderStartFailed(_) => FactKind::ProviderStartFailed,
-            FactData::ProviderStopped(_) => FactKind::ProviderStopped,
-            FactData::ProviderCrashed(_) => FactKind::ProviderCrashed,
-        }
-    }
-
-    /// The id of the entity the fact is about: the CloudEvent `subject` and a subject token.
-    pub fn entity_id(&self) -> &str {
-        match self {
-            FactData::HostStarted(d) => d.host_id.as_str(),
-            FactData::HostStopped(d) => d.host_id.as_str(),
-            FactData::HostLost(d) => d.host_id.as_str(),
-            FactData::ArtifactStored(d) => d.hex(),
-            FactData::InstanceStarted(d) => d.instance_id.as_str(),
-            FactData::InstanceStartFailed(d) => d.instance_id.as_str(),
-            FactData::InstanceStopped(d) => d.instance_id.as_str(),
-            FactData::InstanceCrashed(d) => d.instance_id.as_str(),
-            FactData::InstanceRestarting(d) => d.instance_id.as_str(),
-            FactData::InstanceGaveUp(d) => d.instance_id.as_str(),
-            FactData::InstanceRelocated(d) => d.instance_id.as_str(),
-            FactData::AssignmentGranted(d) => d.assignment_id.as_str(),
-            FactData::AssignmentRevoked(d) => d.assignment_id.as_str(),
-            FactData::ProviderStarted(d) => d.provider_id.as_str(),
-            FactData::ProviderStartFailed(d) => d.provider_id.as_str(),
-            FactData::ProviderStopped(d) => d.provider_id.as_str(),
-            FactData::ProviderCrashed(d) => d.provider_id.as_str(),
-        }
-    }
-
-    fn to_raw(&self) -> Result<Box<RawValue>, serde_json::Error> {
-        each_payload!(self, d => serde_json::value::to_raw_value(d))
-    }
-
-    fn from_raw(kind: FactKind, raw: &RawValue) -> Result<Self, serde_json::Error> {
-        let json = raw.get();
-        Ok(match kind {
-            FactKind::HostStarted => FactData::HostStarted(serde_json::from_str(json)?),
-            FactKind::HostStopped => FactData::HostStopped(serde_json::from_str(json)?),
-            FactKind::HostLost => FactData::HostLost(serde_json::from_str(json)?),
-            FactKind::ArtifactStored => FactData::ArtifactStored(serde_json::from_str(json)?),
-            FactKind::InstanceStarted => FactData::InstanceStarted(serde_json::from_str(json)?),
-            FactKind::InstanceStartFailed => {
-                FactData::InstanceStartFailed(serde_json::from_str(json)?)
-            }
-            FactKind::InstanceStopped => FactData::InstanceStopped(serde_json::from_str(json)?),
-            FactKind::InstanceCrashed => FactData::InstanceCrashed(serde_json::from_str(json)?),
-            FactKind::InstanceRestarting => {
-                FactData::InstanceRestarting(serde_json::from_str(json)?)
-            }
-            FactKind::InstanceGaveUp => FactData::InstanceGaveUp(serde_json::from_str(json)?),
-            FactKind::InstanceRelocated => FactData::InstanceRelocated(serde_json::from_str(json)?),
-            FactKind::AssignmentGranted => FactData::AssignmentGranted(serde_json::from_str(json)?),
-            FactKind::AssignmentRevoked => FactData::AssignmentRevoked(serde_json::from_str(json)?),
-            FactKind::ProviderStarted => FactData::ProviderStarted(serde_json::from_str(json)?),
-            FactKind::ProviderStartFailed => {
-                FactData::ProviderStartFailed(serde_json::from_str(json)?)
-            }
-            FactKind::ProviderStopped => FactData::ProviderStopped(serde_json::from_str(json)?),
-            FactKind::ProviderCrashed => FactData::ProviderCrashed(serde_json::from_str(json)?),
-        })
-    }
 }
 
 /// A fact as a CloudEvent 1.0 with a typed payload.

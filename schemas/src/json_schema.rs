@@ -5,21 +5,9 @@
 
 use schemars::{JsonSchema, schema_for};
 
-use crate::capability::Assignment;
 use crate::capability::rpc::{HttpRequestHead, HttpResponseHead};
-use crate::control::{
-    AssignmentGrantRequest, AssignmentListRequest, AssignmentRevokeRequest, ComponentListRequest,
-    ComponentRegisterRequest, CtlOp, CtlRequest, HostGetRequest, HostListRequest,
-    InstanceGetRequest, InstanceListRequest, InstanceStartRequest, InstanceStopRequest,
-    ProjectionRequest, ProviderListRequest, ProviderStartRequest, ProviderStopRequest, Reply,
-    StatusRequest,
-};
-use crate::fact::{
-    ArtifactStored, AssignmentRevoked, CloudEventEnvelope, FactKind, HostLost, HostStarted,
-    HostStopped, InstanceCrashed, InstanceGaveUp, InstanceRelocated, InstanceRestarting,
-    InstanceStartFailed, InstanceStarted, InstanceStopped, ProviderCrashed, ProviderStartFailed,
-    ProviderStarted, ProviderStopped,
-};
+use crate::control::CtlOp;
+use crate::fact::{CloudEventEnvelope, FactKind};
 use crate::heartbeat::Heartbeat;
 use crate::instance::{
     StartInstanceCommand, StartProviderCommand, StopInstanceCommand, StopProviderCommand,
@@ -34,20 +22,16 @@ pub struct NamedSchema {
     pub schema: serde_json::Value,
 }
 
-fn named<T: JsonSchema>(file: String) -> NamedSchema {
-    let schema = serde_json::to_value(schema_for!(T)).unwrap_or(serde_json::Value::Null);
-    NamedSchema { file, schema }
+/// The JSON Schema of `T` as a JSON value.
+pub(crate) fn schema_of<T: JsonSchema>() -> serde_json::Value {
+    serde_json::to_value(schema_for!(T)).unwrap_or(serde_json::Value::Null)
 }
 
-fn control<R: CtlRequest + JsonSchema>() -> [NamedSchema; 2]
-where
-    R::Reply: JsonSchema,
-{
-    let op = R::OP.name();
-    [
-        named::<R>(format!("ctl.{op}.request.schema.json")),
-        named::<Reply<R::Reply>>(format!("ctl.{op}.reply.schema.json")),
-    ]
+fn named<T: JsonSchema>(file: String) -> NamedSchema {
+    NamedSchema {
+        file,
+        schema: schema_of::<T>(),
+    }
 }
 
 /// The file name of the request schema of `op`.
@@ -68,42 +52,20 @@ pub fn fact_file(kind: FactKind) -> String {
 /// Every schema Trellis publishes.
 pub fn all() -> Vec<NamedSchema> {
     let mut out = Vec::new();
-    out.extend(control::<HostListRequest>());
-    out.extend(control::<HostGetRequest>());
-    out.extend(control::<StatusRequest>());
-    out.extend(control::<ProjectionRequest>());
-    out.extend(control::<ComponentRegisterRequest>());
-    out.extend(control::<ComponentListRequest>());
-    out.extend(control::<InstanceStartRequest>());
-    out.extend(control::<InstanceStopRequest>());
-    out.extend(control::<InstanceListRequest>());
-    out.extend(control::<InstanceGetRequest>());
-    out.extend(control::<AssignmentGrantRequest>());
-    out.extend(control::<AssignmentRevokeRequest>());
-    out.extend(control::<AssignmentListRequest>());
-    out.extend(control::<ProviderStartRequest>());
-    out.extend(control::<ProviderStopRequest>());
-    out.extend(control::<ProviderListRequest>());
+    for op in CtlOp::ALL {
+        out.push(NamedSchema {
+            file: request_file(*op),
+            schema: op.request_schema(),
+        });
+        out.push(NamedSchema {
+            file: reply_file(*op),
+            schema: op.reply_schema(),
+        });
+    }
     for kind in FactKind::ALL {
-        let file = fact_file(*kind);
-        out.push(match kind {
-            FactKind::HostStarted => named::<HostStarted>(file),
-            FactKind::HostStopped => named::<HostStopped>(file),
-            FactKind::HostLost => named::<HostLost>(file),
-            FactKind::ArtifactStored => named::<ArtifactStored>(file),
-            FactKind::InstanceStarted => named::<InstanceStarted>(file),
-            FactKind::InstanceStartFailed => named::<InstanceStartFailed>(file),
-            FactKind::InstanceStopped => named::<InstanceStopped>(file),
-            FactKind::InstanceCrashed => named::<InstanceCrashed>(file),
-            FactKind::InstanceRestarting => named::<InstanceRestarting>(file),
-            FactKind::InstanceGaveUp => named::<InstanceGaveUp>(file),
-            FactKind::InstanceRelocated => named::<InstanceRelocated>(file),
-            FactKind::AssignmentGranted => named::<Assignment>(file),
-            FactKind::AssignmentRevoked => named::<AssignmentRevoked>(file),
-            FactKind::ProviderStarted => named::<ProviderStarted>(file),
-            FactKind::ProviderStartFailed => named::<ProviderStartFailed>(file),
-            FactKind::ProviderStopped => named::<ProviderStopped>(file),
-            FactKind::ProviderCrashed => named::<ProviderCrashed>(file),
+        out.push(NamedSchema {
+            file: fact_file(*kind),
+            schema: kind.payload_schema(),
         });
     }
     out.push(named::<CloudEventEnvelope>(
@@ -134,6 +96,7 @@ pub fn all() -> Vec<NamedSchema> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fact::HostStopped;
     use std::path::PathBuf;
 
     fn dir() -> PathBuf {

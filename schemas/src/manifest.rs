@@ -268,61 +268,34 @@ impl RawManifest {
             .and_then(|v| parse_version(&v))?;
         let raw = self.limits.unwrap_or_default();
 
-        let max_memory = match raw.max_memory {
-            None => {
-                return Err(ManifestError::required(
-                    "limits.max_memory",
-                    memory_accepted(),
-                ));
-            }
-            Some(value) => parse_bytes(&value).ok_or_else(|| {
-                ManifestError::invalid(
-                    "limits.max_memory",
-                    format!("{value} is not a size"),
-                    memory_accepted(),
-                )
-            })?,
-        };
-        let fuel = match raw.fuel {
-            None => return Err(ManifestError::required("limits.fuel", fuel_accepted())),
-            Some(n) => u64::try_from(n).map_err(|_| {
-                ManifestError::invalid(
-                    "limits.fuel",
-                    format!("{n} is out of range"),
-                    fuel_accepted(),
-                )
-            })?,
-        };
-        let timeout = match raw.timeout {
-            None => {
-                return Err(ManifestError::required(
-                    "limits.timeout",
-                    timeout_accepted(),
-                ));
-            }
-            Some(value) => parse_duration(&value).ok_or_else(|| {
-                ManifestError::invalid(
-                    "limits.timeout",
-                    format!("{value} is not a duration"),
-                    timeout_accepted(),
-                )
-            })?,
-        };
-        let max_concurrency = match raw.max_concurrency {
-            None => {
-                return Err(ManifestError::required(
-                    "limits.max_concurrency",
-                    concurrency_accepted(),
-                ));
-            }
-            Some(n) => u32::try_from(n).map_err(|_| {
-                ManifestError::invalid(
-                    "limits.max_concurrency",
-                    format!("{n} is out of range"),
-                    concurrency_accepted(),
-                )
-            })?,
-        };
+        let max_memory = required_limit(
+            "limits.max_memory",
+            raw.max_memory,
+            memory_accepted,
+            "is not a size",
+            parse_bytes,
+        )?;
+        let fuel = required_limit(
+            "limits.fuel",
+            raw.fuel,
+            fuel_accepted,
+            "is out of range",
+            |n| u64::try_from(*n).ok(),
+        )?;
+        let timeout = required_limit(
+            "limits.timeout",
+            raw.timeout,
+            timeout_accepted,
+            "is not a duration",
+            parse_duration,
+        )?;
+        let max_concurrency = required_limit(
+            "limits.max_concurrency",
+            raw.max_concurrency,
+            concurrency_accepted,
+            "is out of range",
+            |n| u32::try_from(*n).ok(),
+        )?;
         let limits = Limits {
             max_memory,
             fuel,
@@ -433,6 +406,20 @@ fn is_interface_name(name: &str) -> bool {
         }
         None => false,
     }
+}
+
+/// Reads a required limit: a missing one is `required`, one that `parse` rejects is `<value>
+/// <problem>`, each with what `accepted` says is accepted.
+fn required_limit<V: fmt::Display, T>(
+    field: &'static str,
+    value: Option<V>,
+    accepted: fn() -> String,
+    problem: &str,
+    parse: impl FnOnce(&V) -> Option<T>,
+) -> Result<T, ManifestError> {
+    let value = value.ok_or_else(|| ManifestError::required(field, accepted()))?;
+    parse(&value)
+        .ok_or_else(|| ManifestError::invalid(field, format!("{value} {problem}"), accepted()))
 }
 
 fn name_accepted() -> String {
