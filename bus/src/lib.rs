@@ -12,6 +12,8 @@
 //!   caller expects, so that of several replicas deciding the same thing only one fact is stored.
 //! - [`FactStream`]: reads facts in stream order with an ordered consumer, from the start or live.
 //! - [`put_artifact`], [`fetch_artifact`]: components in the content-addressed artifact store.
+//! - [`shutdown_signal`], [`spawn_tied`]: stopping on `SIGTERM` or `SIGINT`, and child processes
+//!   that get `SIGTERM` when their parent dies.
 //! - [`registry`]: the optional etcd registry of nodes and providers (`--registry etcd://…`).
 //!
 //! # Disconnection
@@ -22,6 +24,7 @@
 #![deny(missing_docs)]
 
 mod artifacts;
+mod child;
 mod connect;
 mod publisher;
 mod reader;
@@ -33,6 +36,7 @@ pub use artifacts::{
     ArtifactError, artifact_store, digest_hex, digest_of, fetch_artifact, put_artifact,
     stat_artifact,
 };
+pub use child::spawn_tied;
 pub use connect::{ConnectError, connect};
 pub use publisher::{FactPublisher, PublishError, publish_exclusive};
 pub use reader::{FactStream, Followed, RawFact, ReadError, StartAt, count_messages, follow};
