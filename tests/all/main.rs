@@ -8,4 +8,5 @@ mod instances;
 mod lifecycle;
 mod providers;
 mod spine;
+mod up;
 mod workload;
