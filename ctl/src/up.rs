@@ -116,34 +116,47 @@ fn http_url(grants: &[trellis_schemas::control::Grant]) -> Option<String> {
 /// What one `GET` answered: the status line and the start of the body, or why it failed.
 type HttpProbe = Result<(String, String), String>;
 
-/// One `GET` over plain HTTP/1.1; returns the status line and the body (first 200 bytes).
+/// One `GET`; returns the status line and the body (first 200 characters).
 async fn http_get(url: &str, timeout: Duration) -> HttpProbe {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let rest = url.strip_prefix("http://").ok_or("not an http URL")?;
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    use http_body_util::BodyExt as _;
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
     let get = async {
-        let mut stream = tokio::net::TcpStream::connect(authority)
-            .await
-            .map_err(|e| e.to_string())?;
-        let request =
-            format!("GET /{path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut response = Vec::new();
-        stream
-            .read_to_end(&mut response)
-            .await
-            .map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head.lines().next().unwrap_or_default().to_owned();
-        Ok::<_, String>((status, body.chars().take(200).collect()))
+        let response = client.get(uri).await.map_err(|e| error_chain(&e))?;
+        let status = format!("{:?} {}", response.version(), response.status());
+        // Enough of the body to show; the rest is not read.
+        let mut body = response.into_body();
+        let mut start = Vec::new();
+        while start.len() < 1024 {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        start.extend_from_slice(data);
+                    }
+                }
+                Some(Err(e)) => return Err(error_chain(&e)),
+                None => break,
+            }
+        }
+        let text = String::from_utf8_lossy(&start);
+        Ok::<_, String>((status, text.chars().take(200).collect()))
     };
     tokio::time::timeout(timeout, get)
         .await
         .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+/// An error with its causes (`client error (Connect): tcp connect error: Connection refused`).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
