@@ -7,6 +7,7 @@ mod control;
 mod instances;
 mod lifecycle;
 mod providers;
+mod registry;
 mod spine;
 mod up;
 mod workload;
