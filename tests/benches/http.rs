@@ -13,32 +13,18 @@
 use std::time::Duration;
 
 use trellis_tests::bench::{BenchLattice, HttpFigures, env_usize, wasmtime, wrk};
-use trellis_tests::{Proc, components, free_port, wait_for};
+use trellis_tests::{Proc, components, free_port, http_request, wait_for};
 
 const WARM_UP: Duration = Duration::from_secs(2);
 
 /// Waits until `GET url` answers 200 with the greeting.
 async fn wait_serving(url: &str) {
-    let port: u16 = url
-        .trim_start_matches("http://127.0.0.1:")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap();
     wait_for(
         &format!("{url} to answer"),
         Duration::from_secs(30),
         || async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()?;
-            s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-                .await
-                .ok()?;
-            let mut response = String::new();
-            s.read_to_string(&mut response).await.ok()?;
-            (response.starts_with("HTTP/1.1 200") && response.contains("Hello from Trellis"))
-                .then_some(())
+            let reply = http_request("GET", url, "").await.ok()?;
+            (reply.status == 200 && reply.body.contains("Hello from Trellis")).then_some(())
         },
     )
     .await;
