@@ -259,7 +259,7 @@ impl EtcdRegistry {
                 .await
                 .map_err(|e| io(error_chain(&e)))?;
             let status = response.status();
-            let reply = first_document(response.into_body(), path).await?;
+            let reply = first_document(response.into_body(), &addr, path).await?;
             Ok::<_, RegistryError>((status, reply))
         };
         let (status, reply) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
@@ -278,15 +278,18 @@ impl EtcdRegistry {
 
 /// Reads a reply body up to its first JSON document: the whole body of a unary reply, the first
 /// newline-delimited message of a streaming one (the rest is not waited for). At most
-/// [`MAX_REPLY`] bytes.
-async fn first_document<B>(mut body: B, path: &str) -> Result<Vec<u8>, RegistryError>
+/// [`MAX_REPLY`] bytes. A connection that fails while the body arrives is an I/O error.
+async fn first_document<B>(mut body: B, addr: &str, path: &str) -> Result<Vec<u8>, RegistryError>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
     B::Error: std::error::Error,
 {
     let mut buf: Vec<u8> = Vec::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| malformed(path, &error_chain(&e)))?;
+        let frame = frame.map_err(|e| RegistryError::Io {
+            addr: addr.to_owned(),
+            message: error_chain(&e),
+        })?;
         let Some(data) = frame.data_ref() else {
             continue;
         };
