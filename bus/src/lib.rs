@@ -14,6 +14,8 @@
 //! - [`put_artifact`], [`fetch_artifact`]: components in the content-addressed artifact store.
 //! - [`dataplane`]: the data-plane codec every caller and server of calls, HTTP and capability
 //!   requests uses.
+//! - [`shutdown_signal`], [`spawn_tied`]: stopping on `SIGTERM` or `SIGINT`, and child processes
+//!   that get `SIGTERM` when their parent dies.
 //! - [`registry`]: the optional etcd registry of nodes and providers (`--registry etcd://…`).
 //!
 //! # Disconnection
@@ -24,6 +26,7 @@
 #![deny(missing_docs)]
 
 mod artifacts;
+mod child;
 mod connect;
 pub mod dataplane;
 mod publisher;
@@ -36,6 +39,7 @@ pub use artifacts::{
     ArtifactError, artifact_store, digest_hex, digest_of, fetch_artifact, put_artifact,
     stat_artifact,
 };
+pub use child::spawn_tied;
 pub use connect::{ConnectError, connect};
 pub use publisher::{FactPublisher, PublishError, publish_exclusive};
 pub use reader::{FactStream, Followed, RawFact, ReadError, StartAt, count_messages, follow};

@@ -18,7 +18,8 @@
 //!
 //! etcd's v3 API through its JSON gateway (`POST /v3/lease/grant`, `/v3/kv/put`,
 //! `/v3/lease/keepalive`, `/v3/kv/range`, `/v3/lease/revoke`; keys and values base64-encoded),
-//! spoken over a minimal HTTP/1.1 client on a TCP connection per request. No gRPC stack.
+//! spoken with hyper's HTTP/1.1 client over pooled connections. No gRPC stack and no protobuf
+//! compiler at build time: the JSON gateway is part of every etcd v3 server.
 //!
 //! [`Registration`] keeps one key alive in the background: it grants a lease, puts the key,
 //! refreshes the lease every third of its TTL, puts the key again if the lease expired (etcd was
@@ -29,9 +30,12 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use trellis_schemas::Lattice;
 
@@ -86,12 +90,14 @@ pub struct Entry {
     pub lease: i64,
 }
 
-/// A client of one etcd endpoint, scoped to one lattice's keys.
+/// A client of one etcd endpoint, scoped to one lattice's keys. Clones share one connection
+/// pool.
 #[derive(Debug, Clone)]
 pub struct EtcdRegistry {
     host: String,
     port: u16,
     prefix: String,
+    client: Client<HttpConnector, Full<Bytes>>,
 }
 
 impl EtcdRegistry {
@@ -117,10 +123,21 @@ impl EtcdRegistry {
         if host.is_empty() {
             return Err(RegistryError::Url(url.to_owned()));
         }
+        // The URI every request is built from must parse; check it once here.
+        format!("http://{host}:{port}/")
+            .parse::<hyper::Uri>()
+            .map_err(|_| RegistryError::Url(url.to_owned()))?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(REQUEST_TIMEOUT));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
         Ok(Self {
             host: host.to_owned(),
             port,
             prefix: format!("/trellis/{lattice}/"),
+            client,
         })
     }
 
@@ -223,53 +240,92 @@ impl EtcdRegistry {
             .collect()
     }
 
-    /// Sends one JSON request; returns the JSON reply.
+    /// Sends one JSON request; returns the JSON reply (the first message of a streaming reply,
+    /// such as keepalive's).
     async fn post(&self, path: &str, body: &Value) -> Result<Value, RegistryError> {
         let addr = format!("{}:{}", self.host, self.port);
-        let io = |e: std::io::Error| RegistryError::Io {
+        let io = |message: String| RegistryError::Io {
             addr: addr.clone(),
-            message: e.to_string(),
+            message,
         };
-        let body = body.to_string();
+        let request = hyper::Request::post(format!("http://{addr}{path}"))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| malformed(path, &format!("cannot build the request: {e}")))?;
         let exchange = async {
-            let mut stream = TcpStream::connect((self.host.as_str(), self.port))
+            let response = self
+                .client
+                .request(request)
                 .await
-                .map_err(io)?;
-            let request = format!(
-                "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            stream.write_all(request.as_bytes()).await.map_err(io)?;
-            let mut reply = Vec::new();
-            (&mut stream)
-                .take(MAX_REPLY as u64)
-                .read_to_end(&mut reply)
-                .await
-                .map_err(io)?;
-            Ok::<_, RegistryError>(reply)
+                .map_err(|e| io(error_chain(&e)))?;
+            let status = response.status();
+            let reply = first_document(response.into_body(), &addr, path).await?;
+            Ok::<_, RegistryError>((status, reply))
         };
-        let reply = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        let (status, reply) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
-            .map_err(|_| RegistryError::Io {
-                addr: addr.clone(),
-                message: format!("no reply within {REQUEST_TIMEOUT:?}"),
-            })??;
-        let (status, body) = parse_http(&reply).map_err(|m| malformed(path, &m))?;
-        if status != 200 {
+            .map_err(|_| io(format!("no reply within {REQUEST_TIMEOUT:?}")))??;
+        if status != hyper::StatusCode::OK {
             return Err(RegistryError::Status {
                 path: path.to_owned(),
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&reply).into_owned(),
             });
         }
-        // A streaming endpoint (keepalive) answers with one JSON document per message.
-        let first = body
-            .split(|b| *b == b'\n')
-            .find(|line| !line.iter().all(u8::is_ascii_whitespace))
-            .unwrap_or_default();
-        serde_json::from_slice(first).map_err(|e| malformed(path, &e.to_string()))
+        serde_json::from_slice(&reply).map_err(|e| malformed(path, &e.to_string()))
     }
+}
+
+/// Reads a reply body up to its first JSON document: the whole body of a unary reply, the first
+/// newline-delimited message of a streaming one (the rest is not waited for). At most
+/// [`MAX_REPLY`] bytes. A connection that fails while the body arrives is an I/O error.
+async fn first_document<B>(mut body: B, addr: &str, path: &str) -> Result<Vec<u8>, RegistryError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error,
+{
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| RegistryError::Io {
+            addr: addr.to_owned(),
+            message: error_chain(&e),
+        })?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        buf.extend_from_slice(data);
+        if buf.len() > MAX_REPLY {
+            return Err(malformed(
+                path,
+                &format!("reply larger than {MAX_REPLY} bytes"),
+            ));
+        }
+        if let Some(line) = complete_line(&buf) {
+            return Ok(line.to_vec());
+        }
+    }
+    Ok(buf.trim_ascii().to_vec())
+}
+
+/// The first non-blank line of `buf` among those ended by a newline, if any.
+fn complete_line(buf: &[u8]) -> Option<&[u8]> {
+    let end = buf.iter().rposition(|b| *b == b'\n')?;
+    buf[..end]
+        .split(|b| *b == b'\n')
+        .map(<[u8]>::trim_ascii)
+        .find(|line| !line.is_empty())
+}
+
+/// An error with its causes (`client error (Connect): tcp connect error: Connection refused`).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 fn malformed(path: &str, message: &str) -> RegistryError {
@@ -298,56 +354,6 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         }
     }
     vec![0]
-}
-
-/// Splits an HTTP/1.1 response into its status and body, decoding a chunked body.
-fn parse_http(reply: &[u8]) -> Result<(u16, Vec<u8>), String> {
-    let split = reply
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no end of headers")?;
-    let head = std::str::from_utf8(&reply[..split]).map_err(|_| "headers are not UTF-8")?;
-    let body = &reply[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or("no status line")?;
-    let chunked = lines.any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("transfer-encoding")
-                && v.trim().eq_ignore_ascii_case("chunked")
-        })
-    });
-    if !chunked {
-        return Ok((status, body.to_vec()));
-    }
-    let mut out = Vec::new();
-    let mut rest = body;
-    loop {
-        let eol = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("truncated chunk size")?;
-        let size_text = std::str::from_utf8(&rest[..eol]).map_err(|_| "bad chunk size")?;
-        let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size")?;
-        rest = &rest[eol + 2..];
-        if size == 0 {
-            return Ok((status, out));
-        }
-        if rest.len() < size {
-            // The server closed the stream mid-chunk: keep what arrived.
-            out.extend_from_slice(rest);
-            return Ok((status, out));
-        }
-        out.extend_from_slice(&rest[..size]);
-        rest = rest.get(size + 2..).unwrap_or_default();
-        if rest.is_empty() {
-            return Ok((status, out));
-        }
-    }
 }
 
 /// A key kept alive in the registry by a background task; dropping it (or [`Registration::end`])
@@ -480,14 +486,13 @@ mod tests {
     }
 
     #[test]
-    fn http_replies_plain_and_chunked() {
-        let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
-        assert_eq!(parse_http(plain), Ok((200, b"{}".to_vec())));
-        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n";
-        assert_eq!(parse_http(chunked), Ok((200, b"{\"a\":1}".to_vec())));
-        let error = b"HTTP/1.1 400 Bad Request\r\n\r\n{\"error\":\"x\"}";
-        assert_eq!(parse_http(error).expect("parses").0, 400);
-        assert!(parse_http(b"garbage").is_err());
+    fn first_documents_of_unary_and_streaming_replies() {
+        // A unary reply: no newline until the end of the body.
+        assert_eq!(complete_line(b"{\"a\":1}"), None);
+        // A stream: the first complete, non-blank line; an incomplete one is not enough.
+        let stream: &[u8] = b"\n{\"result\":{}}\r\n{\"re";
+        assert_eq!(complete_line(stream), Some(&b"{\"result\":{}}"[..]));
+        assert_eq!(complete_line(b"\n  \n{\"resu"), None);
     }
 
     #[test]

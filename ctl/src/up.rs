@@ -1,9 +1,12 @@
 //! `trellis up`: a whole lattice on one machine.
 //!
 //! Starts `nats-server` with JetStream on a free loopback port and a temporary store (unless a NATS
-//! URL is given), a controller and a host, as child processes in their own process group so that a
-//! Ctrl-C in the terminal reaches only `trellis up`, which then stops them in order: the host first
-//! (it drains and publishes `host.stopped`), then the controller, then NATS.
+//! URL is given), a controller, a host and providers, as child processes in their own process
+//! group so that a Ctrl-C in the terminal reaches only `trellis up`. On Ctrl-C (SIGINT) or SIGTERM
+//! (`kill`, systemd, `docker stop`) it stops them in order: the providers, the host (it drains and
+//! publishes `host.stopped`), the controller, then NATS. Each child is tied to `trellis up` by a
+//! parent-death signal ([`trellis_bus::spawn_tied`]), so that even when `trellis up` itself is
+//! killed (`SIGKILL`), nothing it started outlives it.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -113,34 +116,47 @@ fn http_url(grants: &[trellis_schemas::control::Grant]) -> Option<String> {
 /// What one `GET` answered: the status line and the start of the body, or why it failed.
 type HttpProbe = Result<(String, String), String>;
 
-/// One `GET` over plain HTTP/1.1; returns the status line and the body (first 200 bytes).
+/// One `GET`; returns the status line and the body (first 200 characters).
 async fn http_get(url: &str, timeout: Duration) -> HttpProbe {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let rest = url.strip_prefix("http://").ok_or("not an http URL")?;
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    use http_body_util::BodyExt as _;
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
     let get = async {
-        let mut stream = tokio::net::TcpStream::connect(authority)
-            .await
-            .map_err(|e| e.to_string())?;
-        let request =
-            format!("GET /{path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut response = Vec::new();
-        stream
-            .read_to_end(&mut response)
-            .await
-            .map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head.lines().next().unwrap_or_default().to_owned();
-        Ok::<_, String>((status, body.chars().take(200).collect()))
+        let response = client.get(uri).await.map_err(|e| error_chain(&e))?;
+        let status = format!("{:?} {}", response.version(), response.status());
+        // Enough of the body to show; the rest is not read.
+        let mut body = response.into_body();
+        let mut start = Vec::new();
+        while start.len() < 1024 {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        start.extend_from_slice(data);
+                    }
+                }
+                Some(Err(e)) => return Err(error_chain(&e)),
+                None => break,
+            }
+        }
+        let text = String::from_utf8_lossy(&start);
+        Ok::<_, String>((status, text.chars().take(200).collect()))
     };
     tokio::time::timeout(timeout, get)
         .await
         .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+/// An error with its causes (`client error (Connect): tcp connect error: Connection refused`).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -157,7 +173,10 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(
+    /// Starts `program`, its output in `logs/<name>.log`, in its own process group (a Ctrl-C in
+    /// the terminal reaches only `trellis up`), and tied to `trellis up`: it gets `SIGTERM` when
+    /// `trellis up` dies without stopping it, even by `SIGKILL`.
+    async fn spawn(
         name: &'static str,
         program: &Path,
         args: &[String],
@@ -169,14 +188,16 @@ impl Proc {
         let err_file = file
             .try_clone()
             .map_err(|e| fail(format!("cannot open {}: {e}", log.display())))?;
-        let child = Command::new(program)
+        let mut command = Command::new(program);
+        command
             .args(args)
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err_file)
             .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
+            .kill_on_drop(true);
+        let child = trellis_bus::spawn_tied(command)
+            .await
             .map_err(|e| fail(format!("cannot start {name} ({}): {e}", program.display())))?;
         Ok(Self { name, child, log })
     }
@@ -352,7 +373,8 @@ async fn deploy(client: &CtlClient, wasm: &Path, args: &UpArgs) -> Result<Deploy
     })
 }
 
-/// Runs `trellis up` until Ctrl-C (or SIGTERM).
+/// Runs `trellis up` until Ctrl-C or SIGTERM, then stops what it started in reverse order:
+/// providers, host, controller, NATS.
 pub async fn run(lattice: &Lattice, nats_url: Option<String>, args: UpArgs) -> Result<(), Failure> {
     let temp = match &args.data_dir {
         Some(_) => None,
@@ -373,9 +395,21 @@ pub async fn run(lattice: &Lattice, nats_url: Option<String>, args: UpArgs) -> R
         .map_err(|e| fail(format!("cannot create {}: {e}", logs.display())))?;
 
     let mut procs: Vec<Proc> = Vec::new();
-    let result = start_and_wait(lattice, nats_url, &args, &dir, &logs, &mut procs).await;
+    // Listen for SIGTERM and SIGINT from the start, so that a stop asked for while the lattice is
+    // still coming up also stops what has been started, in order.
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        biased;
+        reason = &mut shutdown => {
+            println!("{reason}");
+            Ok(())
+        }
+        result = start_and_wait(lattice, nats_url, &args, &dir, &logs, &mut procs) => result,
+    };
     println!("stopping");
-    // Host first, so it can drain and record host.stopped while NATS is still there.
+    // Last started, first stopped: the providers, then the host (it drains and records
+    // host.stopped while NATS is still there), the controller, NATS.
     while let Some(p) = procs.pop() {
         p.stop(Duration::from_secs(10)).await;
     }
@@ -405,14 +439,19 @@ async fn start_and_wait(
                 "-sd".into(),
                 store.display().to_string(),
             ];
-            let mut nats = Proc::spawn("nats", &args.nats_server, &nats_args, logs).map_err(|f| {
-                fail(format!(
-                    "{}; install nats-server (Debian: apt-get install nats-server) or pass --nats <url>",
-                    f.message
-                ))
-            })?;
-            wait_for_port(port, &mut nats, Duration::from_secs(10)).await?;
+            let nats = Proc::spawn("nats", &args.nats_server, &nats_args, logs)
+                .await
+                .map_err(|f| {
+                    fail(format!(
+                        "{}; install nats-server (Debian: apt-get install nats-server) or pass --nats <url>",
+                        f.message
+                    ))
+                })?;
+            // Kept from here on, so that a stop while it starts stops it too.
             procs.push(nats);
+            if let Some(nats) = procs.last_mut() {
+                wait_for_port(port, nats, Duration::from_secs(10)).await?;
+            }
             (format!("nats://127.0.0.1:{port}"), Some(store))
         }
     };
@@ -427,7 +466,7 @@ async fn start_and_wait(
         "--host-timeout".into(),
         humantime::format_duration(args.host_timeout).to_string(),
     ];
-    procs.push(Proc::spawn("controller", &me, &controller_args, logs)?);
+    procs.push(Proc::spawn("controller", &me, &controller_args, logs).await?);
 
     let host_id = args.host_id.clone().unwrap_or_else(HostId::generate);
     let mut host_args: Vec<String> = vec![
@@ -446,7 +485,7 @@ async fn start_and_wait(
         .host_bin
         .clone()
         .unwrap_or_else(|| sibling_binary("trellis-host"));
-    procs.push(Proc::spawn("host", &host_bin, &host_args, logs)?);
+    procs.push(Proc::spawn("host", &host_bin, &host_args, logs).await?);
     let providers = providers_to_run(args)?;
     for (name, path) in &providers {
         let provider_args: Vec<String> = vec![
@@ -462,7 +501,7 @@ async fn start_and_wait(
             "messaging" => "messaging",
             _ => "provider",
         };
-        procs.push(Proc::spawn(label, path, &provider_args, logs)?);
+        procs.push(Proc::spawn(label, path, &provider_args, logs).await?);
     }
 
     // Wait until the controller answers and lists the host.
@@ -587,8 +626,5 @@ async fn start_and_wait(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
-    tokio::select! {
-        _ = shutdown_signal() => Ok(()),
-        failure = watch => Err(failure),
-    }
+    Err(watch.await)
 }

@@ -341,8 +341,9 @@ async fn supervise(
         let started = Instant::now();
         let mut cmd = Command::new(program);
         cmd.args(&args).stdin(Stdio::null()).kill_on_drop(true);
-        die_with_parent(&mut cmd);
-        let child = cmd.spawn();
+        // The kernel sends the provider SIGTERM (a stop: drain, then `provider.stopped`) when
+        // this host dies without stopping it, as on SIGKILL: it never outlives its host.
+        let child = trellis_bus::spawn_tied(cmd).await;
         let mut child = match child {
             Ok(child) => child,
             Err(e) => {
@@ -586,26 +587,3 @@ async fn terminate(child: &mut tokio::process::Child) {
         let _ = child.kill().await;
     }
 }
-
-/// Has the kernel send the provider `SIGTERM` (which it handles as a stop: drain, then
-/// `provider.stopped`) when this host dies without stopping it, as on `SIGKILL`, so that a
-/// supervised provider never outlives its host.
-#[cfg(target_os = "linux")]
-#[allow(
-    unsafe_code,
-    reason = "pre_exec runs between fork and exec; see the safety comment"
-)]
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: the closure only makes one prctl(2) system call, which is async-signal-safe; it
-    // neither allocates nor takes locks in the forked child.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                .map_err(std::io::Error::from)
-        });
-    }
-}
-
-/// Elsewhere providers are stopped by their host only.
-#[cfg(not(target_os = "linux"))]
-fn die_with_parent(_cmd: &mut Command) {}

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use trellis_schemas::capability::rpc::{CapabilityRequest, KvRequest};
 use trellis_schemas::{FactData, FactKind};
 use trellis_tests::bench::BenchLattice;
-use trellis_tests::{components, free_port, wait_for};
+use trellis_tests::{components, free_port, http_request, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -331,37 +331,22 @@ async fn outgoing_http_reaches_allowed_hosts_only() {
     assert!(err.to_lowercase().contains("denied"), "{denied}");
 }
 
-/// Sends one HTTP/1.1 request and returns (status, body).
-fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_owned())
+/// Sends one HTTP request to 127.0.0.1:`port`; returns (status, body).
+async fn try_http(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String), String> {
+    let reply = http_request(method, &format!("http://127.0.0.1:{port}{path}"), body).await?;
+    Ok((reply.status, reply.body))
 }
 
-async fn http_async(
-    port: u16,
-    method: &'static str,
-    path: &'static str,
-    body: &'static str,
-) -> (u16, String) {
-    tokio::task::spawn_blocking(move || http(port, method, path, body))
+/// [`try_http`] that must succeed.
+async fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    try_http(port, method, path, body)
         .await
-        .unwrap()
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 #[tokio::test]
@@ -391,26 +376,26 @@ async fn a_component_written_against_upstream_wasi_serves_http_unchanged() {
             .map(|_| ())
     })
     .await;
-    let (status, _) = http_async(port, "GET", "/nobody", "").await;
+    let (status, _) = http(port, "GET", "/nobody", "").await;
     assert_eq!(status, 503);
 
     let (_, started, reason) = lat.start("http-upstream", &[]);
     assert!(started, "{reason}");
     let (_, started, reason) = lat.start("http-upstream", &[]);
     assert!(started, "{reason}");
-    let (status, body) = http_async(port, "GET", "/hello?x=1", "").await;
+    let (status, body) = http(port, "GET", "/hello?x=1", "").await;
     assert_eq!((status, body.as_str()), (200, "upstream: GET /hello?x=1"));
-    let (status, body) = http_async(port, "POST", "/echo", "ping").await;
+    let (status, body) = http(port, "POST", "/echo", "ping").await;
     assert_eq!(status, 200);
     assert!(
         body.starts_with("upstream: POST /echo") && body.ends_with("ping"),
         "{body}"
     );
-    let (status, _) = http_async(port, "GET", "/status/418", "").await;
+    let (status, _) = http(port, "GET", "/status/418", "").await;
     assert_eq!(status, 418);
     // Many requests in a row, over both instances.
     for _ in 0..20 {
-        let (status, _) = http_async(port, "GET", "/again", "").await;
+        let (status, _) = http(port, "GET", "/again", "").await;
         assert_eq!(status, 200);
     }
 }
@@ -583,17 +568,12 @@ async fn kv_counter_keeps_counting_across_instances_because_state_lives_in_the_p
     assert!(started, "{reason}");
     let count = |n: u32| format!("count: {n}\n");
     let (status, body) = wait_for("the first count", T, || async {
-        let got = tokio::task::spawn_blocking(move || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-            Some(http(port, "GET", "/", ""))
-        })
-        .await
-        .unwrap()?;
+        let got = try_http(port, "GET", "/", "").await.ok()?;
         (got.0 == 200).then_some(got)
     })
     .await;
     assert_eq!((status, body), (200, count(1)));
-    assert_eq!(http_async(port, "GET", "/", "").await, (200, count(2)));
+    assert_eq!(http(port, "GET", "/", "").await, (200, count(2)));
 
     // Stop the instance: its listener goes with its assignment... so grant the next one the
     // same bucket and address, and the count goes on.
@@ -602,7 +582,7 @@ async fn kv_counter_keeps_counting_across_instances_because_state_lives_in_the_p
     let (_, started, reason) = lat.start("kv-counter", &[kv_grant, &http_grant]);
     assert!(started, "{reason}");
     let (status, body) = wait_for("the count after a restart", T, || async {
-        let got = http_async(port, "GET", "/", "").await;
+        let got = http(port, "GET", "/", "").await;
         (got.0 == 200).then_some(got)
     })
     .await;

@@ -14,7 +14,9 @@ use trellis_tests::{components, free_port, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
-/// One request over a fresh connection; returns (status, body).
+/// One request over a fresh connection, written by hand: the server may answer (413) before it
+/// has read a large body, which an HTTP client reports as an error rather than the answer.
+/// Returns (status, body).
 fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, String) {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream
@@ -25,7 +27,6 @@ fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, String) {
         body.len()
     );
     stream.write_all(head.as_bytes()).unwrap();
-    // The server may answer (413) before it has read a large body: a failed write is fine.
     let _ = stream.write_all(body);
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
@@ -39,10 +40,11 @@ fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, String) {
     (status, body.to_owned())
 }
 
-async fn get(port: u16, path: &'static str) -> (u16, String) {
-    tokio::task::spawn_blocking(move || http(port, "GET", path, b""))
+async fn get(port: u16, path: &str) -> (u16, String) {
+    let reply = trellis_tests::http_request("GET", &format!("http://127.0.0.1:{port}{path}"), "")
         .await
-        .unwrap()
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    (reply.status, reply.body)
 }
 
 /// Grants `http-server` on a fresh port to `target` and waits for its listener.
@@ -143,9 +145,7 @@ async fn failures_get_their_status(lat: &BenchLattice, port: u16) {
         ("/spin", "fuel_exhausted"),
         ("/memory", "memory_limit"),
     ] {
-        let (status, body) = tokio::task::spawn_blocking(move || http(port, "GET", path, b""))
-            .await
-            .unwrap();
+        let (status, body) = get(port, path).await;
         assert_eq!(status, 500, "{path}: {body}");
         assert_eq!(
             body,

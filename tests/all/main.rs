@@ -9,5 +9,7 @@ mod instances;
 mod lifecycle;
 mod protocol;
 mod providers;
+mod registry;
 mod spine;
+mod up;
 mod workload;

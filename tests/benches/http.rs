@@ -1,6 +1,7 @@
 //! HTTP benchmark: `examples/http-hello` served through the `http-server` provider → NATS →
-//! `trellis-host` → a fresh instance per request, against `wasmtime serve` running the same
-//! `.wasm`, in one run with the same load.
+//! `trellis-host` → a fresh instance per request, then through `http-server` embedded in the
+//! host (no NATS hop), against `wasmtime serve` running the same `.wasm`, in one run with the
+//! same load.
 //!
 //! The load is `wrk --latency` with `TRELLIS_BENCH_CONNECTIONS` connections (default 32) on 2
 //! threads for `TRELLIS_BENCH_SECS` seconds (default 10) after a 2 s warm-up, on each side.
@@ -13,32 +14,18 @@
 use std::time::Duration;
 
 use trellis_tests::bench::{BenchLattice, HttpFigures, env_usize, wasmtime, wrk};
-use trellis_tests::{Proc, components, free_port, wait_for};
+use trellis_tests::{Proc, components, free_port, http_request, wait_for};
 
 const WARM_UP: Duration = Duration::from_secs(2);
 
 /// Waits until `GET url` answers 200 with the greeting.
 async fn wait_serving(url: &str) {
-    let port: u16 = url
-        .trim_start_matches("http://127.0.0.1:")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap();
     wait_for(
         &format!("{url} to answer"),
         Duration::from_secs(30),
         || async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()?;
-            s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-                .await
-                .ok()?;
-            let mut response = String::new();
-            s.read_to_string(&mut response).await.ok()?;
-            (response.starts_with("HTTP/1.1 200") && response.contains("Hello from Trellis"))
-                .then_some(())
+            let reply = http_request("GET", url, "").await.ok()?;
+            (reply.status == 200 && reply.body.contains("Hello from Trellis")).then_some(())
         },
     )
     .await;
@@ -70,26 +57,8 @@ async fn main() {
         "http-hello, {connections} connections, {secs} s per side, {instances} instance(s) on one host"
     );
 
-    let trellis = {
-        let lat = BenchLattice::up("bench-http", &["http-server"]).await;
-        lat.push(&wasm, &manifest);
-        let address = format!("127.0.0.1:{}", free_port());
-        lat.cli(&[
-            "assignment",
-            "grant",
-            "component:http-hello",
-            "wasi:http/incoming-handler",
-            "http-server",
-            "--config",
-            &format!("address={address}"),
-        ]);
-        for _ in 0..instances {
-            lat.cli(&["instance", "start", "http-hello", "--wait"]);
-        }
-        let url = format!("http://{address}/");
-        wait_serving(&url).await;
-        measure("trellis (http-server→NATS)", &url, connections, secs)
-    };
+    let trellis = trellis_side(&wasm, &manifest, instances, false, connections, secs).await;
+    let embedded = trellis_side(&wasm, &manifest, instances, true, connections, secs).await;
 
     let reference = {
         let address = format!("127.0.0.1:{}", free_port());
@@ -108,10 +77,55 @@ async fn main() {
         measure("wasmtime serve", &url, connections, secs)
     };
 
-    println!(
-        "ratio trellis/wasmtime: {:.2} req/s, p50 {:.2}x, p99 {:.2}x",
-        trellis.requests_per_sec / reference.requests_per_sec,
-        trellis.p50.as_secs_f64() / reference.p50.as_secs_f64(),
-        trellis.p99.as_secs_f64() / reference.p99.as_secs_f64(),
-    );
+    for (name, side) in [("http-server process", trellis), ("embedded", embedded)] {
+        println!(
+            "ratio trellis ({name})/wasmtime: {:.2} req/s, p50 {:.2}x, p99 {:.2}x",
+            side.requests_per_sec / reference.requests_per_sec,
+            side.p50.as_secs_f64() / reference.p50.as_secs_f64(),
+            side.p99.as_secs_f64() / reference.p99.as_secs_f64(),
+        );
+    }
+}
+
+/// A lattice serving http-hello through `http-server`, as a process of its own (requests cross
+/// NATS to the host) or embedded in the host (requests are handed to the instances in process).
+async fn trellis_side(
+    wasm: &std::path::Path,
+    manifest: &std::path::Path,
+    instances: usize,
+    embedded: bool,
+    connections: usize,
+    secs: u64,
+) -> HttpFigures {
+    let (name, providers): (&str, &[&str]) = if embedded {
+        ("bench-http-embedded", &[])
+    } else {
+        ("bench-http", &["http-server"])
+    };
+    let lat = BenchLattice::up(name, providers).await;
+    if embedded {
+        lat.cli(&["provider", "start", "http-server", "--embedded", "--wait"]);
+    }
+    lat.push(wasm, manifest);
+    let address = format!("127.0.0.1:{}", free_port());
+    lat.cli(&[
+        "assignment",
+        "grant",
+        "component:http-hello",
+        "wasi:http/incoming-handler",
+        "http-server",
+        "--config",
+        &format!("address={address}"),
+    ]);
+    for _ in 0..instances {
+        lat.cli(&["instance", "start", "http-hello", "--wait"]);
+    }
+    let url = format!("http://{address}/");
+    wait_serving(&url).await;
+    let label = if embedded {
+        "trellis (embedded http-server)"
+    } else {
+        "trellis (http-server→NATS)"
+    };
+    measure(label, &url, connections, secs)
 }

@@ -6,10 +6,9 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_schemas::{FactData, FactKind};
 use trellis_tests::cluster::Cluster;
-use trellis_tests::{components, wait_for};
+use trellis_tests::{components, http_send, wait_for};
 
 use crate::common::{HOST_TIMEOUT_D, T, of, placements, push_with_manifest, start, three_hosts};
 
@@ -56,24 +55,11 @@ async fn call(cluster: &Cluster, id: &str, export: &str, args: Value) -> Value {
 
 /// `GET path` on 127.0.0.1:`port` over a fresh connection; returns (status, body).
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(("127.0.0.1", port)),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: counter\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
-        .await
-        .ok()?
+    let request = http::Request::get(format!("http://127.0.0.1:{port}{path}"))
+        .body(String::new())
         .ok()?;
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
+    let reply = http_send(request, Duration::from_secs(10)).await.ok()?;
+    Some((reply.status, reply.body))
 }
 
 /// The count kv-counter answered, when it answered 200.

@@ -453,3 +453,61 @@ pub fn caller(instance: &str, component: &str) -> trellis_bus::dataplane::Identi
         min_seq: None,
     }
 }
+
+/// What one HTTP request answered.
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    /// The status code.
+    pub status: u16,
+    /// The response headers.
+    pub headers: http::HeaderMap,
+    /// The body, as text.
+    pub body: String,
+}
+
+/// Sends `request` with hyper's client over a fresh connection and reads the whole answer, within
+/// `timeout`; the error says what failed, with its causes.
+pub async fn http_send(
+    request: http::Request<String>,
+    timeout: Duration,
+) -> Result<HttpReply, String> {
+    use http_body_util::BodyExt as _;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let request = request.map(|body| http_body_util::Full::new(bytes::Bytes::from(body)));
+    let exchange = async {
+        let response = client.request(request).await.map_err(|e| causes(&e))?;
+        let (head, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| causes(&e))?.to_bytes();
+        Ok(HttpReply {
+            status: head.status.as_u16(),
+            headers: head.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+/// `method url` with `body` (see [`http_send`]), within 20 s.
+pub async fn http_request(method: &str, url: &str, body: &str) -> Result<HttpReply, String> {
+    let request = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(body.to_owned())
+        .map_err(|e| e.to_string())?;
+    http_send(request, Duration::from_secs(20)).await
+}
+
+fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
