@@ -47,3 +47,15 @@ pub use signal::{init_logging, shutdown_signal};
 pub use streams::{StreamError, StreamSettings, ensure_streams, events_stream_state};
 
 pub use async_nats;
+
+/// An error with its causes (`client error (Connect): tcp connect error: Connection refused`).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

@@ -257,7 +257,7 @@ impl EtcdRegistry {
                 .client
                 .request(request)
                 .await
-                .map_err(|e| io(error_chain(&e)))?;
+                .map_err(|e| io(crate::error_chain(&e)))?;
             let status = response.status();
             let reply = first_document(response.into_body(), &addr, path).await?;
             Ok::<_, RegistryError>((status, reply))
@@ -288,7 +288,7 @@ where
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| RegistryError::Io {
             addr: addr.to_owned(),
-            message: error_chain(&e),
+            message: crate::error_chain(&e),
         })?;
         let Some(data) = frame.data_ref() else {
             continue;
@@ -314,18 +314,6 @@ fn complete_line(buf: &[u8]) -> Option<&[u8]> {
         .split(|b| *b == b'\n')
         .map(<[u8]>::trim_ascii)
         .find(|line| !line.is_empty())
-}
-
-/// An error with its causes (`client error (Connect): tcp connect error: Connection refused`).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 fn malformed(path: &str, message: &str) -> RegistryError {

@@ -123,7 +123,10 @@ async fn http_get(url: &str, timeout: Duration) -> HttpProbe {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
     let get = async {
-        let response = client.get(uri).await.map_err(|e| error_chain(&e))?;
+        let response = client
+            .get(uri)
+            .await
+            .map_err(|e| trellis_bus::error_chain(&e))?;
         let status = format!("{:?} {}", response.version(), response.status());
         // Enough of the body to show; the rest is not read.
         let mut body = response.into_body();
@@ -135,7 +138,7 @@ async fn http_get(url: &str, timeout: Duration) -> HttpProbe {
                         start.extend_from_slice(data);
                     }
                 }
-                Some(Err(e)) => return Err(error_chain(&e)),
+                Some(Err(e)) => return Err(trellis_bus::error_chain(&e)),
                 None => break,
             }
         }
@@ -145,18 +148,6 @@ async fn http_get(url: &str, timeout: Duration) -> HttpProbe {
     tokio::time::timeout(timeout, get)
         .await
         .map_err(|_| format!("no answer within {timeout:?}"))?
-}
-
-/// An error with its causes (`client error (Connect): tcp connect error: Connection refused`).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

@@ -124,14 +124,8 @@ pub fn component_queue(component: &ComponentName) -> String {
 /// [`Op`] and the subject is a component or instance subject of `lattice`. `Err` carries the
 /// unknown last token.
 pub fn parse_op<'a>(lattice: &Lattice, subject: &'a str) -> Result<Op, &'a str> {
-    let rest = subject
-        .strip_prefix("trellis.rpc.v1.")
-        .and_then(|r| r.strip_prefix(lattice.as_str()))
-        .and_then(|r| r.strip_prefix('.'))
-        .and_then(|r| {
-            r.strip_prefix("component.")
-                .or_else(|| r.strip_prefix("instance."))
-        });
+    let rest = after(subject, "trellis.rpc.v1", &[lattice.as_str(), "component"])
+        .or_else(|| after(subject, "trellis.rpc.v1", &[lattice.as_str(), "instance"]));
     let Some(rest) = rest else {
         return Err(subject);
     };
@@ -139,6 +133,15 @@ pub fn parse_op<'a>(lattice: &Lattice, subject: &'a str) -> Result<Op, &'a str> 
         return Err(subject);
     };
     Op::ALL.iter().copied().find(|o| o.as_str() == op).ok_or(op)
+}
+
+/// What follows `prefix.<token>.<token>…` and a dot in `subject`, when it starts so.
+fn after<'a>(subject: &'a str, prefix: &str, tokens: &[&str]) -> Option<&'a str> {
+    let mut rest = subject.strip_prefix(prefix)?;
+    for token in tokens {
+        rest = rest.strip_prefix('.')?.strip_prefix(token)?;
+    }
+    rest.strip_prefix('.')
 }
 
 /// The subject a provider serves one capability on (queue group [`provider_queue`]).
@@ -258,13 +261,12 @@ pub fn parse_host_command<'a>(
     host: &HostId,
     subject: &'a str,
 ) -> Result<HostVerb, &'a str> {
-    let rest = subject
-        .strip_prefix("trellis.host.v1.")
-        .and_then(|r| r.strip_prefix(lattice.as_str()))
-        .and_then(|r| r.strip_prefix('.'))
-        .and_then(|r| r.strip_prefix(host.as_str()))
-        .and_then(|r| r.strip_prefix('.'))
-        .ok_or(subject)?;
+    let rest = after(
+        subject,
+        "trellis.host.v1",
+        &[lattice.as_str(), host.as_str()],
+    )
+    .ok_or(subject)?;
     HostVerb::parse(rest).ok_or(rest)
 }
 
@@ -284,13 +286,12 @@ pub fn parse_provider_control<'a>(
     provider: &ProviderId,
     subject: &'a str,
 ) -> Result<ProviderVerb, &'a str> {
-    let rest = subject
-        .strip_prefix("trellis.prov.v1.")
-        .and_then(|r| r.strip_prefix(lattice.as_str()))
-        .and_then(|r| r.strip_prefix('.'))
-        .and_then(|r| r.strip_prefix(provider.as_str()))
-        .and_then(|r| r.strip_prefix('.'))
-        .ok_or(subject)?;
+    let rest = after(
+        subject,
+        "trellis.prov.v1",
+        &[lattice.as_str(), provider.as_str()],
+    )
+    .ok_or(subject)?;
     ProviderVerb::parse(rest).ok_or(rest)
 }
 

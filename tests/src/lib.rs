@@ -477,9 +477,16 @@ pub async fn http_send(
         .build_http::<http_body_util::Full<bytes::Bytes>>();
     let request = request.map(|body| http_body_util::Full::new(bytes::Bytes::from(body)));
     let exchange = async {
-        let response = client.request(request).await.map_err(|e| causes(&e))?;
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| trellis_bus::error_chain(&e))?;
         let (head, body) = response.into_parts();
-        let body = body.collect().await.map_err(|e| causes(&e))?.to_bytes();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| trellis_bus::error_chain(&e))?
+            .to_bytes();
         Ok(HttpReply {
             status: head.status.as_u16(),
             headers: head.headers,
@@ -499,15 +506,4 @@ pub async fn http_request(method: &str, url: &str, body: &str) -> Result<HttpRep
         .body(body.to_owned())
         .map_err(|e| e.to_string())?;
     http_send(request, Duration::from_secs(20)).await
-}
-
-fn causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
