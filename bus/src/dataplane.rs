@@ -320,7 +320,8 @@ pub fn capability_reply(response: &CapabilityResponse) -> Result<(HeaderMap, Byt
         .map_err(|e| DataError::new(ErrorCode::Internal, e.to_string()))?;
     let mut headers = ok_headers(None);
     if let Some(head) = encoded.http_head {
-        headers.insert(NAMES.http_head.clone(), header_safe(&head));
+        // JSON escapes line breaks, and a head is never cut: a cut one would not parse.
+        headers.insert(NAMES.http_head.clone(), head);
     }
     Ok((headers, encoded.body))
 }
@@ -403,7 +404,8 @@ pub fn http_reply(
         )
     })?;
     let mut headers = ok_headers(instance);
-    headers.insert(NAMES.http_head.clone(), header_safe(&head));
+    // JSON escapes line breaks, and a head is never cut: a cut one would not parse.
+    headers.insert(NAMES.http_head.clone(), head);
     Ok((headers, response.body.clone()))
 }
 
@@ -501,6 +503,28 @@ mod tests {
         )
         .expect_err("no identity");
         assert_eq!(e.code, ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn large_http_heads_travel_whole() {
+        let head = HttpResponseHead {
+            status: 200,
+            headers: (0..100)
+                .map(|i| (format!("x-header-{i}"), "v\r\n".repeat(20)))
+                .collect(),
+        };
+        let response = HttpMessage {
+            head,
+            body: Bytes::from_static(b"body"),
+        };
+        let (headers, body) = http_reply(&response, None).expect("encodes");
+        let back = read_http_reply(message(headers, body)).expect("reads");
+        assert_eq!(back, response);
+        let (headers, body) =
+            capability_reply(&CapabilityResponse::Http(response.clone())).expect("encodes");
+        let back = read_capability_reply(Capability::HttpOutgoing, &message(headers, body))
+            .expect("reads");
+        assert_eq!(back, CapabilityResponse::Http(response));
     }
 
     #[test]
