@@ -32,6 +32,7 @@ pub mod dataplane;
 mod publisher;
 mod reader;
 pub mod registry;
+mod routes;
 mod signal;
 mod streams;
 
@@ -43,6 +44,7 @@ pub use child::spawn_tied;
 pub use connect::{ConnectError, connect};
 pub use publisher::{FactPublisher, PublishError, publish_exclusive};
 pub use reader::{FactStream, Followed, RawFact, ReadError, StartAt, count_messages, follow};
+pub use routes::RouteTable;
 pub use signal::{init_logging, shutdown_signal};
 pub use streams::{StreamError, StreamSettings, ensure_streams, events_stream_state};
 

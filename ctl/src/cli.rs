@@ -73,6 +73,10 @@ enum Command {
     /// Instances of components.
     #[command(subcommand)]
     Instance(crate::workload::InstanceCommand),
+    /// Rollouts: replace a component's running version while it serves (rolling, blue-green,
+    /// canary), promote, abort, undo.
+    #[command(subcommand)]
+    Rollout(crate::rollout::RolloutCommand),
     /// Call an export of a component (any instance) or of one instance.
     Call(crate::workload::CallArgs),
     /// Capability assignments: what each instance or component may do, and through which provider.
@@ -267,6 +271,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Instance(cmd) => {
             let client = ctl_client(&g).await?;
             crate::workload::instance(&g, &client, cmd).await
+        }
+        Command::Rollout(cmd) => {
+            let client = ctl_client(&g).await?;
+            crate::rollout::rollout(&g, &client, cmd).await
         }
         Command::Call(args) => {
             let nats = trellis_bus::connect(&g.url(), "trellis call", false).await?;

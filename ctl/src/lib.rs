@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod controller;
 pub mod output;
+pub mod rollout;
 pub mod up;
 pub mod workload;
 

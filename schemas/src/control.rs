@@ -24,12 +24,13 @@ use crate::capability::{Assignment, AssignmentTarget, Capability};
 use crate::fact::{ArtifactStored, Capacity};
 use crate::instance::RestartPolicy;
 use crate::names::{
-    AssignmentId, ComponentName, HostId, InstanceId, Lattice, ProviderId, ProviderName,
+    AssignmentId, ComponentName, HostId, InstanceId, Lattice, ProviderId, ProviderName, RolloutId,
 };
 use crate::projection::{
     ArtifactRecord, AssignmentRecord, HostStatus, InstanceRecord, InstanceStatus, ProviderRecord,
     ProviderStatus,
 };
+use crate::rollout::{Revision, RolloutPlan, RolloutRecord, RolloutStatus, Strategy};
 
 /// The largest control request body the controller accepts, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -68,6 +69,17 @@ macro_rules! for_each_ctl_op {
             ProviderStart = provider.start: ProviderStartRequest => ProviderStartReply;
             ProviderStop = provider.stop: ProviderStopRequest => ProviderStopReply;
             ProviderList = provider.list: ProviderListRequest => ProviderListReply, min_seq;
+            /// Starts replacing a component's running version with another.
+            RolloutStart = rollout.start: RolloutStartRequest => RolloutStartReply;
+            RolloutGet = rollout.get: RolloutGetRequest => RolloutGetReply, min_seq;
+            RolloutList = rollout.list: RolloutListRequest => RolloutListReply, min_seq;
+            /// Releases a paused step (blue-green switch, next canary step).
+            RolloutPromote = rollout.promote: RolloutPromoteRequest => RolloutActionReply;
+            /// Stops a rollout in progress; the old version serves again.
+            RolloutAbort = rollout.abort: RolloutAbortRequest => RolloutActionReply;
+            /// Goes back to a component's previous version: rolls back the rollout in progress,
+            /// or starts a rollout to the version the last completed one replaced.
+            RolloutUndo = rollout.undo: RolloutUndoRequest => RolloutStartReply;
         }
     };
 }
@@ -722,6 +734,158 @@ pub struct InstanceGetReply {
     pub history: Vec<HistoryEntry>,
 }
 
+/// `rollout.start`: replace the running instances of a component with instances of another
+/// version. The reply acknowledges; `rollout.*` facts carrying `rollout_id` as `causationid`
+/// report every step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutStartRequest {
+    /// The component (its name).
+    pub component: ComponentName,
+    /// The version to roll out: a version of the component in the artifact store, or
+    /// `sha256:<hex>`.
+    pub to: String,
+    /// How; default `rolling`.
+    #[serde(default = "rolling")]
+    pub strategy: Strategy,
+    /// Rolling: new instances above the old count at any time (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_surge: Option<u32>,
+    /// Rolling: instances missing below the old count at any time (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<u32>,
+    /// Canary: traffic weights in percent, increasing, ending at 100 (default `[10, 50, 100]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<u8>,
+    /// Canary: hold each step this long (milliseconds); none: until `rollout.promote`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<u64>,
+    /// Blue-green: switch by itself this long (milliseconds) after the new set serves; none:
+    /// on `rollout.promote`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_promote_after_ms: Option<u64>,
+    /// Blue-green: keep the old set this long (milliseconds) after the switch (default 300000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_previous_ms: Option<u64>,
+}
+
+fn rolling() -> Strategy {
+    Strategy::Rolling
+}
+
+impl RolloutStartRequest {
+    /// The plan this request asks for (not yet validated).
+    pub fn plan(&self) -> RolloutPlan {
+        let mut plan = RolloutPlan::new(self.strategy);
+        if let Some(n) = self.max_surge {
+            plan.max_surge = n;
+        }
+        if let Some(n) = self.max_unavailable {
+            plan.max_unavailable = n;
+        }
+        if !self.steps.is_empty() {
+            plan.steps = self.steps.clone();
+        }
+        plan.pause_ms = self.pause_ms;
+        plan.auto_promote_after_ms = self.auto_promote_after_ms;
+        if let Some(ms) = self.keep_previous_ms {
+            plan.keep_previous_ms = ms;
+        }
+        plan
+    }
+}
+
+/// Reply to `rollout.start` and `rollout.undo`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutStartReply {
+    /// The rollout; its facts carry it as `causationid` too.
+    pub rollout_id: RolloutId,
+    /// The versions it replaces.
+    pub from: Vec<Revision>,
+    /// The version it rolls out.
+    pub to: Revision,
+    /// The plan.
+    pub plan: RolloutPlan,
+}
+
+/// `rollout.get`: one rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutGetRequest {
+    /// The rollout.
+    pub rollout_id: RolloutId,
+    /// Wait until the controller has applied this stream sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seq: Option<u64>,
+}
+
+/// Reply to `rollout.get`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutGetReply {
+    /// The stream sequence this answer reflects.
+    pub as_of: u64,
+    /// The rollout.
+    pub rollout: RolloutRecord,
+}
+
+/// `rollout.list`: rollouts, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutListRequest {
+    /// Only rollouts of this component.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<ComponentName>,
+    /// Wait until the controller has applied this stream sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seq: Option<u64>,
+}
+
+/// Reply to `rollout.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutListReply {
+    /// The stream sequence this answer reflects.
+    pub as_of: u64,
+    /// The rollouts, newest first.
+    pub rollouts: Vec<RolloutRecord>,
+}
+
+/// `rollout.promote`: release the step a rollout holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutPromoteRequest {
+    /// The rollout.
+    pub rollout_id: RolloutId,
+}
+
+/// `rollout.abort`: stop a rollout; its new instances drain and the old version serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutAbortRequest {
+    /// The rollout.
+    pub rollout_id: RolloutId,
+}
+
+/// Reply to `rollout.promote` and `rollout.abort`: accepted; the facts follow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutActionReply {
+    /// The rollout.
+    pub rollout_id: RolloutId,
+    /// Its status when the request was taken.
+    pub status: RolloutStatus,
+}
+
+/// `rollout.undo`: go back to the component's previous version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutUndoRequest {
+    /// The component.
+    pub component: ComponentName,
+}
+
 /// Stable error codes of control replies. Clients branch on these, never on messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -750,6 +914,9 @@ pub enum ErrorCode {
     /// The request contradicts the current state (a second assignment for the same target and
     /// capability); the message says what to do first.
     Conflict,
+    /// The operation does not apply to the entity in its current state (promoting a rollout
+    /// that has finished).
+    InvalidState,
     /// A bug; the message says more.
     Internal,
 }
@@ -769,6 +936,7 @@ impl ErrorCode {
             ErrorCode::NotReady => "not_ready",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::InvalidState => "invalid_state",
             ErrorCode::Internal => "internal",
         }
     }

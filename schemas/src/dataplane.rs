@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `trellis.rpc.v1.<lattice>.component.<name>.<op>` | any instance of the component, queue group [`component_queue`] |
 //! | `trellis.rpc.v1.<lattice>.instance.<id>.<op>` | one instance |
+//! | `trellis.rpc.v1.<lattice>.version.<name>.<digest hex>.<op>` | any instance of one version, queue group [`version_queue`] |
 //! | `trellis.rpc.v1.<lattice>.provider.<name>.<capability>` | a provider's processes, queue group [`provider_queue`] |
 //! | `trellis.prov.v1.<lattice>.<provider_id>.<verb>` | one provider process ([`ProviderVerb`]) |
 //! | `trellis.host.v1.<lattice>.<host_id>.<noun>.<verb>` | one host ([`HostVerb`]) |
@@ -115,6 +116,39 @@ pub fn instance_all(lattice: &Lattice, instance: &InstanceId) -> String {
     format!("trellis.rpc.v1.{lattice}.instance.{instance}.*")
 }
 
+/// The subject token of a digest: its hex part (`sha256:` dropped). Digests are validated when
+/// stored; anything but lowercase hex is dropped here too, so the token is always subject-safe.
+fn digest_token(digest: &str) -> String {
+    digest
+        .strip_prefix("sha256:")
+        .unwrap_or(digest)
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .collect()
+}
+
+/// The subject that reaches any instance of one version (by digest) of `component`, in queue
+/// group [`version_queue`]: where routers send a request a rollout's weights assigned to it.
+pub fn version(lattice: &Lattice, component: &ComponentName, digest: &str, op: Op) -> String {
+    format!(
+        "trellis.rpc.v1.{lattice}.version.{component}.{}.{op}",
+        digest_token(digest)
+    )
+}
+
+/// Every data-plane subject of one version of a component.
+pub fn version_all(lattice: &Lattice, component: &ComponentName, digest: &str) -> String {
+    format!(
+        "trellis.rpc.v1.{lattice}.version.{component}.{}.*",
+        digest_token(digest)
+    )
+}
+
+/// The queue group the instances of one version of a component serve in.
+pub fn version_queue(component: &ComponentName, digest: &str) -> String {
+    format!("trellis-version-{component}-{}", digest_token(digest))
+}
+
 /// The queue group the instances of a component serve in.
 pub fn component_queue(component: &ComponentName) -> String {
     format!("trellis-component-{component}")
@@ -125,7 +159,8 @@ pub fn component_queue(component: &ComponentName) -> String {
 /// unknown last token.
 pub fn parse_op<'a>(lattice: &Lattice, subject: &'a str) -> Result<Op, &'a str> {
     let rest = after(subject, "trellis.rpc.v1", &[lattice.as_str(), "component"])
-        .or_else(|| after(subject, "trellis.rpc.v1", &[lattice.as_str(), "instance"]));
+        .or_else(|| after(subject, "trellis.rpc.v1", &[lattice.as_str(), "instance"]))
+        .or_else(|| after(subject, "trellis.rpc.v1", &[lattice.as_str(), "version"]));
     let Some(rest) = rest else {
         return Err(subject);
     };

@@ -27,6 +27,10 @@ use crate::instance::{ManifestDoc, RestartPolicy};
 use crate::names::{
     AssignmentId, ComponentName, HostId, InstanceId, Lattice, ProviderId, ProviderName,
 };
+pub use crate::rollout::{
+    RolloutAborted, RolloutCompleted, RolloutPaused, RolloutPromoted, RolloutRolledBack,
+    RolloutStarted, RolloutStepReached,
+};
 
 /// The fact catalogue, one line per fact in catalogue order: its doc, its [`FactKind`] and
 /// [`FactData`] variant with the payload type, its `<noun>.<verb>`, and where the payload keeps
@@ -77,6 +81,20 @@ macro_rules! for_each_fact {
             ProviderStopped(ProviderStopped) = provider.stopped, id: provider_id;
             /// A provider process died.
             ProviderCrashed(ProviderCrashed) = provider.crashed, id: provider_id;
+            /// A rollout began, with its plan.
+            RolloutStarted(RolloutStarted) = rollout.started, id: rollout_id;
+            /// A rollout finished a step.
+            RolloutStepReached(RolloutStepReached) = rollout.step_reached, id: rollout_id;
+            /// A rollout holds its step until promoted.
+            RolloutPaused(RolloutPaused) = rollout.paused, id: rollout_id;
+            /// A held step was released.
+            RolloutPromoted(RolloutPromoted) = rollout.promoted, id: rollout_id;
+            /// A rollout finished: the new version serves everything.
+            RolloutCompleted(RolloutCompleted) = rollout.completed, id: rollout_id;
+            /// A rollout stopped; the old version serves.
+            RolloutAborted(RolloutAborted) = rollout.aborted, id: rollout_id;
+            /// A rollout went back to the old version.
+            RolloutRolledBack(RolloutRolledBack) = rollout.rolled_back, id: rollout_id;
         }
     };
 }
@@ -715,6 +733,44 @@ impl Event {
                 "on {}: {} restart={} restarts={}",
                 d.host_id, d.reason, d.will_restart, d.restarts
             ),
+            FactData::RolloutStarted(d) => format!(
+                "{} to {} ({}){}",
+                d.component,
+                d.to,
+                d.plan.strategy,
+                weight(d.weight)
+            ),
+            FactData::RolloutStepReached(d) => format!(
+                "step {} new={} old={}{} at {}ms",
+                d.step,
+                d.new_running,
+                d.old_running,
+                weight(d.weight),
+                d.elapsed_ms
+            ),
+            FactData::RolloutPaused(d) => format!(
+                "step {}{} until {}",
+                d.step,
+                weight(d.weight),
+                d.until
+                    .map_or_else(|| "promoted".to_owned(), |t| t.to_rfc3339())
+            ),
+            FactData::RolloutPromoted(d) => format!(
+                "step {}{}{}",
+                d.step,
+                weight(d.weight),
+                if d.auto { " (timer)" } else { "" }
+            ),
+            FactData::RolloutCompleted(d) => {
+                format!("{} serves {} after {}ms", d.component, d.to, d.elapsed_ms)
+            }
+            FactData::RolloutAborted(d) => {
+                format!("reason={} after {}ms", d.reason, d.elapsed_ms)
+            }
+            FactData::RolloutRolledBack(d) => format!(
+                "condition={} measured={} after {}ms",
+                d.condition, d.measured, d.elapsed_ms
+            ),
         }
     }
 
@@ -722,6 +778,11 @@ impl Event {
     pub fn time_rfc3339(&self) -> String {
         self.time.to_rfc3339_opts(SecondsFormat::Millis, true)
     }
+}
+
+/// ` weight=N%` for a summary, or nothing.
+fn weight(weight: Option<u8>) -> String {
+    weight.map(|w| format!(" weight={w}%")).unwrap_or_default()
 }
 
 /// The `source` attribute of a process: `/trellis/<lattice>/<role>/<id>`.
@@ -854,9 +915,16 @@ mod tests {
                 FactKind::ProviderStartFailed => 14,
                 FactKind::ProviderStopped => 15,
                 FactKind::ProviderCrashed => 16,
+                FactKind::RolloutStarted => 17,
+                FactKind::RolloutStepReached => 18,
+                FactKind::RolloutPaused => 19,
+                FactKind::RolloutPromoted => 20,
+                FactKind::RolloutCompleted => 21,
+                FactKind::RolloutAborted => 22,
+                FactKind::RolloutRolledBack => 23,
             }
         }
-        assert_eq!(FactKind::ALL.len(), 17);
+        assert_eq!(FactKind::ALL.len(), 24);
         for (i, kind) in FactKind::ALL.iter().enumerate() {
             assert_eq!(position(*kind), i);
             assert_eq!(

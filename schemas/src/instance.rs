@@ -291,6 +291,10 @@ pub struct StopInstanceCommand {
     pub operation_id: String,
     /// The instance.
     pub instance_id: InstanceId,
+    /// Why, as `instance.stopped` will say (default `requested`; `rollout` when a rollout
+    /// retires it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A command to a host: its body type tied to its verb, as [`CtlRequest`](crate::CtlRequest)

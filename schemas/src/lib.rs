@@ -15,6 +15,7 @@
 //! - [`capability`]: capabilities, assignments and the typed capability calls of providers
 //!   ([`capability::rpc`]), with their binary encoding.
 //! - [`instance`]: restart policies, component sources, host commands.
+//! - [`rollout`]: rollout plans, their records and the traffic routes they set.
 //! - [`json_schema`]: JSON Schemas for all of the above, checked in under `schemas/json/`.
 //!
 //! ```
@@ -48,6 +49,7 @@ pub mod json_schema;
 pub mod manifest;
 mod names;
 pub mod projection;
+pub mod rollout;
 pub mod subject;
 mod wire;
 
@@ -61,7 +63,8 @@ pub use heartbeat::{Heartbeat, InventoryInstance};
 pub use instance::{ComponentSource, ManifestDoc, RestartPolicy};
 pub use manifest::{Manifest, ManifestError};
 pub use names::{
-    AssignmentId, ComponentName, HostId, InstanceId, InvalidName, Lattice, ProviderId, ProviderName,
+    AssignmentId, ComponentName, HostId, InstanceId, InvalidName, Lattice, ProviderId,
+    ProviderName, RolloutId,
 };
 pub use projection::{
     ArtifactRecord, AssignmentRecord, HostRecord, HostStatus, InstanceRecord, InstanceStatus,

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::capability::{Assignment, AssignmentTarget, Capability};
 use crate::fact::{Capacity, Fact, FactData};
 use crate::instance::{ManifestDoc, RestartPolicy};
-use crate::names::{AssignmentId, HostId, InstanceId, ProviderId, ProviderName};
+use crate::names::{AssignmentId, HostId, InstanceId, ProviderId, ProviderName, RolloutId};
+use crate::rollout::{RolloutRecord, apply_rollout};
 
 /// Where a host is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -243,6 +244,9 @@ pub struct Projection {
     /// Provider processes by id.
     #[serde(default)]
     pub providers: BTreeMap<ProviderId, ProviderRecord>,
+    /// Rollouts by id, in progress and finished.
+    #[serde(default)]
+    pub rollouts: BTreeMap<RolloutId, RolloutRecord>,
 }
 
 impl Projection {
@@ -564,6 +568,15 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
                 p.status_since = time;
                 p.status_seq = fact.seq;
             }
+        }
+        FactData::RolloutStarted(_)
+        | FactData::RolloutStepReached(_)
+        | FactData::RolloutPaused(_)
+        | FactData::RolloutPromoted(_)
+        | FactData::RolloutCompleted(_)
+        | FactData::RolloutAborted(_)
+        | FactData::RolloutRolledBack(_) => {
+            apply_rollout(&mut projection.rollouts, fact.seq, time, &fact.event.data);
         }
     }
     true

@@ -7,12 +7,13 @@
 //! | `trellis.ctl.v1.<lattice>.<noun>.<verb>` | control requests to the controller (queue group [`CONTROLLER_QUEUE`]) |
 //! | `trellis.evt.v1.<lattice>.<noun>.<id>.<verb>` | facts, captured by the stream [`events_stream`] |
 //! | `trellis.hb.v1.<lattice>.<host_id>` | host heartbeats, captured by the stream [`heartbeat_stream`] |
+//! | `trellis.drive.v1.<lattice>.rollout.<id>` | signals to the controller replica driving a rollout |
 //!
 //! The data plane and the command subjects of hosts and providers are in [`crate::dataplane`].
 
 use crate::control::CtlOp;
 use crate::fact::FactKind;
-use crate::names::{HostId, InstanceId, Lattice};
+use crate::names::{HostId, InstanceId, Lattice, RolloutId};
 
 /// The queue group every controller replica joins, so each request is served once.
 pub const CONTROLLER_QUEUE: &str = "trellis-controller";
@@ -93,6 +94,18 @@ pub fn instance_events(lattice: &Lattice) -> String {
 /// Every provider fact of the lattice.
 pub fn provider_events(lattice: &Lattice) -> String {
     format!("trellis.evt.v1.{lattice}.provider.>")
+}
+
+/// Every rollout fact of the lattice.
+pub fn rollout_events(lattice: &Lattice) -> String {
+    format!("trellis.evt.v1.{lattice}.rollout.>")
+}
+
+/// The subject the controller replica driving a rollout listens on for its signals
+/// (`promote`, `abort`, `undo`, `ping`), request/reply, sent by whichever replica took the
+/// control request.
+pub fn rollout_driver(lattice: &Lattice, rollout: &RolloutId) -> String {
+    format!("trellis.drive.v1.{lattice}.rollout.{rollout}")
 }
 
 /// Every assignment fact of the lattice.

@@ -157,6 +157,7 @@ async fn stop(
     let cmd = StopInstanceCommand {
         operation_id: format!("op-stop-{id}"),
         instance_id: InstanceId::new(id).unwrap(),
+        reason: None,
     };
     command(
         client,

@@ -10,6 +10,7 @@ mod lifecycle;
 mod protocol;
 mod providers;
 mod registry;
+mod rollouts;
 mod spine;
 mod up;
 mod workload;

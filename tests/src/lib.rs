@@ -195,10 +195,15 @@ pub struct Nats {
 impl Nats {
     /// Starts a server and waits until it accepts connections.
     pub async fn start() -> Self {
-        let dir = tempfile::Builder::new()
+        let mut dir = tempfile::Builder::new()
             .prefix("trellis-test-")
             .tempdir()
             .unwrap();
+        // `TRELLIS_KEEP_LOGS=1` keeps the directory (server data and every process's log).
+        if std::env::var_os("TRELLIS_KEEP_LOGS").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("logs kept in {}", dir.path().display());
+        }
         let mut nats = Self {
             port: free_port(),
             dir,

@@ -284,6 +284,7 @@ pub(crate) async fn stop(
     let cmd = StopInstanceCommand {
         operation_id: operation_id.clone(),
         instance_id: request.instance_id.clone(),
+        reason: None,
     };
     command(state, &host_id, &cmd).await?;
     Ok(InstanceStopReply {

@@ -25,6 +25,7 @@ mod instances;
 mod liveness;
 mod providers;
 mod relocate;
+mod rollouts;
 mod schedule;
 mod serve;
 mod state;
@@ -168,6 +169,7 @@ pub async fn run(
         "controller serving"
     );
     let liveness = tokio::spawn(liveness::run(state.clone()));
+    let drivers = tokio::spawn(rollouts::run_drivers(state.clone()));
 
     let serve = async {
         while let Some(message) = requests.next().await {
@@ -181,6 +183,7 @@ pub async fn run(
         _ = shutdown => tracing::info!("controller shutting down"),
     }
     liveness.abort();
+    drivers.abort();
     hb_task.abort();
     reader.abort();
     folder.abort();

@@ -13,7 +13,7 @@ use trellis_schemas::control::{
 use trellis_schemas::{CtlOp, CtlRequest, ErrorBody, ErrorCode, HostStatus, Reply, subject};
 
 use super::state::State;
-use super::{assignments, components, instances, providers};
+use super::{assignments, components, instances, providers, rollouts};
 
 /// Answers one request; every request with a reply subject gets exactly one reply.
 pub(crate) async fn handle(state: &State, client: &Client, message: Message) {
@@ -63,6 +63,12 @@ async fn answer(state: &State, subject_name: &str, body: &[u8]) -> Vec<u8> {
         CtlOp::ProviderStart => respond(state, body, providers::start).await,
         CtlOp::ProviderStop => respond(state, body, providers::stop).await,
         CtlOp::ProviderList => respond(state, body, async |s, r| providers::list(s, r)).await,
+        CtlOp::RolloutStart => respond(state, body, rollouts::start).await,
+        CtlOp::RolloutGet => respond(state, body, async |s, r| rollouts::get(s, r)).await,
+        CtlOp::RolloutList => respond(state, body, async |s, r| rollouts::list(s, r)).await,
+        CtlOp::RolloutPromote => respond(state, body, rollouts::promote).await,
+        CtlOp::RolloutAbort => respond(state, body, rollouts::abort).await,
+        CtlOp::RolloutUndo => respond(state, body, rollouts::undo).await,
     }
 }
 

@@ -53,6 +53,9 @@ pub(crate) struct State {
     applied: AtomicU64,
     live: Mutex<HashMap<HostId, Live>>,
     replay: OnceLock<ReplayStats>,
+    /// Rollouts this replica should drive: the task started in `run` takes them.
+    drive: mpsc::UnboundedSender<trellis_schemas::RolloutId>,
+    drive_rx: Mutex<Option<mpsc::UnboundedReceiver<trellis_schemas::RolloutId>>>,
 }
 
 impl State {
@@ -64,6 +67,7 @@ impl State {
             config.streams.clone(),
             1_000,
         );
+        let (drive, drive_rx) = mpsc::unbounded_channel();
         Self {
             source: trellis_schemas::fact::source(
                 &config.lattice,
@@ -81,7 +85,29 @@ impl State {
             applied: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
             replay: OnceLock::new(),
+            drive,
+            drive_rx: Mutex::new(Some(drive_rx)),
         }
+    }
+
+    /// Asks this replica to drive `rollout` (a task of its own, started by `run`).
+    pub fn drive(&self, rollout: trellis_schemas::RolloutId) {
+        let _ = self.drive.send(rollout);
+    }
+
+    /// The rollouts to drive, for the one task that starts their drivers.
+    pub fn take_drive_requests(
+        &self,
+    ) -> Option<mpsc::UnboundedReceiver<trellis_schemas::RolloutId>> {
+        self.drive_rx
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+
+    /// Changes whenever the projection applies facts.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.as_of.subscribe()
     }
 
     /// The stream sequence the projection reflects.

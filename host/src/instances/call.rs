@@ -118,6 +118,11 @@ impl Serving {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// Uncounts a call counted by [`enter`](Self::enter) that was answered elsewhere.
+    pub fn leave(&self) {
+        drop(InFlight(self));
+    }
+
     /// Answers one call message counted by [`enter`](Self::enter).
     pub async fn handle(&self, message: Message) {
         let _counted = InFlight(self);

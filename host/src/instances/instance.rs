@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
-use trellis_schemas::dataplane;
+use trellis_bus::dataplane::{self as codec, SendError};
+use trellis_schemas::DataError;
+use trellis_schemas::dataplane::{self, ErrorCode};
 use trellis_schemas::fact::{
     InstanceCrashed, InstanceGaveUp, InstanceRestarting, InstanceStarted, InstanceStopped,
 };
@@ -115,20 +117,29 @@ pub(crate) async fn supervise(
             spec.id.as_str(),
         );
         let serving = Arc::new(serving);
-        let queue = dataplane::component_queue(&spec.name);
         let subscribed = async {
             let by_component = ctx
                 .client
-                .queue_subscribe(dataplane::component_all(&ctx.lattice, &spec.name), queue)
+                .queue_subscribe(
+                    dataplane::component_all(&ctx.lattice, &spec.name),
+                    dataplane::component_queue(&spec.name),
+                )
+                .await?;
+            let by_version = ctx
+                .client
+                .queue_subscribe(
+                    dataplane::version_all(&ctx.lattice, &spec.name, &spec.digest),
+                    dataplane::version_queue(&spec.name, &spec.digest),
+                )
                 .await?;
             let by_instance = ctx
                 .client
                 .subscribe(dataplane::instance_all(&ctx.lattice, &spec.id))
                 .await?;
-            Ok::<_, async_nats::SubscribeError>((by_component, by_instance))
+            Ok::<_, async_nats::SubscribeError>([by_component, by_version, by_instance])
         }
         .await;
-        let (mut by_component, mut by_instance) = match subscribed {
+        let mut subscriptions = match subscribed {
             Ok(subs) => subs,
             Err(e) => {
                 // Only a closed client refuses a subscription: the host is going away.
@@ -137,7 +148,7 @@ pub(crate) async fn supervise(
             }
         };
         state.set(State::Running);
-        ctx.local.add(&spec.name, &spec.id, &serving);
+        ctx.local.add(&spec.name, &spec.digest, &spec.id, &serving);
         ctx.publish(
             Event::new(
                 ctx.source.clone(),
@@ -156,48 +167,65 @@ pub(crate) async fn supervise(
         tracing::info!(instance = %spec.id, component = %spec.name, attempt, "instance serving");
 
         let mut crashed = crashed;
-        let ended = loop {
-            tokio::select! {
-                biased;
-                crash = &mut crashed => match crash {
-                    Ok(crash) => break Ended::Crash(crash),
-                    Err(_) => break Ended::Closed,
-                },
-                request = stop.recv() => break Ended::Stop(request.unwrap_or(Stop {
-                    reason: "host draining".to_owned(),
-                    operation_id: None,
-                })),
-                message = by_component.next() => match message {
-                    Some(message) => spawn_call(&serving, message),
-                    None => break Ended::Closed,
-                },
-                message = by_instance.next() => match message {
-                    Some(message) => spawn_call(&serving, message),
-                    None => break Ended::Closed,
-                },
+        let ended = {
+            let [by_component, by_version, by_instance] = &mut subscriptions;
+            loop {
+                tokio::select! {
+                    biased;
+                    crash = &mut crashed => match crash {
+                        Ok(crash) => break Ended::Crash(crash),
+                        Err(_) => break Ended::Closed,
+                    },
+                    request = stop.recv() => break Ended::Stop(request.unwrap_or(Stop {
+                        reason: "host draining".to_owned(),
+                        operation_id: None,
+                    })),
+                    message = by_component.next() => match message {
+                        Some(message) => route_call(&ctx, &spec, &serving, message),
+                        None => break Ended::Closed,
+                    },
+                    message = by_version.next() => match message {
+                        Some(message) => spawn_call(&serving, message),
+                        None => break Ended::Closed,
+                    },
+                    message = by_instance.next() => match message {
+                        Some(message) => spawn_call(&serving, message),
+                        None => break Ended::Closed,
+                    },
+                }
             }
         };
 
-        // Stop serving: no new calls of this period; those already delivered are refused.
-        serving.end();
+        // No new calls of this period. A stop drains gracefully: the subscriptions are
+        // drained first while the instance still serves, so that what the server had already
+        // routed here is answered, then the period ends. A crash ends the period at once, and
+        // what is still delivered is refused (`not_running`, the caller retries elsewhere).
+        // Drained, not just unsubscribed, so that nothing delivered is dropped, which would
+        // leave its caller waiting for a reply that never comes. Bounded, for a NATS that is
+        // away.
         ctx.local.remove(&spec.name, &spec.id);
-        // Drained, not just unsubscribed: what the server had already routed here is still
-        // delivered and refused (`not_running`, the caller retries) instead of being dropped,
-        // which would leave its caller waiting for a reply that never comes. Bounded, for a
-        // NATS that is away.
-        let _ = by_component.drain().await;
-        let _ = by_instance.drain().await;
+        let graceful = matches!(ended, Ended::Stop(_));
+        if !graceful {
+            serving.end();
+        }
+        for subscription in &mut subscriptions {
+            let _ = subscription.drain().await;
+        }
         let leftovers = async {
-            while let Some(message) = by_component.next().await {
-                refuse(&serving, message);
-            }
-            while let Some(message) = by_instance.next().await {
-                refuse(&serving, message);
+            for subscription in &mut subscriptions {
+                while let Some(message) = subscription.next().await {
+                    if graceful {
+                        spawn_call(&serving, message);
+                    } else {
+                        refuse(&serving, message);
+                    }
+                }
             }
         };
         if tokio::time::timeout(DRAIN_BOUND, leftovers).await.is_err() {
             tracing::debug!(instance = %spec.id, "the subscriptions did not drain in time");
         }
+        serving.end();
 
         let crash = match ended {
             Ended::Closed => return,
@@ -275,6 +303,77 @@ pub(crate) async fn supervise(
         attempt = next;
     }
 }
+
+/// Serves a message that came on the component subject, or, when a rollout's weights send it
+/// to another version, forwards it to that version's subject (serving it here after all when
+/// nothing serves that version).
+fn route_call(
+    ctx: &Arc<Context>,
+    spec: &Spec,
+    serving: &Arc<Serving>,
+    message: async_nats::Message,
+) {
+    let Some(digest) = ctx.routes.pick(&spec.name) else {
+        return spawn_call(serving, message);
+    };
+    if digest == spec.digest {
+        return spawn_call(serving, message);
+    }
+    let Ok(op) = dataplane::parse_op(&ctx.lattice, message.subject.as_str()) else {
+        return spawn_call(serving, message);
+    };
+    let subject = dataplane::version(&ctx.lattice, &spec.name, &digest, op);
+    serving.enter();
+    let serving = Arc::clone(serving);
+    let client = ctx.client.clone();
+    tokio::spawn(async move {
+        let Some(reply) = message.reply.clone() else {
+            // Nobody waits for an answer: deliver it there and be done.
+            serving.leave();
+            let _ = client
+                .publish_with_headers(
+                    subject,
+                    message.headers.clone().unwrap_or_default(),
+                    message.payload.clone(),
+                )
+                .await;
+            return;
+        };
+        let forwarded = codec::request(
+            &client,
+            subject,
+            message.headers.clone().unwrap_or_default(),
+            message.payload.clone(),
+            FORWARD_TIMEOUT,
+        )
+        .await;
+        match forwarded {
+            Ok(answer) => {
+                serving.leave();
+                let _ = client
+                    .publish_with_headers(reply, answer.headers.unwrap_or_default(), answer.payload)
+                    .await;
+            }
+            // That version has no instance (any more): serve it here.
+            Err(SendError::NoResponders) => serving.handle(message).await,
+            Err(e) => {
+                serving.leave();
+                tracing::warn!(error = %e, "a request forwarded to another version failed");
+                let error = match e {
+                    SendError::TimedOut(t) => DataError::new(
+                        ErrorCode::Timeout,
+                        format!("the version chosen did not answer within {t:?}"),
+                    ),
+                    other => DataError::unavailable(format!("cannot forward the request: {other}")),
+                };
+                codec::reply_error(&client, Some(reply), &error, None).await;
+            }
+        }
+    });
+}
+
+/// How long a request forwarded to another version may take: longer than any invocation.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn spawn_call(serving: &Arc<Serving>, message: async_nats::Message) {
     serving.enter();

@@ -17,8 +17,8 @@ pub(crate) struct LocalInstances {
     inner: Arc<Inner>,
 }
 
-/// The serving periods of one component's local instances.
-type Servings = Vec<(InstanceId, Arc<Serving>)>;
+/// The serving periods of one component's local instances, with the digest each runs.
+type Servings = Vec<(InstanceId, String, Arc<Serving>)>;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -32,6 +32,7 @@ impl LocalInstances {
     pub(crate) fn add(
         &self,
         component: &ComponentName,
+        digest: &str,
         instance: &InstanceId,
         serving: &Arc<Serving>,
     ) {
@@ -41,8 +42,8 @@ impl LocalInstances {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let list = map.entry(component.clone()).or_default();
-        list.retain(|(id, _)| id != instance);
-        list.push((instance.clone(), Arc::clone(serving)));
+        list.retain(|(id, _, _)| id != instance);
+        list.push((instance.clone(), digest.to_owned(), Arc::clone(serving)));
     }
 
     /// Forgets `instance`'s serving period.
@@ -53,15 +54,16 @@ impl LocalInstances {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(list) = map.get_mut(component) {
-            list.retain(|(id, _)| id != instance);
+            list.retain(|(id, _, _)| id != instance);
             if list.is_empty() {
                 map.remove(component);
             }
         }
     }
 
-    /// A serving period of this process that serves `target`, if any.
-    fn pick(&self, target: &AssignmentTarget) -> Option<Arc<Serving>> {
+    /// A serving period of this process that serves `target` (of version `digest`, when
+    /// given), if any.
+    fn pick(&self, target: &AssignmentTarget, digest: Option<&str>) -> Option<Arc<Serving>> {
         let map = self
             .inner
             .by_component
@@ -72,15 +74,15 @@ impl LocalInstances {
                 let list = map.get(name)?;
                 let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
                 (0..list.len())
-                    .map(|i| &list[(start + i) % list.len()].1)
-                    .find(|s| s.serving())
-                    .cloned()
+                    .map(|i| &list[(start + i) % list.len()])
+                    .find(|(_, d, s)| digest.is_none_or(|want| want == d) && s.serving())
+                    .map(|(_, _, s)| Arc::clone(s))
             }
             AssignmentTarget::Instance(id) => map
                 .values()
                 .flatten()
-                .find(|(i, s)| i == id && s.serving())
-                .map(|(_, s)| Arc::clone(s)),
+                .find(|(i, _, s)| i == id && s.serving())
+                .map(|(_, _, s)| Arc::clone(s)),
         }
     }
 }
@@ -89,9 +91,10 @@ impl LocalTargets for LocalInstances {
     fn serve(
         &self,
         target: &AssignmentTarget,
+        digest: Option<&str>,
         request: HttpMessage<HttpRequestHead>,
     ) -> Result<LocalFuture<'_>, HttpMessage<HttpRequestHead>> {
-        match self.pick(target) {
+        match self.pick(target, digest) {
             Some(serving) => Ok(Box::pin(async move { serving.serve_http(request).await })),
             None => Err(request),
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use trellis_bus::FactPublisher;
+use trellis_bus::{FactPublisher, RouteTable};
 use trellis_schemas::fact::{AssignmentRevoked, InstanceStartFailed, InstanceStopped};
 use trellis_schemas::instance::{ComponentSource, StartInstanceCommand, StopInstanceCommand};
 use trellis_schemas::{
@@ -34,6 +34,9 @@ pub(crate) struct Context {
     pub source: String,
     /// The serving periods of this host's instances, for in-process HTTP.
     pub local: LocalInstances,
+    /// The traffic routes of the rollouts in progress: a request that reaches an instance on
+    /// its component subject but belongs to another version by the weights goes there.
+    pub routes: RouteTable,
 }
 
 impl Context {
@@ -112,6 +115,7 @@ impl InstanceManager {
         let artifacts = Artifacts::new(js, lattice.clone(), config.max_artifact_bytes);
         let assignments = Arc::new(Assignments::default());
         tokio::spawn(Arc::clone(&assignments).follow(client.clone(), lattice.clone()));
+        let (routes, _following) = RouteTable::follow(&client, &lattice);
         Self {
             inner: Arc::new(Inner {
                 ctx: Arc::new(Context {
@@ -121,6 +125,7 @@ impl InstanceManager {
                     host_id,
                     source,
                     local: LocalInstances::default(),
+                    routes,
                 }),
                 runtime,
                 artifacts,
@@ -234,7 +239,10 @@ impl InstanceManager {
         };
         let entry = instances.get(&command.instance_id).ok_or_else(not_found)?;
         match entry.stop.try_send(Stop {
-            reason: "requested".to_owned(),
+            reason: command
+                .reason
+                .clone()
+                .unwrap_or_else(|| "requested".to_owned()),
             operation_id: Some(command.operation_id.clone()),
         }) {
             // A full queue means stops are already pending: this one is redundant.

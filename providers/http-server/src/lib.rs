@@ -51,6 +51,7 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
+use trellis_bus::RouteTable;
 use trellis_bus::dataplane::{self as codec, SendError};
 use trellis_provider_sdk::{Call, Context, DataError, ErrorCode, Outcome, Provider, ProviderInfo};
 use trellis_schemas::capability::rpc::{HttpMessage, HttpRequestHead, HttpResponseHead};
@@ -71,6 +72,10 @@ pub const INFO: ProviderInfo = ProviderInfo {
 /// How long a request waits for the component.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Beyond a component's own invocation timeout, how long a request may go unanswered before
+/// it is taken as lost and sent again.
+const LOST_MARGIN: Duration = Duration::from_secs(1);
+
 /// How often listeners that could not bind are tried again.
 const RETRY_BIND: Duration = Duration::from_secs(5);
 
@@ -81,8 +86,9 @@ pub type LocalFuture<'a> =
 /// Instances of the process this provider is embedded in, which it can hand requests to
 /// without NATS.
 pub trait LocalTargets: Send + Sync + fmt::Debug + 'static {
-    /// Serves `request` on an instance of this process that serves `target`, or gives the
-    /// request back (`Err`) when none does, so that it goes over NATS.
+    /// Serves `request` on an instance of this process that serves `target` (and runs version
+    /// `digest`, when a rollout's weights chose one), or gives the request back (`Err`) when none
+    /// does, so that it goes over NATS.
     #[allow(
         clippy::result_large_err,
         reason = "the request is given back whole so that it can go over NATS without a copy"
@@ -90,6 +96,7 @@ pub trait LocalTargets: Send + Sync + fmt::Debug + 'static {
     fn serve(
         &self,
         target: &AssignmentTarget,
+        digest: Option<&str>,
         request: HttpMessage<HttpRequestHead>,
     ) -> Result<LocalFuture<'_>, HttpMessage<HttpRequestHead>>;
 }
@@ -125,12 +132,13 @@ impl Provider for HttpServerProvider {
         let known = Arc::new(KnownComponents::default());
         let follower =
             tokio::spawn(Arc::clone(&known).follow(ctx.client.clone(), ctx.lattice.clone()));
+        let (routes, routes_follower) = RouteTable::follow(&ctx.client, &ctx.lattice);
         let mut changes = ctx.assignments.changes();
         let mut listeners: HashMap<AssignmentId, Listener> = HashMap::new();
         let mut reported: HashSet<AssignmentId> = HashSet::new();
         let mut retry = tokio::time::interval(RETRY_BIND);
         loop {
-            reconcile(&ctx, &self, &known, &mut listeners, &mut reported).await;
+            reconcile(&ctx, &self, &known, &routes, &mut listeners, &mut reported).await;
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { break },
                 _ = retry.tick() => {}
@@ -138,6 +146,7 @@ impl Provider for HttpServerProvider {
             }
         }
         follower.abort();
+        routes_follower.abort();
         let tasks: Vec<JoinHandle<()>> = listeners
             .into_values()
             .map(|l| {
@@ -153,7 +162,8 @@ impl Provider for HttpServerProvider {
 /// request nobody serves can say whether the component is unknown or merely not running.
 #[derive(Debug, Default)]
 struct KnownComponents {
-    names: RwLock<HashSet<ComponentName>>,
+    /// Every component pushed, with the longest invocation timeout of its versions.
+    names: RwLock<HashMap<ComponentName, Duration>>,
     next_seq: std::sync::atomic::AtomicU64,
 }
 
@@ -162,7 +172,17 @@ impl KnownComponents {
         self.names
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .contains(name)
+            .contains_key(name)
+    }
+
+    /// How long a request to `name` may go unanswered before it is taken as lost: its longest
+    /// invocation timeout (an instance answers `timeout` itself by then) and a margin.
+    fn patience(&self, name: &ComponentName) -> Duration {
+        self.names
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .map_or(REQUEST_TIMEOUT, |t| (*t + LOST_MARGIN).min(REQUEST_TIMEOUT))
     }
 
     async fn follow(
@@ -181,10 +201,10 @@ impl KnownComponents {
                 if let Ok(event) = followed.event
                     && let FactData::ArtifactStored(stored) = event.data
                 {
-                    self.names
-                        .write()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(stored.manifest.name);
+                    let timeout = Duration::from_millis(stored.manifest.timeout_ms);
+                    let mut names = self.names.write().unwrap_or_else(PoisonError::into_inner);
+                    let known = names.entry(stored.manifest.name).or_default();
+                    *known = (*known).max(timeout);
                 }
             },
         )
@@ -205,6 +225,7 @@ async fn reconcile(
     ctx: &Context,
     provider: &HttpServerProvider,
     known: &Arc<KnownComponents>,
+    routes: &RouteTable,
     listeners: &mut HashMap<AssignmentId, Listener>,
     reported: &mut HashSet<AssignmentId>,
 ) {
@@ -264,7 +285,9 @@ async fn reconcile(
                 Op::Http,
             )),
             target: assignment.target.clone(),
+            lattice: ctx.lattice.clone(),
             known: Arc::clone(known),
+            routes: routes.clone(),
             local: provider.local.clone(),
         });
         let (stop, stopped) = watch::channel(false);
@@ -333,9 +356,13 @@ async fn connection(stream: TcpStream, target: Arc<Target>, mut stop: watch::Rec
 #[derive(Debug)]
 struct Target {
     client: async_nats::Client,
+    /// The subject of the target: any instance of the component, or the one instance.
     subject: Subject,
     target: AssignmentTarget,
+    lattice: trellis_schemas::Lattice,
     known: Arc<KnownComponents>,
+    /// The weights of rollouts in progress, which pick a version per request.
+    routes: RouteTable,
     local: Option<Arc<dyn LocalTargets>>,
 }
 
@@ -448,25 +475,34 @@ impl Target {
             }
         };
         let head = RequestHead::of(&parts);
+        // While a rollout splits the component's traffic, the weights pick a version.
+        let version = match &self.target {
+            AssignmentTarget::Component(name) => self.routes.pick(name).map(|digest| {
+                let subject = dataplane::version(&self.lattice, name, &digest, Op::Http);
+                (digest, Subject::from(subject))
+            }),
+            AssignmentTarget::Instance(_) => None,
+        };
+        let digest = version.as_ref().map(|(d, _)| d.as_str());
         let result = match &self.local {
             Some(local) => {
                 let request = HttpMessage {
                     head: head.to_owned_head(),
                     body: body.clone(),
                 };
-                match local.serve(&self.target, request) {
+                match local.serve(&self.target, digest, request) {
                     Ok(served) => match served.await {
                         // A local instance that cannot take the request now (it never ran
                         // there) leaves it to the others on the lattice.
                         Err(e) if matches!(e.code, ErrorCode::Busy | ErrorCode::NotRunning) => {
-                            self.send(&head, body).await
+                            self.send(version.as_ref(), &head, body).await
                         }
                         other => other,
                     },
-                    Err(_) => self.send(&head, body).await,
+                    Err(_) => self.send(version.as_ref(), &head, body).await,
                 }
             }
-            None => self.send(&head, body).await,
+            None => self.send(version.as_ref(), &head, body).await,
         };
         match result {
             Ok(response) => respond(response),
@@ -477,32 +513,68 @@ impl Target {
         }
     }
 
-    /// Sends the request over NATS and reads the reply.
+    /// Sends the request over NATS, to `version`'s subject when the weights chose one, and
+    /// reads the reply. An instance that stopped serving between routing and delivery
+    /// (`not_running`), or a version that no instance serves any more, is retried once on the
+    /// target's own subject, which every serving instance takes.
     async fn send(
         &self,
+        version: Option<&(String, Subject)>,
         head: &RequestHead<'_>,
         body: Bytes,
     ) -> Result<HttpMessage<HttpResponseHead>, DataError> {
-        let (headers, body) = codec::http_request(head, body)?;
-        let reply = codec::request(
-            &self.client,
-            self.subject.clone(),
-            headers,
-            body,
-            REQUEST_TIMEOUT,
-        )
-        .await
-        .map_err(|e| match e {
-            SendError::NoResponders => self.nobody_serves(),
-            SendError::TimedOut(t) => DataError::new(
-                ErrorCode::Timeout,
-                format!("the component did not answer within {t:?}"),
-            ),
-            SendError::Failed(e) => {
-                tracing::warn!(error = %e, subject = %self.subject, "request failed");
-                DataError::new(ErrorCode::Upstream, "cannot reach the component")
+        let first = version.map_or(&self.subject, |(_, subject)| subject);
+        let patience = match &self.target {
+            AssignmentTarget::Component(name) => self.known.patience(name),
+            AssignmentTarget::Instance(_) => REQUEST_TIMEOUT,
+        };
+        match self.send_to(first, head, body.clone(), patience).await {
+            Err(e)
+                if e.code == ErrorCode::NotRunning
+                    || (version.is_some() && e.code == ErrorCode::NoInstance) =>
+            {
+                self.send_to(&self.subject, head, body, REQUEST_TIMEOUT)
+                    .await
             }
-        })?;
+            // No answer, not even the instance's own `timeout`: the request was lost (an
+            // instance unsubscribing while it was on the wire to it). Once more.
+            Err(e)
+                if e.code == ErrorCode::Timeout
+                    && e.reason.is_none()
+                    && patience < REQUEST_TIMEOUT =>
+            {
+                tracing::debug!(subject = %first, "no answer in {patience:?}; sending again");
+                self.send_to(&self.subject, head, body, REQUEST_TIMEOUT)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn send_to(
+        &self,
+        subject: &Subject,
+        head: &RequestHead<'_>,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<HttpMessage<HttpResponseHead>, DataError> {
+        let (headers, body) = codec::http_request(head, body)?;
+        let reply = codec::request(&self.client, subject.clone(), headers, body, timeout)
+            .await
+            .map_err(|e| match e {
+                SendError::NoResponders => self.nobody_serves(),
+                SendError::TimedOut(t) => {
+                    tracing::warn!(%subject, "no answer within {t:?}");
+                    DataError::new(
+                        ErrorCode::Timeout,
+                        format!("the component did not answer within {t:?}"),
+                    )
+                }
+                SendError::Failed(e) => {
+                    tracing::warn!(error = %e, %subject, "request failed");
+                    DataError::new(ErrorCode::Upstream, "cannot reach the component")
+                }
+            })?;
         codec::read_http_reply(reply)
     }
 

@@ -1,0 +1,1059 @@
+//! `rollout.start|get|list|promote|abort|undo`, and the drivers that take a rollout's steps.
+//!
+//! A rollout is an operation: the replica that accepts `rollout.start` records `rollout.started`
+//! with the plan and drives it in a task of its own, recording every step as a fact. Nothing is
+//! kept but the facts: `promote`, `abort` and `undo` may reach any replica, which passes them to
+//! the driver on its signal subject ([`subject::rollout_driver`]); when no driver answers (its
+//! replica is gone), the replica that took the request adopts the rollout from the facts and
+//! drives it from the step they record.
+//!
+//! Traffic: rolling rollouts set no weights (old and new instances share the component subject
+//! while old ones drain gracefully). Blue-green and canary rollouts set the new version's weight
+//! in their facts; routers follow them. A rollout only ends (`completed`, `aborted`,
+//! `rolled_back`) once the set that no longer receives traffic has drained, so the route is
+//! never dropped while the wrong set still runs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use tokio::sync::mpsc;
+use trellis_schemas::control::{
+    Grant, RolloutAbortRequest, RolloutActionReply, RolloutGetReply, RolloutGetRequest,
+    RolloutListReply, RolloutListRequest, RolloutPromoteRequest, RolloutStartReply,
+    RolloutStartRequest, RolloutUndoRequest,
+};
+use trellis_schemas::fact::InstanceStartFailed;
+use trellis_schemas::instance::{StartInstanceCommand, StopInstanceCommand};
+use trellis_schemas::rollout::{
+    Revision, RolloutAborted, RolloutCompleted, RolloutPaused, RolloutPlan, RolloutPromoted,
+    RolloutRecord, RolloutRolledBack, RolloutStarted, RolloutStatus, RolloutStepReached, Strategy,
+};
+use trellis_schemas::{
+    AssignmentRecord, AssignmentTarget, ComponentName, ComponentSource, ErrorBody, ErrorCode,
+    Event, FactData, InstanceId, InstanceRecord, InstanceStatus, RolloutId, subject,
+};
+
+use super::assignments::{record as record_assignment, validate as validate_grant};
+use super::instances::command;
+use super::state::State;
+
+/// How long new instances may take to serve before the rollout gives up on them.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long retiring instances may take to drain.
+const STOP_TIMEOUT: Duration = Duration::from_secs(45);
+/// How long a replica waits for a driver to answer a signal.
+const SIGNAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What an operator asks of a rollout in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    Promote,
+    Abort,
+    Undo,
+}
+
+impl Signal {
+    fn as_str(self) -> &'static str {
+        match self {
+            Signal::Promote => "promote",
+            Signal::Abort => "abort",
+            Signal::Undo => "undo",
+        }
+    }
+
+    fn parse(s: &[u8]) -> Option<Self> {
+        match s {
+            b"promote" => Some(Signal::Promote),
+            b"abort" => Some(Signal::Abort),
+            b"undo" => Some(Signal::Undo),
+            _ => None,
+        }
+    }
+}
+
+fn not_found(id: &RolloutId) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::NotFound,
+        format!("no rollout {id}; `trellis rollout ls` lists them"),
+    )
+    .with_details(serde_json::json!({ "rollout_id": id }))
+}
+
+/// The instances of `component` that serve now.
+fn running_of<'a>(
+    projection: &'a trellis_schemas::Projection,
+    component: &'a ComponentName,
+) -> impl Iterator<Item = &'a InstanceRecord> + 'a {
+    projection
+        .instances
+        .values()
+        .filter(move |i| i.component == component.as_str() && i.status.is_active())
+}
+
+pub(crate) async fn start(
+    state: &State,
+    request: RolloutStartRequest,
+) -> Result<RolloutStartReply, ErrorBody> {
+    let plan = request.plan();
+    plan.validate()
+        .map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, e))?;
+    let (to, from, replaces) = {
+        let projection = state.projection();
+        let name = &request.component;
+        let artifact = if request.to.starts_with("sha256:") {
+            projection
+                .artifacts
+                .get(&request.to)
+                .filter(|a| a.manifest.name == *name)
+        } else {
+            projection.find_artifact(name.as_str(), Some(&request.to))
+        };
+        let Some(artifact) = artifact else {
+            let known: Vec<String> = projection
+                .artifacts
+                .values()
+                .filter(|a| a.manifest.name == *name)
+                .map(|a| format!("{} {}", a.manifest.version, a.digest))
+                .collect();
+            return Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!(
+                    "component {name} has no version {:?} in the artifact store; push it with `trellis component push`",
+                    request.to
+                ),
+            )
+            .with_details(serde_json::json!({ "known": known })));
+        };
+        if let Some(busy) = projection
+            .rollouts
+            .values()
+            .find(|r| r.component == *name && !r.status.is_finished())
+        {
+            return Err(ErrorBody::new(
+                ErrorCode::Conflict,
+                format!(
+                    "component {name} already has rollout {} in progress ({}); promote, abort or wait for it first",
+                    busy.rollout_id,
+                    busy.status.as_str()
+                ),
+            )
+            .with_details(serde_json::json!({ "rollout_id": busy.rollout_id })));
+        }
+        let to = Revision {
+            version: artifact.manifest.version.clone(),
+            digest: artifact.digest.clone(),
+        };
+        let old: Vec<&InstanceRecord> = running_of(&projection, name)
+            .filter(|i| i.digest.as_deref() != Some(to.digest.as_str()))
+            .collect();
+        if old.is_empty() {
+            let message = if running_of(&projection, name).next().is_some() {
+                format!("every running instance of {name} already runs {to}")
+            } else {
+                format!(
+                    "no instance of {name} is running; start one with `trellis instance start {name}`"
+                )
+            };
+            return Err(ErrorBody::new(ErrorCode::InvalidState, message));
+        }
+        let mut from: Vec<Revision> = old
+            .iter()
+            .filter_map(|i| {
+                Some(Revision {
+                    version: i.version.clone()?,
+                    digest: i.digest.clone()?,
+                })
+            })
+            .collect();
+        from.sort();
+        from.dedup();
+        let replaces = old.iter().map(|i| i.instance_id.clone()).collect();
+        (to, from, replaces)
+    };
+    begin(state, request.component, from, to, plan, replaces, None).await
+}
+
+/// Records `rollout.started` and hands the rollout to this replica's drivers.
+async fn begin(
+    state: &State,
+    component: ComponentName,
+    from: Vec<Revision>,
+    to: Revision,
+    plan: RolloutPlan,
+    replaces: Vec<InstanceId>,
+    undo_of: Option<RolloutId>,
+) -> Result<RolloutStartReply, ErrorBody> {
+    let rollout_id = RolloutId::generate();
+    let weight = match plan.strategy {
+        Strategy::Rolling => None,
+        Strategy::BlueGreen | Strategy::Canary => Some(0),
+    };
+    let event = Event::new(
+        state.source.clone(),
+        FactData::RolloutStarted(RolloutStarted {
+            rollout_id: rollout_id.clone(),
+            component,
+            from: from.clone(),
+            to: to.clone(),
+            plan: plan.clone(),
+            replaces,
+            weight,
+            undo_of,
+        }),
+    )
+    .caused_by(rollout_id.to_string());
+    state.publish_and_apply(&event).await?;
+    state.drive(rollout_id.clone());
+    Ok(RolloutStartReply {
+        rollout_id,
+        from,
+        to,
+        plan,
+    })
+}
+
+pub(crate) fn get(state: &State, request: RolloutGetRequest) -> Result<RolloutGetReply, ErrorBody> {
+    let projection = state.projection();
+    let rollout = projection
+        .rollouts
+        .get(&request.rollout_id)
+        .cloned()
+        .ok_or_else(|| not_found(&request.rollout_id))?;
+    Ok(RolloutGetReply {
+        as_of: projection.last_seq.max(state.as_of()),
+        rollout,
+    })
+}
+
+pub(crate) fn list(
+    state: &State,
+    request: RolloutListRequest,
+) -> Result<RolloutListReply, ErrorBody> {
+    let projection = state.projection();
+    // Rollout ids are ULIDs: newest first is reverse id order.
+    let rollouts = projection
+        .rollouts
+        .values()
+        .rev()
+        .filter(|r| request.component.as_ref().is_none_or(|c| &r.component == c))
+        .take(trellis_schemas::control::MAX_PAGE as usize)
+        .cloned()
+        .collect();
+    Ok(RolloutListReply {
+        as_of: projection.last_seq.max(state.as_of()),
+        rollouts,
+    })
+}
+
+pub(crate) async fn promote(
+    state: &State,
+    request: RolloutPromoteRequest,
+) -> Result<RolloutActionReply, ErrorBody> {
+    let status = current(state, &request.rollout_id)?;
+    if status != RolloutStatus::Paused {
+        return Err(ErrorBody::new(
+            ErrorCode::InvalidState,
+            format!(
+                "rollout {} is {}; only a paused rollout can be promoted",
+                request.rollout_id,
+                status.as_str()
+            ),
+        ));
+    }
+    signal(state, &request.rollout_id, Signal::Promote).await?;
+    Ok(RolloutActionReply {
+        rollout_id: request.rollout_id,
+        status,
+    })
+}
+
+pub(crate) async fn abort(
+    state: &State,
+    request: RolloutAbortRequest,
+) -> Result<RolloutActionReply, ErrorBody> {
+    let status = current(state, &request.rollout_id)?;
+    signal(state, &request.rollout_id, Signal::Abort).await?;
+    Ok(RolloutActionReply {
+        rollout_id: request.rollout_id,
+        status,
+    })
+}
+
+pub(crate) async fn undo(
+    state: &State,
+    request: RolloutUndoRequest,
+) -> Result<RolloutStartReply, ErrorBody> {
+    let name = &request.component;
+    let (in_progress, last_completed) = {
+        let projection = state.projection();
+        let in_progress = projection
+            .rollouts
+            .values()
+            .find(|r| r.component == *name && !r.status.is_finished())
+            .cloned();
+        let last_completed = projection
+            .rollouts
+            .values()
+            .rev()
+            .find(|r| r.component == *name && r.status == RolloutStatus::Completed)
+            .cloned();
+        (in_progress, last_completed)
+    };
+    // A rollout in progress (a blue-green keeping its old set, a canary) goes back at once.
+    if let Some(rollout) = in_progress {
+        signal(state, &rollout.rollout_id, Signal::Undo).await?;
+        return Ok(RolloutStartReply {
+            rollout_id: rollout.rollout_id,
+            from: rollout.from,
+            to: rollout.to,
+            plan: rollout.plan,
+        });
+    }
+    let Some(last) = last_completed else {
+        return Err(ErrorBody::new(
+            ErrorCode::NotFound,
+            format!("component {name} has no completed rollout to undo"),
+        ));
+    };
+    let Some(previous) = last.from.first().cloned() else {
+        return Err(ErrorBody::new(
+            ErrorCode::InvalidState,
+            format!("rollout {} recorded no previous version", last.rollout_id),
+        ));
+    };
+    start_undo(state, &last, previous).await
+}
+
+/// Starts a rollout back to `previous`, with the plan of the rollout it undoes.
+async fn start_undo(
+    state: &State,
+    last: &RolloutRecord,
+    previous: Revision,
+) -> Result<RolloutStartReply, ErrorBody> {
+    let (from, replaces) = {
+        let projection = state.projection();
+        let old: Vec<&InstanceRecord> = running_of(&projection, &last.component)
+            .filter(|i| i.digest.as_deref() != Some(previous.digest.as_str()))
+            .collect();
+        if old.is_empty() {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidState,
+                format!(
+                    "no running instance of {} runs anything but {previous}",
+                    last.component
+                ),
+            ));
+        }
+        let mut from: Vec<Revision> = old
+            .iter()
+            .filter_map(|i| {
+                Some(Revision {
+                    version: i.version.clone()?,
+                    digest: i.digest.clone()?,
+                })
+            })
+            .collect();
+        from.sort();
+        from.dedup();
+        (from, old.iter().map(|i| i.instance_id.clone()).collect())
+    };
+    // Going back does not wait for anyone: the same strategy, without its holds.
+    let mut plan = last.plan.clone();
+    match plan.strategy {
+        Strategy::Rolling => {}
+        Strategy::BlueGreen => plan.auto_promote_after_ms = Some(0),
+        Strategy::Canary => plan.steps = vec![100],
+    }
+    begin(
+        state,
+        last.component.clone(),
+        from,
+        previous,
+        plan,
+        replaces,
+        Some(last.rollout_id.clone()),
+    )
+    .await
+}
+
+/// The status of a rollout that has not finished (`invalid_state` for one that has).
+fn current(state: &State, id: &RolloutId) -> Result<RolloutStatus, ErrorBody> {
+    let projection = state.projection();
+    let rollout = projection.rollouts.get(id).ok_or_else(|| not_found(id))?;
+    if rollout.status.is_finished() {
+        return Err(ErrorBody::new(
+            ErrorCode::InvalidState,
+            format!(
+                "rollout {id} has finished ({}); `trellis rollout undo {}` goes back",
+                rollout.status.as_str(),
+                rollout.component
+            ),
+        ));
+    }
+    Ok(rollout.status)
+}
+
+/// Passes `signal` to the rollout's driver, adopting the rollout when no replica drives it.
+async fn signal(state: &State, id: &RolloutId, signal: Signal) -> Result<(), ErrorBody> {
+    let subject = subject::rollout_driver(&state.config.lattice, id);
+    for attempt in 0..2 {
+        let sent = tokio::time::timeout(
+            SIGNAL_TIMEOUT,
+            state
+                .client
+                .request(subject.clone(), signal.as_str().as_bytes().to_vec().into()),
+        )
+        .await;
+        match sent {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e))
+                if attempt == 0
+                    && e.kind() == async_nats::client::RequestErrorKind::NoResponders =>
+            {
+                tracing::warn!(rollout = %id, "no replica drives the rollout; adopting it");
+                state.drive(id.clone());
+                // Give the new driver a moment to subscribe.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(Err(e)) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    format!("cannot reach the driver of rollout {id}: {e}"),
+                ));
+            }
+            Err(_) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    format!("the driver of rollout {id} did not answer within {SIGNAL_TIMEOUT:?}"),
+                ));
+            }
+        }
+    }
+    Err(ErrorBody::new(
+        ErrorCode::Unavailable,
+        format!("no replica could take over rollout {id}"),
+    ))
+}
+
+/// Starts drivers for the rollouts this replica is asked to drive, one at a time per rollout.
+pub(crate) async fn run_drivers(state: Arc<State>) {
+    let Some(mut requests) = state.take_drive_requests() else {
+        return;
+    };
+    let driving: Arc<std::sync::Mutex<std::collections::HashSet<RolloutId>>> = Arc::default();
+    while let Some(id) = requests.recv().await {
+        if !driving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.clone())
+        {
+            continue;
+        }
+        let state = Arc::clone(&state);
+        let driving = Arc::clone(&driving);
+        tokio::spawn(async move {
+            Driver::run(Arc::clone(&state), id.clone()).await;
+            driving
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&id);
+        });
+    }
+}
+
+/// How a driver's wait ended.
+enum Wake {
+    Signal(Signal),
+    Elapsed,
+}
+
+/// Why a driver goes back to the old version.
+enum Back {
+    /// `rollout.aborted` with this reason.
+    Abort(String),
+    /// `rollout.rolled_back` with this condition.
+    RollBack(String),
+}
+
+/// Takes one rollout's steps.
+struct Driver {
+    state: Arc<State>,
+    record: RolloutRecord,
+    signals: mpsc::Receiver<Signal>,
+    began: Instant,
+}
+
+impl Driver {
+    async fn run(state: Arc<State>, id: RolloutId) {
+        let Some(record) = state.projection().rollouts.get(&id).cloned() else {
+            tracing::warn!(rollout = %id, "asked to drive an unknown rollout");
+            return;
+        };
+        if record.status.is_finished() {
+            return;
+        }
+        let subscription = match state
+            .client
+            .subscribe(subject::rollout_driver(&state.config.lattice, &id))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(rollout = %id, error = %e, "cannot listen for rollout signals");
+                return;
+            }
+        };
+        let (tx, signals) = mpsc::channel(16);
+        let client = state.client.clone();
+        let listener = tokio::spawn(async move {
+            let mut subscription = subscription;
+            while let Some(message) = subscription.next().await {
+                let accepted = Signal::parse(&message.payload);
+                if let Some(signal) = accepted {
+                    let _ = tx.send(signal).await;
+                }
+                if let Some(reply) = message.reply {
+                    let body: &'static [u8] = if accepted.is_some() {
+                        b"ok"
+                    } else {
+                        b"unknown"
+                    };
+                    let _ = client.publish(reply, body.into()).await;
+                }
+            }
+        });
+        let began = Instant::now()
+            - (chrono::Utc::now() - record.started_at)
+                .to_std()
+                .unwrap_or_default();
+        let mut driver = Driver {
+            state,
+            record,
+            signals,
+            began,
+        };
+        tracing::info!(rollout = %id, strategy = %driver.record.plan.strategy, "driving rollout");
+        if let Err(e) = driver.drive().await {
+            tracing::error!(rollout = %id, error = %e, "rollout driver failed; the rollout holds where it is");
+        }
+        listener.abort();
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.began.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    async fn publish(&self, data: FactData) -> Result<u64, ErrorBody> {
+        let event = Event::new(self.state.source.clone(), data)
+            .caused_by(self.record.rollout_id.to_string());
+        self.state.publish_and_apply(&event).await
+    }
+
+    /// Refreshes the record from the projection.
+    fn refresh(&mut self) {
+        if let Some(r) = self
+            .state
+            .projection()
+            .rollouts
+            .get(&self.record.rollout_id)
+        {
+            self.record = r.clone();
+        }
+    }
+
+    async fn drive(&mut self) -> Result<(), ErrorBody> {
+        let outcome = match self.record.plan.strategy {
+            Strategy::Rolling => self.rolling().await?,
+            Strategy::BlueGreen => self.blue_green().await?,
+            Strategy::Canary => self.canary().await?,
+        };
+        match outcome {
+            None => Ok(()),
+            Some(back) => self.go_back(back).await,
+        }
+    }
+
+    /// Old instances still serving, in the order the rollout replaces them.
+    fn old_running(&self) -> Vec<InstanceRecord> {
+        let projection = self.state.projection();
+        self.record
+            .replaces
+            .iter()
+            .filter_map(|id| projection.instances.get(id))
+            .filter(|i| i.status.is_active())
+            .cloned()
+            .collect()
+    }
+
+    /// New instances this rollout started that still serve.
+    fn new_running(&self) -> Vec<InstanceRecord> {
+        let projection = self.state.projection();
+        self.record
+            .started
+            .iter()
+            .filter_map(|id| projection.instances.get(id))
+            .filter(|i| i.status.is_active())
+            .cloned()
+            .collect()
+    }
+
+    async fn step(
+        &mut self,
+        weight: Option<u8>,
+        started: Vec<InstanceId>,
+        stopped: Vec<InstanceId>,
+    ) -> Result<(), ErrorBody> {
+        let step = self.record.step + 1;
+        let data = FactData::RolloutStepReached(RolloutStepReached {
+            rollout_id: self.record.rollout_id.clone(),
+            component: self.record.component.clone(),
+            step,
+            weight,
+            new_running: u32::try_from(self.new_running().len()).unwrap_or(0),
+            old_running: u32::try_from(self.old_running().len()).unwrap_or(0),
+            started,
+            stopped,
+            elapsed_ms: self.elapsed_ms(),
+        });
+        self.publish(data).await?;
+        self.refresh();
+        Ok(())
+    }
+
+    /// Waits for a signal, or `limit` when given.
+    async fn wait(&mut self, limit: Option<Duration>) -> Wake {
+        match limit {
+            Some(limit) => match tokio::time::timeout(limit, self.signals.recv()).await {
+                Ok(Some(s)) => Wake::Signal(s),
+                Ok(None) | Err(_) => Wake::Elapsed,
+            },
+            None => match self.signals.recv().await {
+                Some(s) => Wake::Signal(s),
+                None => Wake::Elapsed,
+            },
+        }
+    }
+
+    /// A signal already waiting, if any.
+    fn pending_signal(&mut self) -> Option<Signal> {
+        self.signals.try_recv().ok()
+    }
+
+    async fn rolling(&mut self) -> Result<Option<Back>, ErrorBody> {
+        let surge = self.record.plan.max_surge as usize;
+        let unavailable = self.record.plan.max_unavailable as usize;
+        loop {
+            if let Some(Signal::Abort | Signal::Undo) = self.pending_signal() {
+                return Ok(Some(Back::Abort("requested".into())));
+            }
+            let old = self.old_running();
+            if old.is_empty() {
+                break;
+            }
+            let batch = old.len().min((surge + unavailable).max(1));
+            let (first, rest) = old[..batch].split_at(unavailable.min(batch));
+            // Below the old count by at most `max_unavailable`: those go first.
+            let mut stopped = self.retire(first).await?;
+            let started = match self.replace(&old[..batch]).await {
+                Ok(ids) => ids,
+                Err(reason) => return Ok(Some(Back::Abort(reason))),
+            };
+            stopped.extend(self.retire(rest).await?);
+            self.step(None, started, stopped).await?;
+        }
+        self.complete().await?;
+        Ok(None)
+    }
+
+    async fn blue_green(&mut self) -> Result<Option<Back>, ErrorBody> {
+        if self.record.status == RolloutStatus::Progressing && self.record.step == 0 {
+            let old = self.old_running();
+            let started = match self.replace(&old).await {
+                Ok(ids) => ids,
+                Err(reason) => return Ok(Some(Back::Abort(reason))),
+            };
+            self.step(Some(0), started, Vec::new()).await?;
+        }
+        if self.record.status != RolloutStatus::Promoted {
+            let auto = self
+                .record
+                .plan
+                .auto_promote_after_ms
+                .map(Duration::from_millis);
+            self.pause(auto).await?;
+            match self.wait(auto).await {
+                Wake::Signal(Signal::Abort) => return Ok(Some(Back::Abort("requested".into()))),
+                Wake::Signal(Signal::Undo) => return Ok(Some(Back::RollBack("undo".into()))),
+                Wake::Signal(Signal::Promote) => self.promoted(Some(100), false).await?,
+                Wake::Elapsed => self.promoted(Some(100), true).await?,
+            }
+        }
+        // The old set stays for `keep_previous_ms`, so that going back is instant.
+        let keep = Duration::from_millis(self.record.plan.keep_previous_ms);
+        let kept_since = self.record.status_since;
+        let left = (kept_since + chrono::Duration::from_std(keep).unwrap_or_default())
+            - chrono::Utc::now();
+        let left = left.to_std().unwrap_or_default();
+        loop {
+            match self.wait(Some(left)).await {
+                Wake::Signal(Signal::Abort) => return Ok(Some(Back::Abort("requested".into()))),
+                Wake::Signal(Signal::Undo) => return Ok(Some(Back::RollBack("undo".into()))),
+                Wake::Signal(Signal::Promote) => continue,
+                Wake::Elapsed => break,
+            }
+        }
+        let old = self.old_running();
+        let stopped = self.retire(&old).await?;
+        self.step(Some(100), Vec::new(), stopped).await?;
+        self.complete().await?;
+        Ok(None)
+    }
+
+    async fn canary(&mut self) -> Result<Option<Back>, ErrorBody> {
+        if self.record.step == 0 {
+            let old = self.old_running();
+            let started = match self.replace(&old).await {
+                Ok(ids) => ids,
+                Err(reason) => return Ok(Some(Back::Abort(reason))),
+            };
+            // Step 0 of the plan: the new set serves nothing yet.
+            self.step(Some(0), started, Vec::new()).await?;
+        }
+        let steps = self.record.plan.steps.clone();
+        let pause = self.record.plan.pause_ms.map(Duration::from_millis);
+        // Steps already taken: the weight reached says where to go on from.
+        let reached = self.record.weight.unwrap_or(0);
+        for &weight in steps.iter().filter(|&&w| w > reached) {
+            if let Some(signal) = self.pending_signal() {
+                match signal {
+                    Signal::Abort => return Ok(Some(Back::Abort("requested".into()))),
+                    Signal::Undo => return Ok(Some(Back::RollBack("undo".into()))),
+                    Signal::Promote => {}
+                }
+            }
+            self.step(Some(weight), Vec::new(), Vec::new()).await?;
+            if weight >= 100 {
+                break;
+            }
+            self.pause(pause).await?;
+            match self.wait(pause).await {
+                Wake::Signal(Signal::Abort) => return Ok(Some(Back::Abort("requested".into()))),
+                Wake::Signal(Signal::Undo) => return Ok(Some(Back::RollBack("undo".into()))),
+                Wake::Signal(Signal::Promote) => self.promoted(Some(weight), false).await?,
+                Wake::Elapsed => self.promoted(Some(weight), true).await?,
+            }
+        }
+        let old = self.old_running();
+        let stopped = self.retire(&old).await?;
+        self.step(Some(100), Vec::new(), stopped).await?;
+        self.complete().await?;
+        Ok(None)
+    }
+
+    async fn pause(&mut self, limit: Option<Duration>) -> Result<(), ErrorBody> {
+        let until = limit
+            .and_then(|d| chrono::Duration::from_std(d).ok())
+            .map(|d| chrono::Utc::now() + d);
+        let data = FactData::RolloutPaused(RolloutPaused {
+            rollout_id: self.record.rollout_id.clone(),
+            component: self.record.component.clone(),
+            step: self.record.step,
+            weight: self.record.weight,
+            until,
+        });
+        self.publish(data).await?;
+        self.refresh();
+        Ok(())
+    }
+
+    async fn promoted(&mut self, weight: Option<u8>, auto: bool) -> Result<(), ErrorBody> {
+        let data = FactData::RolloutPromoted(RolloutPromoted {
+            rollout_id: self.record.rollout_id.clone(),
+            component: self.record.component.clone(),
+            step: self.record.step,
+            weight,
+            auto,
+        });
+        self.publish(data).await?;
+        self.refresh();
+        Ok(())
+    }
+
+    async fn complete(&mut self) -> Result<(), ErrorBody> {
+        let data = FactData::RolloutCompleted(RolloutCompleted {
+            rollout_id: self.record.rollout_id.clone(),
+            component: self.record.component.clone(),
+            to: self.record.to.clone(),
+            elapsed_ms: self.elapsed_ms(),
+        });
+        self.publish(data).await?;
+        tracing::info!(rollout = %self.record.rollout_id, ms = self.elapsed_ms(), "rollout completed");
+        Ok(())
+    }
+
+    /// Sends traffic back to the old version, restores the old instances a rolling rollout
+    /// retired, drains the new ones, and records how it ended.
+    async fn go_back(&mut self, back: Back) -> Result<(), ErrorBody> {
+        // Instances started by a step that did not finish are known only here.
+        let mine = std::mem::take(&mut self.record.started);
+        self.refresh();
+        for id in mine {
+            if !self.record.started.contains(&id) {
+                self.record.started.push(id);
+            }
+        }
+        if self.record.weight.is_some() {
+            // Traffic first: the routers send everything to the old set from this fact on.
+            self.step(Some(0), Vec::new(), Vec::new()).await?;
+        }
+        if self.record.plan.strategy == Strategy::Rolling {
+            // Old instances that were retired come back first, on their hosts.
+            let retired: Vec<InstanceRecord> = {
+                let projection = self.state.projection();
+                self.record
+                    .stopped
+                    .iter()
+                    .filter_map(|id| projection.instances.get(id))
+                    .cloned()
+                    .collect()
+            };
+            if let Err(reason) = self.restore(&retired).await {
+                tracing::error!(rollout = %self.record.rollout_id, %reason, "cannot restore the old instances");
+            }
+        }
+        let new = self.new_running();
+        self.retire(&new).await?;
+        let elapsed_ms = self.elapsed_ms();
+        let data = match back {
+            Back::Abort(reason) => FactData::RolloutAborted(RolloutAborted {
+                rollout_id: self.record.rollout_id.clone(),
+                component: self.record.component.clone(),
+                reason,
+                elapsed_ms,
+            }),
+            Back::RollBack(condition) => FactData::RolloutRolledBack(RolloutRolledBack {
+                rollout_id: self.record.rollout_id.clone(),
+                component: self.record.component.clone(),
+                condition,
+                measured: String::new(),
+                elapsed_ms,
+            }),
+        };
+        self.publish(data).await?;
+        tracing::info!(rollout = %self.record.rollout_id, ms = elapsed_ms, "rollout went back");
+        Ok(())
+    }
+
+    /// Starts one instance of the new version per instance in `like`, on its host, with its
+    /// restart policy and its own grants; waits until all serve. `Err` says why one did not.
+    async fn replace(&mut self, like: &[InstanceRecord]) -> Result<Vec<InstanceId>, String> {
+        let source = {
+            let projection = self.state.projection();
+            let Some(artifact) = projection.artifacts.get(&self.record.to.digest) else {
+                return Err(format!("artifact {} is gone", self.record.to.digest));
+            };
+            ComponentSource::Artifact {
+                digest: artifact.digest.clone(),
+                manifest: artifact.manifest.clone(),
+            }
+        };
+        self.start_like(like, &source).await
+    }
+
+    /// Starts again, with their own code, instances like the old ones in `retired`.
+    async fn restore(&mut self, retired: &[InstanceRecord]) -> Result<Vec<InstanceId>, String> {
+        let mut started = Vec::new();
+        for old in retired {
+            let source = {
+                let projection = self.state.projection();
+                let Some(artifact) = old
+                    .digest
+                    .as_ref()
+                    .and_then(|d| projection.artifacts.get(d))
+                else {
+                    continue;
+                };
+                ComponentSource::Artifact {
+                    digest: artifact.digest.clone(),
+                    manifest: artifact.manifest.clone(),
+                }
+            };
+            started.extend(self.start_like(std::slice::from_ref(old), &source).await?);
+        }
+        Ok(started)
+    }
+
+    async fn start_like(
+        &mut self,
+        like: &[InstanceRecord],
+        source: &ComponentSource,
+    ) -> Result<Vec<InstanceId>, String> {
+        let operation = self.record.rollout_id.to_string();
+        let mut commands = Vec::new();
+        for old in like {
+            let id = InstanceId::generate();
+            let (inherited, own) = {
+                let projection = self.state.projection();
+                let inherited: Vec<AssignmentRecord> = projection
+                    .assignments
+                    .values()
+                    .filter(|r| {
+                        matches!(&r.assignment.target, AssignmentTarget::Component(c) if *c == self.record.component)
+                    })
+                    .cloned()
+                    .collect();
+                let target = AssignmentTarget::Instance(id.clone());
+                let mut own = Vec::new();
+                for record in projection.assignments.values() {
+                    if matches!(&record.assignment.target, AssignmentTarget::Instance(i) if *i == old.instance_id)
+                    {
+                        let grant = Grant {
+                            capability: record.assignment.capability,
+                            provider: Some(record.assignment.provider.clone()),
+                            config: record.assignment.config.clone(),
+                        };
+                        own.push(
+                            validate_grant(&projection, &target, &grant, false)
+                                .map_err(|e| e.message)?,
+                        );
+                    }
+                }
+                (inherited, own)
+            };
+            let mut assignments = inherited;
+            for assignment in own {
+                let seq = record_assignment(&self.state, &assignment, Some(&operation))
+                    .await
+                    .map_err(|e| e.message)?;
+                assignments.push(AssignmentRecord {
+                    assignment,
+                    granted_at: chrono::Utc::now(),
+                    granted_seq: seq,
+                });
+            }
+            commands.push((
+                old.host_id.clone(),
+                StartInstanceCommand {
+                    operation_id: operation.clone(),
+                    instance_id: id,
+                    component: source.clone(),
+                    restart: old.restart.unwrap_or_default(),
+                    assignments,
+                },
+            ));
+        }
+        let ids: Vec<InstanceId> = commands
+            .iter()
+            .map(|(_, c)| c.instance_id.clone())
+            .collect();
+        // Recorded before anything starts, so that an adopting replica knows them.
+        self.record.started.extend(ids.iter().cloned());
+        let state = Arc::clone(&self.state);
+        let state = &state;
+        let sends = commands
+            .iter()
+            .map(|(host, cmd)| async move { (host, cmd, command(state, host, cmd).await) });
+        for (host, cmd, result) in futures::future::join_all(sends).await {
+            if let Err(e) = result {
+                let event = Event::new(
+                    self.state.source.clone(),
+                    FactData::InstanceStartFailed(InstanceStartFailed {
+                        instance_id: cmd.instance_id.clone(),
+                        host_id: host.clone(),
+                        component: self.record.component.to_string(),
+                        reason: e.message.clone(),
+                    }),
+                )
+                .caused_by(operation.clone());
+                let _ = self.state.publish(&event).await;
+                return Err(format!("start_failed: {}", e.message));
+            }
+        }
+        self.wait_until(&ids, START_TIMEOUT, |i| match i.status {
+            InstanceStatus::Running => Some(Ok(())),
+            InstanceStatus::Failed
+            | InstanceStatus::Crashed
+            | InstanceStatus::GaveUp
+            | InstanceStatus::Stopped
+            | InstanceStatus::Lost => Some(Err(format!(
+                "start_failed: instance {} {}{}",
+                i.instance_id,
+                i.status.as_str(),
+                i.last_reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ))),
+            _ => None,
+        })
+        .await?;
+        Ok(ids)
+    }
+
+    /// Drains `instances` (gracefully: they answer what they hold, then stop with reason
+    /// `rollout`) and waits until they have stopped.
+    async fn retire(&mut self, instances: &[InstanceRecord]) -> Result<Vec<InstanceId>, ErrorBody> {
+        let operation = self.record.rollout_id.to_string();
+        let state = Arc::clone(&self.state);
+        let state = &state;
+        let sends = instances.iter().map(|i| {
+            let cmd = StopInstanceCommand {
+                operation_id: operation.clone(),
+                instance_id: i.instance_id.clone(),
+                reason: Some("rollout".to_owned()),
+            };
+            let host = i.host_id.clone();
+            async move { command(state, &host, &cmd).await }
+        });
+        for result in futures::future::join_all(sends).await {
+            if let Err(e) = result {
+                tracing::warn!(rollout = %self.record.rollout_id, error = %e, "stop command failed");
+            }
+        }
+        let ids: Vec<InstanceId> = instances.iter().map(|i| i.instance_id.clone()).collect();
+        let waited = self
+            .wait_until(&ids, STOP_TIMEOUT, |i| {
+                (!i.status.is_active()).then_some(Ok(()))
+            })
+            .await;
+        if let Err(e) = waited {
+            tracing::warn!(rollout = %self.record.rollout_id, error = %e, "instances did not stop in time");
+        }
+        Ok(ids)
+    }
+
+    /// Waits until `check` decides for every instance in `ids` (`Some`), up to `limit`; the
+    /// first `Err` it gives ends the wait.
+    async fn wait_until(
+        &self,
+        ids: &[InstanceId],
+        limit: Duration,
+        check: impl Fn(&InstanceRecord) -> Option<Result<(), String>>,
+    ) -> Result<(), String> {
+        let mut applied = self.state.applied();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            {
+                let projection = self.state.projection();
+                let mut done = true;
+                for id in ids {
+                    match projection.instances.get(id).and_then(&check) {
+                        Some(Ok(())) => {}
+                        Some(Err(e)) => return Err(e),
+                        None => done = false,
+                    }
+                }
+                if done {
+                    return Ok(());
+                }
+            }
+            if tokio::time::timeout_at(deadline, applied.changed())
+                .await
+                .is_err()
+            {
+                return Err(format!("instances not ready within {limit:?}"));
+            }
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! Rollouts end to end: two versions of one component side by side on two hosts behind the
+//! `http-server` provider, under constant HTTP load. Every rollout strategy, an abort and an undo
+//! complete with every response counted and none failed, the responses move from the old version
+//! to the new, and a 10 % canary step gets its share of 10,000 requests within ±2 points.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use trellis_tests::components::{self, example};
+use trellis_tests::{Nats, Proc, free_port, lattice, wait_for};
+
+const T: Duration = Duration::from_secs(60);
+/// What version 1 (`http-hello`) answers.
+const V1: &str = "Hello";
+/// What version 2 (`http_faults` on `/`) answers.
+const V2: &str = "ok";
+
+struct Lattice {
+    nats: Nats,
+    l: trellis_schemas::Lattice,
+    _procs: Vec<Proc>,
+}
+
+impl Lattice {
+    fn try_cli(&self, args: &[&str]) -> (i32, String, String) {
+        let mut all = vec!["--lattice", self.l.as_str()];
+        all.extend_from_slice(args);
+        self.nats.cli(&all)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.try_cli(args);
+        assert_eq!(code, 0, "trellis {}: {out}{err}", args.join(" "));
+        out
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["-o", "json"]);
+        serde_json::from_str(&self.cli(&all)).expect("json")
+    }
+
+    /// `trellis … -o json` that must fail: its error code.
+    fn error_code(&self, args: &[&str]) -> String {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["-o", "json"]);
+        let (code, out, err) = self.try_cli(&all);
+        assert_ne!(code, 0, "trellis {} succeeded: {out}", args.join(" "));
+        let text = format!("{out}{err}");
+        for code in [
+            "not_found",
+            "conflict",
+            "invalid_state",
+            "invalid_request",
+            "unavailable",
+        ] {
+            if text.contains(code) {
+                return code.to_owned();
+            }
+        }
+        panic!("trellis {}: no error code in {text}", args.join(" "));
+    }
+}
+
+fn manifest(dir: &std::path::Path, version: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("web-{version}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[component]
+name = "web"
+version = "{version}"
+
+[limits]
+max_memory = "16MiB"
+fuel = 100_000_000
+timeout = "5s"
+max_concurrency = 64
+
+[capabilities]
+imports = ["wasi:http/types"]
+requires = ["wasi:http/incoming-handler"]
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Counts every response of a constant load of `connections` keep-alive connections.
+#[derive(Default)]
+struct Load {
+    v1: AtomicU64,
+    v2: AtomicU64,
+    failed: AtomicU64,
+    /// The last failure, for the assertion message.
+    last_failure: std::sync::Mutex<Option<String>>,
+    stop: AtomicBool,
+}
+
+impl Load {
+    fn start(port: u16, connections: usize) -> (Arc<Self>, Vec<tokio::task::JoinHandle<()>>) {
+        let load = Arc::new(Self::default());
+        let tasks = (0..connections)
+            .map(|_| {
+                let load = Arc::clone(&load);
+                tokio::spawn(async move { load.run(port).await })
+            })
+            .collect();
+        (load, tasks)
+    }
+
+    async fn run(&self, port: u16) {
+        use http_body_util::BodyExt as _;
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_max_idle_per_host(1)
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let uri: http::Uri = format!("http://127.0.0.1:{port}/").parse().unwrap();
+        while !self.stop.load(Ordering::Relaxed) {
+            let answer = async {
+                let response = client.get(uri.clone()).await.map_err(|e| e.to_string())?;
+                let status = response.status().as_u16();
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
+                Ok::<_, String>((status, String::from_utf8_lossy(&body).into_owned()))
+            };
+            match tokio::time::timeout(Duration::from_secs(20), answer).await {
+                Ok(Ok((200, body))) if body.starts_with(V1) => {
+                    self.v1.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Ok((200, body))) if body == V2 => {
+                    self.v2.fetch_add(1, Ordering::Relaxed);
+                }
+                other => {
+                    self.failed.fetch_add(1, Ordering::Relaxed);
+                    *self.last_failure.lock().unwrap() = Some(format!("{other:?}"));
+                }
+            }
+        }
+    }
+
+    fn counts(&self) -> (u64, u64, u64) {
+        (
+            self.v1.load(Ordering::Relaxed),
+            self.v2.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+
+    fn reset(&self) {
+        self.v1.store(0, Ordering::Relaxed);
+        self.v2.store(0, Ordering::Relaxed);
+    }
+
+    fn assert_no_failure(&self, during: &str) {
+        let (v1, v2, failed) = self.counts();
+        assert_eq!(
+            failed,
+            0,
+            "{failed} failed requests during {during} (v1 {v1}, v2 {v2}); last: {:?}",
+            self.last_failure.lock().unwrap()
+        );
+    }
+
+    /// Waits until `n` responses in a row come from the version answering `want`.
+    async fn settles_on(&self, want: &str, what: &str) {
+        wait_for(what, T, || async {
+            self.reset();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let (v1, v2, _) = self.counts();
+            let ok = if want == V1 {
+                v1 > 50 && v2 == 0
+            } else {
+                v2 > 50 && v1 == 0
+            };
+            ok.then_some(())
+        })
+        .await;
+    }
+}
+
+fn rollout_id(started: &str) -> String {
+    // `rollout <id>: …` is the first line of `rollout start --wait`.
+    started
+        .split_whitespace()
+        .nth(1)
+        .map(|s| s.trim_end_matches(':').to_owned())
+        .unwrap_or_else(|| panic!("no rollout id in {started:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rollouts_replace_versions_under_load_without_a_failed_request() {
+    let nats = Nats::start().await;
+    let l = lattice("rollouts");
+    let procs = vec![
+        nats.controller(&l, "c1", "30s"),
+        nats.host(&l, "h1", &[]),
+        nats.host(&l, "h2", &[]),
+        nats.provider(&l, "http-server", &[]),
+    ];
+    let lat = Lattice {
+        nats,
+        l,
+        _procs: procs,
+    };
+    wait_for("two hosts and the provider", T, || async {
+        let (code, hosts, _) = lat.try_cli(&["host", "ls", "-o", "json"]);
+        let (pcode, providers, _) = lat.try_cli(&["provider", "ls", "-o", "json"]);
+        let hosts: Value = serde_json::from_str(&hosts).ok()?;
+        let providers: Value = serde_json::from_str(&providers).ok()?;
+        (code == 0
+            && pcode == 0
+            && hosts["hosts"].as_array()?.len() == 2
+            && !providers["providers"].as_array()?.is_empty())
+        .then_some(())
+    })
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (hello, _) = example("http_hello");
+    let faults = components::build().path("http_faults");
+    lat.cli(&[
+        "component",
+        "push",
+        hello.to_str().unwrap(),
+        "--manifest",
+        manifest(dir.path(), "1.0.0").to_str().unwrap(),
+    ]);
+    lat.cli(&[
+        "component",
+        "push",
+        faults.to_str().unwrap(),
+        "--manifest",
+        manifest(dir.path(), "2.0.0").to_str().unwrap(),
+    ]);
+    // Both versions are listed, with their digests.
+    let listed = lat.json(&["component", "ls"]);
+    let versions: Vec<&str> = listed["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["manifest"]["name"] == "web")
+        .map(|c| c["manifest"]["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions.len(), 2, "{listed}");
+
+    // Bad input before anything runs.
+    assert_eq!(
+        lat.error_code(&["rollout", "start", "web", "--to", "2.0.0"]),
+        "invalid_state",
+        "nothing runs yet"
+    );
+
+    let port = free_port();
+    lat.cli(&[
+        "assignment",
+        "grant",
+        "web",
+        "wasi:http/incoming-handler",
+        "http-server",
+        "--config",
+        &format!("address=127.0.0.1:{port}"),
+    ]);
+    lat.cli(&[
+        "instance",
+        "start",
+        "web@1.0.0",
+        "--count",
+        "3",
+        "--restart",
+        "always",
+        "--wait",
+    ]);
+    let instances = lat.json(&["instance", "ls", "--component", "web"]);
+    let hosts: std::collections::BTreeSet<&str> = instances["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["host_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        hosts.len(),
+        2,
+        "3 instances spread over both hosts: {instances}"
+    );
+    wait_for("the listener", T, || async {
+        let reply = trellis_tests::http_request("GET", &format!("http://127.0.0.1:{port}/"), "")
+            .await
+            .ok()?;
+        (reply.status == 200).then_some(())
+    })
+    .await;
+
+    assert_eq!(
+        lat.error_code(&["rollout", "start", "web", "--to", "9.9.9"]),
+        "not_found"
+    );
+    assert_eq!(
+        lat.error_code(&[
+            "rollout",
+            "start",
+            "web",
+            "--to",
+            "2.0.0",
+            "--strategy",
+            "canary",
+            "--steps",
+            "50,10,100"
+        ]),
+        "invalid_request"
+    );
+    assert_eq!(
+        lat.error_code(&["rollout", "start", "web", "--to", "1.0.0"]),
+        "invalid_state",
+        "every instance runs it already"
+    );
+
+    let (load, tasks) = Load::start(port, 16);
+    load.settles_on(V1, "version 1 serving").await;
+
+    // 1. Rolling, 1 surge: new instances serve before old ones drain.
+    let out = lat.cli(&["rollout", "start", "web", "--to", "2.0.0", "--wait"]);
+    assert!(out.contains("completed"), "{out}");
+    load.settles_on(V2, "version 2 after the rolling update")
+        .await;
+    load.assert_no_failure("the rolling update");
+    let ls = lat.json(&["instance", "ls", "--component", "web"]);
+    let running: Vec<&Value> = ls["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["status"] == "running")
+        .collect();
+    assert_eq!(running.len(), 3, "{ls}");
+    assert!(running.iter().all(|i| i["version"] == "2.0.0"), "{ls}");
+    let stopped_by_rollout = ls["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["status"] == "stopped" && i["last_reason"] == "rollout")
+        .count();
+    assert_eq!(stopped_by_rollout, 3, "{ls}");
+
+    // 2. Blue-green back to 1.0.0: switched by its timer, the old set kept for a while.
+    let out = lat.cli(&[
+        "rollout",
+        "start",
+        "web",
+        "--to",
+        "1.0.0",
+        "--strategy",
+        "blue-green",
+        "--auto-promote-after",
+        "1s",
+        "--keep-previous",
+        "1s",
+        "--wait",
+    ]);
+    assert!(out.contains("completed"), "{out}");
+    load.settles_on(V1, "version 1 after the blue-green switch")
+        .await;
+    load.assert_no_failure("the blue-green switch");
+
+    // 3. Canary to 2.0.0: held at 10 %, which gets its share of 10,000 requests.
+    let out = lat.cli(&[
+        "rollout",
+        "start",
+        "web",
+        "--to",
+        "2.0.0",
+        "--strategy",
+        "canary",
+        "--steps",
+        "10,100",
+        "--wait",
+    ]);
+    assert!(out.contains("paused"), "{out}");
+    let id = rollout_id(&out);
+    assert_eq!(
+        lat.error_code(&["rollout", "start", "web", "--to", "1.0.0"]),
+        "conflict",
+        "a second rollout of the component"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    load.reset();
+    wait_for("10,000 requests at the 10 % step", T, || async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (v1, v2, _) = load.counts();
+        (v1 + v2 >= 10_000).then_some(())
+    })
+    .await;
+    let (v1, v2, _) = load.counts();
+    let share = v2 as f64 * 100.0 / (v1 + v2) as f64;
+    assert!(
+        (8.0..=12.0).contains(&share),
+        "the canary got {share:.2} % ({v2} of {}), not 10 ± 2",
+        v1 + v2
+    );
+    let out = lat.cli(&["rollout", "promote", &id, "--wait"]);
+    assert!(out.contains("completed"), "{out}");
+    load.settles_on(V2, "version 2 after the canary").await;
+    load.assert_no_failure("the canary");
+    assert_eq!(
+        lat.error_code(&["rollout", "promote", &id]),
+        "invalid_state",
+        "promoting a finished rollout"
+    );
+
+    // 4. A canary back to 1.0.0, aborted at 50 %: version 2 serves everything again.
+    let out = lat.cli(&[
+        "rollout",
+        "start",
+        "web",
+        "--to",
+        "1.0.0",
+        "--strategy",
+        "canary",
+        "--steps",
+        "50,100",
+        "--wait",
+    ]);
+    let id = rollout_id(&out);
+    let (code, out, err) = lat.try_cli(&["rollout", "abort", &id, "--wait"]);
+    assert_eq!(code, 1, "an aborted rollout exits 1: {out}{err}");
+    assert!(out.contains("aborted"), "{out}");
+    load.settles_on(V2, "version 2 after the abort").await;
+    load.assert_no_failure("the abort");
+
+    // 5. Undo: back to the version the last completed rollout replaced (1.0.0).
+    let out = lat.cli(&["rollout", "undo", "web", "--wait"]);
+    assert!(out.contains("completed"), "{out}");
+    load.settles_on(V1, "version 1 after the undo").await;
+    load.assert_no_failure("the undo");
+
+    load.stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    load.assert_no_failure("the whole run");
+    let history = lat.json(&["rollout", "ls", "--component", "web"]);
+    let statuses: Vec<&str> = history["rollouts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "completed",
+            "aborted",
+            "completed",
+            "completed",
+            "completed"
+        ],
+        "{history}"
+    );
+}
