@@ -90,6 +90,10 @@ pub struct StartArgs {
     /// Blue-green: keep the old set this long after the switch.
     #[arg(long, value_parser = humantime::parse_duration)]
     keep_previous: Option<Duration>,
+    /// Conditions the new version must keep while it takes traffic, e.g.
+    /// `error_rate<1%,p99<200ms,crashes=0`; a breach rolls back at once.
+    #[arg(long)]
+    analysis: Option<String>,
     /// Follow the rollout until it ends (or pauses for a promotion), a line per step.
     #[arg(long)]
     wait: bool,
@@ -117,6 +121,7 @@ pub(crate) async fn rollout(
                 pause_ms: millis(args.pause),
                 auto_promote_after_ms: millis(args.auto_promote_after),
                 keep_previous_ms: millis(args.keep_previous),
+                analysis: args.analysis,
             };
             let reply = client.request(&request).await?;
             started(g, client, facts, reply, args.wait).await

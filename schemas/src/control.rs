@@ -767,6 +767,10 @@ pub struct RolloutStartRequest {
     /// Blue-green: keep the old set this long (milliseconds) after the switch (default 300000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_previous_ms: Option<u64>,
+    /// Conditions the new version must keep while it takes traffic (canary and blue-green),
+    /// e.g. `error_rate<1%,p99<200ms,crashes=0`; a breach rolls back at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<String>,
 }
 
 fn rolling() -> Strategy {
@@ -791,6 +795,7 @@ impl RolloutStartRequest {
         if let Some(ms) = self.keep_previous_ms {
             plan.keep_previous_ms = ms;
         }
+        plan.analysis.clone_from(&self.analysis);
         plan
     }
 }

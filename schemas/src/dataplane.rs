@@ -241,6 +241,8 @@ verbs! {
         InstanceStart => "instance.start",
         /// Stop an instance (`StopInstanceCommand`).
         InstanceStop => "instance.stop",
+        /// The counters of instances (`InstanceStatsCommand`).
+        InstanceStats => "instance.stats",
         /// Start a provider under this host (`StartProviderCommand`).
         ProviderStart => "provider.start",
         /// Stop a provider this host supervises (`StopProviderCommand`).

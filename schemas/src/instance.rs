@@ -297,6 +297,80 @@ pub struct StopInstanceCommand {
     pub reason: Option<String>,
 }
 
+/// Command to a host: the counters of some of its instances
+/// (`trellis.host.v1.<lattice>.<host>.instance.stats`); the reply is [`InstanceStatsReply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceStatsCommand {
+    /// The instances; those the host does not run are left out of the reply.
+    pub instance_ids: Vec<InstanceId>,
+}
+
+/// The upper bounds, in microseconds, of the latency buckets of [`InstanceStats`]; one more
+/// bucket counts what is slower than the last.
+pub const LATENCY_BOUNDS_US: [u64; 14] = [
+    250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
+    2_000_000, 5_000_000,
+];
+
+/// What an instance has served since it started, over all its serving periods: what rollout
+/// analysis judges a new version by.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceStats {
+    /// Invocations answered (calls and HTTP requests).
+    pub calls: u64,
+    /// Of those, the ones that failed on the server's side: a crash, an error of HTTP status
+    /// 500 or more, or an HTTP response the component gave with such a status.
+    pub errors: u64,
+    /// Crashes (each ends a serving period).
+    pub crashes: u64,
+    /// Invocations per latency bucket ([`LATENCY_BOUNDS_US`], then one for slower ones).
+    pub latency: Vec<u64>,
+}
+
+impl InstanceStats {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &InstanceStats) {
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.crashes += other.crashes;
+        if self.latency.len() < other.latency.len() {
+            self.latency.resize(other.latency.len(), 0);
+        }
+        for (mine, theirs) in self.latency.iter_mut().zip(&other.latency) {
+            *mine += theirs;
+        }
+    }
+
+    /// The latency, in microseconds, that a share `q` (0 to 1) of the invocations stayed within:
+    /// the upper bound of the bucket where it falls (`u64::MAX` beyond the last). `None` with no
+    /// invocations.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        let total: u64 = self.latency.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = (q.clamp(0.0, 1.0) * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.latency.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return Some(LATENCY_BOUNDS_US.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        Some(u64::MAX)
+    }
+}
+
+/// A host's answer to [`InstanceStatsCommand`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceStatsReply {
+    /// The counters of each instance asked for that the host runs.
+    pub stats: std::collections::BTreeMap<InstanceId, InstanceStats>,
+}
+
 /// A command to a host: its body type tied to its verb, as [`CtlRequest`](crate::CtlRequest)
 /// ties a control request to its operation.
 pub trait HostCommand: Serialize + serde::de::DeserializeOwned {
@@ -310,6 +384,10 @@ impl HostCommand for StartInstanceCommand {
 
 impl HostCommand for StopInstanceCommand {
     const VERB: HostVerb = HostVerb::InstanceStop;
+}
+
+impl HostCommand for InstanceStatsCommand {
+    const VERB: HostVerb = HostVerb::InstanceStats;
 }
 
 impl HostCommand for StartProviderCommand {

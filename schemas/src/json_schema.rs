@@ -10,7 +10,8 @@ use crate::control::CtlOp;
 use crate::fact::{CloudEventEnvelope, FactKind};
 use crate::heartbeat::Heartbeat;
 use crate::instance::{
-    StartInstanceCommand, StartProviderCommand, StopInstanceCommand, StopProviderCommand,
+    InstanceStatsCommand, InstanceStatsReply, StartInstanceCommand, StartProviderCommand,
+    StopInstanceCommand, StopProviderCommand,
 };
 
 /// One generated schema and the file it belongs in.
@@ -77,6 +78,12 @@ pub fn all() -> Vec<NamedSchema> {
     ));
     out.push(named::<StopInstanceCommand>(
         "host.instance.stop.schema.json".to_owned(),
+    ));
+    out.push(named::<InstanceStatsCommand>(
+        "host.instance.stats.schema.json".to_owned(),
+    ));
+    out.push(named::<InstanceStatsReply>(
+        "host.instance.stats.reply.schema.json".to_owned(),
     ));
     out.push(named::<StartProviderCommand>(
         "host.provider.start.schema.json".to_owned(),

@@ -112,6 +112,11 @@ pub struct RolloutPlan {
     /// instant. Default 5 minutes.
     #[serde(default = "five_minutes")]
     pub keep_previous_ms: u64,
+    /// Conditions the new version must keep while it takes traffic, checked every 250 ms
+    /// against its instances' counters, e.g. `error_rate<1%,p99<200ms,crashes=0` (see
+    /// [`parse_analysis`]). A breach rolls the rollout back at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<String>,
 }
 
 fn one() -> u32 {
@@ -137,11 +142,16 @@ impl RolloutPlan {
             pause_ms: None,
             auto_promote_after_ms: None,
             keep_previous_ms: five_minutes(),
+            analysis: None,
         }
     }
 
-    /// Checks the plan: surge and unavailability leave room to progress, steps increase to 100.
+    /// Checks the plan: surge and unavailability leave room to progress, steps increase to 100,
+    /// the analysis parses.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(analysis) = &self.analysis {
+            parse_analysis(analysis).map_err(|e| format!("analysis: {e}"))?;
+        }
         match self.strategy {
             Strategy::Rolling => {
                 if self.max_surge == 0 && self.max_unavailable == 0 {
@@ -179,6 +189,184 @@ impl RolloutPlan {
             }
         }
         Ok(())
+    }
+}
+
+/// What an analysis condition measures, over the new version's instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// Failed invocations, in percent of those answered.
+    ErrorRate,
+    /// The 99th percentile latency, in milliseconds (bucketed: the bucket's upper bound).
+    P99,
+    /// The 50th percentile latency, in milliseconds.
+    P50,
+    /// Crashes.
+    Crashes,
+}
+
+/// How a measured figure compares with a condition's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    /// `<`
+    Below,
+    /// `<=`
+    AtMost,
+    /// `=`
+    Equal,
+    /// `>=`
+    AtLeast,
+    /// `>`
+    Above,
+}
+
+/// One condition of an analysis: `error_rate<1%`, `p99<200ms`, `crashes=0`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition {
+    /// What is measured.
+    pub metric: Metric,
+    /// How it must compare.
+    pub comparison: Comparison,
+    /// With what: percent, milliseconds or a count, by metric.
+    pub value: f64,
+    /// The condition as written.
+    pub text: String,
+}
+
+/// Parses `error_rate<1%,p99<200ms,crashes=0`: comma-separated conditions of a metric
+/// (`error_rate` in %, `p99` or `p50` in ms or s, `crashes`), a comparison (`<`, `<=`, `=`,
+/// `>=`, `>`) and a value.
+pub fn parse_analysis(text: &str) -> Result<Vec<Condition>, String> {
+    let mut conditions = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let at = part
+            .find(['<', '>', '='])
+            .ok_or_else(|| format!("{part:?} has no comparison (<, <=, =, >=, >)"))?;
+        let (name, rest) = part.split_at(at);
+        let (comparison, value) = if let Some(v) = rest.strip_prefix("<=") {
+            (Comparison::AtMost, v)
+        } else if let Some(v) = rest.strip_prefix(">=") {
+            (Comparison::AtLeast, v)
+        } else if let Some(v) = rest.strip_prefix('<') {
+            (Comparison::Below, v)
+        } else if let Some(v) = rest.strip_prefix('>') {
+            (Comparison::Above, v)
+        } else {
+            (
+                Comparison::Equal,
+                rest.trim_start_matches('=').trim_start_matches('='),
+            )
+        };
+        let value = value.trim();
+        let (metric, number) = match name.trim() {
+            "error_rate" => (Metric::ErrorRate, value.strip_suffix('%').unwrap_or(value)),
+            "crashes" => (Metric::Crashes, value),
+            "p99" | "p50" => {
+                let metric = if name.trim() == "p99" {
+                    Metric::P99
+                } else {
+                    Metric::P50
+                };
+                let millis = if let Some(ms) = value.strip_suffix("ms") {
+                    ms.to_owned()
+                } else if let Some(s) = value.strip_suffix('s') {
+                    let secs: f64 = s
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("{part:?}: {value:?} is not a duration"))?;
+                    (secs * 1000.0).to_string()
+                } else {
+                    return Err(format!(
+                        "{part:?}: give the latency with a unit, like 200ms"
+                    ));
+                };
+                conditions.push(Condition {
+                    metric,
+                    comparison,
+                    value: millis
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("{part:?}: {value:?} is not a duration"))?,
+                    text: part.to_owned(),
+                });
+                continue;
+            }
+            other => {
+                return Err(format!(
+                    "unknown metric {other:?}; known: error_rate, p99, p50, crashes"
+                ));
+            }
+        };
+        let value: f64 = number
+            .trim()
+            .parse()
+            .map_err(|_| format!("{part:?}: {value:?} is not a number"))?;
+        if !value.is_finite() || value < 0.0 {
+            return Err(format!("{part:?}: the value must be a non-negative number"));
+        }
+        conditions.push(Condition {
+            metric,
+            comparison,
+            value,
+            text: part.to_owned(),
+        });
+    }
+    if conditions.is_empty() {
+        return Err("no condition; for example error_rate<1%,p99<200ms,crashes=0".into());
+    }
+    Ok(conditions)
+}
+
+impl Condition {
+    /// Checks the condition against `stats`; `Err` is the measured figure that breaks it
+    /// (`error_rate=4.20%`). Rates and latencies with no invocation yet pass.
+    pub fn check(&self, stats: &crate::instance::InstanceStats) -> Result<(), String> {
+        let (measured, shown) = match self.metric {
+            Metric::ErrorRate => {
+                if stats.calls == 0 {
+                    return Ok(());
+                }
+                let rate = stats.errors as f64 * 100.0 / stats.calls as f64;
+                (
+                    rate,
+                    format!(
+                        "error_rate={rate:.2}% ({} of {})",
+                        stats.errors, stats.calls
+                    ),
+                )
+            }
+            Metric::P99 | Metric::P50 => {
+                let q = if self.metric == Metric::P99 {
+                    0.99
+                } else {
+                    0.5
+                };
+                let Some(us) = stats.quantile_us(q) else {
+                    return Ok(());
+                };
+                let ms = us as f64 / 1000.0;
+                let name = if self.metric == Metric::P99 {
+                    "p99"
+                } else {
+                    "p50"
+                };
+                let shown = if us == u64::MAX {
+                    format!("{name}>5s")
+                } else {
+                    format!("{name}<={ms}ms")
+                };
+                (ms, shown)
+            }
+            Metric::Crashes => (stats.crashes as f64, format!("crashes={}", stats.crashes)),
+        };
+        let holds = match self.comparison {
+            Comparison::Below => measured < self.value,
+            Comparison::AtMost => measured <= self.value,
+            Comparison::Equal => (measured - self.value).abs() < f64::EPSILON,
+            Comparison::AtLeast => measured >= self.value,
+            Comparison::Above => measured > self.value,
+        };
+        if holds { Ok(()) } else { Err(shown) }
     }
 }
 
@@ -631,6 +819,34 @@ mod tests {
             weight,
             undo_of: None,
         })
+    }
+
+    #[test]
+    fn analyses_parse_and_judge() {
+        use crate::instance::InstanceStats;
+        let conditions = parse_analysis("error_rate<1%, p99<200ms,crashes=0").expect("parses");
+        assert_eq!(conditions.len(), 3);
+        let mut stats = InstanceStats {
+            calls: 1000,
+            errors: 5,
+            crashes: 0,
+            latency: vec![0; 15],
+        };
+        stats.latency[4] = 1000; // all within 5 ms
+        assert!(conditions.iter().all(|c| c.check(&stats).is_ok()));
+        stats.errors = 20;
+        assert_eq!(
+            conditions[0].check(&stats),
+            Err("error_rate=2.00% (20 of 1000)".into())
+        );
+        stats.latency[4] = 0;
+        stats.latency[10] = 1000; // within 500 ms
+        assert!(conditions[1].check(&stats).is_err());
+        stats.crashes = 1;
+        assert_eq!(conditions[2].check(&stats), Err("crashes=1".into()));
+        for bad in ["", "latency<1", "p99<200", "error_rate<x%", "crashes"] {
+            assert!(parse_analysis(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

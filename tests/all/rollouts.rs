@@ -24,6 +24,80 @@ struct Lattice {
 }
 
 impl Lattice {
+    /// A controller, hosts `hosts` and an http-server provider, each its own process.
+    async fn up(name: &str, hosts: &[&str]) -> Self {
+        let nats = Nats::start().await;
+        let l = lattice(name);
+        let mut procs = vec![nats.controller(&l, "c1", "30s")];
+        procs.extend(hosts.iter().map(|h| nats.host(&l, h, &[])));
+        procs.push(nats.provider(&l, "http-server", &[]));
+        let lat = Lattice {
+            nats,
+            l,
+            _procs: procs,
+        };
+        wait_for("the hosts and the provider", T, || async {
+            let (code, listed, _) = lat.try_cli(&["host", "ls", "-o", "json"]);
+            let (pcode, providers, _) = lat.try_cli(&["provider", "ls", "-o", "json"]);
+            let listed: Value = serde_json::from_str(&listed).ok()?;
+            let providers: Value = serde_json::from_str(&providers).ok()?;
+            (code == 0
+                && pcode == 0
+                && listed["hosts"].as_array()?.len() == hosts.len()
+                && !providers["providers"].as_array()?.is_empty())
+            .then_some(())
+        })
+        .await;
+        lat
+    }
+
+    /// Pushes `web` 1.0.0 (`http-hello`) and 2.0.0 (`http_faults`).
+    fn push_versions(&self, dir: &std::path::Path) {
+        let (hello, _) = example("http_hello");
+        let faults = components::build().path("http_faults");
+        for (wasm, version) in [(hello, "1.0.0"), (faults, "2.0.0")] {
+            self.cli(&[
+                "component",
+                "push",
+                wasm.to_str().unwrap(),
+                "--manifest",
+                manifest(dir, version).to_str().unwrap(),
+            ]);
+        }
+    }
+
+    /// Grants `web` an HTTP listener on a fresh port, starts `count` instances of 1.0.0 and
+    /// waits until the listener answers. Returns the port.
+    async fn serve_v1(&self, count: u32) -> u16 {
+        let port = free_port();
+        self.cli(&[
+            "assignment",
+            "grant",
+            "web",
+            "wasi:http/incoming-handler",
+            "http-server",
+            "--config",
+            &format!("address=127.0.0.1:{port}"),
+        ]);
+        self.cli(&[
+            "instance",
+            "start",
+            "web@1.0.0",
+            "--count",
+            &count.to_string(),
+            "--restart",
+            "always",
+            "--wait",
+        ]);
+        wait_for("the listener", T, || async {
+            let url = format!("http://127.0.0.1:{port}/");
+            let reply = trellis_tests::http_request("GET", &url, "").await.ok()?;
+            (reply.status == 200).then_some(())
+        })
+        .await;
+        port
+    }
+
     fn try_cli(&self, args: &[&str]) -> (i32, String, String) {
         let mut all = vec!["--lattice", self.l.as_str()];
         all.extend_from_slice(args);
@@ -102,24 +176,35 @@ struct Load {
 }
 
 impl Load {
-    fn start(port: u16, connections: usize) -> (Arc<Self>, Vec<tokio::task::JoinHandle<()>>) {
+    fn start(
+        port: u16,
+        path: &'static str,
+        connections: usize,
+    ) -> (Arc<Self>, Vec<tokio::task::JoinHandle<()>>) {
         let load = Arc::new(Self::default());
         let tasks = (0..connections)
             .map(|_| {
                 let load = Arc::clone(&load);
-                tokio::spawn(async move { load.run(port).await })
+                tokio::spawn(async move { load.run(port, path).await })
             })
             .collect();
         (load, tasks)
     }
 
-    async fn run(&self, port: u16) {
+    async fn stop(&self, tasks: Vec<tokio::task::JoinHandle<()>>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    async fn run(&self, port: u16, path: &str) {
         use http_body_util::BodyExt as _;
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_max_idle_per_host(1)
                 .build_http::<http_body_util::Empty<bytes::Bytes>>();
-        let uri: http::Uri = format!("http://127.0.0.1:{port}/").parse().unwrap();
+        let uri: http::Uri = format!("http://127.0.0.1:{port}{path}").parse().unwrap();
         while !self.stop.load(Ordering::Relaxed) {
             let answer = async {
                 let response = client.get(uri.clone()).await.map_err(|e| e.to_string())?;
@@ -136,7 +221,7 @@ impl Load {
                 Ok(Ok((200, body))) if body.starts_with(V1) => {
                     self.v1.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(Ok((200, body))) if body == V2 => {
+                Ok(Ok((status, body))) if body == V2 || (status == 500 && path != "/") => {
                     self.v2.fetch_add(1, Ordering::Relaxed);
                 }
                 other => {
@@ -198,49 +283,9 @@ fn rollout_id(started: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rollouts_replace_versions_under_load_without_a_failed_request() {
-    let nats = Nats::start().await;
-    let l = lattice("rollouts");
-    let procs = vec![
-        nats.controller(&l, "c1", "30s"),
-        nats.host(&l, "h1", &[]),
-        nats.host(&l, "h2", &[]),
-        nats.provider(&l, "http-server", &[]),
-    ];
-    let lat = Lattice {
-        nats,
-        l,
-        _procs: procs,
-    };
-    wait_for("two hosts and the provider", T, || async {
-        let (code, hosts, _) = lat.try_cli(&["host", "ls", "-o", "json"]);
-        let (pcode, providers, _) = lat.try_cli(&["provider", "ls", "-o", "json"]);
-        let hosts: Value = serde_json::from_str(&hosts).ok()?;
-        let providers: Value = serde_json::from_str(&providers).ok()?;
-        (code == 0
-            && pcode == 0
-            && hosts["hosts"].as_array()?.len() == 2
-            && !providers["providers"].as_array()?.is_empty())
-        .then_some(())
-    })
-    .await;
-
+    let lat = Lattice::up("rollouts", &["h1", "h2"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let (hello, _) = example("http_hello");
-    let faults = components::build().path("http_faults");
-    lat.cli(&[
-        "component",
-        "push",
-        hello.to_str().unwrap(),
-        "--manifest",
-        manifest(dir.path(), "1.0.0").to_str().unwrap(),
-    ]);
-    lat.cli(&[
-        "component",
-        "push",
-        faults.to_str().unwrap(),
-        "--manifest",
-        manifest(dir.path(), "2.0.0").to_str().unwrap(),
-    ]);
+    lat.push_versions(dir.path());
     // Both versions are listed, with their digests.
     let listed = lat.json(&["component", "ls"]);
     let versions: Vec<&str> = listed["components"]
@@ -259,26 +304,7 @@ async fn rollouts_replace_versions_under_load_without_a_failed_request() {
         "nothing runs yet"
     );
 
-    let port = free_port();
-    lat.cli(&[
-        "assignment",
-        "grant",
-        "web",
-        "wasi:http/incoming-handler",
-        "http-server",
-        "--config",
-        &format!("address=127.0.0.1:{port}"),
-    ]);
-    lat.cli(&[
-        "instance",
-        "start",
-        "web@1.0.0",
-        "--count",
-        "3",
-        "--restart",
-        "always",
-        "--wait",
-    ]);
+    let port = lat.serve_v1(3).await;
     let instances = lat.json(&["instance", "ls", "--component", "web"]);
     let hosts: std::collections::BTreeSet<&str> = instances["instances"]
         .as_array()
@@ -291,14 +317,6 @@ async fn rollouts_replace_versions_under_load_without_a_failed_request() {
         2,
         "3 instances spread over both hosts: {instances}"
     );
-    wait_for("the listener", T, || async {
-        let reply = trellis_tests::http_request("GET", &format!("http://127.0.0.1:{port}/"), "")
-            .await
-            .ok()?;
-        (reply.status == 200).then_some(())
-    })
-    .await;
-
     assert_eq!(
         lat.error_code(&["rollout", "start", "web", "--to", "9.9.9"]),
         "not_found"
@@ -323,7 +341,7 @@ async fn rollouts_replace_versions_under_load_without_a_failed_request() {
         "every instance runs it already"
     );
 
-    let (load, tasks) = Load::start(port, 16);
+    let (load, tasks) = Load::start(port, "/", 16);
     load.settles_on(V1, "version 1 serving").await;
 
     // 1. Rolling, 1 surge: new instances serve before old ones drain.
@@ -440,10 +458,7 @@ async fn rollouts_replace_versions_under_load_without_a_failed_request() {
     load.settles_on(V1, "version 1 after the undo").await;
     load.assert_no_failure("the undo");
 
-    load.stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        let _ = task.await;
-    }
+    load.stop(tasks).await;
     load.assert_no_failure("the whole run");
     let history = lat.json(&["rollout", "ls", "--component", "web"]);
     let statuses: Vec<&str> = history["rollouts"]
@@ -462,5 +477,78 @@ async fn rollouts_replace_versions_under_load_without_a_failed_request() {
             "completed"
         ],
         "{history}"
+    );
+}
+
+/// A canary of `web` 2.0.0 under load on `path`, held at 50 % for a minute with `analysis`: it
+/// must be rolled back by the analysis, long before the minute ends. Returns the rollout.
+async fn canary_rolled_back(lat: &Lattice, port: u16, path: &'static str, analysis: &str) -> Value {
+    let (load, tasks) = Load::start(port, path, 8);
+    load.settles_on(V1, "version 1 serving").await;
+    let started = std::time::Instant::now();
+    let (code, out, err) = lat.try_cli(&[
+        "rollout",
+        "start",
+        "web",
+        "--to",
+        "2.0.0",
+        "--strategy",
+        "canary",
+        "--steps",
+        "50,100",
+        "--pause",
+        "60s",
+        "--analysis",
+        analysis,
+        "--wait",
+    ]);
+    let waited = started.elapsed();
+    assert_eq!(code, 1, "a rolled-back rollout exits 1: {out}{err}");
+    assert!(out.contains("rolled_back"), "{out}");
+    assert!(
+        waited < Duration::from_secs(50),
+        "rolled back by the analysis, not at the end of the pause: {out}"
+    );
+    load.settles_on(V1, "version 1 after the rollback").await;
+    load.stop(tasks).await;
+    let listed = lat.json(&["rollout", "ls", "--component", "web"]);
+    listed["rollouts"][0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_canary_that_breaks_its_analysis_is_rolled_back_at_once() {
+    let lat = Lattice::up("analysis", &["h1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    lat.push_versions(dir.path());
+    let port = lat.serve_v1(2).await;
+
+    // Version 2 traps on `/trap` (version 1 answers it): crashes and errors.
+    let rollout = canary_rolled_back(&lat, port, "/trap", "error_rate<1%,crashes=0").await;
+    assert_eq!(rollout["status"], "rolled_back", "{rollout}");
+    let reason = rollout["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("error_rate<1%") || reason.starts_with("crashes=0"),
+        "the reason names the condition: {reason}"
+    );
+    assert!(reason.contains('('), "and the figure measured: {reason}");
+
+    // Version 2 takes 300 ms on `/slow` (version 1 answers at once).
+    let rollout = canary_rolled_back(&lat, port, "/slow", "p99<200ms").await;
+    assert_eq!(rollout["status"], "rolled_back", "{rollout}");
+    let reason = rollout["reason"].as_str().unwrap();
+    assert!(reason.starts_with("p99<200ms (p99<=500ms)"), "{reason}");
+
+    // Every instance left runs version 1.
+    let instances = lat.json(&["instance", "ls", "--component", "web"]);
+    let running: Vec<&Value> = instances["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["status"] == "running")
+        .collect();
+    assert_eq!(running.len(), 2, "{instances}");
+    assert!(
+        running.iter().all(|i| i["version"] == "1.0.0"),
+        "{instances}"
     );
 }

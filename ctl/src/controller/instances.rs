@@ -98,6 +98,17 @@ pub(crate) async fn command<T: HostCommand>(
     host: &HostId,
     command: &T,
 ) -> Result<(), ErrorBody> {
+    ask::<T, CommandAccepted>(state, host, command)
+        .await
+        .map(|_| ())
+}
+
+/// Sends `command` to `host` on its verb's subject and returns the data of its reply.
+pub(crate) async fn ask<T: HostCommand, R: serde::de::DeserializeOwned>(
+    state: &State,
+    host: &HostId,
+    command: &T,
+) -> Result<R, ErrorBody> {
     let subject = dataplane::host_command(&state.config.lattice, host, T::VERB);
     let body = serde_json::to_vec(command)
         .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
@@ -118,13 +129,13 @@ pub(crate) async fn command<T: HostCommand>(
             format!("host {host} unreachable: {e}"),
         )
     })?;
-    let reply: Reply<CommandAccepted> = serde_json::from_slice(&reply.payload).map_err(|e| {
+    let reply: Reply<R> = serde_json::from_slice(&reply.payload).map_err(|e| {
         ErrorBody::new(
             ErrorCode::Internal,
             format!("host {host} sent a malformed reply: {e}"),
         )
     })?;
-    reply.into_result().map(|_| ())
+    reply.into_result()
 }
 
 pub(crate) async fn start(

@@ -24,10 +24,14 @@ use trellis_schemas::control::{
     RolloutStartRequest, RolloutUndoRequest,
 };
 use trellis_schemas::fact::InstanceStartFailed;
-use trellis_schemas::instance::{StartInstanceCommand, StopInstanceCommand};
+use trellis_schemas::instance::{
+    InstanceStats, InstanceStatsCommand, InstanceStatsReply, StartInstanceCommand,
+    StopInstanceCommand,
+};
 use trellis_schemas::rollout::{
-    Revision, RolloutAborted, RolloutCompleted, RolloutPaused, RolloutPlan, RolloutPromoted,
-    RolloutRecord, RolloutRolledBack, RolloutStarted, RolloutStatus, RolloutStepReached, Strategy,
+    Condition, Revision, RolloutAborted, RolloutCompleted, RolloutPaused, RolloutPlan,
+    RolloutPromoted, RolloutRecord, RolloutRolledBack, RolloutStarted, RolloutStatus,
+    RolloutStepReached, Strategy, parse_analysis,
 };
 use trellis_schemas::{
     AssignmentRecord, AssignmentTarget, ComponentName, ComponentSource, ErrorBody, ErrorCode,
@@ -35,7 +39,7 @@ use trellis_schemas::{
 };
 
 use super::assignments::{record as record_assignment, validate as validate_grant};
-use super::instances::command;
+use super::instances::{ask, command};
 use super::state::State;
 
 /// How long new instances may take to serve before the rollout gives up on them.
@@ -157,21 +161,26 @@ pub(crate) async fn start(
             };
             return Err(ErrorBody::new(ErrorCode::InvalidState, message));
         }
-        let mut from: Vec<Revision> = old
-            .iter()
-            .filter_map(|i| {
-                Some(Revision {
-                    version: i.version.clone()?,
-                    digest: i.digest.clone()?,
-                })
-            })
-            .collect();
-        from.sort();
-        from.dedup();
-        let replaces = old.iter().map(|i| i.instance_id.clone()).collect();
+        let (from, replaces) = old_set(&old);
         (to, from, replaces)
     };
     begin(state, request.component, from, to, plan, replaces, None).await
+}
+
+/// The versions the instances `old` run, and their ids: what a rollout replaces.
+fn old_set(old: &[&InstanceRecord]) -> (Vec<Revision>, Vec<InstanceId>) {
+    let mut from: Vec<Revision> = old
+        .iter()
+        .filter_map(|i| {
+            Some(Revision {
+                version: i.version.clone()?,
+                digest: i.digest.clone()?,
+            })
+        })
+        .collect();
+    from.sort();
+    from.dedup();
+    (from, old.iter().map(|i| i.instance_id.clone()).collect())
 }
 
 /// Records `rollout.started` and hands the rollout to this replica's drivers.
@@ -345,18 +354,7 @@ async fn start_undo(
                 ),
             ));
         }
-        let mut from: Vec<Revision> = old
-            .iter()
-            .filter_map(|i| {
-                Some(Revision {
-                    version: i.version.clone()?,
-                    digest: i.digest.clone()?,
-                })
-            })
-            .collect();
-        from.sort();
-        from.dedup();
-        (from, old.iter().map(|i| i.instance_id.clone()).collect())
+        old_set(&old)
     };
     // Going back does not wait for anyone: the same strategy, without its holds.
     let mut plan = last.plan.clone();
@@ -466,15 +464,26 @@ pub(crate) async fn run_drivers(state: Arc<State>) {
 enum Wake {
     Signal(Signal),
     Elapsed,
+    /// An analysis condition broke: the condition and the figure measured.
+    Failed(String, String),
 }
 
 /// Why a driver goes back to the old version.
 enum Back {
     /// `rollout.aborted` with this reason.
     Abort(String),
-    /// `rollout.rolled_back` with this condition.
-    RollBack(String),
+    /// `rollout.rolled_back` with this condition and the figure measured.
+    RollBack(String, String),
 }
+
+impl Back {
+    fn undo() -> Self {
+        Back::RollBack("undo".into(), String::new())
+    }
+}
+
+/// How often a driver checks its analysis while the new version takes traffic.
+const ANALYSIS_EVERY: Duration = Duration::from_millis(250);
 
 /// Takes one rollout's steps.
 struct Driver {
@@ -482,6 +491,8 @@ struct Driver {
     record: RolloutRecord,
     signals: mpsc::Receiver<Signal>,
     began: Instant,
+    /// The plan's analysis conditions (none: no analysis).
+    analysis: Vec<Condition>,
 }
 
 impl Driver {
@@ -527,11 +538,20 @@ impl Driver {
             - (chrono::Utc::now() - record.started_at)
                 .to_std()
                 .unwrap_or_default();
+        let analysis = record
+            .plan
+            .analysis
+            .as_deref()
+            .map(parse_analysis)
+            .transpose()
+            .unwrap_or_default()
+            .unwrap_or_default();
         let mut driver = Driver {
             state,
             record,
             signals,
             began,
+            analysis,
         };
         tracing::info!(rollout = %id, strategy = %driver.record.plan.strategy, "driving rollout");
         if let Err(e) = driver.drive().await {
@@ -621,18 +641,59 @@ impl Driver {
         Ok(())
     }
 
-    /// Waits for a signal, or `limit` when given.
+    /// Waits for a signal, or `limit` when given, checking the analysis meanwhile.
     async fn wait(&mut self, limit: Option<Duration>) -> Wake {
-        match limit {
-            Some(limit) => match tokio::time::timeout(limit, self.signals.recv()).await {
-                Ok(Some(s)) => Wake::Signal(s),
-                Ok(None) | Err(_) => Wake::Elapsed,
-            },
-            None => match self.signals.recv().await {
-                Some(s) => Wake::Signal(s),
-                None => Wake::Elapsed,
-            },
+        let deadline = limit.map(|l| tokio::time::Instant::now() + l);
+        let mut tick = tokio::time::interval(ANALYSIS_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let elapsed = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                signal = self.signals.recv() => {
+                    return signal.map_or(Wake::Elapsed, Wake::Signal);
+                }
+                () = elapsed => return Wake::Elapsed,
+                _ = tick.tick(), if !self.analysis.is_empty() => {
+                    if let Some((condition, measured)) = self.analyse().await {
+                        return Wake::Failed(condition, measured);
+                    }
+                }
+            }
         }
+    }
+
+    /// Checks the analysis against the counters of the new instances; the first condition
+    /// broken, with the figure measured.
+    async fn analyse(&self) -> Option<(String, String)> {
+        let mut by_host: std::collections::BTreeMap<trellis_schemas::HostId, Vec<InstanceId>> =
+            std::collections::BTreeMap::new();
+        for i in self.new_running() {
+            by_host.entry(i.host_id).or_default().push(i.instance_id);
+        }
+        let asks = by_host.into_iter().map(|(host, instance_ids)| {
+            let state = Arc::clone(&self.state);
+            async move {
+                ask::<_, InstanceStatsReply>(&state, &host, &InstanceStatsCommand { instance_ids })
+                    .await
+            }
+        });
+        let mut total = InstanceStats::default();
+        for reply in futures::future::join_all(asks).await {
+            match reply {
+                Ok(reply) => reply.stats.values().for_each(|s| total.add(s)),
+                Err(e) => {
+                    tracing::debug!(rollout = %self.record.rollout_id, error = %e, "no counters from a host");
+                }
+            }
+        }
+        self.analysis
+            .iter()
+            .find_map(|c| c.check(&total).err().map(|m| (c.text.clone(), m)))
     }
 
     /// A signal already waiting, if any.
@@ -684,9 +745,10 @@ impl Driver {
             self.pause(auto).await?;
             match self.wait(auto).await {
                 Wake::Signal(Signal::Abort) => return Ok(Some(Back::Abort("requested".into()))),
-                Wake::Signal(Signal::Undo) => return Ok(Some(Back::RollBack("undo".into()))),
+                Wake::Signal(Signal::Undo) => return Ok(Some(Back::undo())),
                 Wake::Signal(Signal::Promote) => self.promoted(Some(100), false).await?,
                 Wake::Elapsed => self.promoted(Some(100), true).await?,
+                Wake::Failed(c, m) => return Ok(Some(Back::RollBack(c, m))),
             }
         }
         // The old set stays for `keep_previous_ms`, so that going back is instant.
@@ -698,9 +760,10 @@ impl Driver {
         loop {
             match self.wait(Some(left)).await {
                 Wake::Signal(Signal::Abort) => return Ok(Some(Back::Abort("requested".into()))),
-                Wake::Signal(Signal::Undo) => return Ok(Some(Back::RollBack("undo".into()))),
+                Wake::Signal(Signal::Undo) => return Ok(Some(Back::undo())),
                 Wake::Signal(Signal::Promote) => continue,
                 Wake::Elapsed => break,
+                Wake::Failed(c, m) => return Ok(Some(Back::RollBack(c, m))),
             }
         }
         let old = self.old_running();
@@ -728,7 +791,7 @@ impl Driver {
             if let Some(signal) = self.pending_signal() {
                 match signal {
                     Signal::Abort => return Ok(Some(Back::Abort("requested".into()))),
-                    Signal::Undo => return Ok(Some(Back::RollBack("undo".into()))),
+                    Signal::Undo => return Ok(Some(Back::undo())),
                     Signal::Promote => {}
                 }
             }
@@ -739,9 +802,10 @@ impl Driver {
             self.pause(pause).await?;
             match self.wait(pause).await {
                 Wake::Signal(Signal::Abort) => return Ok(Some(Back::Abort("requested".into()))),
-                Wake::Signal(Signal::Undo) => return Ok(Some(Back::RollBack("undo".into()))),
+                Wake::Signal(Signal::Undo) => return Ok(Some(Back::undo())),
                 Wake::Signal(Signal::Promote) => self.promoted(Some(weight), false).await?,
                 Wake::Elapsed => self.promoted(Some(weight), true).await?,
+                Wake::Failed(c, m) => return Ok(Some(Back::RollBack(c, m))),
             }
         }
         let old = self.old_running();
@@ -832,11 +896,11 @@ impl Driver {
                 reason,
                 elapsed_ms,
             }),
-            Back::RollBack(condition) => FactData::RolloutRolledBack(RolloutRolledBack {
+            Back::RollBack(condition, measured) => FactData::RolloutRolledBack(RolloutRolledBack {
                 rollout_id: self.record.rollout_id.clone(),
                 component: self.record.component.clone(),
                 condition,
-                measured: String::new(),
+                measured,
                 elapsed_ms,
             }),
         };

@@ -11,7 +11,8 @@
 //! ([`Serving::serve_http`]), with the same checks and the same crash handling.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use async_nats::{HeaderMap, HeaderValue, Message};
 use bytes::Bytes;
@@ -22,6 +23,7 @@ use trellis_schemas::Lattice;
 use trellis_schemas::capability::rpc::{HttpMessage, HttpRequestHead, HttpResponseHead};
 use trellis_schemas::dataplane::{self, DataError, ErrorCode, Op};
 
+use super::stats::Stats;
 use crate::runtime::{InvokeError, LoadedComponent};
 
 /// The export name under which HTTP requests are served.
@@ -53,6 +55,8 @@ pub(crate) struct Serving {
     crash: Mutex<Option<oneshot::Sender<Crash>>>,
     in_flight: AtomicUsize,
     idle: Notify,
+    /// The instance's counters.
+    stats: Arc<Stats>,
 }
 
 /// Counts one call in flight until dropped.
@@ -73,6 +77,7 @@ impl Serving {
         component: LoadedComponent,
         lattice: Lattice,
         instance_id: &str,
+        stats: Arc<Stats>,
     ) -> (Self, oneshot::Receiver<Crash>) {
         let (tx, rx) = oneshot::channel();
         let instance = HeaderValue::from(instance_id);
@@ -87,6 +92,7 @@ impl Serving {
             crash: Mutex::new(Some(tx)),
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
+            stats,
         };
         (serving, rx)
     }
@@ -144,16 +150,26 @@ impl Serving {
         if !self.serving() {
             return self.refuse(message).await;
         }
+        let started = Instant::now();
         let result = match dataplane::parse_op(&self.lattice, &message.subject) {
-            Ok(Op::Call) => self
-                .call(message.headers.as_ref(), &message.payload)
-                .await
-                .map(|body| (self.ok.clone(), body)),
+            Ok(Op::Call) => {
+                let result = self.call(message.headers.as_ref(), &message.payload).await;
+                self.count(started, result.as_ref().err(), None);
+                result.map(|body| (self.ok.clone(), body))
+            }
             Ok(Op::Http) => match codec::read_http_request(&message) {
-                Ok(request) => match self.http(request).await {
-                    Ok(response) => codec::http_reply(&response, Some(&self.instance)),
-                    Err(e) => Err(e),
-                },
+                Ok(request) => {
+                    let result = self.http(request).await;
+                    self.count(
+                        started,
+                        result.as_ref().err(),
+                        result.as_ref().ok().map(|r| r.head.status),
+                    );
+                    match result {
+                        Ok(response) => codec::http_reply(&response, Some(&self.instance)),
+                        Err(e) => Err(e),
+                    }
+                }
                 Err(e) => Err(e),
             },
             Err(op) => Err(DataError::new(
@@ -230,7 +246,22 @@ impl Serving {
         if !self.serving() {
             return Err(not_running());
         }
-        self.http(request).await
+        let started = Instant::now();
+        let result = self.http(request).await;
+        self.count(
+            started,
+            result.as_ref().err(),
+            result.as_ref().ok().map(|r| r.head.status),
+        );
+        result
+    }
+
+    /// Counts an invocation that started at `started`: failed when it ended in an error of the
+    /// server's side (HTTP status 500 or more) or the component answered such a status.
+    fn count(&self, started: Instant, error: Option<&DataError>, status: Option<u16>) {
+        let failed =
+            error.is_some_and(|e| e.code.http_status() >= 500) || status.is_some_and(|s| s >= 500);
+        self.stats.record(started.elapsed(), failed);
     }
 
     /// The error a failed invocation answers with; a crash ends the serving period and tells
@@ -240,6 +271,7 @@ impl Serving {
             return DataError::new(error.code(), error.to_string());
         };
         let detail = crash_detail(&error);
+        self.stats.crashed();
         // Only the first crash of the period reaches the supervisor.
         self.end();
         let tx = self

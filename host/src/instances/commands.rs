@@ -9,13 +9,18 @@ use tokio::task::JoinHandle;
 use trellis_schemas::control::decode_request;
 use trellis_schemas::dataplane::{self, HostVerb};
 use trellis_schemas::instance::{
-    CommandAccepted, StartInstanceCommand, StartProviderCommand, StopInstanceCommand,
-    StopProviderCommand,
+    CommandAccepted, InstanceStatsCommand, StartInstanceCommand, StartProviderCommand,
+    StopInstanceCommand, StopProviderCommand,
 };
 use trellis_schemas::{ErrorBody, ErrorCode, HostId, Lattice, Reply};
 
 use super::manager::InstanceManager;
 use crate::providers::Providers;
+
+/// The reply body of a command that was accepted.
+fn accepted((): ()) -> Vec<u8> {
+    encode(&Reply::ok(CommandAccepted {}))
+}
 
 /// Subscribes to the host's command subjects and serves them until the task is aborted.
 ///
@@ -40,18 +45,26 @@ pub async fn serve_commands(
                 Ok(HostVerb::InstanceStart) => {
                     decode_request::<StartInstanceCommand>(&message.payload)
                         .and_then(|command| manager.start(command))
+                        .map(accepted)
                 }
                 Ok(HostVerb::InstanceStop) => {
                     decode_request::<StopInstanceCommand>(&message.payload)
                         .and_then(|command| manager.stop(command))
+                        .map(accepted)
+                }
+                Ok(HostVerb::InstanceStats) => {
+                    decode_request::<InstanceStatsCommand>(&message.payload)
+                        .map(|command| encode(&Reply::ok(manager.stats(&command.instance_ids))))
                 }
                 Ok(HostVerb::ProviderStart) => {
                     decode_request::<StartProviderCommand>(&message.payload)
                         .and_then(|command| providers.start(command))
+                        .map(accepted)
                 }
                 Ok(HostVerb::ProviderStop) => {
                     decode_request::<StopProviderCommand>(&message.payload)
                         .and_then(|command| providers.stop(&command))
+                        .map(accepted)
                 }
                 Err(verb) => Err(ErrorBody::new(
                     ErrorCode::UnknownVerb,
@@ -63,7 +76,7 @@ pub async fn serve_commands(
             };
             let Some(reply) = message.reply else { continue };
             let body = match outcome {
-                Ok(()) => encode(&Reply::ok(CommandAccepted {})),
+                Ok(body) => body,
                 Err(error) => {
                     tracing::info!(%subject, %error, "command refused");
                     encode(&Reply::<CommandAccepted>::err(error))

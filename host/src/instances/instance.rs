@@ -93,6 +93,8 @@ pub(crate) struct Spec {
     pub digest: String,
     pub restart: RestartPolicy,
     pub operation_id: String,
+    /// Its counters, over every serving period.
+    pub stats: Arc<super::stats::Stats>,
 }
 
 /// Serves `component` as instance `spec.id` until it is stopped or ends by its restart policy.
@@ -115,6 +117,7 @@ pub(crate) async fn supervise(
             component.clone(),
             ctx.lattice.clone(),
             spec.id.as_str(),
+            Arc::clone(&spec.stats),
         );
         let serving = Arc::new(serving);
         let subscribed = async {

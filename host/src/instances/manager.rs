@@ -10,7 +10,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use trellis_bus::{FactPublisher, RouteTable};
 use trellis_schemas::fact::{AssignmentRevoked, InstanceStartFailed, InstanceStopped};
-use trellis_schemas::instance::{ComponentSource, StartInstanceCommand, StopInstanceCommand};
+use trellis_schemas::instance::{
+    ComponentSource, InstanceStatsReply, StartInstanceCommand, StopInstanceCommand,
+};
 use trellis_schemas::{
     ComponentName, ErrorBody, ErrorCode, Event, FactData, HostId, InstanceId, InventoryInstance,
     Lattice,
@@ -21,6 +23,7 @@ use super::bridge::{Assignments, NatsBridge};
 use super::error::StartError;
 use super::instance::{Spec, State, StateCell, Stop, supervise};
 use super::local::LocalInstances;
+use super::stats::Stats;
 use crate::providers::EmbeddedProviders;
 use crate::runtime::{Digest, Runtime};
 
@@ -94,6 +97,8 @@ struct Entry {
     key: u64,
     component: String,
     state: Arc<StateCell>,
+    /// Its counters, for `instance.stats`.
+    stats: Arc<Stats>,
     stop: mpsc::Sender<Stop>,
     task: Option<JoinHandle<()>>,
 }
@@ -167,6 +172,7 @@ impl InstanceManager {
         self.inner.assignments.merge(&command.assignments);
         let (stop_tx, stop_rx) = mpsc::channel(4);
         let state = Arc::new(StateCell::default());
+        let stats = Arc::new(Stats::default());
         let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
         {
             let mut instances = self.lock();
@@ -196,6 +202,7 @@ impl InstanceManager {
                     key,
                     component: component.clone(),
                     state: Arc::clone(&state),
+                    stats: Arc::clone(&stats),
                     stop: stop_tx,
                     task: None,
                 },
@@ -209,7 +216,7 @@ impl InstanceManager {
                     id: task_id,
                     key,
                 };
-                run(&inner, command, component, state, stop_rx, slot).await;
+                run(&inner, command, component, state, stats, stop_rx, slot).await;
             });
             // The task cannot remove the entry before this: it needs the lock held here.
             if let Some(entry) = instances.get_mut(&id) {
@@ -248,6 +255,17 @@ impl InstanceManager {
             // A full queue means stops are already pending: this one is redundant.
             Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(not_found()),
+        }
+    }
+
+    /// The counters of those of `ids` that run here.
+    pub fn stats(&self, ids: &[InstanceId]) -> InstanceStatsReply {
+        let instances = self.lock();
+        InstanceStatsReply {
+            stats: ids
+                .iter()
+                .filter_map(|id| Some((id.clone(), instances.get(id)?.stats.snapshot())))
+                .collect(),
         }
     }
 
@@ -338,6 +356,7 @@ async fn run(
     command: StartInstanceCommand,
     component: String,
     state: Arc<StateCell>,
+    stats: Arc<Stats>,
     mut stop: mpsc::Receiver<Stop>,
     slot: Slot,
 ) {
@@ -405,6 +424,7 @@ async fn run(
         digest: loaded.component.load_outcome().digest.to_string(),
         restart: command.restart,
         operation_id: command.operation_id.clone(),
+        stats,
     };
     let Loaded {
         component,

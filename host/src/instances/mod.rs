@@ -39,6 +39,7 @@ mod error;
 mod instance;
 mod local;
 mod manager;
+mod stats;
 
 pub use commands::serve_commands;
 pub use error::StartError;

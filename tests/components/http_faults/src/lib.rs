@@ -9,6 +9,7 @@
 //! | `/memory` | allocates until it is out of memory |
 //! | `/panic` | panics |
 //! | `/trap` | executes `unreachable` |
+//! | `/slow` | answers `200 ok` after 300 ms |
 
 use wasi::exports::http::incoming_handler::Guest;
 use wasi::http::types::{Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam};
@@ -37,6 +38,7 @@ impl Guest for Faults {
             }
             "/panic" => panic!("asked to panic"),
             "/trap" => core::arch::wasm32::unreachable(),
+            "/slow" => std::thread::sleep(std::time::Duration::from_millis(300)),
             _ => {}
         }
         let response = OutgoingResponse::new(Fields::new());
