@@ -28,8 +28,8 @@ use crate::names::{
     AssignmentId, ComponentName, HostId, InstanceId, Lattice, ProviderId, ProviderName,
 };
 pub use crate::rollout::{
-    RolloutAborted, RolloutCompleted, RolloutPaused, RolloutPromoted, RolloutRolledBack,
-    RolloutStarted, RolloutStepReached,
+    RolloutAborted, RolloutAdopted, RolloutCompleted, RolloutPaused, RolloutPromoted,
+    RolloutRolledBack, RolloutStarted, RolloutStepReached,
 };
 
 /// The fact catalogue, one line per fact in catalogue order: its doc, its [`FactKind`] and
@@ -95,6 +95,8 @@ macro_rules! for_each_fact {
             RolloutAborted(RolloutAborted) = rollout.aborted, id: rollout_id;
             /// A rollout went back to the old version.
             RolloutRolledBack(RolloutRolledBack) = rollout.rolled_back, id: rollout_id;
+            /// A controller replica took over a rollout whose driver was gone.
+            RolloutAdopted(RolloutAdopted) = rollout.adopted, id: rollout_id;
         }
     };
 }
@@ -771,6 +773,9 @@ impl Event {
                 "condition={} measured={} after {}ms",
                 d.condition, d.measured, d.elapsed_ms
             ),
+            FactData::RolloutAdopted(d) => {
+                format!("driven by {} from step {}", d.replica, d.step)
+            }
         }
     }
 
@@ -922,9 +927,10 @@ mod tests {
                 FactKind::RolloutCompleted => 21,
                 FactKind::RolloutAborted => 22,
                 FactKind::RolloutRolledBack => 23,
+                FactKind::RolloutAdopted => 24,
             }
         }
-        assert_eq!(FactKind::ALL.len(), 24);
+        assert_eq!(FactKind::ALL.len(), 25);
         for (i, kind) in FactKind::ALL.iter().enumerate() {
             assert_eq!(position(*kind), i);
             assert_eq!(

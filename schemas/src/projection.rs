@@ -575,7 +575,8 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
         | FactData::RolloutPromoted(_)
         | FactData::RolloutCompleted(_)
         | FactData::RolloutAborted(_)
-        | FactData::RolloutRolledBack(_) => {
+        | FactData::RolloutRolledBack(_)
+        | FactData::RolloutAdopted(_) => {
             apply_rollout(&mut projection.rollouts, fact.seq, time, &fact.event.data);
         }
     }

@@ -541,6 +541,22 @@ pub struct RolloutRolledBack {
     pub elapsed_ms: u64,
 }
 
+/// `rollout.adopted`: the replica that drove a rollout is gone, and `replica` drives it from
+/// the step the facts record. Published expecting the sequence of the previous adoption of the
+/// rollout, so exactly one replica takes it over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutAdopted {
+    /// The rollout.
+    pub rollout_id: RolloutId,
+    /// The component.
+    pub component: ComponentName,
+    /// The controller replica that drives it now.
+    pub replica: String,
+    /// The last step the facts recorded when it took over.
+    pub step: u32,
+}
+
 /// What the facts say about one rollout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -584,6 +600,13 @@ pub struct RolloutRecord {
     pub status_since: DateTime<Utc>,
     /// Stream sequence of the last fact applied to it.
     pub seq: u64,
+    /// The replica driving it since an adoption (none: the one that started it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// Stream sequence of its last `rollout.adopted` fact (0: never adopted): what the next
+    /// adoption expects.
+    #[serde(default)]
+    pub adopted_seq: u64,
 }
 
 impl RolloutRecord {
@@ -641,6 +664,8 @@ pub fn apply_rollout(
                 started_at: time,
                 status_since: time,
                 seq,
+                driver: None,
+                adopted_seq: 0,
             },
         );
         return true;
@@ -652,6 +677,7 @@ pub fn apply_rollout(
         FactData::RolloutCompleted(d) => &d.rollout_id,
         FactData::RolloutAborted(d) => &d.rollout_id,
         FactData::RolloutRolledBack(d) => &d.rollout_id,
+        FactData::RolloutAdopted(d) => &d.rollout_id,
         _ => return false,
     };
     let Some(record) = rollouts.get_mut(id) else {
@@ -703,6 +729,10 @@ pub fn apply_rollout(
             record.status = RolloutStatus::Aborted;
             record.weight = None;
             record.reason = Some(d.reason.clone());
+        }
+        FactData::RolloutAdopted(d) => {
+            record.driver = Some(d.replica.clone());
+            record.adopted_seq = seq;
         }
         FactData::RolloutRolledBack(d) => {
             record.status = RolloutStatus::RolledBack;

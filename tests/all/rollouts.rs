@@ -20,20 +20,31 @@ const V2: &str = "ok";
 struct Lattice {
     nats: Nats,
     l: trellis_schemas::Lattice,
+    /// Controller replicas by id.
+    controllers: Vec<(String, Proc)>,
     _procs: Vec<Proc>,
 }
 
 impl Lattice {
     /// A controller, hosts `hosts` and an http-server provider, each its own process.
     async fn up(name: &str, hosts: &[&str]) -> Self {
+        Self::up_with(name, &["c1"], hosts).await
+    }
+
+    /// Controller replicas `controllers`, hosts `hosts` and an http-server provider.
+    async fn up_with(name: &str, controllers: &[&str], hosts: &[&str]) -> Self {
         let nats = Nats::start().await;
         let l = lattice(name);
-        let mut procs = vec![nats.controller(&l, "c1", "30s")];
-        procs.extend(hosts.iter().map(|h| nats.host(&l, h, &[])));
+        let controllers = controllers
+            .iter()
+            .map(|c| ((*c).to_owned(), nats.controller(&l, c, "30s")))
+            .collect();
+        let mut procs: Vec<Proc> = hosts.iter().map(|h| nats.host(&l, h, &[])).collect();
         procs.push(nats.provider(&l, "http-server", &[]));
         let lat = Lattice {
             nats,
             l,
+            controllers,
             _procs: procs,
         };
         wait_for("the hosts and the provider", T, || async {
@@ -226,7 +237,11 @@ impl Load {
                 }
                 other => {
                     self.failed.fetch_add(1, Ordering::Relaxed);
-                    *self.last_failure.lock().unwrap() = Some(format!("{other:?}"));
+                    *self
+                        .last_failure
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(format!("{other:?}"));
                 }
             }
         }
@@ -251,7 +266,9 @@ impl Load {
             failed,
             0,
             "{failed} failed requests during {during} (v1 {v1}, v2 {v2}); last: {:?}",
-            self.last_failure.lock().unwrap()
+            self.last_failure
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
         );
     }
 
@@ -549,6 +566,104 @@ async fn a_canary_that_breaks_its_analysis_is_rolled_back_at_once() {
     assert_eq!(running.len(), 2, "{instances}");
     assert!(
         running.iter().all(|i| i["version"] == "1.0.0"),
+        "{instances}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollout_survives_the_replica_that_drives_it() {
+    let mut lat = Lattice::up_with("takeover", &["c1", "c2"], &["h1", "h2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    lat.push_versions(dir.path());
+    let port = lat.serve_v1(3).await;
+    let (load, tasks) = Load::start(port, "/", 8);
+    load.settles_on(V1, "version 1 serving").await;
+
+    let started = lat.json(&[
+        "rollout",
+        "start",
+        "web",
+        "--to",
+        "2.0.0",
+        "--strategy",
+        "canary",
+        "--steps",
+        "10,50,100",
+        "--pause",
+        "3s",
+    ]);
+    let id = started["rollout_id"].as_str().unwrap().to_owned();
+    wait_for("the 10 % step", T, || async {
+        let r = lat.json(&["rollout", "status", &id]);
+        (r["weight"] == 10 && r["status"] == "paused").then_some(())
+    })
+    .await;
+    // The replica that recorded `rollout.started` drives it: kill it mid-pause.
+    let facts = lat.nats.facts(&lat.l).await;
+    let source = facts
+        .iter()
+        .find(|f| {
+            matches!(&f.event.data, trellis_schemas::FactData::RolloutStarted(d) if d.rollout_id.as_str() == id)
+        })
+        .map(|f| f.event.source.clone())
+        .unwrap();
+    let driver = lat
+        .controllers
+        .iter()
+        .position(|(name, _)| source.ends_with(&format!("/{name}")))
+        .unwrap_or_else(|| panic!("no controller wrote {source}"));
+    let (killed, proc) = &mut lat.controllers[driver];
+    proc.kill();
+    let killed = killed.clone();
+
+    wait_for("the rollout to complete", T, || async {
+        let (code, out, _) = lat.try_cli(&["rollout", "status", &id, "-o", "json"]);
+        let r: Value = serde_json::from_str(&out).ok()?;
+        (code == 0 && r["status"] == "completed").then_some(())
+    })
+    .await;
+    load.settles_on(V2, "version 2 after the takeover").await;
+    load.stop(tasks).await;
+    load.assert_no_failure("the takeover");
+
+    // One adoption, by the survivor; every step once, in order.
+    let facts = lat.nats.facts(&lat.l).await;
+    let mine: Vec<&trellis_schemas::FactData> = facts
+        .iter()
+        .map(|f| &f.event.data)
+        .filter(|d| d.entity_id() == id)
+        .collect();
+    let adoptions: Vec<&String> = mine
+        .iter()
+        .filter_map(|d| match d {
+            trellis_schemas::FactData::RolloutAdopted(a) => Some(&a.replica),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(adoptions.len(), 1, "{mine:#?}");
+    assert_ne!(adoptions[0], &killed);
+    let steps: Vec<u32> = mine
+        .iter()
+        .filter_map(|d| match d {
+            trellis_schemas::FactData::RolloutStepReached(s) => Some(s.step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        (1..=u32::try_from(steps.len()).unwrap()).collect::<Vec<_>>(),
+        "every step once: {mine:#?}"
+    );
+    let instances = lat.json(&["instance", "ls", "--component", "web"]);
+    let running: Vec<&Value> = instances["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["status"] == "running")
+        .collect();
+    assert_eq!(running.len(), 3, "no instance started twice: {instances}");
+    assert!(
+        running.iter().all(|i| i["version"] == "2.0.0"),
         "{instances}"
     );
 }

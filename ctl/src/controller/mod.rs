@@ -170,6 +170,7 @@ pub async fn run(
     );
     let liveness = tokio::spawn(liveness::run(state.clone()));
     let drivers = tokio::spawn(rollouts::run_drivers(state.clone()));
+    let watchdog = tokio::spawn(rollouts::watch_drivers(state.clone()));
 
     let serve = async {
         while let Some(message) = requests.next().await {
@@ -184,6 +185,7 @@ pub async fn run(
     }
     liveness.abort();
     drivers.abort();
+    watchdog.abort();
     hb_task.abort();
     reader.abort();
     folder.abort();

@@ -29,8 +29,8 @@ use trellis_schemas::instance::{
     StopInstanceCommand,
 };
 use trellis_schemas::rollout::{
-    Condition, Revision, RolloutAborted, RolloutCompleted, RolloutPaused, RolloutPlan,
-    RolloutPromoted, RolloutRecord, RolloutRolledBack, RolloutStarted, RolloutStatus,
+    Condition, Revision, RolloutAborted, RolloutAdopted, RolloutCompleted, RolloutPaused,
+    RolloutPlan, RolloutPromoted, RolloutRecord, RolloutRolledBack, RolloutStarted, RolloutStatus,
     RolloutStepReached, Strategy, parse_analysis,
 };
 use trellis_schemas::{
@@ -410,7 +410,7 @@ async fn signal(state: &State, id: &RolloutId, signal: Signal) -> Result<(), Err
                     && e.kind() == async_nats::client::RequestErrorKind::NoResponders =>
             {
                 tracing::warn!(rollout = %id, "no replica drives the rollout; adopting it");
-                state.drive(id.clone());
+                adopt(state, id).await;
                 // Give the new driver a moment to subscribe.
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -434,28 +434,105 @@ async fn signal(state: &State, id: &RolloutId, signal: Signal) -> Result<(), Err
     ))
 }
 
+/// Claims rollout `id` for this replica with `rollout.adopted`, published expecting the
+/// rollout's previous adoption, and drives it. Returns whether this replica won the claim.
+async fn adopt(state: &State, id: &RolloutId) -> bool {
+    let claim = {
+        let projection = state.projection();
+        projection
+            .rollouts
+            .get(id)
+            .filter(|r| !r.status.is_finished())
+            .map(|r| (r.component.clone(), r.step, r.adopted_seq))
+    };
+    let Some((component, step, expected)) = claim else {
+        return false;
+    };
+    let event = Event::new(
+        state.source.clone(),
+        FactData::RolloutAdopted(RolloutAdopted {
+            rollout_id: id.clone(),
+            component,
+            replica: state.config.replica_id.clone(),
+            step,
+        }),
+    )
+    .caused_by(id.to_string());
+    match trellis_bus::publish_exclusive(&state.js, &state.config.lattice, &event, expected).await {
+        Ok(Some(seq)) => {
+            tracing::warn!(rollout = %id, step, "took over the rollout");
+            state.wait_until_applied(seq).await;
+            state.drive(id.clone());
+            true
+        }
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(rollout = %id, error = %e, "cannot record the adoption");
+            false
+        }
+    }
+}
+
+/// How often a replica looks for rollouts nobody drives.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// How long after it starts a rollout is left to the replica that started it.
+const WATCH_GRACE: Duration = Duration::from_secs(3);
+
+/// Finds rollouts in progress that no replica drives (their driver does not answer on its
+/// subject, twice in a row a second apart) and adopts them.
+pub(crate) async fn watch_drivers(state: Arc<State>) {
+    let mut silent: std::collections::HashSet<RolloutId> = std::collections::HashSet::new();
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let grace = chrono::Duration::from_std(WATCH_GRACE).unwrap_or_default();
+        let candidates: Vec<RolloutId> = {
+            let projection = state.projection();
+            projection
+                .rollouts
+                .values()
+                .filter(|r| !r.status.is_finished() && chrono::Utc::now() - r.started_at > grace)
+                .map(|r| r.rollout_id.clone())
+                .filter(|id| !state.is_driving(id))
+                .collect()
+        };
+        let mut still_silent = std::collections::HashSet::new();
+        for id in candidates {
+            let subject = subject::rollout_driver(&state.config.lattice, &id);
+            let ping =
+                tokio::time::timeout(SIGNAL_TIMEOUT, state.client.request(subject, "ping".into()))
+                    .await;
+            let nobody = matches!(
+                &ping,
+                Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders
+            );
+            if !nobody {
+                continue;
+            }
+            if silent.contains(&id) {
+                adopt(&state, &id).await;
+            } else {
+                still_silent.insert(id);
+            }
+        }
+        silent = still_silent;
+    }
+}
+
 /// Starts drivers for the rollouts this replica is asked to drive, one at a time per rollout.
 pub(crate) async fn run_drivers(state: Arc<State>) {
     let Some(mut requests) = state.take_drive_requests() else {
         return;
     };
-    let driving: Arc<std::sync::Mutex<std::collections::HashSet<RolloutId>>> = Arc::default();
     while let Some(id) = requests.recv().await {
-        if !driving
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id.clone())
-        {
+        if !state.start_driving(&id) {
             continue;
         }
         let state = Arc::clone(&state);
-        let driving = Arc::clone(&driving);
         tokio::spawn(async move {
             Driver::run(Arc::clone(&state), id.clone()).await;
-            driving
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&id);
+            state.stop_driving(&id);
         });
     }
 }
@@ -504,6 +581,14 @@ impl Driver {
         if record.status.is_finished() {
             return;
         }
+        if record
+            .driver
+            .as_ref()
+            .is_some_and(|d| *d != state.config.replica_id)
+        {
+            tracing::info!(rollout = %id, driver = ?record.driver, "another replica drives the rollout");
+            return;
+        }
         let subscription = match state
             .client
             .subscribe(subject::rollout_driver(&state.config.lattice, &id))
@@ -520,16 +605,13 @@ impl Driver {
         let listener = tokio::spawn(async move {
             let mut subscription = subscription;
             while let Some(message) = subscription.next().await {
-                let accepted = Signal::parse(&message.payload);
-                if let Some(signal) = accepted {
+                let signal = Signal::parse(&message.payload);
+                if let Some(signal) = signal {
                     let _ = tx.send(signal).await;
                 }
+                let accepted = signal.is_some() || &message.payload[..] == b"ping";
                 if let Some(reply) = message.reply {
-                    let body: &'static [u8] = if accepted.is_some() {
-                        b"ok"
-                    } else {
-                        b"unknown"
-                    };
+                    let body: &'static [u8] = if accepted { b"ok" } else { b"unknown" };
                     let _ = client.publish(reply, body.into()).await;
                 }
             }
@@ -606,16 +688,49 @@ impl Driver {
             .collect()
     }
 
-    /// New instances this rollout started that still serve.
+    /// New instances of this rollout that still serve: those its facts record, and any other
+    /// instance of the new version that started after the rollout did (one a driver started
+    /// before it died, in a step it never recorded).
     fn new_running(&self) -> Vec<InstanceRecord> {
         let projection = self.state.projection();
-        self.record
-            .started
-            .iter()
-            .filter_map(|id| projection.instances.get(id))
-            .filter(|i| i.status.is_active())
+        running_of(&projection, &self.record.component)
+            .filter(|i| {
+                self.record.started.contains(&i.instance_id)
+                    || (i.digest.as_deref() == Some(self.record.to.digest.as_str())
+                        && i.started_at.is_some_and(|t| t >= self.record.started_at)
+                        && !self.record.replaces.contains(&i.instance_id))
+            })
             .cloned()
             .collect()
+    }
+
+    /// Starts the new set beside the old (blue-green, canary): one new instance per old one,
+    /// less those already running (a driver that took over does not start them twice).
+    async fn start_new_set(&mut self) -> Result<Option<Back>, ErrorBody> {
+        let old = self.old_running();
+        let need = old.len().saturating_sub(self.new_running().len());
+        let started = match self.replace(&old[..need]).await {
+            Ok(ids) => ids,
+            Err(reason) => return Ok(Some(Back::Abort(reason))),
+        };
+        // The new set serves nothing yet.
+        self.step(Some(0), started, Vec::new()).await?;
+        Ok(None)
+    }
+
+    /// Holds the current step for `limit` (none: until promoted), checking the analysis. A
+    /// driver that took over a paused rollout holds what is left of its pause, without a second
+    /// `rollout.paused`.
+    async fn hold(&mut self, limit: Option<Duration>) -> Result<Wake, ErrorBody> {
+        let limit = if self.record.status == RolloutStatus::Paused {
+            self.record
+                .paused_until
+                .map(|until| (until - chrono::Utc::now()).to_std().unwrap_or_default())
+        } else {
+            self.pause(limit).await?;
+            limit
+        };
+        Ok(self.wait(limit).await)
     }
 
     async fn step(
@@ -712,6 +827,15 @@ impl Driver {
             if old.is_empty() {
                 break;
             }
+            // New instances beyond those that replaced old ones (a batch a driver started and
+            // never recorded before it died) replace old ones first.
+            let replaced = self.record.replaces.len().saturating_sub(old.len());
+            let surplus = self.new_running().len().saturating_sub(replaced);
+            if surplus > 0 {
+                let stopped = self.retire(&old[..surplus.min(old.len())]).await?;
+                self.step(None, Vec::new(), stopped).await?;
+                continue;
+            }
             let batch = old.len().min((surge + unavailable).max(1));
             let (first, rest) = old[..batch].split_at(unavailable.min(batch));
             // Below the old count by at most `max_unavailable`: those go first.
@@ -728,13 +852,10 @@ impl Driver {
     }
 
     async fn blue_green(&mut self) -> Result<Option<Back>, ErrorBody> {
-        if self.record.status == RolloutStatus::Progressing && self.record.step == 0 {
-            let old = self.old_running();
-            let started = match self.replace(&old).await {
-                Ok(ids) => ids,
-                Err(reason) => return Ok(Some(Back::Abort(reason))),
-            };
-            self.step(Some(0), started, Vec::new()).await?;
+        if self.record.step == 0
+            && let Some(back) = self.start_new_set().await?
+        {
+            return Ok(Some(back));
         }
         if self.record.status != RolloutStatus::Promoted {
             let auto = self
@@ -742,8 +863,7 @@ impl Driver {
                 .plan
                 .auto_promote_after_ms
                 .map(Duration::from_millis);
-            self.pause(auto).await?;
-            match self.wait(auto).await {
+            match self.hold(auto).await? {
                 Wake::Signal(Signal::Abort) => return Ok(Some(Back::Abort("requested".into()))),
                 Wake::Signal(Signal::Undo) => return Ok(Some(Back::undo())),
                 Wake::Signal(Signal::Promote) => self.promoted(Some(100), false).await?,
@@ -774,19 +894,25 @@ impl Driver {
     }
 
     async fn canary(&mut self) -> Result<Option<Back>, ErrorBody> {
-        if self.record.step == 0 {
-            let old = self.old_running();
-            let started = match self.replace(&old).await {
-                Ok(ids) => ids,
-                Err(reason) => return Ok(Some(Back::Abort(reason))),
-            };
-            // Step 0 of the plan: the new set serves nothing yet.
-            self.step(Some(0), started, Vec::new()).await?;
+        if self.record.step == 0
+            && let Some(back) = self.start_new_set().await?
+        {
+            return Ok(Some(back));
         }
         let steps = self.record.plan.steps.clone();
         let pause = self.record.plan.pause_ms.map(Duration::from_millis);
         // Steps already taken: the weight reached says where to go on from.
         let reached = self.record.weight.unwrap_or(0);
+        if self.record.status == RolloutStatus::Paused {
+            // Taken over while holding a step: hold what is left of it.
+            match self.hold(pause).await? {
+                Wake::Signal(Signal::Abort) => return Ok(Some(Back::Abort("requested".into()))),
+                Wake::Signal(Signal::Undo) => return Ok(Some(Back::undo())),
+                Wake::Signal(Signal::Promote) => self.promoted(Some(reached), false).await?,
+                Wake::Elapsed => self.promoted(Some(reached), true).await?,
+                Wake::Failed(c, m) => return Ok(Some(Back::RollBack(c, m))),
+            }
+        }
         for &weight in steps.iter().filter(|&&w| w > reached) {
             if let Some(signal) = self.pending_signal() {
                 match signal {
@@ -799,8 +925,7 @@ impl Driver {
             if weight >= 100 {
                 break;
             }
-            self.pause(pause).await?;
-            match self.wait(pause).await {
+            match self.hold(pause).await? {
                 Wake::Signal(Signal::Abort) => return Ok(Some(Back::Abort("requested".into()))),
                 Wake::Signal(Signal::Undo) => return Ok(Some(Back::undo())),
                 Wake::Signal(Signal::Promote) => self.promoted(Some(weight), false).await?,

@@ -56,6 +56,8 @@ pub(crate) struct State {
     /// Rollouts this replica should drive: the task started in `run` takes them.
     drive: mpsc::UnboundedSender<trellis_schemas::RolloutId>,
     drive_rx: Mutex<Option<mpsc::UnboundedReceiver<trellis_schemas::RolloutId>>>,
+    /// Rollouts this replica drives now.
+    driving: Mutex<std::collections::HashSet<trellis_schemas::RolloutId>>,
 }
 
 impl State {
@@ -87,6 +89,7 @@ impl State {
             replay: OnceLock::new(),
             drive,
             drive_rx: Mutex::new(Some(drive_rx)),
+            driving: Mutex::default(),
         }
     }
 
@@ -103,6 +106,30 @@ impl State {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .take()
+    }
+
+    /// Records that this replica drives `rollout`; false when it already does.
+    pub fn start_driving(&self, rollout: &trellis_schemas::RolloutId) -> bool {
+        self.driving
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(rollout.clone())
+    }
+
+    /// Records that this replica's driver of `rollout` has ended.
+    pub fn stop_driving(&self, rollout: &trellis_schemas::RolloutId) {
+        self.driving
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(rollout);
+    }
+
+    /// Whether this replica drives `rollout`.
+    pub fn is_driving(&self, rollout: &trellis_schemas::RolloutId) -> bool {
+        self.driving
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(rollout)
     }
 
     /// Changes whenever the projection applies facts.

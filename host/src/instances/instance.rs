@@ -228,7 +228,8 @@ pub(crate) async fn supervise(
         if tokio::time::timeout(DRAIN_BOUND, leftovers).await.is_err() {
             tracing::debug!(instance = %spec.id, "the subscriptions did not drain in time");
         }
-        serving.end();
+        // A graceful stop ends the period only once what it took is answered (`finish_stop`):
+        // a call delivered before the drain and not yet begun must not be refused.
 
         let crash = match ended {
             Ended::Closed => return,
@@ -409,6 +410,7 @@ async fn finish_stop(
     {
         tracing::warn!(instance = %spec.id, ?bound, "calls still running when the instance stopped");
     }
+    serving.end();
     drop(slot);
     let mut event = Event::new(
         ctx.source.clone(),
