@@ -3,291 +3,12 @@
 //! complete with every response counted and none failed, the responses move from the old version
 //! to the new, and a 10 % canary step gets its share of 10,000 requests within ±2 points.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
-use trellis_tests::components::{self, example};
-use trellis_tests::{Nats, Proc, free_port, lattice, wait_for};
-
-const T: Duration = Duration::from_secs(60);
-/// What version 1 (`http-hello`) answers.
-const V1: &str = "Hello";
-/// What version 2 (`http_faults` on `/`) answers.
-const V2: &str = "ok";
-
-struct Lattice {
-    nats: Nats,
-    l: trellis_schemas::Lattice,
-    /// Controller replicas by id.
-    controllers: Vec<(String, Proc)>,
-    _procs: Vec<Proc>,
-}
-
-impl Lattice {
-    /// A controller, hosts `hosts` and an http-server provider, each its own process.
-    async fn up(name: &str, hosts: &[&str]) -> Self {
-        Self::up_with(name, &["c1"], hosts).await
-    }
-
-    /// Controller replicas `controllers`, hosts `hosts` and an http-server provider.
-    async fn up_with(name: &str, controllers: &[&str], hosts: &[&str]) -> Self {
-        let nats = Nats::start().await;
-        let l = lattice(name);
-        let controllers = controllers
-            .iter()
-            .map(|c| ((*c).to_owned(), nats.controller(&l, c, "30s")))
-            .collect();
-        let mut procs: Vec<Proc> = hosts.iter().map(|h| nats.host(&l, h, &[])).collect();
-        procs.push(nats.provider(&l, "http-server", &[]));
-        let lat = Lattice {
-            nats,
-            l,
-            controllers,
-            _procs: procs,
-        };
-        wait_for("the hosts and the provider", T, || async {
-            let (code, listed, _) = lat.try_cli(&["host", "ls", "-o", "json"]);
-            let (pcode, providers, _) = lat.try_cli(&["provider", "ls", "-o", "json"]);
-            let listed: Value = serde_json::from_str(&listed).ok()?;
-            let providers: Value = serde_json::from_str(&providers).ok()?;
-            (code == 0
-                && pcode == 0
-                && listed["hosts"].as_array()?.len() == hosts.len()
-                && !providers["providers"].as_array()?.is_empty())
-            .then_some(())
-        })
-        .await;
-        lat
-    }
-
-    /// Pushes `web` 1.0.0 (`http-hello`) and 2.0.0 (`http_faults`).
-    fn push_versions(&self, dir: &std::path::Path) {
-        let (hello, _) = example("http_hello");
-        let faults = components::build().path("http_faults");
-        for (wasm, version) in [(hello, "1.0.0"), (faults, "2.0.0")] {
-            self.cli(&[
-                "component",
-                "push",
-                wasm.to_str().unwrap(),
-                "--manifest",
-                manifest(dir, version).to_str().unwrap(),
-            ]);
-        }
-    }
-
-    /// Grants `web` an HTTP listener on a fresh port, starts `count` instances of 1.0.0 and
-    /// waits until the listener answers. Returns the port.
-    async fn serve_v1(&self, count: u32) -> u16 {
-        let port = free_port();
-        self.cli(&[
-            "assignment",
-            "grant",
-            "web",
-            "wasi:http/incoming-handler",
-            "http-server",
-            "--config",
-            &format!("address=127.0.0.1:{port}"),
-        ]);
-        self.cli(&[
-            "instance",
-            "start",
-            "web@1.0.0",
-            "--count",
-            &count.to_string(),
-            "--restart",
-            "always",
-            "--wait",
-        ]);
-        wait_for("the listener", T, || async {
-            let url = format!("http://127.0.0.1:{port}/");
-            let reply = trellis_tests::http_request("GET", &url, "").await.ok()?;
-            (reply.status == 200).then_some(())
-        })
-        .await;
-        port
-    }
-
-    fn try_cli(&self, args: &[&str]) -> (i32, String, String) {
-        let mut all = vec!["--lattice", self.l.as_str()];
-        all.extend_from_slice(args);
-        self.nats.cli(&all)
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        let (code, out, err) = self.try_cli(args);
-        assert_eq!(code, 0, "trellis {}: {out}{err}", args.join(" "));
-        out
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut all = args.to_vec();
-        all.extend_from_slice(&["-o", "json"]);
-        serde_json::from_str(&self.cli(&all)).expect("json")
-    }
-
-    /// `trellis … -o json` that must fail: its error code.
-    fn error_code(&self, args: &[&str]) -> String {
-        let mut all = args.to_vec();
-        all.extend_from_slice(&["-o", "json"]);
-        let (code, out, err) = self.try_cli(&all);
-        assert_ne!(code, 0, "trellis {} succeeded: {out}", args.join(" "));
-        let text = format!("{out}{err}");
-        for code in [
-            "not_found",
-            "conflict",
-            "invalid_state",
-            "invalid_request",
-            "unavailable",
-        ] {
-            if text.contains(code) {
-                return code.to_owned();
-            }
-        }
-        panic!("trellis {}: no error code in {text}", args.join(" "));
-    }
-}
-
-fn manifest(dir: &std::path::Path, version: &str) -> std::path::PathBuf {
-    let path = dir.join(format!("web-{version}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[component]
-name = "web"
-version = "{version}"
-
-[limits]
-max_memory = "16MiB"
-fuel = 100_000_000
-timeout = "5s"
-max_concurrency = 64
-
-[capabilities]
-imports = ["wasi:http/types"]
-requires = ["wasi:http/incoming-handler"]
-"#
-        ),
-    )
-    .unwrap();
-    path
-}
-
-/// Counts every response of a constant load of `connections` keep-alive connections.
-#[derive(Default)]
-struct Load {
-    v1: AtomicU64,
-    v2: AtomicU64,
-    failed: AtomicU64,
-    /// The last failure, for the assertion message.
-    last_failure: std::sync::Mutex<Option<String>>,
-    stop: AtomicBool,
-}
-
-impl Load {
-    fn start(
-        port: u16,
-        path: &'static str,
-        connections: usize,
-    ) -> (Arc<Self>, Vec<tokio::task::JoinHandle<()>>) {
-        let load = Arc::new(Self::default());
-        let tasks = (0..connections)
-            .map(|_| {
-                let load = Arc::clone(&load);
-                tokio::spawn(async move { load.run(port, path).await })
-            })
-            .collect();
-        (load, tasks)
-    }
-
-    async fn stop(&self, tasks: Vec<tokio::task::JoinHandle<()>>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in tasks {
-            let _ = task.await;
-        }
-    }
-
-    async fn run(&self, port: u16, path: &str) {
-        use http_body_util::BodyExt as _;
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_max_idle_per_host(1)
-                .build_http::<http_body_util::Empty<bytes::Bytes>>();
-        let uri: http::Uri = format!("http://127.0.0.1:{port}{path}").parse().unwrap();
-        while !self.stop.load(Ordering::Relaxed) {
-            let answer = async {
-                let response = client.get(uri.clone()).await.map_err(|e| e.to_string())?;
-                let status = response.status().as_u16();
-                let body = response
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .to_bytes();
-                Ok::<_, String>((status, String::from_utf8_lossy(&body).into_owned()))
-            };
-            match tokio::time::timeout(Duration::from_secs(20), answer).await {
-                Ok(Ok((200, body))) if body.starts_with(V1) => {
-                    self.v1.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Ok((status, body))) if body == V2 || (status == 500 && path != "/") => {
-                    self.v2.fetch_add(1, Ordering::Relaxed);
-                }
-                other => {
-                    self.failed.fetch_add(1, Ordering::Relaxed);
-                    *self
-                        .last_failure
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some(format!("{other:?}"));
-                }
-            }
-        }
-    }
-
-    fn counts(&self) -> (u64, u64, u64) {
-        (
-            self.v1.load(Ordering::Relaxed),
-            self.v2.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
-    }
-
-    fn reset(&self) {
-        self.v1.store(0, Ordering::Relaxed);
-        self.v2.store(0, Ordering::Relaxed);
-    }
-
-    fn assert_no_failure(&self, during: &str) {
-        let (v1, v2, failed) = self.counts();
-        assert_eq!(
-            failed,
-            0,
-            "{failed} failed requests during {during} (v1 {v1}, v2 {v2}); last: {:?}",
-            self.last_failure
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        );
-    }
-
-    /// Waits until `n` responses in a row come from the version answering `want`.
-    async fn settles_on(&self, want: &str, what: &str) {
-        wait_for(what, T, || async {
-            self.reset();
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let (v1, v2, _) = self.counts();
-            let ok = if want == V1 {
-                v1 > 50 && v2 == 0
-            } else {
-                v2 > 50 && v1 == 0
-            };
-            ok.then_some(())
-        })
-        .await;
-    }
-}
+use trellis_tests::components;
+use trellis_tests::rollout::{Load, RolloutLattice as Lattice, T, V1, V2, manifest};
+use trellis_tests::wait_for;
 
 fn rollout_id(started: &str) -> String {
     // `rollout <id>: …` is the first line of `rollout start --wait`.
@@ -554,6 +275,38 @@ async fn a_canary_that_breaks_its_analysis_is_rolled_back_at_once() {
     assert_eq!(rollout["status"], "rolled_back", "{rollout}");
     let reason = rollout["reason"].as_str().unwrap();
     assert!(reason.starts_with("p99<200ms (p99<=500ms)"), "{reason}");
+
+    // A version that cannot start (it requires a capability nobody granted): the rollout
+    // aborts with the host's reason, and version 1 serves on.
+    let manifest3 = dir.path().join("web-3.0.0.toml");
+    std::fs::write(
+        &manifest3,
+        std::fs::read_to_string(manifest(dir.path(), "3.0.0"))
+            .unwrap()
+            .replace(
+                r#"requires = ["wasi:http/incoming-handler"]"#,
+                r#"requires = ["wasi:http/incoming-handler", "wasi:keyvalue"]"#,
+            ),
+    )
+    .unwrap();
+    let upstream = components::build().path("http_upstream");
+    lat.cli(&[
+        "component",
+        "push",
+        upstream.to_str().unwrap(),
+        "--manifest",
+        manifest3.to_str().unwrap(),
+    ]);
+    let (code, out, err) = lat.try_cli(&["rollout", "start", "web", "--to", "3.0.0", "--wait"]);
+    assert_eq!(code, 1, "an aborted rollout exits 1: {out}{err}");
+    let listed = lat.json(&["rollout", "ls", "--component", "web"]);
+    let rollout = &listed["rollouts"][0];
+    assert_eq!(rollout["status"], "aborted", "{rollout}");
+    let reason = rollout["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("start_failed") && reason.contains("wasi:keyvalue"),
+        "{reason}"
+    );
 
     // Every instance left runs version 1.
     let instances = lat.json(&["instance", "ls", "--component", "web"]);

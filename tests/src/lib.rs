@@ -13,6 +13,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod components;
+pub mod rollout;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
