@@ -145,20 +145,17 @@ async fn rollouts_replace_versions_under_load_without_a_failed_request() {
         "conflict",
         "a second rollout of the component"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    load.reset();
-    wait_for("10,000 requests at the 10 % step", T, || async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (v1, v2, _) = load.counts();
-        (v1 + v2 >= 10_000).then_some(())
-    })
-    .await;
-    let (v1, v2, _) = load.counts();
-    let share = v2 as f64 * 100.0 / (v1 + v2) as f64;
+    let (share, v2, total) = share_of_v2(&load).await;
     assert!(
         (8.0..=12.0).contains(&share),
-        "the canary got {share:.2} % ({v2} of {}), not 10 ± 2",
-        v1 + v2
+        "the canary got {share:.2} % ({v2} of {total}), not 10 ± 2"
+    );
+    // Plain callers of the component subject (`trellis call`, `nats req`) see the same split:
+    // the host an instance of the wrong version runs on forwards to the version picked.
+    let share = plain_callers_share(&lat).await;
+    assert!(
+        (8.0..=12.0).contains(&share),
+        "over the component subject the canary got {share:.2} %, not 10 ± 2"
     );
     let out = lat.cli(&["rollout", "promote", &id, "--wait"]);
     assert!(out.contains("completed"), "{out}");
@@ -216,6 +213,59 @@ async fn rollouts_replace_versions_under_load_without_a_failed_request() {
         ],
         "{history}"
     );
+}
+
+/// The share (percent) of the next 10,000 responses of `load` that version 2 gave, with the
+/// counts: (share, version 2, all).
+async fn share_of_v2(load: &Load) -> (f64, u64, u64) {
+    // The routers follow the step's fact within milliseconds; give them a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    load.reset();
+    wait_for("10,000 requests at the step", T, || async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (v1, v2, _) = load.counts();
+        (v1 + v2 >= 10_000).then_some(())
+    })
+    .await;
+    let (v1, v2, _) = load.counts();
+    (v2 as f64 * 100.0 / (v1 + v2) as f64, v2, v1 + v2)
+}
+
+/// The share (percent) of 4,000 HTTP requests sent straight to `web`'s component subject, 16 at
+/// a time, that version 2 answers.
+async fn plain_callers_share(lat: &Lattice) -> f64 {
+    use trellis_bus::dataplane as codec;
+    use trellis_schemas::capability::rpc::HttpRequestHead;
+    use trellis_schemas::dataplane::{self, Op};
+    let client = lat.nats.client().await;
+    let subject = dataplane::component(
+        &lat.l,
+        &trellis_schemas::ComponentName::new("web").unwrap(),
+        Op::Http,
+    );
+    let head = HttpRequestHead {
+        method: "GET".into(),
+        uri: "/".into(),
+        authority: None,
+        headers: Vec::new(),
+        timeout_ms: None,
+    };
+    let (mut v1, mut v2) = (0u32, 0u32);
+    for _ in 0..250 {
+        let asks = (0..16).map(|_| {
+            let (headers, body) = codec::http_request(&head, bytes::Bytes::new()).unwrap();
+            codec::request(&client, subject.clone(), headers, body, T)
+        });
+        for reply in futures::future::join_all(asks).await {
+            let answer = codec::read_http_reply(reply.unwrap()).unwrap();
+            match &answer.body[..] {
+                b"ok" => v2 += 1,
+                body if body.starts_with(V1.as_bytes()) => v1 += 1,
+                other => panic!("unexpected answer {:?}", String::from_utf8_lossy(other)),
+            }
+        }
+    }
+    f64::from(v2) * 100.0 / f64::from(v1 + v2)
 }
 
 /// A canary of `web` 2.0.0 under load on `path`, held at 50 % for a minute with `analysis`: it
@@ -419,4 +469,38 @@ async fn a_rollout_survives_the_replica_that_drives_it() {
         running.iter().all(|i| i["version"] == "2.0.0"),
         "{instances}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_embedded_http_server_follows_the_weights_too() {
+    let lat = Lattice::up_embedded("embedded-canary", &["h1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    lat.push_versions(dir.path());
+    let port = lat.serve_v1(2).await;
+    let (load, tasks) = Load::start(port, "/", 16);
+    load.settles_on(V1, "version 1 serving").await;
+    let out = lat.cli(&[
+        "rollout",
+        "start",
+        "web",
+        "--to",
+        "2.0.0",
+        "--strategy",
+        "canary",
+        "--steps",
+        "10,100",
+        "--wait",
+    ]);
+    assert!(out.contains("paused"), "{out}");
+    let id = rollout_id(&out);
+    let (share, v2, total) = share_of_v2(&load).await;
+    assert!(
+        (8.0..=12.0).contains(&share),
+        "in process the canary got {share:.2} % ({v2} of {total}), not 10 ± 2"
+    );
+    let out = lat.cli(&["rollout", "promote", &id, "--wait"]);
+    assert!(out.contains("completed"), "{out}");
+    load.settles_on(V2, "version 2 after the canary").await;
+    load.stop(tasks).await;
+    load.assert_no_failure("the canary behind the embedded http-server");
 }

@@ -38,6 +38,16 @@ impl RolloutLattice {
 
     /// Controller replicas `controllers`, hosts `hosts` and an http-server provider.
     pub async fn up_with(name: &str, controllers: &[&str], hosts: &[&str]) -> Self {
+        Self::start(name, controllers, hosts, false).await
+    }
+
+    /// One controller and hosts `hosts`, the first running the `http-server` provider
+    /// embedded in its process.
+    pub async fn up_embedded(name: &str, hosts: &[&str]) -> Self {
+        Self::start(name, &["c1"], hosts, true).await
+    }
+
+    async fn start(name: &str, controllers: &[&str], hosts: &[&str], embedded: bool) -> Self {
         let nats = Nats::start().await;
         let l = lattice(name);
         let controllers = controllers
@@ -45,13 +55,32 @@ impl RolloutLattice {
             .map(|c| ((*c).to_owned(), nats.controller(&l, c, "30s")))
             .collect();
         let mut procs: Vec<Proc> = hosts.iter().map(|h| nats.host(&l, h, &[])).collect();
-        procs.push(nats.provider(&l, "http-server", &[]));
+        if !embedded {
+            procs.push(nats.provider(&l, "http-server", &[]));
+        }
         let lat = RolloutLattice {
             nats,
             l,
             controllers,
             _procs: procs,
         };
+        if embedded {
+            wait_for("the hosts", T, || async {
+                let (code, listed, _) = lat.try_cli(&["host", "ls", "-o", "json"]);
+                let listed: Value = serde_json::from_str(&listed).ok()?;
+                (code == 0 && listed["hosts"].as_array()?.len() == hosts.len()).then_some(())
+            })
+            .await;
+            lat.cli(&[
+                "provider",
+                "start",
+                "http-server",
+                "--embedded",
+                "--host",
+                hosts[0],
+                "--wait",
+            ]);
+        }
         wait_for("the hosts and the provider", T, || async {
             let (code, listed, _) = lat.try_cli(&["host", "ls", "-o", "json"]);
             let (pcode, providers, _) = lat.try_cli(&["provider", "ls", "-o", "json"]);
