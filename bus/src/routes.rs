@@ -5,7 +5,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use tokio::task::JoinHandle;
 use trellis_schemas::dataplane::{self, Op};
-use trellis_schemas::rollout::{Route, Routes};
+use trellis_schemas::rollout::Routes;
 use trellis_schemas::{ComponentName, Lattice, subject};
 
 /// The routes of the lattice's rollouts, kept current by a task that follows the rollout facts.
@@ -58,15 +58,6 @@ impl RouteTable {
         (table, task)
     }
 
-    /// The route of `component`, while a rollout splits its traffic.
-    pub fn route(&self, component: &ComponentName) -> Option<Route> {
-        self.routes
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(component)
-            .cloned()
-    }
-
     /// The digest a request to `component` goes to, chosen by the weights of the rollout in
     /// progress; `None` when no rollout splits its traffic (any version may serve it).
     pub fn pick(&self, component: &ComponentName) -> Option<String> {
@@ -75,21 +66,16 @@ impl RouteTable {
         Some(route.pick(fastrand::u32(0..10_000)).to_owned())
     }
 
-    /// The subject a request `op` to `component` goes to: its chosen version's subject while a
-    /// rollout splits its traffic, the component subject otherwise. Also returns the digest
-    /// chosen.
-    pub fn subject(
+    /// The version a request `op` to `component` goes to while a rollout splits its traffic:
+    /// its digest and that version's subject. `None`: the component subject, any version.
+    pub fn version(
         &self,
         lattice: &Lattice,
         component: &ComponentName,
         op: Op,
-    ) -> (String, Option<String>) {
-        match self.pick(component) {
-            Some(digest) => (
-                dataplane::version(lattice, component, &digest, op),
-                Some(digest),
-            ),
-            None => (dataplane::component(lattice, component, op), None),
-        }
+    ) -> Option<(String, String)> {
+        let digest = self.pick(component)?;
+        let subject = dataplane::version(lattice, component, &digest, op);
+        Some((digest, subject))
     }
 }

@@ -984,14 +984,7 @@ impl Driver {
     /// Sends traffic back to the old version, restores the old instances a rolling rollout
     /// retired, drains the new ones, and records how it ended.
     async fn go_back(&mut self, back: Back) -> Result<(), ErrorBody> {
-        // Instances started by a step that did not finish are known only here.
-        let mine = std::mem::take(&mut self.record.started);
         self.refresh();
-        for id in mine {
-            if !self.record.started.contains(&id) {
-                self.record.started.push(id);
-            }
-        }
         if self.record.weight.is_some() {
             // Traffic first: the routers send everything to the old set from this fact on.
             self.step(Some(0), Vec::new(), Vec::new()).await?;
@@ -1136,8 +1129,6 @@ impl Driver {
             .iter()
             .map(|(_, c)| c.instance_id.clone())
             .collect();
-        // Recorded before anything starts, so that an adopting replica knows them.
-        self.record.started.extend(ids.iter().cloned());
         let state = Arc::clone(&self.state);
         let state = &state;
         let sends = commands

@@ -317,16 +317,15 @@ fn route_call(
     serving: &Arc<Serving>,
     message: async_nats::Message,
 ) {
-    let Some(digest) = ctx.routes.pick(&spec.name) else {
+    let Ok(op) = dataplane::parse_op(&ctx.lattice, message.subject.as_str()) else {
+        return spawn_call(serving, message);
+    };
+    let Some((digest, subject)) = ctx.routes.version(&ctx.lattice, &spec.name, op) else {
         return spawn_call(serving, message);
     };
     if digest == spec.digest {
         return spawn_call(serving, message);
     }
-    let Ok(op) = dataplane::parse_op(&ctx.lattice, message.subject.as_str()) else {
-        return spawn_call(serving, message);
-    };
-    let subject = dataplane::version(&ctx.lattice, &spec.name, &digest, op);
     serving.enter();
     let serving = Arc::clone(serving);
     let client = ctx.client.clone();

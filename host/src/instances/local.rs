@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
+use trellis_bus::RouteTable;
 use trellis_provider_http_server::{LocalFuture, LocalTargets};
 use trellis_schemas::capability::rpc::{HttpMessage, HttpRequestHead};
 use trellis_schemas::{AssignmentTarget, ComponentName, InstanceId};
@@ -12,7 +13,7 @@ use trellis_schemas::{AssignmentTarget, ComponentName, InstanceId};
 use super::call::Serving;
 
 /// The serving periods of this host's instances, by component. Cloning shares them.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct LocalInstances {
     inner: Arc<Inner>,
 }
@@ -20,14 +21,27 @@ pub(crate) struct LocalInstances {
 /// The serving periods of one component's local instances, with the digest each runs.
 type Servings = Vec<(InstanceId, String, Arc<Serving>)>;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     by_component: RwLock<HashMap<ComponentName, Servings>>,
     /// Spreads a component's requests over its local instances.
     next: AtomicUsize,
+    /// The host's rollout routes, shared with an embedded http-server.
+    routes: RouteTable,
 }
 
 impl LocalInstances {
+    /// No instances yet; `routes` is the host's table of rollout routes.
+    pub(crate) fn new(routes: RouteTable) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                by_component: RwLock::default(),
+                next: AtomicUsize::new(0),
+                routes,
+            }),
+        }
+    }
+
     /// Registers a serving period of `instance` (replacing an earlier one).
     pub(crate) fn add(
         &self,
@@ -98,5 +112,9 @@ impl LocalTargets for LocalInstances {
             Some(serving) => Ok(Box::pin(async move { serving.serve_http(request).await })),
             None => Err(request),
         }
+    }
+
+    fn routes(&self) -> Option<RouteTable> {
+        Some(self.inner.routes.clone())
     }
 }

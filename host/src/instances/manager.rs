@@ -129,7 +129,7 @@ impl InstanceManager {
                     lattice,
                     host_id,
                     source,
-                    local: LocalInstances::default(),
+                    local: LocalInstances::new(routes.clone()),
                     routes,
                 }),
                 runtime,

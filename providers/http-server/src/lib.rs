@@ -99,6 +99,12 @@ pub trait LocalTargets: Send + Sync + fmt::Debug + 'static {
         digest: Option<&str>,
         request: HttpMessage<HttpRequestHead>,
     ) -> Result<LocalFuture<'_>, HttpMessage<HttpRequestHead>>;
+
+    /// The rollout routes this process already follows, if any, so that the provider does not
+    /// follow the same facts a second time.
+    fn routes(&self) -> Option<RouteTable> {
+        None
+    }
 }
 
 /// The provider.
@@ -132,7 +138,14 @@ impl Provider for HttpServerProvider {
         let known = Arc::new(KnownComponents::default());
         let follower =
             tokio::spawn(Arc::clone(&known).follow(ctx.client.clone(), ctx.lattice.clone()));
-        let (routes, routes_follower) = RouteTable::follow(&ctx.client, &ctx.lattice);
+        // Embedded, the host's table serves; otherwise this process follows the facts itself.
+        let (routes, routes_follower) = match self.local.as_ref().and_then(|l| l.routes()) {
+            Some(routes) => (routes, None),
+            None => {
+                let (routes, task) = RouteTable::follow(&ctx.client, &ctx.lattice);
+                (routes, Some(task))
+            }
+        };
         let mut changes = ctx.assignments.changes();
         let mut listeners: HashMap<AssignmentId, Listener> = HashMap::new();
         let mut reported: HashSet<AssignmentId> = HashSet::new();
@@ -146,7 +159,9 @@ impl Provider for HttpServerProvider {
             }
         }
         follower.abort();
-        routes_follower.abort();
+        if let Some(task) = routes_follower {
+            task.abort();
+        }
         let tasks: Vec<JoinHandle<()>> = listeners
             .into_values()
             .map(|l| {
@@ -477,10 +492,10 @@ impl Target {
         let head = RequestHead::of(&parts);
         // While a rollout splits the component's traffic, the weights pick a version.
         let version = match &self.target {
-            AssignmentTarget::Component(name) => self.routes.pick(name).map(|digest| {
-                let subject = dataplane::version(&self.lattice, name, &digest, Op::Http);
-                (digest, Subject::from(subject))
-            }),
+            AssignmentTarget::Component(name) => self
+                .routes
+                .version(&self.lattice, name, Op::Http)
+                .map(|(digest, subject)| (digest, Subject::from(subject))),
             AssignmentTarget::Instance(_) => None,
         };
         let digest = version.as_ref().map(|(d, _)| d.as_str());
