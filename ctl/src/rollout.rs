@@ -299,38 +299,59 @@ async fn follow(
         if g.output != Output::Json {
             println!("{:<12} {}", event.kind().verb(), event.summary());
         }
-        let done = match &event.data {
-            FactData::RolloutCompleted(_)
-            | FactData::RolloutAborted(_)
-            | FactData::RolloutRolledBack(_) => true,
-            FactData::RolloutPaused(p) => !through_pauses && p.until.is_none(),
-            _ => false,
+        // The fact itself says how the rollout ended: a controller replica asked next may not
+        // have applied it yet, so the exit code never depends on its answer.
+        let ended = match &event.data {
+            FactData::RolloutCompleted(_) => Some(RolloutStatus::Completed),
+            FactData::RolloutAborted(_) => Some(RolloutStatus::Aborted),
+            FactData::RolloutRolledBack(_) => Some(RolloutStatus::RolledBack),
+            FactData::RolloutPaused(p) if !through_pauses && p.until.is_none() => {
+                Some(RolloutStatus::Paused)
+            }
+            _ => None,
         };
-        if done {
-            break;
+        if let Some(status) = ended {
+            return finish(g, client, id, status).await;
         }
     }
-    let reply = client
-        .request(&RolloutGetRequest {
-            rollout_id: id.clone(),
-            min_seq: None,
-        })
-        .await?;
+}
+
+/// Reports a rollout that reached `status`: the record (once the controller answering has
+/// applied the fact that said so, within a few seconds) and exit code 1 unless it went forward.
+async fn finish(
+    g: &Global,
+    client: &CtlClient,
+    id: &RolloutId,
+    status: RolloutStatus,
+) -> Result<(), Failure> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let record = loop {
+        let reply = client
+            .request(&RolloutGetRequest {
+                rollout_id: id.clone(),
+                min_seq: None,
+            })
+            .await?;
+        if reply.rollout.status == status || tokio::time::Instant::now() >= deadline {
+            break reply.rollout;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     if g.output == Output::Json {
-        print_json(&reply.rollout)?;
-    } else if reply.rollout.status == RolloutStatus::Paused {
+        print_json(&record)?;
+    } else if status == RolloutStatus::Paused {
         println!(
             "paused at step {}; `trellis rollout promote {id}` goes on, `trellis rollout abort {id}` goes back",
-            reply.rollout.step
+            record.step
         );
     }
-    match reply.rollout.status {
+    match status {
         RolloutStatus::Aborted | RolloutStatus::RolledBack => Err(failure(
             1,
             format!(
                 "rollout {id} {}: {}",
-                reply.rollout.status.as_str(),
-                reply.rollout.reason.unwrap_or_default()
+                status.as_str(),
+                record.reason.unwrap_or_default()
             ),
         )),
         _ => Ok(()),
