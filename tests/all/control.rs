@@ -8,7 +8,8 @@ use trellis_schemas::control::HostListRequest;
 use trellis_schemas::{CtlOp, ErrorCode, subject};
 use trellis_tests::{Nats, lattice, wait_for};
 
-const T: Duration = Duration::from_secs(20);
+/// Generous: the machine is small and shared by every test of the suite at once.
+const T: Duration = Duration::from_secs(60);
 
 const COUNTER_MANIFEST: &str = "[component]\nname = \"counter\"\nversion = \"1.0.0\"\n[limits]\nmax_memory = \"16MiB\"\nfuel = 1000000\ntimeout = \"1s\"\nmax_concurrency = 16\n";
 
