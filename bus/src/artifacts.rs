@@ -1,6 +1,9 @@
 //! The artifact store: components' `.wasm` files in a JetStream object store bucket, named by the
 //! hex SHA-256 of their bytes (content addressing).
 
+use std::collections::BTreeSet;
+use std::sync::{Mutex, PoisonError};
+
 use async_nats::jetstream::{self, object_store};
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
@@ -59,18 +62,33 @@ pub fn digest_hex(digest: &str) -> Result<&str, ArtifactError> {
     }
 }
 
-/// The lattice's artifact bucket, created if missing.
+/// The lattice's artifact bucket, created if missing with [`crate::replicas`] replicas; an
+/// existing one is brought to that count the first time a process opens it.
 pub async fn artifact_store(
     js: &jetstream::Context,
     lattice: &Lattice,
 ) -> Result<object_store::ObjectStore, ArtifactError> {
+    static CHECKED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
     let bucket = subject::artifact_bucket(lattice);
+    let replicas = crate::replicas(js, None).await;
     match js.get_object_store(&bucket).await {
-        Ok(store) => Ok(store),
+        Ok(store) => {
+            let first = CHECKED
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(format!("{bucket}/{}", replicas.count));
+            if first
+                && let Err(e) = crate::ensure_replicas(js, &format!("OBJ_{bucket}"), replicas).await
+            {
+                tracing::warn!(%bucket, error = %e, "cannot change the artifact bucket's replicas");
+            }
+            Ok(store)
+        }
         Err(_) => {
             let config = object_store::Config {
                 bucket: bucket.clone(),
                 description: Some(format!("Trellis components of lattice {lattice}")),
+                num_replicas: replicas.count,
                 ..Default::default()
             };
             match js.create_object_store(config).await {

@@ -13,7 +13,9 @@ pub struct ConnectError {
     pub source: async_nats::ConnectError,
 }
 
-/// Connects to NATS as `name` (shown by the server's monitoring).
+/// Connects to NATS as `name` (shown by the server's monitoring). `url` may list several
+/// servers of a cluster separated by commas (`nats://a:4222,nats://b:4222`); the client picks one
+/// and, after losing it, tries the others and those the cluster told it about.
 ///
 /// The client reconnects forever after a disconnection, with a capped backoff, and logs every
 /// connection event. When `wait` is true the first connection is retried too (a process started
@@ -41,8 +43,16 @@ pub async fn connect(url: &str, name: &str, wait: bool) -> Result<Client, Connec
     if wait {
         options = options.retry_on_initial_connect();
     }
-    options.connect(url).await.map_err(|source| ConnectError {
-        url: url.to_owned(),
-        source,
-    })
+    let servers: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    options
+        .connect(servers)
+        .await
+        .map_err(|source| ConnectError {
+            url: url.to_owned(),
+            source,
+        })
 }

@@ -46,7 +46,10 @@ pub use publisher::{FactPublisher, PublishError, publish_exclusive};
 pub use reader::{FactStream, Followed, RawFact, ReadError, StartAt, count_messages, follow};
 pub use routes::RouteTable;
 pub use signal::{init_logging, shutdown_signal};
-pub use streams::{StreamError, StreamSettings, ensure_streams, events_stream_state};
+pub use streams::{
+    REPLICAS_ENV, Replicas, StreamError, StreamSettings, ensure_replicas, ensure_streams,
+    events_stream_state, replicas,
+};
 
 pub use async_nats;
 

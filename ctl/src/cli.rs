@@ -97,6 +97,10 @@ struct ControllerArgs {
     /// This replica's id (default: a fresh ULID).
     #[arg(long, env = "TRELLIS_REPLICA_ID")]
     replica_id: Option<String>,
+    /// Replicas of the lattice's streams (created or updated to this count; 1..=5). Default: 3
+    /// when the NATS server belongs to a cluster of three or more servers, else 1.
+    #[arg(long, env = "TRELLIS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
+    replicas: Option<u8>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -221,6 +225,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Controller(args) => {
             let mut config = ControllerConfig::new(g.url(), g.lattice.clone());
             config.host_timeout = args.host_timeout;
+            config.streams.replicas = args.replicas.map(usize::from);
             if let Some(id) = args.replica_id {
                 config.replica_id = id;
             }

@@ -434,7 +434,7 @@ async fn start_and_wait(
                 .await
                 .map_err(|f| {
                     fail(format!(
-                        "{}; install nats-server (Debian: apt-get install nats-server) or pass --nats <url>",
+                        "{}; run scripts/up, which installs the nats-server Trellis pins, or pass --nats-server PATH or --nats <url>",
                         f.message
                     ))
                 })?;

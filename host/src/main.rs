@@ -58,6 +58,10 @@ struct Args {
     /// heartbeats. Only node existence goes there; the lattice itself needs nothing but NATS.
     #[arg(long, env = "TRELLIS_REGISTRY")]
     registry: Option<String>,
+    /// Replicas of the lattice's streams, should this host be the first to create them (1..=5).
+    /// Default: 3 when the NATS server belongs to a cluster of three or more servers, else 1.
+    #[arg(long, env = "TRELLIS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
+    replicas: Option<u8>,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -108,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
         .max_concurrency(args.max_concurrency)
         .pooling_instances(args.pooling_instances);
     config.registry = args.registry;
+    config.streams.replicas = args.replicas.map(usize::from);
     if let Some(dir) = args.cache_dir {
         config.runtime.cache_dir(dir);
     }

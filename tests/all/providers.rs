@@ -41,7 +41,11 @@ struct Env {
 
 impl Env {
     async fn start(name: &str) -> Self {
-        let nats = Nats::start().await;
+        Self::on(Nats::start().await, name).await
+    }
+
+    /// The same, on a server already running (a cluster's member, say).
+    async fn on(nats: Nats, name: &str) -> Self {
         let l = lattice(name);
         let controller = nats.controller(&l, "c", "30s");
         let ctl = nats.ctl(&l).await;
@@ -975,4 +979,89 @@ async fn a_draining_provider_answers_the_calls_it_took() {
             _ => None,
         });
     assert_eq!(reason.as_deref(), Some("signal: SIGTERM"));
+}
+
+/// The replica count of a stream.
+async fn replicas_of(js: &async_nats::jetstream::Context, stream: &str) -> usize {
+    let mut handle = js.get_stream(stream).await.unwrap();
+    handle.info().await.unwrap().config.num_replicas
+}
+
+#[tokio::test]
+async fn a_three_server_cluster_gets_three_replicas_of_everything_trellis_keeps() {
+    let mut servers = Nats::cluster(3).await;
+    let l = lattice("r3");
+    let js = async_nats::jetstream::new(servers[1].client().await);
+    let events = subject::events_stream(&l);
+    let heartbeats = subject::heartbeat_stream(&l);
+    // What an earlier process created with one replica, as before the cluster grew: the fact
+    // streams and a bucket's stream.
+    let one = trellis_bus::StreamSettings {
+        replicas: Some(1),
+        ..Default::default()
+    };
+    trellis_bus::ensure_streams(&js, &l, &one).await.unwrap();
+    assert_eq!(replicas_of(&js, &events).await, 1);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "KV_old".into(),
+        subjects: vec!["$KV.old.>".into()],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        allow_direct: true,
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // The controller, told nothing, sees a cluster of three and raises the streams to three.
+    let env = Env::on(servers.remove(0), "r3").await;
+    for stream in [&events, &heartbeats] {
+        assert_eq!(replicas_of(&js, stream).await, 3, "{stream}");
+    }
+    // The kv provider raises the old bucket's stream and creates a new one with three.
+    let (_kv, _) = env.provider("kv", &[]).await;
+    for (component_name, bucket) in [("cold", "old"), ("cfresh", "fresh")] {
+        let grant = env
+            .grant(
+                component(component_name),
+                Capability::KeyValue,
+                &[("bucket", bucket)],
+            )
+            .await;
+        let caller = ("i-".to_owned() + component_name, component_name);
+        // While JetStream moves a bucket to its new replicas, writes may briefly answer
+        // `unavailable` (the documented transient code); they succeed once it has.
+        wait_for(&format!("a write to bucket {bucket}"), T, || async {
+            env.kv(
+                (caller.0.as_str(), caller.1),
+                Some(grant.seq),
+                &set("k", b"v"),
+            )
+            .await
+            .map_err(|(code, message)| {
+                assert_eq!(code, "unavailable", "{message}");
+            })
+            .ok()
+        })
+        .await;
+        assert_eq!(
+            replicas_of(&js, &format!("KV_{bucket}")).await,
+            3,
+            "bucket {bucket}"
+        );
+    }
+    // The artifact store, created on the first push.
+    trellis_bus::put_artifact(&js, &l, b"not really wasm")
+        .await
+        .unwrap();
+    assert_eq!(
+        replicas_of(&js, &format!("OBJ_{}", subject::artifact_bucket(&l))).await,
+        3
+    );
+
+    // An explicit count wins, in both directions: an operator may lower it again.
+    trellis_bus::ensure_streams(&js, &l, &one).await.unwrap();
+    assert_eq!(replicas_of(&js, &events).await, 1);
+    drop(servers);
 }

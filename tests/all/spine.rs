@@ -401,3 +401,28 @@ async fn min_seq_reads_your_own_writes_or_says_not_ready() {
         .expect_err("a sequence that never comes");
     assert_eq!(err.code(), Some(ErrorCode::NotReady));
 }
+
+#[tokio::test]
+async fn the_suite_runs_a_current_nats_server() {
+    // scripts/prereqs.sh installs the pinned upstream build (2.12 or newer); only where PyPI
+    // could not be reached does it fall back to Debian's 2.9 and say so in TRELLIS_NATS_FALLBACK.
+    let minimum = if std::env::var_os("TRELLIS_NATS_FALLBACK").is_some() {
+        (2, 9)
+    } else {
+        (2, 12)
+    };
+    let nats = Nats::start().await;
+    let version = nats.client().await.server_info().version;
+    let mut parts = version.split('.').map(|p| p.parse::<u32>());
+    let found = match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor),
+        _ => panic!("nats-server reported an unreadable version {version:?}"),
+    };
+    assert!(
+        found >= minimum,
+        "nats-server {version} is older than {}.{}: run the suite with scripts/test, which \
+         installs the pinned one, or point TRELLIS_NATS_SERVER at it",
+        minimum.0,
+        minimum.1
+    );
+}

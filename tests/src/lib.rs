@@ -191,11 +191,70 @@ pub struct Nats {
     pub port: u16,
     dir: tempfile::TempDir,
     proc: Option<Proc>,
+    /// Arguments beyond the listen address and JetStream store (a cluster member's).
+    extra: Vec<String>,
+    /// The URLs of the other members of its cluster, if it is in one.
+    peers: Vec<String>,
 }
 
 impl Nats {
     /// Starts a server and waits until it accepts connections.
     pub async fn start() -> Self {
+        let mut nats = Self::prepare(Vec::new());
+        nats.launch().await;
+        nats
+    }
+
+    /// Starts `size` servers on loopback routed into one JetStream cluster and waits until the
+    /// cluster can place a stream with `size` replicas.
+    pub async fn cluster(size: usize) -> Vec<Self> {
+        let routes: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let route_urls = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers = Vec::with_capacity(size);
+        for (i, route) in routes.iter().enumerate() {
+            let mut nats = Self::prepare(vec![
+                "-n".into(),
+                format!("n{i}"),
+                "--cluster_name".into(),
+                "trellis-test".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{route}"),
+                "--routes".into(),
+                route_urls.clone(),
+            ]);
+            nats.launch().await;
+            servers.push(nats);
+        }
+        let urls: Vec<String> = servers.iter().map(Self::url).collect();
+        for nats in &mut servers {
+            let own = nats.url();
+            nats.peers = urls.iter().filter(|u| **u != own).cloned().collect();
+        }
+        let js = async_nats::jetstream::new(servers[0].client().await);
+        wait_for(
+            "the JetStream cluster to place a replicated stream",
+            Duration::from_secs(30),
+            || async {
+                let probe = async_nats::jetstream::stream::Config {
+                    name: "CLUSTER_PROBE".into(),
+                    subjects: vec!["cluster-probe".into()],
+                    num_replicas: size,
+                    storage: async_nats::jetstream::stream::StorageType::Memory,
+                    ..Default::default()
+                };
+                js.create_stream(probe).await.ok()?;
+                js.delete_stream("CLUSTER_PROBE").await.ok().map(|_| ())
+            },
+        )
+        .await;
+        servers
+    }
+
+    fn prepare(extra: Vec<String>) -> Self {
         let mut dir = tempfile::Builder::new()
             .prefix("trellis-test-")
             .tempdir()
@@ -205,13 +264,13 @@ impl Nats {
             dir.disable_cleanup(true);
             eprintln!("logs kept in {}", dir.path().display());
         }
-        let mut nats = Self {
+        Self {
             port: free_port(),
             dir,
             proc: None,
-        };
-        nats.launch().await;
-        nats
+            extra,
+            peers: Vec::new(),
+        }
     }
 
     fn server_binary() -> PathBuf {
@@ -221,7 +280,7 @@ impl Nats {
     }
 
     async fn launch(&mut self) {
-        let args: Vec<String> = vec![
+        let args: Vec<String> = [
             "-a".into(),
             "127.0.0.1".into(),
             "-p".into(),
@@ -229,7 +288,10 @@ impl Nats {
             "-js".into(),
             "-sd".into(),
             self.dir.path().join("js").display().to_string(),
-        ];
+        ]
+        .into_iter()
+        .chain(self.extra.iter().cloned())
+        .collect();
         self.proc = Some(Proc::spawn(
             "nats",
             &Self::server_binary(),
@@ -253,6 +315,20 @@ impl Nats {
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The URL the processes this server starts are given: its own, then those of the other
+    /// members of its cluster, comma-separated.
+    pub fn connect_url(&self) -> String {
+        std::iter::once(self.url())
+            .chain(self.peers.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The process id of the server, while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.proc.as_ref().map(Proc::pid)
     }
 
     /// A directory for the logs of processes of this test.
@@ -291,7 +367,7 @@ impl Nats {
     pub fn controller(&self, lattice: &Lattice, replica: &str, host_timeout: &str) -> Proc {
         let args: Vec<String> = vec![
             "--nats".into(),
-            self.url(),
+            self.connect_url(),
             "--lattice".into(),
             lattice.to_string(),
             "controller".into(),
@@ -312,7 +388,7 @@ impl Nats {
     pub fn host(&self, lattice: &Lattice, host_id: &str, labels: &[&str]) -> Proc {
         let mut args: Vec<String> = vec![
             "--nats".into(),
-            self.url(),
+            self.connect_url(),
             "--lattice".into(),
             lattice.to_string(),
             "--host-id".into(),
@@ -337,7 +413,7 @@ impl Nats {
     pub fn provider(&self, lattice: &Lattice, name: &str, args: &[&str]) -> Proc {
         let mut all: Vec<String> = vec![
             "--nats".into(),
-            self.url(),
+            self.connect_url(),
             "--lattice".into(),
             lattice.to_string(),
         ];

@@ -64,13 +64,28 @@ impl KvProvider {
         {
             return Ok(store.clone());
         }
+        let replicas = trellis_bus::replicas(&self.ctx.js, None).await;
         let store = match self.ctx.js.get_key_value(bucket).await {
-            Ok(store) => store,
+            Ok(store) => {
+                // A bucket created with another replica count (before the cluster grew, say)
+                // is brought to the one this lattice uses, once per process.
+                if let Err(e) =
+                    trellis_bus::ensure_replicas(&self.ctx.js, &format!("KV_{bucket}"), replicas)
+                        .await
+                {
+                    tracing::warn!(%bucket, error = %e, "cannot change the bucket's replicas");
+                }
+                store
+            }
             Err(_) => {
                 // The bucket's stream is created directly: the client's own bucket creation
                 // first asks for account information, which older servers answer in a shape it
                 // cannot read.
-                let created = self.ctx.js.create_stream(bucket_stream(bucket)).await;
+                let created = self
+                    .ctx
+                    .js
+                    .create_stream(bucket_stream(bucket, replicas))
+                    .await;
                 match created {
                     Ok(_) => {
                         tracing::info!(%bucket, "bucket created");
@@ -257,8 +272,8 @@ impl Provider for KvProvider {
 }
 
 /// The stream behind a bucket, configured as JetStream KV buckets are: one revision per key,
-/// rollups allowed, direct gets.
-fn bucket_stream(bucket: &str) -> stream::Config {
+/// rollups allowed, direct gets, `replicas` replicas.
+fn bucket_stream(bucket: &str, replicas: trellis_bus::Replicas) -> stream::Config {
     stream::Config {
         name: format!("KV_{bucket}"),
         description: Some("Trellis wasi:keyvalue bucket".to_owned()),
@@ -268,7 +283,7 @@ fn bucket_stream(bucket: &str) -> stream::Config {
         deny_delete: true,
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
-        num_replicas: 1,
+        num_replicas: replicas.count,
         duplicate_window: std::time::Duration::from_secs(120),
         storage: stream::StorageType::File,
         ..Default::default()
