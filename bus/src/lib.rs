@@ -9,7 +9,8 @@
 //! - [`FactPublisher`]: publishes facts in order, each with `Nats-Msg-Id` = event id, retrying
 //!   until JetStream acknowledges; facts queue (bounded) while NATS is away.
 //! - [`publish_exclusive`]: publishes a fact only if the subject's last sequence is what the
-//!   caller expects, so that of several replicas deciding the same thing only one fact is stored.
+//!   caller expects, so that of several replicas deciding the same thing only one fact is stored;
+//!   [`publish_at_tip`] only if nothing at all was stored since the caller's read.
 //! - [`FactStream`]: reads facts in stream order with an ordered consumer, from the start or live.
 //! - [`put_artifact`], [`fetch_artifact`]: components in the content-addressed artifact store.
 //! - [`dataplane`]: the data-plane codec every caller and server of calls, HTTP and capability
@@ -42,7 +43,7 @@ pub use artifacts::{
 };
 pub use child::spawn_tied;
 pub use connect::{ConnectError, connect};
-pub use publisher::{FactPublisher, PublishError, publish_exclusive};
+pub use publisher::{FactPublisher, PublishError, publish_at_tip, publish_exclusive};
 pub use reader::{FactStream, Followed, RawFact, ReadError, StartAt, count_messages, follow};
 pub use routes::RouteTable;
 pub use signal::{init_logging, shutdown_signal};

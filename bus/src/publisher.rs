@@ -1,4 +1,4 @@
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
@@ -30,6 +30,15 @@ pub enum PublishError {
     #[error("no acknowledgement from JetStream within {0:?}")]
     Timeout(Duration),
 }
+
+/// How long the fact stream must keep answering "not found" before it is recreated: longer than
+/// a JetStream cluster takes to elect a new leader for it.
+const MISSING_GRACE: Duration = Duration::from_secs(3);
+/// The longest pause between two attempts to store a fact: short, so that a fact waits little
+/// longer than the outage (or leader election) it waits out.
+const RETRY_CAP: Duration = Duration::from_millis(500);
+/// At most one attempt to recreate the stream per this interval, each bounded by it.
+const RECREATE_EVERY: Duration = Duration::from_secs(5);
 
 struct Job {
     subject: String,
@@ -122,8 +131,13 @@ async fn run(
     settings: StreamSettings,
     mut rx: mpsc::Receiver<Job>,
 ) {
+    // When the stream was last found missing and recreated: in a cluster, a stream without a
+    // leader (an election after a server died) has no responders, which reads as "not found"
+    // too, and trying to recreate it then only blocks on a JetStream API that cannot answer.
+    let mut last_recreate: Option<Instant> = None;
     while let Some(job) = rx.recv().await {
         let mut attempt: u32 = 0;
+        let mut missing_since: Option<Instant> = None;
         let result = loop {
             let publish = PublishMessage::build()
                 .payload(job.payload.clone())
@@ -145,16 +159,35 @@ async fn run(
                     break Err(PublishError::Rejected(error.to_string()));
                 }
                 PublishErrorKind::StreamNotFound => {
-                    // The stream was deleted, or NATS came back without its JetStream state.
-                    tracing::warn!("fact stream missing; recreating it");
-                    if let Err(e) = ensure_streams(&js, &lattice, &settings).await {
-                        tracing::warn!(error = %e, "cannot recreate the fact stream");
+                    // The stream was deleted, NATS came back without its JetStream state, or
+                    // (the common case in a cluster) the stream is electing a leader. Only a
+                    // stream missing for longer than an election takes is recreated.
+                    let since = *missing_since.get_or_insert_with(Instant::now);
+                    let due = last_recreate.is_none_or(|t| t.elapsed() >= RECREATE_EVERY);
+                    if since.elapsed() >= MISSING_GRACE && due {
+                        last_recreate = Some(Instant::now());
+                        tracing::warn!(
+                            missing_for = ?since.elapsed(),
+                            "fact stream missing; recreating it"
+                        );
+                        match tokio::time::timeout(
+                            RECREATE_EVERY,
+                            ensure_streams(&js, &lattice, &settings),
+                        )
+                        .await
+                        {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = %e, "cannot recreate the fact stream")
+                            }
+                            Err(_) => tracing::warn!("recreating the fact stream timed out"),
+                        }
                     }
                 }
-                _ => {}
+                _ => missing_since = None,
             }
             attempt = attempt.saturating_add(1);
-            let delay = Duration::from_millis(50u64 << attempt.min(5)).min(Duration::from_secs(2));
+            let delay = Duration::from_millis(50u64 << attempt.min(4)).min(RETRY_CAP);
             if attempt == 1 || attempt.is_multiple_of(10) {
                 tracing::warn!(subject = %job.subject, attempt, error = %error, "fact not stored yet; retrying");
             }
@@ -181,16 +214,53 @@ pub async fn publish_exclusive(
     event: &Event,
     expected_last_subject_seq: u64,
 ) -> Result<Option<u64>, PublishError> {
+    publish_expecting(
+        js,
+        lattice,
+        event,
+        "Nats-Expected-Last-Subject-Sequence",
+        expected_last_subject_seq,
+    )
+    .await
+}
+
+/// Publishes `event` only if the stream's last message has sequence `expected_last_seq`: nothing
+/// at all was stored since the caller read the stream up to there, so a decision taken on that
+/// state still holds. Returns as [`publish_exclusive`] does.
+pub async fn publish_at_tip(
+    js: &jetstream::Context,
+    lattice: &Lattice,
+    event: &Event,
+    expected_last_seq: u64,
+) -> Result<Option<u64>, PublishError> {
+    publish_expecting(
+        js,
+        lattice,
+        event,
+        "Nats-Expected-Last-Sequence",
+        expected_last_seq,
+    )
+    .await
+}
+
+/// How many times a conditional publish is retried while JetStream is unreachable or electing a
+/// leader for the stream (about 3.5 s in all).
+const CONDITIONAL_ATTEMPTS: u32 = 10;
+
+async fn publish_expecting(
+    js: &jetstream::Context,
+    lattice: &Lattice,
+    event: &Event,
+    header: &'static str,
+    expected: u64,
+) -> Result<Option<u64>, PublishError> {
     let payload = Bytes::from(event.encode()?);
     let subject = event.nats_subject(lattice);
     let mut attempt: u32 = 0;
     loop {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
-        headers.insert(
-            "Nats-Expected-Last-Subject-Sequence",
-            expected_last_subject_seq.to_string().as_str(),
-        );
+        headers.insert(header, expected.to_string().as_str());
         let error = match js
             .publish_with_headers(subject.clone(), headers, payload.clone())
             .await
@@ -203,9 +273,16 @@ pub async fn publish_exclusive(
         };
         match error.kind() {
             PublishErrorKind::WrongLastSequence => return Ok(None),
-            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe if attempt < 5 => {
+            // The same message id makes a retry of a stored fact a duplicate, which JetStream
+            // acknowledges with the first sequence before it looks at the expectation.
+            PublishErrorKind::TimedOut
+            | PublishErrorKind::BrokenPipe
+            | PublishErrorKind::StreamNotFound
+                if attempt < CONDITIONAL_ATTEMPTS =>
+            {
                 attempt += 1;
-                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                let delay = Duration::from_millis(100 * u64::from(attempt)).min(RETRY_CAP);
+                tokio::time::sleep(delay).await;
             }
             _ => return Err(PublishError::Rejected(error.to_string())),
         }

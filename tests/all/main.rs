@@ -7,6 +7,7 @@ mod control;
 mod http_status;
 mod instances;
 mod lifecycle;
+mod nats_cluster;
 mod protocol;
 mod providers;
 mod registry;

@@ -92,19 +92,64 @@ pub(crate) async fn record(
     state.publish(&event).await
 }
 
+/// How many times a grant is validated again because another fact was stored between the
+/// replica's read of the stream and its grant.
+const GRANT_ATTEMPTS: usize = 20;
+
+/// Grants at most one assignment per target and capability, even when two replicas are asked at
+/// once or a client retries a grant whose reply it lost: the grant is checked against the
+/// projection at the stream's tip and stored only if the stream is still at that tip.
 pub(crate) async fn grant(
     state: &State,
     request: AssignmentGrantRequest,
 ) -> Result<AssignmentGrantReply, ErrorBody> {
-    let assignment = {
-        let projection = state.projection();
-        validate(&projection, &request.target, &request.grant(), true)?
-    };
-    let seq = record(state, &assignment, None).await?;
-    state
-        .wait_until_applied_for(seq, state.config.min_seq_wait)
-        .await;
-    Ok(AssignmentGrantReply { assignment, seq })
+    let unavailable = |e: String| ErrorBody::new(ErrorCode::Unavailable, e);
+    for _ in 0..GRANT_ATTEMPTS {
+        let tip = trellis_bus::events_stream_state(&state.js, &state.config.lattice)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let read_to = if tip.messages == 0 {
+            0
+        } else {
+            tip.last_sequence
+        };
+        if !state
+            .wait_until_applied_for(read_to, state.config.min_seq_wait)
+            .await
+        {
+            return Err(ErrorBody::new(
+                ErrorCode::NotReady,
+                format!(
+                    "this controller has not yet applied facts up to sequence {read_to}; retry later"
+                ),
+            ));
+        }
+        let assignment = {
+            let projection = state.projection();
+            validate(&projection, &request.target, &request.grant(), true)?
+        };
+        let event = Event::new(
+            state.source.clone(),
+            FactData::AssignmentGranted(assignment.clone()),
+        );
+        let stored = trellis_bus::publish_at_tip(
+            &state.js,
+            &state.config.lattice,
+            &event,
+            tip.last_sequence,
+        )
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+        if let Some(seq) = stored {
+            state
+                .wait_until_applied_for(seq, state.config.min_seq_wait)
+                .await;
+            return Ok(AssignmentGrantReply { assignment, seq });
+        }
+    }
+    Err(unavailable(format!(
+        "the fact stream kept moving while the grant was checked ({GRANT_ATTEMPTS} attempts); retry"
+    )))
 }
 
 pub(crate) async fn revoke(

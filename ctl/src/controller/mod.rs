@@ -126,7 +126,13 @@ pub async fn run(
     )
     .await?;
     let (tx, rx) = mpsc::channel::<RawFact>(8192);
-    let reader = tokio::spawn(read_facts(facts, tx));
+    let reopen = Reopen {
+        client: client.clone(),
+        js: js.clone(),
+        stream: subject::events_stream(&config.lattice),
+        state: state.clone(),
+    };
+    let reader = tokio::spawn(read_facts(facts, tx, Some(reopen)));
     let folder = tokio::spawn(state::fold_facts(state.clone(), rx));
     state.wait_until_applied(tip_seq).await;
     let stats = ReplayStats {
@@ -193,18 +199,76 @@ pub async fn run(
     Ok(())
 }
 
-async fn read_facts(mut facts: FactStream, tx: mpsc::Sender<RawFact>) {
-    while let Some(message) = facts.next().await {
-        match message {
-            Ok(raw) => {
-                if tx.send(raw).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "fact stream"),
+/// What the live fact reader needs to replace its consumer.
+struct Reopen {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: String,
+    state: Arc<State>,
+}
+
+impl Reopen {
+    /// Waits until the replica has waited [`state::READER_STALL`] for a fact.
+    async fn stalled(reopen: Option<&Self>) {
+        match reopen {
+            Some(r) => r.state.reader_stalled.notified().await,
+            None => std::future::pending().await,
         }
     }
-    tracing::warn!("fact stream ended");
+}
+
+/// Forwards the stream's messages in order, each once. With `reopen`, a reader that has been
+/// quiet for [`state::READER_STALL`] while the replica waits for a fact it knows was stored (its
+/// consumer lived on a NATS server that died), or that ended, is replaced by a new one starting
+/// after the last message forwarded; the ordered consumer would notice the loss only later.
+async fn read_facts(mut facts: FactStream, tx: mpsc::Sender<RawFact>, reopen: Option<Reopen>) {
+    let mut last_seq = 0u64;
+    let mut last_delivery = Instant::now();
+    loop {
+        let replace = tokio::select! {
+            message = facts.next() => match message {
+                Some(Ok(raw)) => {
+                    last_delivery = Instant::now();
+                    if raw.seq <= last_seq {
+                        continue;
+                    }
+                    last_seq = raw.seq;
+                    if tx.send(raw).await.is_err() {
+                        return;
+                    }
+                    false
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "fact stream");
+                    false
+                }
+                None => {
+                    tracing::warn!("fact stream ended");
+                    true
+                }
+            },
+            () = Reopen::stalled(reopen.as_ref()) => last_delivery.elapsed() >= state::READER_STALL,
+        };
+        if !replace {
+            continue;
+        }
+        let Some(r) = &reopen else { return };
+        let from = last_seq + 1;
+        match FactStream::open(&r.client, &r.js, &r.stream, None, StartAt::Sequence(from)).await {
+            Ok(fresh) => {
+                tracing::info!(
+                    from,
+                    "fact reader went quiet while a fact was awaited; reopened it"
+                );
+                facts = fresh;
+                last_delivery = Instant::now();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reopen the fact reader; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 }
 
 /// Reads the last heartbeat the stream kept of every host (bounded to 2 s).
@@ -270,7 +334,7 @@ pub async fn replay_once(
     )
     .await?;
     let (tx, mut rx) = mpsc::channel::<RawFact>(8192);
-    let reader = tokio::spawn(read_facts(facts, tx));
+    let reader = tokio::spawn(read_facts(facts, tx, None));
     let mut applied = 0u64;
     let mut batch = Vec::with_capacity(512);
     while rx.recv_many(&mut batch, 512).await > 0 {

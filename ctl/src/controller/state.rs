@@ -58,7 +58,14 @@ pub(crate) struct State {
     drive_rx: Mutex<Option<mpsc::UnboundedReceiver<trellis_schemas::RolloutId>>>,
     /// Rollouts this replica drives now.
     driving: Mutex<std::collections::HashSet<trellis_schemas::RolloutId>>,
+    /// Signalled when a wait for a fact has lasted [`READER_STALL`]: the fact reader may have
+    /// lost its consumer (its NATS server died) and reopens if it has been quiet that long.
+    pub reader_stalled: tokio::sync::Notify,
 }
+
+/// How long a wait for a fact goes before the reader is asked to check that it is still fed. An
+/// ordered consumer that lost its server notices only after two missed idle heartbeats (10 s).
+pub(crate) const READER_STALL: Duration = Duration::from_secs(1);
 
 impl State {
     pub fn new(config: ControllerConfig, client: async_nats::Client) -> Self {
@@ -90,6 +97,7 @@ impl State {
             drive,
             drive_rx: Mutex::new(Some(drive_rx)),
             driving: Mutex::default(),
+            reader_stalled: tokio::sync::Notify::new(),
         }
     }
 
@@ -195,7 +203,12 @@ impl State {
             return;
         }
         let mut rx = self.as_of.subscribe();
-        let _ = rx.wait_for(|applied| *applied >= seq).await;
+        loop {
+            match tokio::time::timeout(READER_STALL, rx.wait_for(|applied| *applied >= seq)).await {
+                Ok(_) => return,
+                Err(_) => self.reader_stalled.notify_one(),
+            }
+        }
     }
 
     /// Like [`State::wait_until_applied`], bounded by `timeout`; returns whether it got there.
