@@ -1,6 +1,6 @@
-//! A three-server JetStream cluster on loopback: the lattice's streams are replicated, and the
-//! loss of the server that leads the fact stream loses no fact, stores none twice and stops
-//! control requests only for the few seconds the cluster takes to elect a new leader.
+//! A three-server JetStream cluster on loopback: the loss of the server that leads the fact
+//! stream loses no fact, stores none twice and stops control requests only for the seconds the
+//! cluster takes to elect a new leader; a rolling restart of every server fails no HTTP request.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use trellis_schemas::{
     AssignmentTarget, Capability, ComponentName, ErrorCode, FactData, FactKind, HostStatus,
     Lattice, Projection, apply, subject,
 };
+use trellis_tests::rollout::{Load, RolloutLattice, V1};
 use trellis_tests::{Nats, facts_at, lattice, wait_for};
 
 const T: Duration = Duration::from_secs(60);
@@ -228,4 +229,63 @@ async fn losing_the_fact_streams_leader_loses_no_fact_and_stores_none_twice() {
             .then_some(())
     })
     .await;
+}
+
+/// Waits until every replica of `stream` is current again and `server` (restarted) is among
+/// them, heard from within the last second.
+async fn replicas_current(js: &async_nats::jetstream::Context, stream: &str, server: &str) {
+    wait_for(&format!("{server} current on {stream}"), T, || async {
+        let info = js.get_stream(stream).await.ok()?.info().await.ok()?.clone();
+        let cluster = info.cluster?;
+        let leader = cluster.leader.as_deref()?;
+        let all_current = cluster.replicas.len() == 2
+            && cluster.replicas.iter().all(|r| r.current && !r.offline);
+        let back = leader == server
+            || cluster
+                .replicas
+                .iter()
+                .any(|r| r.name == server && r.active < Duration::from_secs(1));
+        (all_current && back).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_of_every_nats_server_fails_no_http_request() {
+    let mut lat = RolloutLattice::up_on_cluster("rolling", &["h1", "h2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    lat.push_versions(dir.path());
+    let port = lat.serve_v1(2).await;
+    let (load, tasks) = Load::start(port, "/", 8);
+    load.settles_on(V1, "version 1 serving").await;
+    let js = async_nats::jetstream::new(lat.nats.client().await);
+    let events = subject::events_stream(&lat.l);
+
+    // One server after the other, as an upgrade does: stop it gracefully, start it again, wait
+    // until it has caught up, then the next.
+    for i in 0..3 {
+        let before = load.counts().0;
+        let server = if i == 0 {
+            &mut lat.nats
+        } else {
+            &mut lat.others[i - 1]
+        };
+        let started = Instant::now();
+        server.graceful_restart().await;
+        replicas_current(&js, &events, &format!("n{i}")).await;
+        let served = load.counts().0 - before;
+        eprintln!(
+            "server {i} restarted and caught up in {:?}; {served} requests served meanwhile",
+            started.elapsed()
+        );
+        assert!(served > 0, "nothing was served while server {i} restarted");
+        load.assert_no_failure(&format!("the restart of server {i}"));
+    }
+    load.settles_on(V1, "version 1 after the rolling restart")
+        .await;
+    load.stop(tasks).await;
+    load.assert_no_failure("a rolling restart of the NATS cluster");
+    // The control plane answers again, and still knows both hosts.
+    let hosts = lat.json(&["host", "ls"]);
+    assert_eq!(hosts["hosts"].as_array().unwrap().len(), 2, "{hosts}");
 }

@@ -216,7 +216,8 @@ impl Nats {
             .join(",");
         let mut servers = Vec::with_capacity(size);
         for (i, route) in routes.iter().enumerate() {
-            let mut nats = Self::prepare(vec![
+            let mut nats = Self::prepare(Vec::new());
+            nats.extra = vec![
                 "-n".into(),
                 format!("n{i}"),
                 "--cluster_name".into(),
@@ -225,7 +226,7 @@ impl Nats {
                 format!("nats://127.0.0.1:{route}"),
                 "--routes".into(),
                 route_urls.clone(),
-            ]);
+            ];
             nats.launch().await;
             servers.push(nats);
         }
@@ -349,6 +350,19 @@ impl Nats {
         self.launch().await;
     }
 
+    /// Stops the server gracefully (SIGTERM: it steps down from what it leads in the cluster and
+    /// closes its clients, which move to other servers), and starts it again on the same port
+    /// with the same store, as an upgrade does. Lame duck mode would also spread the clients'
+    /// moves out, but over at least 30 s.
+    pub async fn graceful_restart(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            p.signal(Signal::SIGTERM);
+            let _ = p.wait_exit(Duration::from_secs(30)).await;
+        }
+        self.proc = None;
+        self.launch().await;
+    }
+
     /// A connected client.
     pub async fn client(&self) -> async_nats::Client {
         async_nats::connect(self.url()).await.unwrap()
@@ -430,7 +444,7 @@ impl Nats {
 
     /// Runs the `trellis` CLI against this server; returns (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        cli_at(&self.url(), args)
+        cli_at(&self.connect_url(), args)
     }
 
     /// Every fact the lattice's stream holds, decoded, in order.

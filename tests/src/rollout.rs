@@ -27,6 +27,8 @@ pub struct RolloutLattice {
     pub l: trellis_schemas::Lattice,
     /// Controller replicas by id.
     pub controllers: Vec<(String, Proc)>,
+    /// The other servers of its NATS cluster, if it runs on one.
+    pub others: Vec<Nats>,
     _procs: Vec<Proc>,
 }
 
@@ -47,21 +49,52 @@ impl RolloutLattice {
         Self::start(name, &["c1"], hosts, true).await
     }
 
+    /// One controller and hosts `hosts` on a three-server NATS cluster, each process connected
+    /// first to another server (the controller to the first, host `i` to server `i + 1`), the
+    /// first host running the `http-server` provider embedded.
+    pub async fn up_on_cluster(name: &str, hosts: &[&str]) -> Self {
+        Self::start_on(Nats::cluster(3).await, name, &["c1"], hosts, true).await
+    }
+
     async fn start(name: &str, controllers: &[&str], hosts: &[&str], embedded: bool) -> Self {
-        let nats = Nats::start().await;
+        Self::start_on(
+            vec![Nats::start().await],
+            name,
+            controllers,
+            hosts,
+            embedded,
+        )
+        .await
+    }
+
+    async fn start_on(
+        mut servers: Vec<Nats>,
+        name: &str,
+        controllers: &[&str],
+        hosts: &[&str],
+        embedded: bool,
+    ) -> Self {
         let l = lattice(name);
+        let at = |i: usize| &servers[i % servers.len()];
         let controllers = controllers
             .iter()
-            .map(|c| ((*c).to_owned(), nats.controller(&l, c, "30s")))
+            .enumerate()
+            .map(|(i, c)| ((*c).to_owned(), at(i).controller(&l, c, "30s")))
             .collect();
-        let mut procs: Vec<Proc> = hosts.iter().map(|h| nats.host(&l, h, &[])).collect();
+        let mut procs: Vec<Proc> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| at(i + 1).host(&l, h, &[]))
+            .collect();
         if !embedded {
-            procs.push(nats.provider(&l, "http-server", &[]));
+            procs.push(at(0).provider(&l, "http-server", &[]));
         }
+        let nats = servers.remove(0);
         let lat = RolloutLattice {
             nats,
             l,
             controllers,
+            others: servers,
             _procs: procs,
         };
         if embedded {
