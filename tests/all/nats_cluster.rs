@@ -238,8 +238,8 @@ async fn replicas_current(js: &async_nats::jetstream::Context, stream: &str, ser
         let info = js.get_stream(stream).await.ok()?.info().await.ok()?.clone();
         let cluster = info.cluster?;
         let leader = cluster.leader.as_deref()?;
-        let all_current = cluster.replicas.len() == 2
-            && cluster.replicas.iter().all(|r| r.current && !r.offline);
+        let all_current =
+            cluster.replicas.len() == 2 && cluster.replicas.iter().all(|r| r.current && !r.offline);
         let back = leader == server
             || cluster
                 .replicas
