@@ -15,7 +15,7 @@ use trellis_schemas::{
     Lattice, Projection, apply, subject,
 };
 use trellis_tests::rollout::{Load, RolloutLattice, V1};
-use trellis_tests::{Nats, facts_at, lattice, wait_for};
+use trellis_tests::{Nats, lattice, try_facts_at, wait_for};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -27,6 +27,16 @@ async fn ctl_of(urls: &[String], l: &Lattice) -> CtlClient {
         .await
         .unwrap();
     CtlClient::new(client, l.clone(), Duration::from_secs(5))
+}
+
+/// Waits until `count` hosts are up.
+async fn hosts_up(ctl: &CtlClient, count: usize, what: &str) {
+    wait_for(what, T, || async {
+        let reply = ctl.request(&HostListRequest::default()).await.ok()?;
+        let up = reply.hosts.iter().filter(|h| h.status == HostStatus::Up);
+        (up.count() == count).then_some(())
+    })
+    .await;
 }
 
 fn grant(i: usize) -> AssignmentGrantRequest {
@@ -49,17 +59,7 @@ async fn losing_the_fact_streams_leader_loses_no_fact_and_stores_none_twice() {
     let _h1 = servers[1].host(&l, "h1", &[]);
     let _h2 = servers[2].host(&l, "h2", &[]);
     let ctl = ctl_of(&urls, &l).await;
-    wait_for("two hosts up", T, || async {
-        let reply = ctl.request(&HostListRequest::default()).await.ok()?;
-        (reply
-            .hosts
-            .iter()
-            .filter(|h| h.status == HostStatus::Up)
-            .count()
-            == 2)
-            .then_some(())
-    })
-    .await;
+    hosts_up(&ctl, 2, "two hosts up").await;
     let js = async_nats::jetstream::new(ctl.nats().clone());
     let events = subject::events_stream(&l);
     let info = js
@@ -154,7 +154,11 @@ async fn losing_the_fact_streams_leader_loses_no_fact_and_stores_none_twice() {
         .filter(|(i, _)| *i != victim)
         .map(|(_, s)| s.url())
         .collect();
-    let facts = facts_at(&alive[0], &l).await;
+    // Read through a surviving server, retried while the cluster settles.
+    let facts = wait_for("the fact stream readable", T, || async {
+        try_facts_at(&alive[0], &l).await.ok()
+    })
+    .await;
     let mut ids = BTreeSet::new();
     for f in &facts {
         assert!(ids.insert(f.event.id), "fact {} stored twice", f.event.id);
@@ -218,17 +222,7 @@ async fn losing_the_fact_streams_leader_loses_no_fact_and_stores_none_twice() {
         );
     }
     // Hosts on the lost server reconnected to another by themselves: both still beat.
-    wait_for("both hosts still up", T, || async {
-        let reply = ctl.request(&HostListRequest::default()).await.ok()?;
-        (reply
-            .hosts
-            .iter()
-            .filter(|h| h.status == HostStatus::Up)
-            .count()
-            == 2)
-            .then_some(())
-    })
-    .await;
+    hosts_up(&ctl, 2, "both hosts still up").await;
 }
 
 /// Waits until every replica of `stream` is current again and `server` (restarted) is among

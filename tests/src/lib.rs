@@ -479,33 +479,55 @@ pub async fn facts_at(url: &str, lattice: &Lattice) -> Vec<Fact> {
     let client = async_nats::connect(url).await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
     // No stream yet (no process of the lattice has started) means no facts.
-    let Ok(state) = trellis_bus::events_stream_state(&js, lattice).await else {
-        return Vec::new();
-    };
-    if state.messages == 0 {
+    if trellis_bus::events_stream_state(&js, lattice)
+        .await
+        .is_err()
+    {
         return Vec::new();
     }
+    read_facts(&client, &js, lattice).await.unwrap()
+}
+
+/// Like [`facts_at`], but the stream must exist, and any failure to read it (a cluster electing
+/// a leader) is returned rather than a panic, so the caller can retry.
+pub async fn try_facts_at(url: &str, lattice: &Lattice) -> Result<Vec<Fact>, String> {
+    let client = async_nats::connect(url).await.map_err(|e| e.to_string())?;
+    let js = async_nats::jetstream::new(client.clone());
+    read_facts(&client, &js, lattice).await
+}
+
+async fn read_facts(
+    client: &async_nats::Client,
+    js: &async_nats::jetstream::Context,
+    lattice: &Lattice,
+) -> Result<Vec<Fact>, String> {
+    let state = trellis_bus::events_stream_state(js, lattice)
+        .await
+        .map_err(|e| e.to_string())?;
+    if state.messages == 0 {
+        return Ok(Vec::new());
+    }
     let mut reader = FactStream::open(
-        &client,
-        &js,
+        client,
+        js,
         &subject::events_stream(lattice),
         None,
         StartAt::Beginning,
     )
     .await
-    .unwrap();
+    .map_err(|e| e.to_string())?;
     let mut facts = Vec::new();
     while let Some(raw) = reader.next().await {
-        let raw = raw.unwrap();
+        let raw = raw.map_err(|e| e.to_string())?;
         facts.push(Fact {
             seq: raw.seq,
-            event: Event::decode(&raw.payload).unwrap(),
+            event: Event::decode(&raw.payload).map_err(|e| e.to_string())?,
         });
         if raw.seq >= state.last_sequence {
             break;
         }
     }
-    facts
+    Ok(facts)
 }
 
 /// A lattice name unique to one test, so tests sharing nothing still never collide.
