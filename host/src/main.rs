@@ -58,8 +58,8 @@ struct Args {
     /// heartbeats. Only node existence goes there; the lattice itself needs nothing but NATS.
     #[arg(long, env = "TRELLIS_REGISTRY")]
     registry: Option<String>,
-    /// Replicas of the lattice's streams, should this host be the first to create them (1..=5).
-    /// Default: 3 when the NATS server belongs to a cluster of three or more servers, else 1.
+    /// Replicas of the lattice's streams (created or updated to this count, as the controller
+    /// does; 1..=5). Default: 3 when the NATS server belongs to a cluster of three or more servers, else 1.
     #[arg(long, env = "TRELLIS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
     replicas: Option<u8>,
 }
