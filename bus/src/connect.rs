@@ -56,3 +56,52 @@ pub async fn connect(url: &str, name: &str, wait: bool) -> Result<Client, Connec
             source,
         })
 }
+
+/// The environment variable that names the JetStream domain (see [`set_jetstream_domain`]).
+pub const JS_DOMAIN_ENV: &str = "TRELLIS_JS_DOMAIN";
+
+static JS_DOMAIN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Sets, once per process, the JetStream domain every [`jetstream`] context of this process
+/// uses: `Some("hub")` when the process connects through a NATS leaf node that has no JetStream
+/// of its own and the cluster's JetStream runs in domain `hub`; `None` (the default) to use the
+/// JetStream of the server connected to.
+///
+/// The domain is a property of where a process connects, the same for all its streams, buckets
+/// and consumers, which is why it is set once for the process rather than passed to each caller.
+/// Returns false, changing nothing, when it was set (or read) before.
+pub fn set_jetstream_domain(domain: Option<String>) -> bool {
+    JS_DOMAIN
+        .set(domain.filter(|d| !d.trim().is_empty()))
+        .is_ok()
+}
+
+/// The JetStream domain of this process ([`set_jetstream_domain`]), if any.
+pub fn jetstream_domain() -> Option<&'static str> {
+    JS_DOMAIN.get_or_init(|| None).as_deref()
+}
+
+/// A JetStream context on `client`, in this process's domain ([`set_jetstream_domain`]). Every
+/// Trellis process makes its contexts here, so that a process behind a leaf node reaches the
+/// cluster's streams, buckets and object stores through `$JS.<domain>.API`.
+pub fn jetstream(client: Client) -> async_nats::jetstream::Context {
+    match jetstream_domain() {
+        Some(domain) => async_nats::jetstream::with_domain(client, domain),
+        None => async_nats::jetstream::new(client),
+    }
+}
+
+/// Checks a JetStream domain given on a command line: letters, digits, `-` and `_`, as
+/// nats-server accepts in `jetstream { domain }`.
+pub fn parse_jetstream_domain(s: &str) -> Result<String, String> {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "JetStream domain {s:?} must be letters, digits, '-' or '_'"
+        ))
+    }
+}

@@ -3,7 +3,8 @@
 //! Hosts, the controller, providers and the CLI all talk to NATS through this crate, so that they
 //! agree on connection behaviour, stream configuration and the way facts are published and read:
 //!
-//! - [`connect`]: a client that retries the first connection and reconnects forever.
+//! - [`connect`]: a client that retries the first connection and reconnects forever;
+//!   [`jetstream`]: a JetStream context in the process's domain (for hosts behind a leaf node).
 //! - [`ensure_streams`]: creates or updates the lattice's fact and heartbeat streams
 //!   idempotently; whichever process starts first does it.
 //! - [`FactPublisher`]: publishes facts in order, each with `Nats-Msg-Id` = event id, retrying
@@ -42,7 +43,10 @@ pub use artifacts::{
     stat_artifact,
 };
 pub use child::spawn_tied;
-pub use connect::{ConnectError, connect};
+pub use connect::{
+    ConnectError, JS_DOMAIN_ENV, connect, jetstream, jetstream_domain, parse_jetstream_domain,
+    set_jetstream_domain,
+};
 pub use publisher::{FactPublisher, PublishError, publish_at_tip, publish_exclusive};
 pub use reader::{FactStream, Followed, RawFact, ReadError, StartAt, count_messages, follow};
 pub use routes::RouteTable;

@@ -139,7 +139,7 @@ pub async fn follow(
     mut next_seq: impl FnMut() -> u64,
     mut deliver: impl FnMut(Followed),
 ) {
-    let js = jetstream::new(client.clone());
+    let js = crate::jetstream(client.clone());
     loop {
         let opened = FactStream::open(
             client,

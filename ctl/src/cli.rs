@@ -46,6 +46,10 @@ pub(crate) struct Global {
     /// How long to wait for a reply.
     #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
     pub(crate) timeout: Duration,
+    /// The JetStream domain of the lattice's streams, when connecting through a NATS leaf node
+    /// without JetStream of its own.
+    #[arg(long, global = true, env = "TRELLIS_JS_DOMAIN", value_parser = trellis_bus::parse_jetstream_domain)]
+    pub(crate) js_domain: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -221,6 +225,7 @@ pub fn main() -> ! {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
     let g = cli.global;
+    trellis_bus::set_jetstream_domain(g.js_domain.clone());
     match cli.command {
         Command::Controller(args) => {
             let mut config = ControllerConfig::new(g.url(), g.lattice.clone());
@@ -435,7 +440,7 @@ fn host_row(h: &HostView) -> Vec<String> {
 
 async fn events(g: &Global, args: EventsArgs) -> Result<(), Failure> {
     let nats = trellis_bus::connect(&g.url(), "trellis events", false).await?;
-    let js = async_nats::jetstream::new(nats.clone());
+    let js = trellis_bus::jetstream(nats.clone());
     let state = trellis_bus::events_stream_state(&js, &g.lattice)
         .await
         .map_err(|e| {

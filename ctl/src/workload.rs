@@ -136,7 +136,7 @@ pub async fn push_component(
         .map_err(|e| failure(1, format!("{}: {e}", manifest_path.display())))?;
     let bytes = std::fs::read(wasm)
         .map_err(|e| failure(1, format!("cannot read {}: {e}", wasm.display())))?;
-    let js = async_nats::jetstream::new(client.nats().clone());
+    let js = trellis_bus::jetstream(client.nats().clone());
     let digest = trellis_bus::put_artifact(&js, client.lattice(), &bytes)
         .await
         .map_err(|e| failure(1, e.to_string()))?;

@@ -26,7 +26,6 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
 use chrono::Utc;
 use trellis_bus::registry::{EtcdRegistry, Registration};
 use trellis_bus::{FactPublisher, FactStream, StartAt, StreamSettings, connect, ensure_streams};
@@ -171,7 +170,7 @@ pub async fn run(
         true,
     )
     .await?;
-    let js = jetstream::new(client.clone());
+    let js = trellis_bus::jetstream(client.clone());
     ensure_streams(&js, &config.lattice, &config.streams).await?;
     let (publisher, publisher_task) = FactPublisher::spawn(
         js.clone(),

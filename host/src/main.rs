@@ -62,6 +62,11 @@ struct Args {
     /// does; 1..=5). Default: 3 when the NATS server belongs to a cluster of three or more servers, else 1.
     #[arg(long, env = "TRELLIS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
     replicas: Option<u8>,
+    /// The JetStream domain of the cluster's streams, for a host that connects through a NATS
+    /// leaf node without JetStream of its own (the hub's `jetstream { domain }`). Providers this
+    /// host starts use it too.
+    #[arg(long, env = "TRELLIS_JS_DOMAIN", value_parser = trellis_bus::parse_jetstream_domain)]
+    js_domain: Option<String>,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -97,6 +102,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 async fn main() -> anyhow::Result<()> {
     trellis_bus::init_logging("info,async_nats=warn");
     let args = Args::parse();
+    trellis_bus::set_jetstream_domain(args.js_domain.clone());
     let mut config = HostConfig::new(args.nats, args.lattice);
     if let Some(id) = args.host_id {
         config.host_id = id;

@@ -320,6 +320,10 @@ fn args(inner: &Inner, command: &StartProviderCommand) -> Vec<String> {
         "--host-id".to_owned(),
         inner.host_id.to_string(),
     ];
+    if let Some(domain) = trellis_bus::jetstream_domain() {
+        args.push("--js-domain".to_owned());
+        args.push(domain.to_owned());
+    }
     let config: &BTreeMap<String, String> = &command.config;
     for (k, v) in config {
         args.push("--config".to_owned());

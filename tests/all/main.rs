@@ -6,6 +6,7 @@ mod cli;
 mod control;
 mod http_status;
 mod instances;
+mod leaf;
 mod lifecycle;
 mod nats_cluster;
 mod protocol;

@@ -103,7 +103,7 @@ pub async fn run(
         true,
     )
     .await?;
-    let js = jetstream::new(client.clone());
+    let js = trellis_bus::jetstream(client.clone());
     ensure_streams(&js, &config.lattice, &config.streams).await?;
 
     let replay_started = Instant::now();
@@ -319,7 +319,7 @@ pub async fn replay_once(
     client: &async_nats::Client,
     lattice: &Lattice,
 ) -> Result<(trellis_schemas::Projection, u64), ControllerError> {
-    let js = jetstream::new(client.clone());
+    let js = trellis_bus::jetstream(client.clone());
     let tip = trellis_bus::events_stream_state(&js, lattice).await?;
     let mut projection = trellis_schemas::Projection::new();
     if tip.messages == 0 {

@@ -69,7 +69,7 @@ pub(crate) const READER_STALL: Duration = Duration::from_secs(1);
 
 impl State {
     pub fn new(config: ControllerConfig, client: async_nats::Client) -> Self {
-        let js = jetstream::new(client.clone());
+        let js = trellis_bus::jetstream(client.clone());
         let (publisher, _task) = FactPublisher::spawn(
             js.clone(),
             config.lattice.clone(),

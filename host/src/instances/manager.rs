@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use async_nats::jetstream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use trellis_bus::{FactPublisher, RouteTable};
@@ -115,7 +114,7 @@ impl InstanceManager {
         config: &InstancesConfig,
         embedded: EmbeddedProviders,
     ) -> Self {
-        let js = jetstream::new(client.clone());
+        let js = trellis_bus::jetstream(client.clone());
         let source = trellis_schemas::fact::source(&lattice, "host", host_id.as_str());
         let artifacts = Artifacts::new(js, lattice.clone(), config.max_artifact_bytes);
         let assignments = Arc::new(Assignments::default());

@@ -36,6 +36,10 @@ pub struct ProviderArgs {
     /// capabilities, node, version) under `/trellis/<lattice>/providers/<id>` while it runs.
     #[arg(long, env = "TRELLIS_REGISTRY")]
     pub registry: Option<String>,
+    /// The JetStream domain of the cluster's streams and buckets, for a provider behind a NATS
+    /// leaf node without JetStream of its own.
+    #[arg(long, env = "TRELLIS_JS_DOMAIN", value_parser = trellis_bus::parse_jetstream_domain)]
+    pub js_domain: Option<String>,
 }
 
 impl ProviderArgs {

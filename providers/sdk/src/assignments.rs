@@ -172,7 +172,7 @@ impl Assignments {
         lattice: Lattice,
         caught_up: oneshot::Sender<()>,
     ) {
-        let js = jetstream::new(client.clone());
+        let js = trellis_bus::jetstream(client.clone());
         let stream = subject::events_stream(&lattice);
         let filter = subject::assignment_events(&lattice);
         let mut caught_up = Some(caught_up);

@@ -160,6 +160,7 @@ where
 {
     trellis_bus::init_logging("info,async_nats=warn");
     let args = ProviderArgs::parse();
+    trellis_bus::set_jetstream_domain(args.js_domain.clone());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -276,7 +277,7 @@ where
     let client = trellis_bus::connect(&args.nats, &format!("trellis-provider-{name}-{id}"), true)
         .await
         .context("connecting to NATS")?;
-    let js = jetstream::new(client.clone());
+    let js = trellis_bus::jetstream(client.clone());
     let settings = StreamSettings::default();
     trellis_bus::ensure_streams(&js, &lattice, &settings)
         .await
