@@ -4,6 +4,7 @@
 //! command; the host answers at once and reports the outcome as facts carrying the operation id.
 //! If a host cannot be reached, the controller records `instance.start_failed` itself.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -25,7 +26,7 @@ use trellis_schemas::{
 
 use super::assignments::{record as record_assignment, validate as validate_grant};
 use super::components::manifest_error;
-use super::schedule::place;
+use super::schedule::place_with;
 use super::serve::page;
 use super::state::State;
 
@@ -159,7 +160,12 @@ pub(crate) async fn start(
     let (source, placements, inherited, grants) = {
         let projection = state.projection();
         let (source, memory) = resolve(&projection, &request.component)?;
-        let hosts = place(&projection, &request, memory)?;
+        let placing = state
+            .placing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let loads = state.loads(&projection);
+        let hosts = place_with(&projection, &loads, &request, memory, &BTreeMap::new())?;
         let placements: Vec<Placement> = hosts
             .into_iter()
             .map(|host_id| Placement {
@@ -196,6 +202,15 @@ pub(crate) async fn start(
             }
             grants.push(own);
         }
+        // Valid: what was placed takes room until its facts arrive.
+        state.placed(placements.iter().map(|p| {
+            (
+                p.instance_id.clone(),
+                p.host_id.clone(),
+                memory.unwrap_or(0),
+            )
+        }));
+        drop(placing);
         (source, placements, inherited, grants)
     };
     let mut commands = Vec::with_capacity(placements.len());

@@ -44,6 +44,8 @@ struct Move {
     own: Vec<Assignment>,
     restart: RestartPolicy,
     to_host: HostId,
+    /// The replacement's id, chosen when it was placed.
+    replacement: InstanceId,
 }
 
 /// Replaces the instances that the `host.lost` fact `lost_id`, stored at `lost_seq`, made lost.
@@ -54,7 +56,7 @@ pub(crate) async fn relocate(state: Arc<State>, host: HostId, lost_seq: u64, los
     }
     let moves = plan(&state, &host, lost_seq);
     for mv in moves {
-        let replacement = InstanceId::generate();
+        let replacement = mv.replacement.clone();
         let relocated = Event::new(
             state.source.clone(),
             FactData::InstanceRelocated(InstanceRelocated {
@@ -122,6 +124,13 @@ pub(crate) async fn relocate(state: Arc<State>, host: HostId, lost_seq: u64, los
 /// Decides, from the projection, which lost instances move where.
 fn plan(state: &State, host: &HostId, lost_seq: u64) -> Vec<Move> {
     let projection = state.projection();
+    // Counted once for the whole plan; what the plan places is counted in `pending`, then
+    // recorded as placed for the plans and placements that follow.
+    let placing = state
+        .placing
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let loads = state.loads(&projection);
     let mut pending: BTreeMap<HostId, usize> = BTreeMap::new();
     let mut moves = Vec::new();
     let lost = projection.instances.values().filter(|i| {
@@ -168,6 +177,7 @@ fn plan(state: &State, host: &HostId, lost_seq: u64) -> Vec<Move> {
             .collect();
         match place_with(
             &projection,
+            &loads,
             &request,
             Some(artifact.manifest.max_memory_bytes),
             &pending,
@@ -188,6 +198,7 @@ fn plan(state: &State, host: &HostId, lost_seq: u64) -> Vec<Move> {
                     },
                     restart,
                     to_host,
+                    replacement: InstanceId::generate(),
                 });
             }
             Err(e) => tracing::warn!(
@@ -197,5 +208,13 @@ fn plan(state: &State, host: &HostId, lost_seq: u64) -> Vec<Move> {
             ),
         }
     }
+    state.placed(moves.iter().map(|m| {
+        let memory = match &m.source {
+            ComponentSource::Artifact { manifest, .. } => manifest.max_memory_bytes,
+            ComponentSource::File { .. } => 0,
+        };
+        (m.replacement.clone(), m.to_host.clone(), memory)
+    }));
+    drop(placing);
     moves
 }

@@ -12,10 +12,12 @@ use tokio::sync::{mpsc, watch};
 use trellis_bus::{FactPublisher, RawFact};
 use trellis_schemas::control::HostView;
 use trellis_schemas::{
-    ErrorBody, ErrorCode, Event, Fact, FactData, Heartbeat, HostId, HostRecord, Projection, apply,
+    ErrorBody, ErrorCode, Event, Fact, FactData, Heartbeat, HostId, HostRecord, InstanceId,
+    Projection, apply,
 };
 
 use super::ControllerConfig;
+use super::schedule::Loads;
 
 /// How the replay at start went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +54,12 @@ pub(crate) struct State {
     as_of: watch::Sender<u64>,
     applied: AtomicU64,
     live: Mutex<HashMap<HostId, Live>>,
+    /// Instances placed by this replica whose `instance.started` it has not applied yet: host,
+    /// memory limit, when placed. They take room in the next placements ([`State::loads`]).
+    inflight: Mutex<HashMap<InstanceId, (HostId, u64, Instant)>>,
+    /// Held from counting loads to recording what was placed, so that two placements at once do
+    /// not both see the same room.
+    pub placing: Mutex<()>,
     replay: OnceLock<ReplayStats>,
     /// Rollouts this replica should drive: the task started in `run` takes them.
     drive: mpsc::UnboundedSender<trellis_schemas::RolloutId>,
@@ -62,6 +70,11 @@ pub(crate) struct State {
     /// lost its consumer (its NATS server died) and reopens if it has been quiet that long.
     pub reader_stalled: tokio::sync::Notify,
 }
+
+/// How long a placement counts as room taken while its `instance.started` has not arrived.
+const INFLIGHT_FOR: Duration = Duration::from_secs(30);
+/// The heartbeat interval assumed for a host whose heartbeat has not been heard yet.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// How long a wait for a fact goes before the reader is asked to check that it is still fed. An
 /// ordered consumer that lost its server notices only after two missed idle heartbeats (10 s).
@@ -93,6 +106,8 @@ impl State {
             as_of: watch::channel(0).0,
             applied: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            placing: Mutex::new(()),
             replay: OnceLock::new(),
             drive,
             drive_rx: Mutex::new(Some(drive_rx)),
@@ -170,6 +185,58 @@ impl State {
         self.projection
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// What each host of `projection` runs, plus what this replica placed there that the
+    /// projection does not show yet, and which hosts are quiet (see [`super::schedule`]). Hold
+    /// [`State::placing`] from here until the placements are recorded with [`State::placed`].
+    pub(crate) fn loads<'a>(&self, projection: &'a Projection) -> Loads<'a> {
+        let mut inflight = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Started (or failed, or stopped): the projection counts it now. Never reported: a
+        // start that was lost is not room taken for ever.
+        inflight.retain(|id, (_, _, at)| {
+            !projection.instances.contains_key(id) && at.elapsed() < INFLIGHT_FOR
+        });
+        Loads::of(projection)
+            .with_inflight(projection, inflight.values().map(|(h, m, _)| (h, *m)))
+            .with_quiet(self.quiet_hosts(projection))
+    }
+
+    /// Records instances just placed: `(instance, host, memory limit)`.
+    pub(crate) fn placed(&self, placed: impl IntoIterator<Item = (InstanceId, HostId, u64)>) {
+        let now = Instant::now();
+        let mut inflight = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (id, host, memory) in placed {
+            inflight.insert(id, (host, memory, now));
+        }
+    }
+
+    /// Hosts up by the projection that this replica has not heard from for three of their
+    /// heartbeat intervals and at least half the liveness timeout, with how long. Nothing is
+    /// quiet while this replica is disconnected: it hears no one then.
+    fn quiet_hosts(&self, projection: &Projection) -> HashMap<HostId, Duration> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return HashMap::new();
+        }
+        let live = self.live();
+        let floor = self.config.host_timeout / 2;
+        projection
+            .hosts_up()
+            .filter_map(|h| {
+                let l = live.get(&h.host_id)?;
+                let interval = l.heartbeat.as_ref().map_or(DEFAULT_HEARTBEAT, |hb| {
+                    Duration::from_millis(hb.interval_ms)
+                });
+                let silent = l.last_seen.elapsed();
+                (silent > (interval * 3).max(floor)).then(|| (h.host_id.clone(), silent))
+            })
+            .collect()
     }
 
     pub fn live(&self) -> std::sync::MutexGuard<'_, HashMap<HostId, Live>> {
