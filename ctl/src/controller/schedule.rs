@@ -23,36 +23,143 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use trellis_schemas::control::InstanceStartRequest;
-use trellis_schemas::{ErrorBody, ErrorCode, HostId, HostRecord, HostStatus, Projection};
+use trellis_schemas::{
+    ErrorBody, ErrorCode, Fact, FactData, HostId, HostRecord, HostStatus, InstanceId, Projection,
+};
 
 /// What one host runs by the projection.
-#[derive(Debug, Clone, Copy, Default)]
-struct Load {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Load {
     /// Active (running or restarting) instances.
     active: usize,
     /// The memory limits of those instances whose code is known, summed.
     memory: u64,
 }
 
-/// The load of every host that runs anything, counted in one pass over the instances.
+/// What each host runs, kept as facts are applied (one instance's fact moves one instance's
+/// weight) so that a placement does not count 100,000 instances again.
+#[derive(Debug)]
+pub(crate) struct LoadIndex {
+    by_host: HashMap<HostId, Load>,
+    /// Set when a fact changed many instances at once (`host.lost`) or the memory an instance
+    /// weighs (`artifact.stored`): the next placement counts everything again.
+    stale: bool,
+}
+
+impl Default for LoadIndex {
+    fn default() -> Self {
+        Self {
+            by_host: HashMap::new(),
+            stale: true,
+        }
+    }
+}
+
+/// The instance a fact is about, for the facts that change one instance.
+fn instance_of(data: &FactData) -> Option<&InstanceId> {
+    match data {
+        FactData::InstanceStarted(d) => Some(&d.instance_id),
+        FactData::InstanceStartFailed(d) => Some(&d.instance_id),
+        FactData::InstanceStopped(d) => Some(&d.instance_id),
+        FactData::InstanceCrashed(d) => Some(&d.instance_id),
+        FactData::InstanceRestarting(d) => Some(&d.instance_id),
+        FactData::InstanceGaveUp(d) => Some(&d.instance_id),
+        FactData::InstanceRelocated(d) => Some(&d.instance_id),
+        _ => None,
+    }
+}
+
+/// The host and memory limit of instance `id` if it is active in `projection`.
+fn weight_of(projection: &Projection, id: &InstanceId) -> Option<(HostId, u64)> {
+    let instance = projection.instances.get(id)?;
+    instance.status.is_active().then(|| {
+        let memory = instance
+            .digest
+            .as_deref()
+            .and_then(|d| projection.artifacts.get(d))
+            .map_or(0, |a| a.manifest.max_memory_bytes);
+        (instance.host_id.clone(), memory)
+    })
+}
+
+impl LoadIndex {
+    /// Applies `fact` to `projection` (see [`trellis_schemas::apply`]) and follows what it
+    /// changed; returns whether it changed anything.
+    pub(crate) fn apply(&mut self, projection: &mut Projection, fact: &Fact) -> bool {
+        let instance = instance_of(&fact.event.data);
+        let before = instance.and_then(|id| weight_of(projection, id));
+        if !trellis_schemas::apply(projection, fact) {
+            return false;
+        }
+        match (&fact.event.data, instance) {
+            (_, Some(id)) => self.moved(before, weight_of(projection, id)),
+            // Many instances at once, or what they weigh.
+            (FactData::HostLost(_) | FactData::ArtifactStored(_), _) => self.invalidate(),
+            // An instance fact this index does not know: count again rather than drift.
+            (data, None) if data.kind().short_name().starts_with("instance.") => self.invalidate(),
+            _ => {}
+        }
+        true
+    }
+
+    /// Moves one instance's weight from what it was `before` a fact to what it is `after`.
+    fn moved(&mut self, before: Option<(HostId, u64)>, after: Option<(HostId, u64)>) {
+        if before == after {
+            return;
+        }
+        if let Some((host, memory)) = before
+            && let Some(load) = self.by_host.get_mut(&host)
+        {
+            load.active = load.active.saturating_sub(1);
+            load.memory = load.memory.saturating_sub(memory);
+        }
+        if let Some((host, memory)) = after {
+            let load = self.by_host.entry(host).or_default();
+            load.active += 1;
+            load.memory += memory;
+        }
+    }
+
+    /// Makes the next [`LoadIndex::loads`] count everything again.
+    fn invalidate(&mut self) {
+        self.stale = true;
+    }
+
+    /// The loads of `projection`'s hosts: from the index, or counted afresh when it is stale.
+    pub(crate) fn loads(&mut self, projection: &Projection) -> Loads {
+        if self.stale {
+            self.by_host = Loads::of(projection).by_host;
+            self.stale = false;
+        }
+        Loads {
+            by_host: self.by_host.clone(),
+            quiet: HashMap::new(),
+        }
+    }
+}
+
+/// The load of every host that runs anything.
 #[derive(Debug, Default)]
-pub(crate) struct Loads<'a> {
-    by_host: HashMap<&'a HostId, Load>,
+pub(crate) struct Loads {
+    by_host: HashMap<HostId, Load>,
     /// Hosts that get nothing new, with how long they have been silent.
     quiet: HashMap<HostId, Duration>,
 }
 
-impl<'a> Loads<'a> {
-    /// Counts what every host of `projection` runs.
-    pub(crate) fn of(projection: &'a Projection) -> Self {
-        let mut by_host: HashMap<&HostId, Load> = HashMap::with_capacity(projection.hosts.len());
+impl Loads {
+    /// Counts what every host of `projection` runs, in one pass over the instances.
+    pub(crate) fn of(projection: &Projection) -> Self {
+        let mut by_host: HashMap<HostId, Load> = HashMap::with_capacity(projection.hosts.len());
         // Few components, many instances: look each digest up once.
         let mut memory_of: HashMap<&str, u64> = HashMap::new();
         for instance in projection.instances.values() {
             if !instance.status.is_active() {
                 continue;
             }
-            let load = by_host.entry(&instance.host_id).or_default();
+            let load = match by_host.get_mut(&instance.host_id) {
+                Some(load) => load,
+                None => by_host.entry(instance.host_id.clone()).or_default(),
+            };
             load.active += 1;
             if let Some(digest) = instance.digest.as_deref() {
                 load.memory += *memory_of.entry(digest).or_insert_with(|| {
@@ -73,15 +180,12 @@ impl<'a> Loads<'a> {
     /// limit)` each.
     pub(crate) fn with_inflight<'h>(
         mut self,
-        projection: &'a Projection,
         inflight: impl IntoIterator<Item = (&'h HostId, u64)>,
     ) -> Self {
         for (host, memory) in inflight {
-            if let Some((key, _)) = projection.hosts.get_key_value(host) {
-                let load = self.by_host.entry(key).or_default();
-                load.active += 1;
-                load.memory += memory;
-            }
+            let load = self.by_host.entry(host.clone()).or_default();
+            load.active += 1;
+            load.memory += memory;
         }
         self
     }
@@ -184,7 +288,7 @@ pub(crate) fn place(
 /// weigh on the spread.
 pub(crate) fn place_with(
     projection: &Projection,
-    loads: &Loads<'_>,
+    loads: &Loads,
     request: &InstanceStartRequest,
     memory_per_instance: Option<u64>,
     pending: &BTreeMap<HostId, usize>,
@@ -323,14 +427,14 @@ mod tests {
         let a = HostId::new("a").expect("valid");
         let c = HostId::new("c").expect("valid");
         // Two starts on `a` not yet in the projection: it is full.
-        let loads = Loads::of(&p).with_inflight(&p, [(&a, 0), (&a, 0)]);
+        let loads = Loads::of(&p).with_inflight([(&a, 0), (&a, 0)]);
         assert_eq!(
             ids(place_with(&p, &loads, &request(4, &[]), None, &BTreeMap::new()).expect("fits")),
             ["b", "c", "b", "c"]
         );
         // `c` has been silent: only `b` takes anything.
         let loads = Loads::of(&p)
-            .with_inflight(&p, [(&a, 0), (&a, 0)])
+            .with_inflight([(&a, 0), (&a, 0)])
             .with_quiet([(c, Duration::from_millis(6500))].into());
         assert_eq!(
             ids(place_with(&p, &loads, &request(2, &[]), None, &BTreeMap::new()).expect("fits")),
@@ -349,6 +453,96 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    #[test]
+    fn the_load_index_follows_facts_as_a_full_count_would() {
+        use trellis_schemas::fact::{
+            HostLost, HostStarted, InstanceCrashed, InstanceGaveUp, InstanceStarted,
+            InstanceStopped,
+        };
+        use trellis_schemas::{ComponentName, Event, RestartPolicy};
+        let h = |s: &str| HostId::new(s).expect("valid");
+        let i = |n: u32| InstanceId::new(format!("01J00000000000000000000{n:03}")).expect("valid");
+        let started = |n: u32, host: &str| {
+            FactData::InstanceStarted(InstanceStarted {
+                instance_id: i(n),
+                host_id: h(host),
+                component: ComponentName::new("c").expect("valid"),
+                version: "1.0.0".into(),
+                digest: "sha256:00".into(),
+                restart: RestartPolicy::Always,
+                attempt: 0,
+            })
+        };
+        let crashed = |n: u32, host: &str, will_restart: bool| {
+            FactData::InstanceCrashed(InstanceCrashed {
+                instance_id: i(n),
+                host_id: h(host),
+                reason: "trap".into(),
+                detail: String::new(),
+                export: "run".into(),
+                will_restart,
+            })
+        };
+        let host_started = |host: &str| {
+            FactData::HostStarted(HostStarted {
+                host_id: h(host),
+                labels: BTreeMap::new(),
+                capacity: Capacity {
+                    max_instances: 10,
+                    memory_bytes: 1 << 30,
+                    cpus: 2,
+                },
+                version: "0".into(),
+                rejoined: false,
+            })
+        };
+        let facts = vec![
+            host_started("a"),
+            host_started("b"),
+            started(1, "a"),
+            started(2, "a"),
+            started(3, "b"),
+            started(4, "b"),
+            FactData::InstanceStopped(InstanceStopped {
+                instance_id: i(1),
+                host_id: h("a"),
+                reason: "requested".into(),
+            }),
+            crashed(2, "a", true),
+            started(2, "a"),
+            crashed(2, "a", false),
+            FactData::InstanceGaveUp(InstanceGaveUp {
+                instance_id: i(3),
+                host_id: h("b"),
+                attempts: 1,
+                last_reason: "trap".into(),
+            }),
+            FactData::HostLost(HostLost {
+                host_id: h("b"),
+                silent_for_ms: 1,
+                timeout_ms: 1,
+                detected_by: "c".into(),
+            }),
+            started(5, "a"),
+        ];
+        let mut p = Projection::new();
+        let mut index = LoadIndex::default();
+        for (seq, data) in facts.into_iter().enumerate() {
+            let fact = Fact {
+                seq: seq as u64 + 1,
+                event: Event::new("test".to_owned(), data),
+            };
+            assert!(index.apply(&mut p, &fact));
+            assert!(!index.apply(&mut p, &fact), "a duplicate changes nothing");
+            let mut kept: Vec<_> = index.loads(&p).by_host.into_iter().collect();
+            let mut counted: Vec<_> = Loads::of(&p).by_host.into_iter().collect();
+            kept.retain(|(_, l)| *l != Load::default());
+            kept.sort_by(|x, y| x.0.cmp(&y.0));
+            counted.sort_by(|x, y| x.0.cmp(&y.0));
+            assert_eq!(kept, counted, "after fact {}", seq + 1);
+        }
     }
 
     #[test]

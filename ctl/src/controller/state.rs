@@ -13,11 +13,11 @@ use trellis_bus::{FactPublisher, RawFact};
 use trellis_schemas::control::HostView;
 use trellis_schemas::{
     ErrorBody, ErrorCode, Event, Fact, FactData, Heartbeat, HostId, HostRecord, InstanceId,
-    Projection, apply,
+    Projection,
 };
 
 use super::ControllerConfig;
-use super::schedule::Loads;
+use super::schedule::{LoadIndex, Loads};
 
 /// How the replay at start went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +57,8 @@ pub(crate) struct State {
     /// Instances placed by this replica whose `instance.started` it has not applied yet: host,
     /// memory limit, when placed. They take room in the next placements ([`State::loads`]).
     inflight: Mutex<HashMap<InstanceId, (HostId, u64, Instant)>>,
+    /// What each host runs, kept as facts are applied (taken after the projection's lock).
+    load_index: Mutex<LoadIndex>,
     /// Held from counting loads to recording what was placed, so that two placements at once do
     /// not both see the same room.
     pub placing: Mutex<()>,
@@ -107,6 +109,7 @@ impl State {
             applied: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
+            load_index: Mutex::new(LoadIndex::default()),
             placing: Mutex::new(()),
             replay: OnceLock::new(),
             drive,
@@ -190,7 +193,7 @@ impl State {
     /// What each host of `projection` runs, plus what this replica placed there that the
     /// projection does not show yet, and which hosts are quiet (see [`super::schedule`]). Hold
     /// [`State::placing`] from here until the placements are recorded with [`State::placed`].
-    pub(crate) fn loads<'a>(&self, projection: &'a Projection) -> Loads<'a> {
+    pub(crate) fn loads(&self, projection: &Projection) -> Loads {
         let mut inflight = self
             .inflight
             .lock()
@@ -200,9 +203,16 @@ impl State {
         inflight.retain(|id, (_, _, at)| {
             !projection.instances.contains_key(id) && at.elapsed() < INFLIGHT_FOR
         });
-        Loads::of(projection)
-            .with_inflight(projection, inflight.values().map(|(h, m, _)| (h, *m)))
+        self.load_index()
+            .loads(projection)
+            .with_inflight(inflight.values().map(|(h, m, _)| (h, *m)))
             .with_quiet(self.quiet_hosts(projection))
+    }
+
+    fn load_index(&self) -> std::sync::MutexGuard<'_, LoadIndex> {
+        self.load_index
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Records instances just placed: `(instance, host, memory limit)`.
@@ -294,8 +304,9 @@ impl State {
                 .projection
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut index = self.load_index();
             for fact in &decoded {
-                if apply(&mut projection, fact) {
+                if index.apply(&mut projection, fact) {
                     self.applied.fetch_add(1, Ordering::Relaxed);
                     if let FactData::HostStarted(d) = &fact.event.data {
                         announced.push(d.host_id.clone());
