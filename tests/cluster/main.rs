@@ -13,5 +13,6 @@ mod controllers;
 mod etcd;
 mod hosts;
 mod nats;
+mod partition;
 mod providers;
 mod scheduling;

@@ -90,11 +90,31 @@ fn docker(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+fn create_volume(volume: &str) {
+    let (ok, text) = docker(&[
+        "volume",
+        "create",
+        "--label",
+        &format!("{}={}", SUITE_LABEL.0, SUITE_LABEL.1),
+        volume,
+    ]);
+    assert!(ok, "docker volume create {volume}: {text}");
+}
+
 /// One node of a cluster: a container, and how it was started.
 struct Node {
     container: ContainerAsync<GenericImage>,
     /// `host`, `controller`, `provider`, `etcd`.
     role: &'static str,
+}
+
+/// A NATS server of a clustered [`Cluster`] beyond the first.
+struct Peer {
+    /// `nats-1`, `nats-2`, …: the node name (the container is `<cluster>-<node>`).
+    node: String,
+    volume: String,
+    port: u16,
+    container: ContainerAsync<GenericImage>,
 }
 
 /// A lattice spread over containers on one Docker network.
@@ -107,6 +127,8 @@ pub struct Cluster {
     volume: String,
     nats_port: u16,
     nats: Option<ContainerAsync<GenericImage>>,
+    /// The other servers of a NATS cluster ([`Cluster::start_clustered`]); empty for one server.
+    peers: Vec<Peer>,
     nodes: BTreeMap<String, Node>,
 }
 
@@ -123,18 +145,20 @@ impl std::fmt::Debug for Cluster {
 impl Cluster {
     /// Builds the images if needed, then starts NATS on a fresh network and volume.
     pub async fn start(test: &str) -> Self {
+        Self::start_clustered(test, 1).await
+    }
+
+    /// Like [`Cluster::start`] with `servers` NATS servers routed into one JetStream cluster
+    /// (`nats`, `nats-1`, `nats-2`, …, each with its own volume and mapped client port), and
+    /// waits until the cluster places a stream with that many replicas. Nodes are given every
+    /// server ([`Cluster::inner_url`]), the test process every mapped port ([`Cluster::url`]).
+    pub async fn start_clustered(test: &str, servers: usize) -> Self {
+        assert!(servers >= 1, "a cluster has at least one NATS server");
         ensure_images();
         let id = ulid::Ulid::generate().to_string().to_lowercase();
         let name = format!("trellis-{test}-{}", &id[id.len() - 6..]);
         let volume = format!("{name}-js");
-        let (ok, text) = docker(&[
-            "volume",
-            "create",
-            "--label",
-            &format!("{}={}", SUITE_LABEL.0, SUITE_LABEL.1),
-            &volume,
-        ]);
-        assert!(ok, "docker volume create {volume}: {text}");
+        create_volume(&volume);
         let mut cluster = Self {
             network: format!("{name}-net"),
             name,
@@ -142,9 +166,85 @@ impl Cluster {
             volume,
             nats_port: free_port(),
             nats: None,
+            peers: Vec::new(),
             nodes: BTreeMap::new(),
         };
-        cluster.start_nats().await;
+        if servers == 1 {
+            cluster.start_nats().await;
+            return cluster;
+        }
+        let names: Vec<String> = (0..servers)
+            .map(|i| {
+                if i == 0 {
+                    "nats".to_owned()
+                } else {
+                    format!("nats-{i}")
+                }
+            })
+            .collect();
+        let routes = names
+            .iter()
+            .map(|n| format!("nats://{}:6222", cluster.container_name(n)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cmd = |node: &str| -> Vec<String> {
+            [
+                "-js",
+                "-sd",
+                "/data",
+                "-n",
+                node,
+                "--cluster_name",
+                "trellis",
+                "--cluster",
+                "nats://0.0.0.0:6222",
+                "--routes",
+                &routes,
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect()
+        };
+        let first = cluster
+            .nats_container(
+                "nats",
+                &cluster.volume.clone(),
+                cluster.nats_port,
+                Some(cmd("nats")),
+            )
+            .await;
+        cluster.nats = Some(first);
+        for node in &names[1..] {
+            let volume = format!("{}-{node}-js", cluster.name);
+            create_volume(&volume);
+            let port = free_port();
+            let container = cluster
+                .nats_container(node, &volume, port, Some(cmd(node)))
+                .await;
+            cluster.peers.push(Peer {
+                node: node.clone(),
+                volume,
+                port,
+                container,
+            });
+        }
+        let js = async_nats::jetstream::new(cluster.client().await);
+        wait_for(
+            "the JetStream cluster to place a replicated stream",
+            Duration::from_secs(60),
+            || async {
+                let probe = async_nats::jetstream::stream::Config {
+                    name: "CLUSTER_PROBE".into(),
+                    subjects: vec!["cluster-probe".into()],
+                    num_replicas: servers,
+                    storage: async_nats::jetstream::stream::StorageType::Memory,
+                    ..Default::default()
+                };
+                js.create_stream(probe).await.ok()?;
+                js.delete_stream("CLUSTER_PROBE").await.ok().map(|_| ())
+            },
+        )
+        .await;
         cluster
     }
 
@@ -159,19 +259,37 @@ impl Cluster {
 
     async fn start_nats(&mut self) {
         let container = self
+            .nats_container("nats", &self.volume.clone(), self.nats_port, None)
+            .await;
+        self.nats = Some(container);
+    }
+
+    /// Starts the NATS server `node` on `volume` with its client port mapped to `port` (the
+    /// image's own arguments unless `cmd` is given), and waits until it accepts clients there.
+    async fn nats_container(
+        &self,
+        node: &str,
+        volume: &str,
+        port: u16,
+        cmd: Option<Vec<String>>,
+    ) -> ContainerAsync<GenericImage> {
+        let image = self
             .image("trellis-nats:local")
-            .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
+            .with_wait_for(WaitFor::message_on_stderr("Server is ready"));
+        let request = match cmd {
+            Some(cmd) => image.with_cmd(cmd),
+            None => image.into(),
+        };
+        let container = request
             .with_network(&self.network)
-            .with_container_name(self.container_name("nats"))
+            .with_container_name(self.container_name(node))
             .with_label(SUITE_LABEL.0, SUITE_LABEL.1)
-            .with_mount(Mount::volume_mount(&self.volume, "/data"))
-            .with_mapped_port(self.nats_port, 4222.tcp())
+            .with_mount(Mount::volume_mount(volume, "/data"))
+            .with_mapped_port(port, 4222.tcp())
             .with_startup_timeout(Duration::from_secs(60))
             .start()
             .await
-            .unwrap_or_else(|e| panic!("cannot start NATS of {}: {e}", self.name));
-        self.nats = Some(container);
-        let port = self.nats_port;
+            .unwrap_or_else(|e| panic!("cannot start {node} of {}: {e}", self.name));
         wait_for(
             "NATS on its mapped port",
             Duration::from_secs(30),
@@ -183,16 +301,77 @@ impl Cluster {
             },
         )
         .await;
+        container
     }
 
-    /// The NATS URL for the test process (a port mapped on 127.0.0.1).
+    /// The NATS URL for the test process (a port mapped on 127.0.0.1; of a NATS cluster, every
+    /// server's, comma-separated, the first server's first).
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.nats_port)
+        std::iter::once(self.nats_port)
+            .chain(self.peers.iter().map(|p| p.port))
+            .map(|port| format!("nats://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
-    /// The NATS URL for nodes on the cluster's network.
+    /// The URL of one NATS server (`nats`, `nats-1`, …) for the test process.
+    pub fn server_url(&self, server: &str) -> String {
+        let port = if server == "nats" {
+            self.nats_port
+        } else {
+            self.peer(server).port
+        };
+        format!("nats://127.0.0.1:{port}")
+    }
+
+    /// The NATS URL for nodes on the cluster's network (of a NATS cluster, every server's).
     pub fn inner_url(&self) -> String {
-        format!("nats://{}:4222", self.container_name("nats"))
+        std::iter::once("nats")
+            .chain(self.peers.iter().map(|p| p.node.as_str()))
+            .map(|node| format!("nats://{}:4222", self.container_name(node)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn peer(&self, server: &str) -> &Peer {
+        self.peers
+            .iter()
+            .find(|p| p.node == server)
+            .unwrap_or_else(|| panic!("no NATS server {server} in {}", self.name))
+    }
+
+    fn container_of(&self, node: &str) -> String {
+        if node == "nats" {
+            self.nats.as_ref().expect("NATS runs").id().to_owned()
+        } else if node.starts_with("nats-") {
+            self.peer(node).container.id().to_owned()
+        } else {
+            self.container_id(node)
+        }
+    }
+
+    /// Cuts `node` (a NATS server or any other node) off the cluster's network, as a network
+    /// partition does: its connections to every other container break, and so does its mapped
+    /// port.
+    pub fn partition(&self, node: &str) {
+        let (ok, text) = docker(&[
+            "network",
+            "disconnect",
+            &self.network,
+            &self.container_of(node),
+        ]);
+        assert!(ok, "docker network disconnect {node}: {text}");
+    }
+
+    /// Connects a partitioned `node` to the cluster's network again, under the same name.
+    pub fn heal(&self, node: &str) {
+        let (ok, text) = docker(&[
+            "network",
+            "connect",
+            &self.network,
+            &self.container_of(node),
+        ]);
+        assert!(ok, "docker network connect {node}: {text}");
     }
 
     async fn add(&mut self, node: &str, role: &'static str, image: &str, cmd: Vec<String>) {
@@ -409,7 +588,7 @@ impl Cluster {
                 None => return String::new(),
             }
         } else {
-            self.container_id(node)
+            self.container_of(node)
         };
         docker(&["logs", &id]).1
     }
@@ -430,7 +609,11 @@ impl Cluster {
 
     /// A NATS client of the test process.
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.unwrap()
+        async_nats::ConnectOptions::new()
+            .max_reconnects(None)
+            .connect(crate::servers(&self.url()))
+            .await
+            .unwrap()
     }
 
     /// A control client with a 10 s timeout.
@@ -452,8 +635,16 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("==== logs of cluster {} (the test failed)", self.name);
-            for node in self.nodes.keys().chain(std::iter::once(&"nats".to_owned())) {
-                let logs = self.logs(node);
+            let servers =
+                std::iter::once("nats".to_owned()).chain(self.peers.iter().map(|p| p.node.clone()));
+            for node in self
+                .nodes
+                .keys()
+                .cloned()
+                .chain(servers)
+                .collect::<Vec<_>>()
+            {
+                let logs = self.logs(&node);
                 let tail: Vec<&str> = logs.lines().rev().take(60).collect();
                 eprintln!("---- {node} (last {} lines)", tail.len());
                 for line in tail.iter().rev() {
@@ -465,6 +656,12 @@ impl Drop for Cluster {
         // then the volume.
         self.nodes.clear();
         self.nats = None;
+        let peers = std::mem::take(&mut self.peers);
+        let volumes: Vec<String> = peers.iter().map(|p| p.volume.clone()).collect();
+        drop(peers);
         let _ = docker(&["volume", "rm", "--force", &self.volume]);
+        for volume in volumes {
+            let _ = docker(&["volume", "rm", "--force", &volume]);
+        }
     }
 }

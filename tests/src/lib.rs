@@ -520,6 +520,15 @@ impl Drop for Nats {
     }
 }
 
+/// The servers of a comma-separated NATS URL list, as a client takes them.
+pub fn servers(url: &str) -> Vec<String> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Runs the `trellis` CLI against the NATS server at `url`; returns (exit code, stdout, stderr).
 pub fn cli_at(url: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin("trellis"))
@@ -552,7 +561,9 @@ pub async fn facts_at(url: &str, lattice: &Lattice) -> Vec<Fact> {
 /// Like [`facts_at`], but the stream must exist, and any failure to read it (a cluster electing
 /// a leader) is returned rather than a panic, so the caller can retry.
 pub async fn try_facts_at(url: &str, lattice: &Lattice) -> Result<Vec<Fact>, String> {
-    let client = async_nats::connect(url).await.map_err(|e| e.to_string())?;
+    let client = async_nats::connect(servers(url))
+        .await
+        .map_err(|e| e.to_string())?;
     let js = async_nats::jetstream::new(client.clone());
     read_facts(&client, &js, lattice).await
 }
