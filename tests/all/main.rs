@@ -8,7 +8,6 @@ mod http_status;
 mod instances;
 mod leaf;
 mod lifecycle;
-mod nats_cluster;
 mod protocol;
 mod providers;
 mod registry;

@@ -13,6 +13,6 @@ mod controllers;
 mod etcd;
 mod hosts;
 mod nats;
-mod partition;
+mod nats_cluster;
 mod providers;
 mod scheduling;

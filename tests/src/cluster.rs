@@ -229,22 +229,7 @@ impl Cluster {
             });
         }
         let js = async_nats::jetstream::new(cluster.client().await);
-        wait_for(
-            "the JetStream cluster to place a replicated stream",
-            Duration::from_secs(60),
-            || async {
-                let probe = async_nats::jetstream::stream::Config {
-                    name: "CLUSTER_PROBE".into(),
-                    subjects: vec!["cluster-probe".into()],
-                    num_replicas: servers,
-                    storage: async_nats::jetstream::stream::StorageType::Memory,
-                    ..Default::default()
-                };
-                js.create_stream(probe).await.ok()?;
-                js.delete_stream("CLUSTER_PROBE").await.ok().map(|_| ())
-            },
-        )
-        .await;
+        crate::wait_for_replicated_stream(&js, servers, Duration::from_secs(60)).await;
         cluster
     }
 
@@ -407,6 +392,18 @@ impl Cluster {
     /// Starts a host node `id` (also its host id) with `labels` (`k=v`), a 250 ms heartbeat and
     /// ceilings suited to the test guests, plus `extra` arguments.
     pub async fn host(&mut self, id: &str, labels: &[&str], extra: &[&str]) {
+        self.host_with_ports(id, labels, extra, &[]).await;
+    }
+
+    /// Like [`Cluster::host`], with container `ports` mapped on 127.0.0.1 (see
+    /// [`Cluster::host_port`]): for the listeners of an embedded `http-server`.
+    pub async fn host_with_ports(
+        &mut self,
+        id: &str,
+        labels: &[&str],
+        extra: &[&str],
+        ports: &[u16],
+    ) {
         let mut cmd: Vec<String> = [
             "--nats",
             &self.inner_url(),
@@ -433,7 +430,8 @@ impl Cluster {
             cmd.push((*label).into());
         }
         cmd.extend(extra.iter().map(|s| (*s).to_owned()));
-        self.add(id, "host", "trellis-host:local", cmd).await;
+        self.add_mapped(id, "host", "trellis-host:local", cmd, ports)
+            .await;
     }
 
     /// Starts a controller replica node `replica` (also its replica id) that declares a host lost
@@ -526,9 +524,9 @@ impl Cluster {
         self.node(node).container.id().to_owned()
     }
 
-    /// Kills `node` with `SIGKILL`: no drain, no last words.
+    /// Kills `node` (a NATS server or any other node) with `SIGKILL`: no drain, no last words.
     pub fn kill(&self, node: &str) {
-        let id = self.container_id(node);
+        let id = self.container_of(node);
         let (ok, text) = docker(&["kill", "--signal", "KILL", &id]);
         assert!(ok, "docker kill {node}: {text}");
     }
@@ -546,6 +544,28 @@ impl Cluster {
     /// Starts a killed or stopped node again, with the same command line.
     pub async fn start_again(&self, node: &str) {
         self.node(node).container.start().await.unwrap();
+    }
+
+    /// Stops the NATS server `server` of a clustered NATS with `SIGTERM` (it hands its
+    /// leaderships over and closes its clients), waiting up to 30 s for it to exit.
+    pub fn stop_server(&self, server: &str) {
+        let id = self.container_of(server);
+        let (ok, text) = docker(&["stop", "--time", "30", &id]);
+        assert!(ok, "docker stop {server}: {text}");
+    }
+
+    /// Starts a stopped or killed NATS server again on its volume, name and mapped port, and
+    /// waits until it accepts clients.
+    pub async fn start_server(&self, server: &str) {
+        let id = self.container_of(server);
+        let (ok, text) = docker(&["start", &id]);
+        assert!(ok, "docker start {server}: {text}");
+        let url = self.server_url(server);
+        wait_for("NATS on its mapped port", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move { async_nats::connect(url).await.ok().map(|_| ()) }
+        })
+        .await;
     }
 
     /// Whether `node`'s container is running.

@@ -241,22 +241,7 @@ impl Nats {
             nats.peers = urls.iter().filter(|u| **u != own).cloned().collect();
         }
         let js = async_nats::jetstream::new(servers[0].client().await);
-        wait_for(
-            "the JetStream cluster to place a replicated stream",
-            Duration::from_secs(30),
-            || async {
-                let probe = async_nats::jetstream::stream::Config {
-                    name: "CLUSTER_PROBE".into(),
-                    subjects: vec!["cluster-probe".into()],
-                    num_replicas: size,
-                    storage: async_nats::jetstream::stream::StorageType::Memory,
-                    ..Default::default()
-                };
-                js.create_stream(probe).await.ok()?;
-                js.delete_stream("CLUSTER_PROBE").await.ok().map(|_| ())
-            },
-        )
-        .await;
+        wait_for_replicated_stream(&js, size, Duration::from_secs(30)).await;
         servers
     }
 
@@ -399,19 +384,6 @@ impl Nats {
         self.launch().await;
     }
 
-    /// Stops the server gracefully (SIGTERM: it steps down from what it leads in the cluster and
-    /// closes its clients, which move to other servers), and starts it again on the same port
-    /// with the same store, as an upgrade does. Lame duck mode would also spread the clients'
-    /// moves out, but over at least 30 s.
-    pub async fn graceful_restart(&mut self) {
-        if let Some(p) = self.proc.as_mut() {
-            p.signal(Signal::SIGTERM);
-            let _ = p.wait_exit(Duration::from_secs(30)).await;
-        }
-        self.proc = None;
-        self.launch().await;
-    }
-
     /// A connected client.
     pub async fn client(&self) -> async_nats::Client {
         async_nats::connect(self.url()).await.unwrap()
@@ -517,6 +489,58 @@ impl Nats {
 impl Drop for Nats {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Waits until a JetStream cluster can place a stream with `replicas` replicas (a probe stream,
+/// created and deleted).
+pub async fn wait_for_replicated_stream(
+    js: &async_nats::jetstream::Context,
+    replicas: usize,
+    timeout: Duration,
+) {
+    wait_for(
+        "the JetStream cluster to place a replicated stream",
+        timeout,
+        || async {
+            let probe = async_nats::jetstream::stream::Config {
+                name: "CLUSTER_PROBE".into(),
+                subjects: vec!["cluster-probe".into()],
+                num_replicas: replicas,
+                storage: async_nats::jetstream::stream::StorageType::Memory,
+                ..Default::default()
+            };
+            js.create_stream(probe).await.ok()?;
+            js.delete_stream("CLUSTER_PROBE").await.ok().map(|_| ())
+        },
+    )
+    .await;
+}
+
+/// Asserts that both controller replicas of a lattice, asked through `ctl` at the stream's last
+/// sequence, hold exactly what an independent replay of `facts` (the whole stream) holds.
+pub async fn assert_replicas_match_replay(ctl: &CtlClient, facts: &[Fact], timeout: Duration) {
+    let tip = facts.last().map_or(0, |f| f.seq);
+    let mut expected = trellis_schemas::Projection::new();
+    for f in facts {
+        trellis_schemas::apply(&mut expected, f);
+    }
+    let want = serde_json::to_string(&expected).unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    let deadline = Instant::now() + timeout;
+    while seen.len() < 2 {
+        assert!(Instant::now() < deadline, "both replicas did not answer");
+        let request = trellis_schemas::control::ProjectionRequest { min_seq: Some(tip) };
+        if let Ok(reply) = ctl.request(&request).await {
+            seen.insert(reply.served_by.clone(), reply);
+        }
+    }
+    for (replica, reply) in &seen {
+        assert_eq!(
+            serde_json::to_string(&reply.projection).unwrap(),
+            want,
+            "replica {replica} differs from an independent replay of the stream"
+        );
     }
 }
 

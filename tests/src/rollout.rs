@@ -49,13 +49,6 @@ impl RolloutLattice {
         Self::start(name, &["c1"], hosts, true).await
     }
 
-    /// One controller and hosts `hosts` on a three-server NATS cluster, each process connected
-    /// first to another server (the controller to the first, host `i` to server `i + 1`), the
-    /// first host running the `http-server` provider embedded.
-    pub async fn up_on_cluster(name: &str, hosts: &[&str]) -> Self {
-        Self::start_on(Nats::cluster(3).await, name, &["c1"], hosts, true).await
-    }
-
     async fn start(name: &str, controllers: &[&str], hosts: &[&str], embedded: bool) -> Self {
         Self::start_on(
             vec![Nats::start().await],
