@@ -6,7 +6,6 @@ mod cli;
 mod control;
 mod http_status;
 mod instances;
-mod leaf;
 mod lifecycle;
 mod protocol;
 mod providers;

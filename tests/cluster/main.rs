@@ -12,6 +12,7 @@ mod common;
 mod controllers;
 mod etcd;
 mod hosts;
+mod leaf;
 mod nats;
 mod nats_cluster;
 mod providers;

@@ -101,6 +101,11 @@ fn create_volume(volume: &str) {
     assert!(ok, "docker volume create {volume}: {text}");
 }
 
+/// Pings of a hub and its leaf nodes: a cut link is noticed within seconds on both sides (the
+/// default of two minutes would keep the hub routing to a dead leaf connection, and refusing the
+/// leaf's new one, for that long).
+const LINK_PINGS: &str = "ping_interval: \"1s\"\nping_max: 3\nwrite_deadline: \"2s\"\n";
+
 /// One node of a cluster: a container, and how it was started.
 struct Node {
     container: ContainerAsync<GenericImage>,
@@ -148,11 +153,89 @@ impl Cluster {
         Self::start_clustered(test, 1).await
     }
 
+    /// Like [`Cluster::start`], with NATS as a hub for leaf nodes: its JetStream in `domain`
+    /// (processes behind a leaf reach it with `--js-domain <domain>`), accepting leaf node
+    /// connections on port 7422 of its container without advertising it (see
+    /// [`Cluster::leaf`]).
+    pub async fn start_hub(test: &str, domain: &str) -> Self {
+        let mut cluster = Self::start_clustered_with(test, 1, false).await;
+        let config = format!(
+            "server_name: hub\n{LINK_PINGS}jetstream {{ domain: {domain} }}\nleafnodes {{ listen: \"0.0.0.0:7422\", no_advertise: true }}\n"
+        );
+        let cmd = ["-c", "/etc/nats.conf", "-js", "-sd", "/data"]
+            .map(str::to_owned)
+            .to_vec();
+        let volume = cluster.volume.clone();
+        let network = cluster.network.clone();
+        let container = cluster
+            .nats_container_on(
+                &network,
+                "nats",
+                Some(&volume),
+                cluster.nats_port,
+                Some(cmd),
+                Some(config),
+            )
+            .await;
+        cluster.nats = Some(container);
+        cluster
+    }
+
+    /// Starts a NATS leaf node `node` without JetStream on a network of its own (`<node>`'s
+    /// edge network), dialing the hub ([`Cluster::start_hub`]) over the cluster's network, to
+    /// which it is connected as a second network: [`Cluster::partition`] of `node` cuts the
+    /// leaf link and nothing else. Returns its URL for the test process (a mapped port).
+    pub async fn leaf(&mut self, node: &str) -> String {
+        assert!(!self.nodes.contains_key(node), "node {node} exists already");
+        let config = format!(
+            "server_name: {node}\n{LINK_PINGS}leafnodes {{ reconnect: \"1s\", remotes: [ {{ url: \"nats-leaf://{}:7422\" }} ] }}\n",
+            self.container_name("nats")
+        );
+        let port = free_port();
+        let network = self.edge_network(node);
+        let cmd = vec!["-c".to_owned(), "/etc/nats.conf".to_owned()];
+        let container = self
+            .nats_container_on(&network, node, None, port, Some(cmd), Some(config))
+            .await;
+        self.nodes.insert(
+            node.to_owned(),
+            Node {
+                container,
+                role: "leaf",
+            },
+        );
+        self.heal(node);
+        format!("nats://127.0.0.1:{port}")
+    }
+
+    /// The network of leaf node `leaf`'s side.
+    pub fn edge_network(&self, leaf: &str) -> String {
+        format!("{}-{leaf}-net", self.name)
+    }
+
+    /// Starts a host node `id` behind leaf node `leaf`: on the leaf's network only, connected to
+    /// the leaf, reaching the hub's JetStream with `--js-domain hub`.
+    pub async fn host_behind(&mut self, leaf: &str, id: &str, labels: &[&str]) {
+        let url = format!("nats://{}:4222", self.container_name(leaf));
+        let mut extra = vec!["--js-domain", "hub"];
+        for label in labels {
+            extra.extend(["--label", label]);
+        }
+        let cmd = self.host_cmd(&url, id, &extra);
+        let network = self.edge_network(leaf);
+        self.add_on(&network, id, "host", "trellis-host:local", cmd, &[])
+            .await;
+    }
+
     /// Like [`Cluster::start`] with `servers` NATS servers routed into one JetStream cluster
     /// (`nats`, `nats-1`, `nats-2`, …, each with its own volume and mapped client port), and
     /// waits until the cluster places a stream with that many replicas. Nodes are given every
     /// server ([`Cluster::inner_url`]), the test process every mapped port ([`Cluster::url`]).
     pub async fn start_clustered(test: &str, servers: usize) -> Self {
+        Self::start_clustered_with(test, servers, true).await
+    }
+
+    async fn start_clustered_with(test: &str, servers: usize, start_nats: bool) -> Self {
         assert!(servers >= 1, "a cluster has at least one NATS server");
         ensure_images();
         let id = ulid::Ulid::generate().to_string().to_lowercase();
@@ -170,7 +253,9 @@ impl Cluster {
             nodes: BTreeMap::new(),
         };
         if servers == 1 {
-            cluster.start_nats().await;
+            if start_nats {
+                cluster.start_nats().await;
+            }
             return cluster;
         }
         let names: Vec<String> = (0..servers)
@@ -258,18 +343,39 @@ impl Cluster {
         port: u16,
         cmd: Option<Vec<String>>,
     ) -> ContainerAsync<GenericImage> {
+        self.nats_container_on(&self.network, node, Some(volume), port, cmd, None)
+            .await
+    }
+
+    /// Starts a NATS server `node` on `network`, with its store on `volume` if given, its client
+    /// port mapped to `port`, the image's own arguments unless `cmd` is given, and `config` as
+    /// `/etc/nats.conf` if given; waits until it accepts clients on the mapped port.
+    async fn nats_container_on(
+        &self,
+        network: &str,
+        node: &str,
+        volume: Option<&str>,
+        port: u16,
+        cmd: Option<Vec<String>>,
+        config: Option<String>,
+    ) -> ContainerAsync<GenericImage> {
         let image = self
             .image("trellis-nats:local")
             .with_wait_for(WaitFor::message_on_stderr("Server is ready"));
-        let request = match cmd {
+        let mut request = match cmd {
             Some(cmd) => image.with_cmd(cmd),
             None => image.into(),
         };
+        if let Some(config) = config {
+            request = request.with_copy_to("/etc/nats.conf", config.into_bytes());
+        }
+        if let Some(volume) = volume {
+            request = request.with_mount(Mount::volume_mount(volume, "/data"));
+        }
         let container = request
-            .with_network(&self.network)
+            .with_network(network)
             .with_container_name(self.container_name(node))
             .with_label(SUITE_LABEL.0, SUITE_LABEL.1)
-            .with_mount(Mount::volume_mount(volume, "/data"))
             .with_mapped_port(port, 4222.tcp())
             .with_startup_timeout(Duration::from_secs(60))
             .start()
@@ -372,13 +478,27 @@ impl Cluster {
         cmd: Vec<String>,
         ports: &[u16],
     ) {
+        let network = self.network.clone();
+        self.add_on(&network, node, role, image, cmd, ports).await;
+    }
+
+    /// Like `add_mapped`, on `network`.
+    async fn add_on(
+        &mut self,
+        network: &str,
+        node: &str,
+        role: &'static str,
+        image: &str,
+        cmd: Vec<String>,
+        ports: &[u16],
+    ) {
         assert!(!self.nodes.contains_key(node), "node {node} exists already");
         let mut request = self.image(image).with_cmd(cmd);
         for port in ports {
             request = request.with_mapped_port(free_port(), port.tcp());
         }
         let container = request
-            .with_network(&self.network)
+            .with_network(network)
             .with_container_name(self.container_name(node))
             .with_label(SUITE_LABEL.0, SUITE_LABEL.1)
             .with_env_var("RUST_LOG", "info,async_nats=warn")
@@ -404,9 +524,21 @@ impl Cluster {
         extra: &[&str],
         ports: &[u16],
     ) {
-        let mut cmd: Vec<String> = [
+        let mut all: Vec<&str> = Vec::new();
+        for label in labels {
+            all.extend(["--label", label]);
+        }
+        all.extend(extra);
+        let cmd = self.host_cmd(&self.inner_url(), id, &all);
+        self.add_mapped(id, "host", "trellis-host:local", cmd, ports)
+            .await;
+    }
+
+    /// The command line of a host `id` connecting to `url`, with `extra` arguments at the end.
+    fn host_cmd(&self, url: &str, id: &str, extra: &[&str]) -> Vec<String> {
+        [
             "--nats",
-            &self.inner_url(),
+            url,
             "--lattice",
             self.lattice.as_str(),
             "--host-id",
@@ -423,15 +555,9 @@ impl Cluster {
             "/tmp/cache",
         ]
         .iter()
+        .chain(extra)
         .map(|s| (*s).to_owned())
-        .collect();
-        for label in labels {
-            cmd.push("--label".into());
-            cmd.push((*label).into());
-        }
-        cmd.extend(extra.iter().map(|s| (*s).to_owned()));
-        self.add_mapped(id, "host", "trellis-host:local", cmd, ports)
-            .await;
+        .collect()
     }
 
     /// Starts a controller replica node `replica` (also its replica id) that declares a host lost

@@ -13,7 +13,6 @@
 pub mod bench;
 pub mod cluster;
 pub mod components;
-pub mod relay;
 pub mod rollout;
 
 use std::future::Future;
@@ -196,10 +195,6 @@ pub struct Nats {
     extra: Vec<String>,
     /// The URLs of the other members of its cluster, if it is in one.
     peers: Vec<String>,
-    /// Whether the server runs JetStream (a leaf node may not).
-    jetstream: bool,
-    /// The port that accepts leaf node connections, on a hub.
-    pub leaf_port: Option<u16>,
 }
 
 impl Nats {
@@ -245,46 +240,6 @@ impl Nats {
         servers
     }
 
-    /// Starts a hub: a server with JetStream in `domain` that accepts leaf node connections on
-    /// [`Nats::leaf_port`]. It does not advertise that port to its leaf nodes (which would add it
-    /// to the addresses they redial), so a leaf dialing through a relay stays behind it. Processes behind a leaf node reach its JetStream as
-    /// `$JS.<domain>.API` (Trellis's `--js-domain`).
-    pub async fn hub(domain: &str) -> Self {
-        let mut nats = Self::prepare(Vec::new());
-        let leaf_port = free_port();
-        let conf = nats.dir.path().join("hub.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "server_name: hub\njetstream {{ domain: {domain} }}\nleafnodes {{ listen: \"127.0.0.1:{leaf_port}\", no_advertise: true }}\n"
-            ),
-        )
-        .unwrap();
-        nats.extra = vec!["-c".into(), conf.display().to_string()];
-        nats.leaf_port = Some(leaf_port);
-        nats.launch().await;
-        nats
-    }
-
-    /// Starts a leaf node without JetStream of its own, connected to a hub's leaf port at
-    /// `remote_port` on loopback (a hub's [`Nats::leaf_port`], or a relay in front of it). It
-    /// redials every second while the hub is out of reach.
-    pub async fn leaf(remote_port: u16) -> Self {
-        let mut nats = Self::prepare(Vec::new());
-        let conf = nats.dir.path().join("leaf.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "server_name: leaf\nleafnodes {{ reconnect: \"1s\", remotes: [ {{ url: \"nats-leaf://127.0.0.1:{remote_port}\" }} ] }}\n"
-            ),
-        )
-        .unwrap();
-        nats.extra = vec!["-c".into(), conf.display().to_string()];
-        nats.jetstream = false;
-        nats.launch().await;
-        nats
-    }
-
     fn prepare(extra: Vec<String>) -> Self {
         let mut dir = tempfile::Builder::new()
             .prefix("trellis-test-")
@@ -301,8 +256,6 @@ impl Nats {
             proc: None,
             extra,
             peers: Vec::new(),
-            jetstream: true,
-            leaf_port: None,
         }
     }
 
@@ -313,20 +266,18 @@ impl Nats {
     }
 
     async fn launch(&mut self) {
-        let mut args: Vec<String> = vec![
+        let args: Vec<String> = [
             "-a".into(),
             "127.0.0.1".into(),
             "-p".into(),
             self.port.to_string(),
-        ];
-        if self.jetstream {
-            args.extend([
-                "-js".into(),
-                "-sd".into(),
-                self.dir.path().join("js").display().to_string(),
-            ]);
-        }
-        args.extend(self.extra.iter().cloned());
+            "-js".into(),
+            "-sd".into(),
+            self.dir.path().join("js").display().to_string(),
+        ]
+        .into_iter()
+        .chain(self.extra.iter().cloned())
+        .collect();
         self.proc = Some(Proc::spawn(
             "nats",
             &Self::server_binary(),
