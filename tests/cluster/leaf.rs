@@ -13,37 +13,13 @@ use std::collections::BTreeSet;
 use trellis_schemas::control::{HostListRequest, InstanceGetRequest};
 use trellis_schemas::{FactData, HostStatus, InstanceId, InstanceStatus};
 use trellis_tests::cluster::Cluster;
-use trellis_tests::{cli_at, components, wait_for};
+use trellis_tests::{cli_at, wait_for};
 
-use crate::common::T;
+use crate::common::{T, push};
 
 /// The `trellis` CLI against `url`.
 fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
     cli_at(url, args)
-}
-
-fn push(hub: &str, dir: &std::path::Path, guest: &str, name: &str) {
-    let wasm = dir.join(format!("{name}.wasm"));
-    std::fs::copy(components::build().path(guest), &wasm).unwrap();
-    let toml = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &toml,
-        format!(
-            "[component]\nname = \"{name}\"\nversion = \"1.0.0\"\n\n[limits]\nmax_memory = \"16MiB\"\nfuel = 50_000_000\ntimeout = \"2s\"\nmax_concurrency = 8\n"
-        ),
-    )
-    .unwrap();
-    let (code, out, err) = cli(
-        hub,
-        &[
-            "component",
-            "push",
-            wasm.to_str().unwrap(),
-            "--manifest",
-            toml.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(code, 0, "push {name}: {out}{err}");
 }
 
 /// Starts one instance of `component` on the edge host; returns its id.
@@ -117,9 +93,8 @@ async fn an_edge_host_behind_a_leaf_node_serves_through_a_cut_link_and_its_facts
 
     // Placed and called like any other host: the edge host fetched the code from the hub's
     // object store through the leaf, and answers callers on either side.
-    let dir = tempfile::tempdir().unwrap();
-    push(&hub, dir.path(), "typed", "typed");
-    push(&hub, dir.path(), "trap", "trapper");
+    push(&cluster, "typed", "typed", "2s");
+    push(&cluster, "trap", "trapper", "2s");
     start_on_edge(&hub, "typed");
     let trapper = start_on_edge(&hub, "trapper");
     for side in [&hub, &leaf] {
