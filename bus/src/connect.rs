@@ -67,9 +67,6 @@ pub async fn connect(url: &str, name: &str, wait: bool) -> Result<Client, Connec
         })
 }
 
-/// The environment variable that names the JetStream domain (see [`set_jetstream_domain`]).
-pub const JS_DOMAIN_ENV: &str = "TRELLIS_JS_DOMAIN";
-
 static JS_DOMAIN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
 
 /// Sets, once per process, the JetStream domain every [`jetstream`] context of this process

@@ -44,7 +44,7 @@ pub use artifacts::{
 };
 pub use child::spawn_tied;
 pub use connect::{
-    ConnectError, JS_DOMAIN_ENV, connect, jetstream, jetstream_domain, parse_jetstream_domain,
+    ConnectError, connect, jetstream, jetstream_domain, parse_jetstream_domain,
     set_jetstream_domain,
 };
 pub use publisher::{FactPublisher, PublishError, publish_at_tip, publish_exclusive};

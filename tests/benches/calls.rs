@@ -20,14 +20,8 @@ use trellis_schemas::instance::{
     ComponentSource, ManifestDoc, RestartPolicy, StartInstanceCommand,
 };
 use trellis_schemas::{ComponentName, FactKind, HostId, InstanceId, subject};
+use trellis_tests::bench::{env_usize, quantile};
 use trellis_tests::{Nats, Proc, bin, components, lattice, wait_for};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[tokio::main]
 async fn main() {
@@ -113,8 +107,6 @@ async fn main() {
     let started = Instant::now();
     let (mut latencies, errors) = run(&clients, &call_subject, total, callers).await;
     let elapsed = started.elapsed();
-    latencies.sort_unstable();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     println!(
         "calls: {total} `add` calls, {callers} concurrent callers over {} connections, 1 instance",
         clients.len()
@@ -125,8 +117,8 @@ async fn main() {
     );
     println!(
         "latency: p50 {:?}, p99 {:?}, max {:?}",
-        pct(0.50),
-        pct(0.99),
+        quantile(&mut latencies, 0.50),
+        quantile(&mut latencies, 0.99),
         latencies.last().copied().unwrap_or_default()
     );
 }

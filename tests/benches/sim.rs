@@ -75,7 +75,7 @@ use trellis_schemas::{
     HostStatus, InstanceId, InstanceStatus, InventoryInstance, Lattice, Reply, RestartPolicy,
     subject,
 };
-use trellis_tests::bench::env_usize;
+use trellis_tests::bench::{env_usize, quantile};
 use trellis_tests::{Nats, lattice};
 
 const COMPONENT: &str = "sim-app";
@@ -509,16 +509,6 @@ fn secs(d: Duration) -> String {
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
-}
-
-/// The `q` quantile (nearest rank) of `v`, which it sorts.
-fn quantile(v: &mut [Duration], q: f64) -> Duration {
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    v.sort_unstable();
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
 }
 
 fn clock_ticks_per_sec() -> f64 {

@@ -17,14 +17,9 @@ use trellis_tests::{cli_at, wait_for};
 
 use crate::common::{T, push};
 
-/// The `trellis` CLI against `url`.
-fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
-    cli_at(url, args)
-}
-
 /// Starts one instance of `component` on the edge host; returns its id.
 fn start_on_edge(hub: &str, component: &str) -> String {
-    let (code, out, err) = cli(
+    let (code, out, err) = cli_at(
         hub,
         &[
             "instance",
@@ -98,7 +93,7 @@ async fn an_edge_host_behind_a_leaf_node_serves_through_a_cut_link_and_its_facts
     start_on_edge(&hub, "typed");
     let trapper = start_on_edge(&hub, "trapper");
     for side in [&hub, &leaf] {
-        let (code, out, err) = cli(side, &["call", "typed", "add", "40", "2"]);
+        let (code, out, err) = cli_at(side, &["call", "typed", "add", "40", "2"]);
         assert_eq!((code, out.trim()), (0, "42"), "{err}");
     }
     let (before, _) = story(&cluster, &trapper).await;
@@ -107,7 +102,7 @@ async fn an_edge_host_behind_a_leaf_node_serves_through_a_cut_link_and_its_facts
     // Cut the link: the hub's callers get no answer from the edge any more …
     cluster.partition("leaf");
     wait_for("the hub to lose the edge's subjects", T, || async {
-        let (code, _, _) = cli(&hub, &["--timeout", "1s", "call", "typed", "add", "1", "1"]);
+        let (code, _, _) = cli_at(&hub, &["--timeout", "1s", "call", "typed", "add", "1", "1"]);
         // No instance answers (no responders once the hub has dropped the leaf's interest).
         (code == 4).then_some(())
     })
@@ -115,13 +110,13 @@ async fn an_edge_host_behind_a_leaf_node_serves_through_a_cut_link_and_its_facts
     // … while callers on the edge's side are served, and a crash there is handled by the edge
     // host alone: reported, restarted by its policy, the facts kept until the link is back.
     for round in 1..=2u32 {
-        let (code, out, err) = cli(&leaf, &["call", "typed", "add", "40", "2"]);
+        let (code, out, err) = cli_at(&leaf, &["call", "typed", "add", "40", "2"]);
         assert_eq!((code, out.trim()), (0, "42"), "round {round}: {err}");
-        let (code, _, err) = cli(&leaf, &["call", &trapper, "run", "boom"]);
+        let (code, _, err) = cli_at(&leaf, &["call", &trapper, "run", "boom"]);
         assert_eq!(code, 1, "{err}");
         assert!(err.contains("trap: unreachable"), "{err}");
         wait_for("the trapper restarted on the edge", T, || async {
-            let (code, out, _) = cli(&leaf, &["call", &trapper, "run", "ok"]);
+            let (code, out, _) = cli_at(&leaf, &["call", &trapper, "run", "ok"]);
             (code == 0 && out.trim() == "\"no trap\"").then_some(())
         })
         .await;
@@ -169,7 +164,7 @@ async fn an_edge_host_behind_a_leaf_node_serves_through_a_cut_link_and_its_facts
     })
     .await;
     wait_for("the hub to reach the edge again", T, || async {
-        let (code, out, _) = cli(&hub, &["call", "typed", "add", "40", "2"]);
+        let (code, out, _) = cli_at(&hub, &["call", "typed", "add", "40", "2"]);
         (code == 0 && out.trim() == "42").then_some(())
     })
     .await;

@@ -1,4 +1,4 @@
-//! Helpers for the scenario benchmarks in `tests/benches`: settings from the environment, a
+//! Helpers for the scenario benchmarks in `tests/benches`: settings from the environment, quantiles, a
 //! lattice with a controller, a host and standalone providers, and HTTP load from `wrk`.
 
 use std::path::{Path, PathBuf};
@@ -16,6 +16,16 @@ pub fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// The `q` quantile (nearest rank) of `v`, which it sorts; zero when `v` is empty.
+pub fn quantile(v: &mut [Duration], q: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v.sort_unstable();
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
 }
 
 /// A lattice for a benchmark or a test: a nats-server, one controller, one host and the given

@@ -90,6 +90,21 @@ fn docker(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Waits until NATS accepts clients on `port` of 127.0.0.1.
+async fn wait_for_nats(port: u16) {
+    wait_for(
+        "NATS on its mapped port",
+        Duration::from_secs(30),
+        || async move {
+            async_nats::connect(format!("nats://127.0.0.1:{port}"))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+}
+
 fn create_volume(volume: &str) {
     let (ok, text) = docker(&[
         "volume",
@@ -381,17 +396,7 @@ impl Cluster {
             .start()
             .await
             .unwrap_or_else(|e| panic!("cannot start {node} of {}: {e}", self.name));
-        wait_for(
-            "NATS on its mapped port",
-            Duration::from_secs(30),
-            || async move {
-                async_nats::connect(format!("nats://127.0.0.1:{port}"))
-                    .await
-                    .ok()
-                    .map(|_| ())
-            },
-        )
-        .await;
+        wait_for_nats(port).await;
         container
     }
 
@@ -407,12 +412,16 @@ impl Cluster {
 
     /// The URL of one NATS server (`nats`, `nats-1`, …) for the test process.
     pub fn server_url(&self, server: &str) -> String {
-        let port = if server == "nats" {
+        format!("nats://127.0.0.1:{}", self.server_port(server))
+    }
+
+    /// The port on 127.0.0.1 mapped to one NATS server's client port.
+    fn server_port(&self, server: &str) -> u16 {
+        if server == "nats" {
             self.nats_port
         } else {
             self.peer(server).port
-        };
-        format!("nats://127.0.0.1:{port}")
+        }
     }
 
     /// The NATS URL for nodes on the cluster's network (of a NATS cluster, every server's).
@@ -686,12 +695,7 @@ impl Cluster {
         let id = self.container_of(server);
         let (ok, text) = docker(&["start", &id]);
         assert!(ok, "docker start {server}: {text}");
-        let url = self.server_url(server);
-        wait_for("NATS on its mapped port", Duration::from_secs(30), || {
-            let url = url.clone();
-            async move { async_nats::connect(url).await.ok().map(|_| ()) }
-        })
-        .await;
+        wait_for_nats(self.server_port(server)).await;
     }
 
     /// Whether `node`'s container is running.

@@ -4,7 +4,6 @@
 //! command; the host answers at once and reports the outcome as facts carrying the operation id.
 //! If a host cannot be reached, the controller records `instance.start_failed` itself.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -165,7 +164,7 @@ pub(crate) async fn start(
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let loads = state.loads(&projection);
-        let hosts = place_with(&projection, &loads, &request, memory, &BTreeMap::new())?;
+        let hosts = place_with(&projection, &loads, &request, memory)?;
         let placements: Vec<Placement> = hosts
             .into_iter()
             .map(|host_id| Placement {

@@ -124,14 +124,14 @@ pub(crate) async fn relocate(state: Arc<State>, host: HostId, lost_seq: u64, los
 /// Decides, from the projection, which lost instances move where.
 fn plan(state: &State, host: &HostId, lost_seq: u64) -> Vec<Move> {
     let projection = state.projection();
-    // Counted once for the whole plan; what the plan places is counted in `pending`, then
-    // recorded as placed for the plans and placements that follow.
+    // Counted once for the whole plan, each placement added as it is made, then recorded as
+    // placed for the plans and placements that follow.
     let placing = state
         .placing
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let loads = state.loads(&projection);
-    let mut pending: BTreeMap<HostId, usize> = BTreeMap::new();
+    let mut loads = state.loads(&projection);
+    let mut placed = Vec::new();
     let mut moves = Vec::new();
     let lost = projection.instances.values().filter(|i| {
         &i.host_id == host && i.status == InstanceStatus::Lost && i.status_seq == lost_seq
@@ -175,18 +175,15 @@ fn plan(state: &State, host: &HostId, lost_seq: u64) -> Vec<Move> {
             .filter(|r| matches!(&r.assignment.target, AssignmentTarget::Instance(i) if i == &instance.instance_id))
             .map(|r| r.assignment.clone())
             .collect();
-        match place_with(
-            &projection,
-            &loads,
-            &request,
-            Some(artifact.manifest.max_memory_bytes),
-            &pending,
-        ) {
+        let memory = artifact.manifest.max_memory_bytes;
+        match place_with(&projection, &loads, &request, Some(memory)) {
             Ok(hosts) => {
                 let Some(to_host) = hosts.into_iter().next() else {
                     continue;
                 };
-                *pending.entry(to_host.clone()).or_default() += 1;
+                let replacement = InstanceId::generate();
+                loads.add(&to_host, memory);
+                placed.push((replacement.clone(), to_host.clone(), memory));
                 moves.push(Move {
                     lost: instance.clone(),
                     component,
@@ -198,7 +195,7 @@ fn plan(state: &State, host: &HostId, lost_seq: u64) -> Vec<Move> {
                     },
                     restart,
                     to_host,
-                    replacement: InstanceId::generate(),
+                    replacement,
                 });
             }
             Err(e) => tracing::warn!(
@@ -208,13 +205,7 @@ fn plan(state: &State, host: &HostId, lost_seq: u64) -> Vec<Move> {
             ),
         }
     }
-    state.placed(moves.iter().map(|m| {
-        let memory = match &m.source {
-            ComponentSource::Artifact { manifest, .. } => manifest.max_memory_bytes,
-            ComponentSource::File { .. } => 0,
-        };
-        (m.replacement.clone(), m.to_host.clone(), memory)
-    }));
+    state.placed(placed);
     drop(placing);
     moves
 }

@@ -86,6 +86,10 @@ impl LoadIndex {
     /// Applies `fact` to `projection` (see [`trellis_schemas::apply`]) and follows what it
     /// changed; returns whether it changed anything.
     pub(crate) fn apply(&mut self, projection: &mut Projection, fact: &Fact) -> bool {
+        if self.stale {
+            // Counted afresh before it is read (always so during the replay).
+            return trellis_schemas::apply(projection, fact);
+        }
         let instance = instance_of(&fact.event.data);
         let before = instance.and_then(|id| weight_of(projection, id));
         if !trellis_schemas::apply(projection, fact) {
@@ -176,18 +180,25 @@ impl Loads {
         }
     }
 
-    /// Counts instances placed on hosts of `projection` but not in it yet: `(host, memory
-    /// limit)` each.
+    /// Counts instances placed but not in the projection yet: `(host, memory limit)` each.
     pub(crate) fn with_inflight<'h>(
         mut self,
         inflight: impl IntoIterator<Item = (&'h HostId, u64)>,
     ) -> Self {
         for (host, memory) in inflight {
-            let load = self.by_host.entry(host.clone()).or_default();
-            load.active += 1;
-            load.memory += memory;
+            self.add(host, memory);
         }
         self
+    }
+
+    /// Counts one more instance on `host`, with `memory` as its limit: one just placed.
+    pub(crate) fn add(&mut self, host: &HostId, memory: u64) {
+        let load = match self.by_host.get_mut(host) {
+            Some(load) => load,
+            None => self.by_host.entry(host.clone()).or_default(),
+        };
+        load.active += 1;
+        load.memory += memory;
     }
 
     /// Marks hosts as quiet: placement passes them over, saying for how long they were silent.
@@ -213,7 +224,6 @@ fn room<'a>(
     load: Load,
     request: &InstanceStartRequest,
     memory_per_instance: Option<u64>,
-    pending: usize,
 ) -> Result<Room<'a>, String> {
     if host.status != HostStatus::Up {
         return Err(format!("host is {}", host.status.as_str()));
@@ -235,7 +245,7 @@ fn room<'a>(
             }
         }
     }
-    let by_count = (host.capacity.max_instances as usize).saturating_sub(load.active + pending);
+    let by_count = (host.capacity.max_instances as usize).saturating_sub(load.active);
     if by_count == 0 {
         return Err(format!(
             "host runs {} instances, its maximum",
@@ -244,11 +254,7 @@ fn room<'a>(
     }
     let slots = match memory_per_instance {
         Some(per) if per > 0 => {
-            let free = host
-                .capacity
-                .memory_bytes
-                .saturating_sub(load.memory)
-                .saturating_sub(per.saturating_mul(pending as u64));
+            let free = host.capacity.memory_bytes.saturating_sub(load.memory);
             let by_memory = (free / per) as usize;
             if by_memory == 0 {
                 return Err(format!(
@@ -261,7 +267,7 @@ fn room<'a>(
     };
     Ok(Room {
         host,
-        active: load.active + pending,
+        active: load.active,
         slots,
     })
 }
@@ -278,20 +284,17 @@ pub(crate) fn place(
         &Loads::of(projection),
         request,
         memory_per_instance,
-        &BTreeMap::new(),
     )
 }
 
-/// Like [`place`], with the hosts' `loads` counted already (see [`Loads::of`]; a caller placing
-/// many instances from one projection counts once), and `pending[host]` more instances on each
-/// host than the projection shows yet (placed a moment ago, not started): those take room and
-/// weigh on the spread.
+/// Like [`place`], with the hosts' `loads` counted already, including what was placed but is not
+/// in the projection yet ([`Loads::with_inflight`], [`Loads::add`]): those take room and weigh on
+/// the spread.
 pub(crate) fn place_with(
     projection: &Projection,
     loads: &Loads,
     request: &InstanceStartRequest,
     memory_per_instance: Option<u64>,
-    pending: &BTreeMap<HostId, usize>,
 ) -> Result<Vec<HostId>, ErrorBody> {
     let mut rooms = Vec::new();
     let mut refusals: BTreeMap<String, String> = BTreeMap::new();
@@ -303,10 +306,9 @@ pub(crate) fn place_with(
         {
             continue;
         }
-        let pending = pending.get(&host.host_id).copied().unwrap_or(0);
         let load = loads.of_host(&host.host_id);
         let quiet = loads.quiet.get(&host.host_id).copied();
-        match room(host, quiet, load, request, memory_per_instance, pending) {
+        match room(host, quiet, load, request, memory_per_instance) {
             Ok(room) => rooms.push(room),
             Err(why) => {
                 refusals.insert(host.host_id.to_string(), why);
@@ -429,7 +431,7 @@ mod tests {
         // Two starts on `a` not yet in the projection: it is full.
         let loads = Loads::of(&p).with_inflight([(&a, 0), (&a, 0)]);
         assert_eq!(
-            ids(place_with(&p, &loads, &request(4, &[]), None, &BTreeMap::new()).expect("fits")),
+            ids(place_with(&p, &loads, &request(4, &[]), None).expect("fits")),
             ["b", "c", "b", "c"]
         );
         // `c` has been silent: only `b` takes anything.
@@ -437,11 +439,10 @@ mod tests {
             .with_inflight([(&a, 0), (&a, 0)])
             .with_quiet([(c, Duration::from_millis(6500))].into());
         assert_eq!(
-            ids(place_with(&p, &loads, &request(2, &[]), None, &BTreeMap::new()).expect("fits")),
+            ids(place_with(&p, &loads, &request(2, &[]), None).expect("fits")),
             ["b", "b"]
         );
-        let err =
-            place_with(&p, &loads, &request(3, &[]), None, &BTreeMap::new()).expect_err("no room");
+        let err = place_with(&p, &loads, &request(3, &[]), None).expect_err("no room");
         assert!(
             err.message
                 .contains("c: host has not been heard from for 6.5 s"),
@@ -578,14 +579,14 @@ mod tests {
             host("a", HostStatus::Up, &[], 2),
             host("b", HostStatus::Up, &[], 2),
         ]);
-        let pending = BTreeMap::from([(HostId::new("a").expect("valid"), 1)]);
+        let a = HostId::new("a").expect("valid");
+        let pending = Loads::of(&p).with_inflight([(&a, 0)]);
         assert_eq!(
-            ids(place_with(&p, &Loads::of(&p), &request(1, &[]), None, &pending).expect("fits")),
+            ids(place_with(&p, &pending, &request(1, &[]), None).expect("fits")),
             ["b"]
         );
-        let pending = BTreeMap::from([(HostId::new("a").expect("valid"), 2)]);
-        let err =
-            place_with(&p, &Loads::of(&p), &request(3, &[]), None, &pending).expect_err("full");
+        let pending = Loads::of(&p).with_inflight([(&a, 0), (&a, 0)]);
+        let err = place_with(&p, &pending, &request(3, &[]), None).expect_err("full");
         assert!(
             err.message.contains("a: host runs 2 instances"),
             "{}",
