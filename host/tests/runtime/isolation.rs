@@ -15,6 +15,22 @@ async fn every_call_sees_a_fresh_store() {
     assert_eq!(counter.invoke("peek", json!(null)).await.unwrap(), 0);
 }
 
+/// Memory slots are reset in place up to a bound and returned to the kernel beyond it: either
+/// way the next store of the slot sees the guest's pristine memory, whether the last one wrote
+/// inside its data (a 3 MiB zeroed static) or in heap it grew.
+#[tokio::test]
+async fn memory_written_by_a_call_is_pristine_for_the_next() {
+    let runtime = runtime();
+    let counter = load(&runtime, "counter", limits());
+    for kib in [0, 64, 4096, 64, 0] {
+        assert_eq!(
+            counter.invoke("scribble", json!([kib])).await.unwrap(),
+            0,
+            "a call after one that dirtied {kib} KiB of heap saw dirty memory"
+        );
+    }
+}
+
 #[tokio::test]
 async fn components_never_share_globals() {
     let runtime = runtime();
