@@ -102,3 +102,23 @@ ensure_etcd_server() {
         apt_install etcd-server
     fi
 }
+
+# Sets TRELLIS_PROMETHEUS to a Prometheus server binary (for the metrics suites): the one
+# TRELLIS_PROMETHEUS already names, else `prometheus` on PATH, else Debian's package `prometheus`,
+# installed on first use. The package may start its own service on :9090; the tests never use it
+# (each starts its own server on a free port).
+ensure_prometheus() {
+    if [ -n "${TRELLIS_PROMETHEUS:-}" ]; then
+        if [ ! -x "$TRELLIS_PROMETHEUS" ]; then
+            echo "error: TRELLIS_PROMETHEUS=$TRELLIS_PROMETHEUS is not an executable" >&2
+            return 1
+        fi
+        return
+    fi
+    if ! command -v prometheus >/dev/null; then
+        echo "installing prometheus (Debian package prometheus)"
+        apt_install prometheus
+    fi
+    TRELLIS_PROMETHEUS="$(command -v prometheus)"
+    export TRELLIS_PROMETHEUS
+}

@@ -31,6 +31,7 @@ mod artifacts;
 mod child;
 mod connect;
 pub mod dataplane;
+pub mod metrics;
 mod publisher;
 mod reader;
 pub mod registry;

@@ -105,6 +105,9 @@ struct ControllerArgs {
     /// when the NATS server belongs to a cluster of three or more servers, else 1.
     #[arg(long, env = "TRELLIS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
     replicas: Option<u8>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. `127.0.0.1:9465`.
+    #[arg(long, env = "TRELLIS_CONTROLLER_METRICS")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -231,6 +234,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let mut config = ControllerConfig::new(g.url(), g.lattice.clone());
             config.host_timeout = args.host_timeout;
             config.streams.replicas = args.replicas.map(usize::from);
+            config.metrics = args.metrics;
             if let Some(id) = args.replica_id {
                 config.replica_id = id;
             }

@@ -69,6 +69,8 @@ pub struct HostConfig {
     /// Where to find `trellis-provider-<name>` executables (then `PATH`). Default: the
     /// directory of the running executable.
     pub provider_dirs: Vec<PathBuf>,
+    /// Where to serve Prometheus metrics (`GET /metrics`). None by default.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl HostConfig {
@@ -87,6 +89,7 @@ impl HostConfig {
             max_artifact_bytes: InstancesConfig::default().max_artifact_bytes,
             registry: None,
             provider_dirs: ProvidersConfig::new("").dirs,
+            metrics: None,
         }
     }
 }
@@ -146,6 +149,9 @@ pub enum HostError {
     /// The registry URL is invalid.
     #[error(transparent)]
     Registry(#[from] trellis_bus::registry::RegistryError),
+    /// The metrics address could not be bound.
+    #[error("cannot serve metrics on {0}: {1}")]
+    Metrics(std::net::SocketAddr, std::io::Error),
 }
 
 /// Runs the host until `shutdown` completes with a reason (`"signal: SIGTERM"`), then drains.
@@ -213,6 +219,12 @@ pub async fn run(
         },
         embedded.clone(),
     );
+    if let Some(addr) = config.metrics {
+        instances.register_metrics();
+        trellis_bus::metrics::serve(addr)
+            .await
+            .map_err(|e| HostError::Metrics(addr, e))?;
+    }
     let rejoin = {
         let publisher = publisher.clone();
         let instances = instances.clone();
@@ -373,11 +385,12 @@ async fn heartbeat_loop(
         // While NATS is away the client's buffer fills; a heartbeat that cannot be sent within an
         // interval is stale, so drop it instead of blocking.
         let send = client.publish(subject.clone(), payload.into());
-        if tokio::time::timeout(config.heartbeat_interval, send)
-            .await
-            .is_err()
-        {
-            tracing::debug!("heartbeat dropped while NATS is unreachable");
+        match tokio::time::timeout(config.heartbeat_interval, send).await {
+            Ok(Ok(())) => {
+                crate::metrics::HOST.heartbeats.inc();
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat not sent"),
+            Err(_) => tracing::debug!("heartbeat dropped while NATS is unreachable"),
         }
     }
 }

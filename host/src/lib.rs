@@ -107,6 +107,7 @@
 
 pub mod agent;
 mod instances;
+mod metrics;
 pub mod providers;
 mod runtime;
 

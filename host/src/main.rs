@@ -58,6 +58,9 @@ struct Args {
     /// heartbeats. Only node existence goes there; the lattice itself needs nothing but NATS.
     #[arg(long, env = "TRELLIS_REGISTRY")]
     registry: Option<String>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. `127.0.0.1:9464`.
+    #[arg(long, env = "TRELLIS_HOST_METRICS")]
+    metrics: Option<std::net::SocketAddr>,
     /// Replicas of the lattice's streams (created or updated to this count, as the controller
     /// does; 1..=5). Default: 3 when the NATS server belongs to a cluster of three or more servers, else 1.
     #[arg(long, env = "TRELLIS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
@@ -118,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
         .max_concurrency(args.max_concurrency)
         .pooling_instances(args.pooling_instances);
     config.registry = args.registry;
+    config.metrics = args.metrics;
     config.streams.replicas = args.replicas.map(usize::from);
     if let Some(dir) = args.cache_dir {
         config.runtime.cache_dir(dir);

@@ -7,6 +7,8 @@ mod control;
 mod http_status;
 mod instances;
 mod lifecycle;
+mod metrics;
+mod prometheus_harness;
 mod protocol;
 mod providers;
 mod registry;

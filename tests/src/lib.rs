@@ -3,7 +3,8 @@
 //!
 //! The binaries are found next to the test executable's target directory (`target/<profile>/`);
 //! build them first with `cargo build --workspace --bins` (the test script does). `TRELLIS_BIN_DIR`
-//! overrides the directory and `TRELLIS_NATS_SERVER` the nats-server binary.
+//! overrides the directory and `TRELLIS_NATS_SERVER` the nats-server binary. [`prometheus`] runs a
+//! real Prometheus server (`TRELLIS_PROMETHEUS` names its binary).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -13,6 +14,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod components;
+pub mod prometheus;
 pub mod rollout;
 
 use std::future::Future;

@@ -23,6 +23,7 @@ mod assignments;
 mod components;
 mod instances;
 mod liveness;
+mod metrics;
 mod providers;
 mod relocate;
 mod rollouts;
@@ -58,6 +59,8 @@ pub struct ControllerConfig {
     pub min_seq_wait: Duration,
     /// Stream configuration, used if this replica is the first process of the lattice.
     pub streams: StreamSettings,
+    /// Where to serve Prometheus metrics (`GET /metrics`). None by default.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl ControllerConfig {
@@ -70,6 +73,7 @@ impl ControllerConfig {
             host_timeout: Duration::from_secs(10),
             min_seq_wait: Duration::from_secs(5),
             streams: StreamSettings::default(),
+            metrics: None,
         }
     }
 }
@@ -90,6 +94,9 @@ pub enum ControllerError {
     /// The control subjects could not be subscribed to.
     #[error("cannot subscribe to control subjects: {0}")]
     Subscribe(String),
+    /// The metrics address could not be bound.
+    #[error("cannot serve metrics on {0}: {1}")]
+    Metrics(std::net::SocketAddr, std::io::Error),
 }
 
 /// Runs a controller replica until `shutdown` completes.
@@ -108,6 +115,15 @@ pub async fn run(
 
     let replay_started = Instant::now();
     let state = Arc::new(State::new(config.clone(), client.clone()));
+    if let Some(addr) = config.metrics {
+        // Served from the start, so that a long replay shows as lag.
+        let tip = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        metrics::register_state(&state, Arc::clone(&tip));
+        tokio::spawn(metrics::follow_tip(js.clone(), config.lattice.clone(), tip));
+        trellis_bus::metrics::serve(addr)
+            .await
+            .map_err(|e| ControllerError::Metrics(addr, e))?;
+    }
     let tip = trellis_bus::events_stream_state(&js, &config.lattice).await?;
     let tip_seq = if tip.messages == 0 {
         0

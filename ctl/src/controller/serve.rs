@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::time::{Duration, Instant};
 
 use async_nats::{Client, Message};
 use serde::Serialize;
@@ -32,6 +33,11 @@ async fn answer(state: &State, subject_name: &str, body: &[u8]) -> Vec<u8> {
     let op = subject::parse_ctl(lattice, subject_name)
         .and_then(|(noun, verb)| CtlOp::from_parts(noun, verb));
     let Some(op) = op else {
+        super::metrics::REQUESTS.answered(
+            "unknown",
+            ErrorCode::UnknownVerb.as_str(),
+            Duration::ZERO,
+        );
         let known: Vec<String> = CtlOp::ALL.iter().map(|op| op.name()).collect();
         return encode(&Reply::<()>::err(
             ErrorBody::new(
@@ -106,10 +112,13 @@ async fn respond<R: CtlRequest>(
     body: &[u8],
     f: impl AsyncFnOnce(&State, R) -> Result<R::Reply, ErrorBody>,
 ) -> Vec<u8> {
+    let started = Instant::now();
     let result = match prepare::<R>(state, body).await {
         Ok(request) => f(state, request).await,
         Err(e) => Err(e),
     };
+    let code = result.as_ref().map_or_else(|e| e.code.as_str(), |_| "ok");
+    super::metrics::REQUESTS.answered(&R::OP.name(), code, started.elapsed());
     encode(&match result {
         Ok(data) => Reply::ok(data),
         Err(error) => Reply::err(error),

@@ -23,7 +23,7 @@ use trellis_schemas::Lattice;
 use trellis_schemas::capability::rpc::{HttpMessage, HttpRequestHead, HttpResponseHead};
 use trellis_schemas::dataplane::{self, DataError, ErrorCode, Op};
 
-use super::stats::Stats;
+use super::stats::{Outcome, Stats};
 use crate::runtime::{InvokeError, LoadedComponent};
 
 /// The export name under which HTTP requests are served.
@@ -65,6 +65,7 @@ pub(crate) struct InFlight<'a>(&'a Serving);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
+        self.0.stats.leave();
         if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
         }
@@ -121,6 +122,7 @@ impl Serving {
     /// Counts a call in flight; call before spawning [`handle`](Self::handle), so that a stop
     /// never misses a call that was delivered but has not begun.
     pub fn enter(&self) {
+        self.stats.enter();
         self.in_flight.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -257,11 +259,16 @@ impl Serving {
     }
 
     /// Counts an invocation that started at `started`: failed when it ended in an error of the
-    /// server's side (HTTP status 500 or more) or the component answered such a status.
+    /// server's side (HTTP status 500 or more) or the component answered such a status,
+    /// rejected for an error of the caller's side.
     fn count(&self, started: Instant, error: Option<&DataError>, status: Option<u16>) {
-        let failed =
-            error.is_some_and(|e| e.code.http_status() >= 500) || status.is_some_and(|s| s >= 500);
-        self.stats.record(started.elapsed(), failed);
+        let outcome = match (error.map(|e| e.code.http_status()), status) {
+            (Some(code), _) if code >= 500 => Outcome::Failed,
+            (Some(_), _) => Outcome::Rejected,
+            (None, Some(status)) if status >= 500 => Outcome::Failed,
+            (None, _) => Outcome::Ok,
+        };
+        self.stats.record(started.elapsed(), outcome);
     }
 
     /// The error a failed invocation answers with; a crash ends the serving period and tells

@@ -111,6 +111,7 @@ pub(crate) async fn supervise(
     let mut slot = Some(slot);
     let mut attempt: u32 = 0;
     let timeout = component.manifest().limits.timeout;
+    spec.stats.bind(&component);
     loop {
         let (serving, crashed) = Serving::new(
             ctx.client.clone(),
@@ -305,6 +306,7 @@ pub(crate) async fn supervise(
             }
         }
         attempt = next;
+        spec.stats.restarted();
     }
 }
 

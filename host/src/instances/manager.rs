@@ -268,6 +268,30 @@ impl InstanceManager {
         }
     }
 
+    /// Serves this host's per-instance metrics in the process's registry (see
+    /// [`crate::metrics`]); the collector holds the manager weakly.
+    pub fn register_metrics(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        crate::metrics::register_instances(move || {
+            let Some(inner) = weak.upgrade() else {
+                return Vec::new();
+            };
+            let instances = inner
+                .instances
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            instances
+                .iter()
+                .map(|(id, entry)| crate::metrics::InstanceSample {
+                    component: entry.component.clone(),
+                    instance: id.to_string(),
+                    state: entry.state.get().as_str(),
+                    counts: entry.stats.counts(),
+                })
+                .collect()
+        });
+    }
+
     /// Every instance on the host and its state, for heartbeats.
     pub fn inventory(&self) -> Vec<InventoryInstance> {
         let instances = self.lock();

@@ -44,3 +44,4 @@ mod stats;
 pub use commands::serve_commands;
 pub use error::StartError;
 pub use manager::{InstanceManager, InstancesConfig};
+pub(crate) use stats::Counts;

@@ -1,29 +1,69 @@
-//! Per-instance counters: invocations, failures, crashes and latency, over all of an instance's
-//! serving periods. Hosts answer `instance.stats` with them; rollout analysis judges a new
-//! version by them.
+//! Per-instance counters: invocations by outcome, crashes, latency, invocations in flight,
+//! restarts, and the fuel and memory the runtime measured, over all of an instance's serving
+//! periods. Hosts answer `instance.stats` with them, rollout analysis judges a new version by
+//! them, and the host's `/metrics` reads them at every scrape.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use trellis_schemas::instance::{InstanceStats, LATENCY_BOUNDS_US};
+
+use crate::runtime::{LoadedComponent, ResourceUsage};
+
+/// How one invocation ended, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Answered (an HTTP status under 500 from the component counts as answered).
+    Ok,
+    /// Refused for the caller's fault before or while running (a 4xx code: bad arguments,
+    /// unknown export, payload too large).
+    Rejected,
+    /// Failed on the server's side (a 5xx code, or a component's own 5xx answer).
+    Failed,
+}
 
 /// The counters of one instance. Lock-free: every invocation adds to them.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     calls: AtomicU64,
     errors: AtomicU64,
+    rejected: AtomicU64,
     crashes: AtomicU64,
+    micros: AtomicU64,
+    in_flight: AtomicU64,
+    restarts: AtomicU64,
     latency: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    /// The loaded component, whose runtime counts fuel and memory.
+    component: OnceLock<LoadedComponent>,
+}
+
+/// What [`Stats`] has counted, read at once (each counter atomically, not all together).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Counts {
+    pub stats: InstanceStats,
+    pub rejected: u64,
+    pub seconds: f64,
+    pub in_flight: u64,
+    pub restarts: u64,
+    pub usage: ResourceUsage,
 }
 
 impl Stats {
-    /// Counts one answered invocation that took `elapsed`, failed or not.
-    pub fn record(&self, elapsed: Duration, failed: bool) {
+    /// Counts one answered invocation that took `elapsed`.
+    pub fn record(&self, elapsed: Duration, outcome: Outcome) {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        if failed {
-            self.errors.fetch_add(1, Ordering::Relaxed);
+        match outcome {
+            Outcome::Ok => {}
+            Outcome::Rejected => {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Failed => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.micros.fetch_add(us, Ordering::Relaxed);
         let bucket = LATENCY_BOUNDS_US
             .iter()
             .position(|&bound| us <= bound)
@@ -31,12 +71,32 @@ impl Stats {
         self.latency[bucket].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a crash.
+    /// Counts a crash (the invocation is also recorded, as failed).
     pub fn crashed(&self) {
         self.crashes.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The counts so far.
+    /// Counts a restart by the instance's policy.
+    pub fn restarted(&self) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An invocation begins.
+    pub fn enter(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An invocation counted by [`enter`](Self::enter) is over.
+    pub fn leave(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Reads fuel and memory from `component` from now on (the first binding stays).
+    pub fn bind(&self, component: &LoadedComponent) {
+        let _ = self.component.set(component.clone());
+    }
+
+    /// The counts so far, as `instance.stats` answers them.
     pub fn snapshot(&self) -> InstanceStats {
         InstanceStats {
             calls: self.calls.load(Ordering::Relaxed),
@@ -49,6 +109,22 @@ impl Stats {
                 .collect(),
         }
     }
+
+    /// Everything counted so far.
+    pub fn counts(&self) -> Counts {
+        Counts {
+            stats: self.snapshot(),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            seconds: self.micros.load(Ordering::Relaxed) as f64 / 1e6,
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            restarts: self.restarts.load(Ordering::Relaxed),
+            usage: self
+                .component
+                .get()
+                .map(LoadedComponent::usage)
+                .unwrap_or_default(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -58,15 +134,30 @@ mod tests {
     #[test]
     fn invocations_land_in_their_latency_bucket() {
         let stats = Stats::default();
-        stats.record(Duration::from_micros(100), false);
-        stats.record(Duration::from_millis(300), true);
-        stats.record(Duration::from_secs(60), true);
+        stats.record(Duration::from_micros(100), Outcome::Ok);
+        stats.record(Duration::from_millis(300), Outcome::Failed);
+        stats.record(Duration::from_secs(60), Outcome::Failed);
+        stats.record(Duration::from_micros(100), Outcome::Rejected);
         stats.crashed();
         let s = stats.snapshot();
-        assert_eq!((s.calls, s.errors, s.crashes), (3, 2, 1));
-        assert_eq!(s.latency[0], 1);
+        assert_eq!((s.calls, s.errors, s.crashes), (4, 2, 1));
+        assert_eq!(s.latency[0], 2);
         assert_eq!(s.latency[10], 1, "300 ms is within the 500 ms bucket");
         assert_eq!(s.latency[LATENCY_BOUNDS_US.len()], 1);
-        assert_eq!(s.quantile_us(0.5), Some(500_000));
+        assert_eq!(s.quantile_us(0.75), Some(500_000));
+        let c = stats.counts();
+        assert_eq!(c.rejected, 1);
+        assert!((c.seconds - 60.3002).abs() < 1e-9, "{}", c.seconds);
+    }
+
+    #[test]
+    fn in_flight_and_restarts_are_counted() {
+        let stats = Stats::default();
+        stats.enter();
+        stats.enter();
+        stats.leave();
+        stats.restarted();
+        let c = stats.counts();
+        assert_eq!((c.in_flight, c.restarts), (1, 1));
     }
 }

@@ -22,6 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -69,6 +70,33 @@ struct ComponentInner {
     http_handler: Option<ComponentExportIndex>,
     outcome: LoadOutcome,
     permits: Arc<Semaphore>,
+    usage: Usage,
+}
+
+/// Fuel and memory used by the invocations of one loaded component, as the runtime measured
+/// them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResourceUsage {
+    /// Fuel consumed by every invocation so far.
+    pub fuel_consumed: u64,
+    /// The most linear memory one invocation grew to, in bytes.
+    pub memory_high_water_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Usage {
+    fuel: AtomicU64,
+    memory: AtomicU64,
+}
+
+impl Usage {
+    /// Adds what the store's invocation used; call before dropping it.
+    fn record(&self, store: &Store<StoreState>, fuel_limit: u64) {
+        let consumed = fuel_limit.saturating_sub(store.get_fuel().unwrap_or(0));
+        self.fuel.fetch_add(consumed, Ordering::Relaxed);
+        self.memory
+            .fetch_max(store.data().limiter.used(), Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for ComponentInner {
@@ -138,6 +166,7 @@ impl LoadedComponent {
                 http_handler,
                 outcome,
                 permits,
+                usage: Usage::default(),
             }),
             bridge: Arc::new(DenyAll),
         }
@@ -155,6 +184,15 @@ impl LoadedComponent {
     /// Whether the component exports `wasi:http/incoming-handler`.
     pub fn handles_http(&self) -> bool {
         self.inner.http_handler.is_some()
+    }
+
+    /// Fuel and memory its invocations have used so far (clones share them).
+    pub fn usage(&self) -> ResourceUsage {
+        let usage = &self.inner.usage;
+        ResourceUsage {
+            fuel_consumed: usage.fuel.load(Ordering::Relaxed),
+            memory_high_water_bytes: usage.memory.load(Ordering::Relaxed),
+        }
     }
 
     /// The manifest the component was loaded with.
@@ -231,6 +269,7 @@ impl LoadedComponent {
         let run = run(&inner.pre, &mut store, &func.index, &params, &mut results);
         let outcome = tokio::time::timeout(limits.timeout + CANCEL_GRACE, run).await;
         let fuel_consumed = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        inner.usage.record(&store, limits.fuel);
         drop(store);
         match outcome {
             Err(_elapsed) => Err(failed(None, &output, &limits)),
@@ -394,6 +433,7 @@ impl LoadedComponent {
             }
         };
         let outcome = tokio::time::timeout(limits.timeout + CANCEL_GRACE, both).await;
+        inner.usage.record(&store, limits.fuel);
         drop(store);
         match outcome {
             Err(_elapsed) => Err(failed(None, &output, &limits)),

@@ -220,6 +220,10 @@ impl Runtime {
             });
         }
         let (component, cache_hit) = self.compile(bytes, &digest)?;
+        crate::metrics::HOST
+            .loads
+            .get_or_create(&[("cache", if cache_hit { "hit" } else { "miss" })])
+            .inc();
 
         let mut linker = None;
         for (import, _) in component.component_type().imports(&self.inner.engine) {

@@ -39,6 +39,14 @@ pub(crate) struct Limiter {
     used: u64,
 }
 
+impl Limiter {
+    /// Bytes of linear memory the store has grown to, over all its memories: its high-water
+    /// mark, since memories never shrink.
+    pub(crate) fn used(&self) -> u64 {
+        self.used
+    }
+}
+
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,

@@ -40,6 +40,9 @@ pub struct ProviderArgs {
     /// leaf node without JetStream of its own.
     #[arg(long, env = "TRELLIS_JS_DOMAIN", value_parser = trellis_bus::parse_jetstream_domain)]
     pub js_domain: Option<String>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    #[arg(long)]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl ProviderArgs {

@@ -64,13 +64,14 @@
 mod args;
 mod assignments;
 mod local;
+mod metrics;
 mod rpc;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -342,6 +343,12 @@ where
         .await
         .context("publishing provider.started")?;
     tracing::info!(capabilities = ?info.capabilities, "provider serving");
+    if let Some(addr) = args.metrics {
+        LazyLock::force(&metrics::CALLS);
+        trellis_bus::metrics::serve(addr)
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
     // Optional: provider metadata in etcd, on a lease that ends with the process.
     let registration = match &args.registry {
         Some(url) => {

@@ -120,6 +120,20 @@ pub(crate) async fn check_and_handle_request<P: Provider>(
     ctx: &Context,
     request: Request,
 ) -> Outcome {
+    let started = std::time::Instant::now();
+    let capability = request.request.capability();
+    let outcome = check_and_handle(provider, ctx, request).await;
+    let code = outcome.as_ref().map_or_else(|e| e.code.as_str(), |_| "ok");
+    crate::metrics::CALLS.answered(
+        ctx.name.as_str(),
+        &capability.to_string(),
+        code,
+        started.elapsed(),
+    );
+    outcome
+}
+
+async fn check_and_handle<P: Provider>(provider: &P, ctx: &Context, request: Request) -> Outcome {
     let Request { identity, request } = request;
     let capability = request.capability();
     let size = request.size();
