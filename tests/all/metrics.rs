@@ -7,22 +7,6 @@ use serde_json::Value;
 use trellis_tests::prometheus::Prometheus;
 use trellis_tests::{Nats, Proc, bin, components, free_port, lattice};
 
-const MANIFEST: &str = r#"
-[component]
-name = "kv-probe"
-version = "0.1.0"
-
-[limits]
-max_memory = "16MiB"
-fuel = 1_000_000_000
-timeout = "10s"
-max_concurrency = 8
-
-[capabilities]
-imports = ["wasi:keyvalue/store", "wasi:keyvalue/atomics", "wasi:keyvalue/batch", "wasi:logging/logging"]
-requires = ["wasi:keyvalue"]
-"#;
-
 /// What a query must return: a test of its result.
 type Check = Box<dyn Fn(&Value) -> bool>;
 
@@ -80,7 +64,7 @@ async fn prometheus_scrapes_invocations_provider_calls_and_controller_requests()
     let wasm = components::build().path("kv_probe");
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("kv-probe.toml");
-    std::fs::write(&manifest, MANIFEST).unwrap();
+    std::fs::write(&manifest, components::KV_PROBE_MANIFEST).unwrap();
     cli(&[
         "component",
         "push",

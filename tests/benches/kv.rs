@@ -24,22 +24,6 @@ use trellis_tests::components;
 
 const BUCKET: &str = "bench";
 
-const MANIFEST: &str = r#"
-[component]
-name = "kv-probe"
-version = "0.1.0"
-
-[limits]
-max_memory = "16MiB"
-fuel = 10_000_000_000
-timeout = "60s"
-max_concurrency = 64
-
-[capabilities]
-imports = ["wasi:keyvalue/store", "wasi:keyvalue/atomics", "wasi:keyvalue/batch", "wasi:logging/logging"]
-requires = ["wasi:keyvalue"]
-"#;
-
 /// Round trips per second of `callers` concurrent runs of `per_caller` round trips each.
 async fn from_component(
     client: &async_nats::Client,
@@ -166,7 +150,7 @@ async fn main() {
     let wasm = components::build().path("kv_probe");
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("kv-probe.toml");
-    std::fs::write(&manifest, MANIFEST).unwrap();
+    std::fs::write(&manifest, components::KV_PROBE_MANIFEST).unwrap();
     lat.push(&wasm, &manifest);
     let out = lat.cli(&[
         "instance",

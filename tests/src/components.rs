@@ -20,6 +20,7 @@
 //! `TRELLIS_WASM_TARGET_DIR` overrides the guests' target dir.
 //!
 //! Prerequisite: `rustup target add wasm32-wasip2`.
+
 #![allow(
     clippy::expect_used,
     reason = "shared by tests, benches and examples; a failed build must stop them"
@@ -28,6 +29,25 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+
+/// A `Component.toml` for the `kv_probe` guest (built as `kv-probe`): key-value and logging
+/// imports, `wasi:keyvalue` required, limits generous enough for thousands of round trips in
+/// one invocation.
+pub const KV_PROBE_MANIFEST: &str = r#"
+[component]
+name = "kv-probe"
+version = "0.1.0"
+
+[limits]
+max_memory = "16MiB"
+fuel = 10_000_000_000
+timeout = "60s"
+max_concurrency = 64
+
+[capabilities]
+imports = ["wasi:keyvalue/store", "wasi:keyvalue/atomics", "wasi:keyvalue/batch", "wasi:logging/logging"]
+requires = ["wasi:keyvalue"]
+"#;
 
 /// The names of the guest components (`tests/components/<name>`).
 pub const NAMES: &[&str] = &[
