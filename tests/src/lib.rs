@@ -94,6 +94,17 @@ where
     }
 }
 
+/// A temporary directory for a test's servers, data and logs, removed on drop unless
+/// `TRELLIS_KEEP_LOGS=1` asks to keep it (its path is then printed).
+pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
+    let mut dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    if std::env::var_os("TRELLIS_KEEP_LOGS").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("kept: {}", dir.path().display());
+    }
+    dir
+}
+
 /// A child process killed on drop.
 #[derive(Debug)]
 pub struct Proc {
@@ -243,15 +254,7 @@ impl Nats {
     }
 
     fn prepare(extra: Vec<String>) -> Self {
-        let mut dir = tempfile::Builder::new()
-            .prefix("trellis-test-")
-            .tempdir()
-            .unwrap();
-        // `TRELLIS_KEEP_LOGS=1` keeps the directory (server data and every process's log).
-        if std::env::var_os("TRELLIS_KEEP_LOGS").is_some() {
-            dir.disable_cleanup(true);
-            eprintln!("logs kept in {}", dir.path().display());
-        }
+        let dir = scratch_dir("trellis-test-");
         Self {
             port: free_port(),
             dir,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::{Proc, free_port, http_request};
+use crate::{Proc, free_port, http_request, scratch_dir};
 
 /// How long [`Prometheus::start`] waits for the server to report itself ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -37,15 +37,8 @@ impl Prometheus {
     /// every second (one scrape job per pair), and waits up to 60 s until `GET /-/ready` answers
     /// 200. Panics when the server cannot be found, exits, or does not become ready.
     pub async fn start(targets: &[(&str, String)]) -> Self {
-        let mut dir = tempfile::Builder::new()
-            .prefix("trellis-prometheus-")
-            .tempdir()
-            .unwrap();
         // `TRELLIS_KEEP_LOGS=1` keeps the directory (configuration, TSDB and log).
-        if std::env::var_os("TRELLIS_KEEP_LOGS").is_some() {
-            dir.disable_cleanup(true);
-            eprintln!("prometheus files kept in {}", dir.path().display());
-        }
+        let dir = scratch_dir("trellis-prometheus-");
         let config = dir.path().join("prometheus.yml");
         std::fs::write(&config, config_yaml(targets)).unwrap();
         let port = free_port();

@@ -65,7 +65,6 @@ pub(crate) struct InFlight<'a>(&'a Serving);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.stats.leave();
         if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
         }
@@ -122,7 +121,6 @@ impl Serving {
     /// Counts a call in flight; call before spawning [`handle`](Self::handle), so that a stop
     /// never misses a call that was delivered but has not begun.
     pub fn enter(&self) {
-        self.stats.enter();
         self.in_flight.fetch_add(1, Ordering::SeqCst);
     }
 

@@ -31,10 +31,9 @@ pub(crate) struct Stats {
     rejected: AtomicU64,
     crashes: AtomicU64,
     micros: AtomicU64,
-    in_flight: AtomicU64,
     restarts: AtomicU64,
     latency: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
-    /// The loaded component, whose runtime counts fuel and memory.
+    /// The loaded component, whose runtime counts fuel, memory and invocations running.
     component: OnceLock<LoadedComponent>,
 }
 
@@ -81,17 +80,8 @@ impl Stats {
         self.restarts.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// An invocation begins.
-    pub fn enter(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// An invocation counted by [`enter`](Self::enter) is over.
-    pub fn leave(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// Reads fuel and memory from `component` from now on (the first binding stays).
+    /// Reads fuel, memory and invocations running from `component` from now on (the first
+    /// binding stays).
     pub fn bind(&self, component: &LoadedComponent) {
         let _ = self.component.set(component.clone());
     }
@@ -116,7 +106,10 @@ impl Stats {
             stats: self.snapshot(),
             rejected: self.rejected.load(Ordering::Relaxed),
             seconds: self.micros.load(Ordering::Relaxed) as f64 / 1e6,
-            in_flight: self.in_flight.load(Ordering::Relaxed),
+            in_flight: self
+                .component
+                .get()
+                .map_or(0, |c| u64::try_from(c.in_flight()).unwrap_or(u64::MAX)),
             restarts: self.restarts.load(Ordering::Relaxed),
             usage: self
                 .component
@@ -151,13 +144,10 @@ mod tests {
     }
 
     #[test]
-    fn in_flight_and_restarts_are_counted() {
+    fn restarts_are_counted() {
         let stats = Stats::default();
-        stats.enter();
-        stats.enter();
-        stats.leave();
         stats.restarted();
-        let c = stats.counts();
-        assert_eq!((c.in_flight, c.restarts), (1, 1));
+        stats.restarted();
+        assert_eq!(stats.counts().restarts, 2);
     }
 }

@@ -90,12 +90,14 @@ struct Usage {
 }
 
 impl Usage {
-    /// Adds what the store's invocation used; call before dropping it.
-    fn record(&self, store: &Store<StoreState>, fuel_limit: u64) {
-        let consumed = fuel_limit.saturating_sub(store.get_fuel().unwrap_or(0));
+    /// Adds what the store's invocation used (`limit` is the fuel it was given); call before
+    /// dropping it. Returns the fuel consumed.
+    fn record(&self, store: &Store<StoreState>, limit: u64) -> u64 {
+        let consumed = limit.saturating_sub(store.get_fuel().unwrap_or(0));
         self.fuel.fetch_add(consumed, Ordering::Relaxed);
         self.memory
             .fetch_max(store.data().limiter.used(), Ordering::Relaxed);
+        consumed
     }
 }
 
@@ -268,8 +270,7 @@ impl LoadedComponent {
         let mut results = vec![Val::Bool(false); func.results.len()];
         let run = run(&inner.pre, &mut store, &func.index, &params, &mut results);
         let outcome = tokio::time::timeout(limits.timeout + CANCEL_GRACE, run).await;
-        let fuel_consumed = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
-        inner.usage.record(&store, limits.fuel);
+        let fuel_consumed = inner.usage.record(&store, limits.fuel);
         drop(store);
         match outcome {
             Err(_elapsed) => Err(failed(None, &output, &limits)),

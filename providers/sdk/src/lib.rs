@@ -70,8 +70,8 @@ mod rpc;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -131,6 +131,8 @@ pub struct Context {
     /// The assignments in force.
     pub assignments: Assignments,
     shutdown: watch::Receiver<bool>,
+    /// Its call counters.
+    calls: metrics::ProviderCalls,
 }
 
 impl Context {
@@ -306,6 +308,7 @@ where
         settings: Arc::new(args.settings()),
         assignments,
         shutdown: stop_rx,
+        calls: metrics::ProviderCalls::new(name.as_str()),
     };
     let provider = Arc::new(make(ctx.clone()).await.context("starting the provider")?);
 
@@ -344,7 +347,6 @@ where
         .context("publishing provider.started")?;
     tracing::info!(capabilities = ?info.capabilities, "provider serving");
     if let Some(addr) = args.metrics {
-        LazyLock::force(&metrics::CALLS);
         trellis_bus::metrics::serve(addr)
             .await
             .with_context(|| format!("serving metrics on {addr}"))?;

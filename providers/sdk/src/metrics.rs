@@ -1,25 +1,28 @@
 //! Provider metrics, in the registry of the process that runs the provider: its own
 //! (`trellis-provider-<name> --metrics ADDR`) or the host that embeds it.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use trellis_bus::metrics::prometheus_client::metrics::counter::Counter;
 use trellis_bus::metrics::prometheus_client::metrics::family::Family;
 use trellis_bus::metrics::prometheus_client::metrics::histogram::Histogram;
 use trellis_bus::metrics::{latency_histogram, register};
+use trellis_schemas::Capability;
 
-type CallLabels = [(&'static str, String); 3];
-type CapabilityLabels = [(&'static str, String); 2];
+/// The provider's name, shared (a call's labels cost no allocation).
+type ProviderLabel = [(&'static str, Arc<str>); 1];
+type CallLabels = (ProviderLabel, [(&'static str, &'static str); 2]);
+type CapabilityLabels = (ProviderLabel, [(&'static str, &'static str); 1]);
 
-/// Capability calls served, counted as they are answered.
+/// Capability calls served, by every provider of the process.
 #[derive(Debug)]
-pub(crate) struct Calls {
+struct Families {
     answered: Family<CallLabels, Counter>,
     latency: Family<CapabilityLabels, Histogram, fn() -> Histogram>,
 }
 
-pub(crate) static CALLS: LazyLock<Calls> = LazyLock::new(|| Calls {
+static FAMILIES: LazyLock<Families> = LazyLock::new(|| Families {
     answered: register(
         "provider_calls",
         "Capability calls a provider answered, by provider, capability and outcome (ok or the error code).",
@@ -32,27 +35,39 @@ pub(crate) static CALLS: LazyLock<Calls> = LazyLock::new(|| Calls {
     ),
 });
 
-impl Calls {
-    /// Counts one call of `capability` to `provider` answered with `outcome` after `elapsed`.
+/// The calls of one provider, counted as they are answered.
+#[derive(Debug, Clone)]
+pub(crate) struct ProviderCalls {
+    provider: ProviderLabel,
+}
+
+impl ProviderCalls {
+    /// The counters of the provider `name`, registered in the process's registry.
+    pub(crate) fn new(name: &str) -> Self {
+        LazyLock::force(&FAMILIES);
+        Self {
+            provider: [("provider", Arc::from(name))],
+        }
+    }
+
+    /// Counts one call of `capability` answered with `outcome` after `elapsed`.
     pub(crate) fn answered(
         &self,
-        provider: &str,
-        capability: &str,
-        outcome: &str,
+        capability: Capability,
+        outcome: &'static str,
         elapsed: Duration,
     ) {
-        self.answered
-            .get_or_create(&[
-                ("provider", provider.to_owned()),
-                ("capability", capability.to_owned()),
-                ("outcome", outcome.to_owned()),
-            ])
+        let capability = capability.as_str();
+        FAMILIES
+            .answered
+            .get_or_create(&(
+                self.provider.clone(),
+                [("capability", capability), ("outcome", outcome)],
+            ))
             .inc();
-        self.latency
-            .get_or_create(&[
-                ("provider", provider.to_owned()),
-                ("capability", capability.to_owned()),
-            ])
+        FAMILIES
+            .latency
+            .get_or_create(&(self.provider.clone(), [("capability", capability)]))
             .observe(elapsed.as_secs_f64());
     }
 }

@@ -124,12 +124,7 @@ pub(crate) async fn check_and_handle_request<P: Provider>(
     let capability = request.request.capability();
     let outcome = check_and_handle(provider, ctx, request).await;
     let code = outcome.as_ref().map_or_else(|e| e.code.as_str(), |_| "ok");
-    crate::metrics::CALLS.answered(
-        ctx.name.as_str(),
-        &capability.to_string(),
-        code,
-        started.elapsed(),
-    );
+    ctx.calls.answered(capability, code, started.elapsed());
     outcome
 }
 
