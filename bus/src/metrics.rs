@@ -122,7 +122,7 @@ mod tests {
     fn registered_metrics_are_encoded_with_the_prefix() {
         let counter = register(
             "unit_probe",
-            "A counter of this test.",
+            "A counter of this test",
             Counter::<u64>::default(),
         );
         counter.inc_by(3);

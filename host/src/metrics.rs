@@ -41,12 +41,12 @@ pub(crate) struct HostMetrics {
 pub(crate) static HOST: LazyLock<HostMetrics> = LazyLock::new(|| HostMetrics {
     heartbeats: register(
         "host_heartbeats",
-        "Heartbeats this host has published.",
+        "Heartbeats this host has published",
         Counter::default(),
     ),
     loads: register(
         "host_component_loads",
-        "Components loaded, by whether the compiled artifact came from the cache (cache=hit) or was compiled (cache=miss).",
+        "Components loaded, by whether the compiled artifact came from the cache (cache=hit) or was compiled (cache=miss)",
         Family::default(),
     ),
 });
@@ -80,7 +80,7 @@ impl Collector for Instances {
         }
         let mut metric = encoder.encode_descriptor(
             "host_instances",
-            "Instances on this host, by state.",
+            "Instances on this host, by state",
             None,
             MetricType::Gauge,
         )?;
@@ -92,7 +92,7 @@ impl Collector for Instances {
 
         let mut metric = encoder.encode_descriptor(
             "invocations",
-            "Invocations answered, by outcome: ok, rejected (the caller's fault, 4xx), failed (5xx, crashes included), crashed.",
+            "Invocations answered, by outcome: ok, rejected (the caller's fault, 4xx), failed (5xx, crashes included), crashed",
             None,
             MetricType::Counter,
         )?;
@@ -118,7 +118,7 @@ impl Collector for Instances {
 
         let mut metric = encoder.encode_descriptor(
             "invocation_duration_seconds",
-            "How long invocations took, from the request's arrival to its answer.",
+            "How long invocations took, from the request's arrival to its answer",
             None,
             MetricType::Histogram,
         )?;
@@ -144,25 +144,25 @@ impl Collector for Instances {
         for (name, help, kind, value) in [
             (
                 "invocations_in_flight",
-                "Invocations running now.",
+                "Invocations running now",
                 MetricType::Gauge,
                 (|c: &Counts| c.in_flight) as fn(&Counts) -> u64,
             ),
             (
                 "instance_restarts",
-                "Restarts by the instance's restart policy.",
+                "Restarts by the instance's restart policy",
                 MetricType::Counter,
                 |c: &Counts| c.restarts,
             ),
             (
                 "fuel_consumed",
-                "Fuel consumed by the instance's invocations.",
+                "Fuel consumed by the instance's invocations",
                 MetricType::Counter,
                 |c: &Counts| c.usage.fuel_consumed,
             ),
             (
                 "memory_high_water_bytes",
-                "The most linear memory one invocation of the instance grew to.",
+                "The most linear memory one invocation of the instance grew to",
                 MetricType::Gauge,
                 |c: &Counts| c.usage.memory_high_water_bytes,
             ),

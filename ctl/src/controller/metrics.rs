@@ -31,12 +31,12 @@ pub(crate) struct Requests {
 pub(crate) static REQUESTS: LazyLock<Requests> = LazyLock::new(|| Requests {
     answered: register(
         "controller_requests",
-        "Control requests answered, by operation and code (ok or the error code).",
+        "Control requests answered, by operation and code (ok or the error code)",
         Family::default(),
     ),
     latency: register(
         "controller_request_duration_seconds",
-        "Time to answer a control request, by operation.",
+        "Time to answer a control request, by operation",
         Family::new_with_constructor(latency_histogram as fn() -> Histogram),
     ),
 });
@@ -86,7 +86,7 @@ impl Collector for StateCollector {
         encoder
             .encode_descriptor(
                 "controller_facts_applied",
-                "Facts this replica has applied to its projection.",
+                "Facts this replica has applied to its projection",
                 None,
                 MetricType::Counter,
             )?
@@ -94,7 +94,7 @@ impl Collector for StateCollector {
         encoder
             .encode_descriptor(
                 "controller_applied_seq",
-                "The stream sequence this replica has applied up to.",
+                "The stream sequence this replica has applied up to",
                 None,
                 MetricType::Gauge,
             )?
@@ -102,7 +102,7 @@ impl Collector for StateCollector {
         encoder
             .encode_descriptor(
                 "controller_stream_lag",
-                "Facts in the stream this replica has not applied yet (checked every 2 s).",
+                "Facts in the stream this replica has not applied yet (checked every 2 s)",
                 None,
                 MetricType::Gauge,
             )?
@@ -110,7 +110,7 @@ impl Collector for StateCollector {
         encoder
             .encode_descriptor(
                 "controller_replay_seconds",
-                "How long the replay of the fact stream took at start.",
+                "How long the replay of the fact stream took at start",
                 None,
                 MetricType::Gauge,
             )?

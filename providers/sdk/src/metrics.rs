@@ -25,12 +25,12 @@ struct Families {
 static FAMILIES: LazyLock<Families> = LazyLock::new(|| Families {
     answered: register(
         "provider_calls",
-        "Capability calls a provider answered, by provider, capability and outcome (ok or the error code).",
+        "Capability calls a provider answered, by provider, capability and outcome (ok or the error code)",
         Family::default(),
     ),
     latency: register(
         "provider_call_duration_seconds",
-        "Time a provider took to answer a capability call, checks included.",
+        "Time a provider took to answer a capability call, checks included",
         Family::new_with_constructor(latency_histogram as fn() -> Histogram),
     ),
 });
