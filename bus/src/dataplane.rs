@@ -48,6 +48,8 @@ pub struct Names {
     pub min_seq: HeaderName,
     /// [`headers::HTTP_HEAD`].
     pub http_head: HeaderName,
+    /// [`headers::TRACEPARENT`].
+    pub traceparent: HeaderName,
 }
 
 /// The header names.
@@ -61,6 +63,7 @@ pub static NAMES: Names = Names {
     assignment: HeaderName::from_static(headers::ASSIGNMENT),
     min_seq: HeaderName::from_static(headers::MIN_SEQ),
     http_head: HeaderName::from_static(headers::HTTP_HEAD),
+    traceparent: HeaderName::from_static(headers::TRACEPARENT),
 };
 
 /// A value safe to put in a header: no CR or LF, at most 1 KiB (cut on a character boundary).

@@ -83,6 +83,8 @@ enum Command {
     Rollout(crate::rollout::RolloutCommand),
     /// Call an export of a component (any instance) or of one instance.
     Call(crate::workload::CallArgs),
+    /// Show what a component's instances write (stdout, stderr, `wasi:logging`); `-f` follows.
+    Logs(crate::logs::LogsArgs),
     /// Capability assignments: what each instance or component may do, and through which provider.
     #[command(subcommand)]
     Assignment(crate::capabilities::AssignmentCommand),
@@ -293,6 +295,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Call(args) => {
             let nats = trellis_bus::connect(&g.url(), "trellis call", false).await?;
             crate::workload::call(&g, &nats, args).await
+        }
+        Command::Logs(args) => {
+            let client = ctl_client(&g).await?;
+            crate::logs::logs(&g, &client, args).await
         }
         Command::Assignment(cmd) => {
             let client = ctl_client(&g).await?;

@@ -4,12 +4,14 @@
 //! - [`client`]: [`CtlClient`], a typed client of the control subjects.
 //! - [`cli`]: the `trellis` command line, including `trellis up`.
 //! - [`capabilities`]: the `assignment` and `provider` commands.
+//! - [`logs`]: `trellis logs`.
 #![deny(missing_docs)]
 
 pub mod capabilities;
 pub mod cli;
 pub mod client;
 pub mod controller;
+pub mod logs;
 pub mod output;
 pub mod rollout;
 pub mod up;

@@ -597,6 +597,9 @@ async fn start_and_wait(
     println!("  trellis --nats {url} provider ls");
     println!("  trellis --nats {url} assignment ls");
     println!("  trellis --nats {url} events --follow");
+    if let Some(d) = &deployed {
+        println!("  trellis --nats {url} logs {} --follow", d.name);
+    }
     println!("  nats --server {url} req trellis.ctl.v1.{lattice}.lattice.status '{{}}'");
     println!();
     println!("TRELLIS_NATS_URL={url}");

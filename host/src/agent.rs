@@ -34,7 +34,7 @@ use trellis_schemas::{
     fact::source, subject,
 };
 
-use crate::instances::{InstanceManager, InstancesConfig, serve_commands};
+use crate::instances::{InstanceManager, InstancesConfig, LogConfig, serve_commands};
 use crate::providers::{EmbeddedProviders, Providers, ProvidersConfig};
 use crate::runtime::{Runtime, RuntimeConfig, RuntimeError};
 
@@ -71,6 +71,8 @@ pub struct HostConfig {
     pub provider_dirs: Vec<PathBuf>,
     /// Where to serve Prometheus metrics (`GET /metrics`). None by default.
     pub metrics: Option<std::net::SocketAddr>,
+    /// How instances' log lines are streamed and kept.
+    pub logs: LogConfig,
 }
 
 impl HostConfig {
@@ -90,6 +92,7 @@ impl HostConfig {
             registry: None,
             provider_dirs: ProvidersConfig::new("").dirs,
             metrics: None,
+            logs: LogConfig::default(),
         }
     }
 }
@@ -216,6 +219,7 @@ pub async fn run(
         &InstancesConfig {
             max_instances: config.capacity.max_instances,
             max_artifact_bytes: config.max_artifact_bytes,
+            logs: config.logs,
         },
         embedded.clone(),
     );

@@ -112,5 +112,5 @@ pub mod providers;
 mod runtime;
 
 pub use agent::{HostConfig, HostError, run};
-pub use instances::{InstanceManager, InstancesConfig, StartError, serve_commands};
+pub use instances::{InstanceManager, InstancesConfig, LogConfig, StartError, serve_commands};
 pub use runtime::*;

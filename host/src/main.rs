@@ -61,6 +61,13 @@ struct Args {
     /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. `127.0.0.1:9464`.
     #[arg(long, env = "TRELLIS_HOST_METRICS")]
     metrics: Option<std::net::SocketAddr>,
+    /// Log lines per second each instance may publish (stdout, stderr and `wasi:logging`; a
+    /// burst of one second's worth); lines beyond are dropped and counted. 0 turns streaming off.
+    #[arg(long, env = "TRELLIS_HOST_LOG_RATE", default_value_t = 200)]
+    log_rate: u32,
+    /// Log lines kept per instance for `trellis logs` (at most 256 KiB of them).
+    #[arg(long, default_value_t = 1000)]
+    log_keep: usize,
     /// Replicas of the lattice's streams (created or updated to this count, as the controller
     /// does; 1..=5). Default: 3 when the NATS server belongs to a cluster of three or more servers, else 1.
     #[arg(long, env = "TRELLIS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
@@ -122,6 +129,10 @@ async fn main() -> anyhow::Result<()> {
         .pooling_instances(args.pooling_instances);
     config.registry = args.registry;
     config.metrics = args.metrics;
+    config.logs = trellis_host::LogConfig {
+        rate: args.log_rate,
+        keep: args.log_keep,
+    };
     config.streams.replicas = args.replicas.map(usize::from);
     if let Some(dir) = args.cache_dir {
         config.runtime.cache_dir(dir);

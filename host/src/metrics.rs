@@ -3,7 +3,7 @@
 //! Per instance, read off its counters at every scrape (nothing is added to the invocation
 //! path, and an instance that is gone leaves the exposition with it): invocations by outcome,
 //! their duration, invocations in flight, restarts, fuel consumed and the memory high-water
-//! mark. Per host: instances by state, heartbeats sent, and compiled-artifact cache hits and
+//! mark, and log lines published, dropped by the rate limit or lost. Per host: instances by state, heartbeats sent, and compiled-artifact cache hits and
 //! misses. The providers embedded in the host add their own (see the provider SDK).
 
 use std::fmt;
@@ -109,6 +109,25 @@ impl Collector for Instances {
                 ("rejected", c.rejected),
                 ("failed", failed),
                 ("crashed", c.stats.crashes),
+            ] {
+                metric
+                    .encode_family(&labels(s, Some(outcome)))?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "log_lines",
+            "Lines of guest output, by outcome: published, dropped (over the host's rate per instance), lost (the publishing queue was full)",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &samples {
+            let l = &s.counts.log;
+            for (outcome, n) in [
+                ("published", l.published),
+                ("dropped", l.dropped),
+                ("lost", l.lost),
             ] {
                 metric
                     .encode_family(&labels(s, Some(outcome)))?

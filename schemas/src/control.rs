@@ -61,6 +61,9 @@ macro_rules! for_each_ctl_op {
             InstanceStop = instance.stop: InstanceStopRequest => InstanceStopReply;
             InstanceList = instance.list: InstanceListRequest => InstanceListReply, min_seq;
             InstanceGet = instance.get: InstanceGetRequest => InstanceGetReply, min_seq;
+            /// The recent log lines of an instance, or of every instance of a component,
+            /// gathered from their hosts.
+            InstanceLogs = instance.logs: InstanceLogsRequest => InstanceLogsGathered, min_seq;
             AssignmentGrant = assignment.grant: AssignmentGrantRequest => AssignmentGrantReply;
             AssignmentRevoke = assignment.revoke: AssignmentRevokeRequest
                 => AssignmentRevokeReply;
@@ -702,6 +705,43 @@ pub struct InstanceGetRequest {
     /// Wait until the controller has applied this stream sequence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_seq: Option<u64>,
+}
+
+/// `instance.logs`: the recent log lines of an instance or of a component's instances, as
+/// their hosts keep them (hosts keep the last lines of each instance they run; nothing is
+/// persisted). New lines are published on
+/// [`instance_logs`](crate::logs::instance_logs) as they are written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceLogsRequest {
+    /// An instance id, or a component name (every instance of it the lattice knows).
+    pub target: String,
+    /// Only lines received at or after this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    /// At most this many lines, the most recent ones (default 200, at most
+    /// [`MAX_LOG_LIMIT`](crate::logs::MAX_LOG_LIMIT)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Wait until the controller has applied this stream sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seq: Option<u64>,
+}
+
+/// The answer to [`InstanceLogsRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceLogsGathered {
+    /// The component whose lines these are.
+    pub component: String,
+    /// The instances asked (those of the target that run or ran on a host now up).
+    pub instances: Vec<InstanceId>,
+    /// The lines, oldest first (by time, then instance and line number).
+    pub records: Vec<crate::logs::LogRecord>,
+    /// Whether older lines that matched were left out (by the limit or the reply's size).
+    pub truncated: bool,
+    /// Hosts that did not answer: their instances' lines are missing.
+    pub unreachable: Vec<HostId>,
 }
 
 /// One fact of an instance's history.

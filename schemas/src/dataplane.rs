@@ -54,6 +54,24 @@ pub mod headers {
     /// ([`HttpRequestHead`](crate::capability::rpc::HttpRequestHead),
     /// [`HttpResponseHead`](crate::capability::rpc::HttpResponseHead)).
     pub const HTTP_HEAD: &str = "Trellis-Http";
+    /// Calls and HTTP requests: W3C trace context; its trace id labels the invocation's log
+    /// lines.
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// The trace id of a W3C `traceparent` value (`00-<32 hex>-<16 hex>-<2 hex>`), when it is one.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(span, 16)
+        && hex(flags, 2);
+    valid.then_some(trace)
 }
 
 /// Largest body a call, a capability request or an HTTP message may carry, in bytes.
@@ -243,6 +261,8 @@ verbs! {
         InstanceStop => "instance.stop",
         /// The counters of instances (`InstanceStatsCommand`).
         InstanceStats => "instance.stats",
+        /// The recent log lines of instances (`InstanceLogsCommand`).
+        InstanceLogs => "instance.logs",
         /// Start a provider under this host (`StartProviderCommand`).
         ProviderStart => "provider.start",
         /// Stop a provider this host supervises (`StopProviderCommand`).
@@ -593,6 +613,22 @@ mod tests {
 
     fn lattice() -> Lattice {
         Lattice::new("prod").expect("valid")
+    }
+
+    #[test]
+    fn trace_ids_come_only_from_valid_traceparents() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(trace_id(tp), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(trace_id(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -85,6 +85,15 @@ pub fn all() -> Vec<NamedSchema> {
     out.push(named::<InstanceStatsReply>(
         "host.instance.stats.reply.schema.json".to_owned(),
     ));
+    out.push(named::<crate::logs::InstanceLogsCommand>(
+        "host.instance.logs.schema.json".to_owned(),
+    ));
+    out.push(named::<crate::logs::InstanceLogsReply>(
+        "host.instance.logs.reply.schema.json".to_owned(),
+    ));
+    out.push(named::<crate::logs::LogRecord>(
+        "log.record.schema.json".to_owned(),
+    ));
     out.push(named::<StartProviderCommand>(
         "host.provider.start.schema.json".to_owned(),
     ));

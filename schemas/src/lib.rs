@@ -15,6 +15,7 @@
 //! - [`capability`]: capabilities, assignments and the typed capability calls of providers
 //!   ([`capability::rpc`]), with their binary encoding.
 //! - [`instance`]: restart policies, component sources, host commands.
+//! - [`logs`]: component log lines, their subjects and the host command that reads them.
 //! - [`rollout`]: rollout plans, their records and the traffic routes they set.
 //! - [`json_schema`]: JSON Schemas for all of the above, checked in under `schemas/json/`.
 //!
@@ -46,6 +47,7 @@ pub mod fact;
 pub mod heartbeat;
 pub mod instance;
 pub mod json_schema;
+pub mod logs;
 pub mod manifest;
 mod names;
 pub mod projection;

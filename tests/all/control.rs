@@ -71,7 +71,12 @@ fn readme_commands() -> (Vec<ReadmeRequest>, Vec<String>) {
                 expect_error,
             });
         } else if let Some(rest) = line.strip_prefix("nats sub ") {
-            subs.push(rest.trim().trim_matches('\'').to_owned());
+            // Fact subscriptions; the log subjects' example is tested with `trellis logs`
+            // (tests/all/logs.rs).
+            let subject = rest.trim().trim_matches('\'');
+            if subject.starts_with(subject::events_all(&default).trim_end_matches('>')) {
+                subs.push(subject.to_owned());
+            }
         }
     }
     (requests, subs)

@@ -7,6 +7,7 @@ mod control;
 mod http_status;
 mod instances;
 mod lifecycle;
+mod logs;
 mod metrics;
 mod prometheus_harness;
 mod protocol;

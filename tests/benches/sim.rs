@@ -303,6 +303,14 @@ async fn serve_commands(
                         }))
                     })
                 }
+                Ok(HostVerb::InstanceLogs) => {
+                    decode_request::<trellis_schemas::logs::InstanceLogsCommand>(&message.payload)
+                        .map(|_| {
+                            encode(&Reply::ok(
+                                trellis_schemas::logs::InstanceLogsReply::default(),
+                            ))
+                        })
+                }
                 Ok(HostVerb::ProviderStart | HostVerb::ProviderStop) => Err(ErrorBody::new(
                     ErrorCode::InvalidRequest,
                     "a simulated host runs no providers",

@@ -23,6 +23,7 @@ mod assignments;
 mod components;
 mod instances;
 mod liveness;
+mod logs;
 mod metrics;
 mod providers;
 mod relocate;

@@ -63,6 +63,7 @@ async fn answer(state: &State, subject_name: &str, body: &[u8]) -> Vec<u8> {
         CtlOp::InstanceStop => respond(state, body, instances::stop).await,
         CtlOp::InstanceList => respond(state, body, async |s, r| instances::list(s, r)).await,
         CtlOp::InstanceGet => respond(state, body, instances::get).await,
+        CtlOp::InstanceLogs => respond(state, body, super::logs::logs).await,
         CtlOp::AssignmentGrant => respond(state, body, assignments::grant).await,
         CtlOp::AssignmentRevoke => respond(state, body, assignments::revoke).await,
         CtlOp::AssignmentList => respond(state, body, async |s, r| assignments::list(s, r)).await,

@@ -2,7 +2,8 @@
 //! atomically and answers `count: N`. The key is the request path without its leading `/` (any
 //! character outside `A-Z a-z 0-9 _ -` becomes `_`), or `count` for `/`. The bucket is opened with
 //! the empty identifier: the component's assignment decides which bucket that is. A keyvalue error
-//! answers 500 with its text (`access-denied`, `no-such-store` or `other: <message>`).
+//! answers 500 with its text (`access-denied`, `no-such-store` or `other: <message>`). Each request
+//! is logged through `wasi:logging` (`trellis logs kv-counter` shows the lines).
 
 wit_bindgen::generate!({
     world: "trellis:lattice/http-component",
@@ -16,15 +17,23 @@ use wasi::http::types::{
     Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
 };
 use wasi::keyvalue::{atomics, store};
+use wasi::logging::logging::{self, Level};
 
 struct KvCounter;
 
 impl Guest for KvCounter {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
-        let key = key_for(request.path_with_query().as_deref().unwrap_or("/"));
+        let path = request.path_with_query().unwrap_or_else(|| "/".to_owned());
+        let key = key_for(&path);
         let (status, body) = match count(&key) {
-            Ok(n) => (200, format!("count: {n}\n")),
-            Err(error) => (500, format!("{error}\n")),
+            Ok(n) => {
+                logging::log(Level::Info, "kv-counter", &format!("{path} → {key} = {n}"));
+                (200, format!("count: {n}\n"))
+            }
+            Err(error) => {
+                logging::log(Level::Error, "kv-counter", &format!("{path}: {error}"));
+                (500, format!("{error}\n"))
+            }
         };
         respond(response_out, status, body.as_bytes());
     }

@@ -23,6 +23,7 @@ use trellis_schemas::Lattice;
 use trellis_schemas::capability::rpc::{HttpMessage, HttpRequestHead, HttpResponseHead};
 use trellis_schemas::dataplane::{self, DataError, ErrorCode, Op};
 
+use super::logs::InstanceLog;
 use super::stats::{Outcome, Stats};
 use crate::runtime::{InvokeError, LoadedComponent};
 
@@ -57,6 +58,8 @@ pub(crate) struct Serving {
     idle: Notify,
     /// The instance's counters.
     stats: Arc<Stats>,
+    /// The instance's log lines.
+    log: Arc<InstanceLog>,
 }
 
 /// Counts one call in flight until dropped.
@@ -78,6 +81,7 @@ impl Serving {
         lattice: Lattice,
         instance_id: &str,
         stats: Arc<Stats>,
+        log: Arc<InstanceLog>,
     ) -> (Self, oneshot::Receiver<Crash>) {
         let (tx, rx) = oneshot::channel();
         let instance = HeaderValue::from(instance_id);
@@ -93,6 +97,7 @@ impl Serving {
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
             stats,
+            log,
         };
         (serving, rx)
     }
@@ -209,8 +214,9 @@ impl Serving {
                 )
             })?
         };
+        let traceparent = codec::header(headers, &NAMES.traceparent);
         let value = self
-            .component
+            .component(traceparent)
             .invoke(export, args)
             .await
             .map_err(|error| self.fail(export, error))?;
@@ -222,13 +228,29 @@ impl Serving {
         })
     }
 
+    /// The component for one invocation: its output lines go to the instance's log, labelled
+    /// with the invocation's number and trace id.
+    fn component(&self, traceparent: Option<&str>) -> std::borrow::Cow<'_, LoadedComponent> {
+        if self.log.enabled() {
+            std::borrow::Cow::Owned(self.component.with_log(self.log.invocation(traceparent)))
+        } else {
+            std::borrow::Cow::Borrowed(&self.component)
+        }
+    }
+
     /// Serves an HTTP request with the component's `wasi:http/incoming-handler`.
     async fn http(
         &self,
         request: HttpMessage<HttpRequestHead>,
     ) -> Result<HttpMessage<HttpResponseHead>, DataError> {
         codec::check_size(request.body.len())?;
-        self.component
+        let traceparent = request
+            .head
+            .headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(dataplane::headers::TRACEPARENT))
+            .map(|(_, value)| value.as_str());
+        self.component(traceparent)
             .handle_http(&request.head, request.body)
             .await
             .map(|(head, body)| HttpMessage { head, body })

@@ -12,6 +12,7 @@ use trellis_schemas::instance::{
     CommandAccepted, InstanceStatsCommand, StartInstanceCommand, StartProviderCommand,
     StopInstanceCommand, StopProviderCommand,
 };
+use trellis_schemas::logs::InstanceLogsCommand;
 use trellis_schemas::{ErrorBody, ErrorCode, HostId, Lattice, Reply};
 
 use super::manager::InstanceManager;
@@ -55,6 +56,10 @@ pub async fn serve_commands(
                 Ok(HostVerb::InstanceStats) => {
                     decode_request::<InstanceStatsCommand>(&message.payload)
                         .map(|command| encode(&Reply::ok(manager.stats(&command.instance_ids))))
+                }
+                Ok(HostVerb::InstanceLogs) => {
+                    decode_request::<InstanceLogsCommand>(&message.payload)
+                        .map(|command| encode(&Reply::ok(manager.logs(&command))))
                 }
                 Ok(HostVerb::ProviderStart) => {
                     decode_request::<StartProviderCommand>(&message.payload)

@@ -95,6 +95,8 @@ pub(crate) struct Spec {
     pub operation_id: String,
     /// Its counters, over every serving period.
     pub stats: Arc<super::stats::Stats>,
+    /// Its log lines, over every serving period.
+    pub log: Arc<super::logs::InstanceLog>,
 }
 
 /// Serves `component` as instance `spec.id` until it is stopped or ends by its restart policy.
@@ -119,6 +121,7 @@ pub(crate) async fn supervise(
             ctx.lattice.clone(),
             spec.id.as_str(),
             Arc::clone(&spec.stats),
+            Arc::clone(&spec.log),
         );
         let serving = Arc::new(serving);
         let subscribed = async {

@@ -12,6 +12,7 @@ use trellis_schemas::fact::{AssignmentRevoked, InstanceStartFailed, InstanceStop
 use trellis_schemas::instance::{
     ComponentSource, InstanceStatsReply, StartInstanceCommand, StopInstanceCommand,
 };
+use trellis_schemas::logs::{InstanceLogsCommand, InstanceLogsReply};
 use trellis_schemas::{
     ComponentName, ErrorBody, ErrorCode, Event, FactData, HostId, InstanceId, InventoryInstance,
     Lattice,
@@ -22,6 +23,7 @@ use super::bridge::{Assignments, NatsBridge};
 use super::error::StartError;
 use super::instance::{Spec, State, StateCell, Stop, supervise};
 use super::local::LocalInstances;
+use super::logs::{InstanceLog, LogConfig, LogHub};
 use super::stats::Stats;
 use crate::providers::EmbeddedProviders;
 use crate::runtime::{Digest, Runtime};
@@ -57,6 +59,8 @@ pub struct InstancesConfig {
     pub max_instances: u32,
     /// The largest artifact the host fetches, in bytes. Default 256 MiB.
     pub max_artifact_bytes: u64,
+    /// How instances' log lines are streamed and kept.
+    pub logs: LogConfig,
 }
 
 impl Default for InstancesConfig {
@@ -64,6 +68,7 @@ impl Default for InstancesConfig {
         Self {
             max_instances: 100,
             max_artifact_bytes: 256 * 1024 * 1024,
+            logs: LogConfig::default(),
         }
     }
 }
@@ -88,6 +93,7 @@ struct Inner {
     max_instances: u32,
     instances: Mutex<HashMap<InstanceId, Entry>>,
     next_key: AtomicU64,
+    logs: LogHub,
 }
 
 #[derive(Debug)]
@@ -98,6 +104,8 @@ struct Entry {
     state: Arc<StateCell>,
     /// Its counters, for `instance.stats`.
     stats: Arc<Stats>,
+    /// Its recent log lines, for `instance.logs`.
+    log: Arc<InstanceLog>,
     stop: mpsc::Sender<Stop>,
     task: Option<JoinHandle<()>>,
 }
@@ -120,6 +128,12 @@ impl InstanceManager {
         let assignments = Arc::new(Assignments::default());
         tokio::spawn(Arc::clone(&assignments).follow(client.clone(), lattice.clone()));
         let (routes, _following) = RouteTable::follow(&client, &lattice);
+        let logs = LogHub::new(
+            client.clone(),
+            lattice.clone(),
+            host_id.clone(),
+            config.logs,
+        );
         Self {
             inner: Arc::new(Inner {
                 ctx: Arc::new(Context {
@@ -138,6 +152,7 @@ impl InstanceManager {
                 max_instances: config.max_instances,
                 instances: Mutex::new(HashMap::new()),
                 next_key: AtomicU64::new(1),
+                logs,
             }),
         }
     }
@@ -172,6 +187,10 @@ impl InstanceManager {
         let (stop_tx, stop_rx) = mpsc::channel(4);
         let state = Arc::new(StateCell::default());
         let stats = Arc::new(Stats::default());
+        let log = self
+            .inner
+            .logs
+            .instance(&command.instance_id, Arc::clone(&stats));
         let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
         {
             let mut instances = self.lock();
@@ -202,6 +221,7 @@ impl InstanceManager {
                     component: component.clone(),
                     state: Arc::clone(&state),
                     stats: Arc::clone(&stats),
+                    log: Arc::clone(&log),
                     stop: stop_tx,
                     task: None,
                 },
@@ -215,7 +235,16 @@ impl InstanceManager {
                     id: task_id,
                     key,
                 };
-                run(&inner, command, component, state, stats, stop_rx, slot).await;
+                run(
+                    &inner,
+                    command,
+                    component,
+                    state,
+                    (stats, log),
+                    stop_rx,
+                    slot,
+                )
+                .await;
             });
             // The task cannot remove the entry before this: it needs the lock held here.
             if let Some(entry) = instances.get_mut(&id) {
@@ -266,6 +295,19 @@ impl InstanceManager {
                 .filter_map(|id| Some((id.clone(), instances.get(id)?.stats.snapshot())))
                 .collect(),
         }
+    }
+
+    /// The recent log lines of those of `command.instance_ids` that run here or ended lately.
+    pub fn logs(&self, command: &InstanceLogsCommand) -> InstanceLogsReply {
+        let running: Vec<Arc<InstanceLog>> = {
+            let instances = self.lock();
+            command
+                .instance_ids
+                .iter()
+                .filter_map(|id| instances.get(id).map(|e| Arc::clone(&e.log)))
+                .collect()
+        };
+        self.inner.logs.read(&running, command)
     }
 
     /// Serves this host's per-instance metrics in the process's registry (see
@@ -354,10 +396,15 @@ impl Drop for Slot {
             .instances
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if instances.get(&self.id).is_some_and(|e| e.key == self.key) {
-            instances.remove(&self.id);
-        }
+        let ended = if instances.get(&self.id).is_some_and(|e| e.key == self.key) {
+            instances.remove(&self.id)
+        } else {
+            None
+        };
         drop(instances);
+        if let Some(entry) = ended {
+            self.inner.logs.ended(entry.log);
+        }
         // Grants made for this instance end with it, so that what they hold (a listen address,
         // a subscription) is released and can be granted to its successor.
         let ctx = &self.inner.ctx;
@@ -379,7 +426,7 @@ async fn run(
     command: StartInstanceCommand,
     component: String,
     state: Arc<StateCell>,
-    stats: Arc<Stats>,
+    (stats, log): (Arc<Stats>, Arc<InstanceLog>),
     mut stop: mpsc::Receiver<Stop>,
     slot: Slot,
 ) {
@@ -440,6 +487,7 @@ async fn run(
         return;
     }
     let component_name = name.to_string();
+    log.bind(&component_name, &manifest.version.to_string());
     let spec = Spec {
         id: command.instance_id.clone(),
         name,
@@ -448,6 +496,7 @@ async fn run(
         restart: command.restart,
         operation_id: command.operation_id.clone(),
         stats,
+        log,
     };
     let Loaded {
         component,

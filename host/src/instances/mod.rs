@@ -27,6 +27,8 @@
 //!   restart policy is applied here, without asking anyone: `instance.restarting`, a delay, then
 //!   `instance.started` with the attempt number; or `instance.gave_up` when a backoff's attempts
 //!   are exhausted; or nothing more for `never`. Other instances are not affected.
+//! - **Logs.** Each line an instance writes goes out on its log subject as it is written, within
+//!   a rate per instance, and the last lines are kept for `instance.logs` (see [`logs`]).
 //! - **Stopping and drain.** A stopped instance stops taking calls, waits (bounded by its timeout)
 //!   for the calls in flight and reports `instance.stopped`. A draining host stops every
 //!   instance this way before it reports `host.stopped`.
@@ -38,10 +40,12 @@ mod commands;
 mod error;
 mod instance;
 mod local;
+mod logs;
 mod manager;
 mod stats;
 
 pub use commands::serve_commands;
 pub use error::StartError;
+pub use logs::LogConfig;
 pub use manager::{InstanceManager, InstancesConfig};
 pub(crate) use stats::Counts;

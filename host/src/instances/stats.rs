@@ -33,6 +33,9 @@ pub(crate) struct Stats {
     micros: AtomicU64,
     restarts: AtomicU64,
     latency: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    log_published: AtomicU64,
+    log_dropped: AtomicU64,
+    log_lost: AtomicU64,
     /// The loaded component, whose runtime counts fuel, memory and invocations running.
     component: OnceLock<LoadedComponent>,
 }
@@ -46,6 +49,18 @@ pub(crate) struct Counts {
     pub in_flight: u64,
     pub restarts: u64,
     pub usage: ResourceUsage,
+    pub log: LogCounts,
+}
+
+/// What happened to an instance's log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LogCounts {
+    /// Handed to NATS.
+    pub published: u64,
+    /// Over the rate: not published.
+    pub dropped: u64,
+    /// Found the publishing queue full.
+    pub lost: u64,
 }
 
 impl Stats {
@@ -73,6 +88,21 @@ impl Stats {
     /// Counts a crash (the invocation is also recorded, as failed).
     pub fn crashed(&self) {
         self.crashes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts log lines published.
+    pub fn log_published(&self, n: u64) {
+        self.log_published.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts log lines dropped over the rate.
+    pub fn log_dropped(&self, n: u64) {
+        self.log_dropped.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts log records that found the publishing queue full.
+    pub fn log_lost(&self, n: u64) {
+        self.log_lost.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Counts a restart by the instance's policy.
@@ -116,6 +146,11 @@ impl Stats {
                 .get()
                 .map(LoadedComponent::usage)
                 .unwrap_or_default(),
+            log: LogCounts {
+                published: self.log_published.load(Ordering::Relaxed),
+                dropped: self.log_dropped.load(Ordering::Relaxed),
+                lost: self.log_lost.load(Ordering::Relaxed),
+            },
         }
     }
 }

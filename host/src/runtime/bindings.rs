@@ -298,12 +298,7 @@ impl logging::Host for StoreState {
             logging::Level::Error => "error",
             logging::Level::Critical => "critical",
         };
-        let line = if context.is_empty() {
-            format!("[{level}] {message}\n")
-        } else {
-            format!("[{level}] {context}: {message}\n")
-        };
-        self.log_line(line.as_bytes());
+        StoreState::log(self, level, &context, &message);
         Ok(())
     }
 }

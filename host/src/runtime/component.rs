@@ -34,7 +34,7 @@ use wasmtime::{Store, UpdateDeadline};
 use super::capabilities::{CapabilityBridge, DenyAll};
 use super::convert::{Budget, FromValError, json_to_val, val_to_json};
 use super::error::InvokeError;
-use super::output::GuestOutput;
+use super::output::{GuestOutput, LogSink};
 use super::runtime::{LoadOutcome, RuntimeInner};
 use super::store::{OutputHandle, StoreState};
 use bytes::Bytes;
@@ -59,6 +59,8 @@ pub struct LoadedComponent {
     inner: Arc<ComponentInner>,
     /// Where capability calls go; [`DenyAll`] unless the embedder gave one.
     bridge: Arc<dyn CapabilityBridge>,
+    /// Where invocations' output lines go as they are written, if anywhere.
+    log: Option<Arc<dyn LogSink>>,
 }
 
 struct ComponentInner {
@@ -171,6 +173,7 @@ impl LoadedComponent {
                 usage: Usage::default(),
             }),
             bridge: Arc::new(DenyAll),
+            log: None,
         }
     }
 
@@ -180,6 +183,17 @@ impl LoadedComponent {
         Self {
             inner: Arc::clone(&self.inner),
             bridge,
+            log: self.log.clone(),
+        }
+    }
+
+    /// The same component, whose invocations also hand their output to `log`, line by line as
+    /// the guest writes it (the captured [`GuestOutput`] is kept as well).
+    pub fn with_log(&self, log: Arc<dyn LogSink>) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            bridge: Arc::clone(&self.bridge),
+            log: Some(log),
         }
     }
 
@@ -272,6 +286,7 @@ impl LoadedComponent {
         let outcome = tokio::time::timeout(limits.timeout + CANCEL_GRACE, run).await;
         let fuel_consumed = inner.usage.record(&store, limits.fuel);
         drop(store);
+        output.finish();
         match outcome {
             Err(_elapsed) => Err(failed(None, &output, &limits)),
             Ok(Err(failure)) => Err(failed(Some(failure), &output, &limits)),
@@ -318,6 +333,7 @@ impl LoadedComponent {
             config.max_log_bytes,
             Arc::clone(&self.bridge),
             deadline,
+            self.log.clone(),
         );
         let output = state.output_handle();
         let mut store = Store::new(&inner.runtime.engine, state);
@@ -436,6 +452,7 @@ impl LoadedComponent {
         let outcome = tokio::time::timeout(limits.timeout + CANCEL_GRACE, both).await;
         inner.usage.record(&store, limits.fuel);
         drop(store);
+        output.finish();
         match outcome {
             Err(_elapsed) => Err(failed(None, &output, &limits)),
             Ok(Err(failure)) => Err(failed(Some(failure), &output, &limits)),

@@ -28,7 +28,7 @@ pub use config::RuntimeConfig;
 pub use convert::ConvertError;
 pub use digest::{Digest, DigestParseError};
 pub use error::{InvokeError, LoadError, RuntimeError};
-pub use output::GuestOutput;
+pub use output::{GuestOutput, LineSource, LogSink, MAX_LINE_BYTES};
 pub use runtime::{AllocationStrategy, LoadOutcome, Runtime};
 pub use trellis_schemas::manifest::{
     Capabilities, FUEL_RANGE, Limits, MAX_CONCURRENCY_RANGE, MAX_MEMORY_RANGE, Manifest,

@@ -11,7 +11,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::capabilities::CapabilityBridge;
 use super::http::HttpHooks;
-use super::output::{Capture, GuestOutput};
+use super::output::{Capture, GuestOutput, LineSource, LogSink};
 
 /// Instances, memories and tables one component instance may create. A wasip2 Rust component
 /// uses a handful of each (the program, the WASI adapter and their shims).
@@ -96,6 +96,8 @@ pub(crate) struct StoreState {
     pub(crate) limiter: Limiter,
     stdout: Capture,
     stderr: Capture,
+    /// Where lines go as they are written, when the invocation's output is streamed.
+    log: Option<Arc<dyn LogSink>>,
     http: WasiHttpCtx,
     hooks: HttpHooks,
     /// Where the invocation's capability calls go.
@@ -114,15 +116,23 @@ impl std::fmt::Debug for StoreState {
 
 impl StoreState {
     /// A WASI context that grants nothing: no preopened directories, no environment, no
-    /// arguments, no network, no stdin. Clocks and random work; stdout and stderr are captured.
+    /// arguments, no network, no stdin. Clocks and random work; stdout and stderr are captured,
+    /// and handed line by line to `log` when there is one.
     pub(crate) fn new(
         max_memory: u64,
         max_log_bytes: usize,
         bridge: Arc<dyn CapabilityBridge>,
         deadline: Instant,
+        log: Option<Arc<dyn LogSink>>,
     ) -> Self {
-        let stdout = Capture::new(max_log_bytes);
-        let stderr = Capture::new(max_log_bytes);
+        let stdout = Capture::with_sink(
+            max_log_bytes,
+            log.clone().map(|sink| (sink, LineSource::Stdout)),
+        );
+        let stderr = Capture::with_sink(
+            max_log_bytes,
+            log.clone().map(|sink| (sink, LineSource::Stderr)),
+        );
         let wasi = WasiCtx::builder()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
@@ -139,6 +149,7 @@ impl StoreState {
             },
             stdout,
             stderr,
+            log,
             http: WasiHttpCtx::new(),
             hooks: HttpHooks {
                 bridge: Arc::clone(&bridge),
@@ -154,9 +165,18 @@ impl StoreState {
         call_budget(self.deadline)
     }
 
-    /// Appends a line to the captured stderr (`wasi:logging`).
-    pub(crate) fn log_line(&self, line: &[u8]) {
-        self.stderr.push(line);
+    /// A `wasi:logging` line: appended to the captured stderr as `[level] context: message`,
+    /// and handed whole, with its level, to the sink.
+    pub(crate) fn log(&self, level: &'static str, context: &str, message: &str) {
+        let line = if context.is_empty() {
+            format!("[{level}] {message}\n")
+        } else {
+            format!("[{level}] {context}: {message}\n")
+        };
+        self.stderr.push_captured_only(line.as_bytes());
+        if let Some(log) = &self.log {
+            log.line(LineSource::Log { level, context }, message);
+        }
     }
 
     /// A handle on the captured output that stays readable after the store is gone.
@@ -164,6 +184,7 @@ impl StoreState {
         OutputHandle {
             stdout: self.stdout.clone(),
             stderr: self.stderr.clone(),
+            log: self.log.clone(),
         }
     }
 }
@@ -173,9 +194,19 @@ impl StoreState {
 pub(crate) struct OutputHandle {
     stdout: Capture,
     stderr: Capture,
+    log: Option<Arc<dyn LogSink>>,
 }
 
 impl OutputHandle {
+    /// The invocation ended: hands unfinished last lines to the sink and tells it.
+    pub(crate) fn finish(&self) {
+        if let Some(log) = &self.log {
+            self.stdout.flush_line();
+            self.stderr.flush_line();
+            log.finish();
+        }
+    }
+
     pub(crate) fn collect(&self) -> GuestOutput {
         GuestOutput {
             stdout: self.stdout.text(),
