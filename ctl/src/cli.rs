@@ -9,7 +9,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use trellis_bus::{FactStream, StartAt};
-use trellis_schemas::control::{HostGetRequest, HostListRequest, HostView, StatusRequest};
+use trellis_schemas::control::{
+    HostGetRequest, HostListRequest, HostView, StatusReply, StatusRequest,
+};
 use trellis_schemas::{ErrorCode, Event, FactKind, HostId, HostStatus, Lattice, subject};
 
 use crate::client::{ClientError, CtlClient};
@@ -67,7 +69,8 @@ enum Command {
     /// Hosts of the lattice.
     #[command(subcommand)]
     Host(HostCommand),
-    /// A summary of the lattice.
+    /// The lattice's health on one screen: hosts, instances and providers by status, rollouts
+    /// in progress, failures in the last hour, and how far the controller is behind the facts.
     Status,
     /// Print facts from the lattice's stream.
     Events(EventsArgs),
@@ -256,27 +259,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             if g.output == Output::Json {
                 return print_json(&status);
             }
-            println!("lattice      {}", status.lattice);
-            println!(
-                "hosts        {} up, {} stopped, {} lost",
-                status.hosts.up, status.hosts.stopped, status.hosts.lost
-            );
-            println!(
-                "facts        {} kept in {} (sequences {}..={}), controller as of {}",
-                status.stream.messages,
-                status.stream.name,
-                status.stream.first_seq,
-                status.stream.last_seq,
-                status.as_of
-            );
-            println!(
-                "controller   {} v{} since {} (replayed {} facts in {} ms)",
-                status.controller.id,
-                status.controller.version,
-                ago(status.controller.started_at),
-                status.controller.replayed_facts,
-                status.controller.replay_ms
-            );
+            print!("{}", status_screen(&status));
             Ok(())
         }
         Command::Events(args) => events(&g, args).await,
@@ -332,6 +315,105 @@ pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> 
     let text = serde_json::to_string_pretty(value).map_err(|e| failure(1, e.to_string()))?;
     println!("{text}");
     Ok(())
+}
+
+/// `trellis status` for people: the lattice's health on one screen.
+fn status_screen(s: &StatusReply) -> String {
+    use std::fmt::Write as _;
+    let counts = |m: &BTreeMap<String, u32>| {
+        if m.is_empty() {
+            "none".to_owned()
+        } else {
+            // Running first, then the rest by name.
+            let mut parts: Vec<String> = m
+                .get("running")
+                .map(|n| format!("{n} running"))
+                .into_iter()
+                .collect();
+            parts.extend(
+                m.iter()
+                    .filter(|(k, _)| *k != "running")
+                    .map(|(k, n)| format!("{n} {}", k.replace('_', " "))),
+            );
+            parts.join(", ")
+        }
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "lattice      {}", s.lattice);
+    let _ = writeln!(
+        out,
+        "hosts        {} up, {} stopped, {} lost",
+        s.hosts.up, s.hosts.stopped, s.hosts.lost
+    );
+    let _ = writeln!(out, "instances    {}", counts(&s.instances));
+    let _ = writeln!(out, "providers    {}", counts(&s.providers));
+    let _ = writeln!(out, "components   {} stored", s.components);
+    if s.rollouts.is_empty() {
+        let _ = writeln!(out, "rollouts     none in progress");
+    } else {
+        let _ = writeln!(out, "rollouts     {} in progress", s.rollouts.len());
+        for r in &s.rollouts {
+            let weight = r
+                .weight
+                .map(|w| format!(", {w}% of traffic"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {}  {} → {} ({}, {}{weight})",
+                r.rollout_id,
+                r.component,
+                r.to,
+                r.strategy,
+                r.status.as_str()
+            );
+        }
+    }
+    if s.failures_last_hour == 0 {
+        let _ = writeln!(out, "failures     none in the last hour");
+    } else {
+        let _ = writeln!(
+            out,
+            "failures     {} in the last hour",
+            s.failures_last_hour
+        );
+        for f in &s.failures {
+            let mut reason = f.reason.clone().unwrap_or_default();
+            if reason.chars().count() > 80 {
+                reason = reason.chars().take(79).collect::<String>() + "…";
+            }
+            let _ = writeln!(
+                out,
+                "  {}  {}  {} {}  {reason}",
+                f.instance_id,
+                f.component,
+                f.status.as_str(),
+                ago(f.since),
+            );
+        }
+        if s.failures.len() < s.failures_last_hour as usize {
+            let _ = writeln!(out, "  … `trellis instance ls` lists them all");
+        }
+    }
+    let lag = if s.stream.lag == 0 {
+        "up to date".to_owned()
+    } else {
+        format!("{} facts behind", s.stream.lag)
+    };
+    let _ = writeln!(
+        out,
+        "facts        {} kept in {} (sequences {}..={}); controller as of {}, {lag}",
+        s.stream.messages, s.stream.name, s.stream.first_seq, s.stream.last_seq, s.as_of
+    );
+    let _ = writeln!(
+        out,
+        "controller   {} v{} since {} (replayed {} facts in {} ms)",
+        s.controller.id,
+        s.controller.version,
+        ago(s.controller.started_at),
+        s.controller.replayed_facts,
+        s.controller.replay_ms
+    );
+    out
 }
 
 pub(crate) fn ago(t: DateTime<Utc>) -> String {

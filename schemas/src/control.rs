@@ -331,7 +331,51 @@ pub struct StreamSummary {
     pub first_seq: u64,
     /// Its last sequence.
     pub last_seq: u64,
+    /// Facts the answering replica has not applied yet.
+    #[serde(default)]
+    pub lag: u64,
 }
+
+/// An instance that failed lately: never started, crashed for good, gave up or was lost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecentFailure {
+    /// The instance.
+    pub instance_id: InstanceId,
+    /// Its component (or, for a start that failed, the reference asked for).
+    pub component: String,
+    /// `failed`, `crashed`, `gave_up` or `lost`.
+    pub status: InstanceStatus,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When.
+    pub since: DateTime<Utc>,
+}
+
+/// A rollout in progress, in brief.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutBrief {
+    /// The rollout.
+    pub rollout_id: RolloutId,
+    /// The component.
+    pub component: ComponentName,
+    /// The version it rolls out.
+    pub to: String,
+    /// How.
+    pub strategy: Strategy,
+    /// `progressing`, `paused` or `promoted`.
+    pub status: RolloutStatus,
+    /// The new version's share of traffic, when traffic is split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u8>,
+}
+
+/// How far back [`StatusReply::failures`] looks.
+pub const RECENT_FAILURES_SECS: i64 = 3600;
+/// The most failures [`StatusReply::failures`] lists.
+pub const RECENT_FAILURES_LISTED: usize = 10;
 
 /// Reply to `lattice.status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -347,6 +391,24 @@ pub struct StatusReply {
     pub controller: ControllerInfo,
     /// The fact stream, as the replica last read its state.
     pub stream: StreamSummary,
+    /// Instances by status (statuses with none left out).
+    #[serde(default)]
+    pub instances: BTreeMap<String, u32>,
+    /// Providers by status (statuses with none left out).
+    #[serde(default)]
+    pub providers: BTreeMap<String, u32>,
+    /// Components (name and version) in the artifact store.
+    #[serde(default)]
+    pub components: u32,
+    /// Rollouts in progress.
+    #[serde(default)]
+    pub rollouts: Vec<RolloutBrief>,
+    /// Instances that failed in the last hour ([`RECENT_FAILURES_SECS`]).
+    #[serde(default)]
+    pub failures_last_hour: u32,
+    /// The newest of them, newest first (at most [`RECENT_FAILURES_LISTED`]).
+    #[serde(default)]
+    pub failures: Vec<RecentFailure>,
 }
 
 /// Reply to `lattice.projection`.

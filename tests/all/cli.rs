@@ -154,6 +154,32 @@ async fn cli_prints_tables_and_json_and_exits_with_meaningful_codes() {
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["hosts"]["up"], 1);
     assert_eq!(json["controller"]["id"], "c");
+    assert_eq!(json["instances"], serde_json::json!({}));
+    assert_eq!(json["failures_last_hour"], 0);
+    let (code, out, _) = nats.cli(&["status"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("failures     none in the last hour"), "{out}");
+    assert!(out.contains("rollouts     none in progress"), "{out}");
+
+    // A start that fails shows on the status screen, with its reason.
+    let (code, out, err) = nats.cli(&["instance", "start", "file:///no/such/app.wasm", "--wait"]);
+    assert_ne!(code, 0, "{out}{err}");
+    let (code, out, _) = nats.cli(&["status", "-o", "json"]);
+    assert_eq!(code, 0);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["instances"]["failed"], 1, "{json}");
+    assert_eq!(json["failures_last_hour"], 1, "{json}");
+    assert_eq!(json["failures"][0]["status"], "failed", "{json}");
+    assert_eq!(json["stream"]["lag"], 0, "{json}");
+    let (code, out, _) = nats.cli(&["status"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("instances    1 failed"), "{out}");
+    assert!(out.contains("failures     1 in the last hour"), "{out}");
+    assert!(
+        out.contains("/no/such/app.wasm"),
+        "the failure and its reason: {out}"
+    );
+    assert!(out.contains("up to date"), "{out}");
 
     let (code, out, _) = nats.cli(&["events", "--type", "host.started", "-o", "json"]);
     assert_eq!(code, 0);

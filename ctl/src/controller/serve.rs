@@ -8,10 +8,13 @@ use async_nats::{Client, Message};
 use serde::Serialize;
 use trellis_schemas::control::{
     ControllerInfo, HostCounts, HostGetReply, HostGetRequest, HostListReply, HostListRequest,
-    ProjectionReply, ProjectionRequest, StatusReply, StatusRequest, StreamSummary, decode_request,
+    ProjectionReply, ProjectionRequest, RECENT_FAILURES_LISTED, RECENT_FAILURES_SECS,
+    RecentFailure, RolloutBrief, StatusReply, StatusRequest, StreamSummary, decode_request,
     page_size,
 };
-use trellis_schemas::{CtlOp, CtlRequest, ErrorBody, ErrorCode, HostStatus, Reply, subject};
+use trellis_schemas::{
+    CtlOp, CtlRequest, ErrorBody, ErrorCode, HostStatus, InstanceStatus, Reply, subject,
+};
 
 use super::state::State;
 use super::{assignments, components, instances, providers, rollouts};
@@ -200,18 +203,63 @@ async fn status(state: &State) -> Result<StatusReply, ErrorBody> {
     let stream = trellis_bus::events_stream_state(&state.js, &state.config.lattice)
         .await
         .map_err(|e| ErrorBody::new(ErrorCode::Unavailable, e.to_string()))?;
-    let (as_of, hosts) = {
-        let projection = state.projection();
-        let mut counts = HostCounts::default();
-        for h in projection.hosts.values() {
-            match h.status {
-                HostStatus::Up => counts.up += 1,
-                HostStatus::Stopped => counts.stopped += 1,
-                HostStatus::Lost => counts.lost += 1,
-            }
+    let projection = state.projection();
+    let as_of = projection.last_seq.max(state.as_of());
+    let mut hosts = HostCounts::default();
+    for h in projection.hosts.values() {
+        match h.status {
+            HostStatus::Up => hosts.up += 1,
+            HostStatus::Stopped => hosts.stopped += 1,
+            HostStatus::Lost => hosts.lost += 1,
         }
-        (projection.last_seq.max(state.as_of()), counts)
-    };
+    }
+    let mut instances = BTreeMap::new();
+    for i in projection.instances.values() {
+        *instances.entry(i.status.as_str().to_owned()).or_insert(0) += 1;
+    }
+    let mut providers = BTreeMap::new();
+    for p in projection.providers.values() {
+        *providers.entry(p.status.as_str().to_owned()).or_insert(0) += 1;
+    }
+    let rollouts = projection
+        .rollouts
+        .values()
+        .filter(|r| !r.status.is_finished())
+        .map(|r| RolloutBrief {
+            rollout_id: r.rollout_id.clone(),
+            component: r.component.clone(),
+            to: r.to.version.clone(),
+            strategy: r.plan.strategy,
+            status: r.status,
+            weight: r.weight,
+        })
+        .collect();
+    let since = chrono::Utc::now() - chrono::Duration::seconds(RECENT_FAILURES_SECS);
+    let mut failures: Vec<RecentFailure> = projection
+        .instances
+        .values()
+        .filter(|i| {
+            matches!(
+                i.status,
+                InstanceStatus::Failed
+                    | InstanceStatus::Crashed
+                    | InstanceStatus::GaveUp
+                    | InstanceStatus::Lost
+            ) && i.status_since >= since
+        })
+        .map(|i| RecentFailure {
+            instance_id: i.instance_id.clone(),
+            component: i.component.clone(),
+            status: i.status,
+            reason: i.last_reason.clone(),
+            since: i.status_since,
+        })
+        .collect();
+    failures.sort_by_key(|f| std::cmp::Reverse(f.since));
+    let failures_last_hour = u32::try_from(failures.len()).unwrap_or(u32::MAX);
+    failures.truncate(RECENT_FAILURES_LISTED);
+    let components = u32::try_from(projection.artifacts.len()).unwrap_or(u32::MAX);
+    drop(projection);
     let replay = state.replay_stats();
     Ok(StatusReply {
         as_of,
@@ -229,6 +277,13 @@ async fn status(state: &State) -> Result<StatusReply, ErrorBody> {
             messages: stream.messages,
             first_seq: stream.first_sequence,
             last_seq: stream.last_sequence,
+            lag: stream.last_sequence.saturating_sub(as_of),
         },
+        instances,
+        providers,
+        components,
+        rollouts,
+        failures_last_hour,
+        failures,
     })
 }
