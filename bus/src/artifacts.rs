@@ -110,6 +110,21 @@ pub async fn put_artifact(
     lattice: &Lattice,
     bytes: &[u8],
 ) -> Result<String, ArtifactError> {
+    put_artifact_reporting(js, lattice, bytes, |_| {}).await
+}
+
+/// Like [`put_artifact`], and calls `uploaded` with the bytes handed to the store so far as
+/// the upload goes (not at all when the artifact was already stored).
+///
+/// # Errors
+///
+/// As [`put_artifact`].
+pub async fn put_artifact_reporting(
+    js: &jetstream::Context,
+    lattice: &Lattice,
+    bytes: &[u8],
+    uploaded: impl FnMut(usize) + Send + Unpin,
+) -> Result<String, ArtifactError> {
     let digest = digest_of(bytes);
     let store = artifact_store(js, lattice).await?;
     let name = digest_hex(&digest)?.to_owned();
@@ -119,12 +134,42 @@ pub async fn put_artifact(
     {
         return Ok(digest);
     }
-    let mut reader = bytes;
+    let mut reader = Counting {
+        rest: bytes,
+        read: 0,
+        uploaded,
+    };
     store
         .put(name.as_str(), &mut reader)
         .await
         .map_err(|e| ArtifactError::Store(e.to_string()))?;
     Ok(digest)
+}
+
+/// Reads a byte slice and reports how much was read.
+struct Counting<'a, F> {
+    rest: &'a [u8],
+    read: usize,
+    uploaded: F,
+}
+
+impl<F: FnMut(usize) + Unpin> tokio::io::AsyncRead for Counting<'_, F> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let n = this.rest.len().min(buf.remaining());
+        let (now, rest) = this.rest.split_at(n);
+        buf.put_slice(now);
+        this.rest = rest;
+        this.read += n;
+        if n > 0 {
+            (this.uploaded)(this.read);
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 /// Checks that the artifact `digest` is stored and its recorded digest matches; returns its size.

@@ -41,7 +41,7 @@ mod streams;
 
 pub use artifacts::{
     ArtifactError, artifact_store, digest_hex, digest_of, fetch_artifact, put_artifact,
-    stat_artifact,
+    put_artifact_reporting, stat_artifact,
 };
 pub use child::spawn_tied;
 pub use connect::{

@@ -19,7 +19,7 @@ use trellis_schemas::{
 
 use crate::cli::{Failure, Global, Output, ago, failure, print_json};
 use crate::client::CtlClient;
-use crate::output::Table;
+use crate::output::{PROGRESS_TICK, Progress, Table};
 
 /// `trellis component …`
 #[derive(Debug, Subcommand)]
@@ -121,8 +121,11 @@ fn manifest_path(wasm: &Path, given: Option<PathBuf>) -> PathBuf {
     })
 }
 
+/// Components from this size up show their upload's progress.
+const SHOW_UPLOAD_FROM: usize = 1 << 20;
+
 /// Uploads `wasm` to the artifact store and registers it with its manifest (by default the
-/// `Component.toml` next to it).
+/// `Component.toml` next to it), showing the upload's progress for a large one.
 pub async fn push_component(
     client: &CtlClient,
     wasm: &Path,
@@ -137,9 +140,26 @@ pub async fn push_component(
     let bytes = std::fs::read(wasm)
         .map_err(|e| failure(1, format!("cannot read {}: {e}", wasm.display())))?;
     let js = trellis_bus::jetstream(client.nats().clone());
-    let digest = trellis_bus::put_artifact(&js, client.lattice(), &bytes)
-        .await
-        .map_err(|e| failure(1, e.to_string()))?;
+    let digest = if bytes.len() < SHOW_UPLOAD_FROM {
+        trellis_bus::put_artifact(&js, client.lattice(), &bytes).await
+    } else {
+        let mib = |n: usize| n as f64 / f64::from(1 << 20);
+        let total = bytes.len();
+        let name = wasm.file_name().unwrap_or_default().to_string_lossy();
+        let mut progress = Progress::new(format!("uploading {name}"));
+        progress.event(&format!("uploading {name} ({:.1} MiB)", mib(total)));
+        let mut drawn = Instant::now();
+        let put = trellis_bus::put_artifact_reporting(&js, client.lattice(), &bytes, |done| {
+            if drawn.elapsed() >= PROGRESS_TICK / 2 || done == total {
+                progress.state(format!("{:.1} of {:.1} MiB", mib(done), mib(total)));
+                drawn = Instant::now();
+            }
+        })
+        .await;
+        progress.finish();
+        put
+    }
+    .map_err(|e| failure(1, e.to_string()))?;
     Ok(client
         .request(&ComponentRegisterRequest {
             digest,
@@ -226,7 +246,8 @@ const INSTANCE_COLUMNS: &[&str] = &[
 ];
 
 /// Waits for the outcome facts of `instances` caused by `operation`: `started`/`start_failed`
-/// for a start, `stopped` for a stop. Returns the outcome per instance.
+/// for a start, `stopped` for a stop. Returns the outcome per instance. Shows progress on stderr
+/// (see [`Progress`]): each outcome as it comes, and on a terminal a line with the count so far.
 async fn wait_for_outcomes(
     facts: &mut async_nats::Subscriber,
     operation: &str,
@@ -235,20 +256,33 @@ async fn wait_for_outcomes(
 ) -> Result<BTreeMap<InstanceId, Event>, Failure> {
     let deadline = Instant::now() + timeout;
     let mut outcomes = BTreeMap::new();
-    while outcomes.len() < instances.len() {
+    let total = instances.len();
+    let mut progress = Progress::new(format!(
+        "waiting for {total} instance{}",
+        if total == 1 { "" } else { "s" }
+    ));
+    progress.state(format!("0 of {total} reported"));
+    while outcomes.len() < total {
         let left = deadline.saturating_duration_since(Instant::now());
-        let message = match tokio::time::timeout(left, facts.next()).await {
+        if left.is_zero() {
+            progress.finish();
+            return Err(failure(
+                1,
+                format!(
+                    "{} of {total} instances reported within {timeout:?}; `trellis events --follow` shows what happens",
+                    outcomes.len(),
+                ),
+            ));
+        }
+        let message = match tokio::time::timeout(left.min(PROGRESS_TICK), facts.next()).await {
             Ok(Some(m)) => m,
-            Ok(None) => return Err(failure(4, "lost the NATS subscription")),
+            Ok(None) => {
+                progress.finish();
+                return Err(failure(4, "lost the NATS subscription"));
+            }
             Err(_) => {
-                return Err(failure(
-                    1,
-                    format!(
-                        "{} of {} instances reported within {timeout:?}; `trellis events --follow` shows what happens",
-                        outcomes.len(),
-                        instances.len()
-                    ),
-                ));
+                progress.redraw();
+                continue;
             }
         };
         let Ok(event) = Event::decode(&message.payload) else {
@@ -257,16 +291,33 @@ async fn wait_for_outcomes(
         if event.causation_id.as_deref() != Some(operation) {
             continue;
         }
-        let id = match &event.data {
-            FactData::InstanceStarted(d) => d.instance_id.clone(),
-            FactData::InstanceStartFailed(d) => d.instance_id.clone(),
-            FactData::InstanceStopped(d) => d.instance_id.clone(),
+        let (id, what) = match &event.data {
+            FactData::InstanceStarted(d) => {
+                (d.instance_id.clone(), format!("started on {}", d.host_id))
+            }
+            FactData::InstanceStartFailed(d) => (
+                d.instance_id.clone(),
+                format!(
+                    "failed on {}: {}",
+                    d.host_id,
+                    d.reason.split_whitespace().collect::<Vec<_>>().join(" ")
+                ),
+            ),
+            FactData::InstanceStopped(d) => {
+                (d.instance_id.clone(), format!("stopped on {}", d.host_id))
+            }
             _ => continue,
         };
-        if instances.contains(&id) {
-            outcomes.insert(id, event);
+        if instances.contains(&id) && !outcomes.contains_key(&id) {
+            outcomes.insert(id.clone(), event);
+            progress.event(&format!(
+                "instance {id} {what} ({} of {total})",
+                outcomes.len()
+            ));
+            progress.state(format!("{} of {total} reported", outcomes.len()));
         }
     }
+    progress.finish();
     Ok(outcomes)
 }
 

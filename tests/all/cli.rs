@@ -164,6 +164,17 @@ async fn cli_prints_tables_and_json_and_exits_with_meaningful_codes() {
     // A start that fails shows on the status screen, with its reason.
     let (code, out, err) = nats.cli(&["instance", "start", "file:///no/such/app.wasm", "--wait"]);
     assert_ne!(code, 0, "{out}{err}");
+    // Off a terminal, progress is plain lines on stderr: each outcome as it comes.
+    assert!(
+        err.lines().any(|l| l.starts_with("instance ")
+            && l.contains(" failed on h1: ")
+            && l.ends_with("(1 of 1)")),
+        "{err}"
+    );
+    assert!(
+        !err.contains('\r'),
+        "nothing redrawn off a terminal: {err:?}"
+    );
     let (code, out, _) = nats.cli(&["status", "-o", "json"]);
     assert_eq!(code, 0);
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -180,6 +191,19 @@ async fn cli_prints_tables_and_json_and_exits_with_meaningful_codes() {
         "the failure and its reason: {out}"
     );
     assert!(out.contains("up to date"), "{out}");
+
+    // A large upload says so (the store takes any bytes; hosts check the code when they load it).
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.wasm");
+    std::fs::write(&big, vec![0u8; 3 << 20]).unwrap();
+    std::fs::write(
+        dir.path().join("Component.toml"),
+        "[component]\nname = \"big\"\nversion = \"1.0.0\"\n[limits]\nmax_memory = \"16MiB\"\nfuel = 1000000\ntimeout = \"1s\"\nmax_concurrency = 1\n",
+    )
+    .unwrap();
+    let (code, out, err) = nats.cli(&["component", "push", &big.to_string_lossy()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("uploading big.wasm (3.0 MiB)"), "{err}");
 
     let (code, out, _) = nats.cli(&["events", "--type", "host.started", "-o", "json"]);
     assert_eq!(code, 0);
