@@ -229,6 +229,8 @@ pub struct Identity {
     /// The fact sequence of that assignment: the provider waits (bounded) until its own
     /// projection has applied it.
     pub min_seq: Option<u64>,
+    /// The W3C trace context of the calling invocation (header `traceparent`).
+    pub traceparent: Option<String>,
 }
 
 impl Identity {
@@ -256,11 +258,13 @@ impl Identity {
             None => None,
         };
         let assignment = header(headers, &NAMES.assignment).map(str::to_owned);
+        let traceparent = header(headers, &NAMES.traceparent).map(str::to_owned);
         Ok(Self {
             instance,
             component,
             assignment,
             min_seq,
+            traceparent,
         })
     }
 
@@ -272,6 +276,9 @@ impl Identity {
         }
         if let Some(seq) = self.min_seq {
             headers.insert(NAMES.min_seq.clone(), seq.to_string());
+        }
+        if let Some(traceparent) = &self.traceparent {
+            headers.insert(NAMES.traceparent.clone(), header_safe(traceparent));
         }
     }
 }
@@ -490,6 +497,7 @@ mod tests {
             component: "c".into(),
             assignment: Some("a".into()),
             min_seq: Some(7),
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         };
         let request = CapabilityRequest::KeyValue(KvRequest::Get {
             bucket: String::new(),

@@ -38,6 +38,7 @@ pub mod registry;
 mod routes;
 mod signal;
 mod streams;
+pub mod telemetry;
 
 pub use artifacts::{
     ArtifactError, artifact_store, digest_hex, digest_of, fetch_artifact, put_artifact,

@@ -219,6 +219,9 @@ pub fn main() -> ! {
             std::process::exit(1);
         }
     };
+    // Only the controller exports spans; a CLI command is too short-lived to be worth a thread.
+    let telemetry = matches!(cli.command, Command::Controller(_))
+        .then(|| trellis_bus::telemetry::init("trellis-controller"));
     let code = match runtime.block_on(run(cli)) {
         Ok(()) => 0,
         Err(f) => {
@@ -227,6 +230,7 @@ pub fn main() -> ! {
         }
     };
     runtime.shutdown_timeout(Duration::from_millis(200));
+    drop(telemetry);
     std::process::exit(code)
 }
 

@@ -111,6 +111,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     trellis_bus::init_logging("info,async_nats=warn");
+    let _telemetry = trellis_bus::telemetry::init("trellis-host");
     let args = Args::parse();
     trellis_bus::set_jetstream_domain(args.js_domain.clone());
     let mut config = HostConfig::new(args.nats, args.lattice);

@@ -59,6 +59,17 @@ pub mod headers {
     pub const TRACEPARENT: &str = "traceparent";
 }
 
+/// Attributes of the spans Trellis processes export (besides OpenTelemetry's semantic
+/// conventions such as `http.request.method`).
+pub mod span_attributes {
+    /// The component an invocation or a capability call belongs to.
+    pub const COMPONENT: &str = "trellis.component";
+    /// The instance that runs the invocation, or that made the capability call.
+    pub const INSTANCE: &str = "trellis.instance";
+    /// What an `http-server` listener sends its requests to (`component:NAME`, `instance:ID`).
+    pub const TARGET: &str = "trellis.target";
+}
+
 /// The trace id of a W3C `traceparent` value (`00-<32 hex>-<16 hex>-<2 hex>`), when it is one.
 pub fn trace_id(traceparent: &str) -> Option<&str> {
     let mut parts = traceparent.trim().split('-');

@@ -15,5 +15,6 @@ mod providers;
 mod registry;
 mod rollouts;
 mod spine;
+mod traces;
 mod up;
 mod workload;

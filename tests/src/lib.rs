@@ -14,6 +14,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod components;
+pub mod otlp;
 pub mod prometheus;
 pub mod rollout;
 
@@ -117,6 +118,17 @@ pub struct Proc {
 impl Proc {
     /// Starts `program` with `args`, output to a log file in `logs`.
     pub fn spawn(name: &str, program: &Path, args: &[String], logs: &Path) -> Self {
+        Self::spawn_env(name, program, args, logs, &[])
+    }
+
+    /// Like [`Proc::spawn`], with more environment variables.
+    pub fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        logs: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = logs.join(format!("{name}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -132,6 +144,7 @@ impl Proc {
             // Panics keep their backtraces, but errors do not capture one: with
             // RUST_BACKTRACE=1 inherited, every wasmtime store drop would (see TOOLCHAIN.md).
             .env("RUST_LIB_BACKTRACE", "0")
+            .envs(env.iter().copied())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({}): {e}", program.display()));
         Self {
@@ -621,6 +634,7 @@ pub fn caller(instance: &str, component: &str) -> trellis_bus::dataplane::Identi
         component: component.to_owned(),
         assignment: None,
         min_seq: None,
+        traceparent: None,
     }
 }
 

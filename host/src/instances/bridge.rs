@@ -151,6 +151,7 @@ impl NatsBridge {
             component: self.component.clone(),
             assignment: Some(assignment.assignment_id.to_string()),
             min_seq: Some(record.granted_seq),
+            traceparent: call.traceparent.as_deref().map(str::to_owned),
         };
         if let Some(local) = self.embedded.get(&assignment.provider) {
             return call_embedded(&local, identity, call).await;

@@ -21,11 +21,12 @@ use tokio::sync::{Notify, oneshot};
 use trellis_bus::dataplane::{self as codec, NAMES};
 use trellis_schemas::Lattice;
 use trellis_schemas::capability::rpc::{HttpMessage, HttpRequestHead, HttpResponseHead};
-use trellis_schemas::dataplane::{self, DataError, ErrorCode, Op};
+use trellis_schemas::dataplane::{self, DataError, ErrorCode, Op, span_attributes};
 
 use super::logs::InstanceLog;
 use super::stats::{Outcome, Stats};
-use crate::runtime::{InvokeError, LoadedComponent};
+use crate::runtime::{CallContext, InvokeError, LoadedComponent};
+use trellis_bus::telemetry::{self, Kind, Span};
 
 /// The export name under which HTTP requests are served.
 const HTTP_EXPORT: &str = "wasi:http/incoming-handler#handle";
@@ -214,12 +215,16 @@ impl Serving {
                 )
             })?
         };
-        let traceparent = codec::header(headers, &NAMES.traceparent);
+        let span = self.span(export, codec::header(headers, &NAMES.traceparent));
         let value = self
-            .component(traceparent)
+            .component(&span)
             .invoke(export, args)
             .await
-            .map_err(|error| self.fail(export, error))?;
+            .map_err(|error| {
+                let error = self.fail(export, error);
+                span.fail(error.message.clone());
+                error
+            })?;
         serde_json::to_vec(&value).map(Bytes::from).map_err(|e| {
             DataError::new(
                 ErrorCode::Internal,
@@ -228,14 +233,31 @@ impl Serving {
         })
     }
 
-    /// The component for one invocation: its output lines go to the instance's log, labelled
-    /// with the invocation's number and trace id.
-    fn component(&self, traceparent: Option<&str>) -> std::borrow::Cow<'_, LoadedComponent> {
-        if self.log.enabled() {
-            std::borrow::Cow::Owned(self.component.with_log(self.log.invocation(traceparent)))
-        } else {
-            std::borrow::Cow::Borrowed(&self.component)
+    /// The component for one invocation, which `span` traces: its output lines go to the
+    /// instance's log, labelled with the invocation's number and trace id, and its capability
+    /// calls carry the span's trace context.
+    fn component(&self, span: &Span) -> std::borrow::Cow<'_, LoadedComponent> {
+        let traceparent = span.traceparent();
+        let log = self.log.enabled().then(|| self.log.invocation(traceparent));
+        if log.is_none() && traceparent.is_none() {
+            return std::borrow::Cow::Borrowed(&self.component);
         }
+        std::borrow::Cow::Owned(self.component.with_call(CallContext {
+            log,
+            traceparent: traceparent.map(Arc::from),
+        }))
+    }
+
+    /// The span of one invocation of `export`, child of the request's `traceparent`.
+    fn span(&self, export: &str, traceparent: Option<&str>) -> Span {
+        if !telemetry::enabled() {
+            return Span::start("", Kind::Server, traceparent);
+        }
+        let name = self.component.manifest().name.as_str();
+        let span = Span::start(format!("invoke {name} {export}"), Kind::Server, traceparent);
+        span.set(span_attributes::COMPONENT, name.to_owned());
+        span.set(span_attributes::INSTANCE, self.instance.as_str().to_owned());
+        span
     }
 
     /// Serves an HTTP request with the component's `wasi:http/incoming-handler`.
@@ -250,11 +272,18 @@ impl Serving {
             .iter()
             .find(|(name, _)| name.eq_ignore_ascii_case(dataplane::headers::TRACEPARENT))
             .map(|(_, value)| value.as_str());
-        self.component(traceparent)
+        let span = self.span(HTTP_EXPORT, traceparent);
+        let result = self
+            .component(&span)
             .handle_http(&request.head, request.body)
             .await
             .map(|(head, body)| HttpMessage { head, body })
-            .map_err(|error| self.fail(HTTP_EXPORT, error))
+            .map_err(|error| self.fail(HTTP_EXPORT, error));
+        match &result {
+            Ok(response) => span.set("http.response.status_code", i64::from(response.head.status)),
+            Err(error) => span.fail(error.message.clone()),
+        }
+        result
     }
 
     /// Serves an HTTP request handed over in process (no NATS), counted in flight like a

@@ -395,7 +395,11 @@ mod tests {
     fn published(rx: &mut mpsc::Receiver<(String, Bytes)>) -> Vec<LogRecord> {
         let mut out = Vec::new();
         while let Ok((subject, payload)) = rx.try_recv() {
-            assert_eq!(subject, "trellis.log.v1.t.instance.i1");
+            let lattice = Lattice::new("t").unwrap();
+            assert_eq!(
+                subject,
+                instance_logs(&lattice, &InstanceId::new("i1").unwrap())
+            );
             out.push(serde_json::from_slice(&payload).unwrap());
         }
         out

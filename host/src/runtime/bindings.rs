@@ -79,6 +79,7 @@ impl StoreState {
         let call = CapabilityCall {
             request,
             timeout: self.call_budget(),
+            traceparent: self.traceparent.clone(),
         };
         self.bridge.call(call).await
     }

@@ -27,6 +27,8 @@ pub struct CapabilityCall {
     pub request: CapabilityRequest,
     /// How long the caller waits for an answer.
     pub timeout: Duration,
+    /// The W3C trace context of the invocation making the call, if it has one.
+    pub traceparent: Option<std::sync::Arc<str>>,
 }
 
 impl CapabilityCall {
@@ -136,6 +138,7 @@ mod tests {
                 .call(CapabilityCall {
                     request,
                     timeout: Duration::from_secs(1),
+                    traceparent: None,
                 })
                 .await
                 .expect_err("denied");

@@ -59,8 +59,18 @@ pub struct LoadedComponent {
     inner: Arc<ComponentInner>,
     /// Where capability calls go; [`DenyAll`] unless the embedder gave one.
     bridge: Arc<dyn CapabilityBridge>,
-    /// Where invocations' output lines go as they are written, if anywhere.
-    log: Option<Arc<dyn LogSink>>,
+    /// What each invocation carries: where its output lines go, its trace context.
+    call: CallContext,
+}
+
+/// What an invocation carries besides its arguments (see [`LoadedComponent::with_call`]).
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    /// Where its output goes line by line as the guest writes it (the captured
+    /// [`GuestOutput`] is kept as well).
+    pub log: Option<Arc<dyn LogSink>>,
+    /// Its W3C trace context: capability calls carry it on.
+    pub traceparent: Option<Arc<str>>,
 }
 
 struct ComponentInner {
@@ -173,7 +183,7 @@ impl LoadedComponent {
                 usage: Usage::default(),
             }),
             bridge: Arc::new(DenyAll),
-            log: None,
+            call: CallContext::default(),
         }
     }
 
@@ -183,17 +193,17 @@ impl LoadedComponent {
         Self {
             inner: Arc::clone(&self.inner),
             bridge,
-            log: self.log.clone(),
+            call: self.call.clone(),
         }
     }
 
-    /// The same component, whose invocations also hand their output to `log`, line by line as
-    /// the guest writes it (the captured [`GuestOutput`] is kept as well).
-    pub fn with_log(&self, log: Arc<dyn LogSink>) -> Self {
+    /// The same component, whose invocations carry `call` (made per invocation by a host:
+    /// its log sink and trace context).
+    pub fn with_call(&self, call: CallContext) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
             bridge: Arc::clone(&self.bridge),
-            log: Some(log),
+            call,
         }
     }
 
@@ -333,7 +343,7 @@ impl LoadedComponent {
             config.max_log_bytes,
             Arc::clone(&self.bridge),
             deadline,
-            self.log.clone(),
+            self.call.clone(),
         );
         let output = state.output_handle();
         let mut store = Store::new(&inner.runtime.engine, state);

@@ -21,6 +21,7 @@ use super::store::call_budget;
 pub(crate) struct HttpHooks {
     pub(crate) bridge: Arc<dyn CapabilityBridge>,
     pub(crate) deadline: Instant,
+    pub(crate) traceparent: Option<Arc<str>>,
 }
 
 type SendFuture = Box<
@@ -84,6 +85,7 @@ impl WasiHttpHooks for HttpHooks {
     ) -> SendFuture {
         let bridge = Arc::clone(&self.bridge);
         let deadline = self.deadline;
+        let traceparent = self.traceparent.clone();
         Box::new(async move {
             if !bridge.allows(Capability::HttpOutgoing) {
                 return Err(Error::HttpRequestDenied);
@@ -107,6 +109,7 @@ impl WasiHttpHooks for HttpHooks {
                 .call(CapabilityCall {
                     request: CapabilityRequest::Http(HttpMessage { head, body }),
                     timeout: remaining,
+                    traceparent,
                 })
                 .await
                 .map_err(outgoing_error)?;

@@ -23,7 +23,7 @@ pub use capabilities::{
     BridgeFuture, CapabilityBridge, CapabilityCall, CapabilityError, CapabilityRequest,
     CapabilityResponse, DenyAll,
 };
-pub use component::{ExportInfo, Invocation, LoadedComponent, ResourceUsage};
+pub use component::{CallContext, ExportInfo, Invocation, LoadedComponent, ResourceUsage};
 pub use config::RuntimeConfig;
 pub use convert::ConvertError;
 pub use digest::{Digest, DigestParseError};

@@ -98,6 +98,8 @@ pub(crate) struct StoreState {
     stderr: Capture,
     /// Where lines go as they are written, when the invocation's output is streamed.
     log: Option<Arc<dyn LogSink>>,
+    /// The invocation's trace context, carried on by capability calls.
+    pub(crate) traceparent: Option<Arc<str>>,
     http: WasiHttpCtx,
     hooks: HttpHooks,
     /// Where the invocation's capability calls go.
@@ -123,8 +125,9 @@ impl StoreState {
         max_log_bytes: usize,
         bridge: Arc<dyn CapabilityBridge>,
         deadline: Instant,
-        log: Option<Arc<dyn LogSink>>,
+        call: super::CallContext,
     ) -> Self {
+        let super::CallContext { log, traceparent } = call;
         let stdout = Capture::with_sink(
             max_log_bytes,
             log.clone().map(|sink| (sink, LineSource::Stdout)),
@@ -154,7 +157,9 @@ impl StoreState {
             hooks: HttpHooks {
                 bridge: Arc::clone(&bridge),
                 deadline,
+                traceparent: traceparent.clone(),
             },
+            traceparent,
             bridge,
             deadline,
         }

@@ -53,6 +53,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use trellis_bus::RouteTable;
 use trellis_bus::dataplane::{self as codec, SendError};
+use trellis_bus::telemetry::{self, Kind, Span};
 use trellis_provider_sdk::{Call, Context, DataError, ErrorCode, Outcome, Provider, ProviderInfo};
 use trellis_schemas::capability::rpc::{HttpMessage, HttpRequestHead, HttpResponseHead};
 use trellis_schemas::dataplane::{self, MAX_BODY_BYTES, Op};
@@ -489,7 +490,25 @@ impl Target {
                 return text(StatusCode::BAD_REQUEST, "cannot read the request body\n");
             }
         };
-        let head = RequestHead::of(&parts);
+        let incoming = parts
+            .headers
+            .get(dataplane::headers::TRACEPARENT)
+            .and_then(|v| v.to_str().ok());
+        let span = Span::start(parts.method.as_str(), Kind::Server, incoming);
+        if telemetry::enabled() {
+            span.set("http.request.method", parts.method.as_str().to_owned());
+            span.set("url.path", parts.uri.path().to_owned());
+            span.set(dataplane::span_attributes::TARGET, self.target.describe());
+        }
+        let mut head = RequestHead::of(&parts);
+        // The component's invocation is a child of this request's span.
+        if let Some(ours) = span.traceparent()
+            && Some(ours) != incoming
+        {
+            head.headers
+                .retain(|(name, _)| !name.eq_ignore_ascii_case(dataplane::headers::TRACEPARENT));
+            head.headers.push((dataplane::headers::TRACEPARENT, ours));
+        }
         // While a rollout splits the component's traffic, the weights pick a version.
         let version = match &self.target {
             AssignmentTarget::Component(name) => self
@@ -519,13 +538,19 @@ impl Target {
             }
             None => self.send(version.as_ref(), &head, body).await,
         };
-        match result {
+        let response = match result {
             Ok(response) => respond(response),
             Err(error) => {
                 tracing::debug!(%error, subject = %self.subject, "request failed");
+                span.fail(format!("{}: {}", error.code, error.message));
                 error_response(&error)
             }
-        }
+        };
+        span.set(
+            "http.response.status_code",
+            i64::from(response.status().as_u16()),
+        );
+        response
     }
 
     /// Sends the request over NATS, to `version`'s subject when the weights chose one, and

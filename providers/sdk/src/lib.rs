@@ -162,6 +162,7 @@ where
     Fut: Future<Output = anyhow::Result<P>>,
 {
     trellis_bus::init_logging("info,async_nats=warn");
+    let _telemetry = trellis_bus::telemetry::init(&format!("trellis-provider-{}", info.name));
     let args = ProviderArgs::parse();
     trellis_bus::set_jetstream_domain(args.js_domain.clone());
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use async_nats::Message;
 use trellis_bus::dataplane::{self as codec, Identity};
+use trellis_bus::telemetry::{self, Kind, Span};
 use trellis_schemas::capability::rpc::{CapabilityRequest, CapabilityResponse};
-use trellis_schemas::dataplane::{DataError, MAX_BODY_BYTES};
+use trellis_schemas::dataplane::{DataError, MAX_BODY_BYTES, span_attributes};
 use trellis_schemas::{Assignment, Capability, InstanceId};
 
 use crate::Context;
@@ -122,8 +123,31 @@ pub(crate) async fn check_and_handle_request<P: Provider>(
 ) -> Outcome {
     let started = std::time::Instant::now();
     let capability = request.request.capability();
+    let traced = telemetry::enabled();
+    let span = Span::start(
+        if traced {
+            format!("{} {capability}", ctx.name)
+        } else {
+            String::new()
+        },
+        Kind::Server,
+        request.identity.traceparent.as_deref(),
+    );
+    if traced {
+        span.set(
+            span_attributes::INSTANCE,
+            request.identity.instance.to_string(),
+        );
+        span.set(
+            span_attributes::COMPONENT,
+            request.identity.component.clone(),
+        );
+    }
     let outcome = check_and_handle(provider, ctx, request).await;
     let code = outcome.as_ref().map_or_else(|e| e.code.as_str(), |_| "ok");
+    if traced && let Err(e) = &outcome {
+        span.fail(format!("{code}: {}", e.message));
+    }
     ctx.calls.answered(capability, code, started.elapsed());
     outcome
 }

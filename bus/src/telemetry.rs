@@ -1,0 +1,197 @@
+//! Traces: OpenTelemetry spans exported with OTLP, and W3C trace context carried on every hop.
+//!
+//! [`init`] turns export on when the standard environment asks for it:
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, and neither
+//! `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none`. Spans go out over OTLP/HTTP with
+//! protobuf, batched on a thread of their own; `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+//! `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT` and the `OTEL_BSP_*` settings are
+//! read by the SDK as the specification says.
+//!
+//! Each hop starts a [`Span`] whose parent is the `traceparent` that came with the request and
+//! passes [`Span::traceparent`] on with what it sends. With export off, no span is made: a
+//! hop passes on the `traceparent` it received unchanged, so trace ids still label log lines and
+//! cost nothing else.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt as _, Tracer as _};
+use opentelemetry::{Context, KeyValue, global};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+
+/// Whether spans are exported.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+/// The provider, for the flush at exit.
+static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+/// Whether the environment asks for traces to be exported.
+fn wanted() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+        || std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.trim() == "none");
+    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+/// Starts exporting spans as `service` (unless `OTEL_SERVICE_NAME` says otherwise) when the
+/// environment asks for it (see the [module docs](self)); does nothing otherwise. Returns a
+/// guard that flushes what is left when dropped; [`shutdown`] does the same for a process that
+/// exits without unwinding.
+pub fn init(service: &str) -> Telemetry {
+    if !wanted() || PROVIDER.get().is_some() {
+        return Telemetry(());
+    }
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+    {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot export traces");
+            return Telemetry(());
+        }
+    };
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(service.to_owned());
+    }
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            resource
+                .with_attribute(KeyValue::new("service.version", trellis_schemas::VERSION))
+                .build(),
+        )
+        .build();
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    global::set_tracer_provider(provider.clone());
+    let _ = PROVIDER.set(provider);
+    ENABLED.store(true, Ordering::Relaxed);
+    tracing::info!(service, "exporting traces with OTLP");
+    Telemetry(())
+}
+
+/// Flushes the spans not exported yet and stops exporting.
+pub fn shutdown() {
+    if let Some(provider) = PROVIDER.get()
+        && ENABLED.swap(false, Ordering::Relaxed)
+        && let Err(e) = provider.shutdown()
+    {
+        tracing::debug!(error = %e, "flushing traces failed");
+    }
+}
+
+/// Flushes and stops the export when dropped (see [`init`]).
+#[derive(Debug)]
+#[must_use = "dropping it flushes and stops the export of traces"]
+pub struct Telemetry(());
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        shutdown();
+    }
+}
+
+/// Whether spans are being exported.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// What a span stands for, as OpenTelemetry's span kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Serving a request that came in.
+    Server,
+    /// A request sent out, waiting for its answer.
+    Client,
+}
+
+/// One hop of a trace. Ends when dropped. Without export it is empty and hands on the
+/// `traceparent` it was started with.
+#[derive(Debug)]
+pub struct Span {
+    span: Option<Context>,
+    traceparent: Option<String>,
+}
+
+impl Span {
+    /// Starts a span named `name`, child of `parent` (a W3C `traceparent`; a new trace when
+    /// there is none or it is invalid).
+    pub fn start(name: impl Into<String>, kind: Kind, parent: Option<&str>) -> Self {
+        if !enabled() {
+            return Self {
+                span: None,
+                traceparent: parent.map(str::to_owned),
+            };
+        }
+        let parent_cx = parent.map_or_else(Context::new, extract);
+        let tracer = global::tracer("trellis");
+        let span = tracer
+            .span_builder(name.into())
+            .with_kind(match kind {
+                Kind::Server => SpanKind::Server,
+                Kind::Client => SpanKind::Client,
+            })
+            .start_with_context(&tracer, &parent_cx);
+        let cx = parent_cx.with_span(span);
+        let traceparent = inject(&cx);
+        Self {
+            span: Some(cx),
+            traceparent,
+        }
+    }
+
+    /// The `traceparent` to send with what this hop sends on.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.traceparent.as_deref()
+    }
+
+    /// Records an attribute.
+    pub fn set(&self, key: &'static str, value: impl Into<opentelemetry::Value>) {
+        if let Some(cx) = &self.span {
+            cx.span().set_attribute(KeyValue::new(key, value.into()));
+        }
+    }
+
+    /// Marks the span failed, with a description.
+    pub fn fail(&self, description: impl Into<String>) {
+        if let Some(cx) = &self.span {
+            cx.span().set_status(Status::error(description.into()));
+        }
+    }
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        if let Some(cx) = &self.span {
+            cx.span().end();
+        }
+    }
+}
+
+/// The context a `traceparent` names.
+fn extract(traceparent: &str) -> Context {
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    global::get_text_map_propagator(|p| p.extract(&carrier))
+}
+
+/// The `traceparent` of a context's span.
+fn inject(cx: &Context) -> Option<String> {
+    let mut carrier = std::collections::HashMap::new();
+    global::get_text_map_propagator(|p| p.inject_context(cx, &mut carrier));
+    carrier.remove("traceparent")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_export_a_span_hands_on_its_parent() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let span = Span::start("x", Kind::Server, Some(tp));
+        assert_eq!(span.traceparent(), Some(tp));
+        assert_eq!(Span::start("x", Kind::Server, None).traceparent(), None);
+    }
+}

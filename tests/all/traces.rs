@@ -1,0 +1,178 @@
+//! Traces: one HTTP request through `http-server` → `kv-counter` on a host → the `kv` provider
+//! is one trace at a real OTLP/HTTP receiver, with spans from the three processes and each
+//! span's parent the span of the hop before.
+
+use std::time::Duration;
+
+use trellis_tests::otlp::{OtlpReceiver, Received};
+use trellis_tests::{Nats, Proc, bin, components, free_port, lattice, wait_for};
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+#[tokio::test]
+async fn one_http_request_is_one_trace_across_http_server_host_and_kv_provider() {
+    let receiver = OtlpReceiver::start().await;
+    let endpoint = receiver.endpoint();
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let nats = Nats::start().await;
+    let l = lattice("traces");
+    let _controller = nats.controller(&l, "c1", "10s");
+    let common = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--nats".into(),
+            nats.connect_url(),
+            "--lattice".into(),
+            l.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    };
+    let _host = Proc::spawn_env(
+        "host-h1",
+        &bin("trellis-host"),
+        &common(&["--host-id", "h1", "--heartbeat-interval", "200ms"]),
+        nats.logs(),
+        &otel,
+    );
+    let _kv = Proc::spawn_env(
+        "provider-kv-traces",
+        &bin("trellis-provider-kv"),
+        &common(&[]),
+        nats.logs(),
+        &otel,
+    );
+    let _http = Proc::spawn_env(
+        "provider-http-server-traces",
+        &bin("trellis-provider-http-server"),
+        &common(&[]),
+        nats.logs(),
+        &otel,
+    );
+    let ctl = nats.ctl(&l).await;
+    wait_for(
+        "the controller to list h1",
+        Duration::from_secs(30),
+        || async {
+            let reply = ctl
+                .request(&trellis_schemas::control::HostListRequest::default())
+                .await
+                .ok()?;
+            (!reply.hosts.is_empty()).then_some(())
+        },
+    )
+    .await;
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--lattice", l.as_str()];
+        all.extend_from_slice(args);
+        let (code, out, err) = nats.cli(&all);
+        assert_eq!(code, 0, "trellis {}: {out}{err}", args.join(" "));
+        out
+    };
+    let (wasm, manifest) = components::example("kv_counter");
+    cli(&[
+        "component",
+        "push",
+        &wasm.to_string_lossy(),
+        "--manifest",
+        &manifest.to_string_lossy(),
+    ]);
+    let port = free_port();
+    let listen = format!("wasi:http/incoming-handler address=127.0.0.1:{port}");
+    cli(&[
+        "instance",
+        "start",
+        "kv-counter",
+        "--grant",
+        "wasi:keyvalue bucket=traced",
+        "--grant",
+        &listen,
+        "--wait",
+    ]);
+
+    // A client that is part of a trace already: its span is the root's parent.
+    let url = format!("http://127.0.0.1:{port}/traced");
+    let traceparent = format!("00-{TRACE}-{CLIENT_SPAN}-01");
+    wait_for(
+        "kv-counter to answer over HTTP",
+        Duration::from_secs(30),
+        || async {
+            let request = http::Request::get(&url)
+                .header("traceparent", &traceparent)
+                .body(String::new())
+                .unwrap();
+            let reply = trellis_tests::http_send(request, Duration::from_secs(5))
+                .await
+                .ok()?;
+            (reply.status == 200).then_some(())
+        },
+    )
+    .await;
+
+    let of_trace = |spans: Vec<Received>| -> Vec<Received> {
+        spans
+            .into_iter()
+            .filter(|r| hex::encode(&r.span.trace_id) == TRACE)
+            .collect()
+    };
+    let services = [
+        "trellis-provider-http-server",
+        "trellis-host",
+        "trellis-provider-kv",
+    ];
+    let spans = wait_for(
+        "spans from three processes",
+        Duration::from_secs(30),
+        || async {
+            let spans = of_trace(receiver.spans());
+            services
+                .iter()
+                .all(|s| spans.iter().any(|r| r.service == *s))
+                .then_some(spans)
+        },
+    )
+    .await;
+    let by = |service: &str| -> Vec<&Received> {
+        spans.iter().filter(|r| r.service == service).collect()
+    };
+    let id = |bytes: &[u8]| hex::encode(bytes);
+
+    // The request that answered 200 (the first ones may have raced the listener: take the last
+    // server span of http-server whose child the host served).
+    let host_spans = by("trellis-host");
+    let invoke = host_spans
+        .iter()
+        .rev()
+        .find(|r| r.span.name == "invoke kv-counter wasi:http/incoming-handler#handle")
+        .unwrap_or_else(|| panic!("no invocation span: {host_spans:#?}"));
+    let http_span = by("trellis-provider-http-server")
+        .into_iter()
+        .find(|r| r.span.span_id == invoke.span.parent_span_id)
+        .unwrap_or_else(|| panic!("the invocation's parent is no http-server span: {spans:#?}"));
+    assert_eq!(http_span.span.name, "GET");
+    assert_eq!(
+        id(&http_span.span.parent_span_id),
+        CLIENT_SPAN,
+        "the http-server span continues the client's trace"
+    );
+    let kv: Vec<&Received> = by("trellis-provider-kv")
+        .into_iter()
+        .filter(|r| r.span.parent_span_id == invoke.span.span_id)
+        .collect();
+    assert!(
+        !kv.is_empty(),
+        "kv provider spans are children of the invocation: {spans:#?}"
+    );
+    assert!(
+        kv.iter().all(|r| r.span.name == "kv wasi:keyvalue"),
+        "{kv:#?}"
+    );
+    // Server spans, each with its own id.
+    for r in [http_span, *invoke].into_iter().chain(kv.iter().copied()) {
+        assert_eq!(r.span.kind, 2, "SPAN_KIND_SERVER: {r:#?}");
+        assert_eq!(r.span.span_id.len(), 8);
+    }
+}
