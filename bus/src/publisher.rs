@@ -98,10 +98,19 @@ impl FactPublisher {
     }
 
     fn job(&self, event: &Event) -> Result<Job, PublishError> {
+        // A fact published while serving a traced request carries its trace context.
+        let payload = match crate::telemetry::current() {
+            Some(traceparent) if event.traceparent.is_none() => {
+                let mut traced = event.clone();
+                traced.traceparent = Some(traceparent);
+                traced.encode()?
+            }
+            _ => event.encode()?,
+        };
         Ok(Job {
             subject: event.nats_subject(&self.lattice),
             id: event.id.to_string(),
-            payload: Bytes::from(event.encode()?),
+            payload: Bytes::from(payload),
             done: None,
         })
     }

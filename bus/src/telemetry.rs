@@ -12,6 +12,7 @@
 //! hop passes on the `traceparent` it received unchanged, so trace ids still label log lines and
 //! cost nothing else.
 
+use std::future::Future;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -19,6 +20,22 @@ use opentelemetry::trace::{SpanKind, Status, TraceContextExt as _, Tracer as _};
 use opentelemetry::{Context, KeyValue, global};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+
+tokio::task_local! {
+    /// The trace context of the control request a task serves.
+    static CURRENT: Option<String>;
+}
+
+/// Runs `f` with `traceparent` as its task's current trace context ([`current`]): the control
+/// requests and host commands it sends and the facts it publishes carry it.
+pub async fn in_trace<F: Future>(traceparent: Option<String>, f: F) -> F::Output {
+    CURRENT.scope(traceparent, f).await
+}
+
+/// The current task's trace context, set by [`in_trace`].
+pub fn current() -> Option<String> {
+    CURRENT.try_with(Clone::clone).ok().flatten()
+}
 
 /// Whether spans are exported.
 static ENABLED: AtomicBool = AtomicBool::new(false);

@@ -219,10 +219,26 @@ pub fn main() -> ! {
             std::process::exit(1);
         }
     };
-    // Only the controller exports spans; a CLI command is too short-lived to be worth a thread.
-    let telemetry = matches!(cli.command, Command::Controller(_))
-        .then(|| trellis_bus::telemetry::init("trellis-controller"));
-    let code = match runtime.block_on(run(cli)) {
+    let (service, root) = match &cli.command {
+        Command::Controller(_) => ("trellis-controller", None),
+        command => ("trellis", Some(command_name(command))),
+    };
+    let telemetry = trellis_bus::telemetry::init(service);
+    // A command is the root of its trace: its control requests carry the context on.
+    let code = match runtime.block_on(async {
+        match root {
+            Some(name) => {
+                let span = trellis_bus::telemetry::Span::start(
+                    name,
+                    trellis_bus::telemetry::Kind::Client,
+                    None,
+                );
+                let traceparent = span.traceparent().map(str::to_owned);
+                trellis_bus::telemetry::in_trace(traceparent, run(cli)).await
+            }
+            None => run(cli).await,
+        }
+    }) {
         Ok(()) => 0,
         Err(f) => {
             eprintln!("error: {}", f.message);
@@ -232,6 +248,25 @@ pub fn main() -> ! {
     runtime.shutdown_timeout(Duration::from_millis(200));
     drop(telemetry);
     std::process::exit(code)
+}
+
+/// The span name of a command: `trellis <command>`.
+fn command_name(command: &Command) -> String {
+    let name = match command {
+        Command::Controller(_) => "controller",
+        Command::Host(_) => "host",
+        Command::Status => "status",
+        Command::Events(_) => "events",
+        Command::Component(_) => "component",
+        Command::Instance(_) => "instance",
+        Command::Rollout(_) => "rollout",
+        Command::Call(_) => "call",
+        Command::Logs(_) => "logs",
+        Command::Assignment(_) => "assignment",
+        Command::Provider(_) => "provider",
+        Command::Up(_) => "up",
+    };
+    format!("trellis {name}")
 }
 
 /// Runs a parsed command line.

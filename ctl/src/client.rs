@@ -79,7 +79,16 @@ impl CtlClient {
 
     /// Sends raw bytes to a control subject and returns the raw reply.
     pub async fn request_raw(&self, subject: &str, body: Vec<u8>) -> Result<Vec<u8>, ClientError> {
-        let request = self.nats.request(subject.to_owned(), body.into());
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(traceparent) = trellis_bus::telemetry::current() {
+            headers.insert(
+                trellis_bus::dataplane::NAMES.traceparent.clone(),
+                traceparent.as_str(),
+            );
+        }
+        let request = self
+            .nats
+            .request_with_headers(subject.to_owned(), headers, body.into());
         match tokio::time::timeout(self.timeout, request).await {
             Err(_) => Err(ClientError::Timeout(self.timeout)),
             Ok(Ok(message)) => Ok(message.payload.to_vec()),

@@ -597,6 +597,12 @@ impl Event {
         self
     }
 
+    /// Sets the `traceparent` extension (W3C trace context of the request that caused it).
+    pub fn traced(mut self, traceparent: Option<String>) -> Self {
+        self.traceparent = traceparent;
+        self
+    }
+
     /// The kind of the fact.
     pub fn kind(&self) -> FactKind {
         self.data.kind()

@@ -1,6 +1,7 @@
-//! Traces: one HTTP request through `http-server` → `kv-counter` on a host → the `kv` provider
-//! is one trace at a real OTLP/HTTP receiver, with spans from the three processes and each
-//! span's parent the span of the hop before.
+//! Traces at a real OTLP/HTTP receiver: one HTTP request through `http-server` → `kv-counter`
+//! on a host → the `kv` provider is one trace with spans from the three processes, each span's
+//! parent the span of the hop before; and one `trellis instance start` is one trace from the CLI
+//! through the controller to the host's command, whose `instance.started` fact carries it.
 
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 
 #[tokio::test]
-async fn one_http_request_is_one_trace_across_http_server_host_and_kv_provider() {
+async fn an_http_request_and_an_instance_start_are_each_one_trace_across_processes() {
     let receiver = OtlpReceiver::start().await;
     let endpoint = receiver.endpoint();
     let otel = [
@@ -20,7 +21,6 @@ async fn one_http_request_is_one_trace_across_http_server_host_and_kv_provider()
     ];
     let nats = Nats::start().await;
     let l = lattice("traces");
-    let _controller = nats.controller(&l, "c1", "10s");
     let common = |extra: &[&str]| -> Vec<String> {
         let mut args: Vec<String> = vec![
             "--nats".into(),
@@ -31,6 +31,13 @@ async fn one_http_request_is_one_trace_across_http_server_host_and_kv_provider()
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         args
     };
+    let _controller = Proc::spawn_env(
+        "controller-c1",
+        &bin("trellis"),
+        &common(&["controller", "--replica-id", "c1"]),
+        nats.logs(),
+        &otel,
+    );
     let _host = Proc::spawn_env(
         "host-h1",
         &bin("trellis-host"),
@@ -82,16 +89,29 @@ async fn one_http_request_is_one_trace_across_http_server_host_and_kv_provider()
     ]);
     let port = free_port();
     let listen = format!("wasi:http/incoming-handler address=127.0.0.1:{port}");
-    cli(&[
-        "instance",
-        "start",
-        "kv-counter",
-        "--grant",
-        "wasi:keyvalue bucket=traced",
-        "--grant",
-        &listen,
-        "--wait",
-    ]);
+    // The CLI exports too, with the same environment.
+    let started = std::process::Command::new(bin("trellis"))
+        .args(common(&[
+            "instance",
+            "start",
+            "kv-counter",
+            "--grant",
+            "wasi:keyvalue bucket=traced",
+            "--grant",
+            &listen,
+            "--wait",
+            "-o",
+            "json",
+        ]))
+        .envs(otel)
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{started:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&started.stdout).unwrap();
+    let instance = reply["instances"][0]["instance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     // A client that is part of a trace already: its span is the root's parent.
     let url = format!("http://127.0.0.1:{port}/traced");
@@ -175,4 +195,55 @@ async fn one_http_request_is_one_trace_across_http_server_host_and_kv_provider()
         assert_eq!(r.span.kind, 2, "SPAN_KIND_SERVER: {r:#?}");
         assert_eq!(r.span.span_id.len(), 8);
     }
+
+    // The start: CLI → controller → host command, and the fact it caused.
+    let facts = nats.facts(&l).await;
+    let fact = facts
+        .iter()
+        .find(|f| {
+            matches!(&f.event.data, trellis_schemas::FactData::InstanceStarted(d) if d.instance_id.as_str() == instance)
+        })
+        .expect("instance.started");
+    let traceparent = fact
+        .event
+        .traceparent
+        .clone()
+        .expect("the fact carries the start's trace context");
+    let mut parts = traceparent.split('-');
+    let (trace, parent) = (
+        parts.nth(1).unwrap().to_owned(),
+        parts.next().unwrap().to_owned(),
+    );
+    let spans = wait_for("the start's spans", Duration::from_secs(30), || async {
+        let spans: Vec<Received> = receiver
+            .spans()
+            .into_iter()
+            .filter(|r| id(&r.span.trace_id) == trace)
+            .collect();
+        (["trellis", "trellis-controller", "trellis-host"]
+            .iter()
+            .all(|s| spans.iter().any(|r| r.service == *s)))
+        .then_some(spans)
+    })
+    .await;
+    let one = |service: &str, name: &str| -> &Received {
+        spans
+            .iter()
+            .find(|r| r.service == service && r.span.name == name)
+            .unwrap_or_else(|| panic!("no {service} span {name}: {spans:#?}"))
+    };
+    let root = one("trellis", "trellis instance");
+    let controller = one("trellis-controller", "instance.start");
+    let command = one("trellis-host", "instance.start");
+    assert!(
+        root.span.parent_span_id.is_empty(),
+        "the CLI command is the root"
+    );
+    assert_eq!(controller.span.parent_span_id, root.span.span_id);
+    assert_eq!(command.span.parent_span_id, controller.span.span_id);
+    assert_eq!(
+        id(&command.span.span_id),
+        parent,
+        "the fact is a child of the host's command"
+    );
 }

@@ -112,9 +112,18 @@ pub(crate) async fn ask<T: HostCommand, R: serde::de::DeserializeOwned>(
     let subject = dataplane::host_command(&state.config.lattice, host, T::VERB);
     let body = serde_json::to_vec(command)
         .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(traceparent) = trellis_bus::telemetry::current() {
+        headers.insert(
+            trellis_bus::dataplane::NAMES.traceparent.clone(),
+            traceparent.as_str(),
+        );
+    }
     let reply = tokio::time::timeout(
         HOST_COMMAND_TIMEOUT,
-        state.client.request(subject, body.into()),
+        state
+            .client
+            .request_with_headers(subject, headers, body.into()),
     )
     .await
     .map_err(|_| {

@@ -18,6 +18,7 @@ use trellis_schemas::{
 
 use super::state::State;
 use super::{assignments, components, instances, providers, rollouts};
+use trellis_bus::telemetry::{self, Kind, Span};
 
 /// Answers one request; every request with a reply subject gets exactly one reply.
 pub(crate) async fn handle(state: &State, client: &Client, message: Message) {
@@ -25,7 +26,26 @@ pub(crate) async fn handle(state: &State, client: &Client, message: Message) {
         tracing::debug!(subject = %message.subject, "ignoring control message without reply subject");
         return;
     };
-    let body = answer(state, message.subject.as_str(), &message.payload).await;
+    // Traced when the request carries trace context (or export is on): the span's context goes
+    // with the host commands the request sends and the facts it records.
+    let incoming = trellis_bus::dataplane::header(
+        message.headers.as_ref(),
+        &trellis_bus::dataplane::NAMES.traceparent,
+    );
+    let span = Span::start(
+        subject::parse_ctl(&state.config.lattice, message.subject.as_str()).map_or_else(
+            || "unknown".to_owned(),
+            |(noun, verb)| format!("{noun}.{verb}"),
+        ),
+        Kind::Server,
+        incoming,
+    );
+    let body = telemetry::in_trace(
+        span.traceparent().map(str::to_owned),
+        answer(state, message.subject.as_str(), &message.payload),
+    )
+    .await;
+    drop(span);
     if let Err(e) = client.publish(reply_to, body.into()).await {
         tracing::warn!(error = %e, "cannot send reply");
     }

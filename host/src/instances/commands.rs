@@ -6,6 +6,8 @@
 use futures::StreamExt as _;
 use serde::Serialize;
 use tokio::task::JoinHandle;
+use trellis_bus::dataplane as codec;
+use trellis_bus::telemetry::{self, Kind, Span};
 use trellis_schemas::control::decode_request;
 use trellis_schemas::dataplane::{self, HostVerb};
 use trellis_schemas::instance::{
@@ -42,43 +44,21 @@ pub async fn serve_commands(
     Ok(tokio::spawn(async move {
         while let Some(message) = commands.next().await {
             let subject = message.subject.as_str();
-            let outcome = match dataplane::parse_host_command(&lattice, &host_id, subject) {
-                Ok(HostVerb::InstanceStart) => {
-                    decode_request::<StartInstanceCommand>(&message.payload)
-                        .and_then(|command| manager.start(command))
-                        .map(accepted)
-                }
-                Ok(HostVerb::InstanceStop) => {
-                    decode_request::<StopInstanceCommand>(&message.payload)
-                        .and_then(|command| manager.stop(command))
-                        .map(accepted)
-                }
-                Ok(HostVerb::InstanceStats) => {
-                    decode_request::<InstanceStatsCommand>(&message.payload)
-                        .map(|command| encode(&Reply::ok(manager.stats(&command.instance_ids))))
-                }
-                Ok(HostVerb::InstanceLogs) => {
-                    decode_request::<InstanceLogsCommand>(&message.payload)
-                        .map(|command| encode(&Reply::ok(manager.logs(&command))))
-                }
-                Ok(HostVerb::ProviderStart) => {
-                    decode_request::<StartProviderCommand>(&message.payload)
-                        .and_then(|command| providers.start(command))
-                        .map(accepted)
-                }
-                Ok(HostVerb::ProviderStop) => {
-                    decode_request::<StopProviderCommand>(&message.payload)
-                        .and_then(|command| providers.stop(&command))
-                        .map(accepted)
-                }
-                Err(verb) => Err(ErrorBody::new(
-                    ErrorCode::UnknownVerb,
-                    format!(
-                        "unknown host command {verb:?}; known: {}",
-                        HostVerb::known()
-                    ),
-                )),
-            };
+            let verb = dataplane::parse_host_command(&lattice, &host_id, subject);
+            // The command's span; what the command starts carries its context on.
+            let span = Span::start(
+                match verb {
+                    Ok(verb) => verb.as_str(),
+                    Err(_) => "unknown",
+                },
+                Kind::Server,
+                codec::header(message.headers.as_ref(), &codec::NAMES.traceparent),
+            );
+            let outcome = telemetry::in_trace(span.traceparent().map(str::to_owned), async {
+                handle(&manager, &providers, verb, &message.payload)
+            })
+            .await;
+            drop(span);
             let Some(reply) = message.reply else { continue };
             let body = match outcome {
                 Ok(body) => body,
@@ -92,6 +72,40 @@ pub async fn serve_commands(
             }
         }
     }))
+}
+
+/// Answers one command.
+fn handle(
+    manager: &InstanceManager,
+    providers: &Providers,
+    verb: Result<HostVerb, &str>,
+    payload: &[u8],
+) -> Result<Vec<u8>, ErrorBody> {
+    match verb {
+        Ok(HostVerb::InstanceStart) => decode_request::<StartInstanceCommand>(payload)
+            .and_then(|command| manager.start(command))
+            .map(accepted),
+        Ok(HostVerb::InstanceStop) => decode_request::<StopInstanceCommand>(payload)
+            .and_then(|command| manager.stop(command))
+            .map(accepted),
+        Ok(HostVerb::InstanceStats) => decode_request::<InstanceStatsCommand>(payload)
+            .map(|command| encode(&Reply::ok(manager.stats(&command.instance_ids)))),
+        Ok(HostVerb::InstanceLogs) => decode_request::<InstanceLogsCommand>(payload)
+            .map(|command| encode(&Reply::ok(manager.logs(&command)))),
+        Ok(HostVerb::ProviderStart) => decode_request::<StartProviderCommand>(payload)
+            .and_then(|command| providers.start(command))
+            .map(accepted),
+        Ok(HostVerb::ProviderStop) => decode_request::<StopProviderCommand>(payload)
+            .and_then(|command| providers.stop(&command))
+            .map(accepted),
+        Err(verb) => Err(ErrorBody::new(
+            ErrorCode::UnknownVerb,
+            format!(
+                "unknown host command {verb:?}; known: {}",
+                HostVerb::known()
+            ),
+        )),
+    }
 }
 
 fn encode<T: Serialize>(reply: &Reply<T>) -> Vec<u8> {

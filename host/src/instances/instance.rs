@@ -97,6 +97,8 @@ pub(crate) struct Spec {
     pub stats: Arc<super::stats::Stats>,
     /// Its log lines, over every serving period.
     pub log: Arc<super::logs::InstanceLog>,
+    /// The start command's trace context, for the fact of its first start.
+    pub traceparent: Option<String>,
 }
 
 /// Serves `component` as instance `spec.id` until it is stopped or ends by its restart policy.
@@ -169,7 +171,12 @@ pub(crate) async fn supervise(
                     attempt,
                 }),
             )
-            .caused_by(spec.operation_id.clone()),
+            .caused_by(spec.operation_id.clone())
+            .traced(if attempt == 0 {
+                spec.traceparent.clone()
+            } else {
+                None
+            }),
         );
         tracing::info!(instance = %spec.id, component = %spec.name, attempt, "instance serving");
 

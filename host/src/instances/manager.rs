@@ -186,6 +186,8 @@ impl InstanceManager {
         self.inner.assignments.merge(&command.assignments);
         let (stop_tx, stop_rx) = mpsc::channel(4);
         let state = Arc::new(StateCell::default());
+        // The command's trace context goes with the facts of this start.
+        let traceparent = trellis_bus::telemetry::current();
         let stats = Arc::new(Stats::default());
         let log = self
             .inner
@@ -235,16 +237,14 @@ impl InstanceManager {
                     id: task_id,
                     key,
                 };
-                run(
-                    &inner,
-                    command,
+                let started = Started {
                     component,
                     state,
-                    (stats, log),
-                    stop_rx,
-                    slot,
-                )
-                .await;
+                    stats,
+                    log,
+                    traceparent,
+                };
+                run(&inner, command, started, stop_rx, slot).await;
             });
             // The task cannot remove the entry before this: it needs the lock held here.
             if let Some(entry) = instances.get_mut(&id) {
@@ -420,16 +420,32 @@ impl Drop for Slot {
     }
 }
 
+/// What a start made for the instance before its task began.
+struct Started {
+    /// The component as the command named it.
+    component: String,
+    state: Arc<StateCell>,
+    stats: Arc<Stats>,
+    log: Arc<InstanceLog>,
+    /// The start command's trace context.
+    traceparent: Option<String>,
+}
+
 /// Loads the component, then serves it until it ends.
 async fn run(
     inner: &Inner,
     command: StartInstanceCommand,
-    component: String,
-    state: Arc<StateCell>,
-    (stats, log): (Arc<Stats>, Arc<InstanceLog>),
+    started: Started,
     mut stop: mpsc::Receiver<Stop>,
     slot: Slot,
 ) {
+    let Started {
+        component,
+        state,
+        stats,
+        log,
+        traceparent,
+    } = started;
     let ctx = &inner.ctx;
     state.set(State::Starting);
     let loading = load(inner, &command.component);
@@ -459,7 +475,7 @@ async fn run(
         Ok(ok) => ok,
         Err(error) => {
             drop(slot);
-            start_failed(ctx, &command, component, error.to_string());
+            start_failed(ctx, &command, component, error.to_string(), traceparent);
             return;
         }
     };
@@ -483,7 +499,7 @@ async fn run(
             missing[0]
         );
         drop(slot);
-        start_failed(ctx, &command, component, reason);
+        start_failed(ctx, &command, component, reason, traceparent);
         return;
     }
     let component_name = name.to_string();
@@ -497,6 +513,7 @@ async fn run(
         operation_id: command.operation_id.clone(),
         stats,
         log,
+        traceparent,
     };
     let Loaded {
         component,
@@ -538,7 +555,13 @@ async fn load(
 }
 
 /// Records that the instance of `command` did not start, and why.
-fn start_failed(ctx: &Context, command: &StartInstanceCommand, component: String, reason: String) {
+fn start_failed(
+    ctx: &Context,
+    command: &StartInstanceCommand,
+    component: String,
+    reason: String,
+    traceparent: Option<String>,
+) {
     tracing::warn!(instance = %command.instance_id, %reason, "instance failed to start");
     ctx.publish(
         Event::new(
@@ -550,6 +573,7 @@ fn start_failed(ctx: &Context, command: &StartInstanceCommand, component: String
                 reason,
             }),
         )
-        .caused_by(command.operation_id.clone()),
+        .caused_by(command.operation_id.clone())
+        .traced(traceparent),
     );
 }
