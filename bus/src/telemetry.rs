@@ -16,10 +16,13 @@ use std::future::Future;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt as _, Tracer as _};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+    Tracer as _, TracerProvider as _,
+};
 use opentelemetry::{Context, KeyValue, global};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
 tokio::task_local! {
     /// The trace context of the control request a task serves.
@@ -41,6 +44,8 @@ pub fn current() -> Option<String> {
 static ENABLED: AtomicBool = AtomicBool::new(false);
 /// The provider, for the flush at exit.
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+/// Trellis's tracer, made once.
+static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 
 /// Whether the environment asks for traces to be exported.
 fn wanted() -> bool {
@@ -82,6 +87,7 @@ pub fn init(service: &str) -> Telemetry {
         .build();
     global::set_text_map_propagator(TraceContextPropagator::new());
     global::set_tracer_provider(provider.clone());
+    let _ = TRACER.set(provider.tracer("trellis"));
     let _ = PROVIDER.set(provider);
     ENABLED.store(true, Ordering::Relaxed);
     tracing::info!(service, "exporting traces with OTLP");
@@ -141,17 +147,22 @@ impl Span {
                 traceparent: parent.map(str::to_owned),
             };
         }
+        let Some(tracer) = TRACER.get() else {
+            return Self {
+                span: None,
+                traceparent: parent.map(str::to_owned),
+            };
+        };
         let parent_cx = parent.map_or_else(Context::new, extract);
-        let tracer = global::tracer("trellis");
         let span = tracer
             .span_builder(name.into())
             .with_kind(match kind {
                 Kind::Server => SpanKind::Server,
                 Kind::Client => SpanKind::Client,
             })
-            .start_with_context(&tracer, &parent_cx);
+            .start_with_context(tracer, &parent_cx);
         let cx = parent_cx.with_span(span);
-        let traceparent = inject(&cx);
+        let traceparent = Some(traceparent_of(cx.span().span_context()));
         Self {
             span: Some(cx),
             traceparent,
@@ -186,23 +197,63 @@ impl Drop for Span {
     }
 }
 
-/// The context a `traceparent` names.
+/// The context a `traceparent` names: a remote parent, or none when it is not a valid W3C
+/// `traceparent` (then the span starts a new trace).
 fn extract(traceparent: &str) -> Context {
-    let carrier =
-        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
-    global::get_text_map_propagator(|p| p.extract(&carrier))
+    let parsed = (|| {
+        let mut parts = traceparent.trim().split('-');
+        let (version, trace, span, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 {
+            return None;
+        }
+        let flags = u8::from_str_radix(flags, 16)
+            .ok()
+            .filter(|_| flags.len() == 2)?;
+        let context = SpanContext::new(
+            TraceId::from_hex(trace).ok()?,
+            SpanId::from_hex(span).ok()?,
+            TraceFlags::new(flags) & TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        context.is_valid().then_some(context)
+    })();
+    parsed.map_or_else(Context::new, |context| {
+        Context::new().with_remote_span_context(context)
+    })
 }
 
-/// The `traceparent` of a context's span.
-fn inject(cx: &Context) -> Option<String> {
-    let mut carrier = std::collections::HashMap::new();
-    global::get_text_map_propagator(|p| p.inject_context(cx, &mut carrier));
-    carrier.remove("traceparent")
+/// The W3C `traceparent` of a span.
+fn traceparent_of(context: &SpanContext) -> String {
+    format!(
+        "00-{:032x}-{:016x}-{:02x}",
+        context.trace_id(),
+        context.span_id(),
+        context.trace_flags().to_u8()
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traceparents_parse_and_print_back() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let cx = extract(tp);
+        assert_eq!(traceparent_of(cx.span().span_context()), tp);
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+        ] {
+            assert!(!extract(bad).span().span_context().is_valid(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn without_export_a_span_hands_on_its_parent() {

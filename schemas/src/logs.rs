@@ -178,6 +178,14 @@ mod tests {
         }
     }
 
+    fn assert_fits(records: &[LogRecord]) {
+        let bytes: usize = records
+            .iter()
+            .map(|r| serde_json::to_vec(r).unwrap().len())
+            .sum();
+        assert!(bytes <= MAX_LOG_REPLY_BYTES, "{bytes} bytes");
+    }
+
     #[test]
     fn keeps_the_newest_within_the_limit_and_the_size() {
         let mut records: Vec<_> = (1..=10).map(|i| record(i, "hello")).collect();
@@ -191,22 +199,14 @@ mod tests {
         let big = "x".repeat(MAX_LINE_BYTES);
         let mut records: Vec<_> = (1..=1000).map(|i| record(i, &big)).collect();
         assert!(keep_newest(&mut records, MAX_LOG_LIMIT));
-        let bytes: usize = records
-            .iter()
-            .map(|r| serde_json::to_vec(r).unwrap().len())
-            .sum();
-        assert!(bytes <= MAX_LOG_REPLY_BYTES, "{bytes} bytes");
+        assert_fits(&records);
         assert_eq!(records.last().unwrap().seq, 1000);
 
         // Control characters take six bytes each in JSON: the bound still holds.
         let escaped = "\u{1}".repeat(MAX_LINE_BYTES);
         let mut records: Vec<_> = (1..=100).map(|i| record(i, &escaped)).collect();
         assert!(keep_newest(&mut records, MAX_LOG_LIMIT));
-        let bytes: usize = records
-            .iter()
-            .map(|r| serde_json::to_vec(r).unwrap().len())
-            .sum();
-        assert!(bytes <= MAX_LOG_REPLY_BYTES, "{bytes} bytes");
+        assert_fits(&records);
         assert!(records.len() < 25, "{} records", records.len());
     }
 

@@ -11,7 +11,7 @@ use async_nats::HeaderMap;
 use serde_json::Value;
 use trellis_schemas::ComponentName;
 use trellis_schemas::dataplane::{self, Op, headers};
-use trellis_tests::{Nats, bin, components, free_port, lattice, wait_for};
+use trellis_tests::{Nats, bin, components, free_port, lattice};
 
 /// `kv_probe` as a component that only logs: its key-value imports are allowed, none required.
 const CHATTY: &str = r#"
@@ -101,26 +101,8 @@ async fn logs_show_follow_and_keep_instance_output_within_a_rate() {
     let metrics = format!("127.0.0.1:{}", free_port());
     let _controller = nats.controller(&l, "c1", "10s");
     let _host = nats.host_with(&l, "h1", &[], &["--log-rate", "50", "--metrics", &metrics]);
-    let ctl = nats.ctl(&l).await;
-    wait_for(
-        "the controller to list h1",
-        Duration::from_secs(30),
-        || async {
-            let reply = ctl
-                .request(&trellis_schemas::control::HostListRequest::default())
-                .await
-                .ok()?;
-            (!reply.hosts.is_empty()).then_some(())
-        },
-    )
-    .await;
-    let cli = |args: &[&str]| {
-        let mut all = vec!["--lattice", l.as_str()];
-        all.extend_from_slice(args);
-        let (code, out, err) = nats.cli(&all);
-        assert_eq!(code, 0, "trellis {}: {out}{err}", args.join(" "));
-        out
-    };
+    nats.wait_for_a_host(&l).await;
+    let cli = |args: &[&str]| nats.cli_ok(&l, args);
     let dir = tempfile::tempdir().unwrap();
     let mut started = Vec::new();
     for (guest, name, manifest) in [

@@ -54,13 +54,7 @@ async fn prometheus_scrapes_invocations_provider_calls_and_controller_requests()
     .await;
     prometheus.targets_up(Duration::from_secs(60)).await;
 
-    let cli = |args: &[&str]| {
-        let mut all = vec!["--lattice", l.as_str()];
-        all.extend_from_slice(args);
-        let (code, out, err) = nats.cli(&all);
-        assert_eq!(code, 0, "trellis {}: {out}{err}", args.join(" "));
-        out
-    };
+    let cli = |args: &[&str]| nats.cli_ok(&l, args);
     let wasm = components::build().path("kv_probe");
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("kv-probe.toml");

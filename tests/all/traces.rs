@@ -59,26 +59,8 @@ async fn an_http_request_and_an_instance_start_are_each_one_trace_across_process
         nats.logs(),
         &otel,
     );
-    let ctl = nats.ctl(&l).await;
-    wait_for(
-        "the controller to list h1",
-        Duration::from_secs(30),
-        || async {
-            let reply = ctl
-                .request(&trellis_schemas::control::HostListRequest::default())
-                .await
-                .ok()?;
-            (!reply.hosts.is_empty()).then_some(())
-        },
-    )
-    .await;
-    let cli = |args: &[&str]| {
-        let mut all = vec!["--lattice", l.as_str()];
-        all.extend_from_slice(args);
-        let (code, out, err) = nats.cli(&all);
-        assert_eq!(code, 0, "trellis {}: {out}{err}", args.join(" "));
-        out
-    };
+    nats.wait_for_a_host(&l).await;
+    let cli = |args: &[&str]| nats.cli_ok(&l, args);
     let (wasm, manifest) = components::example("kv_counter");
     cli(&[
         "component",

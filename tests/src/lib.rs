@@ -449,6 +449,33 @@ impl Nats {
         cli_at(&self.connect_url(), args)
     }
 
+    /// Runs the `trellis` CLI on `lattice`; panics with its output unless it succeeds. Returns
+    /// its stdout.
+    pub fn cli_ok(&self, lattice: &Lattice, args: &[&str]) -> String {
+        let mut all = vec!["--lattice", lattice.as_str()];
+        all.extend_from_slice(args);
+        let (code, out, err) = self.cli(&all);
+        assert_eq!(code, 0, "trellis {}: {out}{err}", args.join(" "));
+        out
+    }
+
+    /// Waits (30 s at most) until a controller of `lattice` answers and lists a host.
+    pub async fn wait_for_a_host(&self, lattice: &Lattice) {
+        let ctl = self.ctl(lattice).await;
+        wait_for(
+            "the controller to list a host",
+            Duration::from_secs(30),
+            || async {
+                let reply = ctl
+                    .request(&trellis_schemas::control::HostListRequest::default())
+                    .await
+                    .ok()?;
+                (!reply.hosts.is_empty()).then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Every fact the lattice's stream holds, decoded, in order.
     pub async fn facts(&self, lattice: &Lattice) -> Vec<Fact> {
         facts_at(&self.url(), lattice).await
