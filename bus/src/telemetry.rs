@@ -23,6 +23,7 @@ use opentelemetry::trace::{
 use opentelemetry::{Context, KeyValue, global};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use trellis_schemas::dataplane::TraceParent;
 
 tokio::task_local! {
     /// The trace context of the control request a task serves.
@@ -138,9 +139,9 @@ pub struct Span {
 }
 
 impl Span {
-    /// Starts a span named `name`, child of `parent` (a W3C `traceparent`; a new trace when
-    /// there is none or it is invalid).
-    pub fn start(name: impl Into<String>, kind: Kind, parent: Option<&str>) -> Self {
+    /// Starts a span, child of `parent` (a W3C `traceparent`; a new trace when there is none or
+    /// it is invalid), named by `name`, which is called only when spans are exported.
+    pub fn start(kind: Kind, parent: Option<&str>, name: impl FnOnce() -> String) -> Self {
         if !enabled() {
             return Self {
                 span: None,
@@ -155,7 +156,7 @@ impl Span {
         };
         let parent_cx = parent.map_or_else(Context::new, extract);
         let span = tracer
-            .span_builder(name.into())
+            .span_builder(name())
             .with_kind(match kind {
                 Kind::Server => SpanKind::Server,
                 Kind::Client => SpanKind::Client,
@@ -200,25 +201,15 @@ impl Drop for Span {
 /// The context a `traceparent` names: a remote parent, or none when it is not a valid W3C
 /// `traceparent` (then the span starts a new trace).
 fn extract(traceparent: &str) -> Context {
-    let parsed = (|| {
-        let mut parts = traceparent.trim().split('-');
-        let (version, trace, span, flags) =
-            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 {
-            return None;
-        }
-        let flags = u8::from_str_radix(flags, 16)
-            .ok()
-            .filter(|_| flags.len() == 2)?;
-        let context = SpanContext::new(
-            TraceId::from_hex(trace).ok()?,
-            SpanId::from_hex(span).ok()?,
-            TraceFlags::new(flags) & TraceFlags::SAMPLED,
+    let parsed = TraceParent::parse(traceparent).and_then(|t| {
+        Some(SpanContext::new(
+            TraceId::from_hex(t.trace_id).ok()?,
+            SpanId::from_hex(t.span_id).ok()?,
+            TraceFlags::new(t.flags) & TraceFlags::SAMPLED,
             true,
             TraceState::default(),
-        );
-        context.is_valid().then_some(context)
-    })();
+        ))
+    });
     parsed.map_or_else(Context::new, |context| {
         Context::new().with_remote_span_context(context)
     })
@@ -258,8 +249,13 @@ mod tests {
     #[test]
     fn without_export_a_span_hands_on_its_parent() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let span = Span::start("x", Kind::Server, Some(tp));
+        let span = Span::start(Kind::Server, Some(tp), || {
+            unreachable!("no export, no name")
+        });
         assert_eq!(span.traceparent(), Some(tp));
-        assert_eq!(Span::start("x", Kind::Server, None).traceparent(), None);
+        assert_eq!(
+            Span::start(Kind::Server, None, String::new).traceparent(),
+            None
+        );
     }
 }

@@ -229,9 +229,9 @@ pub fn main() -> ! {
         match root {
             Some(name) => {
                 let span = trellis_bus::telemetry::Span::start(
-                    name,
                     trellis_bus::telemetry::Kind::Client,
                     None,
+                    || name,
                 );
                 let traceparent = span.traceparent().map(str::to_owned);
                 trellis_bus::telemetry::in_trace(traceparent, run(cli)).await

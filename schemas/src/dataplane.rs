@@ -70,19 +70,43 @@ pub mod span_attributes {
     pub const TARGET: &str = "trellis.target";
 }
 
-/// The trace id of a W3C `traceparent` value (`00-<32 hex>-<16 hex>-<2 hex>`), when it is one.
+/// The parts of a W3C `traceparent` value (`00-<32 hex>-<16 hex>-<2 hex>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent<'a> {
+    /// The trace id: 32 hex digits, not all zero.
+    pub trace_id: &'a str,
+    /// The parent span's id: 16 hex digits, not all zero.
+    pub span_id: &'a str,
+    /// The trace flags (bit 0: sampled).
+    pub flags: u8,
+}
+
+impl<'a> TraceParent<'a> {
+    /// The parts of `value`, when it is a valid `traceparent`.
+    pub fn parse(value: &'a str) -> Option<Self> {
+        let mut parts = value.trim().split('-');
+        let (version, trace_id, span_id, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+        let valid = hex(version, 2)
+            && version != "ff"
+            && hex(trace_id, 32)
+            && nonzero(trace_id)
+            && hex(span_id, 16)
+            && nonzero(span_id)
+            && hex(flags, 2);
+        Some(Self {
+            trace_id,
+            span_id,
+            flags: u8::from_str_radix(flags, 16).ok().filter(|_| valid)?,
+        })
+    }
+}
+
+/// The trace id of a W3C `traceparent` value, when it is one.
 pub fn trace_id(traceparent: &str) -> Option<&str> {
-    let mut parts = traceparent.trim().split('-');
-    let (version, trace, span, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    let valid = hex(version, 2)
-        && version != "ff"
-        && hex(trace, 32)
-        && trace.bytes().any(|b| b != b'0')
-        && hex(span, 16)
-        && hex(flags, 2);
-    valid.then_some(trace)
+    TraceParent::parse(traceparent).map(|t| t.trace_id)
 }
 
 /// Largest body a call, a capability request or an HTTP message may carry, in bytes.

@@ -32,14 +32,12 @@ pub(crate) async fn handle(state: &State, client: &Client, message: Message) {
         message.headers.as_ref(),
         &trellis_bus::dataplane::NAMES.traceparent,
     );
-    let span = Span::start(
+    let span = Span::start(Kind::Server, incoming, || {
         subject::parse_ctl(&state.config.lattice, message.subject.as_str()).map_or_else(
             || "unknown".to_owned(),
             |(noun, verb)| format!("{noun}.{verb}"),
-        ),
-        Kind::Server,
-        incoming,
-    );
+        )
+    });
     let body = telemetry::in_trace(
         span.traceparent().map(str::to_owned),
         answer(state, message.subject.as_str(), &message.payload),

@@ -250,13 +250,14 @@ impl Serving {
 
     /// The span of one invocation of `export`, child of the request's `traceparent`.
     fn span(&self, export: &str, traceparent: Option<&str>) -> Span {
-        if !telemetry::enabled() {
-            return Span::start("", Kind::Server, traceparent);
-        }
         let name = self.component.manifest().name.as_str();
-        let span = Span::start(format!("invoke {name} {export}"), Kind::Server, traceparent);
-        span.set(span_attributes::COMPONENT, name.to_owned());
-        span.set(span_attributes::INSTANCE, self.instance.as_str().to_owned());
+        let span = Span::start(Kind::Server, traceparent, || {
+            format!("invoke {name} {export}")
+        });
+        if telemetry::enabled() {
+            span.set(span_attributes::COMPONENT, name.to_owned());
+            span.set(span_attributes::INSTANCE, self.instance.as_str().to_owned());
+        }
         span
     }
 

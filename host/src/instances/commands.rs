@@ -47,12 +47,12 @@ pub async fn serve_commands(
             let verb = dataplane::parse_host_command(&lattice, &host_id, subject);
             // The command's span; what the command starts carries its context on.
             let span = Span::start(
-                match verb {
-                    Ok(verb) => verb.as_str(),
-                    Err(_) => "unknown",
-                },
                 Kind::Server,
                 codec::header(message.headers.as_ref(), &codec::NAMES.traceparent),
+                || match verb {
+                    Ok(verb) => verb.as_str().to_owned(),
+                    Err(_) => "unknown".to_owned(),
+                },
             );
             let outcome = telemetry::in_trace(span.traceparent().map(str::to_owned), async {
                 handle(&manager, &providers, verb, &message.payload)

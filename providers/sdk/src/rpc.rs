@@ -125,13 +125,9 @@ pub(crate) async fn check_and_handle_request<P: Provider>(
     let capability = request.request.capability();
     let traced = telemetry::enabled();
     let span = Span::start(
-        if traced {
-            format!("{} {capability}", ctx.name)
-        } else {
-            String::new()
-        },
         Kind::Server,
         request.identity.traceparent.as_deref(),
+        || format!("{} {capability}", ctx.name),
     );
     if traced {
         span.set(
