@@ -112,13 +112,7 @@ async fn logs_show_follow_and_keep_instance_output_within_a_rate() {
         let path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, manifest).unwrap();
         let wasm = components::build().path(guest);
-        cli(&[
-            "component",
-            "push",
-            &wasm.to_string_lossy(),
-            "--manifest",
-            &path.to_string_lossy(),
-        ]);
+        nats.push(&l, &wasm, &path);
         let out = cli(&["instance", "start", name, "--wait", "-o", "json"]);
         let reply: Value = serde_json::from_str(&out).unwrap();
         started.push(

@@ -59,13 +59,7 @@ async fn prometheus_scrapes_invocations_provider_calls_and_controller_requests()
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("kv-probe.toml");
     std::fs::write(&manifest, components::KV_PROBE_MANIFEST).unwrap();
-    cli(&[
-        "component",
-        "push",
-        &wasm.to_string_lossy(),
-        "--manifest",
-        &manifest.to_string_lossy(),
-    ]);
+    nats.push(&l, &wasm, &manifest);
     trellis_tests::wait_for("the kv provider", Duration::from_secs(30), || async {
         let out = cli(&["provider", "ls", "-o", "json"]);
         let v: Value = serde_json::from_str(&out).ok()?;

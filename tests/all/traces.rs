@@ -60,15 +60,8 @@ async fn an_http_request_and_an_instance_start_are_each_one_trace_across_process
         &otel,
     );
     nats.wait_for_a_host(&l).await;
-    let cli = |args: &[&str]| nats.cli_ok(&l, args);
     let (wasm, manifest) = components::example("kv_counter");
-    cli(&[
-        "component",
-        "push",
-        &wasm.to_string_lossy(),
-        "--manifest",
-        &manifest.to_string_lossy(),
-    ]);
+    nats.push(&l, &wasm, &manifest);
     let port = free_port();
     let listen = format!("wasi:http/incoming-handler address=127.0.0.1:{port}");
     // The CLI exports too, with the same environment.

@@ -88,15 +88,12 @@ impl BenchLattice {
     /// Runs the `trellis` CLI on this lattice and panics, with its error, unless it succeeds;
     /// returns stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let (code, out, err) = self.try_cli(args);
-        assert_eq!(code, 0, "trellis {}: {out}{err}", args.join(" "));
-        out
+        self.nats.cli_ok(&self.l, args)
     }
 
     /// Pushes the component `wasm` with its `Component.toml`; panics unless it is accepted.
     pub fn push(&self, wasm: &Path, manifest: &Path) {
-        let (wasm, manifest) = (wasm.to_string_lossy(), manifest.to_string_lossy());
-        self.cli(&["component", "push", &wasm, "--manifest", &manifest]);
+        self.nats.push(&self.l, wasm, manifest);
     }
 }
 

@@ -459,6 +459,16 @@ impl Nats {
         out
     }
 
+    /// Pushes the component `wasm` with its `Component.toml` to `lattice`; panics unless it is
+    /// accepted.
+    pub fn push(&self, lattice: &Lattice, wasm: &Path, manifest: &Path) {
+        let (wasm, manifest) = (wasm.to_string_lossy(), manifest.to_string_lossy());
+        self.cli_ok(
+            lattice,
+            &["component", "push", &wasm, "--manifest", &manifest],
+        );
+    }
+
     /// Waits (30 s at most) until a controller of `lattice` answers and lists a host.
     pub async fn wait_for_a_host(&self, lattice: &Lattice) {
         let ctl = self.ctl(lattice).await;
