@@ -122,3 +122,20 @@ ensure_prometheus() {
     TRELLIS_PROMETHEUS="$(command -v prometheus)"
     export TRELLIS_PROMETHEUS
 }
+
+# Headless Chromium, for the dashboard's browser test (tests/all/ui.rs).
+ensure_chromium() {
+    if [ -n "${TRELLIS_CHROMIUM:-}" ]; then
+        if [ ! -x "$TRELLIS_CHROMIUM" ]; then
+            echo "error: TRELLIS_CHROMIUM=$TRELLIS_CHROMIUM is not an executable" >&2
+            return 1
+        fi
+        return
+    fi
+    if ! command -v chromium >/dev/null; then
+        echo "installing chromium (Debian package chromium)"
+        apt_install chromium
+    fi
+    TRELLIS_CHROMIUM="$(command -v chromium)"
+    export TRELLIS_CHROMIUM
+}

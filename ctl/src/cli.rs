@@ -96,6 +96,9 @@ enum Command {
     Provider(crate::capabilities::ProviderCommand),
     /// Start a whole lattice on this machine: NATS (unless --nats-url is given), a controller and a host.
     Up(crate::up::UpArgs),
+    /// Serve a read-only web dashboard of the lattice: hosts, instances, providers,
+    /// assignments, rollouts, a live feed of facts and a chart of invocations.
+    Ui(crate::ui::UiArgs),
 }
 
 #[derive(Debug, Args)]
@@ -265,6 +268,7 @@ fn command_name(command: &Command) -> String {
         Command::Assignment(_) => "assignment",
         Command::Provider(_) => "provider",
         Command::Up(_) => "up",
+        Command::Ui(_) => "ui",
     };
     format!("trellis {name}")
 }
@@ -331,6 +335,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             crate::capabilities::provider(&g, &client, cmd).await
         }
         Command::Up(args) => crate::up::run(&g.lattice, g.nats.clone(), args).await,
+        Command::Ui(args) => crate::ui::run(&g, args).await,
     }
 }
 
@@ -338,7 +343,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 
 impl Global {
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         self.nats
             .clone()
             .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned())

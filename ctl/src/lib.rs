@@ -14,6 +14,7 @@ pub mod controller;
 pub mod logs;
 pub mod output;
 pub mod rollout;
+pub mod ui;
 pub mod up;
 pub mod workload;
 

@@ -69,6 +69,20 @@ pub struct UpArgs {
     /// binary among kv, http-server, http-client and messaging]; `none` for none.
     #[arg(long, value_delimiter = ',')]
     providers: Option<Vec<String>>,
+    /// Serve the web dashboard (`trellis ui`) here; `off` for none. When the address is taken,
+    /// the lattice starts without it.
+    #[arg(long, env = "TRELLIS_UI_ADDR", default_value = "127.0.0.1:7700", value_parser = parse_ui)]
+    // Spelled out so that clap does not treat it as an optional argument: `off` parses to None.
+    ui: ::std::option::Option<std::net::SocketAddr>,
+}
+
+fn parse_ui(s: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| format!("{s:?} is neither an address (127.0.0.1:7700) nor `off`: {e}"))
 }
 
 /// The providers `trellis up` runs when it finds them.
@@ -494,6 +508,29 @@ async fn start_and_wait(
         };
         procs.push(Proc::spawn(label, path, &provider_args, logs).await?);
     }
+    let mut dashboard = None;
+    if let Some(addr) = args.ui {
+        // Bind once here so that a taken port is a warning, not a child that dies at once.
+        match std::net::TcpListener::bind(addr) {
+            Ok(probe) => {
+                drop(probe);
+                let ui_args: Vec<String> = vec![
+                    "--nats".into(),
+                    url.clone(),
+                    "--lattice".into(),
+                    lattice.to_string(),
+                    "ui".into(),
+                    "--listen".into(),
+                    addr.to_string(),
+                ];
+                procs.push(Proc::spawn("ui", &me, &ui_args, logs).await?);
+                dashboard = Some(format!("http://{addr}/"));
+            }
+            Err(e) => eprintln!(
+                "warning: no dashboard: cannot listen on {addr}: {e} (--ui ADDR picks another address)"
+            ),
+        }
+    }
 
     // Wait until the controller answers and lists the host.
     let nats = trellis_bus::connect(&url, "trellis up", true).await?;
@@ -581,6 +618,9 @@ async fn start_and_wait(
                 Err(e) => println!("  GET {url} failed: {e}"),
             }
         }
+    }
+    if let Some(dashboard) = &dashboard {
+        println!("  dashboard   {dashboard}");
     }
     println!();
     println!("Try:");

@@ -10,7 +10,7 @@ use crate::fact::Capacity;
 use crate::names::HostId;
 
 /// One instance as its host reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InventoryInstance {
     /// The instance id.
@@ -19,6 +19,21 @@ pub struct InventoryInstance {
     pub component: String,
     /// Its state on the host.
     pub state: String,
+    /// Invocations answered, over all its serving periods (what dashboards derive rates from).
+    #[serde(default)]
+    pub calls: u64,
+    /// Of those, the ones that failed on the server's side (crashes included).
+    #[serde(default)]
+    pub errors: u64,
+    /// Crashes.
+    #[serde(default)]
+    pub crashes: u64,
+    /// Restarts by its restart policy.
+    #[serde(default)]
+    pub restarts: u64,
+    /// Invocations running when the heartbeat was sent.
+    #[serde(default)]
+    pub in_flight: u64,
 }
 
 /// A heartbeat, published by every host every interval on `trellis.hb.v1.<lattice>.<host_id>`.

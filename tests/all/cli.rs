@@ -22,6 +22,7 @@ async fn trellis_up_starts_a_lattice_and_stops_it_cleanly_on_ctrl_c() {
     )
     .unwrap();
     let wasm = trellis_tests::components::build().path("counter");
+    let ui = format!("127.0.0.1:{}", trellis_tests::free_port());
     let mut up = Command::new(bin("trellis"))
         .args([
             "up",
@@ -29,6 +30,8 @@ async fn trellis_up_starts_a_lattice_and_stops_it_cleanly_on_ctrl_c() {
             "up-host",
             "--host-label",
             "zone=local",
+            "--ui",
+            &ui,
             "--deploy",
         ])
         .arg(&wasm)
@@ -85,6 +88,22 @@ async fn trellis_up_starts_a_lattice_and_stops_it_cleanly_on_ctrl_c() {
     let hosts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(hosts["hosts"][0]["host_id"], "up-host");
     assert_eq!(hosts["hosts"][0]["labels"]["zone"], "local");
+
+    // The dashboard it announces shows the host and the deployed component.
+    assert!(
+        banner.contains(&format!("dashboard   http://{ui}/")),
+        "{banner}"
+    );
+    let snapshot = wait_for("the dashboard's snapshot", T, || async {
+        let reply = trellis_tests::http_request("GET", &format!("http://{ui}/api/snapshot"), "")
+            .await
+            .ok()?;
+        let snapshot: serde_json::Value = serde_json::from_str(&reply.body).ok()?;
+        (snapshot["components"][0]["instances"][0]["status"] == "running").then_some(snapshot)
+    })
+    .await;
+    assert_eq!(snapshot["hosts"][0]["host_id"], "up-host");
+    assert_eq!(snapshot["components"][0]["name"], "counter");
 
     kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).unwrap();
     let status = wait_for("trellis up to exit", T, || {

@@ -16,5 +16,6 @@ mod registry;
 mod rollouts;
 mod spine;
 mod traces;
+mod ui;
 mod up;
 mod workload;

@@ -97,7 +97,8 @@ struct Up {
 /// supervise a second provider, and records every process under it.
 async fn start_up() -> Up {
     let mut child = Command::new(bin("trellis"))
-        .args(["up", "--host-id", "up-host", "--providers", "kv"])
+        .args(["up", "--host-id", "up-host", "--providers", "kv", "--ui"])
+        .arg(format!("127.0.0.1:{}", trellis_tests::free_port()))
         .env_remove("TRELLIS_NATS_URL")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -194,6 +194,7 @@ impl SimHost {
                     instance_id: command.instance_id.to_string(),
                     component: manifest.name.to_string(),
                     state: "running".to_owned(),
+                    ..InventoryInstance::default()
                 },
             );
         }

@@ -12,6 +12,7 @@
 )]
 
 pub mod bench;
+pub mod browser;
 pub mod cluster;
 pub mod components;
 pub mod otlp;

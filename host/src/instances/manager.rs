@@ -339,10 +339,18 @@ impl InstanceManager {
         let instances = self.lock();
         let mut out: Vec<InventoryInstance> = instances
             .iter()
-            .map(|(id, entry)| InventoryInstance {
-                instance_id: id.to_string(),
-                component: entry.component.clone(),
-                state: entry.state.get().as_str().to_owned(),
+            .map(|(id, entry)| {
+                let counts = entry.stats.counts();
+                InventoryInstance {
+                    instance_id: id.to_string(),
+                    component: entry.component.clone(),
+                    state: entry.state.get().as_str().to_owned(),
+                    calls: counts.stats.calls,
+                    errors: counts.stats.errors,
+                    crashes: counts.stats.crashes,
+                    restarts: counts.restarts,
+                    in_flight: counts.in_flight,
+                }
             })
             .collect();
         out.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));

@@ -1,0 +1,502 @@
+//! What the dashboard shows, built from the controller's projection, its status reply and the
+//! hosts' heartbeats. Pure: the server feeds it, the page renders it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use trellis_schemas::control::{RolloutBrief, StatusReply};
+use trellis_schemas::heartbeat::Heartbeat;
+use trellis_schemas::projection::Projection;
+use trellis_schemas::{Event, HostId, InstanceStatus, ProviderStatus};
+
+/// How long an instance that ended badly (crashed, gave up, failed to start, lost with its host)
+/// stays on the page after it ended.
+pub(crate) const ENDED_SHOWN_FOR: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+
+/// The lattice at one stream sequence, as `/api/snapshot` and the `snapshot` event carry it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Snapshot {
+    /// The lattice.
+    pub lattice: String,
+    /// The stream sequence the controller's answer reflects.
+    pub as_of: u64,
+    /// When the dashboard asked.
+    pub taken_at: DateTime<Utc>,
+    /// The controller replica that answered.
+    pub served_by: String,
+    /// Hosts, by id.
+    pub hosts: Vec<HostRow>,
+    /// Components with their live (and recently failed) instances, by name.
+    pub components: Vec<ComponentRow>,
+    /// Providers, by name then id.
+    pub providers: Vec<ProviderRow>,
+    /// Capability assignments.
+    pub assignments: Vec<AssignmentRow>,
+    /// Rollouts in progress.
+    pub rollouts: Vec<RolloutBrief>,
+    /// Crashes and failed starts in the last hour.
+    pub failures_last_hour: u32,
+    /// Facts the controller has yet to apply.
+    pub lag: u64,
+}
+
+/// A host and its load.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct HostRow {
+    pub host_id: String,
+    /// `up`, `stopped` or `lost`.
+    pub status: &'static str,
+    pub version: String,
+    pub labels: BTreeMap<String, String>,
+    pub max_instances: u32,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    /// Instances running there, by the facts.
+    pub instances: u32,
+    /// Invocations running at its last heartbeat.
+    pub in_flight: u64,
+    /// Milliseconds since its last heartbeat reached the dashboard; `None` before the first.
+    pub heartbeat_age_ms: Option<u64>,
+}
+
+/// A component: the versions it runs and its instances.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ComponentRow {
+    pub name: String,
+    /// Versions in the artifact store.
+    pub versions: Vec<String>,
+    pub instances: Vec<InstanceRow>,
+}
+
+/// One instance.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct InstanceRow {
+    pub instance_id: String,
+    pub host_id: String,
+    pub version: Option<String>,
+    pub status: &'static str,
+    /// Restarts so far (the attempt number of its current serving period).
+    pub restarts: u32,
+    pub last_reason: Option<String>,
+    pub status_since: DateTime<Utc>,
+    /// From its host's last heartbeat: invocations answered, failed, crashes, running now
+    /// (`None` when the host no longer reports the instance, as once it ended).
+    pub calls: Option<u64>,
+    pub errors: Option<u64>,
+    pub crashes: Option<u64>,
+    pub in_flight: Option<u64>,
+}
+
+/// A capability provider.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ProviderRow {
+    pub provider_id: String,
+    pub name: String,
+    pub capabilities: Vec<String>,
+    /// Where it runs: its host, or its node for a standalone provider.
+    pub place: Option<String>,
+    pub embedded: bool,
+    pub status: &'static str,
+    pub restarts: u32,
+    pub last_reason: Option<String>,
+}
+
+/// A capability assignment (without its configuration, which may hold secrets).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct AssignmentRow {
+    pub assignment_id: String,
+    pub target: String,
+    pub capability: String,
+    pub provider: String,
+}
+
+/// One fact of the live feed.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct FactRow {
+    pub seq: u64,
+    pub time: String,
+    /// Its short type, `instance.crashed`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The entity it is about.
+    pub subject: String,
+    pub summary: String,
+}
+
+impl FactRow {
+    /// The row of a raw fact; `None` when it does not decode.
+    pub(crate) fn of(seq: u64, payload: &[u8]) -> Option<Self> {
+        let event = Event::decode(payload).ok()?;
+        Some(Self {
+            seq,
+            time: event.time_rfc3339(),
+            kind: event.kind().short_name(),
+            subject: event.data.entity_id().to_owned(),
+            summary: event.summary(),
+        })
+    }
+}
+
+/// Builds the snapshot of `projection` and `status` with the load `heartbeats` report.
+pub(crate) fn snapshot(
+    projection: &Projection,
+    served_by: &str,
+    status: &StatusReply,
+    heartbeats: &Heartbeats,
+    now: DateTime<Utc>,
+    at: Instant,
+) -> Snapshot {
+    let mut running_on: HashMap<&HostId, u32> = HashMap::new();
+    for record in projection.instances.values() {
+        if record.status == InstanceStatus::Running {
+            *running_on.entry(&record.host_id).or_default() += 1;
+        }
+    }
+    let hosts = projection
+        .hosts
+        .values()
+        .map(|h| {
+            let live = heartbeats.hosts.get(&h.host_id);
+            HostRow {
+                host_id: h.host_id.to_string(),
+                status: h.status.as_str(),
+                version: h.version.clone(),
+                labels: h.labels.clone(),
+                max_instances: h.capacity.max_instances,
+                cpus: h.capacity.cpus,
+                memory_bytes: h.capacity.memory_bytes,
+                instances: running_on.get(&h.host_id).copied().unwrap_or(0),
+                in_flight: live.map_or(0, |l| {
+                    l.heartbeat.instances.iter().map(|i| i.in_flight).sum()
+                }),
+                heartbeat_age_ms: live
+                    .map(|l| at.saturating_duration_since(l.received).as_millis() as u64),
+            }
+        })
+        .collect();
+
+    let mut components: BTreeMap<String, ComponentRow> = BTreeMap::new();
+    fn row<'a>(
+        components: &'a mut BTreeMap<String, ComponentRow>,
+        name: &str,
+    ) -> &'a mut ComponentRow {
+        components
+            .entry(name.to_owned())
+            .or_insert_with(|| ComponentRow {
+                name: name.to_owned(),
+                versions: Vec::new(),
+                instances: Vec::new(),
+            })
+    }
+    for artifact in projection.artifacts.values() {
+        let versions = &mut row(&mut components, artifact.manifest.name.as_str()).versions;
+        if !versions.contains(&artifact.manifest.version) {
+            versions.push(artifact.manifest.version.clone());
+        }
+    }
+    for record in projection.instances.values() {
+        let shown = match record.status {
+            InstanceStatus::Running | InstanceStatus::Restarting => true,
+            InstanceStatus::Stopped => false,
+            InstanceStatus::Crashed
+            | InstanceStatus::GaveUp
+            | InstanceStatus::Failed
+            | InstanceStatus::Lost => now - record.status_since <= ENDED_SHOWN_FOR,
+        };
+        if !shown {
+            continue;
+        }
+        let live = heartbeats.instance(&record.host_id, record.instance_id.as_str());
+        row(&mut components, &record.component)
+            .instances
+            .push(InstanceRow {
+                instance_id: record.instance_id.to_string(),
+                host_id: record.host_id.to_string(),
+                version: record.version.clone(),
+                status: record.status.as_str(),
+                restarts: record.attempt,
+                last_reason: record.last_reason.clone(),
+                status_since: record.status_since,
+                calls: live.map(|i| i.calls),
+                errors: live.map(|i| i.errors),
+                crashes: live.map(|i| i.crashes),
+                in_flight: live.map(|i| i.in_flight),
+            });
+    }
+    let mut components: Vec<ComponentRow> = components.into_values().collect();
+    for c in &mut components {
+        c.versions.sort_by(|a, b| compare_versions(a, b));
+        // Live ones first, then by how long they have been in their state.
+        c.instances.sort_by(|a, b| {
+            (a.status != "running", a.status_since, &a.instance_id).cmp(&(
+                b.status != "running",
+                b.status_since,
+                &b.instance_id,
+            ))
+        });
+    }
+
+    let mut providers: Vec<ProviderRow> = projection
+        .providers
+        .values()
+        .filter(|p| p.status != ProviderStatus::Stopped)
+        .map(|p| ProviderRow {
+            provider_id: p.provider_id.to_string(),
+            name: p.name.to_string(),
+            capabilities: p.capabilities.iter().map(ToString::to_string).collect(),
+            place: p
+                .host_id
+                .as_ref()
+                .map(ToString::to_string)
+                .or_else(|| p.node.clone()),
+            embedded: p.embedded,
+            status: p.status.as_str(),
+            restarts: p.restarts,
+            last_reason: p.last_reason.clone(),
+        })
+        .collect();
+    providers.sort_by(|a, b| (&a.name, &a.provider_id).cmp(&(&b.name, &b.provider_id)));
+
+    let assignments = projection
+        .assignments
+        .values()
+        .map(|a| AssignmentRow {
+            assignment_id: a.assignment.assignment_id.to_string(),
+            target: a.assignment.target.describe(),
+            capability: a.assignment.capability.to_string(),
+            provider: a.assignment.provider.to_string(),
+        })
+        .collect();
+
+    Snapshot {
+        lattice: status.lattice.to_string(),
+        as_of: projection.last_seq.max(status.as_of),
+        taken_at: now,
+        served_by: served_by.to_owned(),
+        hosts,
+        components,
+        providers,
+        assignments,
+        rollouts: status.rollouts.clone(),
+        failures_last_hour: status.failures_last_hour,
+        lag: status.stream.lag,
+    }
+}
+
+/// Semantic versions in order where both parse, else as text.
+fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    match (semver::Version::parse(a), semver::Version::parse(b)) {
+        (Ok(a), Ok(b)) => a.cmp(&b),
+        _ => a.cmp(b),
+    }
+}
+
+/// The latest heartbeat of each host and the invocation rates derived from consecutive ones.
+#[derive(Debug, Default)]
+pub(crate) struct Heartbeats {
+    hosts: HashMap<HostId, HostSample>,
+}
+
+#[derive(Debug)]
+struct HostSample {
+    heartbeat: Heartbeat,
+    received: Instant,
+    /// Per component: invocations and errors per second between the last two heartbeats.
+    rates: BTreeMap<String, Rate>,
+}
+
+/// Invocations and failed invocations per second.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub(crate) struct Rate {
+    pub calls: f64,
+    pub errors: f64,
+}
+
+impl Heartbeats {
+    /// Records a heartbeat received at `at`; the rates of its host are the counters' growth
+    /// since its previous one (an instance new since then counts from zero).
+    pub(crate) fn record(&mut self, heartbeat: Heartbeat, at: Instant) {
+        let mut rates = BTreeMap::new();
+        if let Some(previous) = self.hosts.get(&heartbeat.host_id) {
+            let seconds = (heartbeat.sent_at - previous.heartbeat.sent_at).as_seconds_f64();
+            if seconds > 0.0 {
+                let before: HashMap<&str, (u64, u64)> = previous
+                    .heartbeat
+                    .instances
+                    .iter()
+                    .map(|i| (i.instance_id.as_str(), (i.calls, i.errors)))
+                    .collect();
+                for instance in &heartbeat.instances {
+                    let (calls, errors) = before
+                        .get(instance.instance_id.as_str())
+                        .copied()
+                        .unwrap_or((0, 0));
+                    let rate: &mut Rate = rates.entry(instance.component.clone()).or_default();
+                    rate.calls += instance.calls.saturating_sub(calls) as f64 / seconds;
+                    rate.errors += instance.errors.saturating_sub(errors) as f64 / seconds;
+                }
+            }
+        }
+        self.hosts.insert(
+            heartbeat.host_id.clone(),
+            HostSample {
+                heartbeat,
+                received: at,
+                rates,
+            },
+        );
+    }
+
+    /// Forgets hosts not heard from for `stale_after`.
+    pub(crate) fn forget_older_than(&mut self, stale_after: Duration, at: Instant) {
+        self.hosts
+            .retain(|_, s| at.saturating_duration_since(s.received) <= stale_after);
+    }
+
+    /// The lattice's rate per component: the sum over hosts of their latest rates.
+    pub(crate) fn rates(&self) -> BTreeMap<String, Rate> {
+        let mut out: BTreeMap<String, Rate> = BTreeMap::new();
+        for sample in self.hosts.values() {
+            for (component, rate) in &sample.rates {
+                let total = out.entry(component.clone()).or_default();
+                total.calls += rate.calls;
+                total.errors += rate.errors;
+            }
+        }
+        out
+    }
+
+    fn instance(
+        &self,
+        host: &HostId,
+        instance_id: &str,
+    ) -> Option<&trellis_schemas::heartbeat::InventoryInstance> {
+        self.hosts
+            .get(host)?
+            .heartbeat
+            .instances
+            .iter()
+            .find(|i| i.instance_id == instance_id)
+    }
+}
+
+/// One point of the invocation chart, as the `metrics` event carries it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct MetricsPoint {
+    /// Milliseconds since the Unix epoch.
+    pub t: i64,
+    /// Per component.
+    pub components: BTreeMap<String, Rate>,
+}
+
+#[cfg(test)]
+mod tests {
+    use trellis_schemas::control::{ControllerInfo, HostCounts, StreamSummary};
+    use trellis_schemas::heartbeat::InventoryInstance;
+
+    use super::*;
+
+    fn heartbeat(host: &str, at: DateTime<Utc>, instances: &[(&str, &str, u64, u64)]) -> Heartbeat {
+        Heartbeat {
+            host_id: HostId::new(host).unwrap(),
+            seq: 1,
+            sent_at: at,
+            uptime_ms: 0,
+            interval_ms: 2000,
+            version: "0".into(),
+            labels: BTreeMap::new(),
+            capacity: Default::default(),
+            instances: instances
+                .iter()
+                .map(|(id, component, calls, errors)| InventoryInstance {
+                    instance_id: (*id).into(),
+                    component: (*component).into(),
+                    state: "running".into(),
+                    calls: *calls,
+                    errors: *errors,
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn rates_are_the_growth_between_heartbeats_summed_over_hosts() {
+        let t0 = Utc::now();
+        let t1 = t0 + chrono::TimeDelta::seconds(2);
+        let now = Instant::now();
+        let mut hb = Heartbeats::default();
+        hb.record(heartbeat("h1", t0, &[("i1", "web", 100, 1)]), now);
+        hb.record(heartbeat("h2", t0, &[("i2", "web", 50, 0)]), now);
+        // The first heartbeat of a host is only a baseline.
+        assert!(hb.rates().is_empty());
+        hb.record(
+            heartbeat("h1", t1, &[("i1", "web", 120, 5), ("i3", "api", 6, 0)]),
+            now,
+        );
+        hb.record(heartbeat("h2", t1, &[("i2", "web", 70, 0)]), now);
+        let rates = hb.rates();
+        assert_eq!(
+            rates["web"],
+            Rate {
+                calls: 20.0,
+                errors: 2.0
+            }
+        );
+        // An instance new since the last heartbeat counts from zero.
+        assert_eq!(
+            rates["api"],
+            Rate {
+                calls: 3.0,
+                errors: 0.0
+            }
+        );
+        hb.forget_older_than(Duration::ZERO, now + Duration::from_secs(1));
+        assert!(hb.rates().is_empty());
+    }
+
+    #[test]
+    fn an_empty_lattice_has_an_empty_snapshot() {
+        let projection = Projection::default();
+        let status = StatusReply {
+            as_of: 0,
+            lattice: "default".parse().unwrap(),
+            hosts: HostCounts {
+                up: 0,
+                stopped: 0,
+                lost: 0,
+            },
+            controller: ControllerInfo {
+                id: "c".into(),
+                version: "0".into(),
+                started_at: Utc::now(),
+                replay_ms: 0,
+                replayed_facts: 0,
+            },
+            stream: StreamSummary {
+                name: "s".into(),
+                messages: 0,
+                first_seq: 0,
+                last_seq: 0,
+                lag: 0,
+            },
+            instances: BTreeMap::new(),
+            providers: BTreeMap::new(),
+            components: 0,
+            rollouts: Vec::new(),
+            failures_last_hour: 0,
+            failures: Vec::new(),
+        };
+        let s = snapshot(
+            &projection,
+            "c",
+            &status,
+            &Heartbeats::default(),
+            Utc::now(),
+            Instant::now(),
+        );
+        assert!(s.hosts.is_empty() && s.components.is_empty() && s.providers.is_empty());
+    }
+}
