@@ -103,39 +103,33 @@ ensure_etcd_server() {
     fi
 }
 
-# Sets TRELLIS_PROMETHEUS to a Prometheus server binary (for the metrics suites): the one
-# TRELLIS_PROMETHEUS already names, else `prometheus` on PATH, else Debian's package `prometheus`,
-# installed on first use. The package may start its own service on :9090; the tests never use it
-# (each starts its own server on a free port).
-ensure_prometheus() {
-    if [ -n "${TRELLIS_PROMETHEUS:-}" ]; then
-        if [ ! -x "$TRELLIS_PROMETHEUS" ]; then
-            echo "error: TRELLIS_PROMETHEUS=$TRELLIS_PROMETHEUS is not an executable" >&2
+# ensure_debian_tool VAR COMMAND PACKAGE: sets and exports VAR to the executable VAR already
+# names, else COMMAND on PATH, else COMMAND from Debian's PACKAGE, installed on first use.
+ensure_debian_tool() {
+    local var="$1" cmd="$2" package="$3"
+    local given="${!var:-}"
+    if [ -n "$given" ]; then
+        if [ ! -x "$given" ]; then
+            echo "error: $var=$given is not an executable" >&2
             return 1
         fi
         return
     fi
-    if ! command -v prometheus >/dev/null; then
-        echo "installing prometheus (Debian package prometheus)"
-        apt_install prometheus
+    if ! command -v "$cmd" >/dev/null; then
+        echo "installing $cmd (Debian package $package)"
+        apt_install "$package"
     fi
-    TRELLIS_PROMETHEUS="$(command -v prometheus)"
-    export TRELLIS_PROMETHEUS
+    printf -v "$var" '%s' "$(command -v "$cmd")"
+    export "${var?}"
 }
 
-# Headless Chromium, for the dashboard's browser test (tests/all/ui.rs).
+# A Prometheus server for the metrics suites (TRELLIS_PROMETHEUS). The package may start its own
+# service on :9090; the tests never use it (each starts its own server on a free port).
+ensure_prometheus() {
+    ensure_debian_tool TRELLIS_PROMETHEUS prometheus prometheus
+}
+
+# Headless Chromium for the dashboard's browser test, tests/all/ui.rs (TRELLIS_CHROMIUM).
 ensure_chromium() {
-    if [ -n "${TRELLIS_CHROMIUM:-}" ]; then
-        if [ ! -x "$TRELLIS_CHROMIUM" ]; then
-            echo "error: TRELLIS_CHROMIUM=$TRELLIS_CHROMIUM is not an executable" >&2
-            return 1
-        fi
-        return
-    fi
-    if ! command -v chromium >/dev/null; then
-        echo "installing chromium (Debian package chromium)"
-        apt_install chromium
-    fi
-    TRELLIS_CHROMIUM="$(command -v chromium)"
-    export TRELLIS_CHROMIUM
+    ensure_debian_tool TRELLIS_CHROMIUM chromium chromium
 }

@@ -77,7 +77,7 @@ pub struct UiArgs {
     refresh: Duration,
 }
 
-/// Serves the dashboard until interrupted.
+/// Serves the dashboard until interrupted (Ctrl-C or SIGTERM).
 pub(crate) async fn run(g: &Global, args: UiArgs) -> Result<(), Failure> {
     let nats = trellis_bus::connect(&g.url(), "trellis ui", false).await?;
     let client = CtlClient::new(nats.clone(), g.lattice.clone(), g.timeout);
@@ -131,9 +131,12 @@ pub(crate) async fn run(g: &Global, args: UiArgs) -> Result<(), Failure> {
             });
         }
     };
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| failure(1, format!("cannot handle SIGTERM: {e}")))?;
     tokio::select! {
         () = serve => Ok(()),
         _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = terminate.recv() => Ok(()),
     }
 }
 

@@ -103,13 +103,14 @@ pub(crate) struct ProviderRow {
     pub last_reason: Option<String>,
 }
 
-/// A capability assignment (without its configuration, which may hold secrets).
+/// A capability assignment, with its configuration as the facts and `assignment ls` show it.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct AssignmentRow {
     pub assignment_id: String,
     pub target: String,
     pub capability: String,
     pub provider: String,
+    pub config: BTreeMap<String, String>,
 }
 
 /// One fact of the live feed.
@@ -267,6 +268,7 @@ pub(crate) fn snapshot(
             target: a.assignment.target.describe(),
             capability: a.assignment.capability.to_string(),
             provider: a.assignment.provider.to_string(),
+            config: a.assignment.config.clone(),
         })
         .collect();
 

@@ -128,7 +128,8 @@
         el("td", {}, a.target),
         el("td", {}, a.capability),
         el("td", {}, a.provider),
-        el("td", { class: "id" }, a.assignment_id))), "no assignments", 4);
+        el("td", {}, Object.entries(a.config).map(([k, v]) => k + "=" + v).join(" ")),
+        el("td", { class: "id" }, a.assignment_id))), "no assignments", 5);
 
     fill($("#rollouts tbody"), s.rollouts.map((r) =>
       el("tr", { "data-rollout": r.rollout_id, "data-status": r.status },
