@@ -175,6 +175,13 @@ impl Span {
         self.traceparent.as_deref()
     }
 
+    /// Whether the span is exported (sampled): attributes are worth making only then.
+    pub fn recording(&self) -> bool {
+        self.span
+            .as_ref()
+            .is_some_and(|cx| cx.span().is_recording())
+    }
+
     /// Records an attribute.
     pub fn set(&self, key: &'static str, value: impl Into<opentelemetry::Value>) {
         if let Some(cx) = &self.span {

@@ -26,7 +26,7 @@ use trellis_schemas::dataplane::{self, DataError, ErrorCode, Op, span_attributes
 use super::logs::InstanceLog;
 use super::stats::{Outcome, Stats};
 use crate::runtime::{CallContext, InvokeError, LoadedComponent};
-use trellis_bus::telemetry::{self, Kind, Span};
+use trellis_bus::telemetry::{Kind, Span};
 
 /// The export name under which HTTP requests are served.
 const HTTP_EXPORT: &str = "wasi:http/incoming-handler#handle";
@@ -237,15 +237,15 @@ impl Serving {
     /// instance's log, labelled with the invocation's number and trace id, and its capability
     /// calls carry the span's trace context.
     fn component(&self, span: &Span) -> std::borrow::Cow<'_, LoadedComponent> {
-        let traceparent = span.traceparent();
-        let log = self.log.enabled().then(|| self.log.invocation(traceparent));
+        let traceparent: Option<Arc<str>> = span.traceparent().map(Arc::from);
+        let log = self
+            .log
+            .enabled()
+            .then(|| self.log.invocation(traceparent.clone()));
         if log.is_none() && traceparent.is_none() {
             return std::borrow::Cow::Borrowed(&self.component);
         }
-        std::borrow::Cow::Owned(self.component.with_call(CallContext {
-            log,
-            traceparent: traceparent.map(Arc::from),
-        }))
+        std::borrow::Cow::Owned(self.component.with_call(CallContext { log, traceparent }))
     }
 
     /// The span of one invocation of `export`, child of the request's `traceparent`.
@@ -254,7 +254,7 @@ impl Serving {
         let span = Span::start(Kind::Server, traceparent, || {
             format!("invoke {name} {export}")
         });
-        if telemetry::enabled() {
+        if span.recording() {
             span.set(span_attributes::COMPONENT, name.to_owned());
             span.set(span_attributes::INSTANCE, self.instance.as_str().to_owned());
         }

@@ -209,13 +209,11 @@ impl InstanceLog {
     }
 
     /// The sink of one new invocation, whose request carried `traceparent` (if any).
-    pub fn invocation(self: &Arc<Self>, traceparent: Option<&str>) -> Arc<dyn LogSink> {
+    pub fn invocation(self: &Arc<Self>, traceparent: Option<Arc<str>>) -> Arc<dyn LogSink> {
         Arc::new(InvocationLog {
             log: Arc::clone(self),
             invocation: self.invocations.fetch_add(1, Ordering::Relaxed) + 1,
-            trace_id: traceparent
-                .and_then(trellis_schemas::dataplane::trace_id)
-                .map(str::to_ascii_lowercase),
+            traceparent,
         })
     }
 
@@ -309,7 +307,7 @@ impl InstanceLog {
             version: meta.version.clone(),
             host_id: self.hub.host_id.clone(),
             invocation: Some(origin.invocation),
-            trace_id: origin.trace_id.map(str::to_owned),
+            trace_id: origin.trace_id.map(str::to_ascii_lowercase),
             source,
             level,
             context,
@@ -352,14 +350,19 @@ fn cut(text: &str, max: usize) -> &str {
 struct InvocationLog {
     log: Arc<InstanceLog>,
     invocation: u64,
-    trace_id: Option<String>,
+    /// The call's W3C trace context; its trace id is read off it only when a line is written,
+    /// as most invocations write none.
+    traceparent: Option<Arc<str>>,
 }
 
 impl InvocationLog {
     fn origin(&self) -> Origin<'_> {
         Origin {
             invocation: self.invocation,
-            trace_id: self.trace_id.as_deref(),
+            trace_id: self
+                .traceparent
+                .as_deref()
+                .and_then(trellis_schemas::dataplane::trace_id),
         }
     }
 }
@@ -413,7 +416,7 @@ mod tests {
         let log = hub.instance(&id, Arc::clone(&stats));
         log.bind("noisy", "1.0.0");
         let tp = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01";
-        let sink = log.invocation(Some(tp));
+        let sink = log.invocation(Some(tp.into()));
         for i in 0..1000 {
             sink.line(LineSource::Stdout, &format!("line {i}"));
         }

@@ -53,7 +53,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use trellis_bus::RouteTable;
 use trellis_bus::dataplane::{self as codec, SendError};
-use trellis_bus::telemetry::{self, Kind, Span};
+use trellis_bus::telemetry::{Kind, Span};
 use trellis_provider_sdk::{Call, Context, DataError, ErrorCode, Outcome, Provider, ProviderInfo};
 use trellis_schemas::capability::rpc::{HttpMessage, HttpRequestHead, HttpResponseHead};
 use trellis_schemas::dataplane::{self, MAX_BODY_BYTES, Op};
@@ -495,7 +495,7 @@ impl Target {
             .get(dataplane::headers::TRACEPARENT)
             .and_then(|v| v.to_str().ok());
         let span = Span::start(Kind::Server, incoming, || parts.method.as_str().to_owned());
-        if telemetry::enabled() {
+        if span.recording() {
             span.set("http.request.method", parts.method.as_str().to_owned());
             span.set("url.path", parts.uri.path().to_owned());
             span.set(dataplane::span_attributes::TARGET, self.target.describe());

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_nats::Message;
 use trellis_bus::dataplane::{self as codec, Identity};
-use trellis_bus::telemetry::{self, Kind, Span};
+use trellis_bus::telemetry::{Kind, Span};
 use trellis_schemas::capability::rpc::{CapabilityRequest, CapabilityResponse};
 use trellis_schemas::dataplane::{DataError, MAX_BODY_BYTES, span_attributes};
 use trellis_schemas::{Assignment, Capability, InstanceId};
@@ -123,12 +123,12 @@ pub(crate) async fn check_and_handle_request<P: Provider>(
 ) -> Outcome {
     let started = std::time::Instant::now();
     let capability = request.request.capability();
-    let traced = telemetry::enabled();
     let span = Span::start(
         Kind::Server,
         request.identity.traceparent.as_deref(),
         || format!("{} {capability}", ctx.name),
     );
+    let traced = span.recording();
     if traced {
         span.set(
             span_attributes::INSTANCE,
