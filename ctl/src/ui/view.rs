@@ -459,10 +459,8 @@ mod tests {
         assert!(hb.rates().is_empty());
     }
 
-    #[test]
-    fn an_empty_lattice_has_an_empty_snapshot() {
-        let projection = Projection::default();
-        let status = StatusReply {
+    fn status() -> StatusReply {
+        StatusReply {
             as_of: 0,
             lattice: "default".parse().unwrap(),
             hosts: HostCounts {
@@ -490,7 +488,113 @@ mod tests {
             rollouts: Vec::new(),
             failures_last_hour: 0,
             failures: Vec::new(),
-        };
+        }
+    }
+
+    fn instance(
+        id: &str,
+        component: &str,
+        status: InstanceStatus,
+        since: DateTime<Utc>,
+    ) -> trellis_schemas::InstanceRecord {
+        trellis_schemas::InstanceRecord {
+            instance_id: trellis_schemas::InstanceId::new(id).unwrap(),
+            host_id: HostId::new("h1").unwrap(),
+            component: component.into(),
+            version: Some("1.0.0".into()),
+            digest: None,
+            restart: None,
+            status,
+            attempt: 2,
+            last_reason: Some("trap: unreachable".into()),
+            started_at: Some(since),
+            status_since: since,
+            status_seq: 1,
+            replaced_by: None,
+        }
+    }
+
+    #[test]
+    fn the_snapshot_shows_live_instances_and_recent_failures_with_their_counters() {
+        let now = Utc::now();
+        let mut projection = Projection::default();
+        let h1 = HostId::new("h1").unwrap();
+        projection.hosts.insert(
+            h1.clone(),
+            trellis_schemas::projection::HostRecord {
+                host_id: h1.clone(),
+                status: trellis_schemas::HostStatus::Up,
+                labels: BTreeMap::new(),
+                capacity: trellis_schemas::fact::Capacity {
+                    max_instances: 10,
+                    memory_bytes: 1 << 30,
+                    cpus: 2,
+                },
+                version: "0.1.0".into(),
+                started_at: now,
+                status_since: now,
+                status_seq: 1,
+            },
+        );
+        let two_hours = chrono::TimeDelta::hours(2);
+        for record in [
+            instance("run1", "web", InstanceStatus::Running, now),
+            instance("run2", "web", InstanceStatus::Restarting, now),
+            instance("gone", "web", InstanceStatus::Stopped, now),
+            instance("boom", "web", InstanceStatus::Crashed, now),
+            instance("old", "web", InstanceStatus::GaveUp, now - two_hours),
+        ] {
+            projection
+                .instances
+                .insert(record.instance_id.clone(), record);
+        }
+        let mut hb = Heartbeats::default();
+        let mut beat = heartbeat("h1", now, &[("run1", "web", 40, 3)]);
+        beat.instances[0].in_flight = 5;
+        hb.record(beat, Instant::now());
+        let s = snapshot(&projection, "c", &status(), &hb, now, Instant::now());
+
+        assert_eq!(s.hosts.len(), 1);
+        let host = &s.hosts[0];
+        assert_eq!(
+            (host.instances, host.max_instances, host.in_flight),
+            (1, 10, 5)
+        );
+        assert!(host.heartbeat_age_ms.is_some());
+        assert_eq!(s.components.len(), 1);
+        let web = &s.components[0];
+        let shown: Vec<(&str, &str)> = web
+            .instances
+            .iter()
+            .map(|i| (i.instance_id.as_str(), i.status))
+            .collect();
+        // Stopped ones and failures older than an hour are left out; running ones come first.
+        assert_eq!(
+            shown,
+            [
+                ("run1", "running"),
+                ("boom", "crashed"),
+                ("run2", "restarting")
+            ]
+        );
+        let run1 = &web.instances[0];
+        assert_eq!(
+            (run1.calls, run1.errors, run1.in_flight),
+            (Some(40), Some(3), Some(5))
+        );
+        assert_eq!(run1.restarts, 2);
+        // An instance its host no longer reports has no counters.
+        assert_eq!(web.instances[1].calls, None);
+        assert_eq!(
+            web.instances[1].last_reason.as_deref(),
+            Some("trap: unreachable")
+        );
+    }
+
+    #[test]
+    fn an_empty_lattice_has_an_empty_snapshot() {
+        let projection = Projection::default();
+        let status = status();
         let s = snapshot(
             &projection,
             "c",
