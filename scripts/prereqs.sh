@@ -133,3 +133,8 @@ ensure_prometheus() {
 ensure_chromium() {
     ensure_debian_tool TRELLIS_CHROMIUM chromium chromium
 }
+
+# openssl, with which the TLS test makes its CA and certificates (tests/all/tls.rs).
+ensure_openssl() {
+    ensure_debian_tool TRELLIS_OPENSSL openssl openssl
+}

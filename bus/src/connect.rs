@@ -53,6 +53,7 @@ pub async fn connect(url: &str, name: &str, wait: bool) -> Result<Client, Connec
     if wait {
         options = options.retry_on_initial_connect();
     }
+    options = crate::tls::apply(options);
     let servers: Vec<&str> = url
         .split(',')
         .map(str::trim)

@@ -39,6 +39,7 @@ mod routes;
 mod signal;
 mod streams;
 pub mod telemetry;
+mod tls;
 
 pub use artifacts::{
     ArtifactError, artifact_store, digest_hex, digest_of, fetch_artifact, put_artifact,
@@ -57,6 +58,7 @@ pub use streams::{
     REPLICAS_ENV, Replicas, StreamError, StreamSettings, ensure_replicas, ensure_streams,
     events_stream_state, replicas,
 };
+pub use tls::{TlsArgs, set_tls, tls, tls_env};
 
 pub use async_nats;
 

@@ -344,7 +344,10 @@ async fn supervise(
     loop {
         let started = Instant::now();
         let mut cmd = Command::new(program);
-        cmd.args(&args).stdin(Stdio::null()).kill_on_drop(true);
+        cmd.args(&args)
+            .envs(trellis_bus::tls_env())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
         // The kernel sends the provider SIGTERM (a stop: drain, then `provider.stopped`) when
         // this host dies without stopping it, as on SIGKILL: it never outlives its host.
         let child = trellis_bus::spawn_tied(cmd).await;

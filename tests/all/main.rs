@@ -15,6 +15,7 @@ mod providers;
 mod registry;
 mod rollouts;
 mod spine;
+mod tls;
 mod traces;
 mod ui;
 mod up;

@@ -232,6 +232,14 @@ impl Nats {
         nats
     }
 
+    /// Starts a server with more command-line arguments (`--tls …`) and waits until it accepts
+    /// TCP connections.
+    pub async fn start_with_args(extra: &[&str]) -> Self {
+        let mut nats = Self::prepare(extra.iter().map(|a| (*a).to_owned()).collect());
+        nats.launch().await;
+        nats
+    }
+
     /// Starts `size` servers on loopback routed into one JetStream cluster and waits until the
     /// cluster can place a stream with `size` replicas.
     pub async fn cluster(size: usize) -> Vec<Self> {

@@ -43,6 +43,9 @@ pub struct ProviderArgs {
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,
+    /// TLS for the NATS connection (`--tls-ca`, `--tls-cert`, `--tls-key`).
+    #[command(flatten)]
+    pub tls: trellis_bus::TlsArgs,
 }
 
 impl ProviderArgs {

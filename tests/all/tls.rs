@@ -1,0 +1,243 @@
+//! TLS on every connection: a nats-server that requires TLS and verifies client certificates,
+//! with a CA made in the test; the controller, a host, a provider the host starts and the CLI all
+//! connect with `--tls-ca`, `--tls-cert` and `--tls-key` and the lattice works. Without the CA, or
+//! without a client certificate, the CLI cannot connect and says so.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use trellis_tests::{Nats, Proc, bin, cli_at, components, lattice, wait_for};
+
+const T: Duration = Duration::from_secs(30);
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs (Debian package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a certificate it signs for `name` with `extensions` (an `openssl x509 -extfile`).
+fn issue(dir: &Path, name: &str, extensions: &str) -> (PathBuf, PathBuf) {
+    let ext = format!("{name}.ext");
+    std::fs::write(dir.join(&ext), extensions).unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN=trellis-test-{name}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            &format!("{name}.pem"),
+            "-extfile",
+            &ext,
+        ],
+    );
+    (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    )
+}
+
+#[tokio::test]
+async fn every_process_connects_over_tls_with_client_certificates() {
+    let pki = tempfile::tempdir().unwrap();
+    let dir = pki.path();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=trellis-test-ca",
+        ],
+    );
+    let (server_cert, server_key) = issue(
+        dir,
+        "server",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    );
+    let (client_cert, client_key) = issue(dir, "client", "extendedKeyUsage=clientAuth\n");
+    let ca = dir.join("ca.pem");
+    let path = |p: &Path| p.display().to_string();
+
+    let nats = Nats::start_with_args(&[
+        "--tls",
+        "--tlscert",
+        &path(&server_cert),
+        "--tlskey",
+        &path(&server_key),
+        "--tlscacert",
+        &path(&ca),
+        "--tlsverify",
+    ])
+    .await;
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let l = lattice("tls");
+    let tls: Vec<String> = vec![
+        "--tls-ca".into(),
+        path(&ca),
+        "--tls-cert".into(),
+        path(&client_cert),
+        "--tls-key".into(),
+        path(&client_key),
+    ];
+    let common = |extra: &[&str]| -> Vec<String> {
+        ["--nats", url.as_str(), "--lattice", l.as_str()]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain(tls.iter().cloned())
+            .chain(extra.iter().map(|s| (*s).to_owned()))
+            .collect()
+    };
+    let _controller = Proc::spawn(
+        "controller",
+        &bin("trellis"),
+        &common(&["controller", "--host-timeout", "10s"]),
+        nats.logs(),
+    );
+    let _host = Proc::spawn(
+        "host-h1",
+        &bin("trellis-host"),
+        &common(&["--host-id", "h1", "--heartbeat-interval", "200ms"]),
+        nats.logs(),
+    );
+    let cli = |args: &[&str]| {
+        let mut all: Vec<String> = ["--lattice", l.as_str()]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain(tls.iter().cloned())
+            .collect();
+        all.extend(args.iter().map(|s| (*s).to_owned()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        cli_at(&url, &all)
+    };
+    wait_for("host h1 over TLS", T, || async {
+        let (code, out, _) = cli(&["host", "ls", "-o", "json"]);
+        (code == 0 && out.contains("\"h1\"")).then_some(())
+    })
+    .await;
+
+    // The whole path works: push, start, call; and a provider the host starts inherits TLS.
+    let manifest = pki.path().join("counter.toml");
+    std::fs::write(
+        &manifest,
+        "[component]\nname = \"counter\"\nversion = \"1.0.0\"\n[limits]\nmax_memory = \"16MiB\"\nfuel = 50000000\ntimeout = \"2s\"\nmax_concurrency = 4\n",
+    )
+    .unwrap();
+    let wasm = components::build().path("counter");
+    let ok = |args: &[&str]| {
+        let (code, out, err) = cli(args);
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        out
+    };
+    ok(&[
+        "component",
+        "push",
+        wasm.to_str().unwrap(),
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]);
+    ok(&["instance", "start", "counter", "--wait"]);
+    assert_eq!(ok(&["call", "counter", "increment"]).trim(), "1");
+    let started = ok(&[
+        "provider",
+        "start",
+        "messaging",
+        "--host",
+        "h1",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    assert!(
+        started.contains("running") || started.contains("provider_id"),
+        "{started}"
+    );
+    wait_for("the messaging provider running over TLS", T, || async {
+        let (code, out, _) = cli(&["provider", "ls", "-o", "json"]);
+        let reply: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (code == 0
+            && reply["providers"]
+                .as_array()?
+                .iter()
+                .any(|p| p["name"] == "messaging" && p["status"] == "running"))
+        .then_some(())
+    })
+    .await;
+
+    // Without the CA the server's certificate is not trusted; without a client certificate the
+    // server refuses the client. Either way: exit code 4, the lattice cannot be reached.
+    let (code, _, err) = cli_at(&url, &["--lattice", l.as_str(), "host", "ls"]);
+    assert_eq!(code, 4, "no CA: {err}");
+    assert!(err.contains("cannot connect"), "{err}");
+    let (code, _, err) = cli_at(
+        &url,
+        &[
+            "--lattice",
+            l.as_str(),
+            "--tls-ca",
+            &path(&ca),
+            "host",
+            "ls",
+        ],
+    );
+    assert_eq!(code, 4, "no client certificate: {err}");
+    // A file that does not exist is a usage error, before any connection.
+    let (code, _, err) = cli_at(
+        &url,
+        &[
+            "--lattice",
+            l.as_str(),
+            "--tls-ca",
+            "/nonexistent/ca.pem",
+            "host",
+            "ls",
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--tls-ca /nonexistent/ca.pem"), "{err}");
+}
