@@ -37,6 +37,7 @@ mod reader;
 pub mod registry;
 mod routes;
 mod signal;
+pub mod signing;
 mod streams;
 pub mod telemetry;
 mod tls;

@@ -101,6 +101,9 @@ enum Command {
     /// Serve a read-only web dashboard of the lattice: hosts, instances, providers,
     /// assignments, rollouts, a live feed of facts and a chart of invocations.
     Ui(crate::ui::UiArgs),
+    /// Issuer keys that sign components.
+    #[command(subcommand)]
+    Key(KeyCommand),
 }
 
 #[derive(Debug, Args)]
@@ -271,6 +274,7 @@ fn command_name(command: &Command) -> String {
         Command::Provider(_) => "provider",
         Command::Up(_) => "up",
         Command::Ui(_) => "ui",
+        Command::Key(_) => "key",
     };
     format!("trellis {name}")
 }
@@ -340,6 +344,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Up(args) => crate::up::run(&g.lattice, g.nats.clone(), args).await,
         Command::Ui(args) => crate::ui::run(&g, args).await,
+        Command::Key(KeyCommand::New { out }) => key_new(&g, &out),
     }
 }
 
@@ -352,6 +357,41 @@ impl Global {
             .clone()
             .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned())
     }
+}
+
+/// `trellis key …`
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Make an issuer key: its seed goes to FILE (created, readable by you only; it must not
+    /// exist), its public key is printed, for hosts' `--trust`.
+    New {
+        /// Where to write the seed.
+        out: std::path::PathBuf,
+    },
+}
+
+fn key_new(g: &Global, out: &std::path::Path) -> Result<(), Failure> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let (seed, issuer) = trellis_bus::signing::new_key().map_err(|e| failure(1, e))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| failure(1, format!("cannot create {}: {e}", out.display())))?;
+    file.write_all(format!("{seed}\n").as_bytes())
+        .map_err(|e| failure(1, format!("cannot write {}: {e}", out.display())))?;
+    if g.output == Output::Json {
+        return print_json(&serde_json::json!({ "issuer": issuer, "seed_file": out }));
+    }
+    println!("issuer {issuer}");
+    println!(
+        "seed written to {} (keep it secret); sign with `trellis component push --sign {}`, trust with `trellis-host --trust {issuer}`",
+        out.display(),
+        out.display()
+    );
+    Ok(())
 }
 
 async fn ctl_client(g: &Global) -> Result<CtlClient, Failure> {

@@ -291,7 +291,7 @@ struct Deployed {
 
 /// Pushes the component, starts one instance, waits until it runs, and makes the `--call`.
 async fn deploy(client: &CtlClient, wasm: &Path, args: &UpArgs) -> Result<Deployed, Failure> {
-    let registered = push_component(client, wasm, args.deploy_manifest.clone()).await?;
+    let registered = push_component(client, wasm, args.deploy_manifest.clone(), None).await?;
     let manifest = registered.component.manifest;
     let start = InstanceStartRequest {
         component: format!("{}@{}", manifest.name, manifest.version),

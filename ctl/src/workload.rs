@@ -31,6 +31,11 @@ pub enum ComponentCommand {
         /// Its `Component.toml` [default: `Component.toml` next to the `.wasm`, else in the current directory].
         #[arg(long)]
         manifest: Option<PathBuf>,
+        /// Sign the digest and the manifest with this issuer key (a seed file from
+        /// `trellis key new`); hosts started with `--trust <issuer>` run only what it signed.
+        /// Pushing a stored component again signed (or signed by another key) re-signs it.
+        #[arg(long, value_name = "KEY_FILE")]
+        sign: Option<PathBuf>,
     },
     /// List stored components.
     Ls,
@@ -130,13 +135,23 @@ pub async fn push_component(
     client: &CtlClient,
     wasm: &Path,
     manifest: Option<PathBuf>,
+    sign: Option<&Path>,
 ) -> Result<ComponentRegisterReply, Failure> {
     let manifest_path = manifest_path(wasm, manifest);
     let text = std::fs::read_to_string(&manifest_path)
         .map_err(|e| failure(1, format!("cannot read {}: {e}", manifest_path.display())))?;
     // Same checks as the controller's, before uploading anything.
-    Manifest::from_toml(&text)
+    let parsed = Manifest::from_toml(&text)
         .map_err(|e| failure(1, format!("{}: {e}", manifest_path.display())))?;
+    let seed = sign
+        .map(|path| {
+            let seed = std::fs::read_to_string(path)
+                .map_err(|e| failure(1, format!("cannot read {}: {e}", path.display())))?;
+            trellis_bus::signing::public_key(&seed)
+                .map_err(|e| failure(1, format!("{}: {e}", path.display())))?;
+            Ok::<_, Failure>(seed)
+        })
+        .transpose()?;
     let bytes = std::fs::read(wasm)
         .map_err(|e| failure(1, format!("cannot read {}: {e}", wasm.display())))?;
     let js = trellis_bus::jetstream(client.nats().clone());
@@ -160,10 +175,18 @@ pub async fn push_component(
         put
     }
     .map_err(|e| failure(1, e.to_string()))?;
+    let signature = seed
+        .map(|seed| {
+            let doc = trellis_schemas::ManifestDoc::from_manifest(&parsed)
+                .map_err(|e| failure(1, format!("{}: {e}", manifest_path.display())))?;
+            trellis_bus::signing::sign(&seed, &digest, &doc).map_err(|e| failure(1, e))
+        })
+        .transpose()?;
     Ok(client
         .request(&ComponentRegisterRequest {
             digest,
             manifest: text,
+            signature,
         })
         .await?)
 }
@@ -174,8 +197,12 @@ pub(crate) async fn component(
     cmd: ComponentCommand,
 ) -> Result<(), Failure> {
     match cmd {
-        ComponentCommand::Push { wasm, manifest } => {
-            let reply = push_component(client, &wasm, manifest).await?;
+        ComponentCommand::Push {
+            wasm,
+            manifest,
+            sign,
+        } => {
+            let reply = push_component(client, &wasm, manifest, sign.as_deref()).await?;
             if g.output == Output::Json {
                 return print_json(&reply);
             }
@@ -184,6 +211,9 @@ pub(crate) async fn component(
                 "stored {}@{} ({} bytes) as {}",
                 c.manifest.name, c.manifest.version, c.size, c.digest
             );
+            if let Some(signature) = &c.signature {
+                println!("signed by {}", signature.issuer);
+            }
             Ok(())
         }
         ComponentCommand::Ls => {

@@ -73,6 +73,8 @@ pub struct HostConfig {
     pub metrics: Option<std::net::SocketAddr>,
     /// How instances' log lines are streamed and kept.
     pub logs: LogConfig,
+    /// Issuers whose signed components this host runs (see [`InstancesConfig::trust`]).
+    pub trust: Vec<String>,
 }
 
 impl HostConfig {
@@ -93,6 +95,7 @@ impl HostConfig {
             provider_dirs: ProvidersConfig::new("").dirs,
             metrics: None,
             logs: LogConfig::default(),
+            trust: Vec::new(),
         }
     }
 }
@@ -220,6 +223,7 @@ pub async fn run(
             max_instances: config.capacity.max_instances,
             max_artifact_bytes: config.max_artifact_bytes,
             logs: config.logs,
+            trust: config.trust.clone(),
         },
         embedded.clone(),
     );

@@ -68,6 +68,11 @@ struct Args {
     /// Log lines kept per instance for `trellis logs` (at most 256 KiB of them).
     #[arg(long, default_value_t = 1000)]
     log_keep: usize,
+    /// Run only components signed by one of these issuers (public keys from `trellis key new`,
+    /// `O…`); repeat or separate with commas. Unsigned components, components signed by other
+    /// keys and `file://` sources then fail to start with `untrusted_component`.
+    #[arg(long, env = "TRELLIS_HOST_TRUST", value_delimiter = ',', value_name = "ISSUER", value_parser = parse_issuer)]
+    trust: Vec<String>,
     /// Replicas of the lattice's streams (created or updated to this count, as the controller
     /// does; 1..=5). Default: 3 when the NATS server belongs to a cluster of three or more servers, else 1.
     #[arg(long, env = "TRELLIS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
@@ -79,6 +84,17 @@ struct Args {
     js_domain: Option<String>,
     #[command(flatten)]
     tls: trellis_bus::TlsArgs,
+}
+
+fn parse_issuer(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.len() == 56 && s.starts_with('O') && s.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not an issuer's public key (56 characters starting with O, as `trellis key new` prints)"
+        ))
+    }
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -142,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
         keep: args.log_keep,
     };
     config.streams.replicas = args.replicas.map(usize::from);
+    config.trust = args.trust;
     if let Some(dir) = args.cache_dir {
         config.runtime.cache_dir(dir);
     }

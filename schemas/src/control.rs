@@ -433,6 +433,10 @@ pub struct ComponentRegisterRequest {
     pub digest: String,
     /// The text of its `Component.toml`.
     pub manifest: String,
+    /// A signature over the digest and the manifest as the controller validates it
+    /// ([`crate::instance::signed_bytes`]); checked before the component is recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<crate::instance::ComponentSignature>,
 }
 
 /// Reply to `component.register`.

@@ -310,6 +310,9 @@ pub struct ArtifactStored {
     pub size: u64,
     /// The validated manifest.
     pub manifest: ManifestDoc,
+    /// Its signature, when it was pushed signed (`trellis component push --sign`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<crate::instance::ComponentSignature>,
 }
 
 impl ArtifactStored {

@@ -221,6 +221,9 @@ pub enum ComponentSource {
         digest: String,
         /// The manifest stored with it.
         manifest: ManifestDoc,
+        /// Its signature, when it was pushed signed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signature: Option<ComponentSignature>,
     },
     /// From a file on the host's machine, for development: the `.wasm` and a `Component.toml`
     /// next to it (or the manifest path given).
@@ -231,6 +234,27 @@ pub enum ComponentSource {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         manifest_path: Option<String>,
     },
+}
+
+/// An ed25519 signature over a component's digest and manifest ([`signed_bytes`]) by an
+/// issuer key (an nkeys operator key, `O…`; made by `trellis key new`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentSignature {
+    /// The issuer's public key (`O…`, 56 characters).
+    pub issuer: String,
+    /// The signature, base64 (URL-safe alphabet, no padding).
+    pub signature: String,
+}
+
+/// What a [`ComponentSignature`] signs: a fixed context line, the digest of the `.wasm`, and the
+/// validated manifest as JSON, so that neither the code nor its limits and capabilities can be
+/// changed under a signature.
+pub fn signed_bytes(digest: &str, manifest: &ManifestDoc) -> Vec<u8> {
+    let mut bytes = format!("trellis-component-v1\n{digest}\n").into_bytes();
+    // A struct of plain fields and vectors: its JSON is the same wherever it is made.
+    bytes.extend(serde_json::to_vec(manifest).unwrap_or_default());
+    bytes
 }
 
 /// Command to a host: start an instance (`trellis.host.v1.<lattice>.<host>.instance.start`).

@@ -115,6 +115,22 @@ pub struct ArtifactRecord {
     pub manifest: ManifestDoc,
     /// When it was stored.
     pub stored_at: DateTime<Utc>,
+    /// Its signature, as the last `artifact.stored` for it gave it (pushing the same component
+    /// again signed, or signed by another key, replaces it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<crate::instance::ComponentSignature>,
+}
+
+impl ArtifactRecord {
+    /// Where a host gets this component from: the artifact store, with the manifest and the
+    /// signature recorded.
+    pub fn source(&self) -> crate::instance::ComponentSource {
+        crate::instance::ComponentSource::Artifact {
+            digest: self.digest.clone(),
+            manifest: self.manifest.clone(),
+            signature: self.signature.clone(),
+        }
+    }
 }
 
 /// What the facts say about one instance.
@@ -401,6 +417,7 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
                     size: d.size,
                     manifest: d.manifest.clone(),
                     stored_at: time,
+                    signature: d.signature.clone(),
                 },
             );
         }

@@ -119,6 +119,7 @@ async fn readme_nats_commands_get_replies_that_match_the_schemas() {
     ctl.request(&trellis_schemas::control::ComponentRegisterRequest {
         digest,
         manifest: COUNTER_MANIFEST.to_owned(),
+        signature: None,
     })
     .await
     .unwrap();

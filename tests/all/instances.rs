@@ -99,6 +99,7 @@ async fn artifact(nats: &Nats, l: &Lattice, name: &str) -> ComponentSource {
     ComponentSource::Artifact {
         digest,
         manifest: manifest(name),
+        signature: None,
     }
 }
 
@@ -703,6 +704,7 @@ async fn start_failures_say_why() {
     let missing = ComponentSource::Artifact {
         digest: digest_of(b"never stored"),
         manifest: manifest("counter"),
+        signature: None,
     };
     // The typed component's digest, but the counter's bytes stored under it.
     let hex_of_typed = digest_of(&typed).trim_start_matches("sha256:").to_owned();
@@ -710,6 +712,7 @@ async fn start_failures_say_why() {
     let mismatch = ComponentSource::Artifact {
         digest: digest_of(&typed),
         manifest: manifest("typed"),
+        signature: None,
     };
     let digest = digest_of(&counter);
     put_object(&nats, &l, digest.trim_start_matches("sha256:"), &counter).await;
@@ -719,6 +722,7 @@ async fn start_failures_say_why() {
             fuel: 0,
             ..manifest("counter")
         },
+        signature: None,
     };
     let too_big = ComponentSource::Artifact {
         digest: digest.clone(),
@@ -726,6 +730,7 @@ async fn start_failures_say_why() {
             max_memory_bytes: 128 * 1024 * 1024,
             ..manifest("counter")
         },
+        signature: None,
     };
     let not_wasm_digest = digest_of(b"not wasm");
     put_object(
@@ -738,6 +743,7 @@ async fn start_failures_say_why() {
     let not_wasm = ComponentSource::Artifact {
         digest: not_wasm_digest,
         manifest: manifest("counter"),
+        signature: None,
     };
     // (id, source, expected text in the reason)
     let cases = [
@@ -771,6 +777,7 @@ async fn start_failures_say_why() {
     let bad = ComponentSource::Artifact {
         digest: "sha256:xyz".into(),
         manifest: manifest("counter"),
+        signature: None,
     };
     let refused = start(&client, &l, "h1", "bad", bad, RestartPolicy::Never).await;
     assert_eq!(refused.unwrap_err().code, ErrorCode::InvalidRequest);
@@ -778,6 +785,7 @@ async fn start_failures_say_why() {
     let again = ComponentSource::Artifact {
         digest,
         manifest: manifest("counter"),
+        signature: None,
     };
     start(&client, &l, "h1", "missing", again, RestartPolicy::Never)
         .await

@@ -14,6 +14,7 @@ mod protocol;
 mod providers;
 mod registry;
 mod rollouts;
+mod signing;
 mod spine;
 mod tls;
 mod traces;

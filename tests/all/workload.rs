@@ -92,6 +92,7 @@ async fn component_register_checks_digest_and_limits() {
     let register = |digest: &str, manifest: &str| ComponentRegisterRequest {
         digest: digest.to_owned(),
         manifest: manifest.to_owned(),
+        signature: None,
     };
     let err = ctl
         .request(&register(
@@ -146,6 +147,7 @@ async fn instance_start_is_validated_and_says_why_no_host_fits() {
     ctl.request(&ComponentRegisterRequest {
         digest,
         manifest: MANIFEST.into(),
+        signature: None,
     })
     .await
     .unwrap();

@@ -71,6 +71,7 @@ async fn main() {
                 imports: Vec::new(),
                 requires: vec![],
             },
+            signature: None,
         },
         restart: RestartPolicy::Never,
         assignments: vec![],

@@ -161,7 +161,10 @@ impl SimHost {
             .restart
             .validate()
             .map_err(|e| ErrorBody::new(ErrorCode::InvalidRequest, format!("restart: {e}")))?;
-        let ComponentSource::Artifact { digest, manifest } = &command.component else {
+        let ComponentSource::Artifact {
+            digest, manifest, ..
+        } = &command.component
+        else {
             return Err(ErrorBody::new(
                 ErrorCode::InvalidRequest,
                 "a simulated host runs components from the artifact store only",
@@ -832,6 +835,7 @@ async fn main() {
         .request(&ComponentRegisterRequest {
             digest,
             manifest: MANIFEST.to_owned(),
+            signature: None,
         })
         .await
         .unwrap();

@@ -47,6 +47,14 @@ pub(crate) async fn register(
     trellis_bus::digest_hex(&request.digest).map_err(artifact_error)?;
     let manifest = Manifest::from_toml(&request.manifest).map_err(|e| manifest_error(&e))?;
     let doc = ManifestDoc::from_manifest(&manifest).map_err(|e| manifest_error(&e))?;
+    if let Some(signature) = &request.signature {
+        trellis_bus::signing::verify(signature, &request.digest, &doc).map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                format!("{e}; sign the component with `trellis component push --sign KEY`"),
+            )
+        })?;
+    }
     let size = trellis_bus::stat_artifact(&state.js, &state.config.lattice, &request.digest)
         .await
         .map_err(artifact_error)?;
@@ -54,6 +62,7 @@ pub(crate) async fn register(
         digest: request.digest,
         size,
         manifest: doc,
+        signature: request.signature,
     };
     let event = Event::new(
         state.source.clone(),

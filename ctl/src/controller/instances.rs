@@ -83,13 +83,7 @@ fn resolve(
         .manifest
         .to_manifest()
         .map_err(|e| manifest_error(&e))?;
-    Ok((
-        ComponentSource::Artifact {
-            digest: artifact.digest.clone(),
-            manifest: artifact.manifest.clone(),
-        },
-        Some(artifact.manifest.max_memory_bytes),
-    ))
+    Ok((artifact.source(), Some(artifact.manifest.max_memory_bytes)))
 }
 
 /// Sends `command` to `host` on its verb's subject and waits for its acceptance.

@@ -189,10 +189,7 @@ fn plan(state: &State, host: &HostId, lost_seq: u64) -> Vec<Move> {
                     component,
                     inherited,
                     own,
-                    source: ComponentSource::Artifact {
-                        digest: artifact.digest.clone(),
-                        manifest: artifact.manifest.clone(),
-                    },
+                    source: artifact.source(),
                     restart,
                     to_host,
                     replacement,

@@ -1035,10 +1035,7 @@ impl Driver {
             let Some(artifact) = projection.artifacts.get(&self.record.to.digest) else {
                 return Err(format!("artifact {} is gone", self.record.to.digest));
             };
-            ComponentSource::Artifact {
-                digest: artifact.digest.clone(),
-                manifest: artifact.manifest.clone(),
-            }
+            artifact.source()
         };
         self.start_like(like, &source).await
     }
@@ -1056,10 +1053,7 @@ impl Driver {
                 else {
                     continue;
                 };
-                ComponentSource::Artifact {
-                    digest: artifact.digest.clone(),
-                    manifest: artifact.manifest.clone(),
-                }
+                artifact.source()
             };
             started.extend(self.start_like(std::slice::from_ref(old), &source).await?);
         }

@@ -64,6 +64,9 @@ pub enum StartError {
     /// ceiling (naming the field), an undeclared import or a link failure.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The host trusts signing issuers and the component is not signed by one of them.
+    #[error("untrusted_component: {0}")]
+    Untrusted(String),
     /// Subscribing to the instance's call subjects failed.
     #[error("cannot subscribe to the call subjects: {0}")]
     Subscribe(String),

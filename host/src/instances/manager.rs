@@ -61,6 +61,10 @@ pub struct InstancesConfig {
     pub max_artifact_bytes: u64,
     /// How instances' log lines are streamed and kept.
     pub logs: LogConfig,
+    /// Issuers (public keys, `O…`) whose signed components the host runs; empty: it runs
+    /// components signed or not. With issuers, an unsigned component, a component signed by
+    /// another key and a `file` source fail to start with `untrusted_component`.
+    pub trust: Vec<String>,
 }
 
 impl Default for InstancesConfig {
@@ -69,6 +73,7 @@ impl Default for InstancesConfig {
             max_instances: 100,
             max_artifact_bytes: 256 * 1024 * 1024,
             logs: LogConfig::default(),
+            trust: Vec::new(),
         }
     }
 }
@@ -94,6 +99,7 @@ struct Inner {
     instances: Mutex<HashMap<InstanceId, Entry>>,
     next_key: AtomicU64,
     logs: LogHub,
+    trust: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -153,6 +159,7 @@ impl InstanceManager {
                 instances: Mutex::new(HashMap::new()),
                 next_key: AtomicU64::new(1),
                 logs,
+                trust: config.trust.clone(),
             }),
         }
     }
@@ -174,7 +181,9 @@ impl InstanceManager {
                 .with_details(serde_json::json!({"field": "restart"}))
         })?;
         let component = match &command.component {
-            ComponentSource::Artifact { digest, manifest } => {
+            ComponentSource::Artifact {
+                digest, manifest, ..
+            } => {
                 digest.parse::<Digest>().map_err(|e| {
                     ErrorBody::new(ErrorCode::InvalidRequest, format!("component.digest: {e}"))
                         .with_details(serde_json::json!({"field": "component.digest"}))
@@ -539,13 +548,50 @@ async fn run(
     drop(bytes);
 }
 
+/// On a host that trusts issuers, refuses `source` unless it is a stored component signed by
+/// one of them, with a signature over its digest and manifest that verifies.
+fn check_trust(trust: &[String], source: &ComponentSource) -> Result<(), StartError> {
+    if trust.is_empty() {
+        return Ok(());
+    }
+    let untrusted = |why: String| Err(StartError::Untrusted(why));
+    let ComponentSource::Artifact {
+        digest,
+        manifest,
+        signature,
+    } = source
+    else {
+        return untrusted(
+            "this host runs only signed components from the artifact store, not files".into(),
+        );
+    };
+    let Some(signature) = signature else {
+        return untrusted(format!(
+            "{}@{} is not signed; this host trusts {}",
+            manifest.name,
+            manifest.version,
+            trust.join(", ")
+        ));
+    };
+    if !trust.contains(&signature.issuer) {
+        return untrusted(format!(
+            "{}@{} is signed by {}, which this host does not trust",
+            manifest.name, manifest.version, signature.issuer
+        ));
+    }
+    trellis_bus::signing::verify(signature, digest, manifest).map_err(StartError::Untrusted)
+}
+
 /// Fetches and loads the code of `source`; returns it with the component's name.
 async fn load(
     inner: &Inner,
     source: &ComponentSource,
 ) -> Result<(Loaded, ComponentName), StartError> {
+    check_trust(&inner.trust, source)?;
     let loaded = match source {
-        ComponentSource::Artifact { digest, manifest } => {
+        ComponentSource::Artifact {
+            digest, manifest, ..
+        } => {
             let digest: Digest = digest.parse()?;
             let manifest = manifest.to_manifest()?;
             inner
