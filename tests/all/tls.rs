@@ -11,9 +11,19 @@ use trellis_tests::{Nats, Proc, bin, cli_at, components, lattice, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
-fn openssl(dir: &Path, args: &[&str]) {
+/// A new P-256 key, unencrypted, for `openssl req`.
+const NEW_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
+fn openssl(dir: &Path, args: &[&[&str]]) {
+    let args = args.concat();
     let out = Command::new("openssl")
-        .args(args)
+        .args(&args)
         .current_dir(dir)
         .output()
         .expect("openssl runs (Debian package openssl)");
@@ -24,34 +34,32 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A CA and a certificate it signs for `name` with `extensions` (an `openssl x509 -extfile`).
+/// A certificate for `name` with `extensions` (an `openssl x509 -extfile`), signed by the CA in
+/// `dir`; returns its certificate and key files.
 fn issue(dir: &Path, name: &str, extensions: &str) -> (PathBuf, PathBuf) {
-    let ext = format!("{name}.ext");
+    let (ext, key, csr, pem) = (
+        format!("{name}.ext"),
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+    );
     std::fs::write(dir.join(&ext), extensions).unwrap();
+    let subject = format!("/CN=trellis-test-{name}");
     openssl(
         dir,
         &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN=trellis-test-{name}"),
+            &["req"],
+            &NEW_KEY,
+            &["-keyout", &key, "-out", &csr, "-subj", &subject],
         ],
     );
     openssl(
         dir,
-        &[
+        &[&[
             "x509",
             "-req",
             "-in",
-            &format!("{name}.csr"),
+            &csr,
             "-CA",
             "ca.pem",
             "-CAkey",
@@ -60,15 +68,12 @@ fn issue(dir: &Path, name: &str, extensions: &str) -> (PathBuf, PathBuf) {
             "-days",
             "1",
             "-out",
-            &format!("{name}.pem"),
+            &pem,
             "-extfile",
             &ext,
-        ],
+        ]],
     );
-    (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-    )
+    (dir.join(pem), dir.join(key))
 }
 
 #[tokio::test]
@@ -78,21 +83,18 @@ async fn every_process_connects_over_tls_with_client_certificates() {
     openssl(
         dir,
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=trellis-test-ca",
+            &["req", "-x509"],
+            &NEW_KEY,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=trellis-test-ca",
+            ],
         ],
     );
     let (server_cert, server_key) = issue(
