@@ -121,6 +121,9 @@ struct ControllerArgs {
     /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. `127.0.0.1:9465`.
     #[arg(long, env = "TRELLIS_CONTROLLER_METRICS")]
     metrics: Option<std::net::SocketAddr>,
+    /// Serve the web dashboard (as `trellis ui`) on this address too, e.g. `127.0.0.1:7700`.
+    #[arg(long, env = "TRELLIS_CONTROLLER_UI")]
+    ui: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -294,11 +297,29 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(id) = args.replica_id {
                 config.replica_id = id;
             }
-            crate::controller::run(config, async {
-                trellis_bus::shutdown_signal().await;
-            })
-            .await
-            .map_err(|e| failure(1, e.to_string()))
+            let controller = async {
+                crate::controller::run(config, async {
+                    trellis_bus::shutdown_signal().await;
+                })
+                .await
+                .map_err(|e| failure(1, e.to_string()))
+            };
+            match args.ui {
+                None => controller.await,
+                Some(listen) => {
+                    let ui = crate::ui::serve(
+                        &g,
+                        listen,
+                        Duration::from_secs(5),
+                        "trellis controller ui",
+                    )
+                    .await?;
+                    tokio::select! {
+                        result = controller => result,
+                        () = ui => Ok(()),
+                    }
+                }
+            }
         }
         Command::Host(cmd) => {
             let client = ctl_client(&g).await?;

@@ -77,6 +77,38 @@ async fn dashboard_shows_the_lattice_and_follows_a_start_and_a_crash_in_a_browse
     let rebound = trellis_tests::http_send(rebound, T).await.unwrap();
     assert_eq!(rebound.status, 421);
 
+    // A controller replica started with --ui serves the same dashboard.
+    let replica_port = free_port();
+    let _replica = Proc::spawn(
+        "controller-c2",
+        &bin("trellis"),
+        &[
+            "--nats".into(),
+            nats.connect_url(),
+            "--lattice".into(),
+            l.to_string(),
+            "controller".into(),
+            "--replica-id".into(),
+            "c2".into(),
+            "--ui".into(),
+            format!("127.0.0.1:{replica_port}"),
+        ],
+        nats.logs(),
+    );
+    let replica_view = wait_for("the controller's dashboard", T, || async {
+        let reply = http_request(
+            "GET",
+            &format!("http://127.0.0.1:{replica_port}/api/snapshot"),
+            "",
+        )
+        .await
+        .ok()?;
+        (reply.status == 200).then_some(reply.body)
+    })
+    .await;
+    let replica_view: serde_json::Value = serde_json::from_str(&replica_view).unwrap();
+    assert_eq!(replica_view["hosts"][0]["host_id"], "h1");
+
     let mut browser = Browser::start(1400, 1600).await;
     browser.open(&format!("{base}/")).await;
     browser

@@ -1,4 +1,4 @@
-//! `trellis ui`: a read-only web dashboard of one lattice.
+//! `trellis ui` (or `trellis controller --ui`): a read-only web dashboard of one lattice.
 //!
 //! The page (plain HTML, CSS and JavaScript embedded in the binary) opens one server-sent events
 //! stream, `/api/events`, which carries:
@@ -79,11 +79,29 @@ pub struct UiArgs {
 
 /// Serves the dashboard until interrupted (Ctrl-C or SIGTERM).
 pub(crate) async fn run(g: &Global, args: UiArgs) -> Result<(), Failure> {
-    let nats = trellis_bus::connect(&g.url(), "trellis ui", false).await?;
+    let serve = serve(g, args.listen, args.refresh, "trellis ui").await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| failure(1, format!("cannot handle SIGTERM: {e}")))?;
+    tokio::select! {
+        () = serve => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = terminate.recv() => Ok(()),
+    }
+}
+
+/// Connects, binds `listen` and returns the dashboard's server, which runs until dropped (a
+/// controller started with `--ui` runs it beside itself).
+pub(crate) async fn serve(
+    g: &Global,
+    listen: SocketAddr,
+    refresh_every: Duration,
+    name: &str,
+) -> Result<impl Future<Output = ()> + use<>, Failure> {
+    let nats = trellis_bus::connect(&g.url(), name, false).await?;
     let client = CtlClient::new(nats.clone(), g.lattice.clone(), g.timeout);
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| failure(1, format!("cannot listen on {}: {e}", args.listen)))?;
+        .map_err(|e| failure(1, format!("cannot listen on {listen}: {e}")))?;
     let bound = listener
         .local_addr()
         .map_err(|e| failure(1, e.to_string()))?;
@@ -101,12 +119,12 @@ pub(crate) async fn run(g: &Global, args: UiArgs) -> Result<(), Failure> {
         g.lattice.clone(),
         hub.clone(),
     ));
-    tokio::spawn(refresh(client, hub.clone(), changed, args.refresh));
+    tokio::spawn(refresh(client, hub.clone(), changed, refresh_every));
     tokio::spawn(chart(hub.clone()));
 
     println!("dashboard of lattice {} on http://{bound}/", g.lattice);
     println!("(read-only; Ctrl-C stops it)");
-    let serve = async {
+    Ok(async move {
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -130,14 +148,7 @@ pub(crate) async fn run(g: &Global, args: UiArgs) -> Result<(), Failure> {
                 }
             });
         }
-    };
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| failure(1, format!("cannot handle SIGTERM: {e}")))?;
-    tokio::select! {
-        () = serve => Ok(()),
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = terminate.recv() => Ok(()),
-    }
+    })
 }
 
 type Body = BoxBody<Bytes, Infallible>;
