@@ -85,6 +85,25 @@ async fn a_trusting_host_runs_only_components_its_issuers_signed() {
     start_fails_with(&format!(
         "signed by {other}, which this host does not trust"
     ));
+    // A file on the host's machine has no signature: refused.
+    let files = tempfile::tempdir().unwrap();
+    std::fs::copy(&wasm, files.path().join("counter.wasm")).unwrap();
+    std::fs::write(files.path().join("Component.toml"), COUNTER).unwrap();
+    let file_url = format!("file://{}", files.path().join("counter.wasm").display());
+    let (code, out, err) = nats.cli(&[
+        "--lattice",
+        l.as_str(),
+        "instance",
+        "start",
+        &file_url,
+        "--wait",
+    ]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        format!("{out}{err}")
+            .contains("untrusted_component: this host runs only signed components"),
+        "{out}{err}"
+    );
     // Re-signed by the trusted key: it runs.
     push(Some(&trusted_key));
     nats.cli_ok(&l, &["instance", "start", "counter", "--wait"]);
@@ -97,7 +116,7 @@ async fn a_trusting_host_runs_only_components_its_issuers_signed() {
         .iter()
         .filter(|f| matches!(&f.event.data, FactData::InstanceStartFailed(d) if d.reason.starts_with("untrusted_component")))
         .count();
-    assert_eq!(refusals, 2);
+    assert_eq!(refusals, 3);
 
     // A signature that does not cover what is registered (other limits) is refused at once.
     let ctl = nats.ctl(&l).await;
