@@ -59,6 +59,14 @@ pub async fn connect(url: &str, name: &str, wait: bool) -> Result<Client, Connec
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .collect();
+    // The client does not log in with a URL's user info by itself: `user:password@` is a user
+    // and password, a lone `token@` a token (the first server that has any gives it).
+    if let Some((user, password)) = servers.iter().find_map(|s| user_info(s)) {
+        options = match password {
+            Some(password) => options.user_and_password(user, password),
+            None => options.token(user),
+        };
+    }
     options
         .connect(servers)
         .await
@@ -66,6 +74,34 @@ pub async fn connect(url: &str, name: &str, wait: bool) -> Result<Client, Connec
             url: url.to_owned(),
             source,
         })
+}
+
+/// The user and password (or token) in a server URL's user info, percent-decoded.
+fn user_info(server: &str) -> Option<(String, Option<String>)> {
+    let addr: async_nats::ServerAddr = server.parse().ok()?;
+    let user = percent_decode(addr.username()?);
+    Some((user, addr.password().map(percent_decode)))
+}
+
+/// Decodes `%XX` escapes (a URL's user info may hold them); anything else is kept as it is.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 static JS_DOMAIN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
@@ -111,5 +147,27 @@ pub fn parse_jetstream_domain(s: &str) -> Result<String, String> {
         Err(format!(
             "JetStream domain {s:?} must be letters, digits, '-' or '_'"
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_info_gives_a_user_and_password_or_a_token() {
+        assert_eq!(
+            user_info("nats://a:a-secret@127.0.0.1:4222"),
+            Some(("a".into(), Some("a-secret".into())))
+        );
+        assert_eq!(
+            user_info("nats://s3cr3t@127.0.0.1:4222"),
+            Some(("s3cr3t".into(), None))
+        );
+        assert_eq!(
+            user_info("tls://us%40er:p%3Ass@host:4222"),
+            Some(("us@er".into(), Some("p:ss".into())))
+        );
+        assert_eq!(user_info("nats://127.0.0.1:4222"), None);
     }
 }

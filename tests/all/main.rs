@@ -1,6 +1,7 @@
 //! End-to-end suites: real nats-server, real `trellis` and `trellis-host` processes.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
+mod accounts;
 mod capabilities;
 mod cli;
 mod control;

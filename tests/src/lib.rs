@@ -585,7 +585,10 @@ pub fn cli_at(url: &str, args: &[&str]) -> (i32, String, String) {
 
 /// Every fact the stream of `lattice` on the NATS server at `url` holds, decoded, in order.
 pub async fn facts_at(url: &str, lattice: &Lattice) -> Vec<Fact> {
-    let client = async_nats::connect(url).await.unwrap();
+    // As the processes connect: a URL's user info logs in.
+    let client = trellis_bus::connect(url, "trellis-tests", false)
+        .await
+        .unwrap();
     let js = async_nats::jetstream::new(client.clone());
     // No stream yet (no process of the lattice has started) means no facts.
     if trellis_bus::events_stream_state(&js, lattice)
