@@ -53,7 +53,15 @@ pub async fn connect(url: &str, name: &str, wait: bool) -> Result<Client, Connec
     if wait {
         options = options.retry_on_initial_connect();
     }
-    options = crate::tls::apply(options);
+    options = crate::auth::apply(options)
+        .await
+        .map_err(|message| ConnectError {
+            url: url.to_owned(),
+            source: async_nats::ConnectError::with_source(
+                async_nats::ConnectErrorKind::Authentication,
+                message,
+            ),
+        })?;
     let servers: Vec<&str> = url
         .split(',')
         .map(str::trim)

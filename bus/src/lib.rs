@@ -28,6 +28,7 @@
 #![deny(missing_docs)]
 
 mod artifacts;
+mod auth;
 mod child;
 mod connect;
 pub mod dataplane;
@@ -40,12 +41,12 @@ mod signal;
 pub mod signing;
 mod streams;
 pub mod telemetry;
-mod tls;
 
 pub use artifacts::{
     ArtifactError, artifact_store, digest_hex, digest_of, fetch_artifact, put_artifact,
     put_artifact_reporting, stat_artifact,
 };
+pub use auth::{ConnectArgs, connect_args, connect_env, set_connect_args};
 pub use child::spawn_tied;
 pub use connect::{
     ConnectError, connect, jetstream, jetstream_domain, parse_jetstream_domain,
@@ -59,7 +60,6 @@ pub use streams::{
     REPLICAS_ENV, Replicas, StreamError, StreamSettings, ensure_replicas, ensure_streams,
     events_stream_state, replicas,
 };
-pub use tls::{TlsArgs, set_tls, tls, tls_env};
 
 pub use async_nats;
 

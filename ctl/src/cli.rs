@@ -53,7 +53,7 @@ pub(crate) struct Global {
     #[arg(long, global = true, env = "TRELLIS_JS_DOMAIN", value_parser = trellis_bus::parse_jetstream_domain)]
     pub(crate) js_domain: Option<String>,
     #[command(flatten)]
-    pub(crate) tls: trellis_bus::TlsArgs,
+    pub(crate) connect: trellis_bus::ConnectArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -286,8 +286,8 @@ fn command_name(command: &Command) -> String {
 pub async fn run(cli: Cli) -> Result<(), Failure> {
     let g = cli.global;
     trellis_bus::set_jetstream_domain(g.js_domain.clone());
-    g.tls.check().map_err(|e| failure(2, e))?;
-    trellis_bus::set_tls(g.tls.clone());
+    g.connect.check().map_err(|e| failure(2, e))?;
+    trellis_bus::set_connect_args(g.connect.clone());
     match cli.command {
         Command::Controller(args) => {
             let mut config = ControllerConfig::new(g.url(), g.lattice.clone());

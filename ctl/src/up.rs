@@ -196,7 +196,7 @@ impl Proc {
         let mut command = Command::new(program);
         command
             .args(args)
-            .envs(trellis_bus::tls_env())
+            .envs(trellis_bus::connect_env())
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err_file)

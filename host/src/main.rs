@@ -83,7 +83,7 @@ struct Args {
     #[arg(long, env = "TRELLIS_JS_DOMAIN", value_parser = trellis_bus::parse_jetstream_domain)]
     js_domain: Option<String>,
     #[command(flatten)]
-    tls: trellis_bus::TlsArgs,
+    connect: trellis_bus::ConnectArgs,
 }
 
 fn parse_issuer(s: &str) -> Result<String, String> {
@@ -132,11 +132,11 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = trellis_bus::telemetry::init("trellis-host");
     let args = Args::parse();
     trellis_bus::set_jetstream_domain(args.js_domain.clone());
-    if let Err(e) = args.tls.check() {
+    if let Err(e) = args.connect.check() {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
-    trellis_bus::set_tls(args.tls.clone());
+    trellis_bus::set_connect_args(args.connect.clone());
     let mut config = HostConfig::new(args.nats, args.lattice);
     if let Some(id) = args.host_id {
         config.host_id = id;

@@ -345,7 +345,7 @@ async fn supervise(
         let started = Instant::now();
         let mut cmd = Command::new(program);
         cmd.args(&args)
-            .envs(trellis_bus::tls_env())
+            .envs(trellis_bus::connect_env())
             .stdin(Stdio::null())
             .kill_on_drop(true);
         // The kernel sends the provider SIGTERM (a stop: drain, then `provider.stopped`) when

@@ -5,6 +5,7 @@ mod accounts;
 mod capabilities;
 mod cli;
 mod control;
+mod creds;
 mod http_status;
 mod instances;
 mod lifecycle;

@@ -45,7 +45,7 @@ pub struct ProviderArgs {
     pub metrics: Option<std::net::SocketAddr>,
     /// TLS for the NATS connection (`--tls-ca`, `--tls-cert`, `--tls-key`).
     #[command(flatten)]
-    pub tls: trellis_bus::TlsArgs,
+    pub connect: trellis_bus::ConnectArgs,
 }
 
 impl ProviderArgs {

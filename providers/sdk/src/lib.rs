@@ -165,11 +165,11 @@ where
     let _telemetry = trellis_bus::telemetry::init(&format!("trellis-provider-{}", info.name));
     let args = ProviderArgs::parse();
     trellis_bus::set_jetstream_domain(args.js_domain.clone());
-    if let Err(e) = args.tls.check() {
+    if let Err(e) = args.connect.check() {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
-    trellis_bus::set_tls(args.tls.clone());
+    trellis_bus::set_connect_args(args.connect.clone());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,0 +1,192 @@
+//! How a process proves who it is to NATS and checks who NATS is: user credentials (a `.creds`
+//! file with a user JWT and its seed, or an nkey seed alone), and TLS (the CA that signs the
+//! servers' certificates, and optionally a client certificate for servers that verify clients).
+//!
+//! Every Trellis binary takes the same options (flatten [`ConnectArgs`] into its arguments), sets
+//! them once with [`set_connect_args`], and [`crate::connect`] applies them; processes it starts
+//! get them as environment variables ([`connect_env`]).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// Environment variable of [`ConnectArgs::creds`].
+pub const ENV_CREDS: &str = "TRELLIS_CREDS";
+/// Environment variable of [`ConnectArgs::ca`].
+pub const ENV_CA: &str = "TRELLIS_TLS_CA";
+/// Environment variable of [`ConnectArgs::cert`].
+pub const ENV_CERT: &str = "TRELLIS_TLS_CERT";
+/// Environment variable of [`ConnectArgs::key`].
+pub const ENV_KEY: &str = "TRELLIS_TLS_KEY";
+
+/// The connection options every Trellis binary takes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct ConnectArgs {
+    /// NATS user credentials: a `.creds` file (user JWT and seed, as `nsc` writes them) or a
+    /// file holding an nkey user seed (`SU…`).
+    #[arg(long, env = ENV_CREDS, global = true, value_name = "FILE")]
+    pub creds: Option<PathBuf>,
+    /// PEM file of the CA that signed the NATS servers' certificates. With it (or a client
+    /// certificate) every connection must be TLS; `tls://` URLs ask for TLS too.
+    #[arg(long = "tls-ca", env = ENV_CA, global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients; needs --tls-key.
+    #[arg(long = "tls-cert", env = ENV_CERT, global = true, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long = "tls-key", env = ENV_KEY, global = true, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    /// Whether any TLS option is set.
+    pub fn tls_set(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some()
+    }
+
+    /// Checks that every file named can be read, and that credentials are credentials.
+    ///
+    /// # Errors
+    ///
+    /// Names the option and the file that cannot be read, or what is wrong with the credentials.
+    pub fn check(&self) -> Result<(), String> {
+        for (option, path) in [
+            ("--creds", &self.creds),
+            ("--tls-ca", &self.ca),
+            ("--tls-cert", &self.cert),
+            ("--tls-key", &self.key),
+        ] {
+            if let Some(path) = path {
+                std::fs::metadata(path).map_err(|e| format!("{option} {}: {e}", path.display()))?;
+            }
+        }
+        if let Some(path) = &self.creds {
+            credentials(path)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a credentials file holds.
+enum Credentials {
+    /// A `.creds` file: a user JWT and its seed.
+    Jwt(PathBuf),
+    /// An nkey user seed.
+    Nkey(String),
+}
+
+fn credentials(path: &std::path::Path) -> Result<Credentials, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--creds {}: {e}", path.display()))?;
+    if text.contains("BEGIN NATS USER JWT") {
+        return Ok(Credentials::Jwt(path.to_owned()));
+    }
+    let seed = text.trim();
+    match nkeys::KeyPair::from_seed(seed) {
+        Ok(key) if key.public_key().starts_with('U') => Ok(Credentials::Nkey(seed.to_owned())),
+        _ => Err(format!(
+            "--creds {}: neither a .creds file nor an nkey user seed (SU…)",
+            path.display()
+        )),
+    }
+}
+
+static ARGS: OnceLock<ConnectArgs> = OnceLock::new();
+
+/// Sets, once per process, the credentials and TLS options of every connection it makes.
+/// Returns false, changing nothing, when they were set (or read) before.
+pub fn set_connect_args(args: ConnectArgs) -> bool {
+    ARGS.set(args).is_ok()
+}
+
+/// The connection options of this process.
+pub fn connect_args() -> &'static ConnectArgs {
+    ARGS.get_or_init(ConnectArgs::default)
+}
+
+/// The environment that gives a process this one starts the same connection options.
+pub fn connect_env() -> Vec<(&'static str, OsString)> {
+    let args = connect_args();
+    [
+        (ENV_CREDS, &args.creds),
+        (ENV_CA, &args.ca),
+        (ENV_CERT, &args.cert),
+        (ENV_KEY, &args.key),
+    ]
+    .into_iter()
+    .filter_map(|(name, path)| path.as_ref().map(|p| (name, p.clone().into_os_string())))
+    .collect()
+}
+
+/// Applies this process's connection options to `options`.
+pub(crate) async fn apply(
+    mut options: async_nats::ConnectOptions,
+) -> Result<async_nats::ConnectOptions, String> {
+    let args = connect_args();
+    if let Some(path) = &args.creds {
+        options = match credentials(path)? {
+            Credentials::Jwt(path) => options
+                .credentials_file(&path)
+                .await
+                .map_err(|e| format!("--creds {}: {e}", path.display()))?,
+            Credentials::Nkey(seed) => options.nkey(seed),
+        };
+    }
+    if let Some(ca) = &args.ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    if args.tls_set() {
+        // A CA was given for a reason: never fall back to a plain connection.
+        options = options.require_tls(true);
+    }
+    Ok(options)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_and_files_must_exist() {
+        assert!(Cli::try_parse_from(["t", "--tls-cert", "c.pem"]).is_err());
+        let cli = Cli::try_parse_from(["t", "--tls-ca", "/nonexistent/ca.pem"]).unwrap();
+        assert!(cli.connect.tls_set());
+        let err = cli.connect.check().unwrap_err();
+        assert!(err.starts_with("--tls-ca /nonexistent/ca.pem"), "{err}");
+        assert!(!ConnectArgs::default().tls_set());
+    }
+
+    #[test]
+    fn credentials_are_a_creds_file_or_a_user_seed() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = nkeys::KeyPair::new_user();
+        let seed = dir.path().join("user.nk");
+        std::fs::write(&seed, format!("{}\n", user.seed().unwrap())).unwrap();
+        assert!(matches!(credentials(&seed), Ok(Credentials::Nkey(_))));
+        let operator = dir.path().join("operator.nk");
+        std::fs::write(&operator, nkeys::KeyPair::new_operator().seed().unwrap()).unwrap();
+        let err = credentials(&operator).err().unwrap();
+        assert!(
+            err.contains("neither a .creds file nor an nkey user seed"),
+            "{err}"
+        );
+        let creds = dir.path().join("user.creds");
+        std::fs::write(
+            &creds,
+            "-----BEGIN NATS USER JWT-----\nx\n------END NATS USER JWT------\n",
+        )
+        .unwrap();
+        assert!(matches!(credentials(&creds), Ok(Credentials::Jwt(_))));
+    }
+}
