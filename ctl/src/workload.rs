@@ -222,7 +222,14 @@ pub(crate) async fn component(
                 return print_json(&reply);
             }
             let mut table = Table::new(&[
-                "NAME", "VERSION", "SIZE", "MEMORY", "FUEL", "TIMEOUT", "DIGEST",
+                "NAME",
+                "VERSION",
+                "SIZE",
+                "MEMORY",
+                "FUEL",
+                "TIMEOUT",
+                "SIGNED BY",
+                "DIGEST",
             ]);
             for c in &reply.components {
                 let m = &c.manifest;
@@ -233,6 +240,9 @@ pub(crate) async fn component(
                     trellis_schemas::manifest::format_bytes(m.max_memory_bytes),
                     m.fuel.to_string(),
                     format!("{}ms", m.timeout_ms),
+                    c.signature
+                        .as_ref()
+                        .map_or_else(|| "-".to_owned(), |sig| sig.issuer.clone()),
                     c.digest.clone(),
                 ]);
             }

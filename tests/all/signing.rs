@@ -111,6 +111,11 @@ async fn a_trusting_host_runs_only_components_its_issuers_signed() {
         nats.cli_ok(&l, &["call", "counter", "increment"]).trim(),
         "1"
     );
+    let listed = nats.cli_ok(&l, &["component", "ls"]);
+    assert!(
+        listed.contains("SIGNED BY") && listed.contains(&trusted),
+        "{listed}"
+    );
     let facts = nats.facts(&l).await;
     let refusals = facts
         .iter()
