@@ -2,11 +2,7 @@
 //! provider it starts and the CLI all connect with `--creds <seed file>`; without it the CLI
 //! cannot connect, and a file that holds no credentials is a usage error.
 
-use std::time::Duration;
-
-use trellis_tests::{Nats, Proc, bin, cli_at, components, lattice, wait_for};
-
-const T: Duration = Duration::from_secs(30);
+use trellis_tests::{Nats, Proc, bin, cli_at, lattice};
 
 #[tokio::test]
 async fn every_process_logs_in_with_its_credentials() {
@@ -58,45 +54,8 @@ async fn every_process_logs_in_with_its_credentials() {
         all.extend_from_slice(args);
         cli_at(&url, &all)
     };
-    wait_for("host h1", T, || async {
-        let (code, out, _) = cli(&["host", "ls", "-o", "json"]);
-        (code == 0 && out.contains("\"h1\"")).then_some(())
-    })
-    .await;
-    let manifest = dir.path().join("counter.toml");
-    std::fs::write(
-        &manifest,
-        "[component]\nname = \"counter\"\nversion = \"1.0.0\"\n[limits]\nmax_memory = \"16MiB\"\nfuel = 50000000\ntimeout = \"2s\"\nmax_concurrency = 4\n",
-    )
-    .unwrap();
-    let wasm = components::build().path("counter");
-    let ok = |args: &[&str]| {
-        let (code, out, err) = cli(args);
-        assert_eq!(code, 0, "{args:?}: {out}{err}");
-        out
-    };
-    ok(&[
-        "component",
-        "push",
-        wasm.to_str().unwrap(),
-        "--manifest",
-        manifest.to_str().unwrap(),
-    ]);
-    ok(&["instance", "start", "counter", "--wait"]);
-    assert_eq!(ok(&["call", "counter", "increment"]).trim(), "1");
-    // A provider the host starts logs in with the host's credentials.
-    ok(&["provider", "start", "messaging", "--host", "h1", "--wait"]);
-    wait_for("the messaging provider running", T, || async {
-        let (code, out, _) = cli(&["provider", "ls", "-o", "json"]);
-        let reply: serde_json::Value = serde_json::from_str(&out).ok()?;
-        (code == 0
-            && reply["providers"]
-                .as_array()?
-                .iter()
-                .any(|p| p["name"] == "messaging" && p["status"] == "running"))
-        .then_some(())
-    })
-    .await;
+    // The whole path works, and a provider the host starts logs in with the host's credentials.
+    trellis_tests::exercise_lattice(cli, "h1").await;
 
     // Without credentials: the lattice cannot be reached.
     let (code, _, err) = cli_at(&url, &["--lattice", l.as_str(), "host", "ls"]);

@@ -5,11 +5,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use trellis_tests::{Nats, Proc, bin, cli_at, components, lattice, wait_for};
-
-const T: Duration = Duration::from_secs(30);
+use trellis_tests::{Nats, Proc, bin, cli_at, lattice};
 
 /// A new P-256 key, unencrypted, for `openssl req`.
 const NEW_KEY: [&str; 5] = [
@@ -22,7 +19,9 @@ const NEW_KEY: [&str; 5] = [
 
 fn openssl(dir: &Path, args: &[&[&str]]) {
     let args = args.concat();
-    let out = Command::new("openssl")
+    // scripts/test names the binary it installed; else the one on the PATH.
+    let openssl = std::env::var_os("TRELLIS_OPENSSL").unwrap_or_else(|| "openssl".into());
+    let out = Command::new(openssl)
         .args(&args)
         .current_dir(dir)
         .output()
@@ -157,59 +156,8 @@ async fn every_process_connects_over_tls_with_client_certificates() {
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         cli_at(&url, &all)
     };
-    wait_for("host h1 over TLS", T, || async {
-        let (code, out, _) = cli(&["host", "ls", "-o", "json"]);
-        (code == 0 && out.contains("\"h1\"")).then_some(())
-    })
-    .await;
-
-    // The whole path works: push, start, call; and a provider the host starts inherits TLS.
-    let manifest = pki.path().join("counter.toml");
-    std::fs::write(
-        &manifest,
-        "[component]\nname = \"counter\"\nversion = \"1.0.0\"\n[limits]\nmax_memory = \"16MiB\"\nfuel = 50000000\ntimeout = \"2s\"\nmax_concurrency = 4\n",
-    )
-    .unwrap();
-    let wasm = components::build().path("counter");
-    let ok = |args: &[&str]| {
-        let (code, out, err) = cli(args);
-        assert_eq!(code, 0, "{args:?}: {out}{err}");
-        out
-    };
-    ok(&[
-        "component",
-        "push",
-        wasm.to_str().unwrap(),
-        "--manifest",
-        manifest.to_str().unwrap(),
-    ]);
-    ok(&["instance", "start", "counter", "--wait"]);
-    assert_eq!(ok(&["call", "counter", "increment"]).trim(), "1");
-    let started = ok(&[
-        "provider",
-        "start",
-        "messaging",
-        "--host",
-        "h1",
-        "--wait",
-        "-o",
-        "json",
-    ]);
-    assert!(
-        started.contains("running") || started.contains("provider_id"),
-        "{started}"
-    );
-    wait_for("the messaging provider running over TLS", T, || async {
-        let (code, out, _) = cli(&["provider", "ls", "-o", "json"]);
-        let reply: serde_json::Value = serde_json::from_str(&out).ok()?;
-        (code == 0
-            && reply["providers"]
-                .as_array()?
-                .iter()
-                .any(|p| p["name"] == "messaging" && p["status"] == "running"))
-        .then_some(())
-    })
-    .await;
+    // The whole path works, and a provider the host starts inherits TLS.
+    trellis_tests::exercise_lattice(cli, "h1").await;
 
     // Without the CA the server's certificate is not trusted; without a client certificate the
     // server refuses the client. Either way: exit code 4, the lattice cannot be reached.

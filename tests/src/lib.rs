@@ -687,6 +687,53 @@ pub fn caller(instance: &str, component: &str) -> trellis_bus::dataplane::Identi
     }
 }
 
+/// What an operator does first, run through `cli` (the `trellis` CLI with the connection options
+/// a test needs; it returns the exit code, stdout and stderr): waits until `host` is listed,
+/// pushes the `counter` test component, starts an instance and calls it (it answers 1), then has
+/// `host` start the `messaging` provider and waits until it runs.
+pub async fn exercise_lattice(cli: impl Fn(&[&str]) -> (i32, String, String), host: &str) {
+    let t = Duration::from_secs(30);
+    wait_for(&format!("host {host} listed"), t, || async {
+        let (code, out, _) = cli(&["host", "ls", "-o", "json"]);
+        (code == 0 && out.contains(&format!("\"{host}\""))).then_some(())
+    })
+    .await;
+    let dir = scratch_dir("trellis-exercise-");
+    let manifest = dir.path().join("counter.toml");
+    std::fs::write(
+        &manifest,
+        "[component]\nname = \"counter\"\nversion = \"1.0.0\"\n[limits]\nmax_memory = \"16MiB\"\nfuel = 50000000\ntimeout = \"2s\"\nmax_concurrency = 4\n",
+    )
+    .unwrap();
+    let wasm = components::build().path("counter");
+    let ok = |args: &[&str]| {
+        let (code, out, err) = cli(args);
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        out
+    };
+    ok(&[
+        "component",
+        "push",
+        wasm.to_str().unwrap(),
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]);
+    ok(&["instance", "start", "counter", "--wait"]);
+    assert_eq!(ok(&["call", "counter", "increment"]).trim(), "1");
+    ok(&["provider", "start", "messaging", "--host", host, "--wait"]);
+    wait_for("the messaging provider running", t, || async {
+        let (code, out, _) = cli(&["provider", "ls", "-o", "json"]);
+        let reply: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (code == 0
+            && reply["providers"]
+                .as_array()?
+                .iter()
+                .any(|p| p["name"] == "messaging" && p["status"] == "running"))
+        .then_some(())
+    })
+    .await;
+}
+
 /// What one HTTP request answered.
 #[derive(Debug, Clone)]
 pub struct HttpReply {

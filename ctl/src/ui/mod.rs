@@ -241,12 +241,29 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     response
 }
 
-/// One server-sent event.
+/// One server-sent event of `data`.
 fn event<T: Serialize>(name: &str, data: &T) -> Bytes {
-    let json = serde_json::to_string(data).unwrap_or_else(|e| {
-        serde_json::json!({ "error": format!("cannot encode: {e}") }).to_string()
-    });
-    Bytes::from(format!("event: {name}\ndata: {json}\n\n"))
+    frame(name, &to_json(data))
+}
+
+/// Single-line JSON (serde_json escapes newlines in strings), or an error object.
+fn to_json<T: Serialize>(data: &T) -> Vec<u8> {
+    serde_json::to_vec(data).unwrap_or_else(|e| {
+        serde_json::json!({ "error": format!("cannot encode: {e}") })
+            .to_string()
+            .into_bytes()
+    })
+}
+
+/// The server-sent event `name` carrying `json`.
+fn frame(name: &str, json: &[u8]) -> Bytes {
+    let mut frame = Vec::with_capacity(json.len() + name.len() + 16);
+    frame.extend_from_slice(b"event: ");
+    frame.extend_from_slice(name.as_bytes());
+    frame.extend_from_slice(b"\ndata: ");
+    frame.extend_from_slice(json);
+    frame.extend_from_slice(b"\n\n");
+    Bytes::from(frame)
 }
 
 /// What every page is sent, and what a page that connects is given first.
@@ -311,9 +328,8 @@ impl Hub {
     }
 
     fn snapshot(&self, snapshot: &view::Snapshot) {
-        let json = Bytes::from(serde_json::to_vec(snapshot).unwrap_or_default());
-        let frame = event("snapshot", snapshot);
-        self.publish(frame, |kept, _| {
+        let json = Bytes::from(to_json(snapshot));
+        self.publish(frame("snapshot", &json), |kept, _| {
             kept.snapshot = Some(json);
             kept.problem = None;
         });
@@ -349,12 +365,7 @@ impl Hub {
         let (first, rx) = {
             let kept = self.kept();
             let mut first: Vec<Bytes> = Vec::new();
-            first.extend(kept.snapshot.iter().map(|json| {
-                let mut frame = b"event: snapshot\ndata: ".to_vec();
-                frame.extend_from_slice(json);
-                frame.extend_from_slice(b"\n\n");
-                Bytes::from(frame)
-            }));
+            first.extend(kept.snapshot.iter().map(|json| frame("snapshot", json)));
             first.extend(kept.problem.iter().cloned());
             first.extend(kept.facts.iter().cloned());
             first.extend(kept.points.iter().cloned());
