@@ -12,6 +12,10 @@ use std::sync::OnceLock;
 
 /// Environment variable of [`ConnectArgs::creds`].
 pub const ENV_CREDS: &str = "TRELLIS_CREDS";
+/// Environment variable of the credentials the messaging provider uses for the application
+/// subjects components publish and subscribe to, on a connection of their own (the `app` role
+/// of `trellis creds`). Without it, that traffic shares the provider's connection.
+pub const ENV_APP_CREDS: &str = "TRELLIS_APP_CREDS";
 /// Environment variable of [`ConnectArgs::ca`].
 pub const ENV_CA: &str = "TRELLIS_TLS_CA";
 /// Environment variable of [`ConnectArgs::cert`].
@@ -118,11 +122,11 @@ pub fn connect_env() -> Vec<(&'static str, OsString)> {
     .collect()
 }
 
-/// Applies this process's connection options to `options`.
+/// Applies connection options `args` to `options`.
 pub(crate) async fn apply(
     mut options: async_nats::ConnectOptions,
+    args: &ConnectArgs,
 ) -> Result<async_nats::ConnectOptions, String> {
-    let args = connect_args();
     if let Some(path) = &args.creds {
         options = match credentials(path)? {
             Credentials::Jwt(path) => options

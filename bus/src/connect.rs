@@ -13,6 +13,44 @@ pub struct ConnectError {
     pub source: async_nats::ConnectError,
 }
 
+/// Whether a server error is a permissions violation (the server refusing a publish or a
+/// subscription the user's permissions do not allow).
+fn is_permission_violation(message: &str) -> bool {
+    message
+        .to_ascii_lowercase()
+        .contains("permissions violation")
+}
+
+fn violations() -> &'static tokio::sync::broadcast::Sender<String> {
+    static SENDER: std::sync::OnceLock<tokio::sync::broadcast::Sender<String>> =
+        std::sync::OnceLock::new();
+    SENDER.get_or_init(|| tokio::sync::broadcast::channel(64).0)
+}
+
+/// The permission violations NATS reports from now on to the connections of this process (the
+/// server's message, which names the subject). A request whose publish the server refused gets
+/// no reply at all; a caller that watches this can say why instead of timing out.
+pub fn permission_violations() -> tokio::sync::broadcast::Receiver<String> {
+    violations().subscribe()
+}
+
+/// Waits until NATS reports a permission violation naming `subject` on `violations`.
+pub async fn refused(
+    violations: &mut tokio::sync::broadcast::Receiver<String>,
+    subject: &str,
+) -> String {
+    let quoted = format!("\"{subject}\"");
+    loop {
+        match violations.recv().await {
+            Ok(message) if message.contains(&quoted) => return message,
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
 /// How often a client pings its server. The client gives up on a connection when a third ping
 /// is due with two unanswered, so a server that vanished without closing the connection (a
 /// network partition, a frozen machine) is noticed within 4–6 s, inside a controller's default
@@ -32,6 +70,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// before its NATS server simply waits for it); otherwise an unreachable server is an error at once,
 /// which is what a CLI wants.
 pub async fn connect(url: &str, name: &str, wait: bool) -> Result<Client, ConnectError> {
+    connect_with(url, name, wait, crate::auth::connect_args()).await
+}
+
+/// Like [`connect`], with other credentials and TLS options than this process's (a provider a
+/// host embeds connects as that provider, not as the host).
+pub async fn connect_with(
+    url: &str,
+    name: &str,
+    wait: bool,
+    args: &crate::ConnectArgs,
+) -> Result<Client, ConnectError> {
     let mut options = ConnectOptions::new()
         .name(name)
         .max_reconnects(None)
@@ -44,6 +93,11 @@ pub async fn connect(url: &str, name: &str, wait: bool) -> Result<Client, Connec
         })
         .event_callback(|event| async move {
             match event {
+                Event::ServerError(e) if is_permission_violation(&e.to_string()) => {
+                    let message = e.to_string();
+                    tracing::warn!(error = %message, "NATS refused an operation");
+                    let _ = violations().send(message);
+                }
                 Event::Connected => tracing::info!("connected to NATS"),
                 Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
                 Event::ClientError(e) => tracing::warn!(error = %e, "NATS client error"),
@@ -53,7 +107,7 @@ pub async fn connect(url: &str, name: &str, wait: bool) -> Result<Client, Connec
     if wait {
         options = options.retry_on_initial_connect();
     }
-    options = crate::auth::apply(options)
+    options = crate::auth::apply(options, args)
         .await
         .map_err(|message| ConnectError {
             url: url.to_owned(),

@@ -46,11 +46,13 @@ pub use artifacts::{
     ArtifactError, artifact_store, digest_hex, digest_of, fetch_artifact, put_artifact,
     put_artifact_reporting, stat_artifact,
 };
-pub use auth::{ConnectArgs, connect_args, connect_env, set_connect_args};
+pub use auth::{
+    ConnectArgs, ENV_APP_CREDS, ENV_CREDS, connect_args, connect_env, set_connect_args,
+};
 pub use child::spawn_tied;
 pub use connect::{
-    ConnectError, connect, jetstream, jetstream_domain, parse_jetstream_domain,
-    set_jetstream_domain,
+    ConnectError, connect, connect_with, jetstream, jetstream_domain, parse_jetstream_domain,
+    permission_violations, refused, set_jetstream_domain,
 };
 pub use publisher::{FactPublisher, PublishError, publish_at_tip, publish_exclusive};
 pub use reader::{FactStream, Followed, RawFact, ReadError, StartAt, count_messages, follow};

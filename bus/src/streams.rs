@@ -158,32 +158,74 @@ pub async fn ensure_streams(
     };
     for mut config in [events, heartbeats] {
         let name = config.name.clone();
-        if let Ok(mut existing) = js.get_stream(&name).await
-            && let Ok(info) = existing.info().await
-        {
-            config.num_replicas = replicas.for_existing(info.config.num_replicas);
-        }
         // Two processes starting together may both find the stream missing; the loser of the
-        // create race then updates, which is a no-op with the same configuration.
+        // create race then updates, which is a no-op with the same configuration. A process
+        // whose credentials may not manage streams (every role but the controller's in a
+        // secured lattice) waits for the controller to create them.
         let mut attempt = 0;
         loop {
-            match js.create_or_update_stream(config.clone()).await {
-                Ok(_) => break,
-                Err(e) if attempt < 5 => {
+            if let Ok(mut existing) = js.get_stream(&name).await
+                && let Ok(info) = existing.info().await
+            {
+                config.num_replicas = replicas.for_existing(info.config.num_replicas);
+                // Nothing to change: no update is sent.
+                if same_settings(&info.config, &config) {
+                    break;
+                }
+            }
+            let mut refusals = crate::connect::permission_violations();
+            let outcome = tokio::select! {
+                done = js.create_or_update_stream(config.clone()) => done.map(|_| ()).map_err(|e| e.to_string()),
+                refused = refused_on(&mut refusals, &name) => Err(refused),
+            };
+            match outcome {
+                Ok(()) => break,
+                Err(e) if attempt < 8 => {
                     attempt += 1;
                     tracing::debug!(stream = %name, error = %e, "stream setup failed; retrying");
                     tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
                 }
-                Err(e) => {
+                Err(message) => {
                     return Err(StreamError {
                         stream: name,
-                        message: e.to_string(),
+                        message,
                     });
                 }
             }
         }
     }
     Ok(())
+}
+
+/// Waits for a permission violation on a JetStream API subject about `stream`.
+async fn refused_on(
+    refusals: &mut tokio::sync::broadcast::Receiver<String>,
+    stream: &str,
+) -> String {
+    loop {
+        match refusals.recv().await {
+            Ok(message) if message.contains("$JS.") && message.contains(stream) => {
+                return format!("{message} (only the controller may create or change streams)");
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
+/// Whether an existing stream already has every setting [`ensure_streams`] gives it.
+fn same_settings(existing: &stream::Config, wanted: &stream::Config) -> bool {
+    existing.subjects == wanted.subjects
+        && existing.max_messages_per_subject == wanted.max_messages_per_subject
+        && existing.num_replicas == wanted.num_replicas
+        // Zero asks for the server's default, which it then reports.
+        && (wanted.duplicate_window.is_zero() || existing.duplicate_window == wanted.duplicate_window)
+        && existing.max_age == wanted.max_age
+        && existing.storage == wanted.storage
+        && existing.discard == wanted.discard
+        && existing.description == wanted.description
 }
 
 /// The fact stream's current state.

@@ -402,7 +402,7 @@ pub(crate) async fn provider(
                 .map_err(|e| failure(4, e.to_string()))?;
             // The host remembers each provider's settings; start the new process with the same
             // name on the same host, then retire the old one.
-            let config = old_config(client, &provider_id).await;
+            let config = old_config(client, &old.name, &provider_id).await;
             let new = start_and_wait(
                 client,
                 ProviderStartRequest {
@@ -451,9 +451,14 @@ pub(crate) async fn provider(
 
 /// The settings a provider process runs with, as it reports them on its control subject
 /// (empty when it does not answer).
-async fn old_config(client: &CtlClient, provider: &ProviderId) -> BTreeMap<String, String> {
+async fn old_config(
+    client: &CtlClient,
+    name: &ProviderName,
+    provider: &ProviderId,
+) -> BTreeMap<String, String> {
     let subject = trellis_schemas::dataplane::provider_control(
         client.lattice(),
+        name,
         provider,
         trellis_schemas::dataplane::ProviderVerb::Config,
     );

@@ -104,6 +104,10 @@ enum Command {
     /// Issuer keys that sign components.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Make the credentials of a secured lattice: a user key per role (controller, each host,
+    /// each provider, operator, viewer, app, admin) and the nats-server configuration that
+    /// gives each role only its own subjects.
+    Creds(crate::creds::CredsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -187,6 +191,7 @@ impl From<ClientError> for Failure {
         let code = match &e {
             ClientError::Remote(body) if body.code == ErrorCode::NotFound => 3,
             ClientError::NoController(_) | ClientError::Timeout(_) => 4,
+            ClientError::Denied(_) => 5,
             _ => 1,
         };
         Failure {
@@ -278,6 +283,7 @@ fn command_name(command: &Command) -> String {
         Command::Up(_) => "up",
         Command::Ui(_) => "ui",
         Command::Key(_) => "key",
+        Command::Creds(_) => "creds",
     };
     format!("trellis {name}")
 }
@@ -366,7 +372,38 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Up(args) => crate::up::run(&g.lattice, g.nats.clone(), args).await,
         Command::Ui(args) => crate::ui::run(&g, args).await,
         Command::Key(KeyCommand::New { out }) => key_new(&g, &out),
+        Command::Creds(args) => creds(&g, args),
     }
+}
+
+fn creds(g: &Global, args: crate::creds::CredsArgs) -> Result<(), Failure> {
+    let providers = crate::creds::providers_or_default(args.providers);
+    let written = crate::creds::write(&args.dir, &g.lattice, &args.hosts, &providers)
+        .map_err(|e| failure(1, e))?;
+    if g.output == Output::Json {
+        return print_json(&written);
+    }
+    let mut table = Table::new(&["USER", "ROLE", "CREDENTIALS"]);
+    for user in &written.users {
+        table.row(vec![
+            user.name.clone(),
+            user.role.to_owned(),
+            user.creds.display().to_string(),
+        ]);
+    }
+    print!("{}", table.render());
+    println!(
+        "server configuration {} (account {}): nats-server -js -c {}",
+        written.config.display(),
+        written.account,
+        written.config.display()
+    );
+    println!(
+        "then run each process with its own key, e.g. `trellis --creds {}/operator.nk status`; hosts also take --provider-creds {}",
+        args.dir.display(),
+        args.dir.display()
+    );
+    Ok(())
 }
 
 /// Where NATS is when no URL is given.

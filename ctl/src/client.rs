@@ -14,6 +14,9 @@ pub enum ClientError {
         "no controller is serving lattice {0}; start one with `trellis controller` or `trellis up`"
     )]
     NoController(Lattice),
+    /// NATS refused the request: these credentials may not send it.
+    #[error("permission denied: {0} (these credentials' role may not do this)")]
+    Denied(String),
     /// No reply arrived in time.
     #[error("no reply from the controller within {0:?}")]
     Timeout(Duration),
@@ -86,13 +89,21 @@ impl CtlClient {
                 traceparent.as_str(),
             );
         }
+        let mut violations = trellis_bus::permission_violations();
         let request = self
             .nats
             .request_with_headers(subject.to_owned(), headers, body.into());
+        let request = async {
+            tokio::select! {
+                reply = request => Ok(reply),
+                refused = trellis_bus::refused(&mut violations, subject) => Err(refused),
+            }
+        };
         match tokio::time::timeout(self.timeout, request).await {
+            Ok(Err(refused)) => Err(ClientError::Denied(refused)),
             Err(_) => Err(ClientError::Timeout(self.timeout)),
-            Ok(Ok(message)) => Ok(message.payload.to_vec()),
-            Ok(Err(e)) => Err(match e.kind() {
+            Ok(Ok(Ok(message))) => Ok(message.payload.to_vec()),
+            Ok(Ok(Err(e))) => Err(match e.kind() {
                 RequestErrorKind::NoResponders => ClientError::NoController(self.lattice.clone()),
                 RequestErrorKind::TimedOut => ClientError::Timeout(self.timeout),
                 _ => ClientError::Transport(e.to_string()),

@@ -11,6 +11,7 @@ pub mod capabilities;
 pub mod cli;
 pub mod client;
 pub mod controller;
+pub mod creds;
 pub mod logs;
 pub mod output;
 pub mod rollout;

@@ -69,6 +69,10 @@ pub struct HostConfig {
     /// Where to find `trellis-provider-<name>` executables (then `PATH`). Default: the
     /// directory of the running executable.
     pub provider_dirs: Vec<PathBuf>,
+    /// A directory written by `trellis creds` holding each provider's credentials, which the
+    /// providers this host starts (or embeds) then connect with. None by default: they connect
+    /// as the host does.
+    pub provider_creds: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`GET /metrics`). None by default.
     pub metrics: Option<std::net::SocketAddr>,
     /// How instances' log lines are streamed and kept.
@@ -93,6 +97,7 @@ impl HostConfig {
             max_artifact_bytes: InstancesConfig::default().max_artifact_bytes,
             registry: None,
             provider_dirs: ProvidersConfig::new("").dirs,
+            provider_creds: None,
             metrics: None,
             logs: LogConfig::default(),
             trust: Vec::new(),
@@ -264,6 +269,7 @@ pub async fn run(
         ProvidersConfig {
             nats_url: config.nats_url.clone(),
             dirs: config.provider_dirs.clone(),
+            creds_dir: config.provider_creds.clone(),
         },
         publisher.clone(),
         config.lattice.clone(),

@@ -82,6 +82,11 @@ struct Args {
     /// host starts use it too.
     #[arg(long, env = "TRELLIS_JS_DOMAIN", value_parser = trellis_bus::parse_jetstream_domain)]
     js_domain: Option<String>,
+    /// A directory written by `trellis creds`: the providers this host starts or embeds connect
+    /// with their own credentials from it (`provider-<name>.nk`, and `app.nk` for the messaging
+    /// provider's application traffic) rather than the host's.
+    #[arg(long, env = "TRELLIS_PROVIDER_CREDS", value_name = "DIR")]
+    provider_creds: Option<PathBuf>,
     #[command(flatten)]
     connect: trellis_bus::ConnectArgs,
 }
@@ -159,6 +164,13 @@ async fn main() -> anyhow::Result<()> {
     };
     config.streams.replicas = args.replicas.map(usize::from);
     config.trust = args.trust;
+    if let Some(dir) = &args.provider_creds
+        && !dir.is_dir()
+    {
+        eprintln!("error: --provider-creds {}: not a directory", dir.display());
+        std::process::exit(2);
+    }
+    config.provider_creds = args.provider_creds;
     if let Some(dir) = args.cache_dir {
         config.runtime.cache_dir(dir);
     }

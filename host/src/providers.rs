@@ -55,6 +55,10 @@ pub struct ProvidersConfig {
     pub nats_url: String,
     /// Where to look for `trellis-provider-<name>`, in order (then `PATH`).
     pub dirs: Vec<PathBuf>,
+    /// A directory written by `trellis creds`: each provider then connects with its own
+    /// credentials, `provider-<name>.nk` (and the messaging provider's application traffic with
+    /// `app.nk`), instead of the host's.
+    pub creds_dir: Option<PathBuf>,
 }
 
 impl ProvidersConfig {
@@ -68,6 +72,7 @@ impl ProvidersConfig {
         Self {
             nats_url: nats_url.into(),
             dirs,
+            creds_dir: None,
         }
     }
 }
@@ -229,6 +234,23 @@ impl Providers {
             };
             Some(program)
         };
+        if let Some(dir) = &self.inner.config.creds_dir {
+            let creds = provider_creds(dir, &command.name);
+            if !creds.is_file() {
+                start_failed(
+                    &self.inner,
+                    &command,
+                    format!(
+                        "no credentials for provider `{}`: {} is missing (`trellis creds {} --provider {}` writes them)",
+                        command.name,
+                        creds.display(),
+                        dir.display(),
+                        command.name
+                    ),
+                );
+                return Ok(());
+            }
+        }
         let (stop, stopped) = watch::channel(false);
         let inner = Arc::clone(&self.inner);
         let id = command.provider_id.clone();
@@ -309,6 +331,14 @@ impl Providers {
     }
 }
 
+/// The credentials file of provider `name` in a directory `trellis creds` wrote.
+fn provider_creds(dir: &Path, name: &ProviderName) -> PathBuf {
+    dir.join(format!("provider-{name}.nk"))
+}
+
+/// The application credentials file in a directory `trellis creds` wrote.
+const APP_CREDS: &str = "app.nk";
+
 fn args(inner: &Inner, command: &StartProviderCommand) -> Vec<String> {
     let mut args = vec![
         "--nats".to_owned(),
@@ -348,6 +378,13 @@ async fn supervise(
             .envs(trellis_bus::connect_env())
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        if let Some(dir) = &inner.config.creds_dir {
+            cmd.env(trellis_bus::ENV_CREDS, provider_creds(dir, &command.name));
+            let app = dir.join(APP_CREDS);
+            if app.is_file() {
+                cmd.env(trellis_bus::ENV_APP_CREDS, app);
+            }
+        }
         // The kernel sends the provider SIGTERM (a stop: drain, then `provider.stopped`) when
         // this host dies without stopping it, as on SIGKILL: it never outlives its host.
         let child = trellis_bus::spawn_tied(cmd).await;
@@ -400,7 +437,14 @@ async fn supervise_embedded(
     let program = format!("trellis-provider-{}", command.name);
     let args =
         match ProviderArgs::try_parse_from(std::iter::once(program).chain(args(inner, command))) {
-            Ok(args) => args,
+            Ok(mut args) => {
+                // Connect as this host does, or as the provider where it has credentials.
+                args.connect = trellis_bus::connect_args().clone();
+                if let Some(dir) = &inner.config.creds_dir {
+                    args.connect.creds = Some(provider_creds(dir, &command.name));
+                }
+                args
+            }
             Err(e) => {
                 start_failed(inner, command, format!("invalid provider settings: {e}"));
                 return;

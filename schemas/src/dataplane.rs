@@ -362,29 +362,66 @@ pub fn parse_host_command<'a>(
     HostVerb::parse(rest).ok_or(rest)
 }
 
-/// The subject of a control request to one provider process.
-pub fn provider_control(lattice: &Lattice, provider: &ProviderId, verb: ProviderVerb) -> String {
-    format!("trellis.prov.v1.{lattice}.{provider}.{verb}")
+/// The subject of a control request to one provider process (`name` is the provider's, which
+/// puts every process of a provider under one prefix its credentials can be limited to).
+pub fn provider_control(
+    lattice: &Lattice,
+    name: &ProviderName,
+    provider: &ProviderId,
+    verb: ProviderVerb,
+) -> String {
+    format!("trellis.prov.v1.{lattice}.{name}.{provider}.{verb}")
 }
 
 /// Every control subject of one provider process (what it subscribes to).
-pub fn provider_controls(lattice: &Lattice, provider: &ProviderId) -> String {
-    format!("trellis.prov.v1.{lattice}.{provider}.*")
+pub fn provider_controls(lattice: &Lattice, name: &ProviderName, provider: &ProviderId) -> String {
+    format!("trellis.prov.v1.{lattice}.{name}.{provider}.*")
+}
+
+/// Every control subject of every process of the provider `name`.
+pub fn provider_controls_of(lattice: &Lattice, name: &ProviderName) -> String {
+    format!("trellis.prov.v1.{lattice}.{name}.>")
+}
+
+/// Every provider control subject of the lattice.
+pub fn provider_controls_all(lattice: &Lattice) -> String {
+    format!("trellis.prov.v1.{lattice}.>")
 }
 
 /// The verb of a control subject of `provider`; `Err` carries the unknown last token.
 pub fn parse_provider_control<'a>(
     lattice: &Lattice,
+    name: &ProviderName,
     provider: &ProviderId,
     subject: &'a str,
 ) -> Result<ProviderVerb, &'a str> {
     let rest = after(
         subject,
         "trellis.prov.v1",
-        &[lattice.as_str(), provider.as_str()],
+        &[lattice.as_str(), name.as_str(), provider.as_str()],
     )
     .ok_or(subject)?;
     ProviderVerb::parse(rest).ok_or(rest)
+}
+
+/// Every provider RPC subject of the provider `name` (what its processes serve).
+pub fn provider_rpc_of(lattice: &Lattice, name: &ProviderName) -> String {
+    format!("trellis.rpc.v1.{lattice}.provider.{name}.*")
+}
+
+/// Every provider RPC subject of the lattice (what hosts send capability calls to).
+pub fn provider_rpc_all(lattice: &Lattice) -> String {
+    format!("trellis.rpc.v1.{lattice}.provider.>")
+}
+
+/// Every subject that reaches component instances: by component, by instance and by version.
+pub fn components_all(lattice: &Lattice) -> [String; 3] {
+    ["component", "instance", "version"].map(|kind| format!("trellis.rpc.v1.{lattice}.{kind}.>"))
+}
+
+/// Every command subject of every host of the lattice.
+pub fn host_commands_all(lattice: &Lattice) -> String {
+    format!("trellis.host.v1.{lattice}.>")
 }
 
 /// The [`headers::STATUS`] of a reply.
@@ -715,14 +752,25 @@ mod tests {
     fn provider_controls_round_trip() {
         let l = lattice();
         let p = ProviderId::new("01JABCDEFGHJKMNPQRSTVWXYZ0").expect("valid");
+        let n = ProviderName::new("kv").expect("valid");
         for verb in ProviderVerb::ALL {
             assert_eq!(
-                parse_provider_control(&l, &p, &provider_control(&l, &p, *verb)),
+                parse_provider_control(&l, &n, &p, &provider_control(&l, &n, &p, *verb)),
                 Ok(*verb)
             );
         }
-        let subject = format!("{}x", provider_control(&l, &p, ProviderVerb::Stop));
-        assert_eq!(parse_provider_control(&l, &p, &subject), Err("stopx"));
+        let subject = format!("{}x", provider_control(&l, &n, &p, ProviderVerb::Stop));
+        assert_eq!(parse_provider_control(&l, &n, &p, &subject), Err("stopx"));
+        assert_eq!(
+            provider_control(&l, &n, &p, ProviderVerb::Stop),
+            "trellis.prov.v1.prod.kv.01JABCDEFGHJKMNPQRSTVWXYZ0.stop"
+        );
+        let other = ProviderName::new("messaging").expect("valid");
+        let theirs = provider_control(&l, &other, &p, ProviderVerb::Stop);
+        assert_eq!(
+            parse_provider_control(&l, &n, &p, &theirs),
+            Err(theirs.as_str())
+        );
         assert_eq!(ProviderVerb::known(), "stop, config, health");
     }
 

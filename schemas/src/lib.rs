@@ -51,6 +51,7 @@ pub mod logs;
 pub mod manifest;
 mod names;
 pub mod projection;
+pub mod roles;
 pub mod rollout;
 pub mod subject;
 mod wire;

@@ -108,6 +108,11 @@ pub fn rollout_driver(lattice: &Lattice, rollout: &RolloutId) -> String {
     format!("trellis.drive.v1.{lattice}.rollout.{rollout}")
 }
 
+/// Every rollout signal subject of the lattice.
+pub fn drive_all(lattice: &Lattice) -> String {
+    format!("trellis.drive.v1.{lattice}.>")
+}
+
 /// Every assignment fact of the lattice.
 pub fn assignment_events(lattice: &Lattice) -> String {
     format!("trellis.evt.v1.{lattice}.assignment.>")

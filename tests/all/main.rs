@@ -15,6 +15,7 @@ mod prometheus_harness;
 mod protocol;
 mod providers;
 mod registry;
+mod roles;
 mod rollouts;
 mod signing;
 mod spine;

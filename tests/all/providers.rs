@@ -180,11 +180,12 @@ impl Env {
 
     /// A control request to one provider process.
     /// A control request to one provider process: the `data` of its control envelope.
-    async fn control(&self, id: &ProviderId, verb: ProviderVerb) -> Value {
+    async fn control(&self, name: &str, id: &ProviderId, verb: ProviderVerb) -> Value {
+        let name = ProviderName::new(name).unwrap();
         let reply = self
             .client
             .request(
-                dataplane::provider_control(&self.l, id, verb),
+                dataplane::provider_control(&self.l, &name, id, verb),
                 Vec::new().into(),
             )
             .await
@@ -194,9 +195,9 @@ impl Env {
     }
 
     /// Waits until provider `id` sees `n` assignments of its own.
-    async fn wait_assignments(&self, id: &ProviderId, n: u64) {
+    async fn wait_assignments(&self, name: &str, id: &ProviderId, n: u64) {
         wait_for(&format!("provider to see {n} assignments"), T, || async {
-            (self.control(id, ProviderVerb::Health).await["assignments"] == n).then_some(())
+            (self.control(name, id, ProviderVerb::Health).await["assignments"] == n).then_some(())
         })
         .await;
     }
@@ -436,7 +437,7 @@ async fn kv_round_trips_and_isolates_buckets_by_assignment() {
     let (code, _) = env.kv(("ix", "cx"), None, &get("k")).await.unwrap_err();
     assert_eq!(code, "access_denied");
     env.revoke(&a.assignment.assignment_id).await;
-    env.wait_assignments(&kv_id, 3).await;
+    env.wait_assignments("kv", &kv_id, 3).await;
     let (code, message) = env.kv(ia, None, &get("count")).await.unwrap_err();
     assert_eq!(code, "access_denied", "{message}");
 
@@ -711,7 +712,7 @@ async fn messaging_publishes_by_pattern_and_delivers_subscriptions() {
 
     // Revoked: no more deliveries.
     env.revoke(&g.assignment.assignment_id).await;
-    env.wait_assignments(&id, 0).await;
+    env.wait_assignments("messaging", &id, 0).await;
     // Drain what was published before the revocation took effect.
     while tokio::time::timeout(Duration::from_millis(300), component_calls.next())
         .await
@@ -855,7 +856,7 @@ async fn http_server_dispatches_to_the_component_and_maps_errors() {
             &[("address", &address)],
         )
         .await;
-    env.wait_assignments(&id, 2).await;
+    env.wait_assignments("http-server", &id, 2).await;
     let (status, _, _) = http_get(port, "/still").await.unwrap();
     assert_eq!(status, 201);
     env.revoke(&second.assignment.assignment_id).await;
@@ -894,15 +895,15 @@ async fn providers_announce_themselves_and_stop_on_request_or_signal() {
     assert!(!started.node.is_empty());
 
     assert_eq!(
-        env.control(&id, ProviderVerb::Config).await,
+        env.control("kv", &id, ProviderVerb::Config).await,
         json!({"mode": "fast"})
     );
-    let health = env.control(&id, ProviderVerb::Health).await;
+    let health = env.control("kv", &id, ProviderVerb::Health).await;
     assert_eq!(health["name"], "kv");
     assert_eq!(health["provider_id"], id.as_str());
 
     // `stop` on the control subject: acknowledged, drained, recorded, exit 0.
-    assert_eq!(env.control(&id, ProviderVerb::Stop).await, json!({}));
+    assert_eq!(env.control("kv", &id, ProviderVerb::Stop).await, json!({}));
     assert_eq!(first.wait_exit(T).await, Some(0), "{}", first.log());
     let stopped = |id: ProviderId| {
         let env = &env;

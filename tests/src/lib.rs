@@ -585,8 +585,17 @@ pub fn cli_at(url: &str, args: &[&str]) -> (i32, String, String) {
 
 /// Every fact the stream of `lattice` on the NATS server at `url` holds, decoded, in order.
 pub async fn facts_at(url: &str, lattice: &Lattice) -> Vec<Fact> {
+    facts_with(url, lattice, trellis_bus::connect_args()).await
+}
+
+/// Like [`facts_at`], logging in with `args` (the admin's credentials of a secured lattice).
+pub async fn facts_with(
+    url: &str,
+    lattice: &Lattice,
+    args: &trellis_bus::ConnectArgs,
+) -> Vec<Fact> {
     // As the processes connect: a URL's user info logs in.
-    let client = trellis_bus::connect(url, "trellis-tests", false)
+    let client = trellis_bus::connect_with(url, "trellis-tests", false, args)
         .await
         .unwrap();
     let js = async_nats::jetstream::new(client.clone());

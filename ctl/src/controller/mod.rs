@@ -113,6 +113,11 @@ pub async fn run(
     .await?;
     let js = trellis_bus::jetstream(client.clone());
     ensure_streams(&js, &config.lattice, &config.streams).await?;
+    // The artifact store too, so that operators can push components without the right to
+    // create buckets (which only the controller has in a secured lattice).
+    if let Err(e) = trellis_bus::artifact_store(&js, &config.lattice).await {
+        tracing::warn!(error = %e, "cannot set up the artifact store");
+    }
 
     let replay_started = Instant::now();
     let state = Arc::new(State::new(config.clone(), client.clone()));

@@ -100,7 +100,7 @@ pub(crate) async fn stop(
     state: &State,
     request: ProviderStopRequest,
 ) -> Result<ProviderStopReply, ErrorBody> {
-    let (host, status) = {
+    let (host, status, name) = {
         let projection = state.projection();
         let record = projection
             .providers
@@ -114,7 +114,7 @@ pub(crate) async fn stop(
                     ),
                 )
             })?;
-        (record.host_id.clone(), record.status)
+        (record.host_id.clone(), record.status, record.name.clone())
     };
     if !matches!(status, ProviderStatus::Running | ProviderStatus::Restarting) {
         return Err(ErrorBody::new(
@@ -137,6 +137,7 @@ pub(crate) async fn stop(
         None => {
             let subject = dataplane::provider_control(
                 &state.config.lattice,
+                &name,
                 &request.provider_id,
                 ProviderVerb::Stop,
             );

@@ -51,13 +51,33 @@ const DELIVERIES_IN_FLIGHT: usize = 64;
 /// The provider.
 #[derive(Debug)]
 pub struct MessagingProvider {
-    ctx: Context,
+    /// The connection for the application subjects components publish and subscribe to: the
+    /// context's own, or one with the credentials in [`trellis_bus::ENV_APP_CREDS`].
+    app: async_nats::Client,
 }
 
 impl MessagingProvider {
-    /// A provider on the context's client.
+    /// A provider on the context's client, or, with [`trellis_bus::ENV_APP_CREDS`] set, with
+    /// the application traffic on a second connection that logs in with those credentials: in
+    /// a secured lattice the provider's own user may touch only its Trellis subjects, the
+    /// application user only subjects outside Trellis.
     pub async fn new(ctx: Context) -> anyhow::Result<Self> {
-        Ok(Self { ctx })
+        let app = match std::env::var_os(trellis_bus::ENV_APP_CREDS) {
+            Some(creds) => {
+                let mut args = trellis_bus::connect_args().clone();
+                args.creds = Some(creds.into());
+                args.check().map_err(anyhow::Error::msg)?;
+                trellis_bus::connect_with(
+                    &ctx.nats_url,
+                    &format!("trellis-provider-{}-{}-app", ctx.name, ctx.id),
+                    true,
+                    &args,
+                )
+                .await?
+            }
+            None => ctx.client.clone(),
+        };
+        Ok(Self { app })
     }
 }
 
@@ -101,7 +121,7 @@ impl Provider for MessagingProvider {
             )));
         };
         let request = request.clone();
-        let client = &self.ctx.client;
+        let client = &self.app;
         match request {
             MessagingRequest::Publish { message } => {
                 check_publish(&call, &message.subject)?;
@@ -180,7 +200,7 @@ impl Provider for MessagingProvider {
                 if active.contains_key(&id) {
                     continue;
                 }
-                let tasks = subscribe(&ctx, &record).await;
+                let tasks = subscribe(&ctx, &self.app, &record).await;
                 active.insert(id, tasks);
             }
             tokio::select! {
@@ -195,7 +215,11 @@ impl Provider for MessagingProvider {
 }
 
 /// Subscribes to every subject of an assignment's `subscribe` list.
-async fn subscribe(ctx: &Context, record: &AssignmentRecord) -> Vec<JoinHandle<()>> {
+async fn subscribe(
+    ctx: &Context,
+    app: &async_nats::Client,
+    record: &AssignmentRecord,
+) -> Vec<JoinHandle<()>> {
     let assignment = &record.assignment;
     let target = dataplane::target_subject(&ctx.lattice, &assignment.target, Op::Call);
     let queue = format!("trellis-messaging-{}", assignment.assignment_id);
@@ -211,11 +235,7 @@ async fn subscribe(ctx: &Context, record: &AssignmentRecord) -> Vec<JoinHandle<(
     .collect::<Vec<_>>();
     let mut tasks = Vec::new();
     for topic in subjects {
-        let subscriber = match ctx
-            .client
-            .queue_subscribe(topic.clone(), queue.clone())
-            .await
-        {
+        let subscriber = match app.queue_subscribe(topic.clone(), queue.clone()).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(assignment = %assignment.assignment_id, subject = %topic, error = %e, "cannot subscribe");

@@ -116,6 +116,8 @@ pub struct ProviderInfo {
 pub struct Context {
     /// The NATS client (one per process).
     pub client: async_nats::Client,
+    /// The NATS URL(s) it connected to, for a provider that needs a connection of its own.
+    pub nats_url: String,
     /// JetStream on that client.
     pub js: jetstream::Context,
     /// The lattice served.
@@ -283,9 +285,14 @@ where
         .unwrap_or_else(ProviderId::generate);
     let lattice = args.lattice.clone();
     tracing::info!(%name, %id, %lattice, nats = %args.nats, "provider starting");
-    let client = trellis_bus::connect(&args.nats, &format!("trellis-provider-{name}-{id}"), true)
-        .await
-        .context("connecting to NATS")?;
+    let client = trellis_bus::connect_with(
+        &args.nats,
+        &format!("trellis-provider-{name}-{id}"),
+        true,
+        &args.connect,
+    )
+    .await
+    .context("connecting to NATS")?;
     let js = trellis_bus::jetstream(client.clone());
     let settings = StreamSettings::default();
     trellis_bus::ensure_streams(&js, &lattice, &settings)
@@ -305,6 +312,7 @@ where
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Context {
+        nats_url: args.nats.clone(),
         client: client.clone(),
         js,
         lattice: lattice.clone(),
@@ -330,7 +338,7 @@ where
         calls.push(subscriber.map(move |m| (capability, m)));
     }
     let mut control = client
-        .subscribe(proto::provider_controls(&lattice, &id))
+        .subscribe(proto::provider_controls(&lattice, &name, &id))
         .await
         .context("subscribing to the control subject")?;
     let background = tokio::spawn(Arc::clone(&provider).run(ctx.clone()));
@@ -501,7 +509,7 @@ fn spawn_call<P: Provider>(
 /// Answers one control request (in the control envelope); returns whether it asks the
 /// provider to stop.
 async fn control_request(ctx: &Context, in_flight: &InFlight, message: Message) -> bool {
-    let verb = proto::parse_provider_control(&ctx.lattice, &ctx.id, &message.subject);
+    let verb = proto::parse_provider_control(&ctx.lattice, &ctx.name, &ctx.id, &message.subject);
     let (body, stop) = match verb {
         Ok(ProviderVerb::Stop) => (encode_reply(&Reply::ok(serde_json::json!({}))), true),
         Ok(ProviderVerb::Config) => (encode_reply(&Reply::ok(&*ctx.settings)), false),

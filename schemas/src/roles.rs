@@ -1,0 +1,425 @@
+//! The roles of a lattice and the NATS permissions each one needs: exactly its own subjects.
+//!
+//! A lattice runs as one NATS account; every process of it logs in as a user of that account
+//! whose permissions come from [`permissions`]. The rules are built from the same subject
+//! functions the processes use ([`crate::subject`], [`crate::dataplane`], [`crate::logs`]), so a
+//! subject that moves moves its permission with it.
+//!
+//! | role | publishes | serves / subscribes |
+//! |---|---|---|
+//! | [`Grant::Controller`] | facts, host and provider commands, the JetStream API | control requests, rollout signals |
+//! | [`Grant::Host`] | its own heartbeats, the facts a host reports, capability calls | its own commands, component calls |
+//! | [`Grant::Provider`] | `provider.started`/`stopped`, component calls | its own RPC and control subjects |
+//! | [`Grant::Operator`] | control requests, component calls, artifacts | logs |
+//! | [`Grant::Viewer`] | read-only control requests (`list`, `get`, …) | logs |
+//! | [`Grant::App`] | the application subjects of the messaging capability: anything outside Trellis and JetStream | the same |
+//! | [`Grant::Admin`] | everything | everything |
+//!
+//! Every role but the admin reads the streams it needs through ephemeral consumers (that is how
+//! JetStream is read) and nothing else of the JetStream API: only the controller (and the admin)
+//! creates, updates or deletes streams, buckets and consumers by name. The one exception is the
+//! key-value provider, which creates the bucket an assignment names on first use (it cannot
+//! update or delete a stream).
+
+use crate::capability::{Capability, subject_matches};
+use crate::control::CtlOp;
+use crate::dataplane;
+use crate::fact::FactKind;
+use crate::names::{HostId, Lattice, ProviderName};
+use crate::subject;
+
+/// A role, and the identity the permissions are cut to where the role has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    /// The controller: owns the streams and the lattice's state.
+    Controller,
+    /// One host: its heartbeats, its commands, the facts hosts report.
+    Host(HostId),
+    /// Every process of one provider.
+    Provider(ProviderName),
+    /// A person or script driving the lattice with the CLI.
+    Operator,
+    /// A person or dashboard that only looks.
+    Viewer,
+    /// The application side of the messaging capability: what components publish and subscribe
+    /// to through it, on a connection of its own.
+    App,
+    /// Everything, for the `nats` CLI of whoever runs the server.
+    Admin,
+}
+
+impl Grant {
+    /// The role's name: `controller`, `host`, `provider`, `operator`, `viewer`, `app`, `admin`.
+    pub fn role(&self) -> &'static str {
+        match self {
+            Grant::Controller => "controller",
+            Grant::Host(_) => "host",
+            Grant::Provider(_) => "provider",
+            Grant::Operator => "operator",
+            Grant::Viewer => "viewer",
+            Grant::App => "app",
+            Grant::Admin => "admin",
+        }
+    }
+
+    /// A file-name-safe name of this grant: `controller`, `host-<id>`, `provider-<name>`, ….
+    pub fn file_stem(&self) -> String {
+        match self {
+            Grant::Host(id) => format!("host-{id}"),
+            Grant::Provider(name) => format!("provider-{name}"),
+            other => other.role().to_owned(),
+        }
+    }
+}
+
+/// Subjects allowed and denied in one direction. A denial wins over any allowance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rules {
+    /// Subjects (with wildcards) allowed.
+    pub allow: Vec<String>,
+    /// Subjects (with wildcards) denied, even where an allowance matches.
+    pub deny: Vec<String>,
+}
+
+/// A user's NATS permissions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Permissions {
+    /// What it may publish.
+    pub publish: Rules,
+    /// What it may subscribe to.
+    pub subscribe: Rules,
+}
+
+impl Permissions {
+    /// Whether `subject` may be published: an allowance matches and no denial does.
+    pub fn may_publish(&self, subject: &str) -> bool {
+        permitted(&self.publish, subject)
+    }
+
+    /// Whether a message on the concrete `subject` may be received.
+    pub fn may_subscribe(&self, subject: &str) -> bool {
+        permitted(&self.subscribe, subject)
+    }
+}
+
+fn permitted(rules: &Rules, subject: &str) -> bool {
+    rules.allow.iter().any(|p| subject_matches(p, subject))
+        && !rules.deny.iter().any(|p| subject_matches(p, subject))
+}
+
+/// The JetStream API prefix.
+const JS_API: &str = "$JS.API";
+
+/// What a reader of stream `stream` needs: its info, ephemeral consumers on it (created with a
+/// name or without), their flow control and message gets.
+fn stream_reader(stream: &str, publish: &mut Vec<String>) {
+    publish.extend([
+        format!("{JS_API}.STREAM.INFO.{stream}"),
+        format!("{JS_API}.CONSUMER.CREATE.{stream}"),
+        format!("{JS_API}.CONSUMER.CREATE.{stream}.>"),
+        format!("{JS_API}.CONSUMER.INFO.{stream}.*"),
+        format!("{JS_API}.STREAM.MSG.GET.{stream}"),
+        format!("{JS_API}.DIRECT.GET.{stream}"),
+        format!("{JS_API}.DIRECT.GET.{stream}.>"),
+        format!("$JS.FC.{stream}.>"),
+    ]);
+}
+
+/// What reading and writing the artifact object store needs, beyond reading it.
+fn artifact_writer(lattice: &Lattice, publish: &mut Vec<String>) {
+    publish.push(format!("$O.{}.>", subject::artifact_bucket(lattice)));
+}
+
+/// The artifact object store's stream.
+fn artifact_stream(lattice: &Lattice) -> String {
+    format!("OBJ_{}", subject::artifact_bucket(lattice))
+}
+
+/// The facts a host reports: about itself, the instances it runs, the providers it supervises
+/// (and embeds), and the revocation of grants made for an instance that ended.
+pub const HOST_FACTS: &[FactKind] = &[
+    FactKind::InstanceStarted,
+    FactKind::InstanceStartFailed,
+    FactKind::InstanceStopped,
+    FactKind::InstanceCrashed,
+    FactKind::InstanceRestarting,
+    FactKind::InstanceGaveUp,
+    FactKind::ProviderStartFailed,
+    FactKind::ProviderCrashed,
+    FactKind::AssignmentRevoked,
+];
+
+/// The facts a provider process reports about itself.
+pub const PROVIDER_FACTS: &[FactKind] = &[FactKind::ProviderStarted, FactKind::ProviderStopped];
+
+/// Whether a control operation only reads (what a viewer may send).
+pub fn is_query(op: CtlOp) -> bool {
+    matches!(
+        op,
+        CtlOp::HostList
+            | CtlOp::HostGet
+            | CtlOp::LatticeStatus
+            | CtlOp::LatticeProjection
+            | CtlOp::ComponentList
+            | CtlOp::InstanceList
+            | CtlOp::InstanceGet
+            | CtlOp::InstanceLogs
+            | CtlOp::AssignmentList
+            | CtlOp::ProviderList
+            | CtlOp::RolloutGet
+            | CtlOp::RolloutList
+    )
+}
+
+/// The NATS permissions of `grant` in `lattice`.
+pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
+    let l = lattice;
+    let inbox = "_INBOX.>".to_owned();
+    let events = subject::events_stream(l);
+    let heartbeats = subject::heartbeat_stream(l);
+    let mut publish = vec![inbox.clone()];
+    let mut subscribe = vec![inbox];
+    let mut deny_publish = Vec::new();
+    match grant {
+        Grant::Admin => {
+            return Permissions {
+                publish: Rules {
+                    allow: vec![">".into()],
+                    deny: Vec::new(),
+                },
+                subscribe: Rules {
+                    allow: vec![">".into()],
+                    deny: Vec::new(),
+                },
+            };
+        }
+        Grant::Controller => {
+            publish.extend([
+                subject::events_all(l),
+                dataplane::host_commands_all(l),
+                dataplane::provider_controls_all(l),
+                subject::drive_all(l),
+                format!("{JS_API}.>"),
+                "$JS.FC.>".into(),
+                "$JS.ACK.>".into(),
+            ]);
+            artifact_writer(l, &mut publish);
+            subscribe.extend([
+                subject::ctl_all(l),
+                subject::drive_all(l),
+                subject::heartbeats_all(l),
+                crate::logs::all_instance_logs(l),
+            ]);
+        }
+        Grant::Host(host) => {
+            publish.push(subject::heartbeat(l, host));
+            publish.extend(
+                [FactKind::HostStarted, FactKind::HostStopped]
+                    .map(|kind| subject::event(l, kind, host.as_str())),
+            );
+            publish.extend(HOST_FACTS.iter().map(|k| subject::events_of_kind(l, *k)));
+            publish.push(dataplane::provider_rpc_all(l));
+            publish.extend(dataplane::components_all(l));
+            publish.push(crate::logs::all_instance_logs(l));
+            for stream in [&events, &heartbeats, &artifact_stream(l)] {
+                stream_reader(stream, &mut publish);
+            }
+            publish.push(format!("{JS_API}.INFO"));
+            subscribe.push(dataplane::host_commands(l, host));
+            subscribe.extend(dataplane::components_all(l));
+        }
+        Grant::Provider(name) => {
+            publish.extend(
+                PROVIDER_FACTS
+                    .iter()
+                    .map(|k| subject::events_of_kind(l, *k)),
+            );
+            publish.extend(dataplane::components_all(l));
+            for stream in [&events, &heartbeats, &artifact_stream(l)] {
+                stream_reader(stream, &mut publish);
+            }
+            publish.push(format!("{JS_API}.INFO"));
+            if name.as_str() == Capability::KeyValue.default_provider() {
+                // Buckets: created on first use, read and written; never updated or deleted.
+                publish.extend([
+                    format!("{JS_API}.STREAM.CREATE.*"),
+                    format!("{JS_API}.STREAM.INFO.*"),
+                    format!("{JS_API}.STREAM.MSG.GET.*"),
+                    format!("{JS_API}.DIRECT.GET.>"),
+                    format!("{JS_API}.CONSUMER.CREATE.>"),
+                    "$KV.>".into(),
+                ]);
+            }
+            subscribe.extend([
+                dataplane::provider_rpc_of(l, name),
+                dataplane::provider_controls_of(l, name),
+            ]);
+        }
+        Grant::Operator | Grant::Viewer => {
+            let operator = matches!(grant, Grant::Operator);
+            if operator {
+                publish.push(subject::ctl_all(l));
+                publish.extend(dataplane::components_all(l));
+                publish.push(dataplane::provider_controls_all(l));
+                stream_reader(&artifact_stream(l), &mut publish);
+                artifact_writer(l, &mut publish);
+            } else {
+                publish.extend(
+                    CtlOp::ALL
+                        .iter()
+                        .filter(|op| is_query(**op))
+                        .map(|op| subject::ctl(l, *op)),
+                );
+            }
+            for stream in [&events, &heartbeats] {
+                stream_reader(stream, &mut publish);
+            }
+            publish.push(format!("{JS_API}.INFO"));
+            // Facts as they are published (`--wait`, `events --follow`) and logs.
+            subscribe.push(subject::events_all(l));
+            subscribe.push(crate::logs::all_instance_logs(l));
+        }
+        Grant::App => {
+            let reserved = [
+                "trellis.>".to_owned(),
+                "$JS.>".into(),
+                "$KV.>".into(),
+                "$O.>".into(),
+                "$SYS.>".into(),
+            ];
+            return Permissions {
+                publish: Rules {
+                    allow: vec![">".into()],
+                    deny: reserved.to_vec(),
+                },
+                subscribe: Rules {
+                    allow: vec![">".into()],
+                    deny: reserved.to_vec(),
+                },
+            };
+        }
+    }
+    if !matches!(grant, Grant::Controller) {
+        // Belt and braces: whatever the allowances say, no role but the controller manages
+        // streams or consumers by name, or deletes anything.
+        deny_publish.extend(
+            [
+                "STREAM.DELETE.>",
+                "STREAM.UPDATE.>",
+                "STREAM.PURGE.>",
+                "STREAM.MSG.DELETE.>",
+                "CONSUMER.DELETE.>",
+                "CONSUMER.DURABLE.CREATE.>",
+                "ACCOUNT.PURGE.>",
+                "STREAM.RESTORE.>",
+                "STREAM.SNAPSHOT.>",
+            ]
+            .map(|rest| format!("{JS_API}.{rest}")),
+        );
+    }
+    Permissions {
+        publish: Rules {
+            allow: publish,
+            deny: deny_publish,
+        },
+        subscribe: Rules {
+            allow: subscribe,
+            deny: Vec::new(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::{HostVerb, ProviderVerb};
+    use crate::names::{ComponentName, InstanceId, ProviderId};
+
+    fn l() -> Lattice {
+        Lattice::new("prod").unwrap()
+    }
+
+    #[test]
+    fn a_host_reports_only_what_hosts_report() {
+        let h1 = HostId::new("h1").unwrap();
+        let h2 = HostId::new("h2").unwrap();
+        let p = permissions(&l(), &Grant::Host(h1.clone()));
+        assert!(p.may_publish(&subject::heartbeat(&l(), &h1)));
+        assert!(!p.may_publish(&subject::heartbeat(&l(), &h2)));
+        assert!(p.may_publish(&subject::event(&l(), FactKind::HostStarted, "h1")));
+        assert!(!p.may_publish(&subject::event(&l(), FactKind::HostStarted, "h2")));
+        assert!(p.may_publish(&subject::event(&l(), FactKind::InstanceCrashed, "01J")));
+        assert!(!p.may_publish(&subject::event(&l(), FactKind::AssignmentGranted, "a1")));
+        assert!(!p.may_publish(&subject::event(&l(), FactKind::HostLost, "h2")));
+        assert!(p.may_subscribe(&dataplane::host_command(&l(), &h1, HostVerb::InstanceStart)));
+        assert!(!p.may_subscribe(&dataplane::host_command(&l(), &h2, HostVerb::InstanceStart)));
+        assert!(!p.may_publish(&dataplane::host_command(&l(), &h2, HostVerb::InstanceStart)));
+        assert!(!p.may_publish(&subject::ctl(&l(), CtlOp::InstanceStart)));
+        assert!(!p.may_publish("$JS.API.STREAM.DELETE.TRELLIS_EVENTS_PROD"));
+        assert!(!p.may_publish("$JS.API.STREAM.CREATE.TRELLIS_EVENTS_PROD"));
+        assert!(p.may_publish("$JS.API.CONSUMER.CREATE.TRELLIS_EVENTS_PROD.x.y"));
+    }
+
+    #[test]
+    fn a_provider_serves_only_its_own_subjects() {
+        let kv = ProviderName::new("kv").unwrap();
+        let messaging = ProviderName::new("messaging").unwrap();
+        let id = ProviderId::generate();
+        let p = permissions(&l(), &Grant::Provider(messaging.clone()));
+        let rpc = |name| dataplane::provider_rpc(&l(), name, Capability::KeyValue);
+        assert!(p.may_subscribe(&rpc(&messaging)));
+        assert!(!p.may_subscribe(&rpc(&kv)));
+        let stop = |name| dataplane::provider_control(&l(), name, &id, ProviderVerb::Stop);
+        assert!(p.may_subscribe(&stop(&messaging)));
+        assert!(!p.may_subscribe(&stop(&kv)));
+        assert!(p.may_publish(&subject::event(
+            &l(),
+            FactKind::ProviderStarted,
+            id.as_str()
+        )));
+        assert!(!p.may_publish(&subject::event(&l(), FactKind::InstanceStarted, "01J")));
+        let web = ComponentName::new("web").unwrap();
+        assert!(p.may_publish(&dataplane::component(&l(), &web, dataplane::Op::Call)));
+        assert!(!p.may_publish("$JS.API.STREAM.CREATE.KV_x"));
+        let kv = permissions(&l(), &Grant::Provider(kv));
+        assert!(kv.may_publish("$JS.API.STREAM.CREATE.KV_x"));
+        assert!(!kv.may_publish("$JS.API.STREAM.DELETE.KV_x"));
+        assert!(!kv.may_publish("$JS.API.STREAM.UPDATE.KV_x"));
+    }
+
+    #[test]
+    fn operators_drive_viewers_look() {
+        let op = permissions(&l(), &Grant::Operator);
+        let viewer = permissions(&l(), &Grant::Viewer);
+        let start = subject::ctl(&l(), CtlOp::InstanceStart);
+        let list = subject::ctl(&l(), CtlOp::InstanceList);
+        assert!(op.may_publish(&start) && op.may_publish(&list));
+        assert!(!viewer.may_publish(&start) && viewer.may_publish(&list));
+        let fact = subject::event(&l(), FactKind::InstanceStarted, "01J");
+        assert!(!op.may_publish(&fact) && !viewer.may_publish(&fact));
+        let h1 = HostId::new("h1").unwrap();
+        let cmd = dataplane::host_command(&l(), &h1, HostVerb::InstanceStart);
+        assert!(!op.may_publish(&cmd) && !viewer.may_publish(&cmd));
+        let instance = InstanceId::generate();
+        assert!(viewer.may_subscribe(&crate::logs::instance_logs(&l(), &instance)));
+        assert!(is_query(CtlOp::RolloutList) && !is_query(CtlOp::RolloutStart));
+    }
+
+    #[test]
+    fn only_the_controller_manages_streams() {
+        let delete = "$JS.API.STREAM.DELETE.TRELLIS_EVENTS_PROD";
+        for grant in [
+            Grant::Host(HostId::new("h1").unwrap()),
+            Grant::Provider(ProviderName::new("kv").unwrap()),
+            Grant::Operator,
+            Grant::Viewer,
+            Grant::App,
+        ] {
+            assert!(!permissions(&l(), &grant).may_publish(delete), "{grant:?}");
+        }
+        assert!(permissions(&l(), &Grant::Controller).may_publish(delete));
+        let app = permissions(&l(), &Grant::App);
+        assert!(app.may_publish("orders.new") && app.may_subscribe("orders.>"));
+        assert!(!app.may_subscribe("trellis.rpc.v1.prod.provider.kv.kv"));
+    }
+}
