@@ -233,7 +233,10 @@ mod tests {
             assert!(config.contains(&user.public_key), "{}", user.name);
         }
         assert!(
-            config.contains(r#""trellis.hb.v1.prod.h1""#),
+            config.contains(&format!(
+                "{:?}",
+                trellis_schemas::subject::heartbeat(&l, &hosts[0])
+            )),
             "a host's heartbeat subject: {config}"
         );
         let names: Vec<&str> = first.users.iter().map(|u| u.name.as_str()).collect();

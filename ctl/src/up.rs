@@ -20,7 +20,7 @@ use trellis_schemas::control::{
     HostListRequest, InstanceListRequest, InstanceStartRequest, ProviderListRequest,
 };
 use trellis_schemas::{
-    HostId, InstanceRecord, InstanceStatus, Lattice, ProviderStatus, RestartPolicy,
+    HostId, InstanceRecord, InstanceStatus, Lattice, ProviderName, ProviderStatus, RestartPolicy,
 };
 
 use crate::cli::Failure;
@@ -74,6 +74,11 @@ pub struct UpArgs {
     #[arg(long, env = "TRELLIS_UI_ADDR", default_value = "127.0.0.1:7700", value_parser = parse_ui)]
     // Spelled out so that clap does not treat it as an optional argument: `off` parses to None.
     ui: ::std::option::Option<std::net::SocketAddr>,
+    /// Run the lattice secured: credentials for every role (as `trellis creds` makes them, in
+    /// `<data dir>/creds`) and a nats-server that enforces them, so that each process may use
+    /// only its own subjects. Needs the nats-server `trellis up` starts (no --nats).
+    #[arg(long)]
+    secure: bool,
 }
 
 fn parse_ui(s: &str) -> Result<Option<std::net::SocketAddr>, String> {
@@ -186,6 +191,7 @@ impl Proc {
         program: &Path,
         args: &[String],
         logs: &Path,
+        env: &[(&str, String)],
     ) -> Result<Self, Failure> {
         let log = logs.join(format!("{name}.log"));
         let file = std::fs::File::create(&log)
@@ -197,6 +203,7 @@ impl Proc {
         command
             .args(args)
             .envs(trellis_bus::connect_env())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err_file)
@@ -229,6 +236,21 @@ impl Proc {
                 println!("  {:<11} killed after {grace:?}", self.name);
             }
         }
+    }
+}
+
+/// The credentials of a secured `trellis up`.
+struct Secured {
+    /// The directory `trellis creds` wrote.
+    dir: PathBuf,
+    /// The nats-server configuration in it.
+    config: PathBuf,
+}
+
+impl Secured {
+    /// The key file of a user (`controller`, `host-<id>`, `operator`, …).
+    fn key(&self, user: &str) -> PathBuf {
+        self.dir.join(format!("{user}.nk"))
     }
 }
 
@@ -431,12 +453,46 @@ async fn start_and_wait(
     logs: &Path,
     procs: &mut Vec<Proc>,
 ) -> Result<(), Failure> {
+    let host_id = args.host_id.clone().unwrap_or_else(HostId::generate);
+    let providers = providers_to_run(args)?;
+    let creds = if args.secure {
+        if nats_url.is_some() {
+            return Err(Failure {
+                code: 2,
+                message: "--secure configures the nats-server `trellis up` starts; without --nats, or secure your own server with `trellis creds`".into(),
+            });
+        }
+        let names: Vec<ProviderName> = crate::creds::DEFAULT_PROVIDERS
+            .iter()
+            .filter_map(|n| ProviderName::new(*n).ok())
+            .collect();
+        let written = crate::creds::write(
+            &dir.join("creds"),
+            lattice,
+            std::slice::from_ref(&host_id),
+            &names,
+        )
+        .map_err(fail)?;
+        Some(Secured {
+            dir: dir.join("creds"),
+            config: written.config,
+        })
+    } else {
+        None
+    };
+    // `--creds <file of role>` in secure mode, nothing otherwise.
+    let creds_of = |role: &str| -> Vec<String> {
+        match &creds {
+            Some(c) => vec!["--creds".into(), c.key(role).display().to_string()],
+            None => Vec::new(),
+        }
+    };
     let (url, store) = match nats_url {
         Some(url) => (url, None),
         None => {
             let port = free_port()?;
             let store = dir.join("jetstream");
-            let nats_args: Vec<String> = vec![
+            let mut nats_args: Vec<String> = vec![
                 "-a".into(),
                 "127.0.0.1".into(),
                 "-p".into(),
@@ -445,7 +501,11 @@ async fn start_and_wait(
                 "-sd".into(),
                 store.display().to_string(),
             ];
-            let nats = Proc::spawn("nats", &args.nats_server, &nats_args, logs)
+            if let Some(creds) = &creds {
+                nats_args.push("-c".into());
+                nats_args.push(creds.config.display().to_string());
+            }
+            let nats = Proc::spawn("nats", &args.nats_server, &nats_args, logs, &[])
                 .await
                 .map_err(|f| {
                     fail(format!(
@@ -463,7 +523,8 @@ async fn start_and_wait(
     };
 
     let me = std::env::current_exe().map_err(|e| fail(format!("cannot find own binary: {e}")))?;
-    let controller_args: Vec<String> = vec![
+    let mut controller_args = creds_of("controller");
+    controller_args.extend([
         "--nats".into(),
         url.clone(),
         "--lattice".into(),
@@ -471,18 +532,51 @@ async fn start_and_wait(
         "controller".into(),
         "--host-timeout".into(),
         humantime::format_duration(args.host_timeout).to_string(),
-    ];
-    procs.push(Proc::spawn("controller", &me, &controller_args, logs).await?);
+    ]);
+    procs.push(Proc::spawn("controller", &me, &controller_args, logs, &[]).await?);
+    let client_creds = creds.as_ref().map(|c| trellis_bus::ConnectArgs {
+        creds: Some(c.key("operator")),
+        ..trellis_bus::connect_args().clone()
+    });
+    let connect = |name: &'static str| {
+        let url = url.clone();
+        let args = client_creds
+            .clone()
+            .unwrap_or_else(|| trellis_bus::connect_args().clone());
+        async move { trellis_bus::connect_with(&url, name, true, &args).await }
+    };
+    if creds.is_some() {
+        // Only the controller may create the lattice's streams: the others start once it has.
+        let nats = connect("trellis up").await?;
+        let js = trellis_bus::jetstream(nats);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while trellis_bus::events_stream_state(&js, lattice)
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                return Err(fail(format!(
+                    "the controller did not set up the lattice's streams within 30s; logs are in {}",
+                    logs.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 
-    let host_id = args.host_id.clone().unwrap_or_else(HostId::generate);
-    let mut host_args: Vec<String> = vec![
+    let mut host_args = creds_of(&format!("host-{host_id}"));
+    host_args.extend([
         "--nats".into(),
         url.clone(),
         "--lattice".into(),
         lattice.to_string(),
         "--host-id".into(),
         host_id.to_string(),
-    ];
+    ]);
+    if let Some(c) = &creds {
+        host_args.push("--provider-creds".into());
+        host_args.push(c.dir.display().to_string());
+    }
     for (k, v) in &args.host_labels {
         host_args.push("--label".into());
         host_args.push(format!("{k}={v}"));
@@ -491,15 +585,20 @@ async fn start_and_wait(
         .host_bin
         .clone()
         .unwrap_or_else(|| sibling_binary("trellis-host"));
-    procs.push(Proc::spawn("host", &host_bin, &host_args, logs).await?);
-    let providers = providers_to_run(args)?;
+    procs.push(Proc::spawn("host", &host_bin, &host_args, logs, &[]).await?);
     for (name, path) in &providers {
-        let provider_args: Vec<String> = vec![
+        let mut provider_args = creds_of(&format!("provider-{name}"));
+        provider_args.extend([
             "--nats".into(),
             url.clone(),
             "--lattice".into(),
             lattice.to_string(),
-        ];
+        ]);
+        let app = creds.as_ref().map(|c| c.key("app").display().to_string());
+        let env: Vec<(&str, String)> = app
+            .into_iter()
+            .map(|a| (trellis_bus::ENV_APP_CREDS, a))
+            .collect();
         let label: &'static str = match name.as_str() {
             "kv" => "kv",
             "http-server" => "http-server",
@@ -507,7 +606,7 @@ async fn start_and_wait(
             "messaging" => "messaging",
             _ => "provider",
         };
-        procs.push(Proc::spawn(label, path, &provider_args, logs).await?);
+        procs.push(Proc::spawn(label, path, &provider_args, logs, &env).await?);
     }
     let mut dashboard = None;
     if let Some(addr) = args.ui {
@@ -515,7 +614,8 @@ async fn start_and_wait(
         match std::net::TcpListener::bind(addr) {
             Ok(probe) => {
                 drop(probe);
-                let ui_args: Vec<String> = vec![
+                let mut ui_args = creds_of("viewer");
+                ui_args.extend([
                     "--nats".into(),
                     url.clone(),
                     "--lattice".into(),
@@ -523,8 +623,8 @@ async fn start_and_wait(
                     "ui".into(),
                     "--listen".into(),
                     addr.to_string(),
-                ];
-                procs.push(Proc::spawn("ui", &me, &ui_args, logs).await?);
+                ]);
+                procs.push(Proc::spawn("ui", &me, &ui_args, logs, &[]).await?);
                 dashboard = Some(format!("http://{addr}/"));
             }
             Err(e) => eprintln!(
@@ -534,7 +634,7 @@ async fn start_and_wait(
     }
 
     // Wait until the controller answers and lists the host.
-    let nats = trellis_bus::connect(&url, "trellis up", true).await?;
+    let nats = connect("trellis up").await?;
     let client = CtlClient::new(nats, lattice.clone(), Duration::from_secs(2));
     let deadline = Instant::now() + Duration::from_secs(60);
     let hosts = loop {
@@ -624,6 +724,20 @@ async fn start_and_wait(
         println!("  dashboard   {dashboard}");
     }
     println!();
+    if let Some(c) = &creds {
+        println!(
+            "  secured     every process has its own credentials in {} (nats-server config {})",
+            c.dir.display(),
+            c.config.display()
+        );
+        println!();
+    }
+    // The CLI hints log in as the operator in a secured lattice.
+    let url = match &creds {
+        Some(c) => format!("{url} --creds {}", c.key("operator").display()),
+        None => url,
+    };
+    let plain_url = url.split(' ').next().unwrap_or_default().to_owned();
     println!("Try:");
     println!("  trellis --nats {url} host ls");
     if let Some(d) = &deployed {
@@ -641,9 +755,20 @@ async fn start_and_wait(
     if let Some(d) = &deployed {
         println!("  trellis --nats {url} logs {} --follow", d.name);
     }
-    println!("  nats --server {url} req trellis.ctl.v1.{lattice}.lattice.status '{{}}'");
+    match &creds {
+        Some(c) => println!(
+            "  nats --server {plain_url} --nkey {} req trellis.ctl.v1.{lattice}.lattice.status '{{}}'",
+            c.key("operator").display()
+        ),
+        None => println!(
+            "  nats --server {plain_url} req trellis.ctl.v1.{lattice}.lattice.status '{{}}'"
+        ),
+    }
     println!();
-    println!("TRELLIS_NATS_URL={url}");
+    println!("TRELLIS_NATS_URL={plain_url}");
+    if let Some(c) = &creds {
+        println!("TRELLIS_CREDS={}", c.key("operator").display());
+    }
     println!("Press Ctrl-C to stop.");
 
     // Run until asked to stop, or until a child dies unexpectedly.

@@ -93,12 +93,13 @@ struct Up {
     started: Vec<Seen>,
 }
 
-/// Starts `trellis up` with one provider of its own, waits until it is up, has its host start and
-/// supervise a second provider, and records every process under it.
-async fn start_up() -> Up {
+/// Starts `trellis up` (`--secure` when `secure`) with one provider of its own, waits until it is
+/// up, has its host start and supervise a second provider, and records every process under it.
+async fn start_up(secure: bool) -> Up {
     let mut child = Command::new(bin("trellis"))
         .args(["up", "--host-id", "up-host", "--providers", "kv", "--ui"])
         .arg(format!("127.0.0.1:{}", trellis_tests::free_port()))
+        .args(secure.then_some("--secure"))
         .env_remove("TRELLIS_NATS_URL")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -115,15 +116,28 @@ async fn start_up() -> Up {
             }
         }
     });
-    let url = loop {
+    let mut url = None;
+    let mut creds = None;
+    while url.is_none() || (secure && creds.is_none()) {
         let line = lines
             .recv_timeout(Duration::from_secs(90))
-            .expect("trellis up prints its URL once the lattice is up");
-        if let Some(url) = line.strip_prefix("TRELLIS_NATS_URL=") {
-            break url.to_owned();
+            .expect("trellis up prints its URL (and credentials) once the lattice is up");
+        if let Some(u) = line.strip_prefix("TRELLIS_NATS_URL=") {
+            url = Some(u.to_owned());
         }
-    };
-    let (code, _, err) = cli_at(&url, &["provider", "start", "messaging", "--wait"]);
+        if let Some(c) = line.strip_prefix("TRELLIS_CREDS=") {
+            creds = Some(c.to_owned());
+        }
+    }
+    let url = url.unwrap();
+    let mut start = vec!["provider", "start", "messaging", "--wait"];
+    if let Some(creds) = &creds {
+        // Secured: the operator's key works, no key at all does not.
+        let (code, _, err) = cli_at(&url, &["host", "ls"]);
+        assert_eq!(code, 4, "no credentials, no lattice: {err}");
+        start.extend(["--creds", creds.as_str()]);
+    }
+    let (code, _, err) = cli_at(&url, &start);
     assert_eq!(code, 0, "the host starts a provider: {err}");
 
     let up_pid = child.id() as i32;
@@ -180,6 +194,7 @@ fn port_of(url: &str) -> u16 {
     url.rsplit(':').next().unwrap().parse().unwrap()
 }
 
+/// Secured (`--secure`), as `scripts/up` runs it: the same processes, each with its own key.
 #[tokio::test]
 async fn trellis_up_stops_everything_in_order_on_sigterm() {
     let Up {
@@ -187,7 +202,7 @@ async fn trellis_up_stops_everything_in_order_on_sigterm() {
         lines,
         url,
         started,
-    } = start_up().await;
+    } = start_up(true).await;
 
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     let status = wait_for(
@@ -235,7 +250,7 @@ async fn nothing_trellis_up_started_outlives_a_sigkill() {
         url,
         started,
         ..
-    } = start_up().await;
+    } = start_up(false).await;
 
     child.kill().unwrap();
     child.wait().unwrap();
