@@ -28,6 +28,7 @@
 #![deny(missing_docs)]
 
 mod artifacts;
+pub mod audit;
 mod auth;
 mod child;
 mod connect;

@@ -104,6 +104,9 @@ enum Command {
     /// Issuer keys that sign components.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Print audit events: control requests with their caller and outcome, grants, revokes
+    /// and refused calls.
+    Audit(crate::audit::AuditArgs),
     /// Make the credentials of a secured lattice: a user key per role (controller, each host,
     /// each provider, operator, viewer, app, admin) and the nats-server configuration that
     /// gives each role only its own subjects.
@@ -128,6 +131,16 @@ struct ControllerArgs {
     /// Serve the web dashboard (as `trellis ui`) on this address too, e.g. `127.0.0.1:7700`.
     #[arg(long, env = "TRELLIS_CONTROLLER_UI")]
     ui: Option<std::net::SocketAddr>,
+    /// The oldest audit event the audit stream keeps (`30d`, `12h`); never unbounded.
+    #[arg(long, env = "TRELLIS_AUDIT_MAX_AGE", default_value = "30d", value_parser = humantime::parse_duration)]
+    audit_max_age: Duration,
+    /// The most the audit stream keeps (`1GiB`); the oldest events go first.
+    #[arg(long, env = "TRELLIS_AUDIT_MAX_BYTES", default_value = "1GiB", value_parser = trellis_schemas::manifest::parse_size)]
+    audit_max_bytes: u64,
+    /// The users of a secured lattice (`users.json`, written by `trellis creds`), so that the
+    /// audit stream names the caller of each control request by name and role.
+    #[arg(long, env = "TRELLIS_USERS", value_name = "FILE")]
+    users: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -284,6 +297,7 @@ fn command_name(command: &Command) -> String {
         Command::Ui(_) => "ui",
         Command::Key(_) => "key",
         Command::Creds(_) => "creds",
+        Command::Audit(_) => "audit",
     };
     format!("trellis {name}")
 }
@@ -300,6 +314,21 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             config.host_timeout = args.host_timeout;
             config.streams.replicas = args.replicas.map(usize::from);
             config.metrics = args.metrics;
+            config.audit = trellis_bus::audit::AuditRetention {
+                max_age: args.audit_max_age,
+                max_bytes: args.audit_max_bytes,
+            };
+            config.audit.check().map_err(|e| failure(2, e))?;
+            if let Some(path) = &args.users {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| failure(2, format!("--users {}: {e}", path.display())))?;
+                config.users = serde_json::from_str(&text).map_err(|e| {
+                    failure(
+                        2,
+                        format!("--users {}: not a users file: {e}", path.display()),
+                    )
+                })?;
+            }
             if let Some(id) = args.replica_id {
                 config.replica_id = id;
             }
@@ -373,6 +402,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Ui(args) => crate::ui::run(&g, args).await,
         Command::Key(KeyCommand::New { out }) => key_new(&g, &out),
         Command::Creds(args) => creds(&g, args),
+        Command::Audit(args) => crate::audit::audit(&g, args).await,
     }
 }
 
@@ -677,43 +707,62 @@ fn host_row(h: &HostView) -> Vec<String> {
 }
 
 async fn events(g: &Global, args: EventsArgs) -> Result<(), Failure> {
-    let nats = trellis_bus::connect(&g.url(), "trellis events", false).await?;
-    let js = trellis_bus::jetstream(nats.clone());
-    let state = trellis_bus::events_stream_state(&js, &g.lattice)
-        .await
-        .map_err(|e| {
-            failure(
-                4,
-                format!("{e}; has a Trellis process run on lattice {}?", g.lattice),
-            )
-        })?;
-    let tip = state.last_sequence;
     let filter = match (&args.kind, &args.host) {
         (Some(kind), _) => Some(subject::events_of_kind(&g.lattice, *kind)),
         (None, Some(host)) => Some(subject::events_of_host(&g.lattice, host)),
         (None, None) => None,
     };
-    let start = args
-        .from_seq
-        .map(StartAt::Sequence)
-        .unwrap_or(StartAt::Beginning);
-    if !args.follow && (state.messages == 0 || args.from_seq.is_some_and(|s| s > tip)) {
-        return Ok(());
-    }
-    let mut reader = FactStream::open(
-        &nats,
-        &js,
+    let mut table_header = g.output == Output::Table;
+    read_stream(
+        g,
         &subject::events_stream(&g.lattice),
         filter,
-        start,
+        args.follow,
+        args.from_seq,
+        |seq, payload| print_fact(g.output, seq, payload, &mut table_header),
     )
     .await
-    .map_err(|e| failure(1, e.to_string()))?;
-    let mut table_header = g.output == Output::Table;
+}
+
+/// Prints the messages of one of the lattice's streams (`filter`ed), from `from_seq` or the
+/// oldest kept, up to the tip as it is now, or on and on with `follow`.
+pub(crate) async fn read_stream(
+    g: &Global,
+    stream: &str,
+    filter: Option<String>,
+    follow: bool,
+    from_seq: Option<u64>,
+    mut print: impl FnMut(u64, &[u8]) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let nats = trellis_bus::connect(&g.url(), "trellis events", false).await?;
+    let js = trellis_bus::jetstream(nats.clone());
+    let state = stream_state(&js, stream).await.map_err(|e| {
+        if e.starts_with("permission denied") {
+            failure(5, e)
+        } else {
+            failure(
+                4,
+                format!(
+                    "{e}; has a Trellis controller run on lattice {}?",
+                    g.lattice
+                ),
+            )
+        }
+    })?;
+    let tip = state.last_sequence;
+    let start = from_seq
+        .map(StartAt::Sequence)
+        .unwrap_or(StartAt::Beginning);
+    if !follow && (state.messages == 0 || from_seq.is_some_and(|s| s > tip)) {
+        return Ok(());
+    }
+    let mut reader = FactStream::open(&nats, &js, stream, filter, start)
+        .await
+        .map_err(|e| failure(1, e.to_string()))?;
     // Without --follow, stop at the tip as it was when we started. A filtered reader may never see
     // the tip's message, so an idle period also ends it.
     loop {
-        let next = if args.follow {
+        let next = if follow {
             reader.next().await
         } else {
             match tokio::time::timeout(Duration::from_secs(1), reader.next()).await {
@@ -723,9 +772,29 @@ async fn events(g: &Global, args: EventsArgs) -> Result<(), Failure> {
         };
         let Some(message) = next else { return Ok(()) };
         let raw = message.map_err(|e| failure(1, e.to_string()))?;
-        print_fact(g.output, raw.seq, &raw.payload, &mut table_header)?;
-        if !args.follow && (raw.seq >= tip || raw.pending == 0) {
+        print(raw.seq, &raw.payload)?;
+        if !follow && (raw.seq >= tip || raw.pending == 0) {
             return Ok(());
+        }
+    }
+}
+
+/// The state of stream `name`; a refusal by NATS says so rather than timing out.
+async fn stream_state(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> Result<async_nats::jetstream::stream::State, String> {
+    let mut refusals = trellis_bus::permission_violations();
+    let api = format!("$JS.API.STREAM.INFO.{name}");
+    let info = async {
+        let mut stream = js.get_stream(name).await.map_err(|e| e.to_string())?;
+        let info = stream.info().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(info.state.clone())
+    };
+    tokio::select! {
+        state = info => state.map_err(|e| format!("JetStream stream {name}: {e}")),
+        refused = trellis_bus::refused(&mut refusals, &api) => {
+            Err(format!("permission denied: {refused}"))
         }
     }
 }

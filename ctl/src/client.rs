@@ -89,6 +89,7 @@ impl CtlClient {
                 traceparent.as_str(),
             );
         }
+        trellis_bus::audit::sign_request(&mut headers, subject, &body);
         let mut violations = trellis_bus::permission_violations();
         let request = self
             .nats

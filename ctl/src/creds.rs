@@ -37,9 +37,11 @@ pub struct CredsArgs {
 pub struct Written {
     /// The server configuration.
     pub config: PathBuf,
+    /// Who is who by public key, for `trellis controller --users`.
+    pub users_file: PathBuf,
     /// The NATS account of the lattice.
     pub account: String,
-    /// Each role's credentials: `(file stem, role, seed file, public key)`.
+    /// Each role's credentials.
     pub users: Vec<User>,
 }
 
@@ -121,8 +123,26 @@ pub fn write(
     let _ = writeln!(config, "    ]\n  }}\n}}");
     let path = dir.join("nats.conf");
     std::fs::write(&path, config).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    // Who is who, for the controller's audit events (`trellis controller --users`).
+    let known: std::collections::BTreeMap<&str, crate::controller::KnownUser> = users
+        .iter()
+        .map(|u| {
+            (
+                u.public_key.as_str(),
+                crate::controller::KnownUser {
+                    name: u.name.clone(),
+                    role: u.role.to_owned(),
+                },
+            )
+        })
+        .collect();
+    let users_file = dir.join("users.json");
+    let text = serde_json::to_string_pretty(&known).map_err(|e| e.to_string())?;
+    std::fs::write(&users_file, text)
+        .map_err(|e| format!("cannot write {}: {e}", users_file.display()))?;
     Ok(Written {
         config: path,
+        users_file,
         account,
         users,
     })

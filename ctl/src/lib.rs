@@ -7,6 +7,7 @@
 //! - [`logs`]: `trellis logs`.
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod capabilities;
 pub mod cli;
 pub mod client;

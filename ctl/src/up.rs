@@ -245,6 +245,8 @@ struct Secured {
     dir: PathBuf,
     /// The nats-server configuration in it.
     config: PathBuf,
+    /// Who is who, for the controller's audit events.
+    users: PathBuf,
 }
 
 impl Secured {
@@ -476,6 +478,7 @@ async fn start_and_wait(
         Some(Secured {
             dir: dir.join("creds"),
             config: written.config,
+            users: written.users_file,
         })
     } else {
         None
@@ -533,6 +536,10 @@ async fn start_and_wait(
         "--host-timeout".into(),
         humantime::format_duration(args.host_timeout).to_string(),
     ]);
+    if let Some(c) = &creds {
+        controller_args.push("--users".into());
+        controller_args.push(c.users.display().to_string());
+    }
     procs.push(Proc::spawn("controller", &me, &controller_args, logs, &[]).await?);
     let client_creds = creds.as_ref().map(|c| trellis_bus::ConnectArgs {
         creds: Some(c.key("operator")),

@@ -103,22 +103,7 @@ fn parse_issuer(s: &str) -> Result<String, String> {
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size such as 512MiB"))?;
-    let factor: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        other => return Err(format!("unknown unit {other:?}: use B, KiB, MiB or GiB")),
-    };
-    number
-        .checked_mul(factor)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    trellis_schemas::manifest::parse_size(s)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

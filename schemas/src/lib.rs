@@ -40,6 +40,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod capability;
 pub mod control;
 pub mod dataplane;

@@ -472,6 +472,17 @@ fn parse_bytes(value: &IntOrString) -> Option<u64> {
     }
 }
 
+/// Parses a size for a command line: `"64MiB"`, `"512 KiB"`, `"1GB"`, `"65536"`.
+///
+/// # Errors
+///
+/// Says what a size looks like.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    parse_byte_str(text).ok_or_else(|| {
+        format!("{text:?} is not a size such as 512MiB (units B, KiB, MiB, GiB, KB, MB, GB)")
+    })
+}
+
 /// Parses `"64MiB"`, `"512 KiB"`, `"1GB"`, `"65536"` or `"65536B"`.
 fn parse_byte_str(text: &str) -> Option<u64> {
     let text = text.trim();

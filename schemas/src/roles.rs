@@ -21,6 +21,7 @@
 //! key-value provider, which creates the bucket an assignment names on first use (it cannot
 //! update or delete a stream).
 
+use crate::audit::{self, AuditType};
 use crate::capability::{Capability, subject_matches};
 use crate::control::CtlOp;
 use crate::dataplane;
@@ -202,6 +203,7 @@ pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
                 format!("{JS_API}.>"),
                 "$JS.FC.>".into(),
                 "$JS.ACK.>".into(),
+                audit::subject_all(l),
             ]);
             artifact_writer(l, &mut publish);
             subscribe.extend([
@@ -221,6 +223,7 @@ pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
             publish.push(dataplane::provider_rpc_all(l));
             publish.extend(dataplane::components_all(l));
             publish.push(crate::logs::all_instance_logs(l));
+            publish.push(audit::subject(l, AuditType::Denied));
             for stream in [&events, &heartbeats, &artifact_stream(l)] {
                 stream_reader(stream, &mut publish);
             }
@@ -234,6 +237,7 @@ pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
                     .iter()
                     .map(|k| subject::events_of_kind(l, *k)),
             );
+            publish.push(audit::subject(l, AuditType::Denied));
             publish.extend(dataplane::components_all(l));
             for stream in [&events, &heartbeats, &artifact_stream(l)] {
                 stream_reader(stream, &mut publish);
@@ -263,6 +267,8 @@ pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
                 publish.push(dataplane::provider_controls_all(l));
                 stream_reader(&artifact_stream(l), &mut publish);
                 artifact_writer(l, &mut publish);
+                // The audit stream is the operator's to read (`trellis audit`), not the viewer's.
+                stream_reader(&audit::stream(l), &mut publish);
             } else {
                 publish.extend(
                     CtlOp::ALL
@@ -351,6 +357,8 @@ mod tests {
         assert!(p.may_publish(&subject::event(&l(), FactKind::InstanceCrashed, "01J")));
         assert!(!p.may_publish(&subject::event(&l(), FactKind::AssignmentGranted, "a1")));
         assert!(!p.may_publish(&subject::event(&l(), FactKind::HostLost, "h2")));
+        assert!(p.may_publish(&audit::subject(&l(), AuditType::Denied)));
+        assert!(!p.may_publish(&audit::subject(&l(), AuditType::Control)));
         assert!(p.may_subscribe(&dataplane::host_command(&l(), &h1, HostVerb::InstanceStart)));
         assert!(!p.may_subscribe(&dataplane::host_command(&l(), &h2, HostVerb::InstanceStart)));
         assert!(!p.may_publish(&dataplane::host_command(&l(), &h2, HostVerb::InstanceStart)));
@@ -403,6 +411,10 @@ mod tests {
         let instance = InstanceId::generate();
         assert!(viewer.may_subscribe(&crate::logs::instance_logs(&l(), &instance)));
         assert!(is_query(CtlOp::RolloutList) && !is_query(CtlOp::RolloutStart));
+        let read_audit = format!("$JS.API.CONSUMER.CREATE.{}", audit::stream(&l()));
+        assert!(op.may_publish(&read_audit) && !viewer.may_publish(&read_audit));
+        let denial = audit::subject(&l(), AuditType::Denied);
+        assert!(!op.may_publish(&denial) && !viewer.may_publish(&denial));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_nats::jetstream;
+use serde_json::{Value, json};
 use trellis_schemas::dataplane::{self, HostVerb};
 use trellis_schemas::{Capability, FactData, FactKind, HostId, ProviderName, subject};
 use trellis_tests::{Nats, Proc, bin, cli_at, facts_with, lattice, wait_for};
@@ -59,95 +60,140 @@ fn key(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.nk"))
 }
 
-#[tokio::test]
-async fn every_role_gets_only_its_own_subjects() {
-    let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("creds");
-    let l = lattice("roles");
-    // `trellis creds` needs no server: it writes keys and the server's configuration.
-    let (code, out, err) = cli_at(
-        "nats://127.0.0.1:1",
-        &[
-            "--lattice",
-            l.as_str(),
-            "creds",
-            creds.to_str().unwrap(),
-            "--host",
-            "h1",
-            "--host",
-            "h2",
-        ],
-    );
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(
-        out.contains("host-h1") && out.contains("provider-kv"),
-        "{out}"
-    );
-    let nats = Nats::start_with_args(&["-c", creds.join("nats.conf").to_str().unwrap()]).await;
-    let url = nats.url();
-    let common = |name: &str, rest: &[&str]| -> Vec<String> {
-        let k = key(&creds, name);
-        [
-            "--nats",
-            url.as_str(),
-            "--lattice",
-            l.as_str(),
-            "--creds",
-            k.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .chain(rest.iter().map(|s| (*s).to_owned()))
-        .collect()
-    };
-    let _controller = Proc::spawn(
-        "controller",
-        &bin("trellis"),
-        &common("controller", &["controller", "--host-timeout", "10s"]),
-        nats.logs(),
-    );
-    // A host may not create streams: it starts once the controller has (were it first, it
-    // would wait for them, after a refusal the server logs).
-    let admin = trellis_bus::ConnectArgs {
-        creds: Some(key(&creds, "admin")),
-        ..Default::default()
-    };
-    let admin_client = trellis_bus::connect_with(&url, "admin", false, &admin)
-        .await
-        .unwrap();
-    let admin_js = jetstream::new(admin_client);
-    wait_for(
-        "the controller to create the streams",
-        Duration::from_secs(30),
-        || async { trellis_bus::events_stream_state(&admin_js, &l).await.ok() },
-    )
-    .await;
-    let _host = Proc::spawn(
-        "host-h1",
-        &bin("trellis-host"),
-        &common(
-            "host-h1",
+/// A secured lattice: credentials from `trellis creds`, a nats-server enforcing them, a
+/// controller and a host `h1` each logged in with its own key.
+struct Secured {
+    _dir: tempfile::TempDir,
+    creds: PathBuf,
+    l: trellis_schemas::Lattice,
+    nats: Nats,
+    url: String,
+    _procs: Vec<Proc>,
+}
+
+impl Secured {
+    async fn start(name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("creds");
+        let l = lattice(name);
+        // `trellis creds` needs no server: it writes keys and the server's configuration.
+        let (code, out, err) = cli_at(
+            "nats://127.0.0.1:1",
             &[
-                "--host-id",
-                "h1",
-                "--heartbeat-interval",
-                "200ms",
-                "--provider-creds",
+                "--lattice",
+                l.as_str(),
+                "creds",
                 creds.to_str().unwrap(),
+                "--host",
+                "h1",
+                "--host",
+                "h2",
             ],
-        ),
-        nats.logs(),
-    );
-    let as_role = |role: &'static str| {
-        let k = key(&creds, role);
-        let url = url.clone();
-        let l = l.clone();
+        );
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            out.contains("host-h1") && out.contains("provider-kv"),
+            "{out}"
+        );
+        let nats = Nats::start_with_args(&["-c", creds.join("nats.conf").to_str().unwrap()]).await;
+        let url = nats.url();
+        let common = |name: &str, rest: &[&str]| -> Vec<String> {
+            let k = key(&creds, name);
+            [
+                "--nats",
+                url.as_str(),
+                "--lattice",
+                l.as_str(),
+                "--creds",
+                k.to_str().unwrap(),
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain(rest.iter().map(|s| (*s).to_owned()))
+            .collect()
+        };
+        let _controller = Proc::spawn(
+            "controller",
+            &bin("trellis"),
+            &common(
+                "controller",
+                &[
+                    "controller",
+                    "--host-timeout",
+                    "10s",
+                    "--users",
+                    creds.join("users.json").to_str().unwrap(),
+                ],
+            ),
+            nats.logs(),
+        );
+        // A host may not create streams: it starts once the controller has (were it first, it
+        // would wait for them, after a refusal the server logs).
+        let admin = trellis_bus::ConnectArgs {
+            creds: Some(key(&creds, "admin")),
+            ..Default::default()
+        };
+        let admin_client = trellis_bus::connect_with(&url, "admin", false, &admin)
+            .await
+            .unwrap();
+        let admin_js = jetstream::new(admin_client);
+        wait_for(
+            "the controller to create the streams",
+            Duration::from_secs(30),
+            || async { trellis_bus::events_stream_state(&admin_js, &l).await.ok() },
+        )
+        .await;
+        let _host = Proc::spawn(
+            "host-h1",
+            &bin("trellis-host"),
+            &common(
+                "host-h1",
+                &[
+                    "--host-id",
+                    "h1",
+                    "--heartbeat-interval",
+                    "200ms",
+                    "--provider-creds",
+                    creds.to_str().unwrap(),
+                ],
+            ),
+            nats.logs(),
+        );
+
+        Self {
+            _dir: dir,
+            creds,
+            l,
+            nats,
+            url,
+            _procs: vec![_controller, _host],
+        }
+    }
+
+    /// The CLI as `role` (a key file stem: `operator`, `viewer`, …).
+    fn cli(&self, role: &str) -> impl Fn(&[&str]) -> (i32, String, String) + use<> {
+        let k = key(&self.creds, role);
+        let url = self.url.clone();
+        let l = self.l.clone();
         move |args: &[&str]| {
             let mut all = vec!["--lattice", l.as_str(), "--creds", k.to_str().unwrap()];
             all.extend_from_slice(args);
             cli_at(&url, &all)
         }
-    };
+    }
+}
+
+#[tokio::test]
+async fn every_role_gets_only_its_own_subjects() {
+    let lattice = Secured::start("roles").await;
+    let Secured {
+        creds,
+        l,
+        nats,
+        url,
+        ..
+    } = &lattice;
+    let as_role = |role: &'static str| lattice.cli(role);
     let operator = as_role("operator");
     // The whole path as an operator: push, start, call, a provider (messaging, with its own
     // key and an application key) started by the host.
@@ -188,9 +234,9 @@ async fn every_role_gets_only_its_own_subjects() {
     assert!(err.contains("permission"), "{err}");
 
     let h2 = HostId::new("h2").unwrap();
-    let mut host = As::connect(&url, &key(&creds, "host-h1")).await;
+    let mut host = As::connect(url, &key(creds, "host-h1")).await;
     // A host publishing `assignment.granted`.
-    let forged = subject::event(&l, FactKind::AssignmentGranted, "forged");
+    let forged = subject::event(l, FactKind::AssignmentGranted, "forged");
     host.client
         .publish(forged.clone(), b"{}".as_slice().into())
         .await
@@ -198,7 +244,7 @@ async fn every_role_gets_only_its_own_subjects() {
     host.refused("a host publishing assignment.granted", &forged)
         .await;
     // A host sending another host's command, or listening on it.
-    let theirs = dataplane::host_command(&l, &h2, HostVerb::InstanceStart);
+    let theirs = dataplane::host_command(l, &h2, HostVerb::InstanceStart);
     host.client
         .publish(theirs.clone(), b"{}".as_slice().into())
         .await
@@ -209,7 +255,7 @@ async fn every_role_gets_only_its_own_subjects() {
     host.refused("a host serving another host's commands", &theirs)
         .await;
     // A host impersonating another host's heartbeat.
-    let beat = subject::heartbeat(&l, &h2);
+    let beat = subject::heartbeat(l, &h2);
     host.client
         .publish(beat.clone(), b"{}".as_slice().into())
         .await
@@ -218,9 +264,9 @@ async fn every_role_gets_only_its_own_subjects() {
         .await;
 
     // A provider answering another provider's RPC subject.
-    let mut messaging = As::connect(&url, &key(&creds, "provider-messaging")).await;
+    let mut messaging = As::connect(url, &key(creds, "provider-messaging")).await;
     let kv = ProviderName::new("kv").unwrap();
-    let kv_rpc = dataplane::provider_rpc(&l, &kv, Capability::KeyValue);
+    let kv_rpc = dataplane::provider_rpc(l, &kv, Capability::KeyValue);
     let _stolen = messaging
         .client
         .queue_subscribe(kv_rpc.clone(), dataplane::provider_queue(&kv))
@@ -231,8 +277,8 @@ async fn every_role_gets_only_its_own_subjects() {
         .await;
 
     // An operator publishing a fact.
-    let mut op = As::connect(&url, &key(&creds, "operator")).await;
-    let fact = subject::event(&l, FactKind::InstanceStarted, "01JFORGED");
+    let mut op = As::connect(url, &key(creds, "operator")).await;
+    let fact = subject::event(l, FactKind::InstanceStarted, "01JFORGED");
     op.client
         .publish(fact.clone(), b"{}".as_slice().into())
         .await
@@ -240,7 +286,7 @@ async fn every_role_gets_only_its_own_subjects() {
     op.refused("an operator publishing a fact", &fact).await;
 
     // Anyone but the controller deleting the fact stream.
-    let events = subject::events_stream(&l);
+    let events = subject::events_stream(l);
     let delete = format!("$JS.API.STREAM.DELETE.{events}");
     for role in [
         "host-h1",
@@ -250,7 +296,7 @@ async fn every_role_gets_only_its_own_subjects() {
         "viewer",
         "app",
     ] {
-        let mut who = As::connect(&url, &key(&creds, role)).await;
+        let mut who = As::connect(url, &key(creds, role)).await;
         let js = jetstream::new(who.client.clone());
         let _ = tokio::time::timeout(Duration::from_secs(3), js.delete_stream(&events)).await;
         who.refused(&format!("{role} deleting the fact stream"), &delete)
@@ -259,7 +305,11 @@ async fn every_role_gets_only_its_own_subjects() {
 
     // The lattice is unaffected: the stream is there, holds none of the forged facts, and
     // serves as before.
-    let facts = facts_with(&url, &l, &admin).await;
+    let admin = trellis_bus::ConnectArgs {
+        creds: Some(key(creds, "admin")),
+        ..Default::default()
+    };
+    let facts = facts_with(url, l, &admin).await;
     assert!(!facts.is_empty());
     assert!(
         !facts.iter().any(|f| matches!(
@@ -279,4 +329,160 @@ async fn every_role_gets_only_its_own_subjects() {
     let (code, out, _) = viewer(&["host", "ls", "-o", "json"]);
     assert_eq!(code, 0);
     assert!(out.contains("\"h1\""), "{out}");
+}
+
+/// The audit events of the lattice, as `trellis audit -o json` prints them for `role`.
+fn audit_events(cli: &impl Fn(&[&str]) -> (i32, String, String), kind: &str) -> Vec<Value> {
+    let (code, out, err) = cli(&["audit", "--type", kind, "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["event"].clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_audit_stream_records_requests_grants_and_denials_without_payloads() {
+    let lattice = Secured::start("audited").await;
+    let operator = lattice.cli("operator");
+    let viewer = lattice.cli("viewer");
+    wait_for("host h1 listed", Duration::from_secs(30), || async {
+        let (code, out, _) = viewer(&["host", "ls", "-o", "json"]);
+        (code == 0 && out.contains("\"h1\"")).then_some(())
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("kv-probe.toml");
+    std::fs::write(
+        &manifest,
+        "[component]\nname = \"kv-probe\"\nversion = \"0.1.0\"\n[limits]\nmax_memory = \"16MiB\"\nfuel = 1_000_000_000\ntimeout = \"3s\"\nmax_concurrency = 4\n[capabilities]\nimports = [\"wasi:keyvalue/store\", \"wasi:keyvalue/atomics\", \"wasi:keyvalue/batch\", \"wasi:logging/logging\"]\n",
+    )
+    .unwrap();
+    let wasm = trellis_tests::components::build().path("kv_probe");
+    let ok = |args: &[&str]| {
+        let (code, out, err) = operator(args);
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        out
+    };
+    ok(&[
+        "component",
+        "push",
+        wasm.to_str().unwrap(),
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]);
+    ok(&["instance", "start", "kv-probe", "--wait"]);
+    // A request that fails is recorded with its code.
+    let (code, _, _) = operator(&["instance", "stop", "01JNOSUCHINSTANCE0000000000"]);
+    assert_ne!(code, 0);
+    // An unassigned capability: refused inside the host, recorded as a denial. The key is
+    // application data and must not appear in the record.
+    let secret_key = "secret-key-7f3a";
+    let answer = ok(&["call", "kv-probe", "get", "\"\"", secret_key]);
+    assert!(answer.contains("access-denied"), "{answer}");
+    // A grant and its revocation.
+    let granted = ok(&[
+        "assignment",
+        "grant",
+        "component:kv-probe",
+        "wasi:keyvalue",
+        "kv",
+        "--config",
+        "bucket=audited",
+        "-o",
+        "json",
+    ]);
+    let granted: Value = serde_json::from_str(&granted).unwrap();
+    let assignment = granted["assignment"]["assignment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ok(&["assignment", "revoke", &assignment]);
+
+    let control = wait_for("the control events", Duration::from_secs(30), || async {
+        let events = audit_events(&operator, "control");
+        let has = |op: &str, outcome: &str| {
+            events
+                .iter()
+                .any(|e| e["operation"] == op && e["outcome"] == outcome)
+        };
+        (has("instance.start", "ok")
+            && has("instance.stop", "not_found")
+            && has("assignment.revoke", "ok"))
+        .then_some(events)
+    })
+    .await;
+    let start = control
+        .iter()
+        .find(|e| e["operation"] == "instance.start")
+        .unwrap();
+    assert_eq!(
+        start["caller"],
+        json!({"user": "operator", "role": "operator", "verified": true}),
+        "{start}"
+    );
+    // The viewer's queries are recorded as the viewer's.
+    assert!(
+        control
+            .iter()
+            .any(|e| e["operation"] == "host.list" && e["caller"]["role"] == "viewer"),
+        "{control:?}"
+    );
+    let grants = wait_for(
+        "the grant and revoke events",
+        Duration::from_secs(30),
+        || async {
+            let grants = audit_events(&operator, "grant");
+            let revokes = audit_events(&operator, "revoke");
+            let granted = grants
+                .iter()
+                .any(|e| e["target"] == "component:kv-probe" && e["capability"] == "wasi:keyvalue");
+            let revoked = revokes
+                .iter()
+                .any(|e| e["target"] == format!("assignment:{assignment}"));
+            (granted && revoked).then_some(grants)
+        },
+    )
+    .await;
+    // Every controller replica sees the grant; the stream keeps one record of it.
+    assert_eq!(
+        grants
+            .iter()
+            .filter(|e| e["target"] == "component:kv-probe")
+            .count(),
+        1,
+        "{grants:?}"
+    );
+    let denied = wait_for("the denial", Duration::from_secs(30), || async {
+        let denied = audit_events(&operator, "denied");
+        denied
+            .into_iter()
+            .find(|e| e["capability"] == "wasi:keyvalue")
+    })
+    .await;
+    assert_eq!(denied["outcome"], "access_denied", "{denied}");
+    assert_eq!(denied["source"], "host/h1", "{denied}");
+    // Security records, not logs: no payload anywhere.
+    let (_, all, _) = operator(&["audit", "-o", "json"]);
+    assert!(
+        !all.contains(secret_key),
+        "a payload reached the audit stream"
+    );
+    // The viewer may not read the audit stream.
+    let (code, _, err) = viewer(&["audit"]);
+    assert_eq!(code, 5, "{err}");
+    // The stream is bounded in age and size.
+    let admin = trellis_bus::ConnectArgs {
+        creds: Some(key(&lattice.creds, "admin")),
+        ..Default::default()
+    };
+    let client = trellis_bus::connect_with(&lattice.url, "admin", false, &admin)
+        .await
+        .unwrap();
+    let mut stream = jetstream::new(client)
+        .get_stream(trellis_schemas::audit::stream(&lattice.l))
+        .await
+        .unwrap();
+    let config = &stream.info().await.unwrap().config;
+    assert_eq!(config.max_age, Duration::from_secs(30 * 24 * 3600));
+    assert_eq!(config.max_bytes, 1 << 30);
 }

@@ -32,6 +32,7 @@ mod schedule;
 mod serve;
 mod state;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,6 +63,20 @@ pub struct ControllerConfig {
     pub streams: StreamSettings,
     /// Where to serve Prometheus metrics (`GET /metrics`). None by default.
     pub metrics: Option<std::net::SocketAddr>,
+    /// How long and how much the audit stream keeps.
+    pub audit: trellis_bus::audit::AuditRetention,
+    /// The users of a secured lattice by public key (`users.json` of `trellis creds`), to name
+    /// the caller of each control request in the audit stream. Empty: callers are named by key.
+    pub users: BTreeMap<String, KnownUser>,
+}
+
+/// A user of a secured lattice, as `trellis creds` lists it in `users.json`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KnownUser {
+    /// `operator`, `host-h1`, ….
+    pub name: String,
+    /// Its role.
+    pub role: String,
 }
 
 impl ControllerConfig {
@@ -75,6 +90,8 @@ impl ControllerConfig {
             min_seq_wait: Duration::from_secs(5),
             streams: StreamSettings::default(),
             metrics: None,
+            audit: trellis_bus::audit::AuditRetention::default(),
+            users: BTreeMap::new(),
         }
     }
 }
@@ -118,6 +135,7 @@ pub async fn run(
     if let Err(e) = trellis_bus::artifact_store(&js, &config.lattice).await {
         tracing::warn!(error = %e, "cannot set up the artifact store");
     }
+    trellis_bus::audit::ensure_audit_stream(&js, &config.lattice, config.audit).await?;
 
     let replay_started = Instant::now();
     let state = Arc::new(State::new(config.clone(), client.clone()));
@@ -196,6 +214,7 @@ pub async fn run(
         lattice = %config.lattice,
         "controller serving"
     );
+    let audit_grants = tokio::spawn(audit_grants(state.clone(), state.as_of() + 1));
     let liveness = tokio::spawn(liveness::run(state.clone()));
     let drivers = tokio::spawn(rollouts::run_drivers(state.clone()));
     let watchdog = tokio::spawn(rollouts::watch_drivers(state.clone()));
@@ -212,6 +231,7 @@ pub async fn run(
         _ = shutdown => tracing::info!("controller shutting down"),
     }
     liveness.abort();
+    audit_grants.abort();
     drivers.abort();
     watchdog.abort();
     hb_task.abort();
@@ -219,6 +239,67 @@ pub async fn run(
     folder.abort();
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     Ok(())
+}
+
+/// Records every grant and revoke from `from_seq` on in the audit stream, once for all replicas
+/// (each records it under the fact's id, which the stream de-duplicates).
+async fn audit_grants(state: Arc<State>, from_seq: u64) {
+    use trellis_schemas::audit::{AuditEvent, AuditType};
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(from_seq));
+    let follow = {
+        let state = state.clone();
+        let next = Arc::clone(&next);
+        async move {
+            trellis_bus::follow(
+                &state.client,
+                &subject::events_stream(&state.config.lattice),
+                &subject::assignment_events(&state.config.lattice),
+                || next.load(std::sync::atomic::Ordering::SeqCst),
+                |followed| {
+                    next.store(followed.seq + 1, std::sync::atomic::Ordering::SeqCst);
+                    if let Ok(event) = followed.event {
+                        let _ = tx.send(event);
+                    }
+                },
+            )
+            .await;
+        }
+    };
+    let record = async {
+        let source = format!("controller/{}", state.config.replica_id);
+        while let Some(event) = rx.recv().await {
+            let (kind, audit) = match &event.data {
+                trellis_schemas::FactData::AssignmentGranted(a) => {
+                    let mut audit = AuditEvent::new(AuditType::Grant, source.clone(), "ok");
+                    audit.target = Some(a.target.describe());
+                    audit.capability = Some(a.capability.as_str().to_owned());
+                    audit.provider = Some(a.provider.to_string());
+                    audit.reason = Some(format!("assignment {}", a.assignment_id));
+                    ("grant", audit)
+                }
+                trellis_schemas::FactData::AssignmentRevoked(r) => {
+                    let mut audit = AuditEvent::new(AuditType::Revoke, source.clone(), "ok");
+                    audit.target = Some(format!("assignment:{}", r.assignment_id));
+                    audit.reason = Some(trellis_schemas::audit::short_reason(&r.reason));
+                    ("revoke", audit)
+                }
+                _ => continue,
+            };
+            let mut audit = audit;
+            audit.time = event.time;
+            audit.trace_id = event
+                .traceparent
+                .as_deref()
+                .and_then(trellis_schemas::dataplane::trace_id)
+                .map(str::to_owned);
+            state
+                .audit
+                .record_once(&audit, &format!("{kind}-{}", event.id))
+                .await;
+        }
+    };
+    tokio::join!(follow, record);
 }
 
 /// What the live fact reader needs to replace its consumer.

@@ -19,6 +19,7 @@ use trellis_schemas::{
 use super::state::State;
 use super::{assignments, components, instances, providers, rollouts};
 use trellis_bus::telemetry::{self, Kind, Span};
+use trellis_schemas::audit::{AuditCaller, AuditEvent, AuditType};
 
 /// Answers one request; every request with a reply subject gets exactly one reply.
 pub(crate) async fn handle(state: &State, client: &Client, message: Message) {
@@ -38,8 +39,9 @@ pub(crate) async fn handle(state: &State, client: &Client, message: Message) {
             |(noun, verb)| format!("{noun}.{verb}"),
         )
     });
-    let body = telemetry::in_trace(
-        span.traceparent().map(str::to_owned),
+    let traceparent = span.traceparent().map(str::to_owned);
+    let (body, op, outcome) = telemetry::in_trace(
+        traceparent.clone(),
         answer(state, message.subject.as_str(), &message.payload),
     )
     .await;
@@ -47,20 +49,50 @@ pub(crate) async fn handle(state: &State, client: &Client, message: Message) {
     if let Err(e) = client.publish(reply_to, body.into()).await {
         tracing::warn!(error = %e, "cannot send reply");
     }
+    let mut event = AuditEvent::new(
+        AuditType::Control,
+        format!("controller/{}", state.config.replica_id),
+        outcome,
+    );
+    event.operation = Some(op);
+    event.caller = caller(state, &message);
+    event.trace_id = traceparent
+        .as_deref()
+        .and_then(trellis_schemas::dataplane::trace_id)
+        .map(str::to_owned);
+    state.audit.record(&event).await;
 }
 
-async fn answer(state: &State, subject_name: &str, body: &[u8]) -> Vec<u8> {
+/// Who sent a control request, as its identity headers say and the lattice's users name them.
+fn caller(state: &State, message: &Message) -> Option<AuditCaller> {
+    let (key, verified) = trellis_bus::audit::request_identity(
+        message.headers.as_ref(),
+        message.subject.as_str(),
+        &message.payload,
+    )?;
+    let known = state.config.users.get(&key);
+    Some(AuditCaller {
+        user: known.map_or_else(|| key.clone(), |u| u.name.clone()),
+        role: known.map_or_else(|| "unknown".to_owned(), |u| u.role.clone()),
+        verified,
+    })
+}
+
+/// The encoded reply, the operation's name and the outcome (`ok` or the error code).
+async fn answer(state: &State, subject_name: &str, body: &[u8]) -> (Vec<u8>, String, String) {
     let lattice = &state.config.lattice;
     let op = subject::parse_ctl(lattice, subject_name)
         .and_then(|(noun, verb)| CtlOp::from_parts(noun, verb));
     let Some(op) = op else {
+        let unknown = subject::parse_ctl(lattice, subject_name)
+            .map_or_else(|| "unknown".to_owned(), |(n, v)| format!("{n}.{v}"));
         super::metrics::REQUESTS.answered(
             "unknown",
             ErrorCode::UnknownVerb.as_str(),
             Duration::ZERO,
         );
         let known: Vec<String> = CtlOp::ALL.iter().map(|op| op.name()).collect();
-        return encode(&Reply::<()>::err(
+        let reply = encode(&Reply::<()>::err(
             ErrorBody::new(
                 ErrorCode::UnknownVerb,
                 format!(
@@ -70,8 +102,9 @@ async fn answer(state: &State, subject_name: &str, body: &[u8]) -> Vec<u8> {
             )
             .with_details(serde_json::json!({ "known": known })),
         ));
+        return (reply, unknown, ErrorCode::UnknownVerb.as_str().to_owned());
     };
-    match op {
+    let (reply, outcome) = match op {
         CtlOp::HostList => respond(state, body, async |s, r| host_list(s, r)).await,
         CtlOp::HostGet => respond(state, body, async |s, r| host_get(s, r)).await,
         CtlOp::LatticeStatus => {
@@ -97,7 +130,8 @@ async fn answer(state: &State, subject_name: &str, body: &[u8]) -> Vec<u8> {
         CtlOp::RolloutPromote => respond(state, body, rollouts::promote).await,
         CtlOp::RolloutAbort => respond(state, body, rollouts::abort).await,
         CtlOp::RolloutUndo => respond(state, body, rollouts::undo).await,
-    }
+    };
+    (reply, op.name(), outcome.to_owned())
 }
 
 fn encode<T: Serialize>(reply: &Reply<T>) -> Vec<u8> {
@@ -133,7 +167,7 @@ async fn respond<R: CtlRequest>(
     state: &State,
     body: &[u8],
     f: impl AsyncFnOnce(&State, R) -> Result<R::Reply, ErrorBody>,
-) -> Vec<u8> {
+) -> (Vec<u8>, &'static str) {
     let started = Instant::now();
     let result = match prepare::<R>(state, body).await {
         Ok(request) => f(state, request).await,
@@ -141,10 +175,11 @@ async fn respond<R: CtlRequest>(
     };
     let code = result.as_ref().map_or_else(|e| e.code.as_str(), |_| "ok");
     super::metrics::REQUESTS.answered(&R::OP.name(), code, started.elapsed());
-    encode(&match result {
+    let reply = encode(&match result {
         Ok(data) => Reply::ok(data),
         Err(error) => Reply::err(error),
-    })
+    });
+    (reply, code)
 }
 
 fn host_list(state: &State, request: HostListRequest) -> Result<HostListReply, ErrorBody> {

@@ -48,6 +48,8 @@ pub(crate) struct State {
     pub publisher: FactPublisher,
     /// The `source` of those facts.
     pub source: String,
+    /// Records control requests, grants and revokes on the audit stream.
+    pub audit: trellis_bus::audit::AuditLog,
     pub started_at: DateTime<Utc>,
     pub started: Instant,
     projection: RwLock<Projection>,
@@ -99,6 +101,7 @@ impl State {
                 &config.replica_id,
             ),
             publisher,
+            audit: trellis_bus::audit::AuditLog::new(client.clone(), config.lattice.clone()),
             config,
             js,
             client,

@@ -127,10 +127,27 @@ pub(crate) struct NatsBridge {
     pub component: String,
     pub assignments: Arc<Assignments>,
     pub embedded: EmbeddedProviders,
+    pub audit: Arc<trellis_bus::audit::AuditLog>,
+    pub host: trellis_schemas::HostId,
 }
 
 impl NatsBridge {
-    fn denied(&self, capability: Capability) -> CapabilityError {
+    /// Refuses a call of a capability this instance was not granted, and records the refusal.
+    async fn denied(&self, capability: Capability, trace: Option<&str>) -> CapabilityError {
+        use trellis_schemas::audit::{AuditEvent, AuditType};
+        let mut event = AuditEvent::new(
+            AuditType::Denied,
+            format!("host/{}", self.host),
+            dataplane::ErrorCode::AccessDenied.as_str(),
+        );
+        event.target = Some(format!("instance:{}", self.instance));
+        event.capability = Some(capability.as_str().to_owned());
+        event.reason = Some(format!(
+            "{capability} is not assigned to component {}",
+            self.component
+        ));
+        event.trace_id = trace.and_then(dataplane::trace_id).map(str::to_owned);
+        self.audit.record(&event).await;
         CapabilityError::Denied(format!(
             "{capability} is not assigned to instance {} of {}; grant it with `trellis assignment grant component:{} {capability} …`",
             self.instance, self.component, self.component
@@ -143,7 +160,7 @@ impl NatsBridge {
             .assignments
             .lookup(&self.instance, &self.component, capability)
         else {
-            return Err(self.denied(capability));
+            return Err(self.denied(capability, call.traceparent.as_deref()).await);
         };
         let assignment = &record.assignment;
         let identity = Identity {

@@ -41,6 +41,8 @@ pub(crate) struct Context {
     /// The traffic routes of the rollouts in progress: a request that reaches an instance on
     /// its component subject but belongs to another version by the weights goes there.
     pub routes: RouteTable,
+    /// Records refused capability calls on the audit stream.
+    pub audit: Arc<trellis_bus::audit::AuditLog>,
 }
 
 impl Context {
@@ -143,6 +145,10 @@ impl InstanceManager {
         Self {
             inner: Arc::new(Inner {
                 ctx: Arc::new(Context {
+                    audit: Arc::new(trellis_bus::audit::AuditLog::new(
+                        client.clone(),
+                        lattice.clone(),
+                    )),
                     client,
                     publisher,
                     lattice,
@@ -543,6 +549,8 @@ async fn run(
         component: component_name,
         assignments: Arc::clone(&inner.assignments),
         embedded: inner.embedded.clone(),
+        audit: Arc::clone(&ctx.audit),
+        host: ctx.host_id.clone(),
     }));
     supervise(Arc::clone(ctx), spec, component, state, stop, slot).await;
     drop(bytes);

@@ -118,6 +118,8 @@ pub struct Context {
     pub client: async_nats::Client,
     /// The NATS URL(s) it connected to, for a provider that needs a connection of its own.
     pub nats_url: String,
+    /// Records the calls it refuses on the audit stream.
+    pub audit: Arc<trellis_bus::audit::AuditLog>,
     /// JetStream on that client.
     pub js: jetstream::Context,
     /// The lattice served.
@@ -313,6 +315,10 @@ where
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Context {
         nats_url: args.nats.clone(),
+        audit: Arc::new(trellis_bus::audit::AuditLog::new(
+            client.clone(),
+            lattice.clone(),
+        )),
         client: client.clone(),
         js,
         lattice: lattice.clone(),

@@ -173,10 +173,29 @@ async fn check_and_handle<P: Provider>(provider: &P, ctx: &Context, request: Req
         .await
     else {
         tracing::info!(%caller, %capability, assignment = %claimed, "call refused: no assignment");
-        return Err(DataError::denied(format!(
+        let error = DataError::denied(format!(
             "no assignment grants {capability} to {caller} through provider `{}`",
             ctx.name
-        )));
+        ));
+        let mut event = trellis_schemas::audit::AuditEvent::new(
+            trellis_schemas::audit::AuditType::Denied,
+            format!("provider/{}/{}", ctx.name, ctx.id),
+            error.code.as_str(),
+        );
+        event.target = Some(format!("instance:{}", caller.instance));
+        event.capability = Some(capability.as_str().to_owned());
+        event.provider = Some(ctx.name.to_string());
+        event.reason = Some(format!(
+            "no assignment of component {} through this provider",
+            caller.component
+        ));
+        event.trace_id = identity
+            .traceparent
+            .as_deref()
+            .and_then(trellis_schemas::dataplane::trace_id)
+            .map(str::to_owned);
+        ctx.audit.record(&event).await;
+        return Err(error);
     };
     if claimed != "-" && claimed != record.assignment.assignment_id.as_str() {
         tracing::debug!(%caller, host_says = %claimed, provider_says = %record.assignment.assignment_id, "the host resolved another assignment");
