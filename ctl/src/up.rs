@@ -759,6 +759,7 @@ async fn start_and_wait(
     println!("  trellis --nats {url} provider ls");
     println!("  trellis --nats {url} assignment ls");
     println!("  trellis --nats {url} events --follow");
+    println!("  trellis --nats {url} audit --follow");
     if let Some(d) = &deployed {
         println!("  trellis --nats {url} logs {} --follow", d.name);
     }
