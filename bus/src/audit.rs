@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, stream};
 use base64::Engine as _;
 use trellis_schemas::Lattice;
 use trellis_schemas::audit::{
-    self, AuditEvent, CALLER_HEADER, CALLER_SIGNATURE_HEADER, caller_signed_bytes,
+    self, AuditEvent, AuditType, CALLER_HEADER, CALLER_SIGNATURE_HEADER, caller_signed_bytes,
 };
 
 use crate::streams::StreamError;
@@ -92,9 +92,10 @@ pub async fn ensure_audit_stream(
     Ok(())
 }
 
-/// Events per second one process records at most (a burst of one second's worth); beyond, they
-/// are dropped and counted, so that a guest calling a capability it lacks in a loop cannot
-/// flood the stream.
+/// Refusals ([`AuditType::Denied`]) per second one process records at most (a burst of one
+/// second's worth); beyond, they are dropped and counted, so that a guest calling a capability it
+/// lacks in a loop cannot flood the stream. Control requests, grants and revokes are never
+/// dropped: each is bounded by what the controller serves.
 pub const MAX_EVENTS_PER_SECOND: u32 = 100;
 
 /// Records audit events of one lattice from one process.
@@ -169,7 +170,7 @@ impl AuditLog {
     }
 
     async fn send(&self, event: &AuditEvent, id: Option<&str>) {
-        if !self.admit() {
+        if event.kind == AuditType::Denied && !self.admit() {
             return;
         }
         let body = match serde_json::to_vec(event) {
@@ -208,8 +209,24 @@ pub fn sign_request(headers: &mut HeaderMap, subject: &str, body: &[u8]) {
     headers.insert(CALLER_SIGNATURE_HEADER, B64.encode(signature).as_str());
 }
 
+static KEY: std::sync::OnceLock<Option<nkeys::KeyPair>> = std::sync::OnceLock::new();
+
+/// Signs this process's control requests with the nkey seed in `path` rather than its own
+/// `--creds` (as `trellis up --secure`, which connects as the operator). Must come before the
+/// first request; returns false otherwise, or when the file holds no user seed.
+pub fn sign_as(path: &std::path::Path) -> bool {
+    let key = read_user_key(path);
+    let ok = key.is_some();
+    KEY.set(key).is_ok() && ok
+}
+
+fn read_user_key(path: &std::path::Path) -> Option<nkeys::KeyPair> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let key = nkeys::KeyPair::from_seed(text.trim()).ok()?;
+    key.public_key().starts_with('U').then_some(key)
+}
+
 fn own_key() -> Option<&'static nkeys::KeyPair> {
-    static KEY: std::sync::OnceLock<Option<nkeys::KeyPair>> = std::sync::OnceLock::new();
     KEY.get_or_init(|| {
         let path = crate::connect_args().creds.as_ref()?;
         let text = std::fs::read_to_string(path).ok()?;

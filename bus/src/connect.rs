@@ -95,7 +95,7 @@ pub async fn connect_with(
             match event {
                 Event::ServerError(e) if is_permission_violation(&e.to_string()) => {
                     let message = e.to_string();
-                    tracing::warn!(error = %message, "NATS refused an operation");
+                    tracing::info!(error = %message, "NATS refused an operation");
                     let _ = violations().send(message);
                 }
                 Event::Connected => tracing::info!("connected to NATS"),

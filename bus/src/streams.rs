@@ -180,6 +180,19 @@ pub async fn ensure_streams(
             };
             match outcome {
                 Ok(()) => break,
+                Err(e) if e.contains("only the controller may") => {
+                    // Not this process's to create or change: use the stream as it is, or wait
+                    // for the controller to create it.
+                    if js.get_stream(&name).await.is_ok() {
+                        tracing::info!(stream = %name, "using the stream as the controller set it up");
+                        break;
+                    }
+                    if attempt % 10 == 0 {
+                        tracing::warn!(stream = %name, "waiting for the controller to create the stream");
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
                 Err(e) if attempt < 8 => {
                     attempt += 1;
                     tracing::debug!(stream = %name, error = %e, "stream setup failed; retrying");

@@ -464,10 +464,16 @@ async fn start_and_wait(
                 message: "--secure configures the nats-server `trellis up` starts; without --nats, or secure your own server with `trellis creds`".into(),
             });
         }
+        // Keys for the default providers (a host may be asked to start any of them) and for
+        // any other provider named here.
         let names: Vec<ProviderName> = crate::creds::DEFAULT_PROVIDERS
             .iter()
-            .filter_map(|n| ProviderName::new(*n).ok())
-            .collect();
+            .copied()
+            .chain(providers.iter().map(|(name, _)| name.as_str()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|n| ProviderName::new(n).map_err(|e| fail(e.to_string())))
+            .collect::<Result<_, _>>()?;
         let written = crate::creds::write(
             &dir.join("creds"),
             lattice,
@@ -541,6 +547,10 @@ async fn start_and_wait(
         controller_args.push(c.users.display().to_string());
     }
     procs.push(Proc::spawn("controller", &me, &controller_args, logs, &[]).await?);
+    if let Some(c) = &creds {
+        // Its own control requests are signed as the operator's, as it connects.
+        trellis_bus::audit::sign_as(&c.key("operator"));
+    }
     let client_creds = creds.as_ref().map(|c| trellis_bus::ConnectArgs {
         creds: Some(c.key("operator")),
         ..trellis_bus::connect_args().clone()
@@ -601,7 +611,10 @@ async fn start_and_wait(
             "--lattice".into(),
             lattice.to_string(),
         ]);
-        let app = creds.as_ref().map(|c| c.key("app").display().to_string());
+        let app = creds
+            .as_ref()
+            .filter(|_| name == "messaging")
+            .map(|c| c.key("app").display().to_string());
         let env: Vec<(&str, String)> = app
             .into_iter()
             .map(|a| (trellis_bus::ENV_APP_CREDS, a))

@@ -587,15 +587,21 @@ pub async fn call_export(
         dataplane::component(lattice, &name, Op::Call)
     };
     let body = serde_json::to_vec(&call_args(args)).map_err(|e| failure(1, e.to_string()))?;
-    let reply = codec::request(
+    let mut refusals = trellis_bus::permission_violations();
+    let request = codec::request(
         nats,
-        subject,
+        subject.clone(),
         codec::call_headers(export),
         body.into(),
         timeout,
-    )
-    .await
-    .map_err(|e| match e {
+    );
+    let reply = tokio::select! {
+        reply = request => reply,
+        refused = trellis_bus::refused(&mut refusals, &subject) => {
+            return Err(failure(5, format!("permission denied: {refused} (these credentials' role may not call components)")));
+        }
+    };
+    let reply = reply.map_err(|e| match e {
         SendError::NoResponders => failure(
             4,
             format!("no running instance of {target} answers; `trellis instance ls` shows them"),

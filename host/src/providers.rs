@@ -381,7 +381,8 @@ async fn supervise(
         if let Some(dir) = &inner.config.creds_dir {
             cmd.env(trellis_bus::ENV_CREDS, provider_creds(dir, &command.name));
             let app = dir.join(APP_CREDS);
-            if app.is_file() {
+            // Only the messaging provider carries application traffic.
+            if command.name.as_str() == "messaging" && app.is_file() {
                 cmd.env(trellis_bus::ENV_APP_CREDS, app);
             }
         }

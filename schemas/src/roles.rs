@@ -16,8 +16,9 @@
 //! | [`Grant::Admin`] | everything | everything |
 //!
 //! Every role but the admin reads the streams it needs through ephemeral consumers (that is how
-//! JetStream is read) and nothing else of the JetStream API: only the controller (and the admin)
-//! creates, updates or deletes streams, buckets and consumers by name. The one exception is the
+//! JetStream is read, and an ordered consumer deletes the one it replaces) and nothing else of the
+//! JetStream API: only the controller (and the admin) creates, updates or deletes streams and
+//! buckets, or creates durable consumers. The one exception is the
 //! key-value provider, which creates the bucket an assignment names on first use (it cannot
 //! update or delete a stream).
 
@@ -119,6 +120,8 @@ fn stream_reader(stream: &str, publish: &mut Vec<String>) {
         format!("{JS_API}.CONSUMER.CREATE.{stream}"),
         format!("{JS_API}.CONSUMER.CREATE.{stream}.>"),
         format!("{JS_API}.CONSUMER.INFO.{stream}.*"),
+        // An ordered consumer deletes the one it replaces (after a reconnection, say).
+        format!("{JS_API}.CONSUMER.DELETE.{stream}.*"),
         format!("{JS_API}.STREAM.MSG.GET.{stream}"),
         format!("{JS_API}.DIRECT.GET.{stream}"),
         format!("{JS_API}.DIRECT.GET.{stream}.>"),
@@ -281,8 +284,10 @@ pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
                 stream_reader(stream, &mut publish);
             }
             publish.push(format!("{JS_API}.INFO"));
-            // Facts as they are published (`--wait`, `events --follow`) and logs.
+            // Facts as they are published (`--wait`, `events --follow`), heartbeats (the
+            // dashboard's load and invocation counts) and logs.
             subscribe.push(subject::events_all(l));
+            subscribe.push(subject::heartbeats_all(l));
             subscribe.push(crate::logs::all_instance_logs(l));
         }
         Grant::App => {
@@ -314,7 +319,6 @@ pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
                 "STREAM.UPDATE.>",
                 "STREAM.PURGE.>",
                 "STREAM.MSG.DELETE.>",
-                "CONSUMER.DELETE.>",
                 "CONSUMER.DURABLE.CREATE.>",
                 "ACCOUNT.PURGE.>",
                 "STREAM.RESTORE.>",

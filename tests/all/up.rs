@@ -118,6 +118,7 @@ async fn start_up(secure: bool) -> Up {
     });
     let mut url = None;
     let mut creds = None;
+    let mut nats_log = None;
     while url.is_none() || (secure && creds.is_none()) {
         let line = lines
             .recv_timeout(Duration::from_secs(90))
@@ -127,6 +128,11 @@ async fn start_up(secure: bool) -> Up {
         }
         if let Some(c) = line.strip_prefix("TRELLIS_CREDS=") {
             creds = Some(c.to_owned());
+        }
+        if line.trim_start().starts_with("nats ")
+            && let Some((_, log)) = line.rsplit_once(" log ")
+        {
+            nats_log = Some(log.trim().to_owned());
         }
     }
     let url = url.unwrap();
@@ -139,6 +145,13 @@ async fn start_up(secure: bool) -> Up {
     }
     let (code, _, err) = cli_at(&url, &start);
     assert_eq!(code, 0, "the host starts a provider: {err}");
+    if secure {
+        // Every process, the dashboard included, had every permission it used.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let log = std::fs::read_to_string(nats_log.expect("the nats log is printed")).unwrap();
+        let violations: Vec<&str> = log.lines().filter(|l| l.contains("Violation")).collect();
+        assert!(violations.is_empty(), "{}", violations.join("\n"));
+    }
 
     let up_pid = child.id() as i32;
     let started = descendants(up_pid);
