@@ -40,6 +40,10 @@ pub struct ConnectArgs {
     /// PEM private key of --tls-cert.
     #[arg(long = "tls-key", env = ENV_KEY, global = true, value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
+    /// The prefix of the connection's reply subjects instead of `_INBOX` (not an option: set by
+    /// a process for a connection of a role that may not subscribe to `_INBOX.>`).
+    #[arg(skip)]
+    pub inbox_prefix: Option<String>,
 }
 
 impl ConnectArgs {
@@ -145,6 +149,9 @@ pub(crate) async fn apply(
     if args.tls_set() {
         // A CA was given for a reason: never fall back to a plain connection.
         options = options.require_tls(true);
+    }
+    if let Some(prefix) = &args.inbox_prefix {
+        options = options.custom_inbox_prefix(prefix.clone());
     }
     Ok(options)
 }

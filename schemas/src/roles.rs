@@ -109,6 +109,10 @@ fn permitted(rules: &Rules, subject: &str) -> bool {
         && !rules.deny.iter().any(|p| subject_matches(p, subject))
 }
 
+/// The inbox prefix of the application connection ([`Grant::App`]): its requests' replies come
+/// there, since it may not subscribe to `_INBOX.>`.
+pub const APP_INBOX_PREFIX: &str = "_INBOX_app";
+
 /// The JetStream API prefix.
 const JS_API: &str = "$JS.API";
 
@@ -298,6 +302,11 @@ pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
                 "$O.>".into(),
                 "$SYS.>".into(),
             ];
+            // Replies to the lattice's own requests are not the application's to read: its
+            // own requests use the inbox prefix [`APP_INBOX_PREFIX`]. It may publish on
+            // `_INBOX.>`, which is how a component answers a request it was delivered.
+            let mut no_inboxes = reserved.to_vec();
+            no_inboxes.push("_INBOX.>".into());
             return Permissions {
                 publish: Rules {
                     allow: vec![">".into()],
@@ -305,7 +314,7 @@ pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
                 },
                 subscribe: Rules {
                     allow: vec![">".into()],
-                    deny: reserved.to_vec(),
+                    deny: no_inboxes,
                 },
             };
         }
@@ -437,5 +446,7 @@ mod tests {
         let app = permissions(&l(), &Grant::App);
         assert!(app.may_publish("orders.new") && app.may_subscribe("orders.>"));
         assert!(!app.may_subscribe("trellis.rpc.v1.prod.provider.kv.kv"));
+        assert!(!app.may_subscribe("_INBOX.abc.1") && app.may_publish("_INBOX.abc.1"));
+        assert!(app.may_subscribe(&format!("{APP_INBOX_PREFIX}.abc.1")));
     }
 }

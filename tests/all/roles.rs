@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_nats::jetstream;
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 use trellis_schemas::dataplane::{self, HostVerb};
 use trellis_schemas::{Capability, FactData, FactKind, HostId, ProviderName, subject};
@@ -485,4 +486,121 @@ async fn the_audit_stream_records_requests_grants_and_denials_without_payloads()
     let config = &stream.info().await.unwrap().config;
     assert_eq!(config.max_age, Duration::from_secs(30 * 24 * 3600));
     assert_eq!(config.max_bytes, 1 << 30);
+}
+
+/// The invocations of `component`'s instances on host `h1`, as its next heartbeat reports.
+async fn invocations(
+    client: &async_nats::Client,
+    l: &trellis_schemas::Lattice,
+    component: &str,
+) -> u64 {
+    let h1 = HostId::new("h1").unwrap();
+    let mut beats = client.subscribe(subject::heartbeat(l, &h1)).await.unwrap();
+    let beat = tokio::time::timeout(Duration::from_secs(10), beats.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let beat: trellis_schemas::Heartbeat = serde_json::from_slice(&beat.payload).unwrap();
+    beat.instances
+        .iter()
+        .filter(|i| i.component.starts_with(component))
+        .map(|i| i.calls)
+        .sum()
+}
+
+#[tokio::test]
+async fn a_messaging_component_cannot_reach_the_lattice_whatever_its_grant_says() {
+    let lattice = Secured::start("hostile").await;
+    let l = &lattice.l;
+    let operator = lattice.cli("operator");
+    wait_for("host h1 listed", Duration::from_secs(30), || async {
+        let (code, out, _) = operator(&["host", "ls", "-o", "json"]);
+        (code == 0 && out.contains("\"h1\"")).then_some(())
+    })
+    .await;
+    let ok = |args: &[&str]| {
+        let (code, out, err) = operator(args);
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        out
+    };
+    ok(&["provider", "start", "messaging", "--host", "h1", "--wait"]);
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("messenger.toml");
+    std::fs::write(
+        &manifest,
+        "[component]\nname = \"messenger\"\nversion = \"0.1.0\"\n[limits]\nmax_memory = \"16MiB\"\nfuel = 1_000_000_000\ntimeout = \"3s\"\nmax_concurrency = 32\n[capabilities]\nimports = [\"wasmcloud:messaging/consumer\", \"wasmcloud:messaging/types\"]\nrequires = [\"wasmcloud:messaging\"]\n",
+    )
+    .unwrap();
+    let wasm = trellis_tests::components::build().path("messenger");
+    ok(&[
+        "component",
+        "push",
+        wasm.to_str().unwrap(),
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]);
+    // The widest grant there is: every subject, both ways.
+    ok(&[
+        "instance",
+        "start",
+        "messenger",
+        "--grant",
+        "wasmcloud:messaging subscribe=> publish=>",
+        "--wait",
+    ]);
+    let admin = trellis_bus::ConnectArgs {
+        creds: Some(key(&lattice.creds, "admin")),
+        ..Default::default()
+    };
+    let client = trellis_bus::connect_with(&lattice.url, "admin", false, &admin)
+        .await
+        .unwrap();
+    // It answers a request it was delivered (the one inbox it may publish to).
+    let answer = wait_for(
+        "an answer from the component",
+        Duration::from_secs(30),
+        || async {
+            let request = client.request("demo.question", "hi".into());
+            match tokio::time::timeout(Duration::from_secs(2), request).await {
+                Ok(Ok(reply)) => Some(reply.payload),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert_eq!(&answer[..], b"echo: hi");
+
+    // It may name no subject of the lattice, of JetStream or of anyone's replies.
+    let events = subject::events_stream(l);
+    for forbidden in [
+        subject::event(l, FactKind::InstanceStarted, "01JFORGED"),
+        subject::ctl(l, trellis_schemas::CtlOp::InstanceStop),
+        format!("$JS.API.STREAM.DELETE.{events}"),
+        "_INBOX.someone.1".to_owned(),
+    ] {
+        let (code, out, err) = operator(&[
+            "call",
+            "messenger",
+            "publish",
+            &format!("{forbidden:?}"),
+            "x",
+        ]);
+        assert!(
+            code != 0 || out.contains("denied"),
+            "publishing to {forbidden}: {out}{err}"
+        );
+    }
+    // Subscribed to everything, it was delivered nothing of the lattice's own traffic:
+    // heartbeats, facts, control requests and replies flowed all along, yet its invocations
+    // are the one delivered request and the four calls above.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (code, _, _) = operator(&["instance", "ls"]);
+    assert_eq!(code, 0);
+    assert_eq!(invocations(&client, l, "messenger").await, 1 + 4);
+    // And the lattice is intact.
+    let admin_js = jetstream::new(client.clone());
+    assert!(
+        trellis_bus::events_stream_state(&admin_js, l).await.is_ok(),
+        "the fact stream is there"
+    );
 }

@@ -54,6 +54,8 @@ pub struct MessagingProvider {
     /// The connection for the application subjects components publish and subscribe to: the
     /// context's own, or one with the credentials in [`trellis_bus::ENV_APP_CREDS`].
     app: async_nats::Client,
+    /// Reply subjects a component may answer once.
+    replies: Arc<Replies>,
 }
 
 impl MessagingProvider {
@@ -66,6 +68,7 @@ impl MessagingProvider {
             Some(creds) => {
                 let mut args = trellis_bus::connect_args().clone();
                 args.creds = Some(creds.into());
+                args.inbox_prefix = Some(trellis_schemas::roles::APP_INBOX_PREFIX.to_owned());
                 args.check().map_err(anyhow::Error::msg)?;
                 trellis_bus::connect_with(
                     &ctx.nats_url,
@@ -77,16 +80,62 @@ impl MessagingProvider {
             }
             None => ctx.client.clone(),
         };
-        Ok(Self { app })
+        Ok(Self {
+            app,
+            replies: Arc::new(Replies::default()),
+        })
     }
+}
+
+/// The reply subjects of the messages delivered lately: a component may publish to each once,
+/// whatever its assignment's `publish` patterns say (answering a request it was delivered), and
+/// to no other `_INBOX.…` subject.
+#[derive(Debug, Default)]
+struct Replies {
+    pending: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+}
+
+/// The most reply subjects remembered; the oldest are forgotten beyond.
+const REPLIES_KEPT: usize = 10_000;
+
+impl Replies {
+    fn remember(&self, subject: &str) {
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.len() >= REPLIES_KEPT {
+            let now = std::time::Instant::now();
+            pending.retain(|_, at| now.duration_since(*at) < DELIVERY_TIMEOUT);
+            if pending.len() >= REPLIES_KEPT {
+                pending.clear();
+            }
+        }
+        pending.insert(subject.to_owned(), std::time::Instant::now());
+    }
+
+    /// Whether `subject` is the reply subject of a message delivered within the delivery
+    /// timeout; it is forgotten either way.
+    fn take(&self, subject: &str) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(subject)
+            .is_some_and(|at| at.elapsed() < DELIVERY_TIMEOUT)
+    }
+}
+
+/// Whether a message on `subject` is the lattice's own or a reply to someone's request: never
+/// delivered to a component, whatever its `subscribe` patterns match.
+fn not_for_components(subject: &str) -> bool {
+    subject::is_reserved(subject) || subject.starts_with('$') || subject.starts_with("_INBOX")
 }
 
 /// Whether a component may name `subject` at all: a concrete subject outside the lattice's own.
 fn concrete(subject: &str) -> bool {
     valid_subject_pattern(subject)
         && !subject.split('.').any(|t| t == "*" || t == ">")
-        && !subject::is_reserved(subject)
-        && !subject.starts_with('$')
+        && !not_for_components(subject)
 }
 
 /// Checks `subject` against the assignment's `publish` patterns.
@@ -124,7 +173,11 @@ impl Provider for MessagingProvider {
         let client = &self.app;
         match request {
             MessagingRequest::Publish { message } => {
-                check_publish(&call, &message.subject)?;
+                // The answer to a request it was delivered needs no pattern; nothing else on an
+                // inbox is allowed.
+                if !self.replies.take(&message.subject) {
+                    check_publish(&call, &message.subject)?;
+                }
                 let body = message.body;
                 let sent = match message.reply_to {
                     Some(reply_to) => {
@@ -200,7 +253,7 @@ impl Provider for MessagingProvider {
                 if active.contains_key(&id) {
                     continue;
                 }
-                let tasks = subscribe(&ctx, &self.app, &record).await;
+                let tasks = subscribe(&ctx, &self.app, &self.replies, &record).await;
                 active.insert(id, tasks);
             }
             tokio::select! {
@@ -218,6 +271,7 @@ impl Provider for MessagingProvider {
 async fn subscribe(
     ctx: &Context,
     app: &async_nats::Client,
+    replies: &Arc<Replies>,
     record: &AssignmentRecord,
 ) -> Vec<JoinHandle<()>> {
     let assignment = &record.assignment;
@@ -246,10 +300,17 @@ async fn subscribe(
         let client = ctx.client.clone();
         let target = target.clone();
         let id = assignment.assignment_id.clone();
+        let replies = Arc::clone(replies);
         tasks.push(tokio::spawn(async move {
             let limit = Arc::new(Semaphore::new(DELIVERIES_IN_FLIGHT));
             let mut subscriber = subscriber;
             while let Some(message) = subscriber.next().await {
+                if not_for_components(message.subject.as_str()) {
+                    continue;
+                }
+                if let Some(reply) = &message.reply {
+                    replies.remember(reply.as_str());
+                }
                 let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
                     return;
                 };
@@ -318,6 +379,19 @@ async fn deliver(client: &async_nats::Client, target: &str, id: &AssignmentId, m
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delivered_reply_subject_may_be_answered_once() {
+        let replies = Replies::default();
+        assert!(!replies.take("_INBOX.a.1"));
+        replies.remember("_INBOX.a.1");
+        assert!(replies.take("_INBOX.a.1"));
+        assert!(!replies.take("_INBOX.a.1"), "only once");
+        assert!(not_for_components("_INBOX.a.1"));
+        assert!(not_for_components("$JS.API.INFO"));
+        assert!(!not_for_components("orders.new"));
+        assert!(!concrete("_INBOX.a.1"));
+    }
 
     #[test]
     fn only_concrete_subjects_outside_the_lattice_may_be_named() {
