@@ -1,11 +1,13 @@
 //! A lattice is a NATS account: two lattices with the same name on one server, in two accounts,
 //! each run by its own controller and host, see nothing of each other — not their hosts, not
-//! their components, not their facts in JetStream, not their traffic.
+//! their components, not their facts in JetStream, not their traffic; the one way across is an
+//! explicit export (here A's `counter`, imported by B under a subject of its own).
 
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use trellis_schemas::{FactData, FactKind};
+use trellis_schemas::dataplane::{self, Op};
+use trellis_schemas::{ComponentName, CtlOp, FactData, FactKind, subject};
 use trellis_tests::{Nats, Proc, bin, cli_at, components, facts_at, lattice, wait_for};
 
 const T: Duration = Duration::from_secs(30);
@@ -16,21 +18,31 @@ const COUNTER: &str = "[component]\nname = \"counter\"\nversion = \"1.0.0\"\n[li
 async fn two_lattices_in_two_accounts_see_nothing_of_each_other() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("accounts.conf");
+    // The same lattice name in both accounts: only the account separates them.
+    let l = lattice("default");
+    let shared = dataplane::component(&l, &ComponentName::new("counter").unwrap(), Op::Call);
     std::fs::write(
         &conf,
-        r#"
-accounts {
-  LATTICE_A: { jetstream: enabled, users: [ { user: a, password: a-secret } ] }
-  LATTICE_B: { jetstream: enabled, users: [ { user: b, password: b-secret } ] }
-}
-"#,
+        format!(
+            r#"
+accounts {{
+  LATTICE_A: {{
+    jetstream: enabled, users: [ {{ user: a, password: a-secret }} ]
+    # The one thing A shares: calls to its component `counter`.
+    exports: [ {{ service: "{shared}" }} ]
+  }}
+  LATTICE_B: {{
+    jetstream: enabled, users: [ {{ user: b, password: b-secret }} ]
+    imports: [ {{ service: {{ account: LATTICE_A, subject: "{shared}" }}, to: "partner.counter.call" }} ]
+  }}
+}}
+"#
+        ),
     )
     .unwrap();
     let nats = Nats::start_with_args(&["-c", conf.to_str().unwrap()]).await;
     let url = |user: &str| format!("nats://{user}:{user}-secret@127.0.0.1:{}", nats.port);
     let (a, b) = (url("a"), url("b"));
-    // The same lattice name in both accounts: only the account separates them.
-    let l = lattice("default");
     let start = |url: &str, host: &str| {
         let common = |rest: &[&str]| -> Vec<String> {
             ["--nats", url, "--lattice", l.as_str()]
@@ -145,5 +157,48 @@ accounts {
             .iter()
             .any(|f| f.event.kind() == FactKind::ArtifactStored
                 || f.event.kind() == FactKind::InstanceStarted)
+    );
+
+    // Across accounts only through the explicit export: B reaches A's counter on the subject
+    // it imported it as, and nothing else of A's (its control subjects, its other components).
+    drop(everything_in_b);
+    let call = |subject: &'static str| {
+        let client = b_client.clone();
+        async move {
+            let request = trellis_bus::dataplane::request(
+                &client,
+                subject.to_owned(),
+                trellis_bus::dataplane::call_headers("increment"),
+                b"[]".to_vec().into(),
+                Duration::from_secs(5),
+            );
+            request.await
+        }
+    };
+    let reply = call("partner.counter.call")
+        .await
+        .expect("the imported service answers");
+    trellis_bus::dataplane::read_reply(&reply).expect("a successful call");
+    assert_eq!(String::from_utf8_lossy(&reply.payload).trim(), "1");
+    for not_exported in ["partner.counter.http", "partner.other.call"] {
+        let got = call(not_exported).await;
+        assert!(
+            matches!(
+                got,
+                Err(trellis_bus::dataplane::SendError::NoResponders
+                    | trellis_bus::dataplane::SendError::TimedOut(_))
+            ),
+            "{not_exported} reaches nothing: {:?}",
+            got.map(|m| m.payload)
+        );
+    }
+    let status = b_client
+        .request(subject::ctl(&l, CtlOp::LatticeStatus), "{}".into())
+        .await
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.payload).unwrap();
+    assert_eq!(
+        status["data"]["hosts"]["up"], 1,
+        "B's control subject is B's own controller: {status}"
     );
 }
