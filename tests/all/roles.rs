@@ -351,26 +351,16 @@ async fn the_audit_stream_records_requests_grants_and_denials_without_payloads()
         (code == 0 && out.contains("\"h1\"")).then_some(())
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = dir.path().join("kv-probe.toml");
-    std::fs::write(
-        &manifest,
+    trellis_tests::push_test_component(
+        &operator,
+        "kv_probe",
         "[component]\nname = \"kv-probe\"\nversion = \"0.1.0\"\n[limits]\nmax_memory = \"16MiB\"\nfuel = 1_000_000_000\ntimeout = \"3s\"\nmax_concurrency = 4\n[capabilities]\nimports = [\"wasi:keyvalue/store\", \"wasi:keyvalue/atomics\", \"wasi:keyvalue/batch\", \"wasi:logging/logging\"]\n",
-    )
-    .unwrap();
-    let wasm = trellis_tests::components::build().path("kv_probe");
+    );
     let ok = |args: &[&str]| {
         let (code, out, err) = operator(args);
         assert_eq!(code, 0, "{args:?}: {out}{err}");
         out
     };
-    ok(&[
-        "component",
-        "push",
-        wasm.to_str().unwrap(),
-        "--manifest",
-        manifest.to_str().unwrap(),
-    ]);
     ok(&["instance", "start", "kv-probe", "--wait"]);
     // A request that fails is recorded with its code.
     let (code, _, _) = operator(&["instance", "stop", "01JNOSUCHINSTANCE0000000000"]);
@@ -524,21 +514,11 @@ async fn a_messaging_component_cannot_reach_the_lattice_whatever_its_grant_says(
         out
     };
     ok(&["provider", "start", "messaging", "--host", "h1", "--wait"]);
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = dir.path().join("messenger.toml");
-    std::fs::write(
-        &manifest,
+    trellis_tests::push_test_component(
+        &operator,
+        "messenger",
         "[component]\nname = \"messenger\"\nversion = \"0.1.0\"\n[limits]\nmax_memory = \"16MiB\"\nfuel = 1_000_000_000\ntimeout = \"3s\"\nmax_concurrency = 32\n[capabilities]\nimports = [\"wasmcloud:messaging/consumer\", \"wasmcloud:messaging/types\"]\nrequires = [\"wasmcloud:messaging\"]\n",
-    )
-    .unwrap();
-    let wasm = trellis_tests::components::build().path("messenger");
-    ok(&[
-        "component",
-        "push",
-        wasm.to_str().unwrap(),
-        "--manifest",
-        manifest.to_str().unwrap(),
-    ]);
+    );
     // The widest grant there is: every subject, both ways.
     ok(&[
         "instance",

@@ -707,26 +707,16 @@ pub async fn exercise_lattice(cli: impl Fn(&[&str]) -> (i32, String, String), ho
         (code == 0 && out.contains(&format!("\"{host}\""))).then_some(())
     })
     .await;
-    let dir = scratch_dir("trellis-exercise-");
-    let manifest = dir.path().join("counter.toml");
-    std::fs::write(
-        &manifest,
+    push_test_component(
+        &cli,
+        "counter",
         "[component]\nname = \"counter\"\nversion = \"1.0.0\"\n[limits]\nmax_memory = \"16MiB\"\nfuel = 50000000\ntimeout = \"2s\"\nmax_concurrency = 4\n",
-    )
-    .unwrap();
-    let wasm = components::build().path("counter");
+    );
     let ok = |args: &[&str]| {
         let (code, out, err) = cli(args);
         assert_eq!(code, 0, "{args:?}: {out}{err}");
         out
     };
-    ok(&[
-        "component",
-        "push",
-        wasm.to_str().unwrap(),
-        "--manifest",
-        manifest.to_str().unwrap(),
-    ]);
     ok(&["instance", "start", "counter", "--wait"]);
     assert_eq!(ok(&["call", "counter", "increment"]).trim(), "1");
     ok(&["provider", "start", "messaging", "--host", host, "--wait"]);
@@ -741,6 +731,27 @@ pub async fn exercise_lattice(cli: impl Fn(&[&str]) -> (i32, String, String), ho
         .then_some(())
     })
     .await;
+}
+
+/// Builds the test component `crate_name` (from `tests/components`) and pushes it through `cli`
+/// with the manifest `manifest` (the text of a `Component.toml`).
+pub fn push_test_component(
+    cli: &impl Fn(&[&str]) -> (i32, String, String),
+    crate_name: &str,
+    manifest: &str,
+) {
+    let dir = scratch_dir("trellis-push-");
+    let path = dir.path().join("Component.toml");
+    std::fs::write(&path, manifest).unwrap();
+    let wasm = components::build().path(crate_name);
+    let (code, out, err) = cli(&[
+        "component",
+        "push",
+        wasm.to_str().unwrap(),
+        "--manifest",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "push {crate_name}: {out}{err}");
 }
 
 /// What one HTTP request answered.

@@ -135,7 +135,27 @@ pub async fn run(
     if let Err(e) = trellis_bus::artifact_store(&js, &config.lattice).await {
         tracing::warn!(error = %e, "cannot set up the artifact store");
     }
-    trellis_bus::audit::ensure_audit_stream(&js, &config.lattice, config.audit).await?;
+    // The audit stream is set up beside serving: on a cluster still electing its leaders it
+    // may take a while, and control requests need not wait for it.
+    let audit_setup = {
+        let (js, lattice, retention) = (js.clone(), config.lattice.clone(), config.audit);
+        tokio::spawn(async move {
+            let mut attempt = 0u32;
+            loop {
+                match trellis_bus::audit::ensure_audit_stream(&js, &lattice, retention).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        attempt += 1;
+                        if attempt % 5 == 1 {
+                            tracing::warn!(error = %e, "cannot set up the audit stream yet; retrying");
+                        }
+                        tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt.min(10))))
+                            .await;
+                    }
+                }
+            }
+        })
+    };
 
     let replay_started = Instant::now();
     let state = Arc::new(State::new(config.clone(), client.clone()));
@@ -232,6 +252,7 @@ pub async fn run(
     }
     liveness.abort();
     audit_grants.abort();
+    audit_setup.abort();
     drivers.abort();
     watchdog.abort();
     hb_task.abort();
