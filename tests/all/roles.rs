@@ -41,6 +41,15 @@ impl As {
         Self { client, violations }
     }
 
+    /// Publishes `{}` on `subject` and waits for the server to refuse it.
+    async fn publish_refused(&mut self, what: &str, subject: &str) {
+        self.client
+            .publish(subject.to_owned(), b"{}".as_slice().into())
+            .await
+            .unwrap();
+        self.refused(what, subject).await;
+    }
+
     /// Waits for the server to report a violation naming `subject`.
     async fn refused(&mut self, what: &str, subject: &str) {
         let seen = tokio::time::timeout(Duration::from_secs(10), async {
@@ -238,30 +247,18 @@ async fn every_role_gets_only_its_own_subjects() {
     let mut host = As::connect(url, &key(creds, "host-h1")).await;
     // A host publishing `assignment.granted`.
     let forged = subject::event(l, FactKind::AssignmentGranted, "forged");
-    host.client
-        .publish(forged.clone(), b"{}".as_slice().into())
-        .await
-        .unwrap();
-    host.refused("a host publishing assignment.granted", &forged)
+    host.publish_refused("a host publishing assignment.granted", &forged)
         .await;
     // A host sending another host's command, or listening on it.
     let theirs = dataplane::host_command(l, &h2, HostVerb::InstanceStart);
-    host.client
-        .publish(theirs.clone(), b"{}".as_slice().into())
-        .await
-        .unwrap();
-    host.refused("a host commanding another host", &theirs)
+    host.publish_refused("a host commanding another host", &theirs)
         .await;
     let _sub = host.client.subscribe(theirs.clone()).await.unwrap();
     host.refused("a host serving another host's commands", &theirs)
         .await;
     // A host impersonating another host's heartbeat.
     let beat = subject::heartbeat(l, &h2);
-    host.client
-        .publish(beat.clone(), b"{}".as_slice().into())
-        .await
-        .unwrap();
-    host.refused("a host sending another host's heartbeat", &beat)
+    host.publish_refused("a host sending another host's heartbeat", &beat)
         .await;
 
     // A provider answering another provider's RPC subject.
@@ -280,11 +277,8 @@ async fn every_role_gets_only_its_own_subjects() {
     // An operator publishing a fact.
     let mut op = As::connect(url, &key(creds, "operator")).await;
     let fact = subject::event(l, FactKind::InstanceStarted, "01JFORGED");
-    op.client
-        .publish(fact.clone(), b"{}".as_slice().into())
-        .await
-        .unwrap();
-    op.refused("an operator publishing a fact", &fact).await;
+    op.publish_refused("an operator publishing a fact", &fact)
+        .await;
 
     // Anyone but the controller deleting the fact stream.
     let events = subject::events_stream(l);
