@@ -40,9 +40,17 @@ pub async fn refused(
     subject: &str,
 ) -> String {
     let quoted = format!("\"{subject}\"");
+    refused_where(violations, |message| message.contains(&quoted)).await
+}
+
+/// Waits until NATS reports a permission violation on `violations` whose message `matches`.
+pub(crate) async fn refused_where(
+    violations: &mut tokio::sync::broadcast::Receiver<String>,
+    matches: impl Fn(&str) -> bool,
+) -> String {
     loop {
         match violations.recv().await {
-            Ok(message) if message.contains(&quoted) => return message,
+            Ok(message) if matches(&message) => return message,
             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
             Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                 return std::future::pending().await;

@@ -215,17 +215,11 @@ async fn refused_on(
     refusals: &mut tokio::sync::broadcast::Receiver<String>,
     stream: &str,
 ) -> String {
-    loop {
-        match refusals.recv().await {
-            Ok(message) if message.contains("$JS.") && message.contains(stream) => {
-                return format!("{message} (only the controller may create or change streams)");
-            }
-            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                return std::future::pending().await;
-            }
-        }
-    }
+    let message = crate::connect::refused_where(refusals, |message| {
+        message.contains("$JS.") && message.contains(stream)
+    })
+    .await;
+    format!("{message} (only the controller may create or change streams)")
 }
 
 /// Whether an existing stream already has every setting [`ensure_streams`] gives it.

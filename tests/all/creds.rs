@@ -2,7 +2,7 @@
 //! provider it starts and the CLI all connect with `--creds <seed file>`; without it the CLI
 //! cannot connect, and a file that holds no credentials is a usage error.
 
-use trellis_tests::{Nats, Proc, bin, cli_at, lattice};
+use trellis_tests::{Nats, cli_at, lattice};
 
 #[tokio::test]
 async fn every_process_logs_in_with_its_credentials() {
@@ -37,18 +37,7 @@ async fn every_process_logs_in_with_its_credentials() {
         .map(|s| (*s).to_owned())
         .collect()
     };
-    let _controller = Proc::spawn(
-        "controller",
-        &bin("trellis"),
-        &common(&["controller", "--host-timeout", "10s"]),
-        nats.logs(),
-    );
-    let _host = Proc::spawn(
-        "host-h1",
-        &bin("trellis-host"),
-        &common(&["--host-id", "h1", "--heartbeat-interval", "200ms"]),
-        nats.logs(),
-    );
+    let _lattice = trellis_tests::controller_and_host_h1(nats.logs(), common);
     let cli = |args: &[&str]| {
         let mut all = vec!["--lattice", l.as_str(), "--creds", seed_arg];
         all.extend_from_slice(args);

@@ -70,6 +70,21 @@ fn key(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.nk"))
 }
 
+/// The connection options of the admin, whose key is in `creds`.
+fn admin(creds: &Path) -> trellis_bus::ConnectArgs {
+    trellis_bus::ConnectArgs {
+        creds: Some(key(creds, "admin")),
+        ..Default::default()
+    }
+}
+
+/// A NATS client of the server at `url`, logged in as the admin.
+async fn admin_client(url: &str, creds: &Path) -> async_nats::Client {
+    trellis_bus::connect_with(url, "admin", false, &admin(creds))
+        .await
+        .unwrap()
+}
+
 /// A secured lattice: credentials from `trellis creds`, a nats-server enforcing them, a
 /// controller and a host `h1` each logged in with its own key.
 struct Secured {
@@ -139,14 +154,7 @@ impl Secured {
         );
         // A host may not create streams: it starts once the controller has (were it first, it
         // would wait for them, after a refusal the server logs).
-        let admin = trellis_bus::ConnectArgs {
-            creds: Some(key(&creds, "admin")),
-            ..Default::default()
-        };
-        let admin_client = trellis_bus::connect_with(&url, "admin", false, &admin)
-            .await
-            .unwrap();
-        let admin_js = jetstream::new(admin_client);
+        let admin_js = jetstream::new(admin_client(&url, &creds).await);
         wait_for(
             "the controller to create the streams",
             Duration::from_secs(30),
@@ -178,6 +186,11 @@ impl Secured {
             url,
             _procs: vec![_controller, _host],
         }
+    }
+
+    /// A NATS client logged in as the admin.
+    async fn admin_client(&self) -> async_nats::Client {
+        admin_client(&self.url, &self.creds).await
     }
 
     /// The CLI as `role` (a key file stem: `operator`, `viewer`, …).
@@ -300,11 +313,7 @@ async fn every_role_gets_only_its_own_subjects() {
 
     // The lattice is unaffected: the stream is there, holds none of the forged facts, and
     // serves as before.
-    let admin = trellis_bus::ConnectArgs {
-        creds: Some(key(creds, "admin")),
-        ..Default::default()
-    };
-    let facts = facts_with(url, l, &admin).await;
+    let facts = facts_with(url, l, &admin(creds)).await;
     assert!(!facts.is_empty());
     assert!(
         !facts.iter().any(|f| matches!(
@@ -456,13 +465,7 @@ async fn the_audit_stream_records_requests_grants_and_denials_without_payloads()
     let (code, _, err) = viewer(&["audit"]);
     assert_eq!(code, 5, "{err}");
     // The stream is bounded in age and size.
-    let admin = trellis_bus::ConnectArgs {
-        creds: Some(key(&lattice.creds, "admin")),
-        ..Default::default()
-    };
-    let client = trellis_bus::connect_with(&lattice.url, "admin", false, &admin)
-        .await
-        .unwrap();
+    let client = lattice.admin_client().await;
     let mut stream = jetstream::new(client)
         .get_stream(trellis_schemas::audit::stream(&lattice.l))
         .await
@@ -522,13 +525,7 @@ async fn a_messaging_component_cannot_reach_the_lattice_whatever_its_grant_says(
         "wasmcloud:messaging subscribe=> publish=>",
         "--wait",
     ]);
-    let admin = trellis_bus::ConnectArgs {
-        creds: Some(key(&lattice.creds, "admin")),
-        ..Default::default()
-    };
-    let client = trellis_bus::connect_with(&lattice.url, "admin", false, &admin)
-        .await
-        .unwrap();
+    let client = lattice.admin_client().await;
     // It answers a request it was delivered (the one inbox it may publish to).
     let answer = wait_for(
         "an answer from the component",

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use trellis_tests::{Nats, Proc, bin, cli_at, lattice};
+use trellis_tests::{Nats, cli_at, lattice};
 
 /// A new P-256 key, unencrypted, for `openssl req`.
 const NEW_KEY: [&str; 5] = [
@@ -134,18 +134,7 @@ async fn every_process_connects_over_tls_with_client_certificates() {
             .chain(extra.iter().map(|s| (*s).to_owned()))
             .collect()
     };
-    let _controller = Proc::spawn(
-        "controller",
-        &bin("trellis"),
-        &common(&["controller", "--host-timeout", "10s"]),
-        nats.logs(),
-    );
-    let _host = Proc::spawn(
-        "host-h1",
-        &bin("trellis-host"),
-        &common(&["--host-id", "h1", "--heartbeat-interval", "200ms"]),
-        nats.logs(),
-    );
+    let _lattice = trellis_tests::controller_and_host_h1(nats.logs(), common);
     let cli = |args: &[&str]| {
         let mut all: Vec<String> = ["--lattice", l.as_str()]
             .iter()

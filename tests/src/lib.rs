@@ -733,6 +733,25 @@ pub async fn exercise_lattice(cli: impl Fn(&[&str]) -> (i32, String, String), ho
     .await;
 }
 
+/// A controller and a host `h1` (heartbeats every 200 ms), each started with `args(rest)`:
+/// the connection options a test needs, then the process's own arguments. Logs go to `logs`.
+pub fn controller_and_host_h1(logs: &Path, args: impl Fn(&[&str]) -> Vec<String>) -> [Proc; 2] {
+    [
+        Proc::spawn(
+            "controller",
+            &bin("trellis"),
+            &args(&["controller", "--host-timeout", "10s"]),
+            logs,
+        ),
+        Proc::spawn(
+            "host-h1",
+            &bin("trellis-host"),
+            &args(&["--host-id", "h1", "--heartbeat-interval", "200ms"]),
+            logs,
+        ),
+    ]
+}
+
 /// Builds the test component `crate_name` (from `tests/components`) and pushes it through `cli`
 /// with the manifest `manifest` (the text of a `Component.toml`).
 pub fn push_test_component(
