@@ -31,8 +31,11 @@ pub struct ReplayStats {
 /// What the replica knows of one host beyond the facts.
 #[derive(Debug, Clone)]
 pub(crate) struct Live {
-    /// When the replica last heard of the host (a heartbeat, or the fact announcing it).
+    /// When the replica last heard of the host (a heartbeat, or the fact announcing it), or a
+    /// later time the replica granted after being cut off itself: the start of the host's timeout.
     pub last_seen: Instant,
+    /// When the latest heartbeat arrived (monotonic), for its age.
+    pub heard_at: Option<Instant>,
     /// The latest heartbeat, if one arrived.
     pub heartbeat: Option<Heartbeat>,
     /// When that heartbeat arrived (this replica's clock).
@@ -326,6 +329,7 @@ impl State {
                     .and_modify(|l| l.last_seen = l.last_seen.max(now))
                     .or_insert(Live {
                         last_seen: now,
+                        heard_at: None,
                         heartbeat: None,
                         received_at: None,
                     });
@@ -353,6 +357,7 @@ impl State {
                 return;
             }
         };
+        let now = Instant::now();
         let mut live = self.live();
         if retained
             && live
@@ -364,7 +369,8 @@ impl State {
         live.insert(
             heartbeat.host_id.clone(),
             Live {
-                last_seen: Instant::now(),
+                last_seen: now,
+                heard_at: Some(now),
                 heartbeat: Some(heartbeat),
                 received_at: Some(Utc::now()),
             },
@@ -383,9 +389,10 @@ impl State {
             started_at: record.started_at,
             status_since: record.status_since,
             last_heartbeat: live.and_then(|l| l.received_at),
+            // The age of what was heard, not of a grace granted after an outage.
             heartbeat_age_ms: live
-                .filter(|l| l.heartbeat.is_some())
-                .map(|l| l.last_seen.elapsed().as_millis() as u64),
+                .and_then(|l| l.heard_at)
+                .map(|at| at.elapsed().as_millis() as u64),
             instances: heartbeat.map(|h| h.instances.len() as u32).unwrap_or(0),
         }
     }
