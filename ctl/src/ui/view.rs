@@ -1,7 +1,7 @@
 //! What the dashboard shows, built from the controller's projection, its status reply and the
 //! hosts' heartbeats. Pure: the server feeds it, the page renders it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -295,7 +295,12 @@ fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
     }
 }
 
-/// The latest heartbeat of each host and the invocation rates derived from consecutive ones.
+/// How far back invocation rates look: the growth of each instance's counters over about this
+/// long. Wider than one chart period, so that a point neither misses the calls made between two
+/// fast heartbeats nor swings with each one.
+pub(crate) const RATE_WINDOW: Duration = Duration::from_secs(6);
+
+/// The latest heartbeat of each host and the invocation rates derived from its recent ones.
 #[derive(Debug, Default)]
 pub(crate) struct Heartbeats {
     hosts: HashMap<HostId, HostSample>,
@@ -305,8 +310,32 @@ pub(crate) struct Heartbeats {
 struct HostSample {
     heartbeat: Heartbeat,
     received: Instant,
-    /// Per component: invocations and errors per second between the last two heartbeats.
+    /// The counters of earlier heartbeats, oldest first: one at or before the start of the
+    /// window (the baseline) and those since.
+    history: VecDeque<Counters>,
+    /// Per component: invocations and errors per second over the window.
     rates: BTreeMap<String, Rate>,
+}
+
+/// What one heartbeat said of each instance's counters.
+#[derive(Debug)]
+struct Counters {
+    sent_at: DateTime<Utc>,
+    /// Instance id → (calls, errors).
+    instances: HashMap<String, (u64, u64)>,
+}
+
+impl Counters {
+    fn of(heartbeat: &Heartbeat) -> Self {
+        Counters {
+            sent_at: heartbeat.sent_at,
+            instances: heartbeat
+                .instances
+                .iter()
+                .map(|i| (i.instance_id.clone(), (i.calls, i.errors)))
+                .collect(),
+        }
+    }
 }
 
 /// Invocations and failed invocations per second.
@@ -318,21 +347,33 @@ pub(crate) struct Rate {
 
 impl Heartbeats {
     /// Records a heartbeat received at `at`; the rates of its host are the counters' growth
-    /// since its previous one (an instance new since then counts from zero).
+    /// since the host's last heartbeat sent at least [`RATE_WINDOW`] before this one, or its
+    /// oldest if none is that old (an instance new since then counts from zero).
     pub(crate) fn record(&mut self, heartbeat: Heartbeat, at: Instant) {
+        let window = chrono::Duration::from_std(RATE_WINDOW).unwrap_or_default();
+        let mut history = match self.hosts.remove(&heartbeat.host_id) {
+            // A heartbeat no newer than the last (a clock set back) starts a new history.
+            Some(previous) if previous.heartbeat.sent_at < heartbeat.sent_at => {
+                let mut history = previous.history;
+                history.push_back(Counters::of(&previous.heartbeat));
+                history
+            }
+            _ => VecDeque::new(),
+        };
+        while history
+            .get(1)
+            .is_some_and(|second| heartbeat.sent_at - second.sent_at >= window)
+        {
+            history.pop_front();
+        }
         let mut rates = BTreeMap::new();
-        if let Some(previous) = self.hosts.get(&heartbeat.host_id) {
-            let seconds = (heartbeat.sent_at - previous.heartbeat.sent_at).as_seconds_f64();
+        if let Some(baseline) = history.front() {
+            let seconds = (heartbeat.sent_at - baseline.sent_at).as_seconds_f64();
             if seconds > 0.0 {
-                let before: HashMap<&str, (u64, u64)> = previous
-                    .heartbeat
-                    .instances
-                    .iter()
-                    .map(|i| (i.instance_id.as_str(), (i.calls, i.errors)))
-                    .collect();
                 for instance in &heartbeat.instances {
-                    let (calls, errors) = before
-                        .get(instance.instance_id.as_str())
+                    let (calls, errors) = baseline
+                        .instances
+                        .get(&instance.instance_id)
                         .copied()
                         .unwrap_or((0, 0));
                     let rate: &mut Rate = rates.entry(instance.component.clone()).or_default();
@@ -346,6 +387,7 @@ impl Heartbeats {
             HostSample {
                 heartbeat,
                 received: at,
+                history,
                 rates,
             },
         );
@@ -456,6 +498,30 @@ mod tests {
             }
         );
         hb.forget_older_than(Duration::ZERO, now + Duration::from_secs(1));
+        assert!(hb.rates().is_empty());
+    }
+
+    #[test]
+    fn a_burst_between_fast_heartbeats_shows_for_the_whole_window() {
+        let t0 = Utc::now();
+        let now = Instant::now();
+        let at = |ms: i64| t0 + chrono::TimeDelta::milliseconds(ms);
+        let mut hb = Heartbeats::default();
+        hb.record(heartbeat("h1", at(0), &[("i1", "web", 0, 0)]), now);
+        // 12 calls between the first two heartbeats, 200 ms apart, then none.
+        hb.record(heartbeat("h1", at(200), &[("i1", "web", 12, 0)]), now);
+        for ms in (400..=5_800).step_by(200) {
+            hb.record(heartbeat("h1", at(ms), &[("i1", "web", 12, 0)]), now);
+        }
+        // 5.8 s after the baseline the burst still counts, averaged over the time since.
+        assert!((hb.rates()["web"].calls - 12.0 / 5.8).abs() < 1e-9);
+        for ms in (6_000..=6_400).step_by(200) {
+            hb.record(heartbeat("h1", at(ms), &[("i1", "web", 12, 0)]), now);
+        }
+        // Once the baseline is after the burst, the rate is zero again.
+        assert_eq!(hb.rates()["web"].calls, 0.0);
+        // A heartbeat from an earlier time (a clock set back) starts over from a baseline.
+        hb.record(heartbeat("h1", at(100), &[("i9", "web", 3, 0)]), now);
         assert!(hb.rates().is_empty());
     }
 
