@@ -61,6 +61,18 @@ impl FactStream {
         filter: Option<String>,
         start: StartAt,
     ) -> Result<Self, ReadError> {
+        Self::open_filtered(client, js, stream, filter.into_iter().collect(), start).await
+    }
+
+    /// Opens a reader of the messages of `stream` whose subject matches any of `filters` (all
+    /// of them when empty) starting at `start`.
+    pub async fn open_filtered(
+        client: &async_nats::Client,
+        js: &jetstream::Context,
+        stream: &str,
+        mut filters: Vec<String>,
+        start: StartAt,
+    ) -> Result<Self, ReadError> {
         let err = |message: String| ReadError {
             stream: stream.to_owned(),
             message,
@@ -80,7 +92,13 @@ impl FactStream {
         let consumer = handle
             .create_consumer(push::OrderedConfig {
                 deliver_subject: client.new_inbox(),
-                filter_subject: filter.unwrap_or_default(),
+                // One filter goes as `filter_subject`, which every server version understands.
+                filter_subject: if filters.len() == 1 {
+                    filters.pop().unwrap_or_default()
+                } else {
+                    String::new()
+                },
+                filter_subjects: filters,
                 deliver_policy,
                 ..Default::default()
             })
@@ -128,31 +146,31 @@ pub struct Followed {
     pub event: Result<trellis_schemas::Event, trellis_schemas::fact::DecodeError>,
 }
 
-/// Follows the messages of `stream` matching `filter`, forever: opens a reader at the sequence
+/// Follows the messages of `stream` matching any of `filters`, forever: opens a reader at the sequence
 /// `next_seq` gives and hands each message to `deliver`, in order. After a failure it opens a
 /// new reader (a second after a failed open, 200 ms after a reader ends) at `next_seq` again,
 /// so `next_seq` should say where the caller is: nothing is skipped and nothing applied twice.
 pub async fn follow(
     client: &async_nats::Client,
     stream: &str,
-    filter: &str,
+    filters: &[String],
     mut next_seq: impl FnMut() -> u64,
     mut deliver: impl FnMut(Followed),
 ) {
     let js = crate::jetstream(client.clone());
     loop {
-        let opened = FactStream::open(
+        let opened = FactStream::open_filtered(
             client,
             &js,
             stream,
-            Some(filter.to_owned()),
+            filters.to_vec(),
             StartAt::Sequence(next_seq()),
         )
         .await;
         let mut reader = match opened {
             Ok(reader) => reader,
             Err(e) => {
-                tracing::warn!(error = %e, %filter, "cannot open a fact reader; retrying");
+                tracing::warn!(error = %e, filter = ?filters, "cannot open a fact reader; retrying");
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 continue;
             }
@@ -165,7 +183,7 @@ pub async fn follow(
                     event: trellis_schemas::Event::decode(&raw.payload),
                 }),
                 Err(e) => {
-                    tracing::warn!(error = %e, %filter, "fact reader failed; reopening");
+                    tracing::warn!(error = %e, filter = ?filters, "fact reader failed; reopening");
                     break;
                 }
             }

@@ -37,7 +37,7 @@ impl RouteTable {
             crate::follow(
                 &client,
                 &subject::events_stream(&lattice),
-                &subject::rollout_events(&lattice),
+                &[subject::rollout_events(&lattice)],
                 next,
                 |followed| {
                     let mut routes = routes.write().unwrap_or_else(PoisonError::into_inner);

@@ -93,6 +93,9 @@ enum Command {
     /// Capability assignments: what each instance or component may do, and through which provider.
     #[command(subcommand)]
     Assignment(crate::capabilities::AssignmentCommand),
+    /// Links: a component's own import served by another component.
+    #[command(subcommand)]
+    Link(crate::links::LinkCommand),
     /// Capability provider processes.
     #[command(subcommand)]
     Provider(crate::capabilities::ProviderCommand),
@@ -292,6 +295,7 @@ fn command_name(command: &Command) -> String {
         Command::Call(_) => "call",
         Command::Logs(_) => "logs",
         Command::Assignment(_) => "assignment",
+        Command::Link(_) => "link",
         Command::Provider(_) => "provider",
         Command::Up(_) => "up",
         Command::Ui(_) => "ui",
@@ -393,6 +397,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Assignment(cmd) => {
             let client = ctl_client(&g).await?;
             crate::capabilities::assignment(&g, &client, cmd).await
+        }
+        Command::Link(cmd) => {
+            let client = ctl_client(&g).await?;
+            crate::links::link(&g, &client, cmd).await
         }
         Command::Provider(cmd) => {
             let client = ctl_client(&g).await?;

@@ -4,6 +4,7 @@
 //! - [`client`]: [`CtlClient`], a typed client of the control subjects.
 //! - [`cli`]: the `trellis` command line, including `trellis up`.
 //! - [`capabilities`]: the `assignment` and `provider` commands.
+//! - [`links`]: the `link` commands.
 //! - [`logs`]: `trellis logs`.
 #![deny(missing_docs)]
 
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod client;
 pub mod controller;
 pub mod creds;
+pub mod links;
 pub mod logs;
 pub mod output;
 pub mod rollout;

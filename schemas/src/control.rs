@@ -69,6 +69,10 @@ macro_rules! for_each_ctl_op {
                 => AssignmentRevokeReply;
             AssignmentList = assignment.list: AssignmentListRequest => AssignmentListReply,
                 min_seq;
+            /// Serves a component's import with another component.
+            LinkAdd = link.add: LinkAddRequest => LinkAddReply;
+            LinkRemove = link.remove: LinkRemoveRequest => LinkRemoveReply;
+            LinkList = link.list: LinkListRequest => LinkListReply, min_seq;
             ProviderStart = provider.start: ProviderStartRequest => ProviderStartReply;
             ProviderStop = provider.stop: ProviderStopRequest => ProviderStopReply;
             ProviderList = provider.list: ProviderListRequest => ProviderListReply, min_seq;
@@ -591,6 +595,72 @@ pub struct AssignmentListRequest {
 pub struct AssignmentListReply {
     /// The assignments, by id.
     pub assignments: Vec<AssignmentRecord>,
+    /// Stream sequence the answer reflects.
+    pub as_of: u64,
+}
+
+/// `link.add`: serve `interface`, as `source` imports it, with component `target`. A source
+/// holds at most one link per interface: remove the old one first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LinkAddRequest {
+    /// Who calls: every instance of a component, or one instance.
+    pub source: AssignmentTarget,
+    /// The interface the source imports (`namespace:package/interface`).
+    pub interface: crate::link::Interface,
+    /// The component that serves it; it must be registered and export the interface.
+    pub target: ComponentName,
+    /// Only versions of the target matching this semver requirement (`^1.2`) serve it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// Reply to `link.add`, sent once the link is a fact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LinkAddReply {
+    /// The link as added.
+    pub link: crate::link::Link,
+    /// Stream sequence of its `link.added` fact.
+    pub seq: u64,
+}
+
+/// `link.remove`: withdraw a link. Calls through it fail with access denied from then on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LinkRemoveRequest {
+    /// The link.
+    pub link_id: crate::names::LinkId,
+}
+
+/// Reply to `link.remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LinkRemoveReply {
+    /// The link that was removed.
+    pub link: crate::link::Link,
+    /// Stream sequence of its `link.removed` fact.
+    pub seq: u64,
+}
+
+/// `link.list`: links in force, optionally only those whose source or target is a component.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LinkListRequest {
+    /// Only links from or to this component.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<ComponentName>,
+    /// Wait until the controller has applied this stream sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seq: Option<u64>,
+}
+
+/// Reply to `link.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LinkListReply {
+    /// The links, by id.
+    pub links: Vec<crate::link::LinkRecord>,
     /// Stream sequence the answer reflects.
     pub as_of: u64,
 }

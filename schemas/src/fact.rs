@@ -24,6 +24,7 @@ use ulid::Ulid;
 
 use crate::capability::{Assignment, Capability};
 use crate::instance::{ManifestDoc, RestartPolicy};
+pub use crate::link::{Link, LinkRemoved};
 use crate::names::{
     AssignmentId, ComponentName, HostId, InstanceId, Lattice, ProviderId, ProviderName,
 };
@@ -73,6 +74,10 @@ macro_rules! for_each_fact {
             AssignmentGranted(Assignment) = assignment.granted, id: assignment_id;
             /// A capability grant was withdrawn.
             AssignmentRevoked(AssignmentRevoked) = assignment.revoked, id: assignment_id;
+            /// A component's import is served by another component from now on.
+            LinkAdded(Link) = link.added, id: link_id;
+            /// A link was withdrawn.
+            LinkRemoved(LinkRemoved) = link.removed, id: link_id;
             /// A provider process serves its capabilities.
             ProviderStarted(ProviderStarted) = provider.started, id: provider_id;
             /// A host could not start a provider.
@@ -313,6 +318,10 @@ pub struct ArtifactStored {
     /// Its signature, when it was pushed signed (`trellis component push --sign`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<crate::instance::ComponentSignature>,
+    /// The interfaces (`namespace:package/interface@version`) and functions the component
+    /// exports, as the controller read them from the `.wasm`; absent when it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exports: Option<Vec<String>>,
 }
 
 impl ArtifactStored {
@@ -726,6 +735,17 @@ impl Event {
                 )
             }
             FactData::AssignmentRevoked(d) => format!("reason={}", d.reason),
+            FactData::LinkAdded(d) => format!(
+                "{} {} → {}{}",
+                d.source.describe(),
+                d.interface,
+                d.target,
+                d.version
+                    .as_ref()
+                    .map(|v| format!(" {v}"))
+                    .unwrap_or_default()
+            ),
+            FactData::LinkRemoved(d) => format!("reason={}", d.reason),
             FactData::ProviderStarted(d) => format!(
                 "{}@{} on {}{}",
                 d.name,
@@ -925,21 +945,23 @@ mod tests {
                 FactKind::InstanceRelocated => 10,
                 FactKind::AssignmentGranted => 11,
                 FactKind::AssignmentRevoked => 12,
-                FactKind::ProviderStarted => 13,
-                FactKind::ProviderStartFailed => 14,
-                FactKind::ProviderStopped => 15,
-                FactKind::ProviderCrashed => 16,
-                FactKind::RolloutStarted => 17,
-                FactKind::RolloutStepReached => 18,
-                FactKind::RolloutPaused => 19,
-                FactKind::RolloutPromoted => 20,
-                FactKind::RolloutCompleted => 21,
-                FactKind::RolloutAborted => 22,
-                FactKind::RolloutRolledBack => 23,
-                FactKind::RolloutAdopted => 24,
+                FactKind::LinkAdded => 13,
+                FactKind::LinkRemoved => 14,
+                FactKind::ProviderStarted => 15,
+                FactKind::ProviderStartFailed => 16,
+                FactKind::ProviderStopped => 17,
+                FactKind::ProviderCrashed => 18,
+                FactKind::RolloutStarted => 19,
+                FactKind::RolloutStepReached => 20,
+                FactKind::RolloutPaused => 21,
+                FactKind::RolloutPromoted => 22,
+                FactKind::RolloutCompleted => 23,
+                FactKind::RolloutAborted => 24,
+                FactKind::RolloutRolledBack => 25,
+                FactKind::RolloutAdopted => 26,
             }
         }
-        assert_eq!(FactKind::ALL.len(), 25);
+        assert_eq!(FactKind::ALL.len(), 27);
         for (i, kind) in FactKind::ALL.iter().enumerate() {
             assert_eq!(position(*kind), i);
             assert_eq!(

@@ -171,6 +171,9 @@ pub struct ManifestDoc {
     /// Capabilities that must be assigned before an instance starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requires: Vec<Capability>,
+    /// Imported interfaces that must be linked before an instance starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_links: Vec<crate::link::Interface>,
 }
 
 impl ManifestDoc {
@@ -189,6 +192,7 @@ impl ManifestDoc {
             max_concurrency: m.limits.max_concurrency,
             imports: m.capabilities.imports.clone(),
             requires: m.capabilities.requires.clone(),
+            required_links: m.capabilities.links.clone(),
         })
     }
 
@@ -207,6 +211,7 @@ impl ManifestDoc {
         .map(|m| {
             m.with_imports(self.imports.iter().cloned())
                 .with_requires(self.requires.iter().copied())
+                .with_required_links(self.required_links.iter().cloned())
         })
     }
 }

@@ -15,6 +15,7 @@
 //! - [`capability`]: capabilities, assignments and the typed capability calls of providers
 //!   ([`capability::rpc`]), with their binary encoding.
 //! - [`instance`]: restart policies, component sources, host commands.
+//! - [`link`]: links, a component's import served by another component.
 //! - [`logs`]: component log lines, their subjects and the host command that reads them.
 //! - [`rollout`]: rollout plans, their records and the traffic routes they set.
 //! - [`json_schema`]: JSON Schemas for all of the above, checked in under `schemas/json/`.
@@ -48,6 +49,7 @@ pub mod fact;
 pub mod heartbeat;
 pub mod instance;
 pub mod json_schema;
+pub mod link;
 pub mod logs;
 pub mod manifest;
 mod names;
@@ -67,7 +69,7 @@ pub use heartbeat::{Heartbeat, InventoryInstance};
 pub use instance::{ComponentSource, ManifestDoc, RestartPolicy};
 pub use manifest::{Manifest, ManifestError};
 pub use names::{
-    AssignmentId, ComponentName, HostId, InstanceId, InvalidName, Lattice, ProviderId,
+    AssignmentId, ComponentName, HostId, InstanceId, InvalidName, Lattice, LinkId, ProviderId,
     ProviderName, RolloutId,
 };
 pub use projection::{

@@ -76,6 +76,9 @@ pub struct Capabilities {
     /// Capabilities that must be assigned before an instance may start
     /// (`wasi:keyvalue`, `wasi:http/incoming-handler`, …).
     pub requires: Vec<crate::capability::Capability>,
+    /// Imported interfaces that must be linked to another component before an instance starts
+    /// (entries of `requires` that name a declared import rather than a capability).
+    pub links: Vec<crate::link::Interface>,
 }
 
 impl Capabilities {
@@ -200,6 +203,15 @@ impl Manifest {
         self.capabilities.requires.extend(requires);
         self
     }
+
+    /// Adds imported interfaces that must be linked before an instance starts.
+    pub fn with_required_links(
+        mut self,
+        links: impl IntoIterator<Item = crate::link::Interface>,
+    ) -> Self {
+        self.capabilities.links.extend(links);
+        self
+    }
 }
 
 #[derive(Deserialize)]
@@ -307,20 +319,32 @@ impl RawManifest {
             .capabilities
             .map(|c| (c.imports, c.requires))
             .unwrap_or_default();
-        let requires = requires
-            .iter()
-            .map(|r| {
-                r.parse::<crate::capability::Capability>()
-                    .map_err(|problem| {
-                        ManifestError::invalid(
-                            "capabilities.requires",
-                            problem,
-                            "capability names: wasi:keyvalue, wasi:http/incoming-handler, wasi:http/outgoing-handler, wasmcloud:messaging"
-                                .to_string(),
-                        )
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut capabilities = Vec::new();
+        let mut links = Vec::new();
+        for r in &requires {
+            match r.parse::<crate::capability::Capability>() {
+                Ok(capability) => capabilities.push(capability),
+                Err(problem) => {
+                    // An interface the component declares it imports: a link is required.
+                    let declared = Capabilities {
+                        imports: imports.clone(),
+                        ..Capabilities::default()
+                    };
+                    match crate::link::Interface::new(r.as_str()) {
+                        Ok(interface) if declared.declares(r) => links.push(interface),
+                        _ => {
+                            return Err(ManifestError::invalid(
+                                "capabilities.requires",
+                                problem,
+                                "capability names: wasi:keyvalue, wasi:http/incoming-handler, wasi:http/outgoing-handler, wasmcloud:messaging; or an interface listed in capabilities.imports, to require a link"
+                                    .to_string(),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        let requires = capabilities;
         for import in &imports {
             if !is_interface_name(import) {
                 return Err(ManifestError::invalid(
@@ -335,7 +359,11 @@ impl RawManifest {
             name,
             version,
             limits,
-            capabilities: Capabilities { imports, requires },
+            capabilities: Capabilities {
+                imports,
+                requires,
+                links,
+            },
         })
     }
 }

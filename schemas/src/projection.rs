@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::capability::{Assignment, AssignmentTarget, Capability};
 use crate::fact::{Capacity, Fact, FactData};
 use crate::instance::{ManifestDoc, RestartPolicy};
-use crate::names::{AssignmentId, HostId, InstanceId, ProviderId, ProviderName, RolloutId};
+use crate::link::{Interface, LinkRecord};
+use crate::names::{AssignmentId, HostId, InstanceId, LinkId, ProviderId, ProviderName, RolloutId};
 use crate::rollout::{RolloutRecord, apply_rollout};
 
 /// Where a host is in its life.
@@ -119,6 +120,9 @@ pub struct ArtifactRecord {
     /// again signed, or signed by another key, replaces it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<crate::instance::ComponentSignature>,
+    /// What it exports (interfaces with their version, and functions), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exports: Option<Vec<String>>,
 }
 
 impl ArtifactRecord {
@@ -257,12 +261,41 @@ pub struct Projection {
     /// Capability assignments in force, by id (revoked ones are removed).
     #[serde(default)]
     pub assignments: BTreeMap<AssignmentId, AssignmentRecord>,
+    /// Links in force, by id (removed ones are gone).
+    #[serde(default)]
+    pub links: BTreeMap<LinkId, LinkRecord>,
     /// Provider processes by id.
     #[serde(default)]
     pub providers: BTreeMap<ProviderId, ProviderRecord>,
     /// Rollouts by id, in progress and finished.
     #[serde(default)]
     pub rollouts: BTreeMap<RolloutId, RolloutRecord>,
+}
+
+/// Among `links`, the one that serves `interface` (named as imported, maybe with a version) to
+/// `instance` of `component`: one made for the instance itself wins over one made for its
+/// component.
+pub fn link_for<'a>(
+    links: impl IntoIterator<Item = &'a LinkRecord>,
+    instance: &InstanceId,
+    component: &str,
+    interface: &str,
+) -> Option<&'a LinkRecord> {
+    let mut for_component = None;
+    for record in links {
+        let l = &record.link;
+        if !l.interface.names(interface) {
+            continue;
+        }
+        match &l.source {
+            AssignmentTarget::Instance(id) if id == instance => return Some(record),
+            AssignmentTarget::Component(name) if name.as_str() == component => {
+                for_component = Some(record);
+            }
+            _ => {}
+        }
+    }
+    for_component
 }
 
 impl Projection {
@@ -309,6 +342,24 @@ impl Projection {
             }
         }
         for_component
+    }
+
+    /// The link that serves `interface` to `instance` (of `component`): one made for the
+    /// instance itself wins over one made for its component.
+    pub fn link_for(
+        &self,
+        instance: &InstanceId,
+        component: &str,
+        interface: &str,
+    ) -> Option<&LinkRecord> {
+        link_for(self.links.values(), instance, component, interface)
+    }
+
+    /// The link in force for exactly this source and interface, if any.
+    pub fn link_of(&self, source: &AssignmentTarget, interface: &Interface) -> Option<&LinkRecord> {
+        self.links
+            .values()
+            .find(|r| &r.link.source == source && &r.link.interface == interface)
     }
 
     /// The assignment in force for exactly this target and capability, if any.
@@ -418,6 +469,7 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
                     manifest: d.manifest.clone(),
                     stored_at: time,
                     signature: d.signature.clone(),
+                    exports: d.exports.clone(),
                 },
             );
         }
@@ -519,6 +571,19 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
                     granted_seq: fact.seq,
                 },
             );
+        }
+        FactData::LinkAdded(d) => {
+            projection.links.insert(
+                d.link_id.clone(),
+                LinkRecord {
+                    link: d.clone(),
+                    added_at: time,
+                    added_seq: fact.seq,
+                },
+            );
+        }
+        FactData::LinkRemoved(d) => {
+            projection.links.remove(&d.link_id);
         }
         FactData::AssignmentRevoked(d) => {
             projection.assignments.remove(&d.assignment_id);

@@ -173,6 +173,7 @@ pub fn is_query(op: CtlOp) -> bool {
             | CtlOp::InstanceGet
             | CtlOp::InstanceLogs
             | CtlOp::AssignmentList
+            | CtlOp::LinkList
             | CtlOp::ProviderList
             | CtlOp::RolloutGet
             | CtlOp::RolloutList

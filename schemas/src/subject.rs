@@ -118,6 +118,11 @@ pub fn assignment_events(lattice: &Lattice) -> String {
     format!("trellis.evt.v1.{lattice}.assignment.>")
 }
 
+/// Every link fact of the lattice.
+pub fn link_events(lattice: &Lattice) -> String {
+    format!("trellis.evt.v1.{lattice}.link.>")
+}
+
 /// The JetStream object store bucket holding components, keyed by the hex SHA-256 of the `.wasm`.
 pub fn artifact_bucket(lattice: &Lattice) -> String {
     format!(

@@ -67,6 +67,7 @@ fn manifest(name: &str) -> ManifestDoc {
         max_concurrency: 64,
         imports: Vec::new(),
         requires: vec![],
+        required_links: vec![],
     }
 }
 

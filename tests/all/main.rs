@@ -9,6 +9,7 @@ mod creds;
 mod http_status;
 mod instances;
 mod lifecycle;
+mod links;
 mod logs;
 mod metrics;
 mod prometheus_harness;

@@ -70,6 +70,7 @@ async fn main() {
                 max_concurrency: 1024,
                 imports: Vec::new(),
                 requires: vec![],
+                required_links: vec![],
             },
             signature: None,
         },

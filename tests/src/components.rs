@@ -61,6 +61,8 @@ pub const NAMES: &[&str] = &[
     "membomb",
     "messenger",
     "panic",
+    "pipe_front",
+    "pipe_stage",
     "probe",
     "recursion",
     "trap",

@@ -34,26 +34,8 @@ pub(crate) fn validate(
         None => ProviderName::new(capability.default_provider())
             .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?,
     };
-    if check_target_exists && let AssignmentTarget::Instance(id) = target {
-        match projection.instances.get(id) {
-            Some(i) if i.status.is_active() => {}
-            Some(i) => {
-                return Err(ErrorBody::new(
-                    ErrorCode::InvalidRequest,
-                    format!(
-                        "instance {id} has ended ({}); grant to its component instead to cover future instances",
-                        i.status.as_str()
-                    ),
-                ));
-            }
-            None => {
-                return Err(ErrorBody::new(
-                    ErrorCode::NotFound,
-                    format!("no instance {id}; `trellis instance ls` lists the instances"),
-                )
-                .with_details(serde_json::json!({ "instance_id": id })));
-            }
-        }
+    if check_target_exists {
+        check_target(projection, target, "grant")?;
     }
     if let Some(existing) = projection.assignment_of(target, capability) {
         return Err(ErrorBody::new(
@@ -76,6 +58,33 @@ pub(crate) fn validate(
     })
 }
 
+/// Checks that an instance `target` exists and has not ended (a component target may name
+/// future instances); `verb` is what the caller does with it, for the hint.
+pub(crate) fn check_target(
+    projection: &Projection,
+    target: &AssignmentTarget,
+    verb: &str,
+) -> Result<(), ErrorBody> {
+    let AssignmentTarget::Instance(id) = target else {
+        return Ok(());
+    };
+    match projection.instances.get(id) {
+        Some(i) if i.status.is_active() => Ok(()),
+        Some(i) => Err(ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "instance {id} has ended ({}); {verb} to its component instead to cover future instances",
+                i.status.as_str()
+            ),
+        )),
+        None => Err(ErrorBody::new(
+            ErrorCode::NotFound,
+            format!("no instance {id}; `trellis instance ls` lists the instances"),
+        )
+        .with_details(serde_json::json!({ "instance_id": id }))),
+    }
+}
+
 /// Records an assignment and returns the stream sequence of its fact.
 pub(crate) async fn record(
     state: &State,
@@ -92,19 +101,36 @@ pub(crate) async fn record(
     state.publish(&event).await
 }
 
-/// How many times a grant is validated again because another fact was stored between the
-/// replica's read of the stream and its grant.
-const GRANT_ATTEMPTS: usize = 20;
+/// How many times a change is validated again because another fact was stored between the
+/// replica's read of the stream and its change.
+const AT_TIP_ATTEMPTS: usize = 20;
 
 /// Grants at most one assignment per target and capability, even when two replicas are asked at
-/// once or a client retries a grant whose reply it lost: the grant is checked against the
-/// projection at the stream's tip and stored only if the stream is still at that tip.
+/// once or a client retries a grant whose reply it lost (see [`publish_validated_at_tip`]).
 pub(crate) async fn grant(
     state: &State,
     request: AssignmentGrantRequest,
 ) -> Result<AssignmentGrantReply, ErrorBody> {
+    let (assignment, seq) = publish_validated_at_tip(state, "grant", |projection| {
+        let assignment = validate(projection, &request.target, &request.grant(), true)?;
+        Ok((assignment.clone(), FactData::AssignmentGranted(assignment)))
+    })
+    .await?;
+    Ok(AssignmentGrantReply { assignment, seq })
+}
+
+/// Validates a change against the projection at the stream's tip and stores its fact only if
+/// the stream is still at that tip, retrying when another fact came in between: two replicas
+/// asked at once, or a client retrying a request whose reply it lost, cannot both pass a check
+/// (one grant per capability, one link per interface, no link cycle) that either would fail
+/// after the other. Returns what `validate` returned besides the fact, and the fact's sequence.
+pub(crate) async fn publish_validated_at_tip<T>(
+    state: &State,
+    what: &str,
+    validate: impl Fn(&Projection) -> Result<(T, FactData), ErrorBody>,
+) -> Result<(T, u64), ErrorBody> {
     let unavailable = |e: String| ErrorBody::new(ErrorCode::Unavailable, e);
-    for _ in 0..GRANT_ATTEMPTS {
+    for _ in 0..AT_TIP_ATTEMPTS {
         let tip = trellis_bus::events_stream_state(&state.js, &state.config.lattice)
             .await
             .map_err(|e| unavailable(e.to_string()))?;
@@ -124,14 +150,11 @@ pub(crate) async fn grant(
                 ),
             ));
         }
-        let assignment = {
+        let (value, data) = {
             let projection = state.projection();
-            validate(&projection, &request.target, &request.grant(), true)?
+            validate(&projection)?
         };
-        let event = Event::new(
-            state.source.clone(),
-            FactData::AssignmentGranted(assignment.clone()),
-        );
+        let event = Event::new(state.source.clone(), data);
         let stored = trellis_bus::publish_at_tip(
             &state.js,
             &state.config.lattice,
@@ -144,11 +167,11 @@ pub(crate) async fn grant(
             state
                 .wait_until_applied_for(seq, state.config.min_seq_wait)
                 .await;
-            return Ok(AssignmentGrantReply { assignment, seq });
+            return Ok((value, seq));
         }
     }
     Err(unavailable(format!(
-        "the fact stream kept moving while the grant was checked ({GRANT_ATTEMPTS} attempts); retry"
+        "the fact stream kept moving while the {what} was checked ({AT_TIP_ATTEMPTS} attempts); retry"
     )))
 }
 

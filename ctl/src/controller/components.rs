@@ -58,11 +58,28 @@ pub(crate) async fn register(
     let size = trellis_bus::stat_artifact(&state.js, &state.config.lattice, &request.digest)
         .await
         .map_err(artifact_error)?;
+    // What it exports, so that links can be checked against it; a component too large or
+    // unreadable here is still registered (hosts check it when they load it).
+    let exports = match trellis_bus::fetch_artifact(
+        &state.js,
+        &state.config.lattice,
+        &request.digest,
+        MAX_READ_BYTES,
+    )
+    .await
+    {
+        Ok(bytes) => exports_of(&bytes),
+        Err(e) => {
+            tracing::warn!(digest = %request.digest, error = %e, "cannot read the component's exports");
+            None
+        }
+    };
     let stored = ArtifactStored {
         digest: request.digest,
         size,
         manifest: doc,
         signature: request.signature,
+        exports,
     };
     let event = Event::new(
         state.source.clone(),
@@ -74,6 +91,38 @@ pub(crate) async fn register(
         seq,
         component: stored,
     })
+}
+
+/// The largest component whose exports the controller reads at registration.
+const MAX_READ_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The names a component exports at its top level (interfaces with their version, functions),
+/// or `None` when `bytes` is not a component that parses.
+pub(crate) fn exports_of(bytes: &[u8]) -> Option<Vec<String>> {
+    use wasmparser::{Parser, Payload};
+    let mut exports = Vec::new();
+    // Nested modules and components have exports of their own: only depth 0 counts.
+    let mut depth = 0usize;
+    for payload in Parser::new(0).parse_all(bytes) {
+        match payload.ok()? {
+            Payload::Version { encoding, .. }
+                if depth == 0 && encoding != wasmparser::Encoding::Component =>
+            {
+                return None;
+            }
+            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentExportSection(reader) if depth == 0 => {
+                for export in reader {
+                    exports.push(export.ok()?.name.name.to_owned());
+                }
+            }
+            _ => {}
+        }
+    }
+    exports.sort();
+    exports.dedup();
+    Some(exports)
 }
 
 pub(crate) fn list(

@@ -162,6 +162,21 @@ pub(crate) async fn start(
     let (source, placements, inherited, grants) = {
         let projection = state.projection();
         let (source, memory) = resolve(&projection, &request.component)?;
+        if let ComponentSource::Artifact { manifest, .. } = &source {
+            let missing = super::links::missing_links(&projection, manifest);
+            if let Some(first) = missing.first() {
+                let names: Vec<&str> = missing.iter().map(|i| i.as_str()).collect();
+                return Err(ErrorBody::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "link required: {} (required by Component.toml); link it first, e.g. `trellis link add component:{} {first} <target>`",
+                        names.join(", "),
+                        manifest.name
+                    ),
+                )
+                .with_details(serde_json::json!({ "missing_links": names })));
+            }
+        }
         let placing = state
             .placing
             .lock()

@@ -22,6 +22,7 @@
 mod assignments;
 mod components;
 mod instances;
+mod links;
 mod liveness;
 mod logs;
 mod metrics;
@@ -275,7 +276,10 @@ async fn audit_grants(state: Arc<State>, from_seq: u64) {
             trellis_bus::follow(
                 &state.client,
                 &subject::events_stream(&state.config.lattice),
-                &subject::assignment_events(&state.config.lattice),
+                &[
+                    subject::assignment_events(&state.config.lattice),
+                    subject::link_events(&state.config.lattice),
+                ],
                 || next.load(std::sync::atomic::Ordering::SeqCst),
                 |followed| {
                     next.store(followed.seq + 1, std::sync::atomic::Ordering::SeqCst);
@@ -298,6 +302,19 @@ async fn audit_grants(state: Arc<State>, from_seq: u64) {
                     audit.provider = Some(a.provider.to_string());
                     audit.reason = Some(format!("assignment {}", a.assignment_id));
                     ("grant", audit)
+                }
+                trellis_schemas::FactData::LinkAdded(l) => {
+                    let mut audit = AuditEvent::new(AuditType::Grant, source.clone(), "ok");
+                    audit.target = Some(l.source.describe());
+                    audit.capability = Some(l.interface.to_string());
+                    audit.reason = Some(format!("link {} to component {}", l.link_id, l.target));
+                    ("grant", audit)
+                }
+                trellis_schemas::FactData::LinkRemoved(r) => {
+                    let mut audit = AuditEvent::new(AuditType::Revoke, source.clone(), "ok");
+                    audit.target = Some(format!("link:{}", r.link_id));
+                    audit.reason = Some(trellis_schemas::audit::short_reason(&r.reason));
+                    ("revoke", audit)
                 }
                 trellis_schemas::FactData::AssignmentRevoked(r) => {
                     let mut audit = AuditEvent::new(AuditType::Revoke, source.clone(), "ok");

@@ -17,7 +17,7 @@ use trellis_schemas::{
 };
 
 use super::state::State;
-use super::{assignments, components, instances, providers, rollouts};
+use super::{assignments, components, instances, links, providers, rollouts};
 use trellis_bus::telemetry::{self, Kind, Span};
 use trellis_schemas::audit::{AuditCaller, AuditEvent, AuditType};
 
@@ -121,6 +121,9 @@ async fn answer(state: &State, subject_name: &str, body: &[u8]) -> (Vec<u8>, Str
         CtlOp::AssignmentGrant => respond(state, body, assignments::grant).await,
         CtlOp::AssignmentRevoke => respond(state, body, assignments::revoke).await,
         CtlOp::AssignmentList => respond(state, body, async |s, r| assignments::list(s, r)).await,
+        CtlOp::LinkAdd => respond(state, body, links::add).await,
+        CtlOp::LinkRemove => respond(state, body, links::remove).await,
+        CtlOp::LinkList => respond(state, body, async |s, r| links::list(s, r)).await,
         CtlOp::ProviderStart => respond(state, body, providers::start).await,
         CtlOp::ProviderStop => respond(state, body, providers::stop).await,
         CtlOp::ProviderList => respond(state, body, async |s, r| providers::list(s, r)).await,

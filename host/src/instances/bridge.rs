@@ -13,16 +13,21 @@ use std::collections::HashSet;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use trellis_bus::dataplane::{self as codec, Identity, SendError};
+use trellis_bus::telemetry::{Kind, Span};
 use trellis_provider_sdk::{LocalProvider, Request};
-use trellis_schemas::dataplane;
+use trellis_schemas::dataplane::{self, ErrorCode, Op};
+use trellis_schemas::link::LinkRecord;
 use trellis_schemas::{
     AssignmentId, AssignmentRecord, AssignmentTarget, Capability, Fact, FactData, InstanceId,
     Lattice, Projection, apply, subject,
 };
+use wasmtime::component::Val;
 
+use super::local::LocalInstances;
 use crate::providers::EmbeddedProviders;
 use crate::runtime::{
-    BridgeFuture, CapabilityBridge, CapabilityCall, CapabilityError, CapabilityResponse,
+    BridgeFuture, Budget, CapabilityBridge, CapabilityCall, CapabilityError, CapabilityResponse,
+    LinkCall, LinkError, LinkFuture, json_to_val, val_to_json,
 };
 
 /// The assignments in force, as this host knows them.
@@ -76,6 +81,20 @@ impl Assignments {
             .collect()
     }
 
+    /// The link serving `interface` (as imported) to `instance` of `component`.
+    pub(crate) fn link(
+        &self,
+        instance: &InstanceId,
+        component: &str,
+        interface: &str,
+    ) -> Option<LinkRecord> {
+        let known = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        known
+            .projection
+            .link_for(instance, component, interface)
+            .cloned()
+    }
+
     /// The assignment granting `capability` to `instance` of `component`.
     pub(crate) fn lookup(
         &self,
@@ -96,7 +115,10 @@ impl Assignments {
         trellis_bus::follow(
             &client,
             &subject::events_stream(&lattice),
-            &subject::assignment_events(&lattice),
+            &[
+                subject::assignment_events(&lattice),
+                subject::link_events(&lattice),
+            ],
             || self.next_seq(),
             |followed| match followed.event {
                 Ok(event) => self.apply(&Fact {
@@ -129,25 +151,38 @@ pub(crate) struct NatsBridge {
     pub embedded: EmbeddedProviders,
     pub audit: Arc<trellis_bus::audit::AuditLog>,
     pub host: trellis_schemas::HostId,
+    /// This host's instances, for linked calls in process.
+    pub local: LocalInstances,
 }
 
 impl NatsBridge {
-    /// Refuses a call of a capability this instance was not granted, and records the refusal.
-    async fn denied(&self, capability: Capability, trace: Option<&str>) -> CapabilityError {
+    /// Records the refusal of a call of `what` (a capability, or a linked interface) that
+    /// nothing grants this instance.
+    async fn record_denial(&self, what: &str, reason: String, trace: Option<&str>) {
         use trellis_schemas::audit::{AuditEvent, AuditType};
         let mut event = AuditEvent::new(
             AuditType::Denied,
             format!("host/{}", self.host),
-            dataplane::ErrorCode::AccessDenied.as_str(),
+            ErrorCode::AccessDenied.as_str(),
         );
         event.target = Some(format!("instance:{}", self.instance));
-        event.capability = Some(capability.as_str().to_owned());
-        event.reason = Some(format!(
-            "{capability} is not assigned to component {}",
-            self.component
-        ));
+        event.capability = Some(what.to_owned());
+        event.reason = Some(reason);
         event.trace_id = trace.and_then(dataplane::trace_id).map(str::to_owned);
         self.audit.record(&event).await;
+    }
+
+    /// Refuses a call of a capability this instance was not granted, and records the refusal.
+    async fn denied(&self, capability: Capability, trace: Option<&str>) -> CapabilityError {
+        self.record_denial(
+            capability.as_str(),
+            format!(
+                "{capability} is not assigned to component {}",
+                self.component
+            ),
+            trace,
+        )
+        .await;
         CapabilityError::Denied(format!(
             "{capability} is not assigned to instance {} of {}; grant it with `trellis assignment grant component:{} {capability} …`",
             self.instance, self.component, self.component
@@ -224,5 +259,159 @@ impl CapabilityBridge for NatsBridge {
 
     fn call(&self, call: CapabilityCall) -> BridgeFuture<'_> {
         Box::pin(self.forward(call))
+    }
+
+    fn link(&self, call: LinkCall) -> LinkFuture<'_> {
+        Box::pin(self.linked(call))
+    }
+}
+
+impl NatsBridge {
+    /// A call of a linked import: refused without a link; otherwise to an instance of the
+    /// target in this process when one runs here (values handed over as they are), else over
+    /// the data plane to any of its instances (the arguments as JSON, converted back by the
+    /// target against its own export's types). A rollout of the target splits linked calls by
+    /// its weights, as it does every other call.
+    async fn linked(&self, call: LinkCall) -> Result<Vec<Val>, LinkError> {
+        let interface = trellis_schemas::manifest::strip_version(&call.interface).to_owned();
+        let Some(record) = self
+            .assignments
+            .link(&self.instance, &self.component, &call.interface)
+        else {
+            self.record_denial(
+                &interface,
+                format!("{interface} is not linked for component {}", self.component),
+                call.traceparent.as_deref(),
+            )
+            .await;
+            return Err(LinkError::Denied(format!(
+                "{interface} is not linked for instance {} of {}; link it with `trellis link add component:{} {interface} <target>`",
+                self.instance, self.component, self.component
+            )));
+        };
+        let link = record.link;
+        let export = format!("{}#{}", call.interface, call.function);
+        let span = Span::start(Kind::Client, call.traceparent.as_deref(), || {
+            format!("link {} {export}", link.target)
+        });
+        if span.recording() {
+            span.set(
+                dataplane::span_attributes::COMPONENT,
+                link.target.to_string(),
+            );
+        }
+        let traceparent = span
+            .traceparent()
+            .map(str::to_owned)
+            .or_else(|| call.traceparent.as_deref().map(str::to_owned));
+        let version = self
+            .local
+            .route_table()
+            .version(&self.lattice, &link.target, Op::Call);
+        let digest = version.as_ref().map(|(digest, _)| digest.as_str());
+        let result = if let Some(serving) = self.local.pick_linked(&link, digest) {
+            serving
+                .call_linked(&export, &call.params, traceparent.as_deref())
+                .await
+                .map_err(LinkError::from_remote)
+        } else {
+            let subject = version.map_or_else(
+                || dataplane::component(&self.lattice, &link.target, Op::Call),
+                |(_, subject)| subject,
+            );
+            self.linked_over_nats(&link, subject, &export, &call, traceparent.as_deref())
+                .await
+        };
+        if let Err(error) = &result {
+            span.fail(error.to_string());
+        }
+        result
+    }
+
+    async fn linked_over_nats(
+        &self,
+        link: &trellis_schemas::link::Link,
+        subject: String,
+        export: &str,
+        call: &LinkCall,
+        traceparent: Option<&str>,
+    ) -> Result<Vec<Val>, LinkError> {
+        let failed = |code: ErrorCode, message: String| LinkError::Failed { code, message };
+        let mut budget = Budget::new(dataplane::MAX_BODY_BYTES);
+        let args = call
+            .params
+            .iter()
+            .map(|v| val_to_json(v, &mut budget))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                failed(
+                    ErrorCode::InvalidArguments,
+                    format!("the arguments cannot cross to another host: {e:?}"),
+                )
+            })?;
+        let body = serde_json::to_vec(&args).map_err(|e| {
+            failed(
+                ErrorCode::Internal,
+                format!("cannot encode the arguments: {e}"),
+            )
+        })?;
+        let mut headers = codec::call_headers(export);
+        if let Some(traceparent) = traceparent {
+            headers.insert(codec::NAMES.traceparent.clone(), traceparent);
+        }
+        let target = &link.target;
+        let reply = codec::request(&self.client, subject, headers, body.into(), call.timeout)
+            .await
+            .map_err(|e| match e {
+                SendError::NoResponders => {
+                    LinkError::Unavailable(format!("no instance of {target} runs"))
+                }
+                SendError::TimedOut(t) => failed(
+                    ErrorCode::Timeout,
+                    format!("{target} did not answer within {t:?}"),
+                ),
+                SendError::Failed(e) => {
+                    LinkError::Unavailable(format!("cannot reach {target}: {e}"))
+                }
+            })?;
+        codec::read_reply(&reply).map_err(LinkError::from_remote)?;
+        let value: serde_json::Value = serde_json::from_slice(&reply.payload).map_err(|e| {
+            failed(
+                ErrorCode::Internal,
+                format!("{target} answered with invalid JSON: {e}"),
+            )
+        })?;
+        let values: Vec<serde_json::Value> = match (call.results.len(), value) {
+            (0, _) => Vec::new(),
+            (1, value) => vec![value],
+            (_, serde_json::Value::Array(values)) => values,
+            (n, other) => {
+                return Err(failed(
+                    ErrorCode::Internal,
+                    format!("{target} answered {other} where {n} results were expected"),
+                ));
+            }
+        };
+        if values.len() != call.results.len() {
+            return Err(failed(
+                ErrorCode::InvalidArguments,
+                format!(
+                    "{target} answered {} results where {} were expected",
+                    values.len(),
+                    call.results.len()
+                ),
+            ));
+        }
+        values
+            .iter()
+            .zip(&call.results)
+            .map(|(value, ty)| json_to_val(ty, value))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                failed(
+                    ErrorCode::InvalidArguments,
+                    format!("the result of {target} does not fit the caller's type: {e}"),
+                )
+            })
     }
 }

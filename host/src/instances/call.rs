@@ -27,6 +27,7 @@ use super::logs::InstanceLog;
 use super::stats::{Outcome, Stats};
 use crate::runtime::{CallContext, InvokeError, LoadedComponent};
 use trellis_bus::telemetry::{Kind, Span};
+use wasmtime::component::Val;
 
 /// The export name under which HTTP requests are served.
 const HTTP_EXPORT: &str = "wasi:http/incoming-handler#handle";
@@ -305,6 +306,35 @@ impl Serving {
             result.as_ref().err(),
             result.as_ref().ok().map(|r| r.head.status),
         );
+        result
+    }
+
+    /// Serves a linked call from another instance of this process: the arguments are the
+    /// caller's values, checked against the export's types, and nothing is encoded. Counted
+    /// in flight and as an invocation like a message; a crash ends the period as for any call.
+    pub async fn call_linked(
+        &self,
+        export: &str,
+        params: &[Val],
+        traceparent: Option<&str>,
+    ) -> Result<Vec<Val>, DataError> {
+        self.enter();
+        let _counted = InFlight(self);
+        if !self.serving() {
+            return Err(not_running());
+        }
+        let started = Instant::now();
+        let span = self.span(export, traceparent);
+        let result = self
+            .component(&span)
+            .invoke_vals(export, params)
+            .await
+            .map_err(|error| {
+                let error = self.fail(export, error);
+                span.fail(error.message.clone());
+                error
+            });
+        self.count(started, result.as_ref().err(), None);
         result
     }
 

@@ -8,6 +8,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use trellis_bus::RouteTable;
 use trellis_provider_http_server::{LocalFuture, LocalTargets};
 use trellis_schemas::capability::rpc::{HttpMessage, HttpRequestHead};
+use trellis_schemas::link::Link;
 use trellis_schemas::{AssignmentTarget, ComponentName, InstanceId};
 
 use super::call::Serving;
@@ -98,6 +99,33 @@ impl LocalInstances {
                 .find(|(i, _, s)| i == id && s.serving())
                 .map(|(_, _, s)| Arc::clone(s)),
         }
+    }
+}
+
+impl LocalInstances {
+    /// A serving period of this process for a call through `link`: an instance of its target
+    /// of a version the link accepts (and of version `digest`, when a rollout picked one).
+    pub(crate) fn pick_linked(&self, link: &Link, digest: Option<&str>) -> Option<Arc<Serving>> {
+        let map = self
+            .inner
+            .by_component
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let list = map.get(&link.target)?;
+        let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        (0..list.len())
+            .map(|i| &list[(start + i) % list.len()])
+            .find(|(_, d, s)| {
+                digest.is_none_or(|want| want == d)
+                    && s.serving()
+                    && link.accepts_version(&s.component.manifest().version.to_string())
+            })
+            .map(|(_, _, s)| Arc::clone(s))
+    }
+
+    /// The host's table of rollout routes.
+    pub(crate) fn route_table(&self) -> &RouteTable {
+        &self.inner.routes
     }
 }
 

@@ -551,6 +551,7 @@ async fn run(
         embedded: inner.embedded.clone(),
         audit: Arc::clone(&ctx.audit),
         host: ctx.host_id.clone(),
+        local: ctx.local.clone(),
     }));
     supervise(Arc::clone(ctx), spec, component, state, stop, slot).await;
     drop(bytes);

@@ -19,6 +19,8 @@ use std::time::Duration;
 use trellis_schemas::Capability;
 pub use trellis_schemas::capability::rpc::{CapabilityRequest, CapabilityResponse};
 use trellis_schemas::dataplane::{DataError, ErrorCode};
+use wasmtime::component::Val;
+use wasmtime::component::types::Type;
 
 /// One capability call on its way to a provider: a typed request, never encoded in process.
 #[derive(Debug, Clone)]
@@ -77,6 +79,71 @@ impl CapabilityError {
 pub type BridgeFuture<'a> =
     Pin<Box<dyn Future<Output = Result<CapabilityResponse, CapabilityError>> + Send + 'a>>;
 
+/// One call of a linked import: a function of an interface the component imports and another
+/// component serves (see [`CapabilityBridge::link`]).
+#[derive(Debug, Clone)]
+pub struct LinkCall {
+    /// The interface as the component imports it (`example:pipeline/transform@0.1.0`).
+    pub interface: String,
+    /// The function's name in it.
+    pub function: String,
+    /// The arguments, as the caller's store lowered them.
+    pub params: Vec<Val>,
+    /// The types of the results the caller expects.
+    pub results: Vec<Type>,
+    /// How long the caller can still wait (what is left of its invocation's timeout).
+    pub timeout: Duration,
+    /// The W3C trace context of the invocation making the call, if it has one.
+    pub traceparent: Option<std::sync::Arc<str>>,
+}
+
+/// Why a linked call failed. A function returning `result<_, string>` (or an error enum or
+/// variant with an `access-denied`, `unavailable` or `failed` case) gets it as its error; any
+/// other ends the caller's invocation with this error, not as a crash.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// No link serves the interface to this instance.
+    #[error("access denied: {0}")]
+    Denied(String),
+    /// No instance of the target answers.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The target failed the call (it crashed, refused the arguments, was busy, …).
+    #[error("{code}: {message}")]
+    Failed {
+        /// The data-plane error code.
+        code: ErrorCode,
+        /// What happened, for people.
+        message: String,
+    },
+}
+
+impl LinkError {
+    /// The error for a target's error reply.
+    pub fn from_remote(error: DataError) -> Self {
+        let DataError { code, message, .. } = error;
+        match code {
+            ErrorCode::AccessDenied => LinkError::Denied(message),
+            ErrorCode::Unavailable | ErrorCode::NotRunning | ErrorCode::NoInstance => {
+                LinkError::Unavailable(message)
+            }
+            code => LinkError::Failed { code, message },
+        }
+    }
+
+    /// The data-plane code the caller's invocation fails with when it cannot take the error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            LinkError::Denied(_) => ErrorCode::AccessDenied,
+            LinkError::Unavailable(_) => ErrorCode::Unavailable,
+            LinkError::Failed { code, .. } => *code,
+        }
+    }
+}
+
+/// A boxed future returned by [`CapabilityBridge::link`].
+pub type LinkFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<Val>, LinkError>> + Send + 'a>>;
+
 /// Carries a component's capability calls to whoever serves them, after checking that they are
 /// allowed. Implemented by the host (over NATS, to the assigned providers) and by embedders.
 pub trait CapabilityBridge: Send + Sync + fmt::Debug + 'static {
@@ -86,6 +153,17 @@ pub trait CapabilityBridge: Send + Sync + fmt::Debug + 'static {
 
     /// Performs one call.
     fn call(&self, call: CapabilityCall) -> BridgeFuture<'_>;
+
+    /// Performs one call of a linked import. Without a link there is nothing to call: the
+    /// default refuses every one.
+    fn link(&self, call: LinkCall) -> LinkFuture<'_> {
+        Box::pin(async move {
+            Err(LinkError::Denied(format!(
+                "{} is not linked to any component",
+                trellis_schemas::manifest::strip_version(&call.interface)
+            )))
+        })
+    }
 }
 
 /// The bridge of a component that was granted nothing.

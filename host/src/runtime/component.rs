@@ -32,7 +32,7 @@ use wasmtime::component::{Component, ComponentExportIndex, InstancePre, Val};
 use wasmtime::{Store, UpdateDeadline};
 
 use super::capabilities::{CapabilityBridge, DenyAll};
-use super::convert::{Budget, FromValError, json_to_val, val_to_json};
+use super::convert::{Budget, FromValError, describe_type, json_to_val, val_matches, val_to_json};
 use super::error::InvokeError;
 use super::output::{GuestOutput, LogSink};
 use super::runtime::{LoadOutcome, RuntimeInner};
@@ -41,7 +41,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use trellis_schemas::capability::rpc::{HttpRequestHead, HttpResponseHead};
 use trellis_schemas::dataplane::MAX_BODY_BYTES;
-use trellis_schemas::manifest::{Limits, Manifest};
+use trellis_schemas::manifest::{Limits, Manifest, strip_version};
 use wasmtime::component::Resource;
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -278,29 +278,13 @@ impl LoadedComponent {
         args: Value,
     ) -> Result<Invocation, InvokeError> {
         let inner = &*self.inner;
+        let config = &inner.runtime.config;
         let (name, func) = self.lookup(export)?;
         let params = convert_args(name, func, &args)?;
-        let _permit = Arc::clone(&inner.permits)
-            .try_acquire_owned()
-            .map_err(|_| InvokeError::Busy {
-                component: inner.manifest.name.clone(),
-                max_concurrency: inner.manifest.limits.max_concurrency,
-            })?;
-
-        let limits = inner.manifest.limits;
-        let config = &inner.runtime.config;
-        let (mut store, output) = self.new_store()?;
-
-        let mut results = vec![Val::Bool(false); func.results.len()];
-        let run = run(&inner.pre, &mut store, &func.index, &params, &mut results);
-        let outcome = tokio::time::timeout(limits.timeout + CANCEL_GRACE, run).await;
-        let fuel_consumed = inner.usage.record(&store, limits.fuel);
-        drop(store);
-        output.finish();
+        let (outcome, output, fuel_consumed) = self.run_values(func, &params).await?;
         match outcome {
-            Err(_elapsed) => Err(failed(None, &output, &limits)),
-            Ok(Err(failure)) => Err(failed(Some(failure), &output, &limits)),
-            Ok(Ok(())) => {
+            Err(error) => Err(error),
+            Ok(results) => {
                 let mut budget = Budget::new(config.max_result_bytes);
                 let value = match results.as_slice() {
                     [] => Ok(Value::Null),
@@ -329,6 +313,73 @@ impl LoadedComponent {
                 })
             }
         }
+    }
+
+    /// Calls `export` with `params`, values as another component's store lowered them (a
+    /// linked call in process: nothing is encoded), in a fresh instance, and returns its
+    /// results as values. The arguments are checked against the export's types first: a
+    /// mismatch is [`InvokeError::ArgumentType`] and nothing runs. `export` is named as for
+    /// [`invoke`](Self::invoke); an interface's version may differ from the exported one.
+    ///
+    /// # Errors
+    ///
+    /// As [`invoke`](Self::invoke).
+    pub async fn invoke_vals(&self, export: &str, params: &[Val]) -> Result<Vec<Val>, InvokeError> {
+        let (name, func) = self.lookup(export)?;
+        if params.len() != func.params.len() {
+            return Err(InvokeError::ArgumentCount {
+                export: name.to_string(),
+                expected: func.params.len(),
+                got: params.len(),
+                params: func.params.iter().map(|(n, _)| n.clone()).collect(),
+            });
+        }
+        for (position, (value, (param, ty))) in params.iter().zip(&func.params).enumerate() {
+            if !val_matches(value, ty) {
+                return Err(InvokeError::ArgumentType {
+                    export: name.to_string(),
+                    param: param.clone(),
+                    position,
+                    error: Box::new(super::convert::ConvertError::mismatch(
+                        describe_type(ty),
+                        value,
+                    )),
+                });
+            }
+        }
+        let (outcome, _output, _fuel) = self.run_values(func, params).await?;
+        outcome
+    }
+
+    /// Runs `func` with `params` in a fresh store under the component's limits and
+    /// concurrency: the results (or why there are none), what the guest wrote, and the fuel
+    /// it used.
+    async fn run_values(
+        &self,
+        func: &ExportFunc,
+        params: &[Val],
+    ) -> Result<(Result<Vec<Val>, InvokeError>, OutputHandle, u64), InvokeError> {
+        let inner = &*self.inner;
+        let _permit = Arc::clone(&inner.permits)
+            .try_acquire_owned()
+            .map_err(|_| InvokeError::Busy {
+                component: inner.manifest.name.clone(),
+                max_concurrency: inner.manifest.limits.max_concurrency,
+            })?;
+        let limits = inner.manifest.limits;
+        let (mut store, output) = self.new_store()?;
+        let mut results = vec![Val::Bool(false); func.results.len()];
+        let run = run(&inner.pre, &mut store, &func.index, params, &mut results);
+        let outcome = tokio::time::timeout(limits.timeout + CANCEL_GRACE, run).await;
+        let fuel_consumed = inner.usage.record(&store, limits.fuel);
+        drop(store);
+        output.finish();
+        let outcome = match outcome {
+            Err(_elapsed) => Err(failed(None, &output, &limits)),
+            Ok(Err(failure)) => Err(failed(Some(failure), &output, &limits)),
+            Ok(Ok(())) => Ok(results),
+        };
+        Ok((outcome, output, fuel_consumed))
     }
 
     /// A fresh store with the component's limits: memory limiter, fuel, and a wall-clock
@@ -483,13 +534,25 @@ impl LoadedComponent {
 
     fn lookup(&self, export: &str) -> Result<(&str, &ExportFunc), InvokeError> {
         let exports = &self.inner.exports;
-        let found = exports.get_key_value(export).or_else(|| {
-            if export.contains('#') {
-                return None;
-            }
-            let (iface, func) = export.rsplit_once('/')?;
-            exports.get_key_value(format!("{iface}#{func}").as_str())
-        });
+        let found = exports
+            .get_key_value(export)
+            .or_else(|| {
+                if export.contains('#') {
+                    return None;
+                }
+                let (iface, func) = export.rsplit_once('/')?;
+                exports.get_key_value(format!("{iface}#{func}").as_str())
+            })
+            .or_else(|| {
+                // `iface@version#func` (or without a version) naming an export of another
+                // version: a linked caller may import a version the target does not export.
+                let (iface, func) = export.split_once('#')?;
+                let iface = strip_version(iface);
+                exports.iter().find(|(name, _)| {
+                    name.split_once('#')
+                        .is_some_and(|(i, f)| f == func && strip_version(i) == iface)
+                })
+            });
         found
             .map(|(name, func)| (name.as_str(), func))
             .ok_or_else(|| InvokeError::UnknownExport {

@@ -37,6 +37,15 @@ impl ConvertError {
         }
     }
 
+    /// A value of another store that is not of the `expected` type.
+    pub(crate) fn mismatch(expected: String, found: &Val) -> Self {
+        Self {
+            path: Vec::new(),
+            expected,
+            found: format!("{found:?}").chars().take(120).collect(),
+        }
+    }
+
     fn at(mut self, segment: Segment) -> Self {
         self.path.push(segment);
         self
@@ -401,6 +410,71 @@ fn describe_json(value: &Value) -> String {
         Value::String(s) => format!("string {s:?}"),
         Value::Array(items) => format!("an array of {} elements", items.len()),
         Value::Object(object) => format!("an object with {} fields", object.len()),
+    }
+}
+
+/// Whether `val` is a value of type `ty` (for values that come from another store, as a linked
+/// call in process passes them: the two components' types need not agree).
+pub(crate) fn val_matches(val: &Val, ty: &Type) -> bool {
+    let all = |vals: &[Val], ty: &Type| vals.iter().all(|v| val_matches(v, ty));
+    let payload = |val: &Option<Box<Val>>, ty: Option<Type>| match (val, ty) {
+        (None, None) => true,
+        (Some(v), Some(t)) => val_matches(v, &t),
+        _ => false,
+    };
+    match (ty, val) {
+        (Type::Bool, Val::Bool(_))
+        | (Type::S8, Val::S8(_))
+        | (Type::U8, Val::U8(_))
+        | (Type::S16, Val::S16(_))
+        | (Type::U16, Val::U16(_))
+        | (Type::S32, Val::S32(_))
+        | (Type::U32, Val::U32(_))
+        | (Type::S64, Val::S64(_))
+        | (Type::U64, Val::U64(_))
+        | (Type::Float32, Val::Float32(_))
+        | (Type::Float64, Val::Float64(_))
+        | (Type::Char, Val::Char(_))
+        | (Type::String, Val::String(_)) => true,
+        (Type::List(list), Val::List(items)) => all(items, &list.ty()),
+        (Type::FixedLengthList(list), Val::FixedLengthList(items)) => {
+            usize::try_from(list.len()).is_ok_and(|len| len == items.len())
+                && all(items, &list.ty())
+        }
+        (Type::Tuple(tuple), Val::Tuple(items)) => {
+            let types: Vec<Type> = tuple.types().collect();
+            types.len() == items.len() && items.iter().zip(&types).all(|(v, t)| val_matches(v, t))
+        }
+        (Type::Record(record), Val::Record(fields)) => {
+            let types: Vec<_> = record.fields().collect();
+            types.len() == fields.len()
+                && fields
+                    .iter()
+                    .zip(&types)
+                    .all(|((name, v), field)| name == field.name && val_matches(v, &field.ty))
+        }
+        (Type::Option(option), Val::Option(value)) => {
+            value.as_ref().is_none_or(|v| val_matches(v, &option.ty()))
+        }
+        (Type::Result(result), Val::Result(Ok(value))) => payload(value, result.ok()),
+        (Type::Result(result), Val::Result(Err(value))) => payload(value, result.err()),
+        (Type::Enum(e), Val::Enum(name)) => e.names().any(|n| n == name),
+        (Type::Variant(variant), Val::Variant(name, value)) => variant
+            .cases()
+            .find(|c| c.name == name)
+            .is_some_and(|case| payload(value, case.ty)),
+        (Type::Flags(flags), Val::Flags(set)) => {
+            let names: Vec<&str> = flags.names().collect();
+            set.iter().all(|f| names.contains(&f.as_str()))
+        }
+        (Type::Map(map), Val::Map(entries)) => {
+            let (key, value) = (map.key(), map.value());
+            entries
+                .iter()
+                .all(|(k, v)| val_matches(k, &key) && val_matches(v, &value))
+        }
+        // Resources belong to the store that made them; nothing else crosses.
+        _ => false,
     }
 }
 

@@ -11,6 +11,15 @@ use super::digest::Digest;
 use super::output::GuestOutput;
 use super::store::MemoryLimitExceeded;
 
+/// A linked call that failed where the calling function could not take the error: it ends the
+/// invocation with [`InvokeError::Link`].
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code}: {message}")]
+pub(crate) struct LinkFailed {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
 /// A [`Runtime`](super::Runtime) could not be created.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -228,6 +237,17 @@ pub enum InvokeError {
     /// Instantiation failed for a reason other than a limit (e.g. the pooling allocator is full).
     #[error("instantiating the component: {0:?}")]
     Instantiation(wasmtime::Error),
+    /// A linked import failed and the function that called it cannot take the error (it does
+    /// not return a `result` with a string or error-enum error).
+    #[error("linked call failed: {message}")]
+    Link {
+        /// The link's error code (`access_denied`, `unavailable`, or the target's).
+        code: ErrorCode,
+        /// What happened.
+        message: String,
+        /// What the guest wrote before it stopped.
+        output: GuestOutput,
+    },
     /// Any other failure raised by the engine or a host function.
     #[error("invocation failed: {error:?}")]
     Host {
@@ -242,7 +262,7 @@ impl InvokeError {
     /// A stable, machine-readable reason: `fuel_exhausted`, `timeout`, `memory_limit`,
     /// `stack_overflow`, `panic`, `trap: <code>` (e.g. `trap: unreachable`), `output_too_large`,
     /// `busy`, `unknown_export`, `invalid_arguments`, `unsupported_result`,
-    /// `instantiation_failed` or `host_error`.
+    /// `instantiation_failed`, `link_failed` or `host_error`.
     pub fn reason(&self) -> String {
         match self {
             Self::UnknownExport { .. } => "unknown_export".to_string(),
@@ -261,6 +281,7 @@ impl InvokeError {
             Self::BadRequest { .. } => "bad_request".to_string(),
             Self::HttpResponse { .. } => "no_response".to_string(),
             Self::Instantiation(_) => "instantiation_failed".to_string(),
+            Self::Link { .. } => "link_failed".to_string(),
             Self::Host { .. } => "host_error".to_string(),
         }
     }
@@ -308,6 +329,7 @@ impl InvokeError {
             Self::UnsupportedResult { .. } => ErrorCode::UnsupportedResult,
             Self::BadRequest { .. } => ErrorCode::InvalidRequest,
             Self::HttpResponse { .. } => ErrorCode::NoResponse,
+            Self::Link { code, .. } => *code,
             _ => ErrorCode::Internal,
         }
     }
@@ -323,6 +345,7 @@ impl InvokeError {
             | Self::Trap { output, .. }
             | Self::OutputTooLarge { output, .. }
             | Self::HttpResponse { output, .. }
+            | Self::Link { output, .. }
             | Self::Host { output, .. } => Some(output),
             _ => None,
         }
@@ -336,6 +359,16 @@ impl InvokeError {
         fuel: u64,
         timeout: Duration,
     ) -> Self {
+        if let Some(link) = error
+            .chain()
+            .find_map(|cause| cause.downcast_ref::<LinkFailed>())
+        {
+            return Self::Link {
+                code: link.code,
+                message: link.message.clone(),
+                output,
+            };
+        }
         if let Some(limit) = error
             .chain()
             .find_map(|cause| cause.downcast_ref::<MemoryLimitExceeded>())

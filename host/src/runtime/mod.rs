@@ -10,6 +10,7 @@ mod convert;
 mod digest;
 mod error;
 mod http;
+mod links;
 mod output;
 #[expect(
     clippy::module_inception,
@@ -21,11 +22,12 @@ mod ticker;
 
 pub use capabilities::{
     BridgeFuture, CapabilityBridge, CapabilityCall, CapabilityError, CapabilityRequest,
-    CapabilityResponse, DenyAll,
+    CapabilityResponse, DenyAll, LinkCall, LinkError, LinkFuture,
 };
 pub use component::{CallContext, ExportInfo, Invocation, LoadedComponent, ResourceUsage};
 pub use config::RuntimeConfig;
 pub use convert::ConvertError;
+pub(crate) use convert::{Budget, json_to_val, val_to_json};
 pub use digest::{Digest, DigestParseError};
 pub use error::{InvokeError, LoadError, RuntimeError};
 pub use output::{GuestOutput, LineSource, LogSink, MAX_LINE_BYTES};

@@ -225,8 +225,9 @@ impl Runtime {
             .get_or_create(&[("cache", if cache_hit { "hit" } else { "miss" })])
             .inc();
 
-        let mut linker = None;
-        for (import, _) in component.component_type().imports(&self.inner.engine) {
+        let engine = &self.inner.engine;
+        let mut linker: Option<Linker<StoreState>> = None;
+        for (import, item) in component.component_type().imports(engine) {
             if WASI_BASICS.iter().any(|prefix| import.starts_with(prefix)) {
                 continue;
             }
@@ -239,16 +240,20 @@ impl Runtime {
                 // Linked by the runtime; calls go through the capability bridge.
                 continue;
             }
-            // A declared capability the runtime does not implement itself: the embedder binds
-            // it; until then calling it traps instead of refusing to instantiate.
-            if linker.is_none() {
-                let mut own = self.inner.linker.clone();
-                own.define_unknown_imports_as_traps(&component)
-                    .map_err(|err| LoadError::Link {
-                        message: error_chain(&err),
-                    })?;
-                linker = Some(own);
-            }
+            // An interface of the component's own: each of its functions is a linked call,
+            // which the bridge routes to the component a link names (or refuses).
+            let own = linker.get_or_insert_with(|| self.inner.linker.clone());
+            super::links::define(own, engine, import, &item.ty).map_err(|err| LoadError::Link {
+                message: error_chain(&err),
+            })?;
+        }
+        if let Some(own) = linker.as_mut() {
+            // What cannot be linked as a call (a resource type of a linked interface) traps
+            // when used instead of refusing to instantiate.
+            own.define_unknown_imports_as_traps(&component)
+                .map_err(|err| LoadError::Link {
+                    message: error_chain(&err),
+                })?;
         }
         let linker = linker.as_ref().unwrap_or(&self.inner.linker);
         let pre = linker

@@ -105,7 +105,7 @@ pub(crate) struct StoreState {
     /// Where the invocation's capability calls go.
     pub(crate) bridge: Arc<dyn CapabilityBridge>,
     /// When the invocation's wall-clock limit ends.
-    deadline: Instant,
+    pub(crate) deadline: Instant,
 }
 
 impl std::fmt::Debug for StoreState {

@@ -210,7 +210,7 @@ impl KnownComponents {
         trellis_bus::follow(
             &client,
             &subject::events_stream(&lattice),
-            &subject::events_of_kind(&lattice, FactKind::ArtifactStored),
+            &[subject::events_of_kind(&lattice, FactKind::ArtifactStored)],
             || self.next_seq.load(Ordering::SeqCst).max(1),
             |followed| {
                 self.next_seq.store(followed.seq + 1, Ordering::SeqCst);

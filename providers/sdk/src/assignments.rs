@@ -185,7 +185,7 @@ impl Assignments {
         trellis_bus::follow(
             &client,
             &stream,
-            &filter,
+            std::slice::from_ref(&filter),
             || self.last_seq() + 1,
             |followed| {
                 match followed.event {

@@ -1,0 +1,212 @@
+//! Links end to end: a component's own import (`example:pipeline/transform`) served by another
+//! component through `trellis link add`, in process on one host and over NATS across two, with
+//! the controller's checks (unknown target, missing export, cycles, required links) and removal
+//! taking effect at once.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use trellis_schemas::{FactKind, Lattice};
+use trellis_tests::{Nats, push_test_component, wait_for};
+
+const T: Duration = Duration::from_secs(30);
+
+const FRONT: &str = r#"
+[component]
+name = "front"
+version = "0.1.0"
+[limits]
+max_memory = "16MiB"
+fuel = 1_000_000_000
+timeout = "5s"
+max_concurrency = 16
+[capabilities]
+imports = ["example:pipeline/transform"]
+requires = ["example:pipeline/transform"]
+"#;
+
+const STAGE: &str = r#"
+[component]
+name = "stage"
+version = "1.2.0"
+[limits]
+max_memory = "16MiB"
+fuel = 50_000_000
+timeout = "2s"
+max_concurrency = 16
+"#;
+
+const TRANSFORM: &str = "example:pipeline/transform";
+
+/// `trellis call front run <input>`: the front's answer (a JSON string) as text.
+fn call_front(nats: &Nats, l: &Lattice, input: &str) -> String {
+    let arg = serde_json::to_string(input).unwrap();
+    let out = nats.cli_ok(l, &["call", "front", "run", &arg]);
+    serde_json::from_str::<Value>(out.trim())
+        .unwrap_or_else(|e| panic!("front answered {out:?}: {e}"))
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Starts `component` on `host` and returns the instance id.
+fn start_on(nats: &Nats, l: &Lattice, component: &str, host: &str) -> String {
+    let out = nats.cli_ok(
+        l,
+        &[
+            "instance", "start", component, "--host", host, "--wait", "-o", "json",
+        ],
+    );
+    let reply: Value = serde_json::from_str(&out).unwrap();
+    reply["instances"][0]["instance_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no instance id in {out}"))
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_link_serves_an_import_in_process_and_across_hosts_until_removed() {
+    let nats = Nats::start().await;
+    let l = Lattice::new("links").unwrap();
+    let _controller = nats.controller(&l, "c", "10s");
+    let _h1 = nats.host(&l, "h1", &[]);
+    let _h2 = nats.host(&l, "h2", &[]);
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--lattice", l.as_str()];
+        all.extend_from_slice(args);
+        nats.cli(&all)
+    };
+    push_test_component(&cli, "pipe_front", FRONT);
+    push_test_component(&cli, "pipe_stage", STAGE);
+
+    // A component that requires a link does not start without it.
+    let (code, out, err) = cli(&["instance", "start", "front", "--wait"]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("link required: example:pipeline/transform"),
+        "{out}{err}"
+    );
+
+    // Bad links are refused, naming what is missing.
+    let (code, _, err) = cli(&["link", "add", "component:front", TRANSFORM, "nosuch"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("invalid_request") && err.contains("no component named nosuch"),
+        "{err}"
+    );
+    let (code, _, err) = cli(&[
+        "link",
+        "add",
+        "component:front",
+        "example:pipeline/other",
+        "stage",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("does not export example:pipeline/other")
+            && err.contains("example:pipeline/transform@0.1.0"),
+        "{err}"
+    );
+    let (code, _, err) = cli(&[
+        "link",
+        "add",
+        "component:front",
+        TRANSFORM,
+        "stage",
+        "--version",
+        "^2",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no version of stage matches ^2"), "{err}");
+    let (code, _, err) = cli(&[
+        "link",
+        "add",
+        "component:front",
+        "not an interface",
+        "stage",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("invalid interface"), "{err}");
+
+    let out = nats.cli_ok(
+        &l,
+        &[
+            "link",
+            "add",
+            "component:front",
+            TRANSFORM,
+            "stage",
+            "--version",
+            "^1",
+            "-o",
+            "json",
+        ],
+    );
+    let added: Value = serde_json::from_str(&out).unwrap();
+    let link_id = added["link"]["link_id"].as_str().unwrap().to_owned();
+    // One link per source and interface; and links form no cycle (a stage linked to itself).
+    let (code, _, err) = cli(&["link", "add", "component:front", TRANSFORM, "stage"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("conflict") && err.contains(&link_id), "{err}");
+    let (code, _, err) = cli(&["link", "add", "component:stage", TRANSFORM, "stage"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cycle (stage → stage)"), "{err}");
+    let listed = nats.cli_ok(&l, &["link", "ls"]);
+    assert!(
+        listed.contains(&link_id) && listed.contains("component:front") && listed.contains("^1"),
+        "{listed}"
+    );
+
+    // Both on h1: the call is handed over in process.
+    let stage_h1 = start_on(&nats, &l, "stage", "h1");
+    let front = start_on(&nats, &l, "front", "h1");
+    assert_eq!(
+        call_front(&nats, &l, "hello"),
+        "front: got 5 bytes | rust: HELLO"
+    );
+    // A stage's own error reaches the caller as its function's error.
+    assert_eq!(call_front(&nats, &l, ""), "error: empty input");
+
+    // A stage that traps crashes itself, not its caller: the caller gets an error it handles.
+    let answer = call_front(&nats, &l, "trap");
+    assert!(
+        answer.starts_with("error: crashed") && answer.contains("asked to trap"),
+        "{answer}"
+    );
+    wait_for("the stage's crash as a fact", T, || async {
+        let facts = nats.facts(&l).await;
+        facts
+            .iter()
+            .any(|f| {
+                f.event.data.kind() == FactKind::InstanceCrashed
+                    && f.event.data.entity_id() == stage_h1
+            })
+            .then_some(())
+    })
+    .await;
+    let facts = nats.facts(&l).await;
+    assert!(
+        !facts
+            .iter()
+            .any(|f| f.event.data.kind() == FactKind::InstanceCrashed
+                && f.event.data.entity_id() == front),
+        "the caller did not crash"
+    );
+
+    // The stage now runs only on h2: the same call goes over NATS, same answer.
+    start_on(&nats, &l, "stage", "h2");
+    assert_eq!(
+        call_front(&nats, &l, "across"),
+        "front: got 6 bytes | rust: ACROSS"
+    );
+
+    // Removing the link denies the next call at once, inside the guest.
+    nats.cli_ok(&l, &["link", "rm", &link_id]);
+    wait_for("calls denied after the link is removed", T, || async {
+        let answer = call_front(&nats, &l, "again");
+        answer.starts_with("error: access denied").then_some(answer)
+    })
+    .await;
+    let listed = nats.cli_ok(&l, &["link", "ls"]);
+    assert!(!listed.contains(&link_id), "{listed}");
+}
