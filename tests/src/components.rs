@@ -62,6 +62,7 @@ pub const NAMES: &[&str] = &[
     "messenger",
     "panic",
     "pipe_front",
+    "pipe_middle",
     "pipe_stage",
     "probe",
     "recursion",

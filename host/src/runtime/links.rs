@@ -16,15 +16,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use wasmtime::component::types::{ComponentFunc, ComponentItem, Type};
-use wasmtime::component::{Linker, Val};
+use wasmtime::component::{Linker, ResourceType, Val};
 use wasmtime::{Engine, StoreContextMut};
 
 use super::capabilities::{LinkCall, LinkError};
 use super::error::LinkFailed;
 use super::store::StoreState;
 
-/// Defines every function of the imported interface `import` (of `component`) as a linked
-/// call. Items that are not functions (resources, nested instances) are left to the caller.
+/// Defines every function of the imported interface `import` as a linked call. A resource type
+/// of the interface is defined as a type of the host's that nothing creates: the component
+/// instantiates, and a function that passes a handle of it fails its call (resources do not
+/// cross links).
 pub(crate) fn define(
     linker: &mut Linker<StoreState>,
     engine: &Engine,
@@ -36,7 +38,9 @@ pub(crate) fn define(
     };
     let mut linked = linker.instance(import)?;
     for (function, item) in instance.exports(engine) {
-        if matches!(item.ty, ComponentItem::ComponentFunc(_)) {
+        if matches!(item.ty, ComponentItem::Resource(_)) {
+            linked.resource(function, ResourceType::host::<Unlinkable>(), |_, _| Ok(()))?;
+        } else if matches!(item.ty, ComponentItem::ComponentFunc(_)) {
             let interface: Arc<str> = Arc::from(import);
             let name: Arc<str> = Arc::from(function);
             linked.func_new_async(function, move |store, ty, params, results| {
@@ -47,6 +51,9 @@ pub(crate) fn define(
     }
     Ok(())
 }
+
+/// The host-side type of a linked interface's resources: never instantiated.
+struct Unlinkable;
 
 fn prepare(
     store: &StoreContextMut<'_, StoreState>,

@@ -247,14 +247,6 @@ impl Runtime {
                 message: error_chain(&err),
             })?;
         }
-        if let Some(own) = linker.as_mut() {
-            // What cannot be linked as a call (a resource type of a linked interface) traps
-            // when used instead of refusing to instantiate.
-            own.define_unknown_imports_as_traps(&component)
-                .map_err(|err| LoadError::Link {
-                    message: error_chain(&err),
-                })?;
-        }
         let linker = linker.as_ref().unwrap_or(&self.inner.linker);
         let pre = linker
             .instantiate_pre(&component)

@@ -1,0 +1,177 @@
+//! Linked calls: one component calling another through a link.
+//!
+//! Starts a nats-server, a controller and two `trellis-host` processes, pushes the `pipe_front`,
+//! `pipe_middle` and `pipe_stage` test components and measures:
+//!
+//! 1. a linked call with small arguments, caller and target on the same host (handed over in
+//!    process), as the caller's guest times it: p50, p99 and the mean of `TRELLIS_BENCH_LINKED`
+//!    calls (default 20,000);
+//! 2. the same with the target only on the other host (over NATS);
+//! 3. calls/s through a three-stage pipeline on one host (front → middle → stage, two linked
+//!    calls per request), from `TRELLIS_BENCH_CALLERS` concurrent NATS callers (default 32)
+//!    for `TRELLIS_BENCH_SECS` seconds (default 10).
+//!
+//! Run: `cargo build --release --bins && cargo bench --bench links`.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use trellis_bus::dataplane as codec;
+use trellis_schemas::dataplane::{self, Op};
+use trellis_schemas::{ComponentName, Lattice};
+use trellis_tests::bench::env_usize;
+use trellis_tests::{Nats, push_test_component};
+
+const TRANSFORM: &str = "example:pipeline/transform";
+
+fn manifest(name: &str, imports: bool) -> String {
+    format!(
+        r#"
+[component]
+name = "{name}"
+version = "0.1.0"
+[limits]
+max_memory = "32MiB"
+fuel = 10_000_000_000
+timeout = "60s"
+max_concurrency = 256
+[capabilities]
+imports = [{}]
+"#,
+        if imports {
+            "\"example:pipeline/transform\""
+        } else {
+            ""
+        }
+    )
+}
+
+fn ok(nats: &Nats, l: &Lattice, args: &[&str]) -> String {
+    nats.cli_ok(l, args)
+}
+
+fn link(nats: &Nats, l: &Lattice, source: &str, target: &str) -> String {
+    let out = ok(
+        nats,
+        l,
+        &["link", "add", source, TRANSFORM, target, "-o", "json"],
+    );
+    let reply: Value = serde_json::from_str(&out).unwrap();
+    reply["link"]["link_id"].as_str().unwrap().to_owned()
+}
+
+fn start(nats: &Nats, l: &Lattice, component: &str, host: &str) -> String {
+    let out = ok(
+        nats,
+        l,
+        &[
+            "instance", "start", component, "--host", host, "--wait", "-o", "json",
+        ],
+    );
+    let reply: Value = serde_json::from_str(&out).unwrap();
+    reply["instances"][0]["instance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Has the front time `n` linked calls; prints and returns (p50, p99, mean) in µs.
+fn guest_bench(nats: &Nats, l: &Lattice, label: &str, n: usize) {
+    let out = ok(
+        nats,
+        l,
+        &["call", "front", "bench", &n.to_string(), "--timeout", "90s"],
+    );
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    let us = |i: usize| v[i].as_u64().unwrap() as f64 / 1000.0;
+    println!(
+        "{label}: {n} linked calls, p50 {:.1} µs, p99 {:.1} µs, mean {:.1} µs",
+        us(0),
+        us(1),
+        us(2) / n as f64
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let linked = env_usize("TRELLIS_BENCH_LINKED", 20_000);
+    let callers = env_usize("TRELLIS_BENCH_CALLERS", 32);
+    let secs = env_usize("TRELLIS_BENCH_SECS", 10);
+    let nats = Nats::start().await;
+    let l = Lattice::new("bench-links").unwrap();
+    let _controller = nats.controller(&l, "c", "10s");
+    let _h1 = nats.host(&l, "h1", &[]);
+    let _h2 = nats.host(&l, "h2", &[]);
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--lattice", l.as_str()];
+        all.extend_from_slice(args);
+        nats.cli(&all)
+    };
+    push_test_component(&cli, "pipe_front", &manifest("front", true));
+    push_test_component(&cli, "pipe_middle", &manifest("middle", true));
+    push_test_component(&cli, "pipe_stage", &manifest("stage", false));
+
+    let front_to_stage = link(&nats, &l, "component:front", "stage");
+    start(&nats, &l, "front", "h1");
+    let stage_h1 = start(&nats, &l, "stage", "h1");
+    // Warm up (first instantiation, caches).
+    guest_bench(&nats, &l, "warm-up, same host", 1_000);
+    guest_bench(&nats, &l, "same host (in process)", linked);
+
+    start(&nats, &l, "stage", "h2");
+    ok(&nats, &l, &["instance", "stop", &stage_h1, "--wait"]);
+    guest_bench(&nats, &l, "warm-up, across hosts", 200);
+    guest_bench(&nats, &l, "across hosts (NATS)", linked / 4);
+
+    // Three stages on h1: front → middle → stage.
+    ok(&nats, &l, &["link", "rm", &front_to_stage]);
+    link(&nats, &l, "component:front", "middle");
+    link(&nats, &l, "component:middle", "stage");
+    start(&nats, &l, "middle", "h1");
+    start(&nats, &l, "stage", "h1");
+    let check = ok(&nats, &l, &["call", "front", "run", "\"check\""]);
+    assert!(
+        check.contains("middle") && check.contains("CHECK"),
+        "{check}"
+    );
+    guest_bench(&nats, &l, "two hops, same host", linked / 4);
+
+    let client = nats.client().await;
+    let subject = dataplane::component(&l, &ComponentName::new("front").unwrap(), Op::Call);
+    let done = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let until = Instant::now() + Duration::from_secs(secs as u64);
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let (client, subject) = (client.clone(), subject.clone());
+        let (done, failed) = (Arc::clone(&done), Arc::clone(&failed));
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                let reply = codec::request(
+                    &client,
+                    subject.clone(),
+                    codec::call_headers("run"),
+                    "[\"bench\"]".into(),
+                    Duration::from_secs(10),
+                )
+                .await;
+                match reply.map(|r| codec::read_reply(&r).is_ok()) {
+                    Ok(true) => done.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    println!(
+        "three-stage pipeline on one host: {:.0} requests/s ({} ok, {} failed, {callers} callers, {secs} s; each request = 1 NATS call + 2 linked calls)",
+        done.load(Ordering::Relaxed) as f64 / secs as f64,
+        done.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
+}
