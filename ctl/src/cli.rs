@@ -374,6 +374,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Events(args) => events(&g, args).await,
+        Command::Component(cmd @ crate::workload::ComponentCommand::Init { .. }) => {
+            crate::workload::init(cmd)
+        }
         Command::Component(cmd) => {
             let client = ctl_client(&g).await?;
             crate::workload::component(&g, &client, cmd).await
@@ -833,4 +836,16 @@ fn print_fact(output: Output, seq: u64, payload: &[u8], header: &mut bool) -> Re
         Err(e) => println!("{seq:<8} (undecodable fact: {e})"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// Clap checks a command's arguments only when it is parsed: check every subcommand here
+    /// (a flag named twice, such as a `--version` beside the automatic one, panics at run time).
+    #[test]
+    fn every_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

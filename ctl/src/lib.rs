@@ -6,6 +6,7 @@
 //! - [`capabilities`]: the `assignment` and `provider` commands.
 //! - [`links`]: the `link` commands.
 //! - [`logs`]: `trellis logs`.
+//! - [`wasm`]: what a component imports and exports, and `trellis component init`.
 #![deny(missing_docs)]
 
 pub mod audit;
@@ -20,6 +21,7 @@ pub mod output;
 pub mod rollout;
 pub mod ui;
 pub mod up;
+pub mod wasm;
 pub mod workload;
 
 pub use client::{ClientError, CtlClient};

@@ -39,6 +39,101 @@ pub enum ComponentCommand {
     },
     /// List stored components.
     Ls,
+    /// Write a `Component.toml` for a `.wasm` from what it imports and exports: its imports
+    /// declared, the capabilities it needs required, limits to adjust.
+    #[command(disable_version_flag = true)]
+    Init {
+        /// The `.wasm` file.
+        wasm: PathBuf,
+        /// The component's name [default: the file's name].
+        #[arg(long)]
+        name: Option<String>,
+        /// Its version.
+        #[arg(long, default_value = "0.1.0")]
+        version: String,
+        /// Where to write it [default: `Component.toml` next to the `.wasm`]; `-` prints it.
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `trellis component init`: writes (or prints) a manifest for a `.wasm`. Needs no lattice.
+pub(crate) fn init(cmd: ComponentCommand) -> Result<(), Failure> {
+    let ComponentCommand::Init {
+        wasm,
+        name,
+        version,
+        out,
+        force,
+    } = cmd
+    else {
+        return Err(failure(2, "not `component init`"));
+    };
+    let bytes = std::fs::read(&wasm)
+        .map_err(|e| failure(2, format!("cannot read {}: {e}", wasm.display())))?;
+    let surface = crate::wasm::Surface::of(&bytes).ok_or_else(|| {
+        failure(
+            2,
+            format!(
+                "{} is not a WebAssembly component (a core module must be made a component first, e.g. with `wasm-tools component new`)",
+                wasm.display()
+            ),
+        )
+    })?;
+    let name = match name {
+        Some(name) => name,
+        None => wasm
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(|s| {
+                s.chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' {
+                            c
+                        } else {
+                            '-'
+                        }
+                    })
+                    .collect::<String>()
+            })
+            .filter(|s| s.starts_with(|c: char| c.is_ascii_alphanumeric()))
+            .unwrap_or_else(|| "app".to_owned()),
+    };
+    semver::Version::parse(&version).map_err(|e| {
+        failure(
+            2,
+            format!("--version {version:?} is not a semantic version: {e}"),
+        )
+    })?;
+    let text = crate::wasm::manifest_for(&surface, &name, &version, bytes.len());
+    let path = match out {
+        Some(path) if path.as_os_str() == "-" => {
+            print!("{text}");
+            return Ok(());
+        }
+        Some(path) => path,
+        None => wasm.with_file_name("Component.toml"),
+    };
+    if path.exists() && !force {
+        return Err(failure(
+            1,
+            format!(
+                "{} exists; pass --force to replace it, or --out - to print the manifest",
+                path.display()
+            ),
+        ));
+    }
+    std::fs::write(&path, &text)
+        .map_err(|e| failure(1, format!("cannot write {}: {e}", path.display())))?;
+    println!("wrote {}", path.display());
+    println!(
+        "next: adjust its limits, then `trellis component push {}`",
+        wasm.display()
+    );
+    Ok(())
 }
 
 /// `trellis instance …`
@@ -216,6 +311,7 @@ pub(crate) async fn component(
             }
             Ok(())
         }
+        ComponentCommand::Init { .. } => init(cmd),
         ComponentCommand::Ls => {
             let reply = client.request(&ComponentListRequest::default()).await?;
             if g.output == Output::Json {

@@ -92,6 +92,27 @@ impl Capabilities {
     }
 }
 
+/// WASI packages a host always links (granting nothing beyond clocks, random and captured
+/// stdio): a component imports them without declaring them. Any other import must be declared in
+/// `capabilities.imports`.
+pub const WASI_BASICS: &[&str] = &[
+    "wasi:cli/",
+    "wasi:io/",
+    "wasi:clocks/",
+    "wasi:random/",
+    "wasi:filesystem/",
+    "wasi:sockets/",
+];
+
+/// Capability packages a host links for every component and serves through providers; a
+/// component must still declare what it imports of them, and be assigned the capability.
+pub const CAPABILITY_PACKAGES: &[&str] = &[
+    "wasi:http/",
+    "wasi:keyvalue/",
+    "wasi:logging/",
+    "wasmcloud:messaging/",
+];
+
 /// Removes a trailing `@version` from an interface name.
 pub fn strip_version(name: &str) -> &str {
     name.split_once('@').map_or(name, |(base, _)| base)

@@ -259,3 +259,47 @@ fn shipped_nats_configuration_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn component_init_writes_a_manifest_the_lattice_accepts() {
+    let nats = Nats::start().await;
+    let l = lattice("init");
+    let _controller = nats.controller(&l, "c", "10s");
+    let _host = nats.host(&l, "h1", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (built, _) = trellis_tests::components::example("kv_counter");
+    let wasm = dir.path().join("kv_counter.wasm");
+    std::fs::copy(&built, &wasm).unwrap();
+    let wasm = wasm.to_str().unwrap();
+
+    let out = nats.cli_ok(&l, &["component", "init", wasm]);
+    assert!(out.contains("Component.toml"), "{out}");
+    let text = std::fs::read_to_string(dir.path().join("Component.toml")).unwrap();
+    for needed in [
+        "name = \"kv-counter\"",
+        "\"wasi:keyvalue/atomics\"",
+        "\"wasi:http/types\"",
+        "\"wasi:logging/logging\"",
+        "requires = [\"wasi:http/incoming-handler\", \"wasi:keyvalue\"]",
+    ] {
+        assert!(text.contains(needed), "{needed} missing from:\n{text}");
+    }
+    // It does not overwrite without --force, and the lattice takes what it wrote.
+    let (code, _, err) = nats.cli(&["--lattice", l.as_str(), "component", "init", wasm]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--force"), "{err}");
+    nats.cli_ok(&l, &["component", "push", wasm]);
+    let listed = nats.cli_ok(&l, &["component", "ls"]);
+    assert!(listed.contains("kv-counter"), "{listed}");
+    // Starting it says which grant is missing, as for any component that requires one.
+    let (code, out, err) = nats.cli(&[
+        "--lattice",
+        l.as_str(),
+        "instance",
+        "start",
+        "kv-counter",
+        "--wait",
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("capability not assigned"), "{out}{err}");
+}

@@ -68,7 +68,7 @@ pub(crate) async fn register(
     )
     .await
     {
-        Ok(bytes) => exports_of(&bytes),
+        Ok(bytes) => crate::wasm::Surface::of(&bytes).map(|s| s.exports),
         Err(e) => {
             tracing::warn!(digest = %request.digest, error = %e, "cannot read the component's exports");
             None
@@ -95,35 +95,6 @@ pub(crate) async fn register(
 
 /// The largest component whose exports the controller reads at registration.
 const MAX_READ_BYTES: u64 = 64 * 1024 * 1024;
-
-/// The names a component exports at its top level (interfaces with their version, functions),
-/// or `None` when `bytes` is not a component that parses.
-pub(crate) fn exports_of(bytes: &[u8]) -> Option<Vec<String>> {
-    use wasmparser::{Parser, Payload};
-    let mut exports = Vec::new();
-    // Nested modules and components have exports of their own: only depth 0 counts.
-    let mut depth = 0usize;
-    for payload in Parser::new(0).parse_all(bytes) {
-        match payload.ok()? {
-            Payload::Version { encoding, .. }
-                if depth == 0 && encoding != wasmparser::Encoding::Component =>
-            {
-                return None;
-            }
-            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
-            Payload::End(_) => depth = depth.saturating_sub(1),
-            Payload::ComponentExportSection(reader) if depth == 0 => {
-                for export in reader {
-                    exports.push(export.ok()?.name.name.to_owned());
-                }
-            }
-            _ => {}
-        }
-    }
-    exports.sort();
-    exports.dedup();
-    Some(exports)
-}
 
 pub(crate) fn list(
     state: &State,

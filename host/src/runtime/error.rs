@@ -81,7 +81,7 @@ pub enum LoadError {
     /// The component imports an interface that is neither basic WASI nor declared in the
     /// manifest's `capabilities.imports`.
     #[error(
-        "the component imports {import}, which its manifest does not declare in capabilities.imports"
+        "the component imports {import}, which its manifest does not declare; add it to [capabilities] in Component.toml: imports = [\"{import}\", …] (`trellis component init app.wasm` writes a manifest from the component's imports)"
     )]
     UndeclaredImport {
         /// The imported interface, as the component names it.

@@ -17,7 +17,9 @@ use super::digest::Digest;
 use super::error::{LoadError, RuntimeError};
 use super::store::StoreState;
 use super::ticker::EpochTicker;
-use trellis_schemas::manifest::{Manifest, format_bytes, strip_version};
+use trellis_schemas::manifest::{
+    CAPABILITY_PACKAGES as CAPABILITIES, Manifest, WASI_BASICS, format_bytes, strip_version,
+};
 
 /// How the engine allocates instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,26 +70,6 @@ impl std::fmt::Debug for RuntimeInner {
             .finish_non_exhaustive()
     }
 }
-
-/// WASI packages the runtime always links (granting nothing beyond clocks, random and captured
-/// stdio). Any other import must be declared in the manifest.
-const WASI_BASICS: &[&str] = &[
-    "wasi:cli/",
-    "wasi:io/",
-    "wasi:clocks/",
-    "wasi:random/",
-    "wasi:filesystem/",
-    "wasi:sockets/",
-];
-
-/// Capability packages the runtime links for every component (see `super::bindings` and
-/// wasmtime-wasi-http); a component must still declare what it imports in its manifest.
-const CAPABILITIES: &[&str] = &[
-    "wasi:http/",
-    "wasi:keyvalue/",
-    "wasi:logging/",
-    "wasmcloud:messaging/",
-];
 
 impl Runtime {
     /// Creates the engine (pooling allocator, falling back to on-demand allocation with a
