@@ -36,17 +36,35 @@ timeout = "2s"
 max_concurrency = 16
 "#;
 
+const ODD: &str = r#"
+[component]
+name = "odd"
+version = "0.1.0"
+[limits]
+max_memory = "16MiB"
+fuel = 1_000_000_000
+timeout = "5s"
+max_concurrency = 16
+[capabilities]
+imports = ["example:pipeline/transform"]
+"#;
+
 const TRANSFORM: &str = "example:pipeline/transform";
 
-/// `trellis call front run <input>`: the front's answer (a JSON string) as text.
-fn call_front(nats: &Nats, l: &Lattice, input: &str) -> String {
+/// `trellis call <component> run <input>`: its answer (a JSON string) as text.
+fn call_run(nats: &Nats, l: &Lattice, component: &str, input: &str) -> String {
     let arg = serde_json::to_string(input).unwrap();
-    let out = nats.cli_ok(l, &["call", "front", "run", &arg]);
+    let out = nats.cli_ok(l, &["call", component, "run", &arg]);
     serde_json::from_str::<Value>(out.trim())
-        .unwrap_or_else(|e| panic!("front answered {out:?}: {e}"))
+        .unwrap_or_else(|e| panic!("{component} answered {out:?}: {e}"))
         .as_str()
         .unwrap()
         .to_owned()
+}
+
+/// `trellis call front run <input>`: the front's answer as text.
+fn call_front(nats: &Nats, l: &Lattice, input: &str) -> String {
+    call_run(nats, l, "front", input)
 }
 
 /// Starts `component` on `host` and returns the instance id.
@@ -78,6 +96,7 @@ async fn a_link_serves_an_import_in_process_and_across_hosts_until_removed() {
     };
     push_test_component(&cli, "pipe_front", FRONT);
     push_test_component(&cli, "pipe_stage", STAGE);
+    push_test_component(&cli, "pipe_odd", ODD);
 
     // A component that requires a link does not start without it.
     let (code, out, err) = cli(&["instance", "start", "front", "--wait"]);
@@ -166,6 +185,21 @@ async fn a_link_serves_an_import_in_process_and_across_hosts_until_removed() {
     );
     // A stage's own error reaches the caller as its function's error.
     assert_eq!(call_front(&nats, &l, ""), "error: empty input");
+
+    // A caller built against another version of the interface (numbers where the stage takes
+    // strings): its arguments do not type-check, the caller gets the error, the stage runs on.
+    nats.cli_ok(&l, &["link", "add", "odd", TRANSFORM, "stage"]);
+    let odd = start_on(&nats, &l, "odd", "h1");
+    let answer = call_run(&nats, &l, "odd", "abc");
+    assert!(
+        answer.starts_with("error: invalid_arguments") && answer.contains("input"),
+        "{answer}"
+    );
+    assert_eq!(
+        call_front(&nats, &l, "still"),
+        "front: got 5 bytes | rust: STILL"
+    );
+    nats.cli_ok(&l, &["instance", "stop", &odd, "--wait"]);
 
     // A stage that traps crashes itself, not its caller: the caller gets an error it handles.
     let answer = call_front(&nats, &l, "trap");

@@ -63,6 +63,7 @@ pub const NAMES: &[&str] = &[
     "panic",
     "pipe_front",
     "pipe_middle",
+    "pipe_odd",
     "pipe_stage",
     "probe",
     "recursion",

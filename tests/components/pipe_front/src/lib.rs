@@ -2,7 +2,7 @@
 //! renders what every stage contributed, or the error the link or a stage gave.
 wit_bindgen::generate!({ world: "pipe-front", path: "../wit", generate_all });
 
-use example::pipeline::transform::{self, Stage};
+use example::pipeline0_1_0::transform::{self, Stage};
 
 struct Front;
 

@@ -2,8 +2,8 @@
 //! handing the trail on to the next stage, through its own link.
 wit_bindgen::generate!({ world: "pipe-middle", path: "../wit", generate_all });
 
-use example::pipeline::transform as next;
-use exports::example::pipeline::transform::{Guest, Stage};
+use example::pipeline0_1_0::transform as next;
+use exports::example::pipeline0_1_0::transform::{Guest, Stage};
 
 struct Middle;
 

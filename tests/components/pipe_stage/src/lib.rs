@@ -2,7 +2,7 @@
 //! Input `trap` makes it panic and `loop` makes it spin, so callers can see a stage fail.
 wit_bindgen::generate!({ world: "pipe-stage", path: "../wit", generate_all });
 
-use exports::example::pipeline::transform::{Guest, Stage};
+use exports::example::pipeline0_1_0::transform::{Guest, Stage};
 
 struct Last;
 
