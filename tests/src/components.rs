@@ -141,6 +141,84 @@ pub fn example(crate_name: &str) -> (PathBuf, PathBuf) {
     (wasm, manifest)
 }
 
+/// Builds a component written in another language with the repository's script for it:
+/// `script` (`scripts/python-components.sh`) is sourced and `function` called with `args` and
+/// the output path, `<target>/<kind>-components/<name>.wasm`. The scripts install their
+/// toolchain on first use and rebuild only when the inputs changed; one build per name and
+/// process.
+fn build_with_script(
+    kind: &str,
+    script: &str,
+    function: &str,
+    name: &str,
+    args: &[&str],
+) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<std::collections::HashMap<String, PathBuf>>> =
+        OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let key = format!("{kind}/{name}");
+    if let Some(path) = built.get(&key) {
+        return path.clone();
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = outer_target_dir()
+        .join(format!("{kind}-components"))
+        .join(format!("{name}.wasm"));
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(format!(". {script} && {function} \"$@\""))
+        .arg("build")
+        .args(args)
+        .arg(&out)
+        .current_dir(&repo)
+        .output()
+        .unwrap_or_else(|e| panic!("running bash to build the {kind} component {name}: {e}"));
+    assert!(
+        output.status.success() && out.is_file(),
+        "building the {kind} component {name} with {script} failed (scripts/test installs its toolchain):\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    built.insert(key, out.clone());
+    out
+}
+
+/// Builds the Python component in `dir` (relative to the repository root; it holds `app.py`) for
+/// `world` with componentize-py, against the WIT in `wit` (relative too); returns the `.wasm`.
+pub fn python(dir: &str, world: &str, wit: &str) -> PathBuf {
+    let name = Path::new(dir)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("a directory name");
+    build_with_script(
+        "python",
+        "scripts/python-components.sh",
+        "build_python_component",
+        name,
+        &[dir, world, wit],
+    )
+}
+
+/// Builds the C component whose sources are in `dir` (relative to the repository root) for
+/// `world` of the WIT in `wit` (relative too) with clang, wasi-libc and wit-bindgen; returns the
+/// `.wasm`.
+pub fn c(dir: &str, wit: &str, world: &str) -> PathBuf {
+    let name = Path::new(dir)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("a directory name");
+    build_with_script(
+        "c",
+        "scripts/c-components.sh",
+        "build_c_component",
+        name,
+        &[dir, wit, world],
+    )
+}
+
 /// Builds the wasm32-wasip2 workspace in `workspace` (release) into `target_dir`; panics with
 /// cargo's output, naming `what`, when the build fails.
 fn build_wasm(workspace: &Path, target_dir: &Path, what: &str) {
