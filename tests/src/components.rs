@@ -219,6 +219,52 @@ pub fn c(dir: &str, wit: &str, world: &str) -> PathBuf {
     )
 }
 
+/// Composes `main` with `deps` at build time with `wasm-tools compose` (the wasm-tools of
+/// `scripts/c-components.sh`, installed on first use): each import of `main` that a dep exports
+/// is satisfied by it inside the result, which is one component. Returns the composed `.wasm`.
+pub fn compose(name: &str, main: &Path, deps: &[&Path]) -> PathBuf {
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    // wasm-tools names each dependency instance after its file: kebab case.
+    let copy = |path: &Path| {
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("a file name")
+            .replace('_', "-");
+        let to = dir.path().join(format!("{stem}.wasm"));
+        std::fs::copy(path, &to).expect("copy a component");
+        to
+    };
+    let out = outer_target_dir()
+        .join("composed-components")
+        .join(format!("{name}.wasm"));
+    std::fs::create_dir_all(out.parent().expect("a parent")).expect("the output directory");
+    let mut args = vec![copy(main)];
+    for dep in deps {
+        args.push("-d".into());
+        args.push(copy(dep));
+    }
+    args.push("-o".into());
+    args.push(out.clone());
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(
+            ". scripts/c-components.sh && ensure_c_toolchain >&2 && \"$WASM_TOOLS\" compose \"$@\"",
+        )
+        .arg("compose")
+        .args(&args)
+        .current_dir(&repo)
+        .output()
+        .unwrap_or_else(|e| panic!("running wasm-tools compose: {e}"));
+    assert!(
+        output.status.success() && out.is_file(),
+        "composing {name} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out
+}
+
 /// Builds the wasm32-wasip2 workspace in `workspace` (release) into `target_dir`; panics with
 /// cargo's output, naming `what`, when the build fails.
 fn build_wasm(workspace: &Path, target_dir: &Path, what: &str) {

@@ -360,12 +360,7 @@ impl LoadedComponent {
         params: &[Val],
     ) -> Result<(Result<Vec<Val>, InvokeError>, OutputHandle, u64), InvokeError> {
         let inner = &*self.inner;
-        let _permit = Arc::clone(&inner.permits)
-            .try_acquire_owned()
-            .map_err(|_| InvokeError::Busy {
-                component: inner.manifest.name.clone(),
-                max_concurrency: inner.manifest.limits.max_concurrency,
-            })?;
+        let _permit = self.permit()?;
         let limits = inner.manifest.limits;
         let (mut store, output) = self.new_store()?;
         let mut results = vec![Val::Bool(false); func.results.len()];
@@ -380,6 +375,17 @@ impl LoadedComponent {
             Ok(Ok(())) => Ok(results),
         };
         Ok((outcome, output, fuel_consumed))
+    }
+
+    /// A slot of the component's concurrency, or [`InvokeError::Busy`] at once.
+    fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, InvokeError> {
+        let inner = &*self.inner;
+        Arc::clone(&inner.permits)
+            .try_acquire_owned()
+            .map_err(|_| InvokeError::Busy {
+                component: inner.manifest.name.clone(),
+                max_concurrency: inner.manifest.limits.max_concurrency,
+            })
     }
 
     /// A fresh store with the component's limits: memory limiter, fuel, and a wall-clock
@@ -440,12 +446,7 @@ impl LoadedComponent {
             })?;
         let request = super::http::incoming_request(head, body)
             .map_err(|message| InvokeError::BadRequest { message })?;
-        let _permit = Arc::clone(&inner.permits)
-            .try_acquire_owned()
-            .map_err(|_| InvokeError::Busy {
-                component: inner.manifest.name.clone(),
-                max_concurrency: inner.manifest.limits.max_concurrency,
-            })?;
+        let _permit = self.permit()?;
         let limits = inner.manifest.limits;
         let (mut store, output) = self.new_store()?;
         let (tx, rx) = tokio::sync::oneshot::channel();
