@@ -281,13 +281,26 @@ pub fn link_for<'a>(
     component: &str,
     interface: &str,
 ) -> Option<&'a LinkRecord> {
+    most_specific(
+        links
+            .into_iter()
+            .filter(|r| r.link.interface.names(interface))
+            .map(|r| (&r.link.source, r)),
+        instance,
+        component,
+    )
+}
+
+/// Among `(who, record)` pairs that apply to `instance` or to its `component`, the record made
+/// for the instance itself, else the one made for its component.
+fn most_specific<'a, R>(
+    candidates: impl IntoIterator<Item = (&'a AssignmentTarget, &'a R)>,
+    instance: &InstanceId,
+    component: &str,
+) -> Option<&'a R> {
     let mut for_component = None;
-    for record in links {
-        let l = &record.link;
-        if !l.interface.names(interface) {
-            continue;
-        }
-        match &l.source {
+    for (who, record) in candidates {
+        match who {
             AssignmentTarget::Instance(id) if id == instance => return Some(record),
             AssignmentTarget::Component(name) if name.as_str() == component => {
                 for_component = Some(record);
@@ -327,21 +340,14 @@ impl Projection {
         component: &str,
         capability: Capability,
     ) -> Option<&AssignmentRecord> {
-        let mut for_component = None;
-        for record in self.assignments.values() {
-            let a = &record.assignment;
-            if a.capability != capability {
-                continue;
-            }
-            match &a.target {
-                AssignmentTarget::Instance(id) if id == instance => return Some(record),
-                AssignmentTarget::Component(name) if name.as_str() == component => {
-                    for_component = Some(record);
-                }
-                _ => {}
-            }
-        }
-        for_component
+        most_specific(
+            self.assignments
+                .values()
+                .filter(|r| r.assignment.capability == capability)
+                .map(|r| (&r.assignment.target, r)),
+            instance,
+            component,
+        )
     }
 
     /// The link that serves `interface` to `instance` (of `component`): one made for the

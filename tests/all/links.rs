@@ -89,6 +89,7 @@ async fn a_link_serves_an_import_in_process_and_across_hosts_until_removed() {
     let _controller = nats.controller(&l, "c", "10s");
     let _h1 = nats.host(&l, "h1", &[]);
     let _h2 = nats.host(&l, "h2", &[]);
+    nats.wait_for_a_host(&l).await;
     let cli = |args: &[&str]| {
         let mut all = vec!["--lattice", l.as_str()];
         all.extend_from_slice(args);
@@ -243,6 +244,34 @@ async fn a_link_serves_an_import_in_process_and_across_hosts_until_removed() {
     .await;
     let listed = nats.cli_ok(&l, &["link", "ls"]);
     assert!(!listed.contains(&link_id), "{listed}");
+
+    // The audit stream has the link, its removal and the refused call.
+    let audit = |kind: &str| -> Vec<Value> {
+        nats.cli_ok(&l, &["audit", "--type", kind, "-o", "json"])
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).unwrap()["event"].clone())
+            .collect()
+    };
+    let denied = wait_for("the refused linked call in the audit", T, || async {
+        audit("denied")
+            .into_iter()
+            .find(|e| e["capability"] == TRANSFORM)
+    })
+    .await;
+    assert_eq!(denied["outcome"], "access_denied", "{denied}");
+    assert_eq!(denied["target"], format!("instance:{front}"), "{denied}");
+    assert!(
+        audit("grant")
+            .iter()
+            .any(|e| e["capability"] == TRANSFORM && e["target"] == "component:front"),
+        "the link is audited as a grant"
+    );
+    assert!(
+        audit("revoke")
+            .iter()
+            .any(|e| e["target"] == format!("link:{link_id}")),
+        "its removal as a revoke"
+    );
 }
 
 #[tokio::test]
@@ -257,10 +286,7 @@ async fn a_pipeline_composed_at_build_time_runs_as_one_component_without_links()
     let l = Lattice::new("composed").unwrap();
     let _controller = nats.controller(&l, "c", "10s");
     let _h1 = nats.host(&l, "h1", &[]);
-    wait_for("the controller", T, || async {
-        (nats.cli(&["--lattice", l.as_str(), "host", "ls"]).0 == 0).then_some(())
-    })
-    .await;
+    nats.wait_for_a_host(&l).await;
     let dir = tempfile::tempdir().unwrap();
     // The stage is inside: the composed component imports nothing of its own, so its manifest
     // declares nothing and no link is needed.

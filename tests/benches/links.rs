@@ -105,6 +105,7 @@ async fn main() {
     let _controller = nats.controller(&l, "c", "10s");
     let _h1 = nats.host(&l, "h1", &[]);
     let _h2 = nats.host(&l, "h2", &[]);
+    nats.wait_for_a_host(&l).await;
     let cli = |args: &[&str]| {
         let mut all = vec!["--lattice", l.as_str()];
         all.extend_from_slice(args);

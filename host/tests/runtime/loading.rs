@@ -122,7 +122,7 @@ fn runtime_config_is_validated() {
     assert!(err.to_string().contains("epoch_tick"), "{err}");
 }
 
-/// A component importing a capability interface and exporting a function that calls it.
+/// A component importing an interface of its own and exporting a function that calls it.
 const CAPABILITY_USER: &str = r#"
     (component
       (import "example:cap/thing" (instance $thing (export "ping" (func (result u32)))))
@@ -139,7 +139,7 @@ const CAPABILITY_USER: &str = r#"
 "#;
 
 #[tokio::test]
-async fn undeclared_imports_are_refused_and_declared_ones_fail_only_when_called() {
+async fn undeclared_imports_are_refused_and_unlinked_ones_fail_only_when_called() {
     let runtime = runtime();
     let bytes = wat::parse_str(CAPABILITY_USER).unwrap();
     let err = runtime.load(&bytes, manifest(limits())).unwrap_err();
@@ -151,8 +151,16 @@ async fn undeclared_imports_are_refused_and_declared_ones_fail_only_when_called(
     let declared = manifest(limits()).with_imports(["example:cap/thing"]);
     let user = runtime.load(&bytes, declared).unwrap();
     assert_eq!(user.invoke("answer", json!([])).await.unwrap(), 42);
+    // Without a bridge nothing is linked: the call fails with access denied, not as a crash
+    // (the function returns no `result` the guest could take the error in).
     let err = user.invoke("call", json!([])).await.unwrap_err();
-    assert!(err.is_crash() || err.reason() == "host_error", "{err}");
+    assert!(!err.is_crash(), "{err}");
+    assert_eq!(err.reason(), "link_failed", "{err}");
+    assert_eq!(
+        err.code(),
+        trellis_schemas::dataplane::ErrorCode::AccessDenied,
+        "{err}"
+    );
     assert_still_serving(&runtime).await;
 }
 
