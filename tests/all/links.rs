@@ -36,6 +36,21 @@ timeout = "2s"
 max_concurrency = 16
 "#;
 
+/// Version 2 of `stage`: another component under the same name (the middle stage, which would
+/// answer with its own note and a denied call of its own), outside the link's `^1`.
+const STAGE_V2: &str = r#"
+[component]
+name = "stage"
+version = "2.0.0"
+[limits]
+max_memory = "16MiB"
+fuel = 50_000_000
+timeout = "2s"
+max_concurrency = 16
+[capabilities]
+imports = ["example:pipeline/transform"]
+"#;
+
 const ODD: &str = r#"
 [component]
 name = "odd"
@@ -234,6 +249,20 @@ async fn a_link_serves_an_import_in_process_and_across_hosts_until_removed() {
         call_front(&nats, &l, "across"),
         "front: got 6 bytes | rust: ACROSS"
     );
+    // A stage 2.0.0 beside it on h2: the link asks for ^1, so calls over NATS go to the 1.x
+    // version's subject only, never to 2.0.0 (which would answer with the middle's note).
+    push_test_component(&cli, "pipe_middle", STAGE_V2);
+    let v2 = nats.cli_ok(
+        &l,
+        &["instance", "start", "stage@2.0.0", "--host", "h2", "--wait"],
+    );
+    assert!(v2.contains("started"), "{v2}");
+    for _ in 0..8 {
+        assert_eq!(
+            call_front(&nats, &l, "across"),
+            "front: got 6 bytes | rust: ACROSS"
+        );
+    }
 
     // Removing the link denies the next call at once, inside the guest.
     nats.cli_ok(&l, &["link", "rm", &link_id]);

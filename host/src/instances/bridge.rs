@@ -95,6 +95,25 @@ impl Assignments {
             .cloned()
     }
 
+    /// The digests of the stored versions of `link`'s target that it accepts, newest first.
+    pub(crate) fn versions_for(&self, link: &trellis_schemas::link::Link) -> Vec<String> {
+        let known = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        let mut versions: Vec<(semver::Version, String)> = known
+            .projection
+            .artifacts
+            .values()
+            .filter(|a| a.manifest.name == link.target && link.accepts_version(&a.manifest.version))
+            .filter_map(|a| {
+                Some((
+                    semver::Version::parse(&a.manifest.version).ok()?,
+                    a.digest.clone(),
+                ))
+            })
+            .collect();
+        versions.sort_by(|a, b| b.0.cmp(&a.0));
+        versions.into_iter().map(|(_, digest)| digest).collect()
+    }
+
     /// The assignment granting `capability` to `instance` of `component`.
     pub(crate) fn lookup(
         &self,
@@ -118,6 +137,8 @@ impl Assignments {
             &[
                 subject::assignment_events(&lattice),
                 subject::link_events(&lattice),
+                // Which digest is which version, for links that ask for versions.
+                subject::events_of_kind(&lattice, trellis_schemas::FactKind::ArtifactStored),
             ],
             || self.next_seq(),
             |followed| match followed.event {
@@ -314,11 +335,31 @@ impl NatsBridge {
                 .call_linked(&export, &call.params, traceparent.as_deref())
                 .await
                 .map_err(LinkError::from_remote)
+        } else if let Some((_, subject)) = version {
+            self.linked_over_nats(&link, subject, &export, &call, traceparent.as_deref())
+                .await
+        } else if let Some(req) = &link.version {
+            // Only the versions the link accepts: the newest that has an instance answers.
+            let mut outcome = Err(LinkError::Unavailable(format!(
+                "no instance of {} {req} runs",
+                link.target
+            )));
+            for digest in self.assignments.versions_for(&link) {
+                let subject = dataplane::version(&self.lattice, &link.target, &digest, Op::Call);
+                match self
+                    .linked_over_nats(&link, subject, &export, &call, traceparent.as_deref())
+                    .await
+                {
+                    Err(LinkError::Unavailable(_)) => {}
+                    other => {
+                        outcome = other;
+                        break;
+                    }
+                }
+            }
+            outcome
         } else {
-            let subject = version.map_or_else(
-                || dataplane::component(&self.lattice, &link.target, Op::Call),
-                |(_, subject)| subject,
-            );
+            let subject = dataplane::component(&self.lattice, &link.target, Op::Call);
             self.linked_over_nats(&link, subject, &export, &call, traceparent.as_deref())
                 .await
         };
