@@ -48,7 +48,7 @@ fuel = 50_000_000
 timeout = "2s"
 max_concurrency = 16
 [capabilities]
-imports = ["example:pipeline/transform"]
+imports = ["example:pipeline/transform", "wasi:keyvalue/store", "wasi:keyvalue/atomics"]
 "#;
 
 const ODD: &str = r#"

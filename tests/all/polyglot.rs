@@ -173,8 +173,8 @@ fuel = 50_000_000
 timeout = "5s"
 max_concurrency = 8
 [capabilities]
-imports = ["example:pipeline/transform"]
-requires = ["example:pipeline/transform"]
+imports = ["example:pipeline/transform", "wasi:keyvalue/store", "wasi:keyvalue/atomics"]
+requires = ["example:pipeline/transform", "wasi:keyvalue"]
 "#;
 
 const C_STAGE: &str = r#"
@@ -244,7 +244,7 @@ async fn an_http_request_runs_through_python_rust_and_c_on_two_hosts() {
     let last: Value = serde_json::from_str(&last).unwrap();
     let last = last["link"]["link_id"].as_str().unwrap().to_owned();
 
-    // Python and Rust on h1, C on h2; Python and C each count in a bucket of their own.
+    // Python and Rust on h1, C on h2; each counts in a bucket of its own.
     let port = free_port();
     let http = format!("wasi:http/incoming-handler address=127.0.0.1:{port}");
     let start = |component: &str, host: &str, grants: &[&str]| {
@@ -269,12 +269,15 @@ async fn an_http_request_runs_through_python_rust_and_c_on_two_hosts() {
         assert!(out.contains("instance.started"), "{component}: {out}");
     };
     start("c-stage", "h2", &["wasi:keyvalue bucket=c-stage"]);
-    start("middle", "h1", &[]);
+    start("middle", "h1", &["wasi:keyvalue bucket=middle"]);
     start("py-front", "h1", &["wasi:keyvalue bucket=py-front", &http]);
 
     assert_eq!(
         get(port, "/hello").await,
-        (200, "python: #1\nmiddle: 5 chars\nc: olleh #1\n".to_owned())
+        (
+            200,
+            "python: #1\nmiddle: 5 chars #1\nc: olleh #1\n".to_owned()
+        )
     );
 
     // The C stage's host dies: its instance is relocated to h1, and the pipeline answers again,
@@ -288,7 +291,9 @@ async fn an_http_request_runs_through_python_rust_and_c_on_two_hosts() {
     })
     .await;
     assert!(
-        answer.starts_with("python: #") && answer.ends_with("middle: 5 chars\nc: niaga #2\n"),
+        answer.starts_with("python: #")
+            && answer.contains("\nmiddle: 5 chars #")
+            && answer.ends_with("\nc: niaga #2\n"),
         "{answer}"
     );
     let listed = cli(&["instance", "ls", "--component", "c-stage", "-o", "json"]);

@@ -42,7 +42,7 @@ max_concurrency = 256
 imports = [{}]
 "#,
         if imports {
-            "\"example:pipeline/transform\""
+            "\"example:pipeline/transform\", \"wasi:keyvalue/store\", \"wasi:keyvalue/atomics\""
         } else {
             ""
         }

@@ -1,5 +1,6 @@
-//! A middle stage of a pipeline: serves `example:pipeline/transform` by adding its note and
-//! handing the trail on to the next stage, through its own link.
+//! A middle stage of a pipeline: serves `example:pipeline/transform` by adding its note (with
+//! its call count from its own key-value bucket, when it was granted one) and handing the trail
+//! on to the next stage, through its own link.
 wit_bindgen::generate!({ world: "pipe-middle", path: "../wit", generate_all });
 
 use example::pipeline0_1_0::transform as next;
@@ -9,9 +10,14 @@ struct Middle;
 
 impl Guest for Middle {
     fn run(input: String, mut trail: Vec<Stage>) -> Result<Vec<Stage>, String> {
+        let chars = input.chars().count();
+        let note = match calls() {
+            Some(n) => format!("{chars} chars #{n}"),
+            None => format!("{chars} chars"),
+        };
         trail.push(Stage {
             name: "middle".to_owned(),
-            note: format!("{} chars", input.chars().count()),
+            note,
         });
         // The generated import and export share the record's shape, not its Rust type.
         let handed: Vec<next::Stage> = trail
@@ -30,6 +36,12 @@ impl Guest for Middle {
             })
             .collect())
     }
+}
+
+/// Counts this call in the assigned bucket; `None` without one.
+fn calls() -> Option<u64> {
+    let bucket = wasi::keyvalue::store::open("").ok()?;
+    wasi::keyvalue::atomics::increment(&bucket, "middle-calls", 1).ok()
 }
 
 export!(Middle);
