@@ -131,16 +131,15 @@ pub struct Link {
 impl Link {
     /// Whether the target's version `version` may serve this link.
     pub fn accepts_version(&self, version: &str) -> bool {
-        match &self.version {
-            None => true,
-            Some(req) => match (
-                semver::VersionReq::parse(req),
-                semver::Version::parse(version),
-            ) {
-                (Ok(req), Ok(version)) => req.matches(&version),
-                _ => false,
-            },
-        }
+        self.version.is_none() || semver::Version::parse(version).is_ok_and(|v| self.accepts(&v))
+    }
+
+    /// Whether the target's (parsed) version `version` may serve this link; without a
+    /// requirement every version does, and nothing is parsed.
+    pub fn accepts(&self, version: &semver::Version) -> bool {
+        self.version
+            .as_deref()
+            .is_none_or(|req| semver::VersionReq::parse(req).is_ok_and(|r| r.matches(version)))
     }
 }
 

@@ -82,21 +82,6 @@ fn call_front(nats: &Nats, l: &Lattice, input: &str) -> String {
     call_run(nats, l, "front", input)
 }
 
-/// Starts `component` on `host` and returns the instance id.
-fn start_on(nats: &Nats, l: &Lattice, component: &str, host: &str) -> String {
-    let out = nats.cli_ok(
-        l,
-        &[
-            "instance", "start", component, "--host", host, "--wait", "-o", "json",
-        ],
-    );
-    let reply: Value = serde_json::from_str(&out).unwrap();
-    reply["instances"][0]["instance_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no instance id in {out}"))
-        .to_owned()
-}
-
 #[tokio::test]
 async fn a_link_serves_an_import_in_process_and_across_hosts_until_removed() {
     let nats = Nats::start().await;
@@ -193,8 +178,8 @@ async fn a_link_serves_an_import_in_process_and_across_hosts_until_removed() {
     );
 
     // Both on h1: the call is handed over in process.
-    let stage_h1 = start_on(&nats, &l, "stage", "h1");
-    let front = start_on(&nats, &l, "front", "h1");
+    let stage_h1 = nats.start_instance(&l, "stage", &["--host", "h1"]);
+    let front = nats.start_instance(&l, "front", &["--host", "h1"]);
     assert_eq!(
         call_front(&nats, &l, "hello"),
         "front: got 5 bytes | rust: HELLO"
@@ -205,7 +190,7 @@ async fn a_link_serves_an_import_in_process_and_across_hosts_until_removed() {
     // A caller built against another version of the interface (numbers where the stage takes
     // strings): its arguments do not type-check, the caller gets the error, the stage runs on.
     nats.cli_ok(&l, &["link", "add", "odd", TRANSFORM, "stage"]);
-    let odd = start_on(&nats, &l, "odd", "h1");
+    let odd = nats.start_instance(&l, "odd", &["--host", "h1"]);
     let answer = call_run(&nats, &l, "odd", "abc");
     assert!(
         answer.starts_with("error: invalid_arguments") && answer.contains("input"),
@@ -244,7 +229,7 @@ async fn a_link_serves_an_import_in_process_and_across_hosts_until_removed() {
     );
 
     // The stage now runs only on h2: the same call goes over NATS, same answer.
-    start_on(&nats, &l, "stage", "h2");
+    nats.start_instance(&l, "stage", &["--host", "h2"]);
     assert_eq!(
         call_front(&nats, &l, "across"),
         "front: got 6 bytes | rust: ACROSS"
@@ -326,7 +311,7 @@ async fn a_pipeline_composed_at_build_time_runs_as_one_component_without_links()
     ))
     .unwrap();
     nats.push(&l, &composed, &manifest);
-    start_on(&nats, &l, "front", "h1");
+    nats.start_instance(&l, "front", &["--host", "h1"]);
     assert_eq!(call_front(&nats, &l, "hi"), "front: got 2 bytes | rust: HI");
     let listed: Value =
         serde_json::from_str(&nats.cli_ok(&l, &["link", "ls", "-o", "json"])).unwrap();

@@ -10,26 +10,6 @@ use trellis_tests::{components, free_port, http_request, wait_for};
 
 const T: Duration = Duration::from_secs(120);
 
-/// Starts one instance of `component` with `grants`; panics unless it starts. Returns its id.
-fn start(lat: &BenchLattice, component: &str, grants: &[&str]) -> String {
-    let mut args = vec!["instance", "start", component, "--wait", "-o", "json"];
-    for g in grants {
-        args.push("--grant");
-        args.push(g);
-    }
-    let out = lat.cli(&args);
-    let json: Value = serde_json::from_str(&out).unwrap();
-    let fact = &json["facts"][0];
-    assert_eq!(
-        fact["type"], "dev.trellis.instance.started.v1",
-        "{component} did not start: {out}"
-    );
-    json["instances"][0]["instance_id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 /// GET `path` on `port` until it answers (the listener comes up with the instance).
 async fn get(port: u16, path: &str) -> (u16, String) {
     wait_for(&format!("GET {path}"), T, || async {
@@ -68,7 +48,8 @@ async fn python_and_c_http_components_count_in_key_value_like_rust_ones() {
         let port = free_port();
         let http = format!("wasi:http/incoming-handler address=127.0.0.1:{port}");
         let kv = format!("wasi:keyvalue bucket={bucket}");
-        start(&lat, component, &[&kv, &http]);
+        lat.nats
+            .start_instance(&lat.l, component, &["--grant", &kv, "--grant", &http]);
         assert_eq!(get(port, "/visits").await, (200, format!("{says}: 1\n")));
         assert_eq!(get(port, "/visits").await, (200, format!("{says}: 2\n")));
         assert_eq!(get(port, "/other").await, (200, format!("{says}: 1\n")));
@@ -106,25 +87,11 @@ requires = ["wasi:http/incoming-handler"]
     let port = free_port();
     let http = format!("wasi:http/incoming-handler address=127.0.0.1:{port}");
     // Restarted after every crash, as a service would be.
-    let id = {
-        let out = lat.cli(&[
-            "instance",
-            "start",
-            "py-adversarial",
-            "--grant",
-            &http,
-            "--restart",
-            "always",
-            "--wait",
-            "-o",
-            "json",
-        ]);
-        let json: Value = serde_json::from_str(&out).unwrap();
-        json["instances"][0]["instance_id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
+    let id = lat.nats.start_instance(
+        &lat.l,
+        "py-adversarial",
+        &["--grant", &http, "--restart", "always"],
+    );
     assert_eq!(get(port, "/ok").await, (200, "python ok\n".to_owned()));
     // The loop ends by fuel or by the timeout, whichever comes first on this machine.
     for (path, reasons) in [
@@ -247,26 +214,13 @@ async fn an_http_request_runs_through_python_rust_and_c_on_two_hosts() {
     // Python and Rust on h1, C on h2; each counts in a bucket of its own.
     let port = free_port();
     let http = format!("wasi:http/incoming-handler address=127.0.0.1:{port}");
+    // Restarted, and relocated when their host is lost.
     let start = |component: &str, host: &str, grants: &[&str]| {
-        // Restarted, and relocated when their host is lost.
-        let mut args = vec![
-            "instance",
-            "start",
-            component,
-            "--host",
-            host,
-            "--restart",
-            "always",
-            "--wait",
-            "-o",
-            "json",
-        ];
+        let mut args = vec!["--host", host, "--restart", "always"];
         for g in grants {
-            args.push("--grant");
-            args.push(g);
+            args.extend(["--grant", g]);
         }
-        let out = cli(&args);
-        assert!(out.contains("instance.started"), "{component}: {out}");
+        nats.start_instance(&l, component, &args);
     };
     start("c-stage", "h2", &["wasi:keyvalue bucket=c-stage"]);
     start("middle", "h1", &["wasi:keyvalue bucket=middle"]);

@@ -63,21 +63,6 @@ fn link(nats: &Nats, l: &Lattice, source: &str, target: &str) -> String {
     reply["link"]["link_id"].as_str().unwrap().to_owned()
 }
 
-fn start(nats: &Nats, l: &Lattice, component: &str, host: &str) -> String {
-    let out = ok(
-        nats,
-        l,
-        &[
-            "instance", "start", component, "--host", host, "--wait", "-o", "json",
-        ],
-    );
-    let reply: Value = serde_json::from_str(&out).unwrap();
-    reply["instances"][0]["instance_id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 /// Has the front time `n` linked calls; prints and returns (p50, p99, mean) in µs.
 fn guest_bench(nats: &Nats, l: &Lattice, label: &str, n: usize) {
     let out = ok(
@@ -116,13 +101,13 @@ async fn main() {
     push_test_component(&cli, "pipe_stage", &manifest("stage", false));
 
     let front_to_stage = link(&nats, &l, "component:front", "stage");
-    start(&nats, &l, "front", "h1");
-    let stage_h1 = start(&nats, &l, "stage", "h1");
+    nats.start_instance(&l, "front", &["--host", "h1"]);
+    let stage_h1 = nats.start_instance(&l, "stage", &["--host", "h1"]);
     // Warm up (first instantiation, caches).
     guest_bench(&nats, &l, "warm-up, same host", 1_000);
     guest_bench(&nats, &l, "same host (in process)", linked);
 
-    start(&nats, &l, "stage", "h2");
+    nats.start_instance(&l, "stage", &["--host", "h2"]);
     ok(&nats, &l, &["instance", "stop", &stage_h1, "--wait"]);
     guest_bench(&nats, &l, "warm-up, across hosts", 200);
     guest_bench(&nats, &l, "across hosts (NATS)", linked / 4);
@@ -131,8 +116,8 @@ async fn main() {
     ok(&nats, &l, &["link", "rm", &front_to_stage]);
     link(&nats, &l, "component:front", "middle");
     link(&nats, &l, "component:middle", "stage");
-    start(&nats, &l, "middle", "h1");
-    start(&nats, &l, "stage", "h1");
+    nats.start_instance(&l, "middle", &["--host", "h1"]);
+    nats.start_instance(&l, "stage", &["--host", "h1"]);
     let check = ok(&nats, &l, &["call", "front", "run", "\"check\""]);
     assert!(
         check.contains("middle") && check.contains("CHECK"),

@@ -478,6 +478,26 @@ impl Nats {
         );
     }
 
+    /// Starts one instance of `component` on `lattice` with the extra `args` of `trellis instance
+    /// start` (`--host`, `--grant`, `--restart` …), waits for it, and returns its id; panics
+    /// unless it started.
+    pub fn start_instance(&self, lattice: &Lattice, component: &str, args: &[&str]) -> String {
+        let mut all = vec!["instance", "start", component];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--wait", "-o", "json"]);
+        let out = self.cli_ok(lattice, &all);
+        let reply: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("instance start {component}: {e}: {out}"));
+        assert_eq!(
+            reply["facts"][0]["type"], "dev.trellis.instance.started.v1",
+            "{component} did not start: {out}"
+        );
+        reply["instances"][0]["instance_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no instance id in {out}"))
+            .to_owned()
+    }
+
     /// Waits (30 s at most) until a controller of `lattice` answers and lists a host.
     pub async fn wait_for_a_host(&self, lattice: &Lattice) {
         let ctl = self.ctl(lattice).await;

@@ -102,12 +102,10 @@ impl Assignments {
             .projection
             .artifacts
             .values()
-            .filter(|a| a.manifest.name == link.target && link.accepts_version(&a.manifest.version))
+            .filter(|a| a.manifest.name == link.target)
             .filter_map(|a| {
-                Some((
-                    semver::Version::parse(&a.manifest.version).ok()?,
-                    a.digest.clone(),
-                ))
+                let version = semver::Version::parse(&a.manifest.version).ok()?;
+                link.accepts(&version).then(|| (version, a.digest.clone()))
             })
             .collect();
         versions.sort_by(|a, b| b.0.cmp(&a.0));
@@ -294,13 +292,13 @@ impl NatsBridge {
     /// target against its own export's types). A rollout of the target splits linked calls by
     /// its weights, as it does every other call.
     async fn linked(&self, call: LinkCall) -> Result<Vec<Val>, LinkError> {
-        let interface = trellis_schemas::manifest::strip_version(&call.interface).to_owned();
         let Some(record) = self
             .assignments
             .link(&self.instance, &self.component, &call.interface)
         else {
+            let interface = trellis_schemas::manifest::strip_version(&call.interface);
             self.record_denial(
-                &interface,
+                interface,
                 format!("{interface} is not linked for component {}", self.component),
                 call.traceparent.as_deref(),
             )
@@ -335,21 +333,42 @@ impl NatsBridge {
                 .call_linked(&export, &call.params, traceparent.as_deref())
                 .await
                 .map_err(LinkError::from_remote)
-        } else if let Some((_, subject)) = version {
-            self.linked_over_nats(&link, subject, &export, &call, traceparent.as_deref())
+        } else {
+            self.linked_remote(&link, version, &export, &call, traceparent.as_deref())
                 .await
+        };
+        if let Err(error) = &result {
+            span.fail(error.to_string());
+        }
+        result
+    }
+
+    /// A linked call over the data plane: to the version a rollout picked, else (with a version
+    /// requirement) the newest accepted version that answers, else any instance of the target.
+    /// The arguments are encoded once, whichever subjects are tried.
+    async fn linked_remote(
+        &self,
+        link: &trellis_schemas::link::Link,
+        rollout: Option<(String, String)>,
+        export: &str,
+        call: &LinkCall,
+        traceparent: Option<&str>,
+    ) -> Result<Vec<Val>, LinkError> {
+        let body = encode_args(call)?;
+        let send = |subject: String| {
+            self.linked_over_nats(link, subject, body.clone(), export, call, traceparent)
+        };
+        if let Some((_, subject)) = rollout {
+            send(subject).await
         } else if let Some(req) = &link.version {
             // Only the versions the link accepts: the newest that has an instance answers.
             let mut outcome = Err(LinkError::Unavailable(format!(
                 "no instance of {} {req} runs",
                 link.target
             )));
-            for digest in self.assignments.versions_for(&link) {
+            for digest in self.assignments.versions_for(link) {
                 let subject = dataplane::version(&self.lattice, &link.target, &digest, Op::Call);
-                match self
-                    .linked_over_nats(&link, subject, &export, &call, traceparent.as_deref())
-                    .await
-                {
+                match send(subject).await {
                     Err(LinkError::Unavailable(_)) => {}
                     other => {
                         outcome = other;
@@ -359,49 +378,27 @@ impl NatsBridge {
             }
             outcome
         } else {
-            let subject = dataplane::component(&self.lattice, &link.target, Op::Call);
-            self.linked_over_nats(&link, subject, &export, &call, traceparent.as_deref())
-                .await
-        };
-        if let Err(error) = &result {
-            span.fail(error.to_string());
+            send(dataplane::component(&self.lattice, &link.target, Op::Call)).await
         }
-        result
     }
 
+    /// One linked call on `subject` with the encoded arguments `body`.
     async fn linked_over_nats(
         &self,
         link: &trellis_schemas::link::Link,
         subject: String,
+        body: bytes::Bytes,
         export: &str,
         call: &LinkCall,
         traceparent: Option<&str>,
     ) -> Result<Vec<Val>, LinkError> {
         let failed = |code: ErrorCode, message: String| LinkError::Failed { code, message };
-        let mut budget = Budget::new(dataplane::MAX_BODY_BYTES);
-        let args = call
-            .params
-            .iter()
-            .map(|v| val_to_json(v, &mut budget))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                failed(
-                    ErrorCode::InvalidArguments,
-                    format!("the arguments cannot cross to another host: {e:?}"),
-                )
-            })?;
-        let body = serde_json::to_vec(&args).map_err(|e| {
-            failed(
-                ErrorCode::Internal,
-                format!("cannot encode the arguments: {e}"),
-            )
-        })?;
         let mut headers = codec::call_headers(export);
         if let Some(traceparent) = traceparent {
             headers.insert(codec::NAMES.traceparent.clone(), traceparent);
         }
         let target = &link.target;
-        let reply = codec::request(&self.client, subject, headers, body.into(), call.timeout)
+        let reply = codec::request(&self.client, subject, headers, body, call.timeout)
             .await
             .map_err(|e| match e {
                 SendError::NoResponders => {
@@ -455,4 +452,30 @@ impl NatsBridge {
                 )
             })
     }
+}
+
+/// The arguments of a linked call as the data plane carries them: a JSON array, each value
+/// converted by its own type (the target converts it back against its export's types).
+fn encode_args(call: &LinkCall) -> Result<bytes::Bytes, LinkError> {
+    let failed = |code: ErrorCode, message: String| LinkError::Failed { code, message };
+    let mut budget = Budget::new(dataplane::MAX_BODY_BYTES);
+    let args = call
+        .params
+        .iter()
+        .map(|v| val_to_json(v, &mut budget))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            failed(
+                ErrorCode::InvalidArguments,
+                format!("the arguments cannot cross to another host: {e:?}"),
+            )
+        })?;
+    serde_json::to_vec(&args)
+        .map(bytes::Bytes::from)
+        .map_err(|e| {
+            failed(
+                ErrorCode::Internal,
+                format!("cannot encode the arguments: {e}"),
+            )
+        })
 }

@@ -86,12 +86,7 @@ impl LocalInstances {
             .unwrap_or_else(PoisonError::into_inner);
         match target {
             AssignmentTarget::Component(name) => {
-                let list = map.get(name)?;
-                let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
-                (0..list.len())
-                    .map(|i| &list[(start + i) % list.len()])
-                    .find(|(_, d, s)| digest.is_none_or(|want| want == d) && s.serving())
-                    .map(|(_, _, s)| Arc::clone(s))
+                self.next_serving(map.get(name)?, digest, |_| true)
             }
             AssignmentTarget::Instance(id) => map
                 .values()
@@ -111,15 +106,23 @@ impl LocalInstances {
             .by_component
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        let list = map.get(&link.target)?;
+        self.next_serving(map.get(&link.target)?, digest, |s| {
+            link.accepts(&s.component.manifest().version)
+        })
+    }
+
+    /// Round robin over one component's serving periods: the next that still serves, is of
+    /// version `digest` when given, and that `accept` takes.
+    fn next_serving(
+        &self,
+        list: &Servings,
+        digest: Option<&str>,
+        accept: impl Fn(&Serving) -> bool,
+    ) -> Option<Arc<Serving>> {
         let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
         (0..list.len())
             .map(|i| &list[(start + i) % list.len()])
-            .find(|(_, d, s)| {
-                digest.is_none_or(|want| want == d)
-                    && s.serving()
-                    && link.accepts_version(&s.component.manifest().version.to_string())
-            })
+            .find(|(_, d, s)| digest.is_none_or(|want| want == d) && s.serving() && accept(s))
             .map(|(_, _, s)| Arc::clone(s))
     }
 

@@ -83,10 +83,11 @@ pub type BridgeFuture<'a> =
 /// component serves (see [`CapabilityBridge::link`]).
 #[derive(Debug, Clone)]
 pub struct LinkCall {
-    /// The interface as the component imports it (`example:pipeline/transform@0.1.0`).
-    pub interface: String,
+    /// The interface as the component imports it (`example:pipeline/transform@0.1.0`); shared
+    /// with the linker's definition, not copied per call.
+    pub interface: std::sync::Arc<str>,
     /// The function's name in it.
-    pub function: String,
+    pub function: std::sync::Arc<str>,
     /// The arguments, as the caller's store lowered them.
     pub params: Vec<Val>,
     /// The types of the results the caller expects.

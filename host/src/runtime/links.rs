@@ -57,15 +57,15 @@ struct Unlinkable;
 
 fn prepare(
     store: &StoreContextMut<'_, StoreState>,
-    interface: &str,
-    function: &str,
+    interface: &Arc<str>,
+    function: &Arc<str>,
     ty: &ComponentFunc,
     params: &[Val],
 ) -> LinkCall {
     let state = store.data();
     LinkCall {
-        interface: interface.to_owned(),
-        function: function.to_owned(),
+        interface: Arc::clone(interface),
+        function: Arc::clone(function),
         params: params.to_vec(),
         results: ty.results().collect(),
         timeout: state.deadline.saturating_duration_since(Instant::now()),
@@ -80,8 +80,7 @@ async fn finish(
     results: &mut [Val],
 ) -> wasmtime::Result<()> {
     let bridge = Arc::clone(&store.data().bridge);
-    let interface = call.interface.clone();
-    let function = call.function.clone();
+    let (interface, function) = (Arc::clone(&call.interface), Arc::clone(&call.function));
     match bridge.link(call).await {
         Ok(values) if values.len() == results.len() => {
             for (slot, value) in results.iter_mut().zip(values) {
