@@ -652,6 +652,7 @@ async fn host(client: &CtlClient, output: Output, cmd: HostCommand) -> Result<()
                 "SINCE",
                 "HEARTBEAT",
                 "INSTANCES",
+                "MICROVM",
                 "VERSION",
                 "LABELS",
             ]);
@@ -696,6 +697,7 @@ async fn host(client: &CtlClient, output: Output, cmd: HostCommand) -> Result<()
                 h.capacity.memory_bytes / (1024 * 1024),
                 h.capacity.cpus
             );
+            println!("microvm      {}", microvm(h));
             println!("instances    {}", h.instances);
             println!("as of        {}", reply.as_of);
             Ok(())
@@ -712,9 +714,17 @@ fn host_row(h: &HostView) -> Vec<String> {
             .map(|ms| format!("{ms}ms ago"))
             .unwrap_or_else(|| "-".into()),
         h.instances.to_string(),
+        microvm(h),
         h.version.clone(),
         labels(&h.labels),
     ]
+}
+
+/// Whether a host runs micro-VMs, for people: its acceleration (`kvm`, `tcg`) or `no`.
+fn microvm(h: &HostView) -> String {
+    h.capacity
+        .microvm
+        .map_or_else(|| "no".to_owned(), |a| a.to_string())
 }
 
 async fn events(g: &Global, args: EventsArgs) -> Result<(), Failure> {

@@ -325,6 +325,7 @@ async fn deploy(client: &CtlClient, wasm: &Path, args: &UpArgs) -> Result<Deploy
         restart: RestartPolicy::Always,
         min_seq: Some(registered.seq),
         grants: args.grants.clone(),
+        isolation: None,
     };
     let placed = client.request(&start).await?;
     let id = placed

@@ -12,6 +12,7 @@ use trellis_schemas::control::{
     InstanceListRequest, InstanceStartRequest, InstanceStopRequest,
 };
 use trellis_schemas::dataplane::{self, Op};
+use trellis_schemas::isolation::Isolation;
 use trellis_schemas::{
     ComponentName, Event, FactData, HostId, InstanceId, InstanceRecord, Lattice, Manifest,
     RestartPolicy, subject,
@@ -182,6 +183,11 @@ pub struct StartArgs {
     /// `never`, `always` or `backoff:<initial>,<max>[,<attempts>]`.
     #[arg(long, default_value = "never")]
     restart: RestartPolicy,
+    /// Isolation: `process` (in the host's process) or `microvm` (each instance in a micro-VM of
+    /// its own, on hosts that run them) [default: the manifest's `[isolation] mode`, which this
+    /// may strengthen but not weaken].
+    #[arg(long, value_name = "MODE", value_parser = str::parse::<Isolation>)]
+    isolation: Option<Isolation>,
     /// Grant a capability to each new instance: `'<capability> [provider=<name>] [key=value …]'`,
     /// e.g. `--grant 'wasi:keyvalue bucket=counts'`; repeat for more.
     #[arg(long = "grant", value_parser = crate::capabilities::parse_grant)]
@@ -366,8 +372,17 @@ fn instance_row(i: &InstanceRecord) -> Vec<String> {
         i.restart
             .map(|r| r.to_string())
             .unwrap_or_else(|| "-".into()),
+        isolation(i),
         i.last_reason.clone().unwrap_or_else(|| "-".into()),
     ]
+}
+
+/// How an instance is isolated, for people: `process`, or `microvm/<acceleration>`.
+fn isolation(i: &InstanceRecord) -> String {
+    match i.acceleration {
+        Some(acceleration) => format!("{}/{acceleration}", i.isolation),
+        None => i.isolation.to_string(),
+    }
 }
 
 const INSTANCE_COLUMNS: &[&str] = &[
@@ -378,6 +393,7 @@ const INSTANCE_COLUMNS: &[&str] = &[
     "SINCE",
     "RESTARTS",
     "RESTART",
+    "ISOLATION",
     "LAST REASON",
 ];
 
@@ -479,6 +495,7 @@ pub(crate) async fn instance(
                 restart: args.restart,
                 min_seq: None,
                 grants: args.grants,
+                isolation: args.isolation,
             };
             let reply = client.request(&request).await?;
             if !args.wait {
@@ -613,6 +630,14 @@ pub(crate) async fn instance(
             let mut table = Table::new(INSTANCE_COLUMNS);
             table.row(instance_row(&reply.instance));
             print!("{}", table.render());
+            let i = &reply.instance;
+            println!(
+                "isolation {}{}",
+                i.isolation,
+                i.acceleration
+                    .map(|a| format!(", acceleration {a}"))
+                    .unwrap_or_default()
+            );
             println!();
             let mut history = Table::new(&["SEQ", "TIME", "FACT", "DETAILS"]);
             for h in &reply.history {
@@ -724,5 +749,55 @@ mod tests {
             serde_json::json!([1, "x", [1, 2], "hello", {"a": 1}])
         );
         assert_eq!(call_args(&[]), serde_json::json!([]));
+    }
+
+    #[test]
+    fn isolation_is_asked_by_name_and_shown_with_its_acceleration() {
+        use clap::Parser as _;
+        #[derive(Debug, clap::Parser)]
+        struct Start {
+            #[command(flatten)]
+            args: StartArgs,
+        }
+        let parse = |extra: &[&str]| {
+            Start::try_parse_from(["start", "c"].iter().chain(extra)).map(|s| s.args.isolation)
+        };
+        assert_eq!(parse(&[]).expect("parses"), None);
+        assert_eq!(
+            parse(&["--isolation", "microvm"]).expect("parses"),
+            Some(Isolation::Microvm)
+        );
+        assert_eq!(
+            parse(&["--isolation", "process"]).expect("parses"),
+            Some(Isolation::Process)
+        );
+        let err = parse(&["--isolation", "vm"]).expect_err("unknown");
+        assert!(err.to_string().contains("process or microvm"), "{err}");
+
+        let mut record = InstanceRecord {
+            instance_id: InstanceId::new("01J00000000000000000000001").expect("valid"),
+            host_id: HostId::new("h").expect("valid"),
+            component: "c".into(),
+            version: None,
+            digest: None,
+            restart: None,
+            status: trellis_schemas::InstanceStatus::Running,
+            attempt: 0,
+            last_reason: None,
+            started_at: None,
+            status_since: chrono::Utc::now(),
+            status_seq: 1,
+            replaced_by: None,
+            isolation: Isolation::Process,
+            acceleration: None,
+        };
+        let column = INSTANCE_COLUMNS
+            .iter()
+            .position(|c| *c == "ISOLATION")
+            .expect("a column");
+        assert_eq!(instance_row(&record)[column], "process");
+        record.isolation = Isolation::Microvm;
+        record.acceleration = Some(trellis_schemas::isolation::Acceleration::Tcg);
+        assert_eq!(instance_row(&record)[column], "microvm/tcg");
     }
 }

@@ -79,6 +79,8 @@ pub struct HostConfig {
     pub logs: LogConfig,
     /// Issuers whose signed components this host runs (see [`InstancesConfig::trust`]).
     pub trust: Vec<String>,
+    /// How this host runs `microvm` instances; None: it does not (the default).
+    pub microvm: Option<std::sync::Arc<crate::MicrovmConfig>>,
 }
 
 impl HostConfig {
@@ -101,6 +103,7 @@ impl HostConfig {
             metrics: None,
             logs: LogConfig::default(),
             trust: Vec::new(),
+            microvm: None,
         }
     }
 }
@@ -135,6 +138,7 @@ pub fn machine_capacity(max_instances: u32) -> Capacity {
         max_instances,
         memory_bytes,
         cpus,
+        microvm: None,
     }
 }
 
@@ -167,10 +171,12 @@ pub enum HostError {
 
 /// Runs the host until `shutdown` completes with a reason (`"signal: SIGTERM"`), then drains.
 pub async fn run(
-    config: HostConfig,
+    mut config: HostConfig,
     shutdown: impl Future<Output = String>,
 ) -> Result<(), HostError> {
     let started = Instant::now();
+    // What the host says it offers follows what it was configured with.
+    config.capacity.microvm = config.microvm.as_ref().map(|m| m.acceleration);
     let registry = config
         .registry
         .as_deref()
@@ -229,6 +235,7 @@ pub async fn run(
             max_artifact_bytes: config.max_artifact_bytes,
             logs: config.logs,
             trust: config.trust.clone(),
+            microvm: config.microvm.clone(),
         },
         embedded.clone(),
     );

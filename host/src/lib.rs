@@ -108,9 +108,11 @@
 pub mod agent;
 mod instances;
 mod metrics;
+pub mod microvm;
 pub mod providers;
 mod runtime;
 
 pub use agent::{HostConfig, HostError, run};
 pub use instances::{InstanceManager, InstancesConfig, LogConfig, StartError, serve_commands};
+pub use microvm::MicrovmConfig;
 pub use runtime::*;

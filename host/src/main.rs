@@ -87,6 +87,30 @@ struct Args {
     /// provider's application traffic) rather than the host's.
     #[arg(long, env = "TRELLIS_PROVIDER_CREDS", value_name = "DIR")]
     provider_creds: Option<PathBuf>,
+    /// The guest kernel of micro-VM instances (`scripts/microvm-image` builds it). With
+    /// `--microvm-initrd`, this host runs instances started with `--isolation microvm`.
+    #[arg(
+        long,
+        env = "TRELLIS_MICROVM_KERNEL",
+        value_name = "PATH",
+        requires = "microvm_initrd"
+    )]
+    microvm_kernel: Option<PathBuf>,
+    /// The guest initramfs of micro-VM instances (`scripts/microvm-image` builds it).
+    #[arg(
+        long,
+        env = "TRELLIS_MICROVM_INITRD",
+        value_name = "PATH",
+        requires = "microvm_kernel"
+    )]
+    microvm_initrd: Option<PathBuf>,
+    /// The QEMU binary for micro-VMs.
+    #[arg(long, env = "TRELLIS_MICROVM_QEMU", value_name = "PATH")]
+    microvm_qemu: Option<PathBuf>,
+    /// Memory of each micro-VM at least (`256MiB`); a component's `max_memory` plus 256 MiB
+    /// when larger.
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    microvm_memory: u64,
     #[command(flatten)]
     connect: trellis_bus::ConnectArgs,
 }
@@ -116,8 +140,19 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_owned(), v.to_owned()))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Inside a micro-VM this binary is the guest's /init: it serves its host over the channel.
+    if std::process::id() == 1 {
+        trellis_host::microvm::agent::run_as_init();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(host_main())
+}
+
+async fn host_main() -> anyhow::Result<()> {
     trellis_bus::init_logging("info,async_nats=warn");
     let _telemetry = trellis_bus::telemetry::init("trellis-host");
     let args = Args::parse();
@@ -156,6 +191,23 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(2);
     }
     config.provider_creds = args.provider_creds;
+    if let Some((kernel, initrd)) = args.microvm_kernel.zip(args.microvm_initrd) {
+        match trellis_host::MicrovmConfig::probe(
+            args.microvm_qemu,
+            &kernel,
+            &initrd,
+            args.microvm_memory / (1024 * 1024),
+        ) {
+            Ok(microvm) => {
+                tracing::info!(acceleration = %microvm.acceleration, "this host runs micro-VM instances");
+                config.microvm = Some(std::sync::Arc::new(microvm));
+            }
+            Err(e) => {
+                eprintln!("error: micro-VMs: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
     if let Some(dir) = args.cache_dir {
         config.runtime.cache_dir(dir);
     }

@@ -501,6 +501,11 @@ pub struct InstanceStartRequest {
     /// Capabilities to grant to each new instance before it starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grants: Vec<Grant>,
+    /// Isolation: `process` or `microvm`. Default: the manifest's (`[isolation] mode`), which a
+    /// request may strengthen but not weaken. `microvm` instances go only to hosts that run
+    /// micro-VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<crate::isolation::Isolation>,
 }
 
 /// A capability to grant: what, served by which provider, configured how.

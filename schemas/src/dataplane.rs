@@ -556,6 +556,11 @@ pub enum CrashReason {
     OutputTooLarge,
     /// It trapped; the code is snake case (`unreachable`, `memory_out_of_bounds`).
     Trap(String),
+    /// The micro-VM running it exited (its QEMU process ended or the guest agent failed).
+    VmExit,
+    /// The micro-VM running it did not answer within the invocation's deadline plus a margin:
+    /// it was killed.
+    VmTimeout,
 }
 
 impl CrashReason {
@@ -563,7 +568,7 @@ impl CrashReason {
     /// timeout (a gateway answers 504), [`ErrorCode::Crashed`] otherwise.
     pub fn error_code(&self) -> ErrorCode {
         match self {
-            CrashReason::Timeout => ErrorCode::Timeout,
+            CrashReason::Timeout | CrashReason::VmTimeout => ErrorCode::Timeout,
             _ => ErrorCode::Crashed,
         }
     }
@@ -578,6 +583,8 @@ impl fmt::Display for CrashReason {
             CrashReason::StackOverflow => "stack_overflow",
             CrashReason::Panic => "panic",
             CrashReason::OutputTooLarge => "output_too_large",
+            CrashReason::VmExit => "vm_exit",
+            CrashReason::VmTimeout => "vm_timeout",
             CrashReason::Trap(code) => return write!(f, "trap: {code}"),
         })
     }
@@ -594,6 +601,8 @@ impl FromStr for CrashReason {
             "stack_overflow" => CrashReason::StackOverflow,
             "panic" => CrashReason::Panic,
             "output_too_large" => CrashReason::OutputTooLarge,
+            "vm_exit" => CrashReason::VmExit,
+            "vm_timeout" => CrashReason::VmTimeout,
             other => match other.strip_prefix("trap: ") {
                 Some(code) if !code.is_empty() => CrashReason::Trap(code.to_owned()),
                 _ => return Err(format!("unknown crash reason {other:?}")),

@@ -260,6 +260,10 @@ pub struct Capacity {
     pub memory_bytes: u64,
     /// CPU cores available to the host.
     pub cpus: u32,
+    /// Whether the host runs `microvm` instances, and with which acceleration; absent when it
+    /// cannot (no QEMU, no guest image, or not configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub microvm: Option<crate::isolation::Acceleration>,
 }
 
 /// `host.started`: a host joined (or re-joined) the lattice.
@@ -349,6 +353,15 @@ pub struct InstanceStarted {
     pub restart: RestartPolicy,
     /// 0 for the first start, n for the n-th restart.
     pub attempt: u32,
+    /// How it is isolated (absent: `process`).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::isolation::Isolation::is_process"
+    )]
+    pub isolation: crate::isolation::Isolation,
+    /// For a `microvm` instance, how its VM is accelerated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acceleration: Option<crate::isolation::Acceleration>,
 }
 
 /// `instance.start_failed`: the instance never served.
@@ -877,6 +890,7 @@ mod tests {
                 max_instances: 10,
                 memory_bytes: 1 << 30,
                 cpus: 2,
+                microvm: None,
             },
             version: "0.1.0".to_owned(),
             rejoined: false,

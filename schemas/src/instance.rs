@@ -174,6 +174,12 @@ pub struct ManifestDoc {
     /// Imported interfaces that must be linked before an instance starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub required_links: Vec<crate::link::Interface>,
+    /// How instances are isolated unless a start asks for stronger.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::isolation::Isolation::is_process"
+    )]
+    pub isolation: crate::isolation::Isolation,
 }
 
 impl ManifestDoc {
@@ -193,6 +199,7 @@ impl ManifestDoc {
             imports: m.capabilities.imports.clone(),
             requires: m.capabilities.requires.clone(),
             required_links: m.capabilities.links.clone(),
+            isolation: m.isolation,
         })
     }
 
@@ -212,6 +219,7 @@ impl ManifestDoc {
             m.with_imports(self.imports.iter().cloned())
                 .with_requires(self.requires.iter().copied())
                 .with_required_links(self.required_links.iter().cloned())
+                .with_isolation(self.isolation)
         })
     }
 }
@@ -279,6 +287,10 @@ pub struct StartInstanceCommand {
     /// component's), so the host can check required capabilities without waiting for the facts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub assignments: Vec<AssignmentRecord>,
+    /// The isolation the start asked for; the host runs the stronger of it and the
+    /// manifest's. Absent: the manifest's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<crate::isolation::Isolation>,
 }
 
 /// Command to a host: spawn and supervise a provider process

@@ -26,7 +26,7 @@
 //! let data = FactData::HostStarted(HostStarted {
 //!     host_id: HostId::new("h1")?,
 //!     labels: Default::default(),
-//!     capacity: Capacity { max_instances: 8, memory_bytes: 1 << 30, cpus: 2 },
+//!     capacity: Capacity { max_instances: 8, memory_bytes: 1 << 30, cpus: 2, microvm: None },
 //!     version: "0.1.0".into(),
 //!     rejoined: false,
 //! });
@@ -48,6 +48,7 @@ pub mod dataplane;
 pub mod fact;
 pub mod heartbeat;
 pub mod instance;
+pub mod isolation;
 pub mod json_schema;
 pub mod link;
 pub mod logs;

@@ -53,6 +53,9 @@ pub struct Manifest {
     pub limits: Limits,
     /// WIT interfaces the component may import besides the WASI basics the host always links.
     pub capabilities: Capabilities,
+    /// How its instances are isolated unless a start request asks for stronger
+    /// (`[isolation] mode`; default `process`).
+    pub isolation: crate::isolation::Isolation,
 }
 
 /// Resource limits applied to each invocation of a component. All are required.
@@ -201,7 +204,14 @@ impl Manifest {
             version,
             limits,
             capabilities: Capabilities::default(),
+            isolation: crate::isolation::Isolation::default(),
         })
+    }
+
+    /// Sets how instances are isolated by default.
+    pub fn with_isolation(mut self, isolation: crate::isolation::Isolation) -> Self {
+        self.isolation = isolation;
+        self
     }
 
     /// Adds declared capability imports.
@@ -241,6 +251,13 @@ struct RawManifest {
     component: Option<RawComponent>,
     limits: Option<RawLimits>,
     capabilities: Option<RawCapabilities>,
+    isolation: Option<RawIsolation>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIsolation {
+    mode: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -376,6 +393,16 @@ impl RawManifest {
                 ));
             }
         }
+        let isolation = match self.isolation.and_then(|i| i.mode) {
+            None => crate::isolation::Isolation::default(),
+            Some(mode) => mode.parse().map_err(|problem: String| {
+                ManifestError::invalid(
+                    "isolation.mode",
+                    problem,
+                    "\"process\" (the default) or \"microvm\"".to_string(),
+                )
+            })?,
+        };
         Ok(Manifest {
             name,
             version,
@@ -385,6 +412,7 @@ impl RawManifest {
                 requires,
                 links,
             },
+            isolation,
         })
     }
 }

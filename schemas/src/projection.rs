@@ -168,6 +168,15 @@ pub struct InstanceRecord {
     /// When the instance was lost and relocated: the instance that replaced it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaced_by: Option<InstanceId>,
+    /// How it is isolated, once started.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::isolation::Isolation::is_process"
+    )]
+    pub isolation: crate::isolation::Isolation,
+    /// For a `microvm` instance, how its VM is accelerated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acceleration: Option<crate::isolation::Acceleration>,
 }
 
 /// A capability assignment in force.
@@ -499,6 +508,8 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
                     status_since: time,
                     status_seq: fact.seq,
                     replaced_by: None,
+                    isolation: d.isolation,
+                    acceleration: d.acceleration,
                 },
             );
         }
@@ -519,6 +530,8 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
                     status_since: time,
                     status_seq: fact.seq,
                     replaced_by: None,
+                    isolation: Default::default(),
+                    acceleration: None,
                 },
             );
         }
@@ -699,6 +712,7 @@ mod tests {
                 max_instances: 4,
                 memory_bytes: 1 << 20,
                 cpus: 1,
+                microvm: None,
             },
             version: version.to_owned(),
             rejoined: false,

@@ -68,6 +68,7 @@ fn manifest(name: &str) -> ManifestDoc {
         imports: Vec::new(),
         requires: vec![],
         required_links: vec![],
+        isolation: Default::default(),
     }
 }
 
@@ -139,6 +140,7 @@ async fn start(
         component,
         restart,
         assignments: vec![],
+        isolation: None,
     };
     command(
         client,

@@ -323,6 +323,7 @@ fn started(id: &str) -> Event {
                 max_instances: 1,
                 memory_bytes: 1,
                 cpus: 1,
+                microvm: None,
             },
             version: "test".into(),
             rejoined: false,

@@ -160,6 +160,7 @@ async fn instance_start_is_validated_and_says_why_no_host_fits() {
         restart: RestartPolicy::Never,
         min_seq: None,
         grants: vec![],
+        isolation: None,
     };
     let err = ctl.request(&start("nope")).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotFound));

@@ -71,11 +71,13 @@ async fn main() {
                 imports: Vec::new(),
                 requires: vec![],
                 required_links: vec![],
+                isolation: Default::default(),
             },
             signature: None,
         },
         restart: RestartPolicy::Never,
         assignments: vec![],
+        isolation: None,
     };
     let host_subject =
         dataplane::host_command(&l, &HostId::new("bench").unwrap(), HostVerb::InstanceStart);

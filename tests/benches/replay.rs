@@ -28,6 +28,7 @@ fn facts_for(host: usize) -> [FactData; 4] {
                 max_instances: 100,
                 memory_bytes: 8 << 30,
                 cpus: 4,
+                microvm: None,
             },
             version: "0.1.0".into(),
             rejoined,

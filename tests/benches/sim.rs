@@ -213,6 +213,8 @@ impl SimHost {
                     digest: digest.clone(),
                     restart: command.restart,
                     attempt: 0,
+                    isolation: Default::default(),
+                    acceleration: None,
                 }),
             )
             .caused_by(command.operation_id),
@@ -810,6 +812,7 @@ async fn main() {
         max_instances,
         memory_bytes: 64 << 30,
         cpus: 4,
+        microvm: None,
     };
     println!(
         "simulated lattice: {n_hosts} hosts ({per_conn} per NATS connection, at most {max_instances} instances each), \
@@ -874,6 +877,7 @@ async fn main() {
                     restart: RestartPolicy::Always,
                     min_seq: Some(min_seq),
                     grants: Vec::new(),
+                    isolation: None,
                 };
                 let sent = Instant::now();
                 let reply = ctl.request(&request).await.unwrap();
@@ -1014,6 +1018,7 @@ async fn main() {
                 restart: RestartPolicy::Always,
                 min_seq: None,
                 grants: Vec::new(),
+                isolation: None,
             })
             .await
             .unwrap();
@@ -1294,6 +1299,8 @@ async fn main() {
                         digest: digest.clone(),
                         restart: RestartPolicy::Always,
                         attempt: 0,
+                        isolation: Default::default(),
+                        acceleration: None,
                     }),
                 );
                 let publish = PublishMessage::build()

@@ -18,6 +18,7 @@ use trellis_schemas::fact::InstanceStartFailed;
 use trellis_schemas::instance::{
     CommandAccepted, HostCommand, StartInstanceCommand, StopInstanceCommand,
 };
+use trellis_schemas::isolation::Isolation;
 use trellis_schemas::{
     AssignmentRecord, AssignmentTarget, ComponentSource, ErrorBody, ErrorCode, Event, FactData,
     HostId, InstanceId, InstanceStatus, Projection, Reply, subject,
@@ -86,6 +87,30 @@ fn resolve(
     Ok((artifact.source(), Some(artifact.manifest.max_memory_bytes)))
 }
 
+/// The isolation instances of `source` get when a start asks for `requested`: for a stored
+/// component, the manifest's strengthened by the request (`invalid_request` when the request
+/// would weaken it); for a file, the request's (the host reads the file's manifest and applies
+/// it too).
+fn isolation(
+    source: &ComponentSource,
+    requested: Option<Isolation>,
+) -> Result<Option<Isolation>, ErrorBody> {
+    match source {
+        ComponentSource::Artifact { manifest, .. } => {
+            Isolation::resolve(manifest.isolation, requested)
+                .map(Some)
+                .map_err(|e| {
+                    ErrorBody::new(ErrorCode::InvalidRequest, e).with_details(serde_json::json!({
+                        "field": "isolation",
+                        "requested": requested,
+                        "manifest": manifest.isolation,
+                    }))
+                })
+        }
+        ComponentSource::File { .. } => Ok(requested),
+    }
+}
+
 /// Sends `command` to `host` on its verb's subject and waits for its acceptance.
 pub(crate) async fn command<T: HostCommand>(
     state: &State,
@@ -143,7 +168,7 @@ pub(crate) async fn ask<T: HostCommand, R: serde::de::DeserializeOwned>(
 
 pub(crate) async fn start(
     state: &State,
-    request: InstanceStartRequest,
+    mut request: InstanceStartRequest,
 ) -> Result<InstanceStartReply, ErrorBody> {
     if !(1..=MAX_COUNT).contains(&request.count) {
         return Err(ErrorBody::new(
@@ -162,6 +187,8 @@ pub(crate) async fn start(
     let (source, placements, inherited, grants) = {
         let projection = state.projection();
         let (source, memory) = resolve(&projection, &request.component)?;
+        // From here on, the isolation the instances get: placement and hosts go by it.
+        request.isolation = isolation(&source, request.isolation)?;
         if let ComponentSource::Artifact { manifest, .. } = &source {
             let missing = super::links::missing_links(&projection, manifest);
             if let Some(first) = missing.first() {
@@ -249,6 +276,9 @@ pub(crate) async fn start(
                 component: source.clone(),
                 restart: request.restart,
                 assignments,
+                // `process` is what hosts do unless told otherwise: left out, so that a host of
+                // an earlier version (which refuses unknown fields) still takes the command.
+                isolation: request.isolation.filter(|i| !i.is_process()),
             },
         ));
     }
@@ -426,4 +456,52 @@ async fn history(
             )
         })??;
     Ok(history)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_schemas::ComponentName;
+    use trellis_schemas::instance::ManifestDoc;
+
+    fn stored(isolation: Isolation) -> ComponentSource {
+        ComponentSource::Artifact {
+            digest: "sha256:00".into(),
+            manifest: ManifestDoc {
+                name: ComponentName::new("c").expect("valid"),
+                version: "1.0.0".into(),
+                max_memory_bytes: 1 << 20,
+                fuel: 1,
+                timeout_ms: 1,
+                max_concurrency: 1,
+                imports: vec![],
+                requires: vec![],
+                required_links: vec![],
+                isolation,
+            },
+            signature: None,
+        }
+    }
+
+    #[test]
+    fn a_start_gets_the_manifests_isolation_or_stronger_never_weaker() {
+        use Isolation::{Microvm, Process};
+        assert_eq!(isolation(&stored(Process), None), Ok(Some(Process)));
+        assert_eq!(isolation(&stored(Microvm), None), Ok(Some(Microvm)));
+        assert_eq!(
+            isolation(&stored(Process), Some(Microvm)),
+            Ok(Some(Microvm))
+        );
+        let err = isolation(&stored(Microvm), Some(Process)).expect_err("weaker");
+        assert_eq!(err.code, ErrorCode::InvalidRequest);
+        assert!(err.message.contains("weaker"), "{}", err.message);
+        assert_eq!(err.details.expect("details")["field"], "isolation");
+        // A file's manifest is the host's to read: the request goes as it is.
+        let file = ComponentSource::File {
+            path: "/c.wasm".into(),
+            manifest_path: None,
+        };
+        assert_eq!(isolation(&file, None), Ok(None));
+        assert_eq!(isolation(&file, Some(Process)), Ok(Some(Process)));
+    }
 }

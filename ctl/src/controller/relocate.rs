@@ -9,6 +9,9 @@
 //! reconciliation: nothing is retried later, and an instance that cannot be placed stays lost
 //! with a warning saying why.
 //!
+//! The replacement keeps the lost instance's isolation: a `microvm` instance is placed only on a
+//! host that runs micro-VMs, and its host is told to run it in one.
+//!
 //! The replacement gets the capabilities the lost instance had: its component's assignments
 //! apply to it as to any new instance, and each assignment granted to the lost instance itself is
 //! granted again to the replacement (`assignment.granted`, caused by the relocation).
@@ -20,9 +23,11 @@ use std::time::Duration;
 use trellis_schemas::control::InstanceStartRequest;
 use trellis_schemas::fact::{InstanceRelocated, InstanceStartFailed};
 use trellis_schemas::instance::StartInstanceCommand;
+use trellis_schemas::isolation::Isolation;
 use trellis_schemas::{
-    Assignment, AssignmentId, AssignmentRecord, AssignmentTarget, ComponentName, ComponentSource,
-    Event, FactData, HostId, InstanceId, InstanceRecord, InstanceStatus, RestartPolicy,
+    ArtifactRecord, Assignment, AssignmentId, AssignmentRecord, AssignmentTarget, ComponentName,
+    ComponentSource, Event, FactData, HostId, InstanceId, InstanceRecord, InstanceStatus,
+    RestartPolicy,
 };
 
 use super::assignments::record as record_assignment;
@@ -43,6 +48,8 @@ struct Move {
     /// The lost instance's own assignments, to grant again to the replacement.
     own: Vec<Assignment>,
     restart: RestartPolicy,
+    /// The lost instance's isolation, which the replacement keeps.
+    isolation: Isolation,
     to_host: HostId,
     /// The replacement's id, chosen when it was placed.
     replacement: InstanceId,
@@ -101,6 +108,8 @@ pub(crate) async fn relocate(state: Arc<State>, host: HostId, lost_seq: u64, los
             component: mv.source,
             restart: mv.restart,
             assignments,
+            // Left out when `process`, as by `instance.start`.
+            isolation: (!mv.isolation.is_process()).then_some(mv.isolation),
         };
         if let Err(e) = command(&state, &mv.to_host, &start).await {
             tracing::warn!(%replacement, host = %mv.to_host, error = %e, "start command for a replacement failed");
@@ -153,15 +162,8 @@ fn plan(state: &State, host: &HostId, lost_seq: u64) -> Vec<Move> {
             );
             continue;
         };
-        let request = InstanceStartRequest {
-            component: artifact.digest.clone(),
-            count: 1,
-            host_id: None,
-            labels: BTreeMap::new(),
-            restart,
-            grants: Vec::new(),
-            min_seq: None,
-        };
+        let request = replacement_request(instance, artifact, restart);
+        let isolation = request.isolation.unwrap_or_default();
         let component = artifact.manifest.name.clone();
         let inherited = projection
             .assignments
@@ -191,6 +193,7 @@ fn plan(state: &State, host: &HostId, lost_seq: u64) -> Vec<Move> {
                     own,
                     source: artifact.source(),
                     restart,
+                    isolation,
                     to_host,
                     replacement,
                 });
@@ -205,4 +208,118 @@ fn plan(state: &State, host: &HostId, lost_seq: u64) -> Vec<Move> {
     state.placed(placed);
     drop(placing);
     moves
+}
+
+/// What placing the replacement of the lost `instance`, whose code is `artifact`, asks for: one
+/// instance anywhere, with the isolation the lost one ran with (at least its manifest's, perhaps
+/// stronger by its start request) and never less than its manifest sets.
+fn replacement_request(
+    instance: &InstanceRecord,
+    artifact: &ArtifactRecord,
+    restart: RestartPolicy,
+) -> InstanceStartRequest {
+    InstanceStartRequest {
+        component: artifact.digest.clone(),
+        count: 1,
+        host_id: None,
+        labels: BTreeMap::new(),
+        restart,
+        grants: Vec::new(),
+        min_seq: None,
+        isolation: Some(instance.isolation.max(artifact.manifest.isolation)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_schemas::instance::ManifestDoc;
+    use trellis_schemas::{Capacity, HostRecord, HostStatus, Projection};
+
+    use crate::controller::schedule::place;
+
+    fn artifact(isolation: Isolation) -> ArtifactRecord {
+        ArtifactRecord {
+            digest: "sha256:00".into(),
+            size: 1,
+            manifest: ManifestDoc {
+                name: ComponentName::new("c").expect("valid"),
+                version: "1.0.0".into(),
+                max_memory_bytes: 1 << 20,
+                fuel: 1,
+                timeout_ms: 1,
+                max_concurrency: 1,
+                imports: vec![],
+                requires: vec![],
+                required_links: vec![],
+                isolation,
+            },
+            stored_at: chrono::Utc::now(),
+            signature: None,
+            exports: None,
+        }
+    }
+
+    fn lost(isolation: Isolation) -> InstanceRecord {
+        InstanceRecord {
+            instance_id: InstanceId::new("01J00000000000000000000001").expect("valid"),
+            host_id: HostId::new("gone").expect("valid"),
+            component: "c".into(),
+            version: Some("1.0.0".into()),
+            digest: Some("sha256:00".into()),
+            restart: Some(RestartPolicy::Always),
+            status: InstanceStatus::Lost,
+            attempt: 0,
+            last_reason: None,
+            started_at: None,
+            status_since: chrono::Utc::now(),
+            status_seq: 1,
+            replaced_by: None,
+            isolation,
+            acceleration: None,
+        }
+    }
+
+    #[test]
+    fn a_replacement_keeps_its_isolation_and_goes_where_micro_vms_run() {
+        use Isolation::{Microvm, Process};
+        let isolation_of = |instance: Isolation, manifest: Isolation| {
+            replacement_request(&lost(instance), &artifact(manifest), RestartPolicy::Always)
+                .isolation
+        };
+        // Started as a micro-VM on request, or by its manifest: a micro-VM again.
+        assert_eq!(isolation_of(Microvm, Process), Some(Microvm));
+        assert_eq!(isolation_of(Process, Microvm), Some(Microvm));
+        assert_eq!(isolation_of(Process, Process), Some(Process));
+
+        let mut p = Projection::new();
+        for (id, microvm) in [
+            ("a", None),
+            ("b", Some(trellis_schemas::isolation::Acceleration::Kvm)),
+        ] {
+            let host_id = HostId::new(id).expect("valid");
+            p.hosts.insert(
+                host_id.clone(),
+                HostRecord {
+                    host_id,
+                    status: HostStatus::Up,
+                    labels: BTreeMap::new(),
+                    capacity: Capacity {
+                        max_instances: 10,
+                        memory_bytes: 1 << 30,
+                        cpus: 1,
+                        microvm,
+                    },
+                    version: "0".into(),
+                    started_at: chrono::Utc::now(),
+                    status_since: chrono::Utc::now(),
+                    status_seq: 1,
+                },
+            );
+        }
+        let request =
+            replacement_request(&lost(Microvm), &artifact(Process), RestartPolicy::Always);
+        let placed = place(&p, &request, Some(1 << 20)).expect("b runs micro-VMs");
+        assert_eq!(placed, [HostId::new("b").expect("valid")]);
+    }
 }

@@ -1116,6 +1116,9 @@ impl Driver {
                     component: source.clone(),
                     restart: old.restart.unwrap_or_default(),
                     assignments,
+                    // The isolation it ran with (the host strengthens it to the new manifest's);
+                    // left out when `process`, as by `instance.start`.
+                    isolation: (!old.isolation.is_process()).then_some(old.isolation),
                 },
             ));
         }

@@ -1,11 +1,14 @@
 //! Placement: which live hosts take new instances.
 //!
-//! A host is eligible when it is up, matches the requested host id and every requested label, and
-//! has room: fewer active instances than its `max_instances`, and (when the component's memory
-//! limit is known) enough memory left for one more instance at that limit. Instances are spread:
-//! each goes to the eligible host with the fewest active plus already-placed instances (ties by
-//! host id, so placement is deterministic). When the request cannot be met in full, nothing is
-//! placed and the error says, host by host, why.
+//! A host is eligible when it is up, matches the requested host id and every requested label, runs
+//! micro-VMs when the instances are to run in them (isolation `microvm`: the host's latest
+//! capacity, by heartbeat or else by `host.started`, has `microvm` set), and has room: fewer
+//! active instances than its `max_instances`, and (when the component's memory limit is known)
+//! enough memory left for one more instance at that limit. Instances are spread: each goes to the
+//! eligible host with the fewest active plus already-placed instances (ties by host id, so
+//! placement is deterministic). When the request cannot be met in full, nothing is placed and the
+//! error says, host by host, why; when no live host runs micro-VMs for a `microvm` request, it
+//! says that first, and how to start one that does.
 //!
 //! What each host runs is counted in one pass over the instances ([`Loads::of`]), not once per
 //! host: with 1,000 hosts and 100,000 instances a scan per host made one placement take
@@ -23,6 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use trellis_schemas::control::InstanceStartRequest;
+use trellis_schemas::isolation::{Acceleration, Isolation};
 use trellis_schemas::{
     ErrorBody, ErrorCode, Fact, FactData, HostId, HostRecord, HostStatus, InstanceId, Projection,
 };
@@ -138,6 +142,7 @@ impl LoadIndex {
         Loads {
             by_host: self.by_host.clone(),
             quiet: HashMap::new(),
+            microvm: HashMap::new(),
         }
     }
 }
@@ -148,6 +153,9 @@ pub(crate) struct Loads {
     by_host: HashMap<HostId, Load>,
     /// Hosts that get nothing new, with how long they have been silent.
     quiet: HashMap<HostId, Duration>,
+    /// Whether each host runs micro-VMs by its latest heartbeat, for the hosts heard from since
+    /// their `host.started` (the others: by that fact).
+    microvm: HashMap<HostId, Option<Acceleration>>,
 }
 
 impl Loads {
@@ -177,6 +185,7 @@ impl Loads {
         Self {
             by_host,
             quiet: HashMap::new(),
+            microvm: HashMap::new(),
         }
     }
 
@@ -207,8 +216,23 @@ impl Loads {
         self
     }
 
+    /// Records whether hosts run micro-VMs by their latest heartbeats, which take precedence
+    /// over their `host.started` capacity.
+    pub(crate) fn with_microvm(mut self, microvm: HashMap<HostId, Option<Acceleration>>) -> Self {
+        self.microvm = microvm;
+        self
+    }
+
     fn of_host(&self, host: &HostId) -> Load {
         self.by_host.get(host).copied().unwrap_or_default()
+    }
+
+    /// Whether `host` runs micro-VMs (and how) by its latest capacity.
+    fn microvm_of(&self, host: &HostRecord) -> Option<Acceleration> {
+        self.microvm
+            .get(&host.host_id)
+            .copied()
+            .unwrap_or(host.capacity.microvm)
     }
 }
 
@@ -218,9 +242,17 @@ struct Room<'a> {
     slots: usize,
 }
 
+/// What a host offers beyond its room, as placement sees it now.
+struct Offer {
+    /// How long it has been silent, when it is quiet.
+    quiet: Option<Duration>,
+    /// Whether it runs micro-VMs, and how.
+    microvm: Option<Acceleration>,
+}
+
 fn room<'a>(
     host: &'a HostRecord,
-    quiet: Option<Duration>,
+    offer: Offer,
     load: Load,
     request: &InstanceStartRequest,
     memory_per_instance: Option<u64>,
@@ -228,7 +260,7 @@ fn room<'a>(
     if host.status != HostStatus::Up {
         return Err(format!("host is {}", host.status.as_str()));
     }
-    if let Some(silent) = quiet {
+    if let Some(silent) = offer.quiet {
         return Err(format!(
             "host has not been heard from for {:.1} s",
             silent.as_secs_f64()
@@ -244,6 +276,9 @@ fn room<'a>(
                 ));
             }
         }
+    }
+    if request.isolation == Some(Isolation::Microvm) && offer.microvm.is_none() {
+        return Err("host does not run micro-VMs".to_owned());
     }
     let by_count = (host.capacity.max_instances as usize).saturating_sub(load.active);
     if by_count == 0 {
@@ -290,6 +325,9 @@ pub(crate) fn place(
 /// Like [`place`], with the hosts' `loads` counted already, including what was placed but is not
 /// in the projection yet ([`Loads::with_inflight`], [`Loads::add`]): those take room and weigh on
 /// the spread.
+///
+/// `request.isolation` is the isolation the instances will get (the caller resolves the
+/// request's against the manifest): `microvm` instances go only to hosts that run micro-VMs.
 pub(crate) fn place_with(
     projection: &Projection,
     loads: &Loads,
@@ -298,6 +336,9 @@ pub(crate) fn place_with(
 ) -> Result<Vec<HostId>, ErrorBody> {
     let mut rooms = Vec::new();
     let mut refusals: BTreeMap<String, String> = BTreeMap::new();
+    let microvm = request.isolation == Some(Isolation::Microvm);
+    // Hosts looked at, and those of them up that run micro-VMs.
+    let (mut considered, mut vm_hosts) = (0usize, 0usize);
     for host in projection.hosts.values() {
         if request
             .host_id
@@ -306,9 +347,16 @@ pub(crate) fn place_with(
         {
             continue;
         }
+        considered += 1;
         let load = loads.of_host(&host.host_id);
-        let quiet = loads.quiet.get(&host.host_id).copied();
-        match room(host, quiet, load, request, memory_per_instance) {
+        let offer = Offer {
+            quiet: loads.quiet.get(&host.host_id).copied(),
+            microvm: loads.microvm_of(host),
+        };
+        if host.status == HostStatus::Up && offer.microvm.is_some() {
+            vm_hosts += 1;
+        }
+        match room(host, offer, load, request, memory_per_instance) {
             Ok(room) => rooms.push(room),
             Err(why) => {
                 refusals.insert(host.host_id.to_string(), why);
@@ -323,6 +371,9 @@ pub(crate) fn place_with(
                 format!("host {h} is not in the lattice")
             }
             (_, true) => "the lattice has no hosts; start one with `trellis-host`".to_owned(),
+            _ if microvm && vm_hosts == 0 => format!(
+                "no host runs micro-VMs (isolation microvm): start a host with --microvm-kernel and --microvm-initrd; {considered} host(s) considered"
+            ),
             _ => format!("{count} instance(s) requested, room for {free}"),
         };
         if !refusals.is_empty() {
@@ -330,9 +381,12 @@ pub(crate) fn place_with(
             message.push_str(&format!(" ({})", reasons.join("; ")));
         }
         return Err(
-            ErrorBody::new(ErrorCode::NoHostAvailable, message).with_details(
-                serde_json::json!({ "requested": count, "room": free, "hosts": refusals }),
-            ),
+            ErrorBody::new(ErrorCode::NoHostAvailable, message).with_details(serde_json::json!({
+                "requested": count,
+                "room": free,
+                "isolation": request.isolation.unwrap_or_default(),
+                "hosts": refusals,
+            })),
         );
     }
     let mut placed = Vec::with_capacity(count);
@@ -366,6 +420,7 @@ mod tests {
                 max_instances: max,
                 memory_bytes: 1 << 30,
                 cpus: 2,
+                microvm: None,
             },
             version: "0".into(),
             started_at: Utc::now(),
@@ -394,6 +449,7 @@ mod tests {
             restart: Default::default(),
             min_seq: None,
             grants: vec![],
+            isolation: None,
         }
     }
 
@@ -474,6 +530,8 @@ mod tests {
                 digest: "sha256:00".into(),
                 restart: RestartPolicy::Always,
                 attempt: 0,
+                isolation: Default::default(),
+                acceleration: None,
             })
         };
         let crashed = |n: u32, host: &str, will_restart: bool| {
@@ -494,6 +552,7 @@ mod tests {
                     max_instances: 10,
                     memory_bytes: 1 << 30,
                     cpus: 2,
+                    microvm: None,
                 },
                 version: "0".into(),
                 rejoined: false,
@@ -610,5 +669,113 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    /// A host that runs micro-VMs with `acceleration`.
+    fn vm_host(id: &str, status: HostStatus, max: u32, acceleration: Acceleration) -> HostRecord {
+        let mut h = host(id, status, &[], max);
+        h.capacity.microvm = Some(acceleration);
+        h
+    }
+
+    fn microvm(count: u32) -> InstanceStartRequest {
+        InstanceStartRequest {
+            isolation: Some(Isolation::Microvm),
+            ..request(count, &[])
+        }
+    }
+
+    #[test]
+    fn microvm_instances_go_only_to_hosts_that_run_micro_vms() {
+        let p = lattice(vec![
+            host("a", HostStatus::Up, &[], 10),
+            vm_host("b", HostStatus::Up, 10, Acceleration::Tcg),
+            vm_host("c", HostStatus::Lost, 10, Acceleration::Kvm),
+            vm_host("d", HostStatus::Up, 10, Acceleration::Kvm),
+        ]);
+        assert_eq!(
+            ids(place(&p, &microvm(3), None).expect("fits")),
+            ["b", "d", "b"]
+        );
+        // `process` (asked or not) goes anywhere up.
+        let mut process = request(3, &[]);
+        assert_eq!(
+            ids(place(&p, &process, None).expect("fits")),
+            ["a", "b", "d"]
+        );
+        process.isolation = Some(Isolation::Process);
+        assert_eq!(
+            ids(place(&p, &process, None).expect("fits")),
+            ["a", "b", "d"]
+        );
+        // The latest heartbeat wins over `host.started`: `a` runs them now, `d` no longer does.
+        let a = HostId::new("a").expect("valid");
+        let d = HostId::new("d").expect("valid");
+        let loads = Loads::of(&p).with_microvm([(a, Some(Acceleration::Kvm)), (d, None)].into());
+        assert_eq!(
+            ids(place_with(&p, &loads, &microvm(2), None).expect("fits")),
+            ["a", "b"]
+        );
+        // A named host is refused when its latest heartbeat says it no longer runs them.
+        let mut named = microvm(1);
+        named.host_id = Some(HostId::new("b").expect("valid"));
+        assert_eq!(
+            ids(place_with(&p, &loads, &named, None).expect("fits")),
+            ["b"]
+        );
+        let loads = Loads::of(&p).with_microvm([(HostId::new("b").expect("valid"), None)].into());
+        let err = place_with(&p, &loads, &named, None).expect_err("b runs none now");
+        assert!(
+            err.message.contains("no host runs micro-VMs")
+                && err.message.contains("1 host(s) considered")
+                && err.message.contains("b: host does not run micro-VMs"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn says_why_no_host_takes_microvm_instances() {
+        // No live host runs micro-VMs (`c` does, but it is lost): say so, and how to start one.
+        let p = lattice(vec![
+            host("a", HostStatus::Up, &[], 10),
+            host("b", HostStatus::Up, &[], 10),
+            vm_host("c", HostStatus::Lost, 10, Acceleration::Kvm),
+        ]);
+        let err = place(&p, &microvm(1), None).expect_err("no micro-VM host");
+        assert_eq!(err.code, ErrorCode::NoHostAvailable);
+        assert!(
+            err.message.starts_with(
+                "no host runs micro-VMs (isolation microvm): start a host with --microvm-kernel and --microvm-initrd; 3 host(s) considered"
+            ),
+            "{}",
+            err.message
+        );
+        assert!(
+            err.message.contains("a: host does not run micro-VMs")
+                && err.message.contains("b: host does not run micro-VMs")
+                && err.message.contains("c: host is lost"),
+            "{}",
+            err.message
+        );
+        let details = err.details.expect("details");
+        assert_eq!(details["isolation"], "microvm", "{details}");
+        assert_eq!(details["room"], 0, "{details}");
+        // One runs them but is full: the usual count, host by host.
+        let p = lattice(vec![
+            host("a", HostStatus::Up, &[], 10),
+            vm_host("b", HostStatus::Up, 1, Acceleration::Tcg),
+        ]);
+        let err = place(&p, &microvm(2), None).expect_err("one slot");
+        assert!(
+            err.message.contains("2 instance(s) requested, room for 1")
+                && err.message.contains("a: host does not run micro-VMs"),
+            "{}",
+            err.message
+        );
+        assert!(!err.message.contains("no host runs"), "{}", err.message);
+        // An empty lattice is still an empty lattice.
+        let err = place(&lattice(vec![]), &microvm(1), None).expect_err("empty");
+        assert!(err.message.contains("no hosts"), "{}", err.message);
     }
 }

@@ -213,6 +213,23 @@ impl State {
             .loads(projection)
             .with_inflight(inflight.values().map(|(h, m, _)| (h, *m)))
             .with_quiet(self.quiet_hosts(projection))
+            .with_microvm(self.microvm_by_heartbeat(projection))
+    }
+
+    /// Whether each host up runs micro-VMs by its latest heartbeat, for the hosts heard from
+    /// since their `host.started` (placement takes the others' word from that fact).
+    fn microvm_by_heartbeat(
+        &self,
+        projection: &Projection,
+    ) -> HashMap<HostId, Option<trellis_schemas::isolation::Acceleration>> {
+        let live = self.live();
+        projection
+            .hosts_up()
+            .filter_map(|h| {
+                let heartbeat = current_heartbeat(h, live.get(&h.host_id))?;
+                Some((h.host_id.clone(), heartbeat.capacity.microvm))
+            })
+            .collect()
     }
 
     fn load_index(&self) -> std::sync::MutexGuard<'_, LoadIndex> {
@@ -380,11 +397,13 @@ impl State {
     /// A host as the replica sees it.
     pub fn view(&self, record: &HostRecord, live: Option<&Live>) -> HostView {
         let heartbeat = live.and_then(|l| l.heartbeat.as_ref());
+        // What the host offers now: by its latest heartbeat, else by its `host.started`.
+        let capacity = current_heartbeat(record, live).map_or(&record.capacity, |hb| &hb.capacity);
         HostView {
             host_id: record.host_id.clone(),
             status: record.status,
             labels: record.labels.clone(),
-            capacity: record.capacity.clone(),
+            capacity: capacity.clone(),
             version: record.version.clone(),
             started_at: record.started_at,
             status_since: record.status_since,
@@ -396,6 +415,13 @@ impl State {
             instances: heartbeat.map(|h| h.instances.len() as u32).unwrap_or(0),
         }
     }
+}
+
+/// The latest heartbeat of `host` if its current process sent it: sent at or after the host's
+/// last `host.started` (both by the host's clock). An older one tells of a process gone.
+fn current_heartbeat<'a>(host: &HostRecord, live: Option<&'a Live>) -> Option<&'a Heartbeat> {
+    live.and_then(|l| l.heartbeat.as_ref())
+        .filter(|hb| hb.sent_at >= host.started_at)
 }
 
 /// Decodes a batch of raw facts (emptying it); returns the facts and the highest sequence seen,

@@ -577,6 +577,8 @@ mod tests {
             status_since: since,
             status_seq: 1,
             replaced_by: None,
+            isolation: Default::default(),
+            acceleration: None,
         }
     }
 
@@ -595,6 +597,7 @@ mod tests {
                     max_instances: 10,
                     memory_bytes: 1 << 30,
                     cpus: 2,
+                    microvm: None,
                 },
                 version: "0.1.0".into(),
                 started_at: now,

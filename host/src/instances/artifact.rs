@@ -35,6 +35,8 @@ pub(crate) struct Artifacts {
 #[derive(Debug)]
 pub(crate) struct Loaded {
     pub component: LoadedComponent,
+    /// The `.wasm` itself, for a micro-VM to compile.
+    pub wasm: Bytes,
     /// Held for the instance's life so that other instances of the digest reuse the bytes.
     pub _bytes: Option<SharedBytes>,
 }
@@ -69,6 +71,7 @@ impl Artifacts {
             }
         };
         let bytes = cell.get_or_try_init(|| self.fetch(&digest)).await?.clone();
+        let wasm = bytes.clone();
         let runtime = runtime.clone();
         let component =
             tokio::task::spawn_blocking(move || runtime.load_verified(&bytes, manifest, &digest))
@@ -76,6 +79,7 @@ impl Artifacts {
                 .map_err(|e| StartError::Task(e.to_string()))??;
         Ok(Loaded {
             component,
+            wasm,
             _bytes: Some(cell),
         })
     }
@@ -132,13 +136,15 @@ pub(crate) async fn load_file(
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
     })?;
     let manifest = Manifest::from_toml(&text)?;
-    let bytes = read(wasm).await?;
+    let bytes = Bytes::from(read(wasm).await?);
+    let wasm = bytes.clone();
     let runtime = runtime.clone();
     let component = tokio::task::spawn_blocking(move || runtime.load(&bytes, manifest))
         .await
         .map_err(|e| StartError::Task(e.to_string()))??;
     Ok(Loaded {
         component,
+        wasm,
         _bytes: None,
     })
 }

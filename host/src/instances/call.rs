@@ -25,6 +25,7 @@ use trellis_schemas::dataplane::{self, DataError, ErrorCode, Op, span_attributes
 
 use super::logs::InstanceLog;
 use super::stats::{Outcome, Stats};
+use crate::microvm::vm::{Vm, VmEnd};
 use crate::runtime::{CallContext, InvokeError, LoadedComponent};
 use trellis_bus::telemetry::{Kind, Span};
 use wasmtime::component::Val;
@@ -49,6 +50,9 @@ pub(crate) struct Crash {
 pub(crate) struct Serving {
     pub client: async_nats::Client,
     pub component: LoadedComponent,
+    /// For a micro-VM instance, the VM that runs its invocations (or why there is none): its
+    /// guest code never runs in this process.
+    microvm: Option<Result<Arc<Vm>, VmEnd>>,
     lattice: Lattice,
     instance: HeaderValue,
     /// The headers of every successful call reply.
@@ -80,6 +84,7 @@ impl Serving {
     pub fn new(
         client: async_nats::Client,
         component: LoadedComponent,
+        microvm: Option<Result<Arc<Vm>, VmEnd>>,
         lattice: Lattice,
         instance_id: &str,
         stats: Arc<Stats>,
@@ -91,6 +96,7 @@ impl Serving {
         let serving = Self {
             client,
             component,
+            microvm,
             lattice,
             instance,
             ok,
@@ -102,6 +108,32 @@ impl Serving {
             log,
         };
         (serving, rx)
+    }
+
+    /// For a micro-VM instance: ends the period as a crash (`vm_exit`, `vm_timeout`) when its
+    /// VM dies, even while no call runs; at once when the VM did not boot.
+    pub fn watch_vm(self: &Arc<Self>) {
+        match &self.microvm {
+            None => {}
+            Some(Err(end)) => {
+                self.fail("", end.error());
+            }
+            Some(Ok(vm)) => {
+                let mut ended = vm.subscribe();
+                let serving = Arc::downgrade(self);
+                tokio::spawn(async move {
+                    // Ends without a crash when the VM is dropped (the instance stopped).
+                    let Ok(end) = ended.wait_for(Option::is_some).await.map(|e| e.clone()) else {
+                        return;
+                    };
+                    if let (Some(serving), Some(end)) = (serving.upgrade(), end)
+                        && serving.serving()
+                    {
+                        serving.fail("", end.error());
+                    }
+                });
+            }
+        }
     }
 
     /// Refuses calls of this period from now on.
@@ -206,6 +238,22 @@ impl Serving {
             ));
         };
         codec::check_size(payload.len())?;
+        if let Some(vm) = &self.microvm {
+            let span = self.span(export, codec::header(headers, &NAMES.traceparent));
+            let timeout = self.component.manifest().limits.timeout;
+            let result = match vm {
+                Ok(vm) => {
+                    vm.invoke(export, payload.clone(), span.traceparent(), timeout)
+                        .await
+                }
+                Err(end) => Err(end.error()),
+            };
+            return result.map_err(|error| {
+                let error = self.fail(export, error);
+                span.fail(error.message.clone());
+                error
+            });
+        }
         let args = if payload.iter().all(u8::is_ascii_whitespace) {
             Value::Array(Vec::new())
         } else {
@@ -275,10 +323,19 @@ impl Serving {
             .find(|(name, _)| name.eq_ignore_ascii_case(dataplane::headers::TRACEPARENT))
             .map(|(_, value)| value.as_str());
         let span = self.span(HTTP_EXPORT, traceparent);
-        let result = self
-            .component(&span)
-            .handle_http(&request.head, request.body)
-            .await
+        let result = match &self.microvm {
+            None => {
+                self.component(&span)
+                    .handle_http(&request.head, request.body)
+                    .await
+            }
+            Some(Ok(vm)) => {
+                let timeout = self.component.manifest().limits.timeout;
+                vm.http(request, span.traceparent(), timeout).await
+            }
+            Some(Err(end)) => Err(end.error()),
+        };
+        let result = result
             .map(|(head, body)| HttpMessage { head, body })
             .map_err(|error| self.fail(HTTP_EXPORT, error));
         match &result {
@@ -325,17 +382,34 @@ impl Serving {
         }
         let started = Instant::now();
         let span = self.span(export, traceparent);
-        let result = self
-            .component(&span)
-            .invoke_vals(export, params)
-            .await
-            .map_err(|error| {
-                let error = self.fail(export, error);
-                span.fail(error.message.clone());
-                error
-            });
+        let result = match &self.microvm {
+            None => self.component(&span).invoke_vals(export, params).await,
+            Some(vm) => self.call_vm_vals(vm, export, params, &span).await,
+        };
+        let result = result.map_err(|error| {
+            let error = self.fail(export, error);
+            span.fail(error.message.clone());
+            error
+        });
         self.count(started, result.as_ref().err(), None);
         result
+    }
+
+    /// A linked call into this micro-VM instance: the values cross as the JSON a call takes.
+    async fn call_vm_vals(
+        &self,
+        vm: &Result<Arc<Vm>, VmEnd>,
+        export: &str,
+        params: &[Val],
+        span: &Span,
+    ) -> Result<Vec<Val>, InvokeError> {
+        let vm = vm.as_ref().map_err(VmEnd::error)?;
+        let args = self.component.encode_vals(export, params)?;
+        let timeout = self.component.manifest().limits.timeout;
+        let json = vm
+            .invoke(export, Bytes::from(args), span.traceparent(), timeout)
+            .await?;
+        self.component.decode_results(export, &json)
     }
 
     /// Counts an invocation that started at `started`: failed when it ended in an error of the
@@ -353,11 +427,11 @@ impl Serving {
 
     /// The error a failed invocation answers with; a crash ends the serving period and tells
     /// the supervisor.
-    fn fail(&self, export: &str, error: InvokeError) -> DataError {
+    pub fn fail(&self, export: &str, error: InvokeError) -> DataError {
         let Some(reason) = error.crash_reason() else {
             return DataError::new(error.code(), error.to_string());
         };
-        let detail = crash_detail(&error);
+        let detail = error.detail();
         self.stats.crashed();
         // Only the first crash of the period reaches the supervisor.
         self.end();
@@ -379,28 +453,4 @@ impl Serving {
 
 fn not_running() -> DataError {
     DataError::new(ErrorCode::NotRunning, "the instance is not running; retry")
-}
-
-/// The crash's description, with the tail of the guest's stderr when it wrote any (a panic's
-/// message is in the error itself).
-fn crash_detail(error: &InvokeError) -> String {
-    let mut detail = error.to_string();
-    if !matches!(error, InvokeError::Panic { .. })
-        && let Some(output) = error.output()
-    {
-        let stderr = output.stderr.trim();
-        if !stderr.is_empty() {
-            let tail: String = stderr
-                .chars()
-                .rev()
-                .take(1024)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            detail.push_str("; stderr: ");
-            detail.push_str(&tail);
-        }
-    }
-    detail
 }

@@ -22,7 +22,9 @@ use trellis_schemas::{ComponentName, Event, FactData, InstanceId, RestartPolicy}
 
 use super::call::{Crash, Serving};
 use super::manager::{Context, Slot};
+use crate::microvm::MicroVm;
 use crate::runtime::LoadedComponent;
+use trellis_schemas::isolation::Isolation;
 
 /// Where an instance is in its life, as heartbeats report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +109,7 @@ pub(crate) async fn supervise(
     ctx: Arc<Context>,
     spec: Spec,
     component: LoadedComponent,
+    mut microvm: Option<MicroVm>,
     state: Arc<StateCell>,
     mut stop: mpsc::Receiver<Stop>,
     slot: Slot,
@@ -116,16 +119,27 @@ pub(crate) async fn supervise(
     let mut attempt: u32 = 0;
     let timeout = component.manifest().limits.timeout;
     spec.stats.bind(&component);
+    let (isolation, acceleration) = match &microvm {
+        Some(vm) => (Isolation::Microvm, Some(vm.acceleration())),
+        None => (Isolation::Process, None),
+    };
     loop {
+        // A micro-VM instance serves with its VM, booted again if it died.
+        let vm = match &mut microvm {
+            Some(microvm) => Some(microvm.ready().await),
+            None => None,
+        };
         let (serving, crashed) = Serving::new(
             ctx.client.clone(),
             component.clone(),
+            vm,
             ctx.lattice.clone(),
             spec.id.as_str(),
             Arc::clone(&spec.stats),
             Arc::clone(&spec.log),
         );
         let serving = Arc::new(serving);
+        serving.watch_vm();
         let subscribed = async {
             let by_component = ctx
                 .client
@@ -169,6 +183,8 @@ pub(crate) async fn supervise(
                     digest: spec.digest.clone(),
                     restart: spec.restart,
                     attempt,
+                    isolation,
+                    acceleration,
                 }),
             )
             .caused_by(spec.operation_id.clone())

@@ -25,8 +25,11 @@ use super::instance::{Spec, State, StateCell, Stop, supervise};
 use super::local::LocalInstances;
 use super::logs::{InstanceLog, LogConfig, LogHub};
 use super::stats::Stats;
+use crate::microvm::MicroVm;
 use crate::providers::EmbeddedProviders;
 use crate::runtime::{Digest, Runtime};
+use trellis_schemas::instance::ManifestDoc;
+use trellis_schemas::isolation::Isolation;
 
 /// What every instance of a host shares: the NATS client, the fact publisher and its identity.
 #[derive(Debug)]
@@ -67,6 +70,8 @@ pub struct InstancesConfig {
     /// components signed or not. With issuers, an unsigned component, a component signed by
     /// another key and a `file` source fail to start with `untrusted_component`.
     pub trust: Vec<String>,
+    /// How `microvm` instances run; None: this host refuses them.
+    pub microvm: Option<Arc<crate::MicrovmConfig>>,
 }
 
 impl Default for InstancesConfig {
@@ -76,6 +81,7 @@ impl Default for InstancesConfig {
             max_artifact_bytes: 256 * 1024 * 1024,
             logs: LogConfig::default(),
             trust: Vec::new(),
+            microvm: None,
         }
     }
 }
@@ -102,6 +108,7 @@ struct Inner {
     next_key: AtomicU64,
     logs: LogHub,
     trust: Vec<String>,
+    microvm: Option<Arc<crate::MicrovmConfig>>,
 }
 
 #[derive(Debug)]
@@ -166,6 +173,7 @@ impl InstanceManager {
                 next_key: AtomicU64::new(1),
                 logs,
                 trust: config.trust.clone(),
+                microvm: config.microvm.clone(),
             }),
         }
     }
@@ -538,11 +546,15 @@ async fn run(
         log,
         traceparent,
     };
+    let isolation = command
+        .isolation
+        .map_or(manifest.isolation, |asked| asked.max(manifest.isolation));
     let Loaded {
         component,
+        wasm,
         _bytes: bytes,
     } = loaded;
-    let component = component.with_bridge(Arc::new(NatsBridge {
+    let bridge: Arc<dyn crate::runtime::CapabilityBridge> = Arc::new(NatsBridge {
         client: ctx.client.clone(),
         lattice: ctx.lattice.clone(),
         instance: command.instance_id.clone(),
@@ -552,8 +564,72 @@ async fn run(
         audit: Arc::clone(&ctx.audit),
         host: ctx.host_id.clone(),
         local: ctx.local.clone(),
-    }));
-    supervise(Arc::clone(ctx), spec, component, state, stop, slot).await;
+    });
+    let component = component.with_bridge(Arc::clone(&bridge));
+    let microvm = match isolation {
+        Isolation::Process => None,
+        Isolation::Microvm => {
+            let Some(config) = inner.microvm.clone() else {
+                drop(slot);
+                start_failed(
+                    ctx,
+                    &command,
+                    spec.name.to_string(),
+                    "this host does not run micro-VMs (isolation microvm): start it with --microvm-kernel and --microvm-initrd".to_owned(),
+                    spec.traceparent.clone(),
+                );
+                return;
+            };
+            let manifest_doc = match ManifestDoc::from_manifest(component.manifest()) {
+                Ok(doc) => doc,
+                Err(e) => {
+                    drop(slot);
+                    start_failed(
+                        ctx,
+                        &command,
+                        spec.name.to_string(),
+                        e.to_string(),
+                        spec.traceparent.clone(),
+                    );
+                    return;
+                }
+            };
+            let booting = MicroVm::start(config, wasm, manifest_doc, bridge);
+            let booted = tokio::select! {
+                booted = booting => booted,
+                request = stop.recv() => {
+                    drop(slot);
+                    ctx.publish(
+                        Event::new(
+                            ctx.source.clone(),
+                            FactData::InstanceStopped(InstanceStopped {
+                                instance_id: command.instance_id.clone(),
+                                host_id: ctx.host_id.clone(),
+                                reason: request.as_ref().map_or("host draining", |r| r.reason.as_str()).to_owned(),
+                            }),
+                        )
+                        .caused_by(request.and_then(|r| r.operation_id).unwrap_or_else(|| command.operation_id.clone())),
+                    );
+                    return;
+                }
+            };
+            match booted {
+                Ok(vm) => Some(vm),
+                Err(reason) => {
+                    drop(slot);
+                    start_failed(
+                        ctx,
+                        &command,
+                        spec.name.to_string(),
+                        reason,
+                        spec.traceparent.clone(),
+                    );
+                    return;
+                }
+            }
+        }
+    };
+    supervise(Arc::clone(ctx), spec, component, microvm, state, stop, slot).await;
     drop(bytes);
 }
 

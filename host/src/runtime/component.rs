@@ -325,6 +325,61 @@ impl LoadedComponent {
     ///
     /// As [`invoke`](Self::invoke).
     pub async fn invoke_vals(&self, export: &str, params: &[Val]) -> Result<Vec<Val>, InvokeError> {
+        let (_, func) = self.check_vals(export, params)?;
+        let (outcome, _output, _fuel) = self.run_values(func, params).await?;
+        outcome
+    }
+
+    /// For a linked call that runs elsewhere (in a micro-VM): checks `params` as
+    /// [`invoke_vals`](Self::invoke_vals) does and encodes them as the JSON array
+    /// [`invoke`](Self::invoke) takes.
+    pub(crate) fn encode_vals(&self, export: &str, params: &[Val]) -> Result<Vec<u8>, InvokeError> {
+        let (_, _) = self.check_vals(export, params)?;
+        let mut budget = Budget::new(usize::MAX);
+        let args = params
+            .iter()
+            .map(|v| val_to_json(v, &mut budget))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| InvokeError::UnsupportedResult {
+                export: export.to_owned(),
+                what: match e {
+                    FromValError::Unsupported(what) => what,
+                    FromValError::TooLarge { .. } => "too much data",
+                },
+            })?;
+        serde_json::to_vec(&Value::Array(args)).map_err(|e| InvokeError::BadRequest {
+            message: e.to_string(),
+        })
+    }
+
+    /// The values of `export`'s results from the JSON [`invoke`](Self::invoke) returned.
+    pub(crate) fn decode_results(
+        &self,
+        export: &str,
+        json: &[u8],
+    ) -> Result<Vec<Val>, InvokeError> {
+        let (name, func) = self.lookup(export)?;
+        let unsupported = |what| InvokeError::UnsupportedResult {
+            export: name.to_string(),
+            what,
+        };
+        let value: Value =
+            serde_json::from_slice(json).map_err(|_| unsupported("a result that is not JSON"))?;
+        let values = match (func.results.as_slice(), value) {
+            ([], _) => Vec::new(),
+            ([_], value) => vec![value],
+            (_, Value::Array(values)) if values.len() == func.results.len() => values,
+            _ => return Err(unsupported("a result of another shape")),
+        };
+        func.results
+            .iter()
+            .zip(&values)
+            .map(|(ty, v)| json_to_val(ty, v).map_err(|_| unsupported("a result of another type")))
+            .collect()
+    }
+
+    /// Checks `params` against the parameter types of `export`.
+    fn check_vals(&self, export: &str, params: &[Val]) -> Result<(&str, &ExportFunc), InvokeError> {
         let (name, func) = self.lookup(export)?;
         if params.len() != func.params.len() {
             return Err(InvokeError::ArgumentCount {
@@ -347,8 +402,7 @@ impl LoadedComponent {
                 });
             }
         }
-        let (outcome, _output, _fuel) = self.run_values(func, params).await?;
-        outcome
+        Ok((name, func))
     }
 
     /// Runs `func` with `params` in a fresh store under the component's limits and

@@ -248,6 +248,19 @@ pub enum InvokeError {
         /// What the guest wrote before it stopped.
         output: GuestOutput,
     },
+    /// The invocation ran in a micro-VM and failed there (the runtime inside reported how), or
+    /// the VM itself failed (`vm_exit`, `vm_timeout`).
+    #[error("{message}")]
+    Microvm {
+        /// The stable reason, as [`reason`](Self::reason) gives it.
+        reason: String,
+        /// The data-plane code the call answers with.
+        code: ErrorCode,
+        /// For a crash, how.
+        crash: Option<CrashReason>,
+        /// What happened, with the tail of the guest's stderr for a crash.
+        message: String,
+    },
     /// Any other failure raised by the engine or a host function.
     #[error("invocation failed: {error:?}")]
     Host {
@@ -282,6 +295,7 @@ impl InvokeError {
             Self::HttpResponse { .. } => "no_response".to_string(),
             Self::Instantiation(_) => "instantiation_failed".to_string(),
             Self::Link { .. } => "link_failed".to_string(),
+            Self::Microvm { reason, .. } => reason.clone(),
             Self::Host { .. } => "host_error".to_string(),
         }
     }
@@ -298,6 +312,7 @@ impl InvokeError {
                 | Self::Panic { .. }
                 | Self::Trap { .. }
                 | Self::OutputTooLarge { .. }
+                | Self::Microvm { crash: Some(_), .. }
         )
     }
 
@@ -311,6 +326,9 @@ impl InvokeError {
             Self::Panic { .. } => CrashReason::Panic,
             Self::Trap { trap, .. } => CrashReason::Trap(trap_code(*trap)),
             Self::OutputTooLarge { .. } => CrashReason::OutputTooLarge,
+            Self::Microvm {
+                crash: Some(crash), ..
+            } => crash.clone(),
             _ => return None,
         })
     }
@@ -329,7 +347,7 @@ impl InvokeError {
             Self::UnsupportedResult { .. } => ErrorCode::UnsupportedResult,
             Self::BadRequest { .. } => ErrorCode::InvalidRequest,
             Self::HttpResponse { .. } => ErrorCode::NoResponse,
-            Self::Link { code, .. } => *code,
+            Self::Link { code, .. } | Self::Microvm { code, .. } => *code,
             _ => ErrorCode::Internal,
         }
     }
@@ -349,6 +367,30 @@ impl InvokeError {
             | Self::Host { output, .. } => Some(output),
             _ => None,
         }
+    }
+
+    /// The description a crash is reported with: the error, and the tail of the guest's stderr
+    /// when it wrote any (a panic's message is in the error itself).
+    pub fn detail(&self) -> String {
+        let mut detail = self.to_string();
+        if !matches!(self, Self::Panic { .. })
+            && let Some(output) = self.output()
+        {
+            let stderr = output.stderr.trim();
+            if !stderr.is_empty() {
+                let tail: String = stderr
+                    .chars()
+                    .rev()
+                    .take(1024)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                detail.push_str("; stderr: ");
+                detail.push_str(&tail);
+            }
+        }
+        detail
     }
 
     /// Classifies an error raised while instantiating or running the guest. The trap is matched

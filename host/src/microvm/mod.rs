@@ -1,0 +1,268 @@
+//! The micro-VM execution path: an instance whose guest code runs inside a QEMU `microvm` guest
+//! of its own, under the same runtime, limits and capability checks as in process.
+//!
+//! A host runs micro-VMs when it is given a kernel and an initramfs (`scripts/microvm-image`
+//! builds both: Debian's cloud kernel, and this very binary as the guest's `/init` with the
+//! channel's kernel modules). At start it probes QEMU and how to accelerate it: KVM when
+//! `/dev/kvm` offers hardware virtualisation, QEMU's emulation (TCG) otherwise, and reports the
+//! result in `host.started` and heartbeats so that the scheduler places `microvm` instances
+//! only here.
+//!
+//! Per instance the host boots one VM ([`vm::Vm`]) and talks to its agent ([`agent`]) over one
+//! virtio-serial port ([`protocol`]): not vsock, because that needs the host kernel's
+//! `vhost_vsock` (absent in containers and in many VMs), and not the emulated 8250 UART, which
+//! moves about 35 KB/s under TCG against ~35 MB/s for virtio-serial. The guest has no network
+//! device and no disk but its initramfs; its only door is the port, and every capability call
+//! through it enters the same deny-by-default bridge as an in-process instance's.
+//!
+//! The host also loads the component itself (from its compile cache), to check it and know its
+//! exports; the guest's code runs only in the VM.
+
+pub mod agent;
+pub mod protocol;
+pub(crate) mod vm;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use trellis_schemas::instance::ManifestDoc;
+use trellis_schemas::isolation::Acceleration;
+
+use crate::runtime::CapabilityBridge;
+use vm::{Vm, VmEnd};
+
+/// How this host runs micro-VMs, found by [`MicrovmConfig::probe`].
+#[derive(Debug, Clone)]
+pub struct MicrovmConfig {
+    /// The QEMU binary (`qemu-system-x86_64`).
+    pub qemu: PathBuf,
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The guest initramfs.
+    pub initrd: PathBuf,
+    /// Guest memory at least, in MiB; a component's `max_memory` plus 256 MiB when larger.
+    pub memory_mib: u64,
+    /// KVM or TCG.
+    pub acceleration: Acceleration,
+    /// For TCG: the host's TSC frequency in kHz, which the guest cannot calibrate by itself.
+    tsc_khz: Option<u64>,
+}
+
+impl MicrovmConfig {
+    /// Checks that QEMU runs and the guest image exists, and finds the acceleration:
+    /// `TRELLIS_MICROVM_ACCEL=kvm|tcg` when set, else KVM when `/dev/kvm` opens and the CPU has
+    /// hardware virtualisation (not a paravirtual KVM that runs only its own guests), else TCG.
+    ///
+    /// # Errors
+    ///
+    /// What is missing, for people.
+    pub fn probe(
+        qemu: Option<PathBuf>,
+        kernel: &Path,
+        initrd: &Path,
+        memory_mib: u64,
+    ) -> Result<Self, String> {
+        let qemu = qemu.unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+        let version = std::process::Command::new(&qemu)
+            .arg("--version")
+            .output()
+            .map_err(|e| {
+                format!(
+                    "{} does not run ({e}); install Debian's qemu-system-x86",
+                    qemu.display()
+                )
+            })?;
+        if !version.status.success() {
+            return Err(format!("{} --version failed", qemu.display()));
+        }
+        for (what, path) in [("kernel", kernel), ("initramfs", initrd)] {
+            if !path.is_file() {
+                return Err(format!(
+                    "the guest {what} {} does not exist; build it with scripts/microvm-image",
+                    path.display()
+                ));
+            }
+        }
+        let acceleration = match std::env::var("TRELLIS_MICROVM_ACCEL").as_deref() {
+            Ok("kvm") => Acceleration::Kvm,
+            Ok("tcg") => Acceleration::Tcg,
+            _ => detect_acceleration(),
+        };
+        Ok(Self {
+            qemu,
+            kernel: kernel.to_owned(),
+            initrd: initrd.to_owned(),
+            memory_mib: memory_mib.max(128),
+            acceleration,
+            tsc_khz: tsc_khz(),
+        })
+    }
+
+    /// Guest memory for a component that may use `max_memory` bytes.
+    fn memory_for(&self, max_memory: u64) -> u64 {
+        let needed = max_memory.div_ceil(1024 * 1024) + 256;
+        self.memory_mib.max(needed)
+    }
+
+    /// How long past an invocation's timeout the host waits before it kills the VM.
+    fn margin(&self) -> Duration {
+        match self.acceleration {
+            Acceleration::Kvm => Duration::from_secs(2),
+            Acceleration::Tcg => Duration::from_secs(10),
+        }
+    }
+
+    /// QEMU's command line for a VM whose files are in `dir`.
+    fn qemu_args(&self, dir: &Path, socket: &Path, memory_mib: u64) -> Vec<String> {
+        let mut append = "console=ttyS0 quiet panic=-1 reboot=t".to_owned();
+        let cpu = match self.acceleration {
+            Acceleration::Kvm => "host,-arch-capabilities",
+            Acceleration::Tcg => {
+                // Without a reference clock the guest cannot calibrate its TSC under TCG and
+                // hangs at boot; the TSC there runs at the host's rate.
+                append.push_str(&format!(
+                    " tsc_early_khz={}",
+                    self.tsc_khz.unwrap_or(2_000_000)
+                ));
+                "max"
+            }
+        };
+        [
+            "-M",
+            "microvm",
+            "-accel",
+            // TCG's translation cache defaults to 1 GiB: a small one keeps each VM's memory
+            // near its guest's.
+            match self.acceleration {
+                Acceleration::Kvm => "kvm",
+                Acceleration::Tcg => "tcg,tb-size=64",
+            },
+            "-cpu",
+            cpu,
+            "-m",
+            &format!("{memory_mib}M"),
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-kernel",
+            &self.kernel.to_string_lossy(),
+            "-initrd",
+            &self.initrd.to_string_lossy(),
+            "-append",
+            &append,
+            "-serial",
+            &format!("file:{}", dir.join("console.log").display()),
+            "-device",
+            "virtio-serial-device",
+            "-chardev",
+            &format!("socket,id=channel,path={}", socket.display()),
+            "-device",
+            "virtserialport,chardev=channel,name=trellis",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
+    }
+}
+
+fn detect_acceleration() -> Acceleration {
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let hardware = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+    });
+    // A paravirtual KVM (kvm_pvm) runs only guest kernels built for it: emulate instead.
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    if kvm && hardware && !pvm {
+        Acceleration::Kvm
+    } else {
+        Acceleration::Tcg
+    }
+}
+
+fn tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+/// The micro-VM of one instance: booted at start, booted again after it died.
+#[derive(Debug)]
+pub(crate) struct MicroVm {
+    config: Arc<MicrovmConfig>,
+    wasm: Bytes,
+    manifest: ManifestDoc,
+    bridge: Arc<dyn CapabilityBridge>,
+    current: Option<Arc<Vm>>,
+}
+
+impl MicroVm {
+    /// Boots the instance's first VM.
+    pub async fn start(
+        config: Arc<MicrovmConfig>,
+        wasm: Bytes,
+        manifest: ManifestDoc,
+        bridge: Arc<dyn CapabilityBridge>,
+    ) -> Result<Self, String> {
+        let mut vm = Self {
+            config,
+            wasm,
+            manifest,
+            bridge,
+            current: None,
+        };
+        vm.ready().await.map_err(|e| e.message)?;
+        Ok(vm)
+    }
+
+    /// The acceleration its VMs run with.
+    pub fn acceleration(&self) -> Acceleration {
+        self.config.acceleration
+    }
+
+    /// The VM to serve with: the current one while it lives, else a new one.
+    pub async fn ready(&mut self) -> Result<Arc<Vm>, VmEnd> {
+        if let Some(vm) = &self.current
+            && vm.alive()
+        {
+            return Ok(Arc::clone(vm));
+        }
+        self.current = None;
+        let vm = Vm::boot(
+            &self.config,
+            self.wasm.clone(),
+            &self.manifest,
+            Arc::clone(&self.bridge),
+        )
+        .await
+        .map_err(|message| VmEnd {
+            crash: trellis_schemas::dataplane::CrashReason::VmExit,
+            message: format!("the micro-VM did not start: {message}"),
+        })?;
+        tracing::info!(
+            booted_ms = vm.booted_in.as_millis() as u64,
+            compile_ms = vm.compile_ms,
+            acceleration = %self.config.acceleration,
+            "micro-VM ready"
+        );
+        self.current = Some(Arc::clone(&vm));
+        Ok(vm)
+    }
+}
