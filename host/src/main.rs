@@ -142,7 +142,9 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 fn main() -> anyhow::Result<()> {
     // Inside a micro-VM this binary is the guest's /init: it serves its host over the channel.
-    if std::process::id() == 1 {
+    // Being PID 1 is not enough to tell (it is in a container too): the host's kernel command
+    // line sets the variable, which the kernel hands to init as its environment.
+    if std::process::id() == 1 && std::env::var_os(trellis_host::microvm::AGENT_ENV).is_some() {
         trellis_host::microvm::agent::run_as_init();
     }
     tokio::runtime::Builder::new_multi_thread()

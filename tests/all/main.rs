@@ -12,6 +12,7 @@ mod lifecycle;
 mod links;
 mod logs;
 mod metrics;
+mod microvm;
 mod polyglot;
 mod prometheus_harness;
 mod protocol;

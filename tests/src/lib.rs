@@ -15,6 +15,7 @@ pub mod bench;
 pub mod browser;
 pub mod cluster;
 pub mod components;
+pub mod microvm;
 pub mod otlp;
 pub mod prometheus;
 pub mod rollout;

@@ -25,7 +25,7 @@ use trellis_schemas::dataplane::{self, DataError, ErrorCode, Op, span_attributes
 
 use super::logs::InstanceLog;
 use super::stats::{Outcome, Stats};
-use crate::microvm::vm::{Vm, VmEnd};
+use crate::microvm::vm::{Vm, VmCall, VmEnd};
 use crate::runtime::{CallContext, InvokeError, LoadedComponent};
 use trellis_bus::telemetry::{Kind, Span};
 use wasmtime::component::Val;
@@ -243,7 +243,7 @@ impl Serving {
             let timeout = self.component.manifest().limits.timeout;
             let result = match vm {
                 Ok(vm) => {
-                    vm.invoke(export, payload.clone(), span.traceparent(), timeout)
+                    vm.invoke(export, payload.clone(), self.vm_call(&span, timeout))
                         .await
                 }
                 Err(end) => Err(end.error()),
@@ -331,7 +331,7 @@ impl Serving {
             }
             Some(Ok(vm)) => {
                 let timeout = self.component.manifest().limits.timeout;
-                vm.http(request, span.traceparent(), timeout).await
+                vm.http(request, self.vm_call(&span, timeout)).await
             }
             Some(Err(end)) => Err(end.error()),
         };
@@ -395,6 +395,20 @@ impl Serving {
         result
     }
 
+    /// The context of one invocation sent into this instance's VM: its trace, and the
+    /// instance's log for its output, labelled as an in-process invocation's would be.
+    fn vm_call<'a>(&self, span: &'a Span, timeout: std::time::Duration) -> VmCall<'a> {
+        let traceparent = span.traceparent();
+        VmCall {
+            traceparent,
+            timeout,
+            log: self
+                .log
+                .enabled()
+                .then(|| self.log.invocation(traceparent.map(Arc::from))),
+        }
+    }
+
     /// A linked call into this micro-VM instance: the values cross as the JSON a call takes.
     async fn call_vm_vals(
         &self,
@@ -407,7 +421,7 @@ impl Serving {
         let args = self.component.encode_vals(export, params)?;
         let timeout = self.component.manifest().limits.timeout;
         let json = vm
-            .invoke(export, Bytes::from(args), span.traceparent(), timeout)
+            .invoke(export, Bytes::from(args), self.vm_call(span, timeout))
             .await?;
         self.component.decode_results(export, &json)
     }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use trellis_bus::{FactPublisher, RouteTable};
@@ -483,22 +484,8 @@ async fn run(
     let loaded = tokio::select! {
         loaded = loading => loaded,
         request = stop.recv() => {
-            let reason = request.as_ref().map_or("host draining", |r| r.reason.as_str()).to_owned();
-            let operation = request
-                .and_then(|r| r.operation_id)
-                .unwrap_or_else(|| command.operation_id.clone());
             drop(slot);
-            ctx.publish(
-                Event::new(
-                    ctx.source.clone(),
-                    FactData::InstanceStopped(InstanceStopped {
-                        instance_id: command.instance_id.clone(),
-                        host_id: ctx.host_id.clone(),
-                        reason,
-                    }),
-                )
-                .caused_by(operation),
-            );
+            stopped_while_starting(ctx, &command, request);
             return;
         }
     };
@@ -594,22 +581,31 @@ async fn run(
                     return;
                 }
             };
-            let booting = MicroVm::start(config, wasm, manifest_doc, bridge);
+            // Compiled here for the VM's CPU, so that the guest maps it rather than compiling
+            // under emulation; the guest compiles the .wasm itself when it does not fit.
+            let portable = {
+                let (runtime, wasm) = (inner.runtime.clone(), wasm.clone());
+                tokio::task::spawn_blocking(move || runtime.precompile_portable(&wasm))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            };
+            let booting = MicroVm::start(
+                config,
+                command.instance_id.to_string(),
+                crate::microvm::Code {
+                    compiled: portable.map(Bytes::from).unwrap_or_default(),
+                    wasm,
+                },
+                manifest_doc,
+                bridge,
+                component.clone(),
+            );
             let booted = tokio::select! {
                 booted = booting => booted,
                 request = stop.recv() => {
                     drop(slot);
-                    ctx.publish(
-                        Event::new(
-                            ctx.source.clone(),
-                            FactData::InstanceStopped(InstanceStopped {
-                                instance_id: command.instance_id.clone(),
-                                host_id: ctx.host_id.clone(),
-                                reason: request.as_ref().map_or("host draining", |r| r.reason.as_str()).to_owned(),
-                            }),
-                        )
-                        .caused_by(request.and_then(|r| r.operation_id).unwrap_or_else(|| command.operation_id.clone())),
-                    );
+                    stopped_while_starting(ctx, &command, request);
                     return;
                 }
             };
@@ -691,6 +687,29 @@ async fn load(
     };
     let name = ComponentName::new(loaded.component.manifest().name.as_str())?;
     Ok((loaded, name))
+}
+
+/// Records that the instance of `command` was stopped (by `request`, or the host draining)
+/// before it served.
+fn stopped_while_starting(ctx: &Context, command: &StartInstanceCommand, request: Option<Stop>) {
+    let reason = request
+        .as_ref()
+        .map_or("host draining", |r| r.reason.as_str())
+        .to_owned();
+    let operation = request
+        .and_then(|r| r.operation_id)
+        .unwrap_or_else(|| command.operation_id.clone());
+    ctx.publish(
+        Event::new(
+            ctx.source.clone(),
+            FactData::InstanceStopped(InstanceStopped {
+                instance_id: command.instance_id.clone(),
+                host_id: ctx.host_id.clone(),
+                reason,
+            }),
+        )
+        .caused_by(operation),
+    );
 }
 
 /// Records that the instance of `command` did not start, and why.

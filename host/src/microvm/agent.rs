@@ -19,13 +19,14 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use trellis_schemas::Capability;
-use trellis_schemas::capability::rpc::CapabilityResponse;
+use trellis_schemas::capability::rpc::{CapabilityResponse, HttpResponseHead};
 use trellis_schemas::dataplane::{DataError, ErrorCode};
 
 use super::protocol::{Failure, Frame, Message, RemoteError};
 use crate::runtime::{
-    BridgeFuture, CapabilityBridge, CapabilityCall, CapabilityError, InvokeError, LoadedComponent,
-    Runtime, RuntimeConfig,
+    BridgeFuture, Budget, CallContext, CapabilityBridge, CapabilityCall, CapabilityError,
+    InvokeError, LineSource, LinkCall, LinkError, LinkFuture, LoadedComponent, LogSink, Runtime,
+    RuntimeConfig, json_to_val, val_to_json,
 };
 
 /// The guest's channel device: the first port of the virtio-serial device the host adds.
@@ -109,11 +110,8 @@ pub fn serve(mut reader: impl Read, writer: impl Write + Send + 'static) -> io::
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let mut config = RuntimeConfig::new();
-    // No pooling inside the VM: its memory is the instance's alone, and reserving slots for a
-    // thousand instances would only cost page tables.
-    config.pooling(false);
-    let runtime = Runtime::new(&config).map_err(io::Error::other)?;
+    // The runtime is made for the component, when it comes.
+    let mut runtime: Option<Runtime> = None;
 
     let (out, frames) = mpsc::channel::<Frame>();
     let writer = std::thread::spawn(move || write_frames(writer, frames));
@@ -132,82 +130,102 @@ pub fn serve(mut reader: impl Read, writer: impl Write + Send + 'static) -> io::
     ))?;
 
     let mut component: Option<LoadedComponent> = None;
+    // The component for one invocation: what the host granted at the call, and its trace.
+    let prepare = |component: Option<&LoadedComponent>,
+                   id: u64,
+                   traceparent: Option<String>,
+                   allowed: Vec<Capability>,
+                   log: bool| {
+        component.map(|c| {
+            let sink: Option<Arc<dyn LogSink>> = log.then(|| {
+                Arc::new(ChannelLog {
+                    out: out.clone(),
+                    id,
+                    lines: AtomicU64::new(0),
+                }) as Arc<dyn LogSink>
+            });
+            c.with_call(CallContext {
+                log: sink,
+                traceparent: traceparent.map(Arc::from),
+            })
+            .with_bridge(bridge(&out, &pending, &next_id, allowed))
+        })
+    };
     while let Some(frame) = Frame::read_from(&mut reader)? {
         let Frame { id, message, body } = frame;
         match message {
-            Message::Load { manifest } => {
+            Message::Load { manifest, compiled } => {
                 let started = std::time::Instant::now();
+                let split = usize::try_from(compiled)
+                    .unwrap_or(usize::MAX)
+                    .min(body.len());
+                let (artifact, wasm) = body.split_at(split);
                 let loaded = manifest
                     .to_manifest()
                     .map_err(|e| e.to_string())
-                    .and_then(|m| runtime.load(&body, m).map_err(|e| e.to_string()));
-                let error = match loaded {
-                    Ok(c) => {
+                    .and_then(|m| {
+                        let runtime = runtime.insert(runtime_for(&m)?);
+                        runtime
+                            .load_precompiled(artifact, wasm, m)
+                            .map_err(|e| e.to_string())
+                    });
+                let (error, note) = match loaded {
+                    Ok((c, used)) => {
                         component = Some(c);
-                        None
+                        (None, used.err())
                     }
-                    Err(e) => Some(e),
+                    Err(e) => (Some(e), None),
                 };
+                let precompiled = error.is_none() && note.is_none();
                 let compile_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 send(Frame::new(
                     id,
-                    Message::Loaded { error, compile_ms },
+                    Message::Loaded {
+                        error,
+                        compile_ms,
+                        precompiled,
+                        note,
+                    },
                     Bytes::new(),
                 ))?;
             }
             Message::Invoke {
                 export,
-                traceparent: _,
+                traceparent,
                 allowed,
+                log,
             } => {
-                let Some(c) = &component else {
+                let Some(c) = prepare(component.as_ref(), id, traceparent, allowed, log) else {
                     send(not_loaded(id))?;
                     continue;
                 };
-                let c = c.with_bridge(bridge(&out, &pending, &next_id, allowed));
                 let out = out.clone();
                 tokio.spawn(async move {
-                    let frame = match invoke(&c, &export, &body).await {
-                        Ok(result) => Frame::new(
-                            id,
-                            Message::Done {
-                                http: None,
-                                error: None,
-                            },
-                            result,
-                        ),
-                        Err(failure) => done_with(id, failure),
-                    };
-                    let _ = out.send(frame);
+                    let done = invoke(&c, &export, &body).await.map(|json| (None, json));
+                    let _ = out.send(done_frame(id, done));
                 });
             }
             Message::Http {
                 head,
-                traceparent: _,
+                traceparent,
                 allowed,
+                log,
             } => {
-                let Some(c) = &component else {
+                let Some(c) = prepare(component.as_ref(), id, traceparent, allowed, log) else {
                     send(not_loaded(id))?;
                     continue;
                 };
-                let c = c.with_bridge(bridge(&out, &pending, &next_id, allowed));
                 let out = out.clone();
                 tokio.spawn(async move {
-                    let frame = match c.handle_http(&head, body).await {
-                        Ok((head, body)) => Frame::new(
-                            id,
-                            Message::Done {
-                                http: Some(head),
-                                error: None,
-                            },
-                            body,
-                        ),
-                        Err(error) => done_with(id, failure(&error)),
-                    };
-                    let _ = out.send(frame);
+                    let done = c
+                        .handle_http(&head, body)
+                        .await
+                        .map(|(head, body)| (Some(head), body))
+                        .map_err(|e| failure(&e));
+                    let _ = out.send(done_frame(id, done));
                 });
             }
-            Message::CapabilityReply { .. } => {
+            Message::CapabilityReply { .. } | Message::LinkReply { .. } => {
                 let waiter = pending
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -227,6 +245,22 @@ pub fn serve(mut reader: impl Read, writer: impl Write + Send + 'static) -> io::
     drop(out);
     let _ = writer.join();
     Ok(())
+}
+
+/// A runtime sized for the one component this VM runs: a pool of slots for its concurrency,
+/// each as large as its memory limit, so that an invocation reuses a slot rather than mapping
+/// and faulting in fresh memory (page faults are dear under emulation).
+fn runtime_for(manifest: &crate::runtime::Manifest) -> Result<Runtime, String> {
+    let limits = manifest.limits;
+    let mut config = RuntimeConfig::new();
+    config
+        .max_memory(limits.max_memory)
+        .max_fuel(limits.fuel)
+        .max_timeout(limits.timeout)
+        .max_concurrency(limits.max_concurrency)
+        .pooling(true)
+        .pooling_instances(limits.max_concurrency.max(1));
+    Runtime::new(&config).map_err(|e| e.to_string())
 }
 
 fn write_frames(writer: impl Write, frames: mpsc::Receiver<Frame>) {
@@ -290,6 +324,14 @@ fn failure(error: &InvokeError) -> Failure {
     }
 }
 
+/// The end of an invocation: the HTTP head if it was a request, and the body; or the failure.
+fn done_frame(id: u64, done: Result<(Option<HttpResponseHead>, Bytes), Failure>) -> Frame {
+    match done {
+        Ok((http, body)) => Frame::new(id, Message::Done { http, error: None }, body),
+        Err(failure) => done_with(id, failure),
+    }
+}
+
 fn done_with(id: u64, failure: Failure) -> Frame {
     Frame::new(
         id,
@@ -313,6 +355,37 @@ fn not_loaded(id: u64) -> Frame {
     )
 }
 
+/// The most output lines one invocation sends its host; the host rate-limits what it keeps,
+/// this bounds what crosses the channel.
+const MAX_LINES: u64 = 10_000;
+
+/// Sends an invocation's output lines to the host as they come.
+struct ChannelLog {
+    out: mpsc::Sender<Frame>,
+    /// The invocation's id, as the host sent it.
+    id: u64,
+    lines: AtomicU64,
+}
+
+impl LogSink for ChannelLog {
+    fn line(&self, source: LineSource<'_>, text: &str) {
+        if self.lines.fetch_add(1, Ordering::Relaxed) >= MAX_LINES {
+            return;
+        }
+        let (source, context) = match source {
+            LineSource::Stdout => ("stdout".to_owned(), None),
+            LineSource::Stderr => ("stderr".to_owned(), None),
+            LineSource::Log { level, context } => (level.to_owned(), Some(context.to_owned())),
+        };
+        let message = Message::Log {
+            source,
+            context,
+            text: text.to_owned(),
+        };
+        let _ = self.out.send(Frame::new(self.id, message, Bytes::new()));
+    }
+}
+
 /// The guest side of the capability door: every call goes to the host as a frame and waits
 /// for its answer. What is allowed is what the host said when it sent the invocation.
 #[derive(Debug)]
@@ -321,6 +394,31 @@ struct ChannelBridge {
     pending: Pending,
     next_id: Arc<AtomicU64>,
     allowed: Vec<Capability>,
+}
+
+impl ChannelBridge {
+    /// Sends a request of the guest and waits for the host's answer, at most `timeout`.
+    async fn ask(&self, message: Message, body: Bytes, timeout: Duration) -> Option<Frame> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, tx);
+        if self.out.send(Frame::new(id, message, body)).is_err() {
+            return None;
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(frame)) => Some(frame),
+            _ => {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
+                None
+            }
+        }
+    }
 }
 
 impl CapabilityBridge for ChannelBridge {
@@ -335,31 +433,16 @@ impl CapabilityBridge for ChannelBridge {
                 .request
                 .encode()
                 .map_err(|e| CapabilityError::Unavailable(e.to_string()))?;
-            // The guest's own ids: answers to the host's requests travel as other kinds.
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let (tx, rx) = oneshot::channel();
-            self.pending
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(id, tx);
-            let frame = Frame::new(
-                id,
-                Message::Capability {
-                    capability,
-                    http_head: encoded.http_head,
-                    timeout_ms: u64::try_from(call.timeout.as_millis()).unwrap_or(u64::MAX),
-                    traceparent: call.traceparent.as_deref().map(str::to_owned),
-                },
-                encoded.body,
-            );
+            let message = Message::Capability {
+                capability,
+                http_head: encoded.http_head,
+                timeout_ms: u64::try_from(call.timeout.as_millis()).unwrap_or(u64::MAX),
+                traceparent: call.traceparent.as_deref().map(str::to_owned),
+            };
             let unavailable = || CapabilityError::Unavailable("the host did not answer".into());
-            self.out.send(frame).map_err(|_| unavailable())?;
-            let answered = tokio::time::timeout(call.timeout, rx).await;
-            let Ok(Ok(Frame { message, body, .. })) = answered else {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&id);
+            let Some(Frame { message, body, .. }) =
+                self.ask(message, encoded.body, call.timeout).await
+            else {
                 return Err(unavailable());
             };
             match message {
@@ -373,6 +456,58 @@ impl CapabilityBridge for ChannelBridge {
                 } => CapabilityResponse::decode(capability, http_head.as_deref(), body)
                     .map_err(|e| CapabilityError::Unavailable(e.to_string())),
                 _ => Err(unavailable()),
+            }
+        })
+    }
+
+    fn link(&self, call: LinkCall) -> LinkFuture<'_> {
+        Box::pin(async move {
+            let mut budget = Budget::new(usize::MAX);
+            let args = call
+                .params
+                .iter()
+                .map(|v| val_to_json(v, &mut budget))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| LinkError::Failed {
+                    code: ErrorCode::InvalidArguments,
+                    message: "an argument holds a value that cannot cross a link (a resource)"
+                        .into(),
+                })?;
+            let body = serde_json::to_vec(&Value::Array(args)).unwrap_or_default();
+            let message = Message::Link {
+                interface: call.interface.to_string(),
+                function: call.function.to_string(),
+                timeout_ms: u64::try_from(call.timeout.as_millis()).unwrap_or(u64::MAX),
+                traceparent: call.traceparent.as_deref().map(str::to_owned),
+            };
+            let Some(Frame { message, body, .. }) =
+                self.ask(message, Bytes::from(body), call.timeout).await
+            else {
+                return Err(LinkError::Unavailable("the host did not answer".into()));
+            };
+            let bad = |what: &str| LinkError::Failed {
+                code: ErrorCode::Internal,
+                message: format!("the host answered a linked call with {what}"),
+            };
+            match message {
+                Message::LinkReply {
+                    error: Some(RemoteError { code, message }),
+                } => Err(LinkError::from_remote(DataError::new(code, message))),
+                Message::LinkReply { error: None } => {
+                    let values: Vec<Value> =
+                        serde_json::from_slice(&body).map_err(|_| bad("no JSON array"))?;
+                    if values.len() != call.results.len() {
+                        return Err(bad("another number of results"));
+                    }
+                    call.results
+                        .iter()
+                        .zip(&values)
+                        .map(|(ty, v)| {
+                            json_to_val(ty, v).map_err(|_| bad("a value of another type"))
+                        })
+                        .collect()
+                }
+                _ => Err(bad("another message")),
             }
         })
     }

@@ -19,14 +19,19 @@
 //! exports; the guest's code runs only in the VM.
 
 pub mod agent;
+
+/// Set (by the kernel command line the host gives) in the environment of a micro-VM's init:
+/// `trellis-host` started as PID 1 with it runs as the guest's agent.
+pub const AGENT_ENV: &str = "TRELLIS_MICROVM_AGENT";
 pub mod protocol;
 pub(crate) mod vm;
+
+pub(crate) use vm::Code;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use trellis_schemas::instance::ManifestDoc;
 use trellis_schemas::isolation::Acceleration;
 
@@ -85,6 +90,7 @@ impl MicrovmConfig {
                 ));
             }
         }
+        sweep_stale_dirs();
         let acceleration = match std::env::var("TRELLIS_MICROVM_ACCEL").as_deref() {
             Ok("kvm") => Acceleration::Kvm,
             Ok("tcg") => Acceleration::Tcg,
@@ -116,7 +122,8 @@ impl MicrovmConfig {
 
     /// QEMU's command line for a VM whose files are in `dir`.
     fn qemu_args(&self, dir: &Path, socket: &Path, memory_mib: u64) -> Vec<String> {
-        let mut append = "console=ttyS0 quiet panic=-1 reboot=t".to_owned();
+        // A `name=value` without a dot that the kernel does not know goes to init's environment.
+        let mut append = format!("console=ttyS0 quiet panic=-1 reboot=t {AGENT_ENV}=1");
         let cpu = match self.acceleration {
             Acceleration::Kvm => "host,-arch-capabilities",
             Acceleration::Tcg => {
@@ -170,6 +177,28 @@ impl MicrovmConfig {
     }
 }
 
+/// Removes the directories of VMs whose host process is gone (killed before it could clean
+/// up): `trellis-vm-<pid>-<n>` in the temporary directory.
+fn sweep_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("trellis-vm-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn detect_acceleration() -> Acceleration {
     let kvm = std::fs::OpenOptions::new()
         .read(true)
@@ -207,9 +236,12 @@ fn tsc_khz() -> Option<u64> {
 #[derive(Debug)]
 pub(crate) struct MicroVm {
     config: Arc<MicrovmConfig>,
-    wasm: Bytes,
+    /// The instance's id: QEMU runs as `trellis-vm-<id>` in process listings.
+    instance: String,
+    code: Code,
     manifest: ManifestDoc,
     bridge: Arc<dyn CapabilityBridge>,
+    component: crate::runtime::LoadedComponent,
     current: Option<Arc<Vm>>,
 }
 
@@ -217,15 +249,19 @@ impl MicroVm {
     /// Boots the instance's first VM.
     pub async fn start(
         config: Arc<MicrovmConfig>,
-        wasm: Bytes,
+        instance: String,
+        code: Code,
         manifest: ManifestDoc,
         bridge: Arc<dyn CapabilityBridge>,
+        component: crate::runtime::LoadedComponent,
     ) -> Result<Self, String> {
         let mut vm = Self {
             config,
-            wasm,
+            instance,
+            code,
             manifest,
             bridge,
+            component,
             current: None,
         };
         vm.ready().await.map_err(|e| e.message)?;
@@ -247,9 +283,11 @@ impl MicroVm {
         self.current = None;
         let vm = Vm::boot(
             &self.config,
-            self.wasm.clone(),
+            &self.instance,
+            &self.code,
             &self.manifest,
             Arc::clone(&self.bridge),
+            self.component.clone(),
         )
         .await
         .map_err(|message| VmEnd {
@@ -257,8 +295,10 @@ impl MicroVm {
             message: format!("the micro-VM did not start: {message}"),
         })?;
         tracing::info!(
+            instance = %self.instance,
             booted_ms = vm.booted_in.as_millis() as u64,
-            compile_ms = vm.compile_ms,
+            load_ms = vm.compile_ms,
+            precompiled = vm.precompiled,
             acceleration = %self.config.acceleration,
             "micro-VM ready"
         );

@@ -32,17 +32,25 @@ pub enum Message {
         /// The agent's `trellis-host` version.
         version: String,
     },
-    /// Host → guest: compile and keep this component. Body: the `.wasm`.
+    /// Host → guest: keep this component. Body: the host's compiled artifact (its first
+    /// `compiled` bytes, possibly none), then the `.wasm`, compiled in the guest when the
+    /// artifact does not fit its engine.
     Load {
         /// Its manifest (limits, declared imports).
         manifest: ManifestDoc,
+        /// How many bytes of the body are the compiled artifact.
+        compiled: u64,
     },
     /// Guest → host: the answer to [`Message::Load`]. Body: empty.
     Loaded {
         /// Why it could not be loaded, if it could not.
         error: Option<String>,
-        /// How long compiling took inside the VM, in milliseconds.
+        /// How long loading took inside the VM, in milliseconds.
         compile_ms: u64,
+        /// Whether the host's artifact was used (else the guest compiled the `.wasm`).
+        precompiled: bool,
+        /// Why the artifact was not used, when it was not.
+        note: Option<String>,
     },
     /// Host → guest: call an export. Body: the JSON array of arguments.
     Invoke {
@@ -52,6 +60,8 @@ pub enum Message {
         traceparent: Option<String>,
         /// The capabilities granted at the moment of the call.
         allowed: Vec<Capability>,
+        /// Whether the host wants the invocation's output lines ([`Message::Log`]).
+        log: bool,
     },
     /// Host → guest: serve an HTTP request. Body: the request body.
     Http {
@@ -61,6 +71,18 @@ pub enum Message {
         traceparent: Option<String>,
         /// The capabilities granted at the moment of the call.
         allowed: Vec<Capability>,
+        /// Whether the host wants the invocation's output lines ([`Message::Log`]).
+        log: bool,
+    },
+    /// Guest → host: one line of output of a running invocation (its id is the invocation's).
+    /// Body: empty.
+    Log {
+        /// `stdout`, `stderr`, or a `wasi:logging` level (`trace` … `critical`).
+        source: String,
+        /// For `wasi:logging`, the context the guest gave.
+        context: Option<String>,
+        /// The line.
+        text: String,
     },
     /// Guest → host: the end of an [`Message::Invoke`] (body: the JSON result) or of an
     /// [`Message::Http`] (body: the response body).
@@ -81,6 +103,23 @@ pub enum Message {
         timeout_ms: u64,
         /// The invocation's trace context.
         traceparent: Option<String>,
+    },
+    /// Guest → host: a linked call of a running invocation (an import another component
+    /// serves). Body: the JSON array of arguments.
+    Link {
+        /// The interface as the component imports it.
+        interface: String,
+        /// The function.
+        function: String,
+        /// How long the guest waits, in milliseconds.
+        timeout_ms: u64,
+        /// The invocation's trace context.
+        traceparent: Option<String>,
+    },
+    /// Host → guest: the answer to [`Message::Link`]. Body: the JSON array of results.
+    LinkReply {
+        /// The refusal or failure, when there is one.
+        error: Option<RemoteError>,
     },
     /// Host → guest: the answer to [`Message::Capability`]. Body: the reply in its NATS
     /// encoding.
@@ -103,6 +142,9 @@ impl Message {
             Message::Done { .. } => 6,
             Message::Capability { .. } => 7,
             Message::CapabilityReply { .. } => 8,
+            Message::Link { .. } => 9,
+            Message::LinkReply { .. } => 10,
+            Message::Log { .. } => 11,
         }
     }
 }
@@ -197,11 +239,7 @@ impl Frame {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e),
         }
-        let len = u32::from_le_bytes(len) as usize;
-        if !(13..=MAX_FRAME).contains(&len) {
-            return Err(invalid(format!("a frame of {len} bytes")));
-        }
-        let mut bytes = vec![0u8; len];
+        let mut bytes = vec![0u8; frame_len(len)?];
         reader.read_exact(&mut bytes)?;
         Self::decode(bytes).map(Some)
     }
@@ -221,11 +259,7 @@ impl Frame {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e),
         }
-        let len = u32::from_le_bytes(len) as usize;
-        if !(13..=MAX_FRAME).contains(&len) {
-            return Err(invalid(format!("a frame of {len} bytes")));
-        }
-        let mut bytes = vec![0u8; len];
+        let mut bytes = vec![0u8; frame_len(len)?];
         reader.read_exact(&mut bytes).await?;
         Self::decode(bytes).map(Some)
     }
@@ -250,6 +284,16 @@ impl Frame {
         let mut body = Bytes::from(bytes);
         let body = body.split_off(head_end);
         Ok(Frame { id, message, body })
+    }
+}
+
+/// The length a frame's prefix announces, if it is one either side accepts.
+fn frame_len(prefix: [u8; 4]) -> io::Result<usize> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if (13..=MAX_FRAME).contains(&len) {
+        Ok(len)
+    } else {
+        Err(invalid(format!("a frame of {len} bytes")))
     }
 }
 
@@ -280,6 +324,7 @@ mod tests {
                     export: "add".into(),
                     traceparent: None,
                     allowed: vec![Capability::KeyValue],
+                    log: true,
                 },
                 Bytes::from_static(b"[1,2]"),
             ),

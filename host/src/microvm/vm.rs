@@ -21,11 +21,61 @@ use trellis_schemas::instance::ManifestDoc;
 
 use super::MicrovmConfig;
 use super::protocol::{Failure, Frame, Message, RemoteError};
-use crate::runtime::{CapabilityBridge, CapabilityCall, CapabilityError, InvokeError};
+use crate::runtime::{
+    Budget, CapabilityBridge, CapabilityCall, CapabilityError, InvokeError, LineSource, LinkCall,
+    LinkError, LoadedComponent, LogSink, json_to_val, val_to_json,
+};
 
 /// How long a guest may take to boot and say it is ready, and then to compile its component.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One invocation's context on its way into a VM.
+pub(crate) struct VmCall<'a> {
+    /// The W3C trace context of the call.
+    pub traceparent: Option<&'a str>,
+    /// The component's timeout: the host waits that plus the VM's margin.
+    pub timeout: Duration,
+    /// Where the invocation's output lines go, if anywhere.
+    pub log: Option<Arc<dyn LogSink>>,
+}
+
+/// Routes the output lines of one invocation in flight to its sink until dropped.
+struct Output<'a> {
+    vm: &'a Vm,
+    id: u64,
+    sink: Arc<dyn LogSink>,
+}
+
+impl<'a> Output<'a> {
+    fn new(vm: &'a Vm, id: u64, sink: Arc<dyn LogSink>) -> Self {
+        vm.sinks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, Arc::clone(&sink));
+        Self { vm, id, sink }
+    }
+}
+
+impl Drop for Output<'_> {
+    fn drop(&mut self) {
+        self.vm
+            .sinks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        self.sink.finish();
+    }
+}
+
+/// What a VM is sent to run: the `.wasm` and, when the host has it, its compiled artifact.
+#[derive(Debug, Clone)]
+pub(crate) struct Code {
+    /// The component.
+    pub wasm: Bytes,
+    /// The host's compiled artifact of it (empty when there is none).
+    pub compiled: Bytes,
+}
 
 /// Why a VM ended.
 #[derive(Debug, Clone)]
@@ -53,16 +103,22 @@ impl VmEnd {
 pub(crate) struct Vm {
     out: mpsc::UnboundedSender<Vec<u8>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
+    /// Where the output of each invocation in flight goes, by its id.
+    sinks: Mutex<HashMap<u64, Arc<dyn LogSink>>>,
     next_id: AtomicU64,
     ended: watch::Sender<Option<VmEnd>>,
     kill: Mutex<Option<oneshot::Sender<VmEnd>>>,
     bridge: Arc<dyn CapabilityBridge>,
+    /// The component as the host loaded it: the types of its linked imports.
+    component: LoadedComponent,
     /// Added to an invocation's timeout before the host gives up on the VM.
     margin: Duration,
     /// How long the boot took, until the agent was ready.
     pub booted_in: Duration,
-    /// How long compiling the component took inside the VM.
+    /// How long loading the component took inside the VM.
     pub compile_ms: u64,
+    /// Whether the VM mapped the host's compiled code (else it compiled the `.wasm`).
+    pub precompiled: bool,
     dir: PathBuf,
 }
 
@@ -70,9 +126,11 @@ impl Vm {
     /// Boots a VM, loads `wasm` into it and returns it serving.
     pub async fn boot(
         config: &MicrovmConfig,
-        wasm: Bytes,
+        name: &str,
+        code: &Code,
         manifest: &ManifestDoc,
         bridge: Arc<dyn CapabilityBridge>,
+        component: LoadedComponent,
     ) -> Result<Arc<Vm>, String> {
         let dir = std::env::temp_dir().join(format!(
             "trellis-vm-{}-{}",
@@ -88,6 +146,7 @@ impl Vm {
         let started = Instant::now();
         let mut command = tokio::process::Command::new(&config.qemu);
         command
+            .args(["-name", &format!("trellis-vm-{name}")])
             .args(config.qemu_args(&dir, &socket, memory_mib))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -141,8 +200,9 @@ impl Vm {
             0,
             Message::Load {
                 manifest: manifest.clone(),
+                compiled: code.compiled.len() as u64,
             },
-            wasm,
+            [&code.compiled[..], &code.wasm[..]].concat(),
         )
         .encode()
         .map_err(|e| e.to_string())?;
@@ -156,15 +216,22 @@ impl Vm {
                 return Err(dead(&format!("the VM exited while loading ({})", status.map(|s| s.to_string()).unwrap_or_default())));
             }
         };
-        let compile_ms = match loaded {
+        let (compile_ms, precompiled) = match loaded {
             Ok(Ok(Some(Frame {
                 message:
                     Message::Loaded {
                         error: None,
                         compile_ms,
+                        precompiled,
+                        note,
                     },
                 ..
-            }))) => compile_ms,
+            }))) => {
+                if let Some(note) = note {
+                    tracing::info!(%note, "the micro-VM compiled the component itself");
+                }
+                (compile_ms, precompiled)
+            }
             Ok(Ok(Some(Frame {
                 message: Message::Loaded { error: Some(e), .. },
                 ..
@@ -180,13 +247,16 @@ impl Vm {
         let vm = Arc::new(Vm {
             out,
             pending: Mutex::default(),
+            sinks: Mutex::default(),
             next_id: AtomicU64::new(1),
             ended,
             kill: Mutex::new(Some(kill)),
             bridge,
+            component,
             margin: config.margin(),
             booted_in,
             compile_ms,
+            precompiled,
             dir: cleanup.keep(),
         });
         tokio::spawn(async move {
@@ -302,6 +372,7 @@ impl Vm {
         message: Message,
         body: Bytes,
         timeout: Duration,
+        log: Option<Arc<dyn LogSink>>,
     ) -> Result<Frame, InvokeError> {
         if !self.alive() {
             return Err(self.end_error());
@@ -320,6 +391,7 @@ impl Vm {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id, tx);
+        let _output = log.map(|sink| Output::new(self, id, sink));
         if self.out.send(bytes).is_err() {
             return Err(self.end_error());
         }
@@ -346,15 +418,15 @@ impl Vm {
         &self,
         export: &str,
         args: Bytes,
-        traceparent: Option<&str>,
-        timeout: Duration,
+        call: VmCall<'_>,
     ) -> Result<Bytes, InvokeError> {
         let message = Message::Invoke {
             export: export.to_owned(),
-            traceparent: traceparent.map(str::to_owned),
+            traceparent: call.traceparent.map(str::to_owned),
             allowed: self.allowed(),
+            log: call.log.is_some(),
         };
-        let frame = self.request(message, args, timeout).await?;
+        let frame = self.request(message, args, call.timeout, call.log).await?;
         match frame.message {
             Message::Done { error: None, .. } => Ok(frame.body),
             Message::Done {
@@ -369,15 +441,17 @@ impl Vm {
     pub async fn http(
         &self,
         request: HttpMessage<HttpRequestHead>,
-        traceparent: Option<&str>,
-        timeout: Duration,
+        call: VmCall<'_>,
     ) -> Result<(HttpResponseHead, Bytes), InvokeError> {
         let message = Message::Http {
             head: request.head,
-            traceparent: traceparent.map(str::to_owned),
+            traceparent: call.traceparent.map(str::to_owned),
             allowed: self.allowed(),
+            log: call.log.is_some(),
         };
-        let frame = self.request(message, request.body, timeout).await?;
+        let frame = self
+            .request(message, request.body, call.timeout, call.log)
+            .await?;
         match frame.message {
             Message::Done {
                 http: Some(head),
@@ -495,6 +569,51 @@ async fn read_frames(
                     }
                 });
             }
+            Message::Log {
+                source,
+                context,
+                text,
+            } => {
+                let sink = vm
+                    .sinks
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&frame.id)
+                    .cloned();
+                if let Some(sink) = sink {
+                    let source = match source.as_str() {
+                        "stdout" => LineSource::Stdout,
+                        "stderr" => LineSource::Stderr,
+                        level => LineSource::Log {
+                            level: log_level(level),
+                            context: context.as_deref().unwrap_or(""),
+                        },
+                    };
+                    sink.line(source, &text);
+                }
+            }
+            Message::Link {
+                interface,
+                function,
+                timeout_ms,
+                traceparent,
+            } => {
+                let (id, body) = (frame.id, frame.body);
+                tokio::spawn(async move {
+                    let timeout = Duration::from_millis(timeout_ms).min(Duration::from_secs(300));
+                    let (error, body) =
+                        match linked_call(&vm, &interface, &function, &body, timeout, traceparent)
+                            .await
+                        {
+                            Ok(results) => (None, results),
+                            Err(error) => (Some(error), Vec::new()),
+                        };
+                    let frame = Frame::new(id, Message::LinkReply { error }, body);
+                    if let Ok(bytes) = frame.encode() {
+                        let _ = vm.out.send(bytes);
+                    }
+                });
+            }
             other => return format!("the guest sent a host's message: {other:?}"),
         }
     }
@@ -535,6 +654,87 @@ async fn capability_call(
         message: e.to_string(),
     })?;
     Ok((encoded.http_head, encoded.body))
+}
+
+/// One linked call of the guest, through the bridge an in-process instance uses: arguments and
+/// results cross the channel as JSON, typed by the host's copy of the component.
+async fn linked_call(
+    vm: &Vm,
+    interface: &str,
+    function: &str,
+    args: &[u8],
+    timeout: Duration,
+    traceparent: Option<String>,
+) -> Result<Vec<u8>, RemoteError> {
+    let invalid = |message: String| RemoteError {
+        code: ErrorCode::InvalidArguments,
+        message,
+    };
+    let (params, results) = vm
+        .component
+        .import_types(interface, function)
+        .ok_or_else(|| {
+            invalid(format!(
+                "the component imports no function {interface}#{function}"
+            ))
+        })?;
+    let args: Vec<serde_json::Value> = serde_json::from_slice(args).map_err(|e| {
+        invalid(format!(
+            "the arguments of a linked call are not a JSON array: {e}"
+        ))
+    })?;
+    if args.len() != params.len() {
+        return Err(invalid(format!(
+            "{interface}#{function} takes {} arguments, not {}",
+            params.len(),
+            args.len()
+        )));
+    }
+    let params = params
+        .iter()
+        .zip(&args)
+        .map(|(ty, v)| json_to_val(ty, v).map_err(|e| invalid(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let values = vm
+        .bridge
+        .link(LinkCall {
+            interface: Arc::from(interface),
+            function: Arc::from(function),
+            params,
+            results,
+            timeout,
+            traceparent: traceparent.map(Arc::from),
+        })
+        .await
+        .map_err(|e| {
+            let code = e.code();
+            let message = match e {
+                LinkError::Denied(m) | LinkError::Unavailable(m) => m,
+                LinkError::Failed { message, .. } => message,
+            };
+            RemoteError { code, message }
+        })?;
+    let mut budget = Budget::new(usize::MAX);
+    let values = values
+        .iter()
+        .map(|v| val_to_json(v, &mut budget))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| RemoteError {
+            code: ErrorCode::UnsupportedResult,
+            message: "a result holds a value that cannot cross a link".into(),
+        })?;
+    serde_json::to_vec(&values).map_err(|e| RemoteError {
+        code: ErrorCode::Internal,
+        message: e.to_string(),
+    })
+}
+
+/// A `wasi:logging` level as the runtime names it (anything else reads as `info`).
+fn log_level(level: &str) -> &'static str {
+    ["trace", "debug", "info", "warn", "error", "critical"]
+        .into_iter()
+        .find(|l| *l == level)
+        .unwrap_or("info")
 }
 
 fn failed(failure: Failure) -> InvokeError {

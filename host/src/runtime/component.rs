@@ -330,6 +330,34 @@ impl LoadedComponent {
         outcome
     }
 
+    /// The parameter and result types of `function` of the imported interface `interface`,
+    /// for a linked call made elsewhere (in a micro-VM) on this component's behalf.
+    pub(crate) fn import_types(
+        &self,
+        interface: &str,
+        function: &str,
+    ) -> Option<(Vec<Type>, Vec<Type>)> {
+        let engine = &self.inner.runtime.engine;
+        let component = self.inner.pre.component();
+        let ty = component.component_type();
+        let item = ty
+            .imports(engine)
+            .find_map(|(name, item)| (name == interface).then_some(item))?;
+        let ComponentItem::ComponentInstance(instance) = item.ty else {
+            return None;
+        };
+        let func = instance
+            .exports(engine)
+            .find_map(|(name, item)| (name == function).then_some(item))?;
+        let ComponentItem::ComponentFunc(func) = func.ty else {
+            return None;
+        };
+        Some((
+            func.params().map(|(_, ty)| ty).collect(),
+            func.results().collect(),
+        ))
+    }
+
     /// For a linked call that runs elsewhere (in a micro-VM): checks `params` as
     /// [`invoke_vals`](Self::invoke_vals) does and encodes them as the JSON array
     /// [`invoke`](Self::invoke) takes.

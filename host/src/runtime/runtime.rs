@@ -202,6 +202,60 @@ impl Runtime {
             });
         }
         let (component, cache_hit) = self.compile(bytes, &digest)?;
+        self.link(component, manifest, cache_hit, digest)
+    }
+
+    /// Loads a component compiled by another runtime of this same build and configuration (a
+    /// micro-VM's host compiled it), compiling `bytes` only when the artifact does not fit this
+    /// engine (another CPU, another build). Returns whether the artifact was used.
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Self::load).
+    pub(crate) fn load_precompiled(
+        &self,
+        compiled: &[u8],
+        bytes: &[u8],
+        manifest: Manifest,
+    ) -> Result<(LoadedComponent, Result<(), String>), LoadError> {
+        self.check_ceilings(&manifest)?;
+        let digest = Digest::of(bytes);
+        match deserialize_trusted(&self.inner.engine, compiled) {
+            Ok(component) => Ok((self.link(component, manifest, true, digest)?, Ok(()))),
+            Err(why) => {
+                let (component, cache_hit) = self.compile(bytes, &digest)?;
+                let why = Err(error_chain(&why));
+                Ok((self.link(component, manifest, cache_hit, digest)?, why))
+            }
+        }
+    }
+
+    /// Compiles `bytes` for another machine of this build's target that has at least the
+    /// x86-64-v2 instruction set (a micro-VM's emulated CPU lacks some of this host's
+    /// features), ready for [`load_precompiled`](Self::load_precompiled) there.
+    ///
+    /// # Errors
+    ///
+    /// For invalid wasm, or a target this build cannot compile for.
+    pub(crate) fn precompile_portable(&self, bytes: &[u8]) -> Result<Vec<u8>, String> {
+        static PORTABLE: std::sync::OnceLock<Result<Engine, String>> = std::sync::OnceLock::new();
+        let engine = PORTABLE
+            .get_or_init(|| portable_engine(&self.inner.config))
+            .as_ref()
+            .map_err(Clone::clone)?;
+        engine
+            .precompile_component(bytes)
+            .map_err(|e| error_chain(&e))
+    }
+
+    /// Links a compiled component's imports and pre-instantiates it.
+    fn link(
+        &self,
+        component: Component,
+        manifest: Manifest,
+        cache_hit: bool,
+        digest: Digest,
+    ) -> Result<LoadedComponent, LoadError> {
         crate::metrics::HOST
             .loads
             .get_or_create(&[("cache", if cache_hit { "hit" } else { "miss" })])
@@ -358,6 +412,56 @@ pub(crate) fn pagemap_scan() -> bool {
 
 /// The engine configuration shared by every component. Public to the crate so the benchmarks'
 /// bare-wasmtime baseline can use exactly the same settings.
+/// An engine that compiles for any x86-64-v2 CPU rather than for this one.
+#[expect(
+    unsafe_code,
+    reason = "enabling instruction-set flags is unsafe; see the safety comment"
+)]
+fn portable_engine(config: &RuntimeConfig) -> Result<Engine, String> {
+    let mut c = engine_config(config, false);
+    // An explicit target turns off the detection of this CPU's features.
+    let env = if cfg!(target_env = "musl") {
+        "musl"
+    } else {
+        "gnu"
+    };
+    let triple = format!(
+        "{}-unknown-{}-{env}",
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    );
+    c.target(&triple).map_err(|e| error_chain(&e))?;
+    if cfg!(target_arch = "x86_64") {
+        for flag in [
+            "has_sse3",
+            "has_ssse3",
+            "has_sse41",
+            "has_sse42",
+            "has_popcnt",
+        ] {
+            // SAFETY: code compiled here never runs on this engine; the engine that maps it
+            // checks that its CPU has every flag enabled here and refuses the artifact if not.
+            unsafe {
+                c.cranelift_flag_enable(flag);
+            }
+        }
+    }
+    Engine::new(&c).map_err(|e| error_chain(&e))
+}
+
+/// Maps an artifact another engine of this build serialised.
+#[expect(
+    unsafe_code,
+    reason = "deserialising a compiled artifact is unsafe by nature; see the safety comment"
+)]
+fn deserialize_trusted(engine: &Engine, compiled: &[u8]) -> wasmtime::Result<Component> {
+    // SAFETY: only a micro-VM's agent calls this, with bytes its host produced with
+    // `Component::serialize` from the same binary; the host is what the guest trusts (it is the
+    // guest that is not trusted). wasmtime still checks the header, the engine's configuration
+    // and the CPU's features, and refuses a mismatched artifact (then the agent compiles).
+    unsafe { Component::deserialize(engine, compiled) }
+}
+
 pub(crate) fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
     let mut c = Config::new();
     c.strategy(Strategy::Cranelift)

@@ -1,0 +1,177 @@
+//! Micro-VM instances against in-process ones, on the same component in the same run.
+//!
+//! Starts a nats-server, a controller and one `trellis-host` that runs micro-VMs (under TCG on
+//! machines without hardware virtualisation: the figures are labelled with the acceleration),
+//! pushes the `hello` example and measures:
+//!
+//! 1. the start of a micro-VM instance as `trellis instance start --wait` sees it (boot, and
+//!    compiling the component inside the guest), `TRELLIS_BENCH_STARTS` times (default 3), and
+//!    of an in-process one;
+//! 2. per-call latency (p50, p99) of `TRELLIS_BENCH_CALLS` sequential calls (default 2,000) on
+//!    each instance's own subject;
+//! 3. calls/s from `TRELLIS_BENCH_CALLERS` concurrent callers (default 16) for
+//!    `TRELLIS_BENCH_SECS` seconds (default 5) on each;
+//! 4. the resident memory of one idle micro-VM (its QEMU process).
+//!
+//! Run: `cargo build --release --bins && cargo bench --bench microvm`.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use trellis_bus::dataplane as codec;
+use trellis_schemas::dataplane::{self, Op};
+use trellis_schemas::{InstanceId, Lattice};
+use trellis_tests::bench::{env_usize, quantile};
+use trellis_tests::{Nats, components, microvm};
+
+/// Sequential calls of `greet` on `instance`: p50 and p99.
+async fn latency(
+    client: &async_nats::Client,
+    l: &Lattice,
+    instance: &str,
+    n: usize,
+) -> (Duration, Duration) {
+    let subject = dataplane::instance(l, &InstanceId::new(instance).unwrap(), Op::Call);
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let sent = Instant::now();
+        let reply = codec::request(
+            client,
+            subject.clone(),
+            codec::call_headers("greet"),
+            "[\"bench\"]".into(),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        codec::read_reply(&reply).unwrap();
+        times.push(sent.elapsed());
+    }
+    (quantile(&mut times, 0.5), quantile(&mut times, 0.99))
+}
+
+/// Calls/s on `instance` from `callers` concurrent callers for `secs` seconds.
+async fn throughput(
+    client: &async_nats::Client,
+    l: &Lattice,
+    instance: &str,
+    callers: usize,
+    secs: usize,
+) -> (f64, usize) {
+    let subject = dataplane::instance(l, &InstanceId::new(instance).unwrap(), Op::Call);
+    let done = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let until = Instant::now() + Duration::from_secs(secs as u64);
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let (client, subject) = (client.clone(), subject.clone());
+        let (done, failed) = (Arc::clone(&done), Arc::clone(&failed));
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                let reply = codec::request(
+                    &client,
+                    subject.clone(),
+                    codec::call_headers("greet"),
+                    "[\"bench\"]".into(),
+                    Duration::from_secs(30),
+                )
+                .await;
+                match reply.map(|r| codec::read_reply(&r).is_ok()) {
+                    Ok(true) => done.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (
+        done.load(Ordering::Relaxed) as f64 / secs as f64,
+        failed.load(Ordering::Relaxed),
+    )
+}
+
+/// The resident memory of the QEMU process of `instance`'s micro-VM, in MiB.
+fn vm_rss_mib(instance: &str) -> Option<f64> {
+    let name = format!("trellis-vm-{instance}");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&name) {
+            let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
+            let kib: f64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
+            return Some(kib / 1024.0);
+        }
+    }
+    None
+}
+
+#[tokio::main]
+async fn main() {
+    let starts = env_usize("TRELLIS_BENCH_STARTS", 3);
+    let calls = env_usize("TRELLIS_BENCH_CALLS", 2_000);
+    let callers = env_usize("TRELLIS_BENCH_CALLERS", 16);
+    let secs = env_usize("TRELLIS_BENCH_SECS", 5);
+    let image = microvm::image();
+    let (wasm, manifest) = components::example("hello");
+    let nats = Nats::start().await;
+    let l = Lattice::new("bench-microvm").unwrap();
+    let _controller = nats.controller(&l, "c", "30s");
+    let args = image.host_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _host = nats.host_with(&l, "h1", &[], &args);
+    nats.wait_for_a_host(&l).await;
+    nats.push(&l, &wasm, &manifest);
+    let hosts = nats.cli_ok(&l, &["host", "get", "h1"]);
+    let accel = if hosts.contains("kvm") { "kvm" } else { "tcg" };
+
+    let mut vm_starts = Vec::new();
+    let mut vm = String::new();
+    for i in 0..starts {
+        let started = Instant::now();
+        let id = nats.start_instance(&l, "hello", &["--isolation", "microvm"]);
+        vm_starts.push(started.elapsed());
+        if i + 1 < starts {
+            nats.cli_ok(&l, &["instance", "stop", &id, "--wait"]);
+        } else {
+            vm = id;
+        }
+    }
+    let started = Instant::now();
+    let local = nats.start_instance(&l, "hello", &[]);
+    let local_start = started.elapsed();
+    println!(
+        "start ({accel}): micro-VM cold {}; in process {local_start:.2?}",
+        vm_starts
+            .iter()
+            .map(|d| format!("{d:.2?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    if let Some(rss) = vm_rss_mib(&vm) {
+        println!("idle micro-VM ({accel}): {rss:.0} MiB resident (QEMU process)");
+    }
+
+    let client = nats.client().await;
+    for (label, id) in [
+        ("in process", &local),
+        (&format!("micro-VM ({accel})") as &str, &vm),
+    ] {
+        latency(&client, &l, id, 200).await;
+        let (p50, p99) = latency(&client, &l, id, calls).await;
+        let (rate, failed) = throughput(&client, &l, id, callers, secs).await;
+        println!(
+            "{label}: {calls} sequential calls p50 {p50:.2?}, p99 {p99:.2?}; {rate:.0} calls/s from {callers} callers ({failed} failed)"
+        );
+    }
+}
