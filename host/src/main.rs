@@ -107,10 +107,14 @@ struct Args {
     /// The QEMU binary for micro-VMs.
     #[arg(long, env = "TRELLIS_MICROVM_QEMU", value_name = "PATH")]
     microvm_qemu: Option<PathBuf>,
-    /// Memory of each micro-VM at least (`256MiB`); a component's `max_memory` plus 256 MiB
+    /// Memory of each micro-VM at least (`256MiB`); a component's `max_memory` plus 192 MiB
     /// when larger.
     #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
     microvm_memory: u64,
+    /// Micro-VMs to keep booted ahead of need (each holds its memory while it waits): a start
+    /// then only loads its component into one.
+    #[arg(long, env = "TRELLIS_MICROVM_POOL", default_value_t = 0)]
+    microvm_pool: usize,
     #[command(flatten)]
     connect: trellis_bus::ConnectArgs,
 }
@@ -200,8 +204,9 @@ async fn host_main() -> anyhow::Result<()> {
             &initrd,
             args.microvm_memory / (1024 * 1024),
         ) {
-            Ok(microvm) => {
-                tracing::info!(acceleration = %microvm.acceleration, "this host runs micro-VM instances");
+            Ok(mut microvm) => {
+                microvm.pool_size = args.microvm_pool;
+                tracing::info!(acceleration = %microvm.acceleration, pool = microvm.pool_size, "this host runs micro-VM instances");
                 config.microvm = Some(std::sync::Arc::new(microvm));
             }
             Err(e) => {

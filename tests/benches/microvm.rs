@@ -4,9 +4,11 @@
 //! machines without hardware virtualisation: the figures are labelled with the acceleration),
 //! pushes the `hello` example and measures:
 //!
-//! 1. the start of a micro-VM instance as `trellis instance start --wait` sees it (boot, and
-//!    compiling the component inside the guest), `TRELLIS_BENCH_STARTS` times (default 3), and
-//!    of an in-process one;
+//! 1. the start of a micro-VM instance as `trellis instance start --wait` sees it: cold (boot,
+//!    then loading the component the host compiled for the guest) on a host without a pool, and
+//!    warm on a host that keeps one guest booted (`--microvm-pool 1`; the bench waits for it to
+//!    refill between starts), `TRELLIS_BENCH_STARTS` times each (default 3); and of an
+//!    in-process instance;
 //! 2. per-call latency (p50, p99) of `TRELLIS_BENCH_CALLS` sequential calls (default 2,000) on
 //!    each instance's own subject;
 //! 3. calls/s from `TRELLIS_BENCH_CALLERS` concurrent callers (default 16) for
@@ -94,6 +96,14 @@ async fn throughput(
     )
 }
 
+fn list(times: &[Duration]) -> String {
+    times
+        .iter()
+        .map(|d| format!("{d:.2?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The resident memory of the QEMU process of `instance`'s micro-VM, in MiB.
 fn vm_rss_mib(instance: &str) -> Option<f64> {
     let name = format!("trellis-vm-{instance}");
@@ -129,16 +139,28 @@ async fn main() {
     let args = image.host_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _host = nats.host_with(&l, "h1", &[], &args);
+    let mut pooled = args.clone();
+    pooled.extend(["--microvm-pool", "1"]);
+    let _warm_host = nats.host_with(&l, "h2", &[], &pooled);
     nats.wait_for_a_host(&l).await;
     nats.push(&l, &wasm, &manifest);
     let hosts = nats.cli_ok(&l, &["host", "get", "h1"]);
     let accel = if hosts.contains("kvm") { "kvm" } else { "tcg" };
 
+    let mut warm_starts = Vec::new();
+    for _ in 0..starts {
+        // Time for the pool to (re)fill: a boot takes a few seconds under TCG.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let started = Instant::now();
+        let id = nats.start_instance(&l, "hello", &["--isolation", "microvm", "--host", "h2"]);
+        warm_starts.push(started.elapsed());
+        nats.cli_ok(&l, &["instance", "stop", &id, "--wait"]);
+    }
     let mut vm_starts = Vec::new();
     let mut vm = String::new();
     for i in 0..starts {
         let started = Instant::now();
-        let id = nats.start_instance(&l, "hello", &["--isolation", "microvm"]);
+        let id = nats.start_instance(&l, "hello", &["--isolation", "microvm", "--host", "h1"]);
         vm_starts.push(started.elapsed());
         if i + 1 < starts {
             nats.cli_ok(&l, &["instance", "stop", &id, "--wait"]);
@@ -147,15 +169,12 @@ async fn main() {
         }
     }
     let started = Instant::now();
-    let local = nats.start_instance(&l, "hello", &[]);
+    let local = nats.start_instance(&l, "hello", &["--host", "h1"]);
     let local_start = started.elapsed();
     println!(
-        "start ({accel}): micro-VM cold {}; in process {local_start:.2?}",
-        vm_starts
-            .iter()
-            .map(|d| format!("{d:.2?}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "start ({accel}): micro-VM cold {}; from the pool {}; in process {local_start:.2?}",
+        list(&vm_starts),
+        list(&warm_starts)
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     if let Some(rss) = vm_rss_mib(&vm) {

@@ -144,6 +144,9 @@ impl InstanceManager {
         let assignments = Arc::new(Assignments::default());
         tokio::spawn(Arc::clone(&assignments).follow(client.clone(), lattice.clone()));
         let (routes, _following) = RouteTable::follow(&client, &lattice);
+        if let Some(microvm) = &config.microvm {
+            microvm.warm();
+        }
         let logs = LogHub::new(
             client.clone(),
             lattice.clone(),

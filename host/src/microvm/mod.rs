@@ -38,6 +38,10 @@ use trellis_schemas::isolation::Acceleration;
 use crate::runtime::CapabilityBridge;
 use vm::{Vm, VmEnd};
 
+/// What a guest needs besides its component's memory: the kernel, the unpacked initramfs and
+/// the runtime.
+const GUEST_OVERHEAD_MIB: u64 = 192;
+
 /// How this host runs micro-VMs, found by [`MicrovmConfig::probe`].
 #[derive(Debug, Clone)]
 pub struct MicrovmConfig {
@@ -47,12 +51,23 @@ pub struct MicrovmConfig {
     pub kernel: PathBuf,
     /// The guest initramfs.
     pub initrd: PathBuf,
-    /// Guest memory at least, in MiB; a component's `max_memory` plus 256 MiB when larger.
+    /// Guest memory at least, in MiB; a component's `max_memory` plus 192 MiB when larger.
     pub memory_mib: u64,
     /// KVM or TCG.
     pub acceleration: Acceleration,
     /// For TCG: the host's TSC frequency in kHz, which the guest cannot calibrate by itself.
     tsc_khz: Option<u64>,
+    /// How many guests to keep booted ahead of need (0: none).
+    pub pool_size: usize,
+    pool: Arc<Pool>,
+}
+
+/// Guests booted ahead of need, with no component yet: a start takes one and only loads its
+/// component into it.
+#[derive(Debug, Default)]
+struct Pool {
+    ready: std::sync::Mutex<Vec<vm::Booted>>,
+    booting: std::sync::atomic::AtomicUsize,
 }
 
 impl MicrovmConfig {
@@ -103,12 +118,64 @@ impl MicrovmConfig {
             memory_mib: memory_mib.max(128),
             acceleration,
             tsc_khz: tsc_khz(),
+            pool_size: 0,
+            pool: Arc::default(),
         })
+    }
+
+    /// Keeps the pool at [`pool_size`](Self::pool_size) booted guests, booting what is
+    /// missing in the background (one at a time). Must be called within a Tokio runtime.
+    pub fn warm(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        let have = self.pool.ready.lock().map_or(0, |r| r.len());
+        if have + self.pool.booting.load(Ordering::SeqCst) >= self.pool_size
+            || self.pool.booting.fetch_add(1, Ordering::SeqCst) > 0
+        {
+            return;
+        }
+        let config = Arc::clone(self);
+        tokio::spawn(async move {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            loop {
+                let have = config.pool.ready.lock().map_or(0, |r| r.len());
+                if have >= config.pool_size {
+                    break;
+                }
+                let name = format!("pool-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+                match Vm::start_guest(&config, &name, config.memory_mib).await {
+                    Ok(booted) => {
+                        tracing::debug!(
+                            booted_ms = booted.booted_in.as_millis() as u64,
+                            "micro-VM pooled"
+                        );
+                        if let Ok(mut ready) = config.pool.ready.lock() {
+                            ready.push(booted);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot boot a micro-VM for the pool");
+                        break;
+                    }
+                }
+            }
+            config.pool.booting.store(0, Ordering::SeqCst);
+        });
+    }
+
+    /// A pooled guest with at least `memory_mib` of memory, if one is ready.
+    fn take(self: &Arc<Self>, memory_mib: u64) -> Option<vm::Booted> {
+        let taken = {
+            let mut ready = self.pool.ready.lock().ok()?;
+            let at = ready.iter().position(|b| b.memory_mib >= memory_mib)?;
+            ready.swap_remove(at)
+        };
+        self.warm();
+        Some(taken)
     }
 
     /// Guest memory for a component that may use `max_memory` bytes.
     fn memory_for(&self, max_memory: u64) -> u64 {
-        let needed = max_memory.div_ceil(1024 * 1024) + 256;
+        let needed = max_memory.div_ceil(1024 * 1024) + GUEST_OVERHEAD_MIB;
         self.memory_mib.max(needed)
     }
 
@@ -281,16 +348,38 @@ impl MicroVm {
             return Ok(Arc::clone(vm));
         }
         self.current = None;
-        let vm = Vm::boot(
-            &self.config,
-            &self.instance,
-            &self.code,
-            &self.manifest,
-            Arc::clone(&self.bridge),
-            self.component.clone(),
-        )
-        .await
-        .map_err(|message| VmEnd {
+        let pooled = self
+            .config
+            .take(self.config.memory_for(self.manifest.max_memory_bytes));
+        let from_pool = match pooled {
+            Some(booted) => Vm::load(
+                &self.config,
+                booted,
+                &self.code,
+                &self.manifest,
+                Arc::clone(&self.bridge),
+                self.component.clone(),
+            )
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "a pooled micro-VM failed; booting one"))
+            .ok(),
+            None => None,
+        };
+        let booted = match from_pool {
+            Some(vm) => Ok(vm),
+            None => {
+                Vm::boot(
+                    &self.config,
+                    &self.instance,
+                    &self.code,
+                    &self.manifest,
+                    Arc::clone(&self.bridge),
+                    self.component.clone(),
+                )
+                .await
+            }
+        };
+        let vm = booted.map_err(|message| VmEnd {
             crash: trellis_schemas::dataplane::CrashReason::VmExit,
             message: format!("the micro-VM did not start: {message}"),
         })?;

@@ -122,8 +122,22 @@ pub(crate) struct Vm {
     dir: PathBuf,
 }
 
+/// A guest booted to its agent's `Ready`, with no component yet (kept warm in a pool, or
+/// about to be loaded).
+#[derive(Debug)]
+pub(crate) struct Booted {
+    child: tokio::process::Child,
+    reader: tokio::net::unix::OwnedReadHalf,
+    writer: tokio::net::unix::OwnedWriteHalf,
+    dir: DirGuard,
+    /// Its memory, in MiB.
+    pub memory_mib: u64,
+    /// How long it took to boot.
+    pub booted_in: Duration,
+}
+
 impl Vm {
-    /// Boots a VM, loads `wasm` into it and returns it serving.
+    /// Boots a VM, loads the component into it and returns it serving.
     pub async fn boot(
         config: &MicrovmConfig,
         name: &str,
@@ -132,6 +146,17 @@ impl Vm {
         bridge: Arc<dyn CapabilityBridge>,
         component: LoadedComponent,
     ) -> Result<Arc<Vm>, String> {
+        let memory_mib = config.memory_for(manifest.max_memory_bytes);
+        let booted = Vm::start_guest(config, name, memory_mib).await?;
+        Vm::load(config, booted, code, manifest, bridge, component).await
+    }
+
+    /// Boots a guest with `memory_mib` of memory, up to its agent's `Ready`.
+    pub async fn start_guest(
+        config: &MicrovmConfig,
+        name: &str,
+        memory_mib: u64,
+    ) -> Result<Booted, String> {
         let dir = std::env::temp_dir().join(format!(
             "trellis-vm-{}-{}",
             std::process::id(),
@@ -142,7 +167,6 @@ impl Vm {
         let socket = dir.join("channel.sock");
         let listener = UnixListener::bind(&socket)
             .map_err(|e| format!("binding {}: {e}", socket.display()))?;
-        let memory_mib = config.memory_for(manifest.max_memory_bytes);
         let started = Instant::now();
         let mut command = tokio::process::Command::new(&config.qemu);
         command
@@ -174,7 +198,7 @@ impl Vm {
         let (stream, _) = accepted
             .map_err(|_| "QEMU did not connect the channel".to_owned())?
             .map_err(|e| format!("accepting the channel: {e}"))?;
-        let (mut reader, mut writer) = stream.into_split();
+        let (mut reader, writer) = stream.into_split();
         let dead = |what: &str| format!("{what}; console: {}", tail(&dir.join("console.log")));
         let ready = tokio::select! {
             frame = tokio::time::timeout(BOOT_TIMEOUT, Frame::read_async(&mut reader)) => frame,
@@ -195,7 +219,35 @@ impl Vm {
                 )));
             }
         }
-        let booted_in = started.elapsed();
+        Ok(Booted {
+            child,
+            reader,
+            writer,
+            dir: cleanup,
+            memory_mib,
+            booted_in: started.elapsed(),
+        })
+    }
+
+    /// Loads the component into a booted guest and returns the VM serving.
+    pub async fn load(
+        config: &MicrovmConfig,
+        booted: Booted,
+        code: &Code,
+        manifest: &ManifestDoc,
+        bridge: Arc<dyn CapabilityBridge>,
+        component: LoadedComponent,
+    ) -> Result<Arc<Vm>, String> {
+        let Booted {
+            mut child,
+            mut reader,
+            mut writer,
+            dir: cleanup,
+            booted_in,
+            ..
+        } = booted;
+        let dir = cleanup.0.clone().unwrap_or_default();
+        let dead = |what: &str| format!("{what}; console: {}", tail(&dir.join("console.log")));
         let load = Frame::new(
             0,
             Message::Load {
@@ -486,6 +538,7 @@ impl Drop for Vm {
 static NEXT_VM: AtomicU64 = AtomicU64::new(0);
 
 /// Removes a VM's directory unless it was kept.
+#[derive(Debug)]
 struct DirGuard(Option<PathBuf>);
 
 impl DirGuard {
