@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use trellis_bus::{FactPublisher, RouteTable};
@@ -597,7 +596,7 @@ async fn run(
                 config,
                 command.instance_id.to_string(),
                 crate::microvm::Code {
-                    compiled: portable.map(Bytes::from).unwrap_or_default(),
+                    compiled: portable.unwrap_or_default(),
                     wasm,
                 },
                 manifest_doc,

@@ -237,15 +237,37 @@ impl Runtime {
     /// # Errors
     ///
     /// For invalid wasm, or a target this build cannot compile for.
-    pub(crate) fn precompile_portable(&self, bytes: &[u8]) -> Result<Vec<u8>, String> {
-        static PORTABLE: std::sync::OnceLock<Result<Engine, String>> = std::sync::OnceLock::new();
+    /// The last [`PORTABLE_KEPT`] artifacts are kept by digest: a component started again
+    /// (a restart, another instance, a rollout) is not compiled again.
+    pub(crate) fn precompile_portable(&self, bytes: &[u8]) -> Result<bytes::Bytes, String> {
+        use std::collections::VecDeque;
+        use std::sync::{Mutex, OnceLock, PoisonError};
+        static PORTABLE: OnceLock<Result<Engine, String>> = OnceLock::new();
+        static KEPT: Mutex<VecDeque<(Digest, bytes::Bytes)>> = Mutex::new(VecDeque::new());
+        let digest = Digest::of(bytes);
+        let kept = |kept: &VecDeque<(Digest, bytes::Bytes)>| {
+            kept.iter()
+                .find(|(d, _)| *d == digest)
+                .map(|(_, a)| a.clone())
+        };
+        if let Some(artifact) = kept(&KEPT.lock().unwrap_or_else(PoisonError::into_inner)) {
+            return Ok(artifact);
+        }
         let engine = PORTABLE
             .get_or_init(|| portable_engine(&self.inner.config))
             .as_ref()
             .map_err(Clone::clone)?;
-        engine
-            .precompile_component(bytes)
-            .map_err(|e| error_chain(&e))
+        let artifact = bytes::Bytes::from(
+            engine
+                .precompile_component(bytes)
+                .map_err(|e| error_chain(&e))?,
+        );
+        let mut kept = KEPT.lock().unwrap_or_else(PoisonError::into_inner);
+        if kept.len() >= PORTABLE_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back((digest, artifact.clone()));
+        Ok(artifact)
     }
 
     /// Links a compiled component's imports and pre-instantiates it.
@@ -412,6 +434,9 @@ pub(crate) fn pagemap_scan() -> bool {
 
 /// The engine configuration shared by every component. Public to the crate so the benchmarks'
 /// bare-wasmtime baseline can use exactly the same settings.
+/// How many artifacts compiled for micro-VMs a host keeps in memory.
+const PORTABLE_KEPT: usize = 16;
+
 /// An engine that compiles for any x86-64-v2 CPU rather than for this one.
 #[expect(
     unsafe_code,
