@@ -288,6 +288,8 @@ async fn component_init_writes_a_manifest_the_lattice_accepts() {
     let (code, _, err) = nats.cli(&["--lattice", l.as_str(), "component", "init", wasm]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("--force"), "{err}");
+    // The controller may still be replaying on a loaded machine.
+    nats.wait_for_a_host(&l).await;
     nats.cli_ok(&l, &["component", "push", wasm]);
     let listed = nats.cli_ok(&l, &["component", "ls"]);
     assert!(listed.contains("kv-counter"), "{listed}");
