@@ -28,7 +28,6 @@ use super::stats::Stats;
 use crate::microvm::MicroVm;
 use crate::providers::EmbeddedProviders;
 use crate::runtime::{Digest, Runtime};
-use trellis_schemas::instance::ManifestDoc;
 use trellis_schemas::isolation::Isolation;
 
 /// What every instance of a host shares: the NATS client, the fact publisher and its identity.
@@ -569,37 +568,11 @@ async fn run(
                 );
                 return;
             };
-            let manifest_doc = match ManifestDoc::from_manifest(component.manifest()) {
-                Ok(doc) => doc,
-                Err(e) => {
-                    drop(slot);
-                    start_failed(
-                        ctx,
-                        &command,
-                        spec.name.to_string(),
-                        e.to_string(),
-                        spec.traceparent.clone(),
-                    );
-                    return;
-                }
-            };
-            // Compiled here for the VM's CPU, so that the guest maps it rather than compiling
-            // under emulation; the guest compiles the .wasm itself when it does not fit.
-            let portable = {
-                let (runtime, wasm) = (inner.runtime.clone(), wasm.clone());
-                tokio::task::spawn_blocking(move || runtime.precompile_portable(&wasm))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-            };
             let booting = MicroVm::start(
                 config,
+                inner.runtime.clone(),
                 command.instance_id.to_string(),
-                crate::microvm::Code {
-                    compiled: portable.unwrap_or_default(),
-                    wasm,
-                },
-                manifest_doc,
+                wasm,
                 bridge,
                 component.clone(),
             );

@@ -26,7 +26,7 @@ pub const AGENT_ENV: &str = "TRELLIS_MICROVM_AGENT";
 pub mod protocol;
 pub(crate) mod vm;
 
-pub(crate) use vm::Code;
+use vm::Code;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -313,19 +313,31 @@ pub(crate) struct MicroVm {
 }
 
 impl MicroVm {
-    /// Boots the instance's first VM.
+    /// Boots the instance's first VM for `component` (whose code is `wasm`), compiled by
+    /// `runtime` for the guest's CPU first, so that the guest maps it rather than compiling
+    /// under emulation (it compiles the `.wasm` itself when the artifact does not fit).
     pub async fn start(
         config: Arc<MicrovmConfig>,
+        runtime: crate::runtime::Runtime,
         instance: String,
-        code: Code,
-        manifest: ManifestDoc,
+        wasm: bytes::Bytes,
         bridge: Arc<dyn CapabilityBridge>,
         component: crate::runtime::LoadedComponent,
     ) -> Result<Self, String> {
+        let manifest =
+            ManifestDoc::from_manifest(component.manifest()).map_err(|e| e.to_string())?;
+        let compiled = {
+            let wasm = wasm.clone();
+            tokio::task::spawn_blocking(move || runtime.precompile_portable(&wasm))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default()
+        };
         let mut vm = Self {
             config,
             instance,
-            code,
+            code: Code { wasm, compiled },
             manifest,
             bridge,
             component,
