@@ -87,7 +87,7 @@ struct Args {
     /// provider's application traffic) rather than the host's.
     #[arg(long, env = "TRELLIS_PROVIDER_CREDS", value_name = "DIR")]
     provider_creds: Option<PathBuf>,
-    /// The guest kernel of micro-VM instances (`scripts/microvm-image` builds it). With
+    /// The guest kernel of micro-VM instances (`ensure_microvm_image` in `scripts/microvm.sh` builds it). With
     /// `--microvm-initrd`, this host runs instances started with `--isolation microvm`.
     #[arg(
         long,
@@ -96,7 +96,7 @@ struct Args {
         requires = "microvm_initrd"
     )]
     microvm_kernel: Option<PathBuf>,
-    /// The guest initramfs of micro-VM instances (`scripts/microvm-image` builds it).
+    /// The guest initramfs of micro-VM instances (`ensure_microvm_image` in `scripts/microvm.sh` builds it).
     #[arg(
         long,
         env = "TRELLIS_MICROVM_INITRD",

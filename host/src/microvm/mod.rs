@@ -1,7 +1,7 @@
 //! The micro-VM execution path: an instance whose guest code runs inside a QEMU `microvm` guest
 //! of its own, under the same runtime, limits and capability checks as in process.
 //!
-//! A host runs micro-VMs when it is given a kernel and an initramfs (`scripts/microvm-image`
+//! A host runs micro-VMs when it is given a kernel and an initramfs (`ensure_microvm_image` in `scripts/microvm.sh`
 //! builds both: Debian's cloud kernel, and this very binary as the guest's `/init` with the
 //! channel's kernel modules). At start it probes QEMU and how to accelerate it: KVM when
 //! `/dev/kvm` offers hardware virtualisation, QEMU's emulation (TCG) otherwise, and reports the
@@ -100,7 +100,7 @@ impl MicrovmConfig {
         for (what, path) in [("kernel", kernel), ("initramfs", initrd)] {
             if !path.is_file() {
                 return Err(format!(
-                    "the guest {what} {} does not exist; build it with scripts/microvm-image",
+                    "the guest {what} {} does not exist; build it with ensure_microvm_image in scripts/microvm.sh (scripts/up does)",
                     path.display()
                 ));
             }
