@@ -3,8 +3,9 @@
 //! Per instance, read off its counters at every scrape (nothing is added to the invocation
 //! path, and an instance that is gone leaves the exposition with it): invocations by outcome,
 //! their duration, invocations in flight, restarts, fuel consumed and the memory high-water
-//! mark, and log lines published, dropped by the rate limit or lost. Per host: instances by state, heartbeats sent, and compiled-artifact cache hits and
-//! misses. The providers embedded in the host add their own (see the provider SDK).
+//! mark, and log lines published, dropped by the rate limit or lost. Per host: instances by state,
+//! heartbeats sent, compiled-artifact cache hits and misses, and micro-VMs: guests waiting in the
+//! pool, and VMs started from the pool or booted. The providers embedded in the host add their own (see the provider SDK).
 
 use std::fmt;
 use std::sync::LazyLock;
@@ -14,6 +15,7 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use trellis_bus::metrics::{prometheus_client, register, register_collector};
 use trellis_schemas::instance::LATENCY_BOUNDS_US;
 
@@ -35,6 +37,10 @@ pub(crate) struct HostMetrics {
     pub heartbeats: Counter,
     /// Component loads, by whether the compiled artifact came from the cache.
     pub loads: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Micro-VM guests booted ahead of need, waiting in the pool.
+    pub microvm_pool_ready: Gauge,
+    /// Micro-VMs that began serving an instance, by where the guest came from.
+    pub microvm_starts: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 /// The host's metrics, registered on first use.
@@ -47,6 +53,16 @@ pub(crate) static HOST: LazyLock<HostMetrics> = LazyLock::new(|| HostMetrics {
     loads: register(
         "host_component_loads",
         "Components loaded, by whether the compiled artifact came from the cache (cache=hit) or was compiled (cache=miss)",
+        Family::default(),
+    ),
+    microvm_pool_ready: register(
+        "host_microvm_pool_ready",
+        "Micro-VM guests booted ahead of need and waiting in the pool (--microvm-pool)",
+        Gauge::default(),
+    ),
+    microvm_starts: register(
+        "host_microvm_starts",
+        "Micro-VMs that began serving an instance, by whether the guest came from the pool (from=pool) or was booted for it (from=boot)",
         Family::default(),
     ),
 });

@@ -339,3 +339,109 @@ async fn linked_calls_leave_and_enter_micro_vms_through_the_host() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(out.trim(), "\"front: got 5 bytes | rust: AGAIN\"");
 }
+
+#[tokio::test]
+async fn a_rollout_to_a_microvm_version_is_refused_where_hosts_run_no_micro_vms() {
+    // No VM boots: the controller refuses before anything starts.
+    let nats = Nats::start().await;
+    let l = Lattice::new("vmroll").unwrap();
+    let _controller = nats.controller(&l, "c", "30s");
+    let _host = nats.host(&l, "plain-host", &[]);
+    nats.wait_for_a_host(&l).await;
+    let dir = tempfile::tempdir().unwrap();
+    let limits = "max_memory = \"16MiB\"\nfuel = 100_000_000\ntimeout = \"5s\"";
+    push(&nats, &l, dir.path(), "probe", "probe", limits);
+    nats.cli_ok(&l, &["instance", "start", "probe", "--wait"]);
+    // Version 0.2.0 (another guest) asks for micro-VMs.
+    let path = dir.path().join("probe-2.toml");
+    let text =
+        manifest("probe", limits, "[isolation]\nmode = \"microvm\"\n").replace("0.1.0", "0.2.0");
+    std::fs::write(&path, text).unwrap();
+    nats.push(&l, &components::build().path("loop"), &path);
+    let (code, out, err) = nats.cli(&[
+        "--lattice",
+        l.as_str(),
+        "rollout",
+        "start",
+        "probe",
+        "--to",
+        "0.2.0",
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("invalid_request"), "{err}");
+    assert!(
+        err.contains("plain-host") && err.contains("--microvm-kernel"),
+        "{err}"
+    );
+    // Nothing was started or recorded as a rollout; the instance serves on.
+    let rollouts: Value =
+        serde_json::from_str(&nats.cli_ok(&l, &["rollout", "ls", "-o", "json"])).unwrap();
+    assert_eq!(rollouts["rollouts"], serde_json::json!([]), "{rollouts}");
+    let (code, out) = call_run(&nats, &l, "probe", "still here");
+    assert_eq!(code, 0, "{out}");
+}
+
+/// The value of the sample `name` (with its labels, as the exposition writes them) on the host's
+/// metrics endpoint at `addr`.
+async fn sample(addr: &str, name: &str) -> Option<f64> {
+    let reply = http_request("GET", &format!("http://{addr}/metrics"), "")
+        .await
+        .ok()?;
+    reply.body.lines().find_map(|line| {
+        let (key, value) = line.rsplit_once(' ')?;
+        (key == name).then(|| value.parse().ok())?
+    })
+}
+
+#[tokio::test]
+async fn a_pooled_guest_serves_the_next_start_and_the_pool_refills() {
+    let image = microvm::image();
+    let nats = Nats::start().await;
+    let l = Lattice::new("vmpool").unwrap();
+    let _controller = nats.controller(&l, "c", "30s");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut args = image.host_args();
+    args.extend([
+        "--microvm-pool".into(),
+        "1".into(),
+        "--metrics".into(),
+        metrics.clone(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _host = nats.host_with(&l, "pool-host", &[], &args);
+    nats.wait_for_a_host(&l).await;
+    let dir = tempfile::tempdir().unwrap();
+    push(
+        &nats,
+        &l,
+        dir.path(),
+        "probe",
+        "probe",
+        "max_memory = \"16MiB\"\nfuel = 100_000_000\ntimeout = \"5s\"",
+    );
+    let ready = "trellis_host_microvm_pool_ready";
+    wait_for("a guest waiting in the pool", T, || async {
+        (sample(&metrics, ready).await == Some(1.0)).then_some(())
+    })
+    .await;
+    let pooled = r#"trellis_host_microvm_starts_total{from="pool"}"#;
+    let booted = r#"trellis_host_microvm_starts_total{from="boot"}"#;
+    assert_eq!(sample(&metrics, pooled).await, None, "nothing started yet");
+
+    // The start takes the waiting guest (no boot), which serves as any micro-VM.
+    let probe = nats.start_instance(&l, "probe", &["--isolation", "microvm"]);
+    assert_eq!(sample(&metrics, pooled).await, Some(1.0));
+    assert_eq!(sample(&metrics, booted).await, None);
+    let (code, answer) = call_run(&nats, &l, "probe", "");
+    assert_eq!(code, 0, "{answer}");
+    assert!(answer.contains("env=0"), "{answer}");
+    assert_eq!(
+        instance(&nats, &l, &probe)["instance"]["isolation"],
+        "microvm"
+    );
+    // The host boots a replacement in the background.
+    wait_for("the pool refilled", T, || async {
+        (sample(&metrics, ready).await == Some(1.0)).then_some(())
+    })
+    .await;
+}

@@ -161,6 +161,34 @@ pub(crate) async fn start(
             };
             return Err(ErrorBody::new(ErrorCode::InvalidState, message));
         }
+        // Replacements start on the hosts of the instances they replace: each must run
+        // micro-VMs if the new version asks for them.
+        if artifact.manifest.isolation == trellis_schemas::isolation::Isolation::Microvm {
+            let loads = state.loads(&projection);
+            let mut lacking: Vec<String> = old
+                .iter()
+                .filter(|i| {
+                    projection
+                        .hosts
+                        .get(&i.host_id)
+                        .is_none_or(|host| loads.microvm_of(host).is_none())
+                })
+                .map(|i| i.host_id.to_string())
+                .collect();
+            lacking.sort();
+            lacking.dedup();
+            if !lacking.is_empty() {
+                return Err(ErrorBody::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "{name} {} asks for isolation microvm, and a rollout replaces instances on their own hosts, but {} run(s) no micro-VMs: start them with --microvm-kernel and --microvm-initrd, or stop the instances there first",
+                        to.version,
+                        lacking.join(", ")
+                    ),
+                )
+                .with_details(serde_json::json!({ "hosts": lacking })));
+            }
+        }
         let (from, replaces) = old_set(&old);
         (to, from, replaces)
     };

@@ -228,7 +228,7 @@ impl Loads {
     }
 
     /// Whether `host` runs micro-VMs (and how) by its latest capacity.
-    fn microvm_of(&self, host: &HostRecord) -> Option<Acceleration> {
+    pub(crate) fn microvm_of(&self, host: &HostRecord) -> Option<Acceleration> {
         self.microvm
             .get(&host.host_id)
             .copied()

@@ -150,6 +150,7 @@ impl MicrovmConfig {
                         );
                         if let Ok(mut ready) = config.pool.ready.lock() {
                             ready.push(booted);
+                            pool_gauge(ready.len());
                         }
                     }
                     Err(e) => {
@@ -167,7 +168,9 @@ impl MicrovmConfig {
         let taken = {
             let mut ready = self.pool.ready.lock().ok()?;
             let at = ready.iter().position(|b| b.memory_mib >= memory_mib)?;
-            ready.swap_remove(at)
+            let taken = ready.swap_remove(at);
+            pool_gauge(ready.len());
+            taken
         };
         self.warm();
         Some(taken)
@@ -377,6 +380,7 @@ impl MicroVm {
             .ok(),
             None => None,
         };
+        let started_from = if from_pool.is_some() { "pool" } else { "boot" };
         let booted = match from_pool {
             Some(vm) => Ok(vm),
             None => {
@@ -395,8 +399,13 @@ impl MicroVm {
             crash: trellis_schemas::dataplane::CrashReason::VmExit,
             message: format!("the micro-VM did not start: {message}"),
         })?;
+        crate::metrics::HOST
+            .microvm_starts
+            .get_or_create(&[("from", started_from)])
+            .inc();
         tracing::info!(
             instance = %self.instance,
+            from = started_from,
             booted_ms = vm.booted_in.as_millis() as u64,
             load_ms = vm.compile_ms,
             precompiled = vm.precompiled,
@@ -406,4 +415,11 @@ impl MicroVm {
         self.current = Some(Arc::clone(&vm));
         Ok(vm)
     }
+}
+
+/// Sets the metric of guests waiting in the pool.
+fn pool_gauge(ready: usize) {
+    crate::metrics::HOST
+        .microvm_pool_ready
+        .set(i64::try_from(ready).unwrap_or(i64::MAX));
 }

@@ -8,7 +8,8 @@
 //!
 //! Requests of the host (load, invoke, HTTP) and of the guest (capability calls) carry ids the
 //! sender picks; the answer carries the same id. Both sides check every frame: a frame larger
-//! than [`MAX_FRAME`] or a head that does not parse ends the channel, and the host treats that
+//! than its reader takes ([`MAX_FRAME`] in the guest, [`MAX_GUEST_FRAME`] in the host) or a head
+//! that does not parse ends the channel, and the host treats that
 //! as the VM failing.
 
 use std::io::{self, Read, Write};
@@ -20,8 +21,15 @@ use trellis_schemas::capability::rpc::{HttpRequestHead, HttpResponseHead};
 use trellis_schemas::dataplane::ErrorCode;
 use trellis_schemas::instance::ManifestDoc;
 
-/// The largest frame either side accepts: a component's code plus headroom.
+/// The largest frame the guest accepts: a component's code plus headroom.
 pub const MAX_FRAME: usize = 160 * 1024 * 1024;
+
+/// The largest frame the host accepts from a guest. Nothing a guest sends needs more: results,
+/// HTTP bodies and capability requests are bounded by the data plane's
+/// [`MAX_BODY_BYTES`](trellis_schemas::dataplane::MAX_BODY_BYTES) and by the runtime's result
+/// budget (1 MiB each), so an agent that misbehaves cannot make its host allocate more than this
+/// per frame.
+pub const MAX_GUEST_FRAME: usize = 4 * 1024 * 1024;
 
 /// What a frame says; the body it carries is described on each variant.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -239,16 +247,17 @@ impl Frame {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e),
         }
-        let mut bytes = vec![0u8; frame_len(len)?];
+        let mut bytes = vec![0u8; frame_len(len, MAX_FRAME)?];
         reader.read_exact(&mut bytes)?;
         Self::decode(bytes).map(Some)
     }
 
-    /// Reads one frame from an async reader; `Ok(None)` at a clean end of the stream.
+    /// Reads one frame a guest sent, from an async reader; `Ok(None)` at a clean end of the
+    /// stream.
     ///
     /// # Errors
     ///
-    /// As [`read_from`](Self::read_from).
+    /// As [`read_from`](Self::read_from), with frames larger than [`MAX_GUEST_FRAME`] refused.
     pub async fn read_async(
         reader: &mut (impl tokio::io::AsyncRead + Unpin),
     ) -> io::Result<Option<Frame>> {
@@ -259,7 +268,7 @@ impl Frame {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e),
         }
-        let mut bytes = vec![0u8; frame_len(len)?];
+        let mut bytes = vec![0u8; frame_len(len, MAX_GUEST_FRAME)?];
         reader.read_exact(&mut bytes).await?;
         Self::decode(bytes).map(Some)
     }
@@ -287,10 +296,10 @@ impl Frame {
     }
 }
 
-/// The length a frame's prefix announces, if it is one either side accepts.
-fn frame_len(prefix: [u8; 4]) -> io::Result<usize> {
+/// The length a frame's prefix announces, if it is one the reader accepts (at most `max`).
+fn frame_len(prefix: [u8; 4], max: usize) -> io::Result<usize> {
     let len = u32::from_le_bytes(prefix) as usize;
-    if (13..=MAX_FRAME).contains(&len) {
+    if (13..=max).contains(&len) {
         Ok(len)
     } else {
         Err(invalid(format!("a frame of {len} bytes")))
@@ -385,5 +394,28 @@ mod tests {
         assert!(Frame::read_from(&mut wrong.as_slice()).is_err());
         // Truncated.
         assert!(Frame::read_from(&mut &good[..good.len() - 1]).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_host_takes_smaller_frames_from_a_guest_than_it_sends() {
+        let frame = |len: usize| {
+            Frame::new(
+                7,
+                Message::Ready {
+                    version: "1".into(),
+                },
+                Bytes::from(vec![0u8; len]),
+            )
+            .encode()
+            .expect("encodes")
+        };
+        let within = frame(MAX_GUEST_FRAME - 64);
+        let read = Frame::read_async(&mut within.as_slice()).await.unwrap();
+        assert_eq!(read.map(|f| f.id), Some(7));
+        let over = frame(MAX_GUEST_FRAME + 1);
+        // The guest would take it; the host refuses it from its length alone.
+        assert!(Frame::read_from(&mut over.as_slice()).is_ok());
+        let err = Frame::read_async(&mut &over[..4]).await.unwrap_err();
+        assert!(err.to_string().contains("a frame of"), "{err}");
     }
 }
