@@ -197,6 +197,42 @@ impl AuditLog {
     }
 }
 
+/// Records every permission violation NATS reports to this process's connections from now on
+/// as a [`AuditType::Denied`] event from `source` (`host/<id>`, …), until the process ends.
+///
+/// nats-server tells only the offending connection when it refuses a publish or a subscription
+/// and publishes no advisory for it (it does for failed logins), so a secured lattice learns of
+/// its own processes' violations this way; those of foreign clients are in the server's log.
+/// Bounded like every refusal ([`MAX_EVENTS_PER_SECOND`]).
+pub fn record_nats_refusals(client: async_nats::Client, lattice: Lattice, source: String) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut refusals = crate::permission_violations();
+    // The one subject whose refusal is not recorded: recording it would be refused again.
+    let own = audit::subject(&lattice, AuditType::Denied);
+    tokio::spawn(async move {
+        let log = AuditLog::new(client, lattice);
+        loop {
+            let message = match refusals.recv().await {
+                Ok(message) => message,
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "NATS refusals not audited: too many at once");
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            };
+            if message.contains(&own) {
+                continue;
+            }
+            let mut event = AuditEvent::new(AuditType::Denied, source.clone(), REFUSED_BY_NATS);
+            event.reason = Some(audit::short_reason(&message));
+            log.record(&event).await;
+        }
+    });
+}
+
+/// The outcome of a denial NATS made: the server refused a publish or a subscription.
+pub const REFUSED_BY_NATS: &str = "nats_permission_violation";
+
 /// Adds the identity headers of this process to a control request on `subject` with `body`:
 /// the public key of its nkey credentials and a signature over the subject and body. Nothing
 /// is added when the process has no nkey seed (no credentials, or a JWT `.creds` file).

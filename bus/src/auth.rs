@@ -40,8 +40,9 @@ pub struct ConnectArgs {
     /// PEM private key of --tls-cert.
     #[arg(long = "tls-key", env = ENV_KEY, global = true, value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
-    /// The prefix of the connection's reply subjects instead of `_INBOX` (not an option: set by
-    /// a process for a connection of a role that may not subscribe to `_INBOX.>`).
+    /// The prefix of the connection's reply subjects (not an option: set by a process for a
+    /// connection of a role with an inbox of its own). Without it, a connection with
+    /// credentials uses `_INBOX.<its public key>`, one without `_INBOX`.
     #[arg(skip)]
     pub inbox_prefix: Option<String>,
 }
@@ -81,6 +82,24 @@ enum Credentials {
     Jwt(PathBuf),
     /// An nkey user seed.
     Nkey(String),
+}
+
+impl Credentials {
+    /// The user's public key (`U…`), read off its seed.
+    fn public_key(&self) -> Option<String> {
+        let seed = match self {
+            Credentials::Nkey(seed) => seed.clone(),
+            // The seed block of a `.creds` file: the one line that is a user seed.
+            Credentials::Jwt(path) => std::fs::read_to_string(path)
+                .ok()?
+                .lines()
+                .map(str::trim)
+                .find(|line| line.starts_with("SU"))?
+                .to_owned(),
+        };
+        let key = nkeys::KeyPair::from_seed(&seed).ok()?;
+        Some(key.public_key())
+    }
 }
 
 fn credentials(path: &std::path::Path) -> Result<Credentials, String> {
@@ -131,8 +150,17 @@ pub(crate) async fn apply(
     mut options: async_nats::ConnectOptions,
     args: &ConnectArgs,
 ) -> Result<async_nats::ConnectOptions, String> {
+    let mut inbox_prefix = args.inbox_prefix.clone();
     if let Some(path) = &args.creds {
-        options = match credentials(path)? {
+        let credentials = credentials(path)?;
+        // Replies to this user's requests come under an inbox of its own, which a secured
+        // lattice lets no other user read (`trellis_schemas::roles::inbox_prefix`).
+        if inbox_prefix.is_none() {
+            inbox_prefix = credentials
+                .public_key()
+                .map(|key| trellis_schemas::roles::inbox_prefix(&key));
+        }
+        options = match credentials {
             Credentials::Jwt(path) => options
                 .credentials_file(&path)
                 .await
@@ -150,8 +178,8 @@ pub(crate) async fn apply(
         // A CA was given for a reason: never fall back to a plain connection.
         options = options.require_tls(true);
     }
-    if let Some(prefix) = &args.inbox_prefix {
-        options = options.custom_inbox_prefix(prefix.clone());
+    if let Some(prefix) = inbox_prefix {
+        options = options.custom_inbox_prefix(prefix);
     }
     Ok(options)
 }
@@ -199,5 +227,27 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(credentials(&creds), Ok(Credentials::Jwt(_))));
+    }
+
+    #[test]
+    fn the_public_key_comes_from_the_seed_of_either_kind_of_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = nkeys::KeyPair::new_user();
+        let seed = user.seed().unwrap();
+        let nk = dir.path().join("user.nk");
+        std::fs::write(&nk, format!("{seed}\n")).unwrap();
+        let creds = dir.path().join("user.creds");
+        std::fs::write(
+            &creds,
+            format!(
+                "-----BEGIN NATS USER JWT-----\neyJ0\n------END NATS USER JWT------\n\n\
+                 -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+            ),
+        )
+        .unwrap();
+        for path in [&nk, &creds] {
+            let key = credentials(path).unwrap().public_key();
+            assert_eq!(key.as_deref(), Some(user.public_key().as_str()));
+        }
     }
 }

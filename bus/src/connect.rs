@@ -176,6 +176,9 @@ fn percent_decode(s: &str) -> String {
 
 static JS_DOMAIN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
 
+/// Environment variable of the JetStream domain (`--js-domain` of every binary).
+pub const ENV_JS_DOMAIN: &str = "TRELLIS_JS_DOMAIN";
+
 /// Sets, once per process, the JetStream domain every [`jetstream`] context of this process
 /// uses: `Some("hub")` when the process connects through a NATS leaf node that has no JetStream
 /// of its own and the cluster's JetStream runs in domain `hub`; `None` (the default) to use the

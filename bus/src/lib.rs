@@ -52,8 +52,8 @@ pub use auth::{
 };
 pub use child::spawn_tied;
 pub use connect::{
-    ConnectError, connect, connect_with, jetstream, jetstream_domain, parse_jetstream_domain,
-    permission_violations, refused, set_jetstream_domain,
+    ConnectError, ENV_JS_DOMAIN, connect, connect_with, jetstream, jetstream_domain,
+    parse_jetstream_domain, permission_violations, refused, set_jetstream_domain,
 };
 pub use publisher::{FactPublisher, PublishError, publish_at_tip, publish_exclusive};
 pub use reader::{FactStream, Followed, RawFact, ReadError, StartAt, count_messages, follow};

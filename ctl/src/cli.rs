@@ -50,7 +50,7 @@ pub(crate) struct Global {
     pub(crate) timeout: Duration,
     /// The JetStream domain of the lattice's streams, when connecting through a NATS leaf node
     /// without JetStream of its own.
-    #[arg(long, global = true, env = "TRELLIS_JS_DOMAIN", value_parser = trellis_bus::parse_jetstream_domain)]
+    #[arg(long, global = true, env = trellis_bus::ENV_JS_DOMAIN, value_parser = trellis_bus::parse_jetstream_domain)]
     pub(crate) js_domain: Option<String>,
     #[command(flatten)]
     pub(crate) connect: trellis_bus::ConnectArgs,
@@ -419,8 +419,14 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
 
 fn creds(g: &Global, args: crate::creds::CredsArgs) -> Result<(), Failure> {
     let providers = crate::creds::providers_or_default(args.providers);
-    let written = crate::creds::write(&args.dir, &g.lattice, &args.hosts, &providers)
-        .map_err(|e| failure(1, e))?;
+    let written = crate::creds::write(
+        &args.dir,
+        &g.lattice,
+        &args.hosts,
+        &providers,
+        g.js_domain.as_deref(),
+    )
+    .map_err(|e| failure(1, e))?;
     if g.output == Output::Json {
         return print_json(&written);
     }

@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use trellis_schemas::roles::{Grant, Permissions, Rules, permissions};
+use trellis_schemas::roles::{Grant, Permissions, Rules, Scope, permissions};
 use trellis_schemas::{HostId, Lattice, ProviderName};
 
 /// The providers credentials are made for when none is named.
@@ -77,7 +77,8 @@ pub fn grants(hosts: &[HostId], providers: &[ProviderName]) -> Vec<Grant> {
     grants
 }
 
-/// Writes (or completes) the credentials directory `dir` of `lattice`.
+/// Writes (or completes) the credentials directory `dir` of `lattice`, whose processes name the
+/// JetStream domain `js_domain` (`--js-domain`), if any.
 ///
 /// # Errors
 ///
@@ -87,6 +88,7 @@ pub fn write(
     lattice: &Lattice,
     hosts: &[HostId],
     providers: &[ProviderName],
+    js_domain: Option<&str>,
 ) -> Result<Written, String> {
     create_private_dir(dir)?;
     let mut users = Vec::new();
@@ -98,6 +100,13 @@ pub fn write(
          # run `nats-server -js -c {}` (add `port`, `store_dir`, TLS as needed).",
         dir.join("nats.conf").display()
     );
+    if let Some(domain) = js_domain {
+        let _ = writeln!(
+            config,
+            "# The lattice's processes use JetStream domain `{domain}` ($JS.{domain}.API): the server\n\
+             # that holds its streams needs `jetstream {{ domain: {domain} }}`."
+        );
+    }
     let _ = writeln!(
         config,
         "accounts {{\n  {account}: {{\n    jetstream: enabled\n    users: ["
@@ -111,7 +120,14 @@ pub fn write(
         let _ = writeln!(
             config,
             "      {{ nkey: {public_key}, permissions: {} }}",
-            permissions_block(&permissions(lattice, &grant))
+            permissions_block(&permissions(
+                &Scope {
+                    lattice,
+                    public_key: &public_key,
+                    js_domain,
+                },
+                &grant
+            ))
         );
         users.push(User {
             name,
@@ -238,8 +254,8 @@ mod tests {
         let l = Lattice::new("prod").unwrap();
         let hosts = [HostId::new("h1").unwrap()];
         let providers = providers_or_default(Vec::new());
-        let first = write(dir.path(), &l, &hosts, &providers).unwrap();
-        let again = write(dir.path(), &l, &hosts, &providers).unwrap();
+        let first = write(dir.path(), &l, &hosts, &providers, None).unwrap();
+        let again = write(dir.path(), &l, &hosts, &providers, None).unwrap();
         let keys = |w: &Written| {
             w.users
                 .iter()
@@ -263,7 +279,7 @@ mod tests {
         assert!(names.contains(&"host-h1") && names.contains(&"provider-messaging"));
         // A second host later: the first keeps its key.
         let more = [HostId::new("h1").unwrap(), HostId::new("h2").unwrap()];
-        let grown = write(dir.path(), &l, &more, &providers).unwrap();
+        let grown = write(dir.path(), &l, &more, &providers, None).unwrap();
         let h1 = |w: &Written| {
             w.users
                 .iter()
@@ -275,7 +291,7 @@ mod tests {
         assert_eq!(h1(&first), h1(&grown));
         // Something else where a seed should be: refused, not overwritten.
         std::fs::write(dir.path().join("viewer.nk"), "hello").unwrap();
-        let err = write(dir.path(), &l, &hosts, &providers).unwrap_err();
+        let err = write(dir.path(), &l, &hosts, &providers, None).unwrap_err();
         assert!(err.contains("viewer.nk: not an nkey seed"), "{err}");
     }
 }

@@ -480,6 +480,8 @@ async fn start_and_wait(
             lattice,
             std::slice::from_ref(&host_id),
             &names,
+            // The server `trellis up` starts has no JetStream domain.
+            None,
         )
         .map_err(fail)?;
         Some(Secured {

@@ -80,7 +80,7 @@ struct Args {
     /// The JetStream domain of the cluster's streams, for a host that connects through a NATS
     /// leaf node without JetStream of its own (the hub's `jetstream { domain }`). Providers this
     /// host starts use it too.
-    #[arg(long, env = "TRELLIS_JS_DOMAIN", value_parser = trellis_bus::parse_jetstream_domain)]
+    #[arg(long, env = trellis_bus::ENV_JS_DOMAIN, value_parser = trellis_bus::parse_jetstream_domain)]
     js_domain: Option<String>,
     /// A directory written by `trellis creds`: the providers this host starts or embeds connect
     /// with their own credentials from it (`provider-<name>.nk`, and `app.nk` for the messaging

@@ -15,7 +15,8 @@
 //! | [`Grant::App`] | the application subjects of the messaging capability: anything outside Trellis and JetStream | the same |
 //! | [`Grant::Admin`] | everything | everything |
 //!
-//! Every role but the admin reads the streams it needs through ephemeral consumers (that is how
+//! Replies are private: each user subscribes only under its own [`inbox_prefix`], and publishes
+//! on any inbox (answering a request). Every role but the admin reads the streams it needs through ephemeral consumers (that is how
 //! JetStream is read, and an ordered consumer deletes the one it replaces) and nothing else of the
 //! JetStream API: only the controller (and the admin) creates, updates or deletes streams and
 //! buckets, or creates durable consumers. The one exception is the
@@ -113,22 +114,51 @@ fn permitted(rules: &Rules, subject: &str) -> bool {
 /// there, since it may not subscribe to `_INBOX.>`.
 pub const APP_INBOX_PREFIX: &str = "_INBOX_app";
 
-/// The JetStream API prefix.
+/// The prefix of the subjects a user's requests get their replies on: `_INBOX.<public key>`, so
+/// that no user can read the replies meant for another. Every Trellis process connecting with an
+/// nkey or `.creds` sets it (`trellis_bus`); each role may subscribe only under its own.
+pub fn inbox_prefix(public_key: &str) -> String {
+    format!("_INBOX.{public_key}")
+}
+
+/// The JetStream API prefix of a lattice without a JetStream domain.
 const JS_API: &str = "$JS.API";
+
+/// What a user's permissions are cut to beyond its role.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    /// The lattice.
+    pub lattice: &'a Lattice,
+    /// The user's nkey public key (`U…`): its replies come under [`inbox_prefix`] of it.
+    pub public_key: &'a str,
+    /// The JetStream domain the lattice's processes name (`--js-domain`): their JetStream API
+    /// is `$JS.<domain>.API` (which the server holding the domain checks as `$JS.API`).
+    pub js_domain: Option<&'a str>,
+}
+
+impl Scope<'_> {
+    /// The JetStream API prefix the lattice's processes use.
+    fn js_api(&self) -> String {
+        match self.js_domain {
+            Some(domain) => format!("$JS.{domain}.API"),
+            None => JS_API.to_owned(),
+        }
+    }
+}
 
 /// What a reader of stream `stream` needs: its info, ephemeral consumers on it (created with a
 /// name or without), their flow control and message gets.
-fn stream_reader(stream: &str, publish: &mut Vec<String>) {
+fn stream_reader(js_api: &str, stream: &str, publish: &mut Vec<String>) {
     publish.extend([
-        format!("{JS_API}.STREAM.INFO.{stream}"),
-        format!("{JS_API}.CONSUMER.CREATE.{stream}"),
-        format!("{JS_API}.CONSUMER.CREATE.{stream}.>"),
-        format!("{JS_API}.CONSUMER.INFO.{stream}.*"),
+        format!("{js_api}.STREAM.INFO.{stream}"),
+        format!("{js_api}.CONSUMER.CREATE.{stream}"),
+        format!("{js_api}.CONSUMER.CREATE.{stream}.>"),
+        format!("{js_api}.CONSUMER.INFO.{stream}.*"),
         // An ordered consumer deletes the one it replaces (after a reconnection, say).
-        format!("{JS_API}.CONSUMER.DELETE.{stream}.*"),
-        format!("{JS_API}.STREAM.MSG.GET.{stream}"),
-        format!("{JS_API}.DIRECT.GET.{stream}"),
-        format!("{JS_API}.DIRECT.GET.{stream}.>"),
+        format!("{js_api}.CONSUMER.DELETE.{stream}.*"),
+        format!("{js_api}.STREAM.MSG.GET.{stream}"),
+        format!("{js_api}.DIRECT.GET.{stream}"),
+        format!("{js_api}.DIRECT.GET.{stream}.>"),
         format!("$JS.FC.{stream}.>"),
     ]);
 }
@@ -180,14 +210,16 @@ pub fn is_query(op: CtlOp) -> bool {
     )
 }
 
-/// The NATS permissions of `grant` in `lattice`.
-pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
-    let l = lattice;
-    let inbox = "_INBOX.>".to_owned();
+/// The NATS permissions of `grant`, a user of `scope`. Every role may publish on any `_INBOX.…`
+/// subject (that is how a request is answered) but subscribe only under its own
+/// [`inbox_prefix`].
+pub fn permissions(scope: &Scope<'_>, grant: &Grant) -> Permissions {
+    let l = scope.lattice;
+    let api = scope.js_api();
     let events = subject::events_stream(l);
     let heartbeats = subject::heartbeat_stream(l);
-    let mut publish = vec![inbox.clone()];
-    let mut subscribe = vec![inbox];
+    let mut publish = vec!["_INBOX.>".to_owned()];
+    let mut subscribe = vec![format!("{}.>", inbox_prefix(scope.public_key))];
     let mut deny_publish = Vec::new();
     match grant {
         Grant::Admin => {
@@ -208,7 +240,7 @@ pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
                 dataplane::host_commands_all(l),
                 dataplane::provider_controls_all(l),
                 subject::drive_all(l),
-                format!("{JS_API}.>"),
+                format!("{api}.>"),
                 "$JS.FC.>".into(),
                 "$JS.ACK.>".into(),
                 audit::subject_all(l),
@@ -233,9 +265,9 @@ pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
             publish.push(crate::logs::all_instance_logs(l));
             publish.push(audit::subject(l, AuditType::Denied));
             for stream in [&events, &heartbeats, &artifact_stream(l)] {
-                stream_reader(stream, &mut publish);
+                stream_reader(&api, stream, &mut publish);
             }
-            publish.push(format!("{JS_API}.INFO"));
+            publish.push(format!("{api}.INFO"));
             subscribe.push(dataplane::host_commands(l, host));
             subscribe.extend(dataplane::components_all(l));
         }
@@ -248,17 +280,17 @@ pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
             publish.push(audit::subject(l, AuditType::Denied));
             publish.extend(dataplane::components_all(l));
             for stream in [&events, &heartbeats, &artifact_stream(l)] {
-                stream_reader(stream, &mut publish);
+                stream_reader(&api, stream, &mut publish);
             }
-            publish.push(format!("{JS_API}.INFO"));
+            publish.push(format!("{api}.INFO"));
             if name.as_str() == Capability::KeyValue.default_provider() {
                 // Buckets: created on first use, read and written; never updated or deleted.
                 publish.extend([
-                    format!("{JS_API}.STREAM.CREATE.*"),
-                    format!("{JS_API}.STREAM.INFO.*"),
-                    format!("{JS_API}.STREAM.MSG.GET.*"),
-                    format!("{JS_API}.DIRECT.GET.>"),
-                    format!("{JS_API}.CONSUMER.CREATE.>"),
+                    format!("{api}.STREAM.CREATE.*"),
+                    format!("{api}.STREAM.INFO.*"),
+                    format!("{api}.STREAM.MSG.GET.*"),
+                    format!("{api}.DIRECT.GET.>"),
+                    format!("{api}.CONSUMER.CREATE.>"),
                     "$KV.>".into(),
                 ]);
             }
@@ -273,10 +305,10 @@ pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
                 publish.push(subject::ctl_all(l));
                 publish.extend(dataplane::components_all(l));
                 publish.push(dataplane::provider_controls_all(l));
-                stream_reader(&artifact_stream(l), &mut publish);
+                stream_reader(&api, &artifact_stream(l), &mut publish);
                 artifact_writer(l, &mut publish);
                 // The audit stream is the operator's to read (`trellis audit`), not the viewer's.
-                stream_reader(&audit::stream(l), &mut publish);
+                stream_reader(&api, &audit::stream(l), &mut publish);
             } else {
                 publish.extend(
                     CtlOp::ALL
@@ -286,9 +318,9 @@ pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
                 );
             }
             for stream in [&events, &heartbeats] {
-                stream_reader(stream, &mut publish);
+                stream_reader(&api, stream, &mut publish);
             }
-            publish.push(format!("{JS_API}.INFO"));
+            publish.push(format!("{api}.INFO"));
             // Facts as they are published (`--wait`, `events --follow`), heartbeats (the
             // dashboard's load and invocation counts) and logs.
             subscribe.push(subject::events_all(l));
@@ -320,6 +352,16 @@ pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
             };
         }
     }
+    if scope.js_domain.is_some() {
+        // A server that holds the domain maps `$JS.<domain>.API` onto `$JS.API` before it checks
+        // permissions; a leaf node forwarding it to the hub checks the domain's: allow both.
+        let local: Vec<String> = publish
+            .iter()
+            .filter_map(|s| s.strip_prefix(api.as_str()))
+            .map(|rest| format!("{JS_API}{rest}"))
+            .collect();
+        publish.extend(local);
+    }
     if !matches!(grant, Grant::Controller) {
         // Belt and braces: whatever the allowances say, no role but the controller manages
         // streams or consumers by name, or deletes anything.
@@ -334,8 +376,13 @@ pub fn permissions(lattice: &Lattice, grant: &Grant) -> Permissions {
                 "STREAM.RESTORE.>",
                 "STREAM.SNAPSHOT.>",
             ]
-            .map(|rest| format!("{JS_API}.{rest}")),
+            .into_iter()
+            .flat_map(|rest| {
+                // The API without a domain too: the server serves both.
+                [format!("{api}.{rest}"), format!("{JS_API}.{rest}")]
+            }),
         );
+        deny_publish.dedup();
     }
     Permissions {
         publish: Rules {
@@ -359,11 +406,21 @@ mod tests {
         Lattice::new("prod").unwrap()
     }
 
+    const KEY: &str = "UAUSERKEY";
+
+    fn scope(l: &Lattice) -> Scope<'_> {
+        Scope {
+            lattice: l,
+            public_key: KEY,
+            js_domain: None,
+        }
+    }
+
     #[test]
     fn a_host_reports_only_what_hosts_report() {
         let h1 = HostId::new("h1").unwrap();
         let h2 = HostId::new("h2").unwrap();
-        let p = permissions(&l(), &Grant::Host(h1.clone()));
+        let p = permissions(&scope(&l()), &Grant::Host(h1.clone()));
         assert!(p.may_publish(&subject::heartbeat(&l(), &h1)));
         assert!(!p.may_publish(&subject::heartbeat(&l(), &h2)));
         assert!(p.may_publish(&subject::event(&l(), FactKind::HostStarted, "h1")));
@@ -387,7 +444,7 @@ mod tests {
         let kv = ProviderName::new("kv").unwrap();
         let messaging = ProviderName::new("messaging").unwrap();
         let id = ProviderId::generate();
-        let p = permissions(&l(), &Grant::Provider(messaging.clone()));
+        let p = permissions(&scope(&l()), &Grant::Provider(messaging.clone()));
         let rpc = |name| dataplane::provider_rpc(&l(), name, Capability::KeyValue);
         assert!(p.may_subscribe(&rpc(&messaging)));
         assert!(!p.may_subscribe(&rpc(&kv)));
@@ -403,7 +460,7 @@ mod tests {
         let web = ComponentName::new("web").unwrap();
         assert!(p.may_publish(&dataplane::component(&l(), &web, dataplane::Op::Call)));
         assert!(!p.may_publish("$JS.API.STREAM.CREATE.KV_x"));
-        let kv = permissions(&l(), &Grant::Provider(kv));
+        let kv = permissions(&scope(&l()), &Grant::Provider(kv));
         assert!(kv.may_publish("$JS.API.STREAM.CREATE.KV_x"));
         assert!(!kv.may_publish("$JS.API.STREAM.DELETE.KV_x"));
         assert!(!kv.may_publish("$JS.API.STREAM.UPDATE.KV_x"));
@@ -411,8 +468,8 @@ mod tests {
 
     #[test]
     fn operators_drive_viewers_look() {
-        let op = permissions(&l(), &Grant::Operator);
-        let viewer = permissions(&l(), &Grant::Viewer);
+        let op = permissions(&scope(&l()), &Grant::Operator);
+        let viewer = permissions(&scope(&l()), &Grant::Viewer);
         let start = subject::ctl(&l(), CtlOp::InstanceStart);
         let list = subject::ctl(&l(), CtlOp::InstanceList);
         assert!(op.may_publish(&start) && op.may_publish(&list));
@@ -441,13 +498,56 @@ mod tests {
             Grant::Viewer,
             Grant::App,
         ] {
-            assert!(!permissions(&l(), &grant).may_publish(delete), "{grant:?}");
+            assert!(
+                !permissions(&scope(&l()), &grant).may_publish(delete),
+                "{grant:?}"
+            );
         }
-        assert!(permissions(&l(), &Grant::Controller).may_publish(delete));
-        let app = permissions(&l(), &Grant::App);
+        assert!(permissions(&scope(&l()), &Grant::Controller).may_publish(delete));
+        let app = permissions(&scope(&l()), &Grant::App);
         assert!(app.may_publish("orders.new") && app.may_subscribe("orders.>"));
         assert!(!app.may_subscribe("trellis.rpc.v1.prod.provider.kv.kv"));
         assert!(!app.may_subscribe("_INBOX.abc.1") && app.may_publish("_INBOX.abc.1"));
         assert!(app.may_subscribe(&format!("{APP_INBOX_PREFIX}.abc.1")));
+    }
+
+    #[test]
+    fn each_user_reads_only_its_own_inbox() {
+        for grant in [
+            Grant::Controller,
+            Grant::Host(HostId::new("h1").unwrap()),
+            Grant::Provider(ProviderName::new("kv").unwrap()),
+            Grant::Operator,
+            Grant::Viewer,
+        ] {
+            let p = permissions(&scope(&l()), &grant);
+            let own = format!("{}.abc.1", inbox_prefix(KEY));
+            assert!(p.may_subscribe(&own), "{grant:?}");
+            assert!(!p.may_subscribe("_INBOX.UOTHER.abc.1"), "{grant:?}");
+            assert!(!p.may_subscribe("_INBOX.abc.1"), "{grant:?}");
+            // Answering someone else's request is publishing on their inbox.
+            assert!(p.may_publish("_INBOX.UOTHER.abc.1"), "{grant:?}");
+        }
+    }
+
+    #[test]
+    fn a_jetstream_domain_is_allowed_under_both_api_prefixes_and_so_are_the_denials() {
+        let lattice = l();
+        let hub = Scope {
+            js_domain: Some("hub"),
+            ..scope(&lattice)
+        };
+        let host = permissions(&hub, &Grant::Host(HostId::new("h1").unwrap()));
+        let events = subject::events_stream(&lattice);
+        for api in ["$JS.hub.API", "$JS.API"] {
+            assert!(host.may_publish(&format!("{api}.CONSUMER.CREATE.{events}")));
+            assert!(!host.may_publish(&format!("{api}.STREAM.DELETE.{events}")));
+            assert!(!host.may_publish(&format!("{api}.STREAM.CREATE.{events}")));
+        }
+        let controller = permissions(&hub, &Grant::Controller);
+        assert!(controller.may_publish(&format!("$JS.hub.API.STREAM.CREATE.{events}")));
+        let kv = permissions(&hub, &Grant::Provider(ProviderName::new("kv").unwrap()));
+        assert!(kv.may_publish("$JS.hub.API.STREAM.CREATE.KV_x"));
+        assert!(!kv.may_publish("$JS.hub.API.STREAM.DELETE.KV_x"));
     }
 }

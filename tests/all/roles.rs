@@ -2,8 +2,9 @@
 //! writes: a lattice whose every process logs in as its own role works end to end with no
 //! permission violation at all, and each forbidden action (a host forging a grant or commanding
 //! another host, a provider serving another provider's subject, an operator publishing a fact,
-//! a viewer starting an instance, anyone but the controller deleting the fact stream) is
-//! refused by NATS while the lattice goes on unaffected.
+//! a viewer starting an instance, a user reading another's replies, anyone but the controller
+//! deleting the fact stream) is refused by NATS while the lattice goes on unaffected; and so in a
+//! JetStream domain.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,7 +13,7 @@ use async_nats::jetstream;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 use trellis_schemas::dataplane::{self, HostVerb};
-use trellis_schemas::{Capability, FactData, FactKind, HostId, ProviderName, subject};
+use trellis_schemas::{Capability, FactData, FactKind, HostId, ProviderName, roles, subject};
 use trellis_tests::{Nats, Proc, bin, cli_at, facts_with, lattice, wait_for};
 
 /// A connection as one user, and the permission violations the server reported to it.
@@ -26,6 +27,7 @@ impl As {
         let seed = std::fs::read_to_string(creds).unwrap();
         let (tx, violations) = tokio::sync::mpsc::unbounded_channel();
         let client = async_nats::ConnectOptions::with_nkey(seed.trim().to_owned())
+            .custom_inbox_prefix(roles::inbox_prefix(&public_key(creds)))
             .event_callback(move |event| {
                 let tx = tx.clone();
                 async move {
@@ -70,6 +72,12 @@ fn key(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.nk"))
 }
 
+/// The public key of the user whose seed is in `path`.
+fn public_key(path: &Path) -> String {
+    let seed = std::fs::read_to_string(path).unwrap();
+    nkeys::KeyPair::from_seed(seed.trim()).unwrap().public_key()
+}
+
 /// The connection options of the admin, whose key is in `creds`.
 fn admin(creds: &Path) -> trellis_bus::ConnectArgs {
     trellis_bus::ConnectArgs {
@@ -93,34 +101,46 @@ struct Secured {
     l: trellis_schemas::Lattice,
     nats: Nats,
     url: String,
+    /// The JetStream domain its processes name, if any.
+    domain: Option<&'static str>,
     _procs: Vec<Proc>,
 }
 
 impl Secured {
     async fn start(name: &str) -> Self {
+        Self::start_in(name, None).await
+    }
+
+    /// A secured lattice whose processes name the JetStream domain `domain` (`--js-domain`).
+    async fn start_in(name: &str, domain: Option<&'static str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let creds = dir.path().join("creds");
         let l = lattice(name);
+        let domain_args: Vec<&str> = domain.map(|d| vec!["--js-domain", d]).unwrap_or_default();
         // `trellis creds` needs no server: it writes keys and the server's configuration.
-        let (code, out, err) = cli_at(
-            "nats://127.0.0.1:1",
-            &[
-                "--lattice",
-                l.as_str(),
-                "creds",
-                creds.to_str().unwrap(),
-                "--host",
-                "h1",
-                "--host",
-                "h2",
-            ],
-        );
+        let mut args = vec!["--lattice", l.as_str()];
+        args.extend(&domain_args);
+        args.extend([
+            "creds",
+            creds.to_str().unwrap(),
+            "--host",
+            "h1",
+            "--host",
+            "h2",
+        ]);
+        let (code, out, err) = cli_at("nats://127.0.0.1:1", &args);
         assert_eq!(code, 0, "{out}{err}");
         assert!(
             out.contains("host-h1") && out.contains("provider-kv"),
             "{out}"
         );
-        let nats = Nats::start_with_args(&["-c", creds.join("nats.conf").to_str().unwrap()]).await;
+        let config = creds.join("nats.conf");
+        if let Some(domain) = domain {
+            let mut text = std::fs::read_to_string(&config).unwrap();
+            text.push_str(&format!("jetstream {{ domain: {domain} }}\n"));
+            std::fs::write(&config, text).unwrap();
+        }
+        let nats = Nats::start_with_args(&["-c", config.to_str().unwrap()]).await;
         let url = nats.url();
         let common = |name: &str, rest: &[&str]| -> Vec<String> {
             let k = key(&creds, name);
@@ -133,6 +153,7 @@ impl Secured {
                 k.to_str().unwrap(),
             ]
             .iter()
+            .chain(&domain_args)
             .map(|s| (*s).to_owned())
             .chain(rest.iter().map(|s| (*s).to_owned()))
             .collect()
@@ -184,6 +205,7 @@ impl Secured {
             l,
             nats,
             url,
+            domain,
             _procs: vec![_controller, _host],
         }
     }
@@ -198,8 +220,12 @@ impl Secured {
         let k = key(&self.creds, role);
         let url = self.url.clone();
         let l = self.l.clone();
+        let domain = self.domain;
         move |args: &[&str]| {
             let mut all = vec!["--lattice", l.as_str(), "--creds", k.to_str().unwrap()];
+            if let Some(domain) = domain {
+                all.extend(["--js-domain", domain]);
+            }
             all.extend_from_slice(args);
             cli_at(&url, &all)
         }
@@ -240,11 +266,7 @@ async fn every_role_gets_only_its_own_subjects() {
     let (code, _, err) = viewer(&["events", "--type", "instance.started"]);
     assert_eq!(code, 0, "{err}");
     // None of it needed a permission it lacked.
-    let server_log = std::fs::read_to_string(nats.logs().join("nats.log")).unwrap();
-    let violations: Vec<&str> = server_log
-        .lines()
-        .filter(|l| l.contains("Violation"))
-        .collect();
+    let violations = violations_logged(nats);
     assert!(
         violations.is_empty(),
         "permission violations in normal use:\n{}",
@@ -293,6 +315,20 @@ async fn every_role_gets_only_its_own_subjects() {
     op.publish_refused("an operator publishing a fact", &fact)
         .await;
 
+    // A user reading replies meant for another: the operator's, or everyone's.
+    let mut snoop = As::connect(url, &key(creds, "viewer")).await;
+    let theirs = format!(
+        "{}.>",
+        roles::inbox_prefix(&public_key(&key(creds, "operator")))
+    );
+    let _sub = snoop.client.subscribe(theirs.clone()).await.unwrap();
+    snoop
+        .refused("a viewer reading the operator's replies", &theirs)
+        .await;
+    let _sub = host.client.subscribe("_INBOX.>").await.unwrap();
+    host.refused("a host reading every user's replies", "_INBOX.>")
+        .await;
+
     // Anyone but the controller deleting the fact stream.
     let events = subject::events_stream(l);
     let delete = format!("$JS.API.STREAM.DELETE.{events}");
@@ -333,6 +369,33 @@ async fn every_role_gets_only_its_own_subjects() {
     let (code, out, _) = viewer(&["host", "ls", "-o", "json"]);
     assert_eq!(code, 0);
     assert!(out.contains("\"h1\""), "{out}");
+}
+
+/// The lines of the server's log that report a permission violation.
+fn violations_logged(nats: &Nats) -> Vec<String> {
+    let server_log = std::fs::read_to_string(nats.logs().join("nats.log")).unwrap();
+    server_log
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_secured_lattice_runs_in_a_jetstream_domain() {
+    // The permissions name the domain's API (`$JS.hub.API`), which every process uses.
+    let lattice = Secured::start_in("domain", Some("hub")).await;
+    let operator = lattice.cli("operator");
+    trellis_tests::exercise_lattice(&operator, "h1").await;
+    let (code, out, err) = lattice.cli("viewer")(&["events", "--type", "instance.started"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("instance.started"), "{out}");
+    let violations = violations_logged(&lattice.nats);
+    assert!(
+        violations.is_empty(),
+        "permission violations in normal use:\n{}",
+        violations.join("\n")
+    );
 }
 
 /// The audit events of the lattice, as `trellis audit -o json` prints them for `role`.
@@ -455,6 +518,77 @@ async fn the_audit_stream_records_requests_grants_and_denials_without_payloads()
     .await;
     assert_eq!(denied["outcome"], "access_denied", "{denied}");
     assert_eq!(denied["source"], "host/h1", "{denied}");
+
+    // A refusal past the assignment check (a bucket the assignment does not name), by the
+    // provider.
+    ok(&[
+        "provider",
+        "start",
+        "kv",
+        "--host",
+        "h1",
+        "--embedded",
+        "--wait",
+    ]);
+    ok(&[
+        "assignment",
+        "grant",
+        "component:kv-probe",
+        "wasi:keyvalue",
+        "kv",
+        "--config",
+        "bucket=audited",
+    ]);
+    // Called until the grant has reached the host and the provider: the provider refuses.
+    let by_provider = wait_for("the provider's denial", Duration::from_secs(30), || async {
+        let answer = ok(&["call", "kv-probe", "get", "\"elsewhere\"", secret_key]);
+        assert!(answer.contains("access-denied"), "{answer}");
+        audit_events(&operator, "denied").into_iter().find(|e| {
+            e["provider"] == "kv"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("elsewhere"))
+        })
+    })
+    .await;
+    assert_eq!(by_provider["outcome"], "access_denied", "{by_provider}");
+    assert!(
+        by_provider["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("provider/kv/"),
+        "{by_provider}"
+    );
+
+    // What the server refuses a Trellis process: a host started as `h2` with `h1`'s key may not
+    // send `h2`'s heartbeats, and records each refusal it is told of.
+    let _impostor = Proc::spawn(
+        "host-h2-with-h1-key",
+        &bin("trellis-host"),
+        &[
+            "--nats",
+            &lattice.url,
+            "--lattice",
+            lattice.l.as_str(),
+            "--creds",
+            key(&lattice.creds, "host-h1").to_str().unwrap(),
+            "--host-id",
+            "h2",
+            "--heartbeat-interval",
+            "200ms",
+        ]
+        .map(str::to_owned),
+        lattice.nats.logs(),
+    );
+    let beat = subject::heartbeat(&lattice.l, &HostId::new("h2").unwrap());
+    let by_nats = wait_for("the server's refusal", Duration::from_secs(30), || async {
+        audit_events(&operator, "denied").into_iter().find(|e| {
+            e["outcome"] == trellis_bus::audit::REFUSED_BY_NATS
+                && e["reason"].as_str().is_some_and(|r| r.contains(&beat))
+        })
+    })
+    .await;
+    assert_eq!(by_nats["source"], "host/h2", "{by_nats}");
     // Security records, not logs: no payload anywhere.
     let (_, all, _) = operator(&["audit", "-o", "json"]);
     assert!(

@@ -97,6 +97,11 @@ impl State {
             1_000,
         );
         let (drive, drive_rx) = mpsc::unbounded_channel();
+        trellis_bus::audit::record_nats_refusals(
+            client.clone(),
+            config.lattice.clone(),
+            format!("controller/{}", config.replica_id),
+        );
         Self {
             source: trellis_schemas::fact::source(
                 &config.lattice,

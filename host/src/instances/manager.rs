@@ -151,6 +151,11 @@ impl InstanceManager {
             host_id.clone(),
             config.logs,
         );
+        trellis_bus::audit::record_nats_refusals(
+            client.clone(),
+            lattice.clone(),
+            format!("host/{host_id}"),
+        );
         Self {
             inner: Arc::new(Inner {
                 ctx: Arc::new(Context {

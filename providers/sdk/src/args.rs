@@ -38,7 +38,7 @@ pub struct ProviderArgs {
     pub registry: Option<String>,
     /// The JetStream domain of the cluster's streams and buckets, for a provider behind a NATS
     /// leaf node without JetStream of its own.
-    #[arg(long, env = "TRELLIS_JS_DOMAIN", value_parser = trellis_bus::parse_jetstream_domain)]
+    #[arg(long, env = trellis_bus::ENV_JS_DOMAIN, value_parser = trellis_bus::parse_jetstream_domain)]
     pub js_domain: Option<String>,
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     #[arg(long)]

@@ -330,6 +330,14 @@ where
         shutdown: stop_rx,
         calls: metrics::ProviderCalls::new(name.as_str()),
     };
+    if !embedded {
+        // Embedded, its host records what NATS refuses the process.
+        trellis_bus::audit::record_nats_refusals(
+            client.clone(),
+            lattice.clone(),
+            format!("provider/{name}/{id}"),
+        );
+    }
     let provider = Arc::new(make(ctx.clone()).await.context("starting the provider")?);
 
     let mut calls = SelectAll::new();

@@ -8,7 +8,7 @@ use async_nats::Message;
 use trellis_bus::dataplane::{self as codec, Identity};
 use trellis_bus::telemetry::{Kind, Span};
 use trellis_schemas::capability::rpc::{CapabilityRequest, CapabilityResponse};
-use trellis_schemas::dataplane::{DataError, MAX_BODY_BYTES, span_attributes};
+use trellis_schemas::dataplane::{DataError, ErrorCode, MAX_BODY_BYTES, span_attributes};
 use trellis_schemas::{Assignment, Capability, InstanceId};
 
 use crate::Context;
@@ -158,8 +158,8 @@ async fn check_and_handle<P: Provider>(provider: &P, ctx: &Context, request: Req
         )));
     }
     let caller = Caller {
-        instance: identity.instance,
-        component: identity.component,
+        instance: identity.instance.clone(),
+        component: identity.component.clone(),
     };
     let claimed = identity.assignment.as_deref().unwrap_or("-");
     let Some(record) = ctx
@@ -177,34 +177,56 @@ async fn check_and_handle<P: Provider>(provider: &P, ctx: &Context, request: Req
             "no assignment grants {capability} to {caller} through provider `{}`",
             ctx.name
         ));
-        let mut event = trellis_schemas::audit::AuditEvent::new(
-            trellis_schemas::audit::AuditType::Denied,
-            format!("provider/{}/{}", ctx.name, ctx.id),
-            error.code.as_str(),
-        );
-        event.target = Some(format!("instance:{}", caller.instance));
-        event.capability = Some(capability.as_str().to_owned());
-        event.provider = Some(ctx.name.to_string());
-        event.reason = Some(format!(
+        let reason = format!(
             "no assignment of component {} through this provider",
             caller.component
-        ));
-        event.trace_id = identity
-            .traceparent
-            .as_deref()
-            .and_then(trellis_schemas::dataplane::trace_id)
-            .map(str::to_owned);
-        ctx.audit.record(&event).await;
+        );
+        record_denial(ctx, &caller, capability, &identity, &error, reason).await;
         return Err(error);
     };
     if claimed != "-" && claimed != record.assignment.assignment_id.as_str() {
         tracing::debug!(%caller, host_says = %claimed, provider_says = %record.assignment.assignment_id, "the host resolved another assignment");
     }
-    provider
+    let outcome = provider
         .handle(Call {
             assignment: record.assignment,
-            caller,
+            caller: caller.clone(),
             request,
         })
-        .await
+        .await;
+    // A refusal past the assignment check: a bucket, subject or host the assignment does not
+    // name.
+    if let Err(error) = &outcome
+        && error.code == ErrorCode::AccessDenied
+    {
+        let reason = error.message.clone();
+        record_denial(ctx, &caller, capability, &identity, error, reason).await;
+    }
+    outcome
+}
+
+/// Records a refused call on the audit stream: who asked, for what, and why (never a payload).
+async fn record_denial(
+    ctx: &Context,
+    caller: &Caller,
+    capability: Capability,
+    identity: &Identity,
+    error: &DataError,
+    reason: String,
+) {
+    let mut event = trellis_schemas::audit::AuditEvent::new(
+        trellis_schemas::audit::AuditType::Denied,
+        format!("provider/{}/{}", ctx.name, ctx.id),
+        error.code.as_str(),
+    );
+    event.target = Some(format!("instance:{}", caller.instance));
+    event.capability = Some(capability.as_str().to_owned());
+    event.provider = Some(ctx.name.to_string());
+    event.reason = Some(trellis_schemas::audit::short_reason(&reason));
+    event.trace_id = identity
+        .traceparent
+        .as_deref()
+        .and_then(trellis_schemas::dataplane::trace_id)
+        .map(str::to_owned);
+    ctx.audit.record(&event).await;
 }
