@@ -9,7 +9,7 @@
 //!
 //! | capability | the component | provider | configuration |
 //! |---|---|---|---|
-//! | `wasi:keyvalue` | imports `wasi:keyvalue/{store,atomics,batch}` | `kv` | `bucket` (required) |
+//! | `wasi:keyvalue` | imports `wasi:keyvalue/{store,atomics,batch}` or `fermyon:spin/key-value` | `kv` | `bucket` (required) |
 //! | `wasi:http/incoming-handler` | exports it | `http-server` | `address` (required) |
 //! | `wasi:http/outgoing-handler` | imports it | `http-client` | `allowed_hosts` (required) |
 //! | `wasmcloud:messaging` | imports `consumer`, exports `handler` | `messaging` | `subscribe`, `publish` |
@@ -89,9 +89,10 @@ impl Capability {
     pub fn of_import(import: &str) -> Option<Self> {
         let base = crate::manifest::strip_version(import);
         match base {
-            "wasi:keyvalue/store" | "wasi:keyvalue/atomics" | "wasi:keyvalue/batch" => {
-                Some(Capability::KeyValue)
-            }
+            "wasi:keyvalue/store"
+            | "wasi:keyvalue/atomics"
+            | "wasi:keyvalue/batch"
+            | "fermyon:spin/key-value" => Some(Capability::KeyValue),
             "wasi:http/outgoing-handler" => Some(Capability::HttpOutgoing),
             "wasmcloud:messaging/consumer" => Some(Capability::Messaging),
             _ => None,
@@ -356,6 +357,10 @@ mod tests {
     fn imports_map_to_capabilities() {
         assert_eq!(
             Capability::of_import("wasi:keyvalue/atomics@0.2.0-draft"),
+            Some(Capability::KeyValue)
+        );
+        assert_eq!(
+            Capability::of_import("fermyon:spin/key-value@2.0.0"),
             Some(Capability::KeyValue)
         );
         assert_eq!(

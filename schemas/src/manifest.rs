@@ -112,6 +112,7 @@ pub const WASI_BASICS: &[&str] = &[
 pub const CAPABILITY_PACKAGES: &[&str] = &[
     "wasi:http/",
     "wasi:keyvalue/",
+    "fermyon:spin/key-value",
     "wasi:logging/",
     "wasmcloud:messaging/",
 ];

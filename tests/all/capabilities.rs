@@ -590,6 +590,60 @@ async fn kv_counter_keeps_counting_across_instances_because_state_lives_in_the_p
 }
 
 #[tokio::test]
+async fn a_component_built_with_spins_sdk_counts_in_its_assigned_bucket_unchanged() {
+    // `spin_counter` is written with spin-sdk 3 from crates.io: it imports Spin's
+    // `fermyon:spin/key-value@2.0.0` and `wasi:http` 0.2.4, and exports the 0.2.0 handler.
+    let lat = Lab::up(&["kv", "http-server"]).await;
+    lat.push(
+        "spin_counter",
+        &["fermyon:spin/key-value", "wasi:http/types"],
+        &["wasi:http/incoming-handler"],
+    );
+    let port = free_port();
+    let http_grant = format!("wasi:http/incoming-handler address=127.0.0.1:{port}");
+    // Without a key-value assignment, Spin's `open` answers access-denied inside the guest.
+    let (bare, started, reason) = lat.start("spin-counter", &[&http_grant]);
+    assert!(started, "{reason}");
+    let (status, body) = wait_for("the instance behind the listener", T, || async {
+        let got = try_http(port, "GET", "/", "").await.ok()?;
+        (got.0 != 503).then_some(got)
+    })
+    .await;
+    assert_eq!(
+        (status, body.as_str()),
+        (500, "open: Error::AccessDenied\n")
+    );
+    let (code, _, err) = lat.cli(&["instance", "stop", &bare, "--wait"]);
+    assert_eq!(code, 0, "{err}");
+
+    // Assigned a bucket: Spin's `default` store is that bucket, and it counts there.
+    let (_, started, reason) = lat.start(
+        "spin-counter",
+        &["wasi:keyvalue bucket=spin-counts", &http_grant],
+    );
+    assert!(started, "{reason}");
+    let (status, body) = wait_for("the first count", T, || async {
+        let got = try_http(port, "GET", "/", "").await.ok()?;
+        (got.0 == 200).then_some(got)
+    })
+    .await;
+    assert_eq!((status, body.as_str()), (200, "spin count 1 keys 1\n"));
+    assert_eq!(
+        http(port, "GET", "/", "").await,
+        (200, "spin count 2 keys 1\n".to_owned())
+    );
+    // The bucket named by its own name is the same store; any other is refused.
+    assert_eq!(
+        http(port, "GET", "/spin-counts", "").await,
+        (200, "spin count 3 keys 1\n".to_owned())
+    );
+    assert_eq!(
+        http(port, "GET", "/elsewhere", "").await,
+        (500, "open: Error::AccessDenied\n".to_owned())
+    );
+}
+
+#[tokio::test]
 async fn an_embedded_kv_provider_serves_its_hosts_instances_without_nats_and_checks_them() {
     let lat = Lab::up(&[]).await;
     lat.push("kv_probe", KV_IMPORTS, &["wasi:keyvalue"]);

@@ -67,6 +67,7 @@ pub const NAMES: &[&str] = &[
     "pipe_stage",
     "probe",
     "recursion",
+    "spin_counter",
     "trap",
     "typed",
 ];

@@ -1,5 +1,6 @@
 //! Host implementations of the capability interfaces of the `trellis:lattice/host` world
-//! (`wit/trellis.wit`): `wasi:keyvalue` (store, atomics, batch), `wasi:logging` and
+//! (`wit/trellis.wit`): `wasi:keyvalue` (store, atomics, batch), Spin's
+//! `fermyon:spin/key-value` (on the same buckets), `wasi:logging` and
 //! `wasmcloud:messaging/consumer`. `wasi:http` comes from wasmtime-wasi-http (see
 //! [`super::http`]).
 //!
@@ -33,11 +34,13 @@ mod generated {
             "wasi:http": wasmtime_wasi_http::p2::bindings::http,
             "wasi:io": wasmtime_wasi::p2::bindings::io,
             "wasi:keyvalue/store.bucket": super::KvBucket,
+            "fermyon:spin/key-value.store": super::SpinStore,
         },
         require_store_data_send: true,
     });
 }
 
+use generated::fermyon::spin::key_value as spin_kv;
 use generated::wasi::keyvalue::{atomics, batch, store};
 use generated::wasi::logging::logging;
 use generated::wasmcloud::messaging::{consumer, types as msg_types};
@@ -49,11 +52,22 @@ pub struct KvBucket {
     identifier: String,
 }
 
+/// An open Spin key-value store: the bucket it stands for (`""`, the assigned bucket, for the
+/// store labelled `default`).
+#[derive(Debug)]
+pub struct SpinStore {
+    bucket: String,
+}
+
+/// The label of Spin's default store, which is the bucket the assignment names.
+const SPIN_DEFAULT_STORE: &str = "default";
+
 /// Links the capability interfaces into `linker`.
 pub(crate) fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
     store::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     atomics::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     batch::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
+    spin_kv::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     logging::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     consumer::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     msg_types::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
@@ -281,6 +295,144 @@ impl batch::Host for StoreState {
             .kv(KvRequest::DeleteMany { bucket, keys })
             .await
             .map(|_| ()))
+    }
+}
+
+fn spin_error(e: store::Error) -> spin_kv::Error {
+    match e {
+        store::Error::AccessDenied => spin_kv::Error::AccessDenied,
+        store::Error::NoSuchStore => spin_kv::Error::NoSuchStore,
+        store::Error::Other(message) => spin_kv::Error::Other(message),
+    }
+}
+
+/// The most keys `get-keys` gathers: the interface returns them all at once, and the guest's
+/// memory limit would end an invocation that got more long before.
+const SPIN_MAX_KEYS: usize = 100_000;
+
+impl StoreState {
+    fn spin_bucket(&self, store: &Resource<SpinStore>) -> wasmtime::Result<String> {
+        Ok(self.table.get(store)?.bucket.clone())
+    }
+}
+
+impl spin_kv::Host for StoreState {}
+
+impl spin_kv::HostStore for StoreState {
+    async fn open(
+        &mut self,
+        label: String,
+    ) -> wasmtime::Result<Result<Resource<SpinStore>, spin_kv::Error>> {
+        // `default` is the assigned bucket; any other label names a bucket, which the provider
+        // refuses unless the assignment names it.
+        let bucket = if label == SPIN_DEFAULT_STORE {
+            String::new()
+        } else {
+            label
+        };
+        if let Err(e) = self
+            .kv(KvRequest::Open {
+                bucket: bucket.clone(),
+            })
+            .await
+        {
+            return Ok(Err(spin_error(e)));
+        }
+        Ok(Ok(self.table.push(SpinStore { bucket })?))
+    }
+
+    async fn get(
+        &mut self,
+        store: Resource<SpinStore>,
+        key: String,
+    ) -> wasmtime::Result<Result<Option<Vec<u8>>, spin_kv::Error>> {
+        let bucket = self.spin_bucket(&store)?;
+        Ok(self
+            .kv(KvRequest::Get { bucket, key })
+            .await
+            .map(|r| r.value.map(Vec::from))
+            .map_err(spin_error))
+    }
+
+    async fn set(
+        &mut self,
+        store: Resource<SpinStore>,
+        key: String,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), spin_kv::Error>> {
+        let bucket = self.spin_bucket(&store)?;
+        Ok(self
+            .kv(KvRequest::Set {
+                bucket,
+                key,
+                value: Bytes::from(value),
+            })
+            .await
+            .map(|_| ())
+            .map_err(spin_error))
+    }
+
+    async fn delete(
+        &mut self,
+        store: Resource<SpinStore>,
+        key: String,
+    ) -> wasmtime::Result<Result<(), spin_kv::Error>> {
+        let bucket = self.spin_bucket(&store)?;
+        Ok(self
+            .kv(KvRequest::Delete { bucket, key })
+            .await
+            .map(|_| ())
+            .map_err(spin_error))
+    }
+
+    async fn exists(
+        &mut self,
+        store: Resource<SpinStore>,
+        key: String,
+    ) -> wasmtime::Result<Result<bool, spin_kv::Error>> {
+        let bucket = self.spin_bucket(&store)?;
+        Ok(self
+            .kv(KvRequest::Exists { bucket, key })
+            .await
+            .map(|r| r.exists.unwrap_or(false))
+            .map_err(spin_error))
+    }
+
+    async fn get_keys(
+        &mut self,
+        store: Resource<SpinStore>,
+    ) -> wasmtime::Result<Result<Vec<String>, spin_kv::Error>> {
+        let bucket = self.spin_bucket(&store)?;
+        let mut keys = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = match self
+                .kv(KvRequest::ListKeys {
+                    bucket: bucket.clone(),
+                    cursor,
+                })
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => return Ok(Err(spin_error(e))),
+            };
+            keys.extend(page.keys);
+            if keys.len() > SPIN_MAX_KEYS {
+                return Ok(Err(spin_kv::Error::Other(format!(
+                    "the store holds more than {SPIN_MAX_KEYS} keys; list them with wasi:keyvalue's cursor"
+                ))));
+            }
+            match page.cursor {
+                // A cursor that does not move would never end.
+                Some(next) if Some(next) != cursor => cursor = Some(next),
+                _ => return Ok(Ok(keys)),
+            }
+        }
+    }
+
+    async fn drop(&mut self, store: Resource<SpinStore>) -> wasmtime::Result<()> {
+        self.table.delete(store)?;
+        Ok(())
     }
 }
 
