@@ -644,6 +644,39 @@ async fn a_component_built_with_spins_sdk_counts_in_its_assigned_bucket_unchange
 }
 
 #[tokio::test]
+async fn a_component_built_with_wasmclouds_sdk_counts_with_atomics_unchanged() {
+    // `wasmcloud_counter` is written with wasmcloud-component 0.2 from crates.io: it imports
+    // `wasi:keyvalue/store` and `atomics` @0.2.0-draft as that SDK binds them.
+    let lat = Lab::up(&["kv", "http-server"]).await;
+    lat.push(
+        "wasmcloud_counter",
+        &[
+            "wasi:keyvalue/store",
+            "wasi:keyvalue/atomics",
+            "wasi:http/types",
+        ],
+        &["wasi:http/incoming-handler"],
+    );
+    let port = free_port();
+    let http_grant = format!("wasi:http/incoming-handler address=127.0.0.1:{port}");
+    let (_, started, reason) = lat.start(
+        "wasmcloud-counter",
+        &["wasi:keyvalue bucket=wasmcloud-counts", &http_grant],
+    );
+    assert!(started, "{reason}");
+    let (status, body) = wait_for("the first count", T, || async {
+        let got = try_http(port, "GET", "/", "").await.ok()?;
+        (got.0 == 200).then_some(got)
+    })
+    .await;
+    assert_eq!((status, body.as_str()), (200, "wasmcloud count 1\n"));
+    assert_eq!(
+        http(port, "GET", "/", "").await,
+        (200, "wasmcloud count 2\n".to_owned())
+    );
+}
+
+#[tokio::test]
 async fn an_embedded_kv_provider_serves_its_hosts_instances_without_nats_and_checks_them() {
     let lat = Lab::up(&[]).await;
     lat.push("kv_probe", KV_IMPORTS, &["wasi:keyvalue"]);

@@ -70,6 +70,7 @@ pub const NAMES: &[&str] = &[
     "spin_counter",
     "trap",
     "typed",
+    "wasmcloud_counter",
 ];
 
 /// Where the built guests are.
