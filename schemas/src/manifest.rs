@@ -115,6 +115,7 @@ pub const CAPABILITY_PACKAGES: &[&str] = &[
     "fermyon:spin/key-value",
     "wasi:logging/",
     "wasmcloud:messaging/",
+    "wasmcloud:bus/",
 ];
 
 /// Removes a trailing `@version` from an interface name.

@@ -644,15 +644,17 @@ async fn a_component_built_with_spins_sdk_counts_in_its_assigned_bucket_unchange
 }
 
 #[tokio::test]
-async fn a_component_built_with_wasmclouds_sdk_counts_with_atomics_unchanged() {
+async fn a_component_built_with_wasmclouds_sdk_counts_with_atomics_and_link_names_unchanged() {
     // `wasmcloud_counter` is written with wasmcloud-component 0.2 from crates.io: it imports
-    // `wasi:keyvalue/store` and `atomics` @0.2.0-draft as that SDK binds them.
+    // `wasi:keyvalue/store` and `atomics` @0.2.0-draft as that SDK binds them, and chooses its
+    // link name with `wasmcloud:bus/lattice`.
     let lat = Lab::up(&["kv", "http-server"]).await;
     lat.push(
         "wasmcloud_counter",
         &[
             "wasi:keyvalue/store",
             "wasi:keyvalue/atomics",
+            "wasmcloud:bus/lattice",
             "wasi:http/types",
         ],
         &["wasi:http/incoming-handler"],
@@ -673,6 +675,20 @@ async fn a_component_built_with_wasmclouds_sdk_counts_with_atomics_unchanged() {
     assert_eq!(
         http(port, "GET", "/", "").await,
         (200, "wasmcloud count 2\n".to_owned())
+    );
+    // `wasmcloud:bus/lattice`: the link name `default` is the assignment; another is an error
+    // the guest handles.
+    let (status, body) = http(port, "GET", "/cache", "").await;
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.starts_with(
+            "link: no link named \"cache\" for wasi:keyvalue/store, wasi:keyvalue/atomics"
+        ),
+        "{body}"
+    );
+    assert_eq!(
+        http(port, "GET", "/default", "").await,
+        (200, "wasmcloud count 3\n".to_owned())
     );
 }
 

@@ -1,7 +1,7 @@
 //! Host implementations of the capability interfaces of the `trellis:lattice/host` world
 //! (`wit/trellis.wit`): `wasi:keyvalue` (store, atomics, batch), Spin's
-//! `fermyon:spin/key-value` (on the same buckets), `wasi:logging` and
-//! `wasmcloud:messaging/consumer`. `wasi:http` comes from wasmtime-wasi-http (see
+//! `fermyon:spin/key-value` (on the same buckets), `wasi:logging`,
+//! `wasmcloud:messaging/consumer` and `wasmcloud:bus/lattice` (link names). `wasi:http` comes from wasmtime-wasi-http (see
 //! [`super::http`]).
 //!
 //! Key-value and messaging calls become the typed requests of
@@ -35,6 +35,7 @@ mod generated {
             "wasi:io": wasmtime_wasi::p2::bindings::io,
             "wasi:keyvalue/store.bucket": super::KvBucket,
             "fermyon:spin/key-value.store": super::SpinStore,
+            "wasmcloud:bus/lattice.call-target-interface": super::CallTarget,
         },
         require_store_data_send: true,
     });
@@ -43,6 +44,7 @@ mod generated {
 use generated::fermyon::spin::key_value as spin_kv;
 use generated::wasi::keyvalue::{atomics, batch, store};
 use generated::wasi::logging::logging;
+use generated::wasmcloud::bus::lattice;
 use generated::wasmcloud::messaging::{consumer, types as msg_types};
 
 /// An open key-value bucket: the identifier the guest passed to `open`. The provider resolves it
@@ -59,6 +61,15 @@ pub struct SpinStore {
     bucket: String,
 }
 
+/// An interface a wasmCloud component names in `set-link-name`.
+#[derive(Debug)]
+pub struct CallTarget {
+    interface: String,
+}
+
+/// The one link name Trellis knows: the assignment of each capability.
+const DEFAULT_LINK_NAME: &str = "default";
+
 /// The label of Spin's default store, which is the bucket the assignment names.
 const SPIN_DEFAULT_STORE: &str = "default";
 
@@ -68,6 +79,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result
     atomics::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     batch::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     spin_kv::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
+    lattice::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     logging::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     consumer::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     msg_types::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
@@ -432,6 +444,43 @@ impl spin_kv::HostStore for StoreState {
 
     async fn drop(&mut self, store: Resource<SpinStore>) -> wasmtime::Result<()> {
         self.table.delete(store)?;
+        Ok(())
+    }
+}
+
+impl lattice::Host for StoreState {
+    async fn set_link_name(
+        &mut self,
+        name: String,
+        interfaces: Vec<Resource<CallTarget>>,
+    ) -> wasmtime::Result<Result<(), String>> {
+        let mut named = Vec::with_capacity(interfaces.len());
+        for target in interfaces {
+            named.push(self.table.delete(target)?.interface);
+        }
+        if name == DEFAULT_LINK_NAME {
+            return Ok(Ok(()));
+        }
+        Ok(Err(format!(
+            "no link named {name:?} for {}: Trellis grants one assignment per capability, selected by the link name \"{DEFAULT_LINK_NAME}\"",
+            named.join(", ")
+        )))
+    }
+}
+
+impl lattice::HostCallTargetInterface for StoreState {
+    async fn new(
+        &mut self,
+        namespace: String,
+        package: String,
+        interface: String,
+    ) -> wasmtime::Result<Resource<CallTarget>> {
+        let interface = format!("{namespace}:{package}/{interface}");
+        Ok(self.table.push(CallTarget { interface })?)
+    }
+
+    async fn drop(&mut self, target: Resource<CallTarget>) -> wasmtime::Result<()> {
+        self.table.delete(target)?;
         Ok(())
     }
 }
