@@ -144,6 +144,10 @@ struct ControllerArgs {
     /// audit stream names the caller of each control request by name and role.
     #[arg(long, env = "TRELLIS_USERS", value_name = "FILE")]
     users: Option<std::path::PathBuf>,
+    /// Credentials of a user of the NATS server's system account (`system.nk` of `trellis
+    /// creds`): the server's advisories of failed logins become audit events.
+    #[arg(long, env = "TRELLIS_SYSTEM_CREDS", value_name = "FILE")]
+    system_creds: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -335,6 +339,11 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             }
             if let Some(id) = args.replica_id {
                 config.replica_id = id;
+            }
+            if let Some(path) = args.system_creds {
+                std::fs::metadata(&path)
+                    .map_err(|e| failure(2, format!("--system-creds {}: {e}", path.display())))?;
+                config.system_creds = Some(path);
             }
             let controller = async {
                 crate::controller::run(config, async {

@@ -4,7 +4,9 @@
 //! One directory holds an nkey user seed per role (`controller.nk`, `host-<id>.nk`,
 //! `provider-<name>.nk`, `operator.nk`, `viewer.nk`, `app.nk`, `admin.nk`), each readable by
 //! its owner only, and `nats.conf`: one account for the lattice whose users are those keys,
-//! each with the permissions [`trellis_schemas::roles::permissions`] gives its role. Running it
+//! each with the permissions [`trellis_schemas::roles::permissions`] gives its role, and the
+//! server's system account with one user (`system.nk`), whose key lets a controller read the
+//! server's advisories of failed logins. Running it
 //! again keeps every key it finds and adds the missing ones, so hosts can be added later.
 
 use std::fmt::Write as _;
@@ -57,6 +59,11 @@ pub struct User {
     /// The nkey public key the server knows it by.
     pub public_key: String,
 }
+
+/// The server's system account in the written configuration.
+pub const SYSTEM_ACCOUNT: &str = "SYS";
+/// The user of the system account (`system.nk`), for `trellis controller --system-creds`.
+pub const SYSTEM_USER: &str = "system";
 
 /// The NATS account a lattice runs in.
 pub fn account(lattice: &Lattice) -> String {
@@ -136,7 +143,20 @@ pub fn write(
             public_key,
         });
     }
-    let _ = writeln!(config, "    ]\n  }}\n}}");
+    // The server's system account, with one user: a controller given its key
+    // (`--system-creds`) records the server's failed-login advisories in the audit stream.
+    let system = dir.join(format!("{SYSTEM_USER}.nk"));
+    let system_key = user_key(&system)?.public_key();
+    let _ = writeln!(
+        config,
+        "    ]\n  }}\n  {SYSTEM_ACCOUNT}: {{\n    users: [\n      # {SYSTEM_USER}\n      {{ nkey: {system_key} }}\n    ]\n  }}\n}}\nsystem_account: {SYSTEM_ACCOUNT}"
+    );
+    users.push(User {
+        name: SYSTEM_USER.to_owned(),
+        role: SYSTEM_USER,
+        creds: system,
+        public_key: system_key,
+    });
     let path = dir.join("nats.conf");
     std::fs::write(&path, config).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     // Who is who, for the controller's audit events (`trellis controller --users`).
@@ -277,6 +297,8 @@ mod tests {
         );
         let names: Vec<&str> = first.users.iter().map(|u| u.name.as_str()).collect();
         assert!(names.contains(&"host-h1") && names.contains(&"provider-messaging"));
+        assert!(names.contains(&SYSTEM_USER));
+        assert!(config.contains("system_account: SYS"), "{config}");
         // A second host later: the first keeps its key.
         let more = [HostId::new("h1").unwrap(), HostId::new("h2").unwrap()];
         let grown = write(dir.path(), &l, &more, &providers, None).unwrap();

@@ -548,6 +548,8 @@ async fn start_and_wait(
     if let Some(c) = &creds {
         controller_args.push("--users".into());
         controller_args.push(c.users.display().to_string());
+        controller_args.push("--system-creds".into());
+        controller_args.push(c.key(crate::creds::SYSTEM_USER).display().to_string());
     }
     procs.push(Proc::spawn("controller", &me, &controller_args, logs, &[]).await?);
     if let Some(c) = &creds {

@@ -169,6 +169,8 @@ impl Secured {
                     "10s",
                     "--users",
                     creds.join("users.json").to_str().unwrap(),
+                    "--system-creds",
+                    key(&creds, "system").to_str().unwrap(),
                 ],
             ),
             nats.logs(),
@@ -589,6 +591,22 @@ async fn the_audit_stream_records_requests_grants_and_denials_without_payloads()
     })
     .await;
     assert_eq!(by_nats["source"], "host/h2", "{by_nats}");
+
+    // A login the server refuses (a key it does not know): its advisory becomes a denial.
+    let stranger = nkeys::KeyPair::new_user();
+    let refused = async_nats::ConnectOptions::with_nkey(stranger.seed().unwrap())
+        .connect(lattice.url.as_str())
+        .await;
+    assert!(refused.is_err(), "a stranger logged in");
+    let login = wait_for("the refused login", Duration::from_secs(30), || async {
+        audit_events(&operator, "denied")
+            .into_iter()
+            .find(|e| e["outcome"] == "nats_login_refused")
+    })
+    .await;
+    assert_eq!(login["target"], "nats-client:127.0.0.1", "{login}");
+    let reason = login["reason"].as_str().unwrap();
+    assert!(reason.contains(&stranger.public_key()), "{login}");
     // Security records, not logs: no payload anywhere.
     let (_, all, _) = operator(&["audit", "-o", "json"]);
     assert!(

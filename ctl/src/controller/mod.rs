@@ -19,6 +19,7 @@
 //! - **Bad input.** Every request is decoded and validated before anything happens; failures get
 //!   the error envelope with a precise code, and the replica keeps serving.
 
+mod advisories;
 mod assignments;
 mod components;
 mod instances;
@@ -69,6 +70,9 @@ pub struct ControllerConfig {
     /// The users of a secured lattice by public key (`users.json` of `trellis creds`), to name
     /// the caller of each control request in the audit stream. Empty: callers are named by key.
     pub users: BTreeMap<String, KnownUser>,
+    /// Credentials of a user of the NATS server's system account (`system.nk` of `trellis
+    /// creds`): with them, the server's advisories of failed logins are audit events.
+    pub system_creds: Option<std::path::PathBuf>,
 }
 
 /// A user of a secured lattice, as `trellis creds` lists it in `users.json`.
@@ -93,6 +97,7 @@ impl ControllerConfig {
             metrics: None,
             audit: trellis_bus::audit::AuditRetention::default(),
             users: BTreeMap::new(),
+            system_creds: None,
         }
     }
 }
@@ -160,6 +165,9 @@ pub async fn run(
 
     let replay_started = Instant::now();
     let state = Arc::new(State::new(config.clone(), client.clone()));
+    if let Some(creds) = &config.system_creds {
+        advisories::spawn(&config, creds, client.clone()).await?;
+    }
     if let Some(addr) = config.metrics {
         // Served from the start, so that a long replay shows as lag.
         let tip = Arc::new(std::sync::atomic::AtomicU64::new(0));
