@@ -140,6 +140,41 @@ impl StoreState {
     fn identifier(&self, bucket: &Resource<KvBucket>) -> wasmtime::Result<String> {
         Ok(self.table.get(bucket)?.identifier.clone())
     }
+
+    // The single-key operations both key-value interfaces make (`wasi:keyvalue/store` and
+    // Spin's), on a bucket by name.
+
+    async fn kv_get(
+        &mut self,
+        bucket: String,
+        key: String,
+    ) -> Result<Option<Vec<u8>>, store::Error> {
+        self.kv(KvRequest::Get { bucket, key })
+            .await
+            .map(|r| r.value.map(Vec::from))
+    }
+
+    async fn kv_set(
+        &mut self,
+        bucket: String,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<(), store::Error> {
+        let value = Bytes::from(value);
+        self.kv(KvRequest::Set { bucket, key, value })
+            .await
+            .map(|_| ())
+    }
+
+    async fn kv_delete(&mut self, bucket: String, key: String) -> Result<(), store::Error> {
+        self.kv(KvRequest::Delete { bucket, key }).await.map(|_| ())
+    }
+
+    async fn kv_exists(&mut self, bucket: String, key: String) -> Result<bool, store::Error> {
+        self.kv(KvRequest::Exists { bucket, key })
+            .await
+            .map(|r| r.exists.unwrap_or(false))
+    }
 }
 
 impl store::Host for StoreState {
@@ -166,10 +201,7 @@ impl store::HostBucket for StoreState {
         key: String,
     ) -> wasmtime::Result<Result<Option<Vec<u8>>, store::Error>> {
         let bucket = self.identifier(&bucket)?;
-        Ok(self
-            .kv(KvRequest::Get { bucket, key })
-            .await
-            .map(|r| r.value.map(Vec::from)))
+        Ok(self.kv_get(bucket, key).await)
     }
 
     async fn set(
@@ -179,14 +211,7 @@ impl store::HostBucket for StoreState {
         value: Vec<u8>,
     ) -> wasmtime::Result<Result<(), store::Error>> {
         let bucket = self.identifier(&bucket)?;
-        Ok(self
-            .kv(KvRequest::Set {
-                bucket,
-                key,
-                value: Bytes::from(value),
-            })
-            .await
-            .map(|_| ()))
+        Ok(self.kv_set(bucket, key, value).await)
     }
 
     async fn delete(
@@ -195,7 +220,7 @@ impl store::HostBucket for StoreState {
         key: String,
     ) -> wasmtime::Result<Result<(), store::Error>> {
         let bucket = self.identifier(&bucket)?;
-        Ok(self.kv(KvRequest::Delete { bucket, key }).await.map(|_| ()))
+        Ok(self.kv_delete(bucket, key).await)
     }
 
     async fn exists(
@@ -204,10 +229,7 @@ impl store::HostBucket for StoreState {
         key: String,
     ) -> wasmtime::Result<Result<bool, store::Error>> {
         let bucket = self.identifier(&bucket)?;
-        Ok(self
-            .kv(KvRequest::Exists { bucket, key })
-            .await
-            .map(|r| r.exists.unwrap_or(false)))
+        Ok(self.kv_exists(bucket, key).await)
     }
 
     async fn list_keys(
@@ -359,11 +381,7 @@ impl spin_kv::HostStore for StoreState {
         key: String,
     ) -> wasmtime::Result<Result<Option<Vec<u8>>, spin_kv::Error>> {
         let bucket = self.spin_bucket(&store)?;
-        Ok(self
-            .kv(KvRequest::Get { bucket, key })
-            .await
-            .map(|r| r.value.map(Vec::from))
-            .map_err(spin_error))
+        Ok(self.kv_get(bucket, key).await.map_err(spin_error))
     }
 
     async fn set(
@@ -373,15 +391,7 @@ impl spin_kv::HostStore for StoreState {
         value: Vec<u8>,
     ) -> wasmtime::Result<Result<(), spin_kv::Error>> {
         let bucket = self.spin_bucket(&store)?;
-        Ok(self
-            .kv(KvRequest::Set {
-                bucket,
-                key,
-                value: Bytes::from(value),
-            })
-            .await
-            .map(|_| ())
-            .map_err(spin_error))
+        Ok(self.kv_set(bucket, key, value).await.map_err(spin_error))
     }
 
     async fn delete(
@@ -390,11 +400,7 @@ impl spin_kv::HostStore for StoreState {
         key: String,
     ) -> wasmtime::Result<Result<(), spin_kv::Error>> {
         let bucket = self.spin_bucket(&store)?;
-        Ok(self
-            .kv(KvRequest::Delete { bucket, key })
-            .await
-            .map(|_| ())
-            .map_err(spin_error))
+        Ok(self.kv_delete(bucket, key).await.map_err(spin_error))
     }
 
     async fn exists(
@@ -403,11 +409,7 @@ impl spin_kv::HostStore for StoreState {
         key: String,
     ) -> wasmtime::Result<Result<bool, spin_kv::Error>> {
         let bucket = self.spin_bucket(&store)?;
-        Ok(self
-            .kv(KvRequest::Exists { bucket, key })
-            .await
-            .map(|r| r.exists.unwrap_or(false))
-            .map_err(spin_error))
+        Ok(self.kv_exists(bucket, key).await.map_err(spin_error))
     }
 
     async fn get_keys(
