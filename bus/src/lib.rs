@@ -55,7 +55,9 @@ pub use connect::{
     ConnectError, ENV_JS_DOMAIN, connect, connect_with, jetstream, jetstream_domain,
     parse_jetstream_domain, permission_violations, refused, set_jetstream_domain,
 };
-pub use publisher::{FactPublisher, PublishError, publish_at_tip, publish_exclusive};
+pub use publisher::{
+    FactPublisher, PublishError, publish_at_tip, publish_exclusive, publish_exclusive_among,
+};
 pub use reader::{FactStream, Followed, RawFact, ReadError, StartAt, count_messages, follow};
 pub use routes::RouteTable;
 pub use signal::{init_logging, shutdown_signal};

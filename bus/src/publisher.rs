@@ -229,6 +229,29 @@ pub async fn publish_exclusive(
         event,
         "Nats-Expected-Last-Subject-Sequence",
         expected_last_subject_seq,
+        None,
+    )
+    .await
+}
+
+/// Publishes `event` only if the last fact on any subject matching `filter` (a wildcard subject:
+/// every fact about one host, say) has stream sequence `expected_last_seq`: nothing happened to
+/// that entity since the caller's view of it, which may lag behind the stream. Returns as
+/// [`publish_exclusive`] does.
+pub async fn publish_exclusive_among(
+    js: &jetstream::Context,
+    lattice: &Lattice,
+    event: &Event,
+    filter: &str,
+    expected_last_seq: u64,
+) -> Result<Option<u64>, PublishError> {
+    publish_expecting(
+        js,
+        lattice,
+        event,
+        "Nats-Expected-Last-Subject-Sequence",
+        expected_last_seq,
+        Some(filter),
     )
     .await
 }
@@ -248,6 +271,7 @@ pub async fn publish_at_tip(
         event,
         "Nats-Expected-Last-Sequence",
         expected_last_seq,
+        None,
     )
     .await
 }
@@ -262,6 +286,7 @@ async fn publish_expecting(
     event: &Event,
     header: &'static str,
     expected: u64,
+    filter: Option<&str>,
 ) -> Result<Option<u64>, PublishError> {
     let payload = Bytes::from(event.encode()?);
     let subject = event.nats_subject(lattice);
@@ -270,6 +295,10 @@ async fn publish_expecting(
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
         headers.insert(header, expected.to_string().as_str());
+        if let Some(filter) = filter {
+            // The subject whose last sequence is checked, in place of the fact's own.
+            headers.insert("Nats-Expected-Last-Subject-Sequence-Subject", filter);
+        }
         let error = match js
             .publish_with_headers(subject.clone(), headers, payload.clone())
             .await

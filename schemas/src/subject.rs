@@ -56,6 +56,11 @@ pub fn event(lattice: &Lattice, kind: FactKind, id: &str) -> String {
     )
 }
 
+/// Every fact about host `host` (`host.started`, `host.stopped`, `host.lost`).
+pub fn host_facts(lattice: &Lattice, host: &HostId) -> String {
+    format!("trellis.evt.v1.{lattice}.host.{host}.*")
+}
+
 /// Every fact subject of the lattice.
 pub fn events_all(lattice: &Lattice) -> String {
     format!("trellis.evt.v1.{lattice}.>")
@@ -186,5 +191,30 @@ mod tests {
         assert_eq!(events_stream(&lattice()), "TRELLIS_EVENTS_PROD");
         let l2 = Lattice::new("a-b_c").expect("valid");
         assert_eq!(events_stream(&l2), "TRELLIS_EVENTS_A-B_C");
+    }
+
+    #[test]
+    fn host_facts_cover_every_fact_about_one_host_and_no_other() {
+        let l = Lattice::new("prod").unwrap();
+        let h1 = HostId::new("h1").unwrap();
+        let filter = host_facts(&l, &h1);
+        for kind in [
+            FactKind::HostStarted,
+            FactKind::HostStopped,
+            FactKind::HostLost,
+        ] {
+            assert!(crate::capability::subject_matches(
+                &filter,
+                &event(&l, kind, "h1")
+            ));
+            assert!(!crate::capability::subject_matches(
+                &filter,
+                &event(&l, kind, "h2")
+            ));
+        }
+        assert!(!crate::capability::subject_matches(
+            &filter,
+            &event(&l, FactKind::InstanceStarted, "h1")
+        ));
     }
 }

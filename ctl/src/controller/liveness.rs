@@ -40,7 +40,7 @@ pub(crate) async fn run(state: Arc<State>) {
             state.grant_grace(timeout);
             continue;
         }
-        for (host_id, status_seq, expected, silent_for) in silent_hosts(&state, timeout) {
+        for (host_id, status_seq, silent_for) in silent_hosts(&state, timeout) {
             if attempted.get(&host_id) == Some(&status_seq) {
                 continue;
             }
@@ -54,8 +54,18 @@ pub(crate) async fn run(state: Arc<State>) {
                     detected_by: state.config.replica_id.clone(),
                 }),
             );
-            match trellis_bus::publish_exclusive(&state.js, &state.config.lattice, &event, expected)
-                .await
+            // Stored only if no fact about the host came after the one this replica knows: not
+            // another replica's `host.lost`, and not a `host.stopped` or `host.started` that
+            // this replica's reader has not applied yet (it may lag, after a NATS outage say).
+            let facts = trellis_schemas::subject::host_facts(&state.config.lattice, &host_id);
+            match trellis_bus::publish_exclusive_among(
+                &state.js,
+                &state.config.lattice,
+                &event,
+                &facts,
+                status_seq,
+            )
+            .await
             {
                 Ok(Some(seq)) => {
                     tracing::warn!(host = %host_id, seq, silent_ms = silent_for.as_millis() as u64, "host declared lost");
@@ -68,7 +78,7 @@ pub(crate) async fn run(state: Arc<State>) {
                     ));
                 }
                 Ok(None) => {
-                    tracing::debug!(host = %host_id, "another replica declared the host lost first");
+                    tracing::debug!(host = %host_id, "a fact about the host came first (another replica's declaration, or its stop)");
                 }
                 Err(e) => {
                     // Try again on a later tick.
@@ -80,9 +90,9 @@ pub(crate) async fn run(state: Arc<State>) {
     }
 }
 
-/// Hosts that are up and silent for longer than `timeout`: id, status sequence, the last
-/// `host.lost` sequence to expect on the subject, and how long they have been silent.
-fn silent_hosts(state: &State, timeout: Duration) -> Vec<(HostId, u64, u64, Duration)> {
+/// Hosts that are up and silent for longer than `timeout`: id, the sequence of the last fact
+/// about the host (its `host.started`), and how long they have been silent.
+fn silent_hosts(state: &State, timeout: Duration) -> Vec<(HostId, u64, Duration)> {
     let now = Instant::now();
     let projection = state.projection();
     let live = state.live();
@@ -94,14 +104,7 @@ fn silent_hosts(state: &State, timeout: Duration) -> Vec<(HostId, u64, u64, Dura
                 .map(|l| l.last_seen)
                 .unwrap_or(state.started);
             let silent_for = now.saturating_duration_since(last_seen);
-            (silent_for > timeout).then(|| {
-                let expected = projection
-                    .last_lost_seq
-                    .get(&h.host_id)
-                    .copied()
-                    .unwrap_or(0);
-                (h.host_id.clone(), h.status_seq, expected, silent_for)
-            })
+            (silent_for > timeout).then(|| (h.host_id.clone(), h.status_seq, silent_for))
         })
         .collect()
 }
