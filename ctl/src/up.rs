@@ -256,6 +256,18 @@ impl Secured {
     }
 }
 
+/// The inbox prefix of the user whose seed is in `key` (see
+/// [`trellis_schemas::roles::inbox_prefix`]), or the default one if it cannot be read.
+fn operator_inbox(key: &Path) -> String {
+    std::fs::read_to_string(key)
+        .ok()
+        .and_then(|seed| nkeys::KeyPair::from_seed(seed.trim()).ok())
+        .map_or_else(
+            || "_INBOX".to_owned(),
+            |key| trellis_schemas::roles::inbox_prefix(&key.public_key()),
+        )
+}
+
 fn fail(message: String) -> Failure {
     Failure { code: 1, message }
 }
@@ -782,9 +794,11 @@ async fn start_and_wait(
         println!("  trellis --nats {url} logs {} --follow", d.name);
     }
     match &creds {
+        // A user may read replies only under its own inbox prefix (`_INBOX.<public key>`).
         Some(c) => println!(
-            "  nats --server {plain_url} --nkey {} req trellis.ctl.v1.{lattice}.lattice.status '{{}}'",
-            c.key("operator").display()
+            "  nats --server {plain_url} --nkey {} --inbox-prefix {} req trellis.ctl.v1.{lattice}.lattice.status '{{}}'",
+            c.key("operator").display(),
+            operator_inbox(&c.key("operator"))
         ),
         None => println!(
             "  nats --server {plain_url} req trellis.ctl.v1.{lattice}.lattice.status '{{}}'"
