@@ -26,8 +26,8 @@ use wasmtime::component::Val;
 use super::local::LocalInstances;
 use crate::providers::EmbeddedProviders;
 use crate::runtime::{
-    BridgeFuture, Budget, CapabilityBridge, CapabilityCall, CapabilityError, CapabilityResponse,
-    LinkCall, LinkError, LinkFuture, json_to_val, val_to_json,
+    BridgeFuture, CapabilityBridge, CapabilityCall, CapabilityError, CapabilityResponse, LinkCall,
+    LinkError, LinkFuture, json_to_val,
 };
 
 /// The assignments in force, as this host knows them.
@@ -354,7 +354,7 @@ impl NatsBridge {
         call: &LinkCall,
         traceparent: Option<&str>,
     ) -> Result<Vec<Val>, LinkError> {
-        let body = encode_args(call)?;
+        let body = crate::runtime::encode_link_args(call)?;
         let send = |subject: String| {
             self.linked_over_nats(link, subject, body.clone(), export, call, traceparent)
         };
@@ -452,30 +452,4 @@ impl NatsBridge {
                 )
             })
     }
-}
-
-/// The arguments of a linked call as the data plane carries them: a JSON array, each value
-/// converted by its own type (the target converts it back against its export's types).
-fn encode_args(call: &LinkCall) -> Result<bytes::Bytes, LinkError> {
-    let failed = |code: ErrorCode, message: String| LinkError::Failed { code, message };
-    let mut budget = Budget::new(dataplane::MAX_BODY_BYTES);
-    let args = call
-        .params
-        .iter()
-        .map(|v| val_to_json(v, &mut budget))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            failed(
-                ErrorCode::InvalidArguments,
-                format!("the arguments cannot cross to another host: {e:?}"),
-            )
-        })?;
-    serde_json::to_vec(&args)
-        .map(bytes::Bytes::from)
-        .map_err(|e| {
-            failed(
-                ErrorCode::Internal,
-                format!("cannot encode the arguments: {e}"),
-            )
-        })
 }

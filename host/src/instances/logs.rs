@@ -24,7 +24,7 @@ use trellis_schemas::logs::{
 use trellis_schemas::{HostId, InstanceId, Lattice};
 
 use super::stats::Stats;
-use crate::runtime::{LineSource, LogSink};
+use crate::runtime::{LineSource, LogSink, cut};
 
 /// How a host treats its instances' log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -334,18 +334,6 @@ impl InstanceLog {
     }
 }
 
-/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
-fn cut(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
 /// The sink of one invocation.
 struct InvocationLog {
     log: Arc<InstanceLog>,
@@ -519,12 +507,5 @@ mod tests {
         );
         hub.ended(log);
         assert_eq!(read(&[], 100).records.len(), 5, "kept after the end");
-    }
-
-    #[test]
-    fn cuts_on_character_boundaries() {
-        assert_eq!(cut("héllo", 2), "h");
-        assert_eq!(cut("héllo", 3), "hé");
-        assert_eq!(cut("hello", 10), "hello");
     }
 }

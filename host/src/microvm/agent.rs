@@ -22,11 +22,11 @@ use trellis_schemas::Capability;
 use trellis_schemas::capability::rpc::{CapabilityResponse, HttpResponseHead};
 use trellis_schemas::dataplane::{DataError, ErrorCode};
 
-use super::protocol::{Failure, Frame, Message, RemoteError};
+use super::protocol::{Failure, Frame, MAX_GUEST_FRAME, Message, RemoteError};
 use crate::runtime::{
-    BridgeFuture, Budget, CallContext, CapabilityBridge, CapabilityCall, CapabilityError,
-    InvokeError, LineSource, LinkCall, LinkError, LinkFuture, LoadedComponent, LogSink, Runtime,
-    RuntimeConfig, json_to_val, val_to_json,
+    BridgeFuture, CallContext, CapabilityBridge, CapabilityCall, CapabilityError, GuestOutput,
+    InvokeError, LineSource, LinkCall, LinkError, LinkFuture, LoadedComponent, LogSink,
+    MAX_LINE_BYTES, Runtime, RuntimeConfig, cut, json_to_val,
 };
 
 /// The guest's channel device: the first port of the virtio-serial device the host adds.
@@ -263,10 +263,37 @@ fn runtime_for(manifest: &crate::runtime::Manifest) -> Result<Runtime, String> {
     Runtime::new(&config).map_err(|e| e.to_string())
 }
 
+/// Writes the guest's frames to the host. A frame larger than the host takes
+/// ([`MAX_GUEST_FRAME`]) would end the channel: an invocation's end is answered as an output too
+/// large instead (an HTTP response with huge headers, say), anything else is dropped.
 fn write_frames(writer: impl Write, frames: mpsc::Receiver<Frame>) {
     let mut writer = BufWriter::with_capacity(1 << 16, writer);
     while let Ok(frame) = frames.recv() {
-        if frame.write_to(&mut writer).is_err() {
+        let bytes = match frame.encode_within(MAX_GUEST_FRAME) {
+            Ok(bytes) => bytes,
+            Err(e) => match &frame.message {
+                Message::Done { .. } => {
+                    let error = InvokeError::OutputTooLarge {
+                        size: frame.body.len(),
+                        limit: MAX_GUEST_FRAME,
+                        output: GuestOutput::default(),
+                    };
+                    match done_with(frame.id, failure(&error)).encode() {
+                        Ok(bytes) => bytes,
+                        Err(_) => continue,
+                    }
+                }
+                _ => {
+                    eprintln!("trellis micro-VM agent: frame dropped: {e}");
+                    continue;
+                }
+            },
+        };
+        if writer
+            .write_all(&bytes)
+            .and_then(|()| writer.flush())
+            .is_err()
+        {
             return;
         }
     }
@@ -377,10 +404,11 @@ impl LogSink for ChannelLog {
             LineSource::Stderr => ("stderr".to_owned(), None),
             LineSource::Log { level, context } => (level.to_owned(), Some(context.to_owned())),
         };
+        // The host keeps no more of a line than this; a longer one would only swell the frame.
         let message = Message::Log {
             source,
-            context,
-            text: text.to_owned(),
+            context: context.map(|c| cut(&c, MAX_LINE_BYTES).to_owned()),
+            text: cut(text, MAX_LINE_BYTES).to_owned(),
         };
         let _ = self.out.send(Frame::new(self.id, message, Bytes::new()));
     }
@@ -429,6 +457,11 @@ impl CapabilityBridge for ChannelBridge {
     fn call(&self, call: CapabilityCall) -> BridgeFuture<'_> {
         Box::pin(async move {
             let capability = call.capability();
+            // Refused here as the provider would, before the frame could exceed what the host
+            // takes from a guest.
+            call.request
+                .check_size()
+                .map_err(CapabilityError::from_remote)?;
             let encoded = call
                 .request
                 .encode()
@@ -462,26 +495,16 @@ impl CapabilityBridge for ChannelBridge {
 
     fn link(&self, call: LinkCall) -> LinkFuture<'_> {
         Box::pin(async move {
-            let mut budget = Budget::new(usize::MAX);
-            let args = call
-                .params
-                .iter()
-                .map(|v| val_to_json(v, &mut budget))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| LinkError::Failed {
-                    code: ErrorCode::InvalidArguments,
-                    message: "an argument holds a value that cannot cross a link (a resource)"
-                        .into(),
-                })?;
-            let body = serde_json::to_vec(&Value::Array(args)).unwrap_or_default();
+            // Bounded like a call over the data plane, so the frame stays within what the host
+            // takes.
+            let body = crate::runtime::encode_link_args(&call)?;
             let message = Message::Link {
                 interface: call.interface.to_string(),
                 function: call.function.to_string(),
                 timeout_ms: u64::try_from(call.timeout.as_millis()).unwrap_or(u64::MAX),
                 traceparent: call.traceparent.as_deref().map(str::to_owned),
             };
-            let Some(Frame { message, body, .. }) =
-                self.ask(message, Bytes::from(body), call.timeout).await
+            let Some(Frame { message, body, .. }) = self.ask(message, body, call.timeout).await
             else {
                 return Err(LinkError::Unavailable("the host did not answer".into()));
             };
@@ -510,5 +533,50 @@ impl CapabilityBridge for ChannelBridge {
                 _ => Err(bad("another message")),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_larger_than_the_host_takes_ends_the_invocation_not_the_channel() {
+        let (out, frames) = mpsc::channel::<Frame>();
+        let huge = Bytes::from(vec![0u8; MAX_GUEST_FRAME + 1]);
+        out.send(Frame::new(
+            3,
+            Message::Done {
+                http: None,
+                error: None,
+            },
+            huge.clone(),
+        ))
+        .unwrap();
+        let log = Message::Log {
+            source: "stdout".into(),
+            context: None,
+            text: String::new(),
+        };
+        out.send(Frame::new(4, log, huge)).unwrap();
+        out.send(not_loaded(5)).unwrap();
+        drop(out);
+        let mut written = Vec::new();
+        write_frames(&mut written, frames);
+        let mut reader = written.as_slice();
+        let first = Frame::read_from(&mut reader).unwrap().unwrap();
+        assert_eq!(first.id, 3);
+        let Message::Done {
+            error: Some(failure),
+            ..
+        } = first.message
+        else {
+            panic!("not a failed end: {:?}", first.message);
+        };
+        assert_eq!(failure.reason, "output_too_large");
+        // The oversized log line is dropped; the next frame goes through.
+        let next = Frame::read_from(&mut reader).unwrap().unwrap();
+        assert_eq!(next.id, 5);
+        assert!(Frame::read_from(&mut reader).unwrap().is_none());
     }
 }

@@ -206,12 +206,22 @@ impl Frame {
     ///
     /// When the frame would be larger than [`MAX_FRAME`].
     pub fn encode(&self) -> io::Result<Vec<u8>> {
+        self.encode_within(MAX_FRAME)
+    }
+
+    /// Encodes the frame if it is at most `max` bytes long ([`MAX_GUEST_FRAME`] for what a guest
+    /// sends its host).
+    ///
+    /// # Errors
+    ///
+    /// When the frame would be larger than `max`.
+    pub fn encode_within(&self, max: usize) -> io::Result<Vec<u8>> {
         let head = serde_json::to_vec(&self.message).map_err(io::Error::other)?;
         let len = 1 + 8 + 4 + head.len() + self.body.len();
-        if len > MAX_FRAME {
+        if len > max {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("a frame of {len} bytes is larger than the channel takes ({MAX_FRAME})"),
+                format!("a frame of {len} bytes is larger than the channel takes ({max})"),
             ));
         }
         let mut out = Vec::with_capacity(4 + len);

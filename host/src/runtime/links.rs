@@ -20,6 +20,7 @@ use wasmtime::component::{Linker, ResourceType, Val};
 use wasmtime::{Engine, StoreContextMut};
 
 use super::capabilities::{LinkCall, LinkError};
+use super::convert::{Budget, val_to_json};
 use super::error::LinkFailed;
 use super::store::StoreState;
 
@@ -50,6 +51,39 @@ pub(crate) fn define(
         }
     }
     Ok(())
+}
+
+/// The arguments of a linked call as they leave the caller's runtime (over the data plane, or
+/// out of a micro-VM): a JSON array, each value converted by its own type (the target converts
+/// it back against its export's types), at most the data plane's
+/// [`MAX_BODY_BYTES`](trellis_schemas::dataplane::MAX_BODY_BYTES).
+///
+/// # Errors
+///
+/// `invalid_arguments` for a value JSON cannot carry (a resource) or arguments over the limit.
+pub(crate) fn encode_args(call: &LinkCall) -> Result<bytes::Bytes, LinkError> {
+    use trellis_schemas::dataplane::{ErrorCode, MAX_BODY_BYTES};
+    let failed = |code: ErrorCode, message: String| LinkError::Failed { code, message };
+    let mut budget = Budget::new(MAX_BODY_BYTES);
+    let args = call
+        .params
+        .iter()
+        .map(|v| val_to_json(v, &mut budget))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            failed(
+                ErrorCode::InvalidArguments,
+                format!("the arguments cannot leave this runtime: {e:?}"),
+            )
+        })?;
+    serde_json::to_vec(&args)
+        .map(bytes::Bytes::from)
+        .map_err(|e| {
+            failed(
+                ErrorCode::Internal,
+                format!("cannot encode the arguments: {e}"),
+            )
+        })
 }
 
 /// The host-side type of a linked interface's resources: never instantiated.

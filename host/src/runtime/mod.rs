@@ -30,6 +30,8 @@ pub use convert::ConvertError;
 pub(crate) use convert::{Budget, json_to_val, val_to_json};
 pub use digest::{Digest, DigestParseError};
 pub use error::{InvokeError, LoadError, RuntimeError};
+pub(crate) use links::encode_args as encode_link_args;
+pub(crate) use output::cut;
 pub use output::{GuestOutput, LineSource, LogSink, MAX_LINE_BYTES};
 pub use runtime::{AllocationStrategy, LoadOutcome, Runtime};
 pub use trellis_schemas::manifest::{

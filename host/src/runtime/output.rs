@@ -255,9 +255,28 @@ impl AsyncWrite for Capture {
     }
 }
 
+/// `text` cut to at most `max` bytes, on a character boundary.
+pub(crate) fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cuts_on_character_boundaries() {
+        assert_eq!(cut("héllo", 2), "h");
+        assert_eq!(cut("héllo", 3), "hé");
+        assert_eq!(cut("hello", 10), "hello");
+    }
 
     #[test]
     fn keeps_the_head_and_marks_truncation() {

@@ -151,12 +151,7 @@ pub(crate) async fn check_and_handle_request<P: Provider>(
 async fn check_and_handle<P: Provider>(provider: &P, ctx: &Context, request: Request) -> Outcome {
     let Request { identity, request } = request;
     let capability = request.capability();
-    let size = request.size();
-    if size > MAX_BODY_BYTES {
-        return Err(DataError::too_large(format!(
-            "the request carries {size} bytes; the limit is {MAX_BODY_BYTES}"
-        )));
-    }
+    request.check_size()?;
     let caller = Caller {
         instance: identity.instance.clone(),
         component: identity.component.clone(),

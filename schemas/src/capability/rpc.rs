@@ -530,6 +530,24 @@ impl CapabilityRequest {
         }
     }
 
+    /// Refuses a request carrying more than [`MAX_BODY_BYTES`](crate::dataplane::MAX_BODY_BYTES)
+    /// of data, as every provider does before anything else (and a micro-VM before the request
+    /// leaves it).
+    ///
+    /// # Errors
+    ///
+    /// `payload_too_large`, with the size and the limit.
+    pub fn check_size(&self) -> Result<(), crate::dataplane::DataError> {
+        let size = self.size();
+        let limit = crate::dataplane::MAX_BODY_BYTES;
+        if size > limit {
+            return Err(crate::dataplane::DataError::too_large(format!(
+                "the request carries {size} bytes; the limit is {limit}"
+            )));
+        }
+        Ok(())
+    }
+
     /// The request as it travels over NATS.
     pub fn encode(&self) -> Result<Encoded, CodecError> {
         Ok(match self {
