@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use trellis_schemas::{FactData, Lattice};
-use trellis_tests::{Nats, components, free_port, http_request, microvm, wait_for};
+use trellis_tests::{Nats, Proc, components, free_port, http_request, microvm, wait_for};
 
 const T: Duration = Duration::from_secs(180);
 
@@ -35,15 +35,22 @@ fn instance(nats: &Nats, l: &Lattice, id: &str) -> Value {
     serde_json::from_str(&nats.cli_ok(l, &["instance", "get", id, "-o", "json"])).unwrap()
 }
 
+/// A nats-server, a controller and a host `vm-host` that runs micro-VMs (with `extra` options)
+/// in lattice `name`. The caller starts what else it needs, then waits for a host.
+fn vm_lattice(nats: &Nats, name: &str, extra: &[&str]) -> (Lattice, Vec<Proc>) {
+    let l = Lattice::new(name).unwrap();
+    let controller = nats.controller(&l, "c", "30s");
+    let mut args = microvm::image().host_args();
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let host = nats.host_with(&l, "vm-host", &[], &args);
+    (l, vec![controller, host])
+}
+
 #[tokio::test]
 async fn microvm_instances_answer_like_any_other_and_their_crashes_stay_their_own() {
-    let image = microvm::image();
     let nats = Nats::start().await;
-    let l = Lattice::new("microvm").unwrap();
-    let _controller = nats.controller(&l, "c", "30s");
-    let vm_args = image.host_args();
-    let vm_args: Vec<&str> = vm_args.iter().map(String::as_str).collect();
-    let _h1 = nats.host_with(&l, "vm-host", &[], &vm_args);
+    let (l, _procs) = vm_lattice(&nats, "microvm", &[]);
     let _h2 = nats.host(&l, "plain-host", &[]);
     nats.wait_for_a_host(&l).await;
     let dir = tempfile::tempdir().unwrap();
@@ -221,14 +228,9 @@ async fn microvm_instances_answer_like_any_other_and_their_crashes_stay_their_ow
 
 #[tokio::test]
 async fn key_value_and_http_reach_a_microvm_instance_through_the_same_bridge() {
-    let image = microvm::image();
     let (wasm, manifest) = components::example("kv_counter");
     let nats = Nats::start().await;
-    let l = Lattice::new("microvm-kv").unwrap();
-    let _controller = nats.controller(&l, "c", "30s");
-    let vm_args = image.host_args();
-    let vm_args: Vec<&str> = vm_args.iter().map(String::as_str).collect();
-    let _h1 = nats.host_with(&l, "vm-host", &[], &vm_args);
+    let (l, _procs) = vm_lattice(&nats, "microvm-kv", &[]);
     let _kv = nats.provider(&l, "kv", &[]);
     let _http = nats.provider(&l, "http-server", &[]);
     nats.wait_for_a_host(&l).await;
@@ -294,13 +296,8 @@ max_concurrency = 16
 
 #[tokio::test]
 async fn linked_calls_leave_and_enter_micro_vms_through_the_host() {
-    let image = microvm::image();
     let nats = Nats::start().await;
-    let l = Lattice::new("microvm-links").unwrap();
-    let _controller = nats.controller(&l, "c", "30s");
-    let vm_args = image.host_args();
-    let vm_args: Vec<&str> = vm_args.iter().map(String::as_str).collect();
-    let _h1 = nats.host_with(&l, "vm-host", &[], &vm_args);
+    let (l, _procs) = vm_lattice(&nats, "microvm-links", &[]);
     nats.wait_for_a_host(&l).await;
     let dir = tempfile::tempdir().unwrap();
     for (guest, text) in [("pipe_front", FRONT), ("pipe_stage", STAGE)] {
@@ -395,20 +392,10 @@ async fn sample(addr: &str, name: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn a_pooled_guest_serves_the_next_start_and_the_pool_refills() {
-    let image = microvm::image();
     let nats = Nats::start().await;
-    let l = Lattice::new("vmpool").unwrap();
-    let _controller = nats.controller(&l, "c", "30s");
     let metrics = format!("127.0.0.1:{}", free_port());
-    let mut args = image.host_args();
-    args.extend([
-        "--microvm-pool".into(),
-        "1".into(),
-        "--metrics".into(),
-        metrics.clone(),
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _host = nats.host_with(&l, "pool-host", &[], &args);
+    let pool = ["--microvm-pool", "1", "--metrics", metrics.as_str()];
+    let (l, _procs) = vm_lattice(&nats, "vmpool", &pool);
     nats.wait_for_a_host(&l).await;
     let dir = tempfile::tempdir().unwrap();
     push(

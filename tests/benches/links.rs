@@ -14,15 +14,12 @@
 //! Run: `cargo build --release --bins && cargo bench --bench links`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
-use trellis_bus::dataplane as codec;
 use trellis_schemas::dataplane::{self, Op};
 use trellis_schemas::{ComponentName, Lattice};
-use trellis_tests::bench::env_usize;
+use trellis_tests::bench::{call_load, env_usize};
 use trellis_tests::{Nats, push_test_component};
 
 const TRANSFORM: &str = "example:pipeline/transform";
@@ -127,37 +124,20 @@ async fn main() {
 
     let client = nats.client().await;
     let subject = dataplane::component(&l, &ComponentName::new("front").unwrap(), Op::Call);
-    let done = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let until = Instant::now() + Duration::from_secs(secs as u64);
-    let mut tasks = Vec::new();
-    for _ in 0..callers {
-        let (client, subject) = (client.clone(), subject.clone());
-        let (done, failed) = (Arc::clone(&done), Arc::clone(&failed));
-        tasks.push(tokio::spawn(async move {
-            while Instant::now() < until {
-                let reply = codec::request(
-                    &client,
-                    subject.clone(),
-                    codec::call_headers("run"),
-                    "[\"bench\"]".into(),
-                    Duration::from_secs(10),
-                )
-                .await;
-                match reply.map(|r| codec::read_reply(&r).is_ok()) {
-                    Ok(true) => done.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let load = ("run", "[\"bench\"]");
+    let (done, failed) = call_load(
+        &client,
+        &subject,
+        load,
+        callers,
+        secs,
+        Duration::from_secs(10),
+    )
+    .await;
     println!(
         "three-stage pipeline on one host: {:.0} requests/s ({} ok, {} failed, {callers} callers, {secs} s; each request = 1 NATS call + 2 linked calls)",
-        done.load(Ordering::Relaxed) as f64 / secs as f64,
-        done.load(Ordering::Relaxed),
-        failed.load(Ordering::Relaxed)
+        done as f64 / secs as f64,
+        done,
+        failed
     );
 }

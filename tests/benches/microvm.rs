@@ -18,14 +18,12 @@
 //! Run: `cargo build --release --bins && cargo bench --bench microvm`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use trellis_bus::dataplane as codec;
 use trellis_schemas::dataplane::{self, Op};
 use trellis_schemas::{InstanceId, Lattice};
-use trellis_tests::bench::{env_usize, quantile};
+use trellis_tests::bench::{call_load, env_usize, quantile};
 use trellis_tests::{Nats, components, microvm};
 
 /// Sequential calls of `greet` on `instance`: p50 and p99.
@@ -63,37 +61,17 @@ async fn throughput(
     secs: usize,
 ) -> (f64, usize) {
     let subject = dataplane::instance(l, &InstanceId::new(instance).unwrap(), Op::Call);
-    let done = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let until = Instant::now() + Duration::from_secs(secs as u64);
-    let mut tasks = Vec::new();
-    for _ in 0..callers {
-        let (client, subject) = (client.clone(), subject.clone());
-        let (done, failed) = (Arc::clone(&done), Arc::clone(&failed));
-        tasks.push(tokio::spawn(async move {
-            while Instant::now() < until {
-                let reply = codec::request(
-                    &client,
-                    subject.clone(),
-                    codec::call_headers("greet"),
-                    "[\"bench\"]".into(),
-                    Duration::from_secs(30),
-                )
-                .await;
-                match reply.map(|r| codec::read_reply(&r).is_ok()) {
-                    Ok(true) => done.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    (
-        done.load(Ordering::Relaxed) as f64 / secs as f64,
-        failed.load(Ordering::Relaxed),
+    let load = ("greet", "[\"bench\"]");
+    let (done, failed) = call_load(
+        client,
+        &subject,
+        load,
+        callers,
+        secs,
+        Duration::from_secs(30),
     )
+    .await;
+    (done as f64 / secs as f64, failed)
 }
 
 fn list(times: &[Duration]) -> String {

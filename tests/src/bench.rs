@@ -1,5 +1,6 @@
 //! Helpers for the scenario benchmarks in `tests/benches`: settings from the environment, quantiles, a
-//! lattice with a controller, a host and standalone providers, and HTTP load from `wrk`.
+//! lattice with a controller, a host and standalone providers, call load from concurrent callers,
+//! and HTTP load from `wrk`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,6 +10,50 @@ use serde_json::Value;
 use trellis_schemas::Lattice;
 
 use crate::{Nats, Proc, wait_for};
+
+/// Calls export `export` with the JSON arguments `args` on `subject` from `callers` concurrent
+/// callers for `secs` seconds, each call waiting for its reply (at most `timeout`). Returns the
+/// calls answered without an error and those that failed.
+pub async fn call_load(
+    client: &async_nats::Client,
+    subject: &str,
+    (export, args): (&str, &'static str),
+    callers: usize,
+    secs: usize,
+    timeout: Duration,
+) -> (usize, usize) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use trellis_bus::dataplane as codec;
+    let done = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let until = std::time::Instant::now() + Duration::from_secs(secs as u64);
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let (client, subject, export) = (client.clone(), subject.to_owned(), export.to_owned());
+        let (done, failed) = (Arc::clone(&done), Arc::clone(&failed));
+        tasks.push(tokio::spawn(async move {
+            while std::time::Instant::now() < until {
+                let reply = codec::request(
+                    &client,
+                    subject.clone(),
+                    codec::call_headers(&export),
+                    args.into(),
+                    timeout,
+                )
+                .await;
+                match reply.map(|r| codec::read_reply(&r).is_ok()) {
+                    Ok(true) => done.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("a caller panicked");
+    }
+    (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+}
 
 /// `name` from the environment as a number, or `default`.
 pub fn env_usize(name: &str, default: usize) -> usize {
