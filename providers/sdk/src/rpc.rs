@@ -150,21 +150,23 @@ pub(crate) async fn check_and_handle_request<P: Provider>(
 
 async fn check_and_handle<P: Provider>(provider: &P, ctx: &Context, request: Request) -> Outcome {
     let Request { identity, request } = request;
+    let Identity {
+        instance,
+        component,
+        assignment,
+        min_seq,
+        traceparent,
+    } = identity;
     let capability = request.capability();
     request.check_size()?;
     let caller = Caller {
-        instance: identity.instance.clone(),
-        component: identity.component.clone(),
+        instance,
+        component,
     };
-    let claimed = identity.assignment.as_deref().unwrap_or("-");
+    let claimed = assignment.as_deref().unwrap_or("-");
     let Some(record) = ctx
         .assignments
-        .lookup_at(
-            &caller.instance,
-            &caller.component,
-            capability,
-            identity.min_seq,
-        )
+        .lookup_at(&caller.instance, &caller.component, capability, min_seq)
         .await
     else {
         tracing::info!(%caller, %capability, assignment = %claimed, "call refused: no assignment");
@@ -176,26 +178,29 @@ async fn check_and_handle<P: Provider>(provider: &P, ctx: &Context, request: Req
             "no assignment of component {} through this provider",
             caller.component
         );
-        record_denial(ctx, &caller, capability, &identity, &error, reason).await;
+        let trace = traceparent.as_deref();
+        record_denial(ctx, &caller.instance, capability, trace, &error, reason).await;
         return Err(error);
     };
     if claimed != "-" && claimed != record.assignment.assignment_id.as_str() {
         tracing::debug!(%caller, host_says = %claimed, provider_says = %record.assignment.assignment_id, "the host resolved another assignment");
     }
+    // Kept for the audit of a refusal past the assignment check (a bucket, subject or host the
+    // assignment does not name).
+    let instance = caller.instance.clone();
     let outcome = provider
         .handle(Call {
             assignment: record.assignment,
-            caller: caller.clone(),
+            caller,
             request,
         })
         .await;
-    // A refusal past the assignment check: a bucket, subject or host the assignment does not
-    // name.
     if let Err(error) = &outcome
         && error.code == ErrorCode::AccessDenied
     {
         let reason = error.message.clone();
-        record_denial(ctx, &caller, capability, &identity, error, reason).await;
+        let trace = traceparent.as_deref();
+        record_denial(ctx, &instance, capability, trace, error, reason).await;
     }
     outcome
 }
@@ -203,9 +208,9 @@ async fn check_and_handle<P: Provider>(provider: &P, ctx: &Context, request: Req
 /// Records a refused call on the audit stream: who asked, for what, and why (never a payload).
 async fn record_denial(
     ctx: &Context,
-    caller: &Caller,
+    instance: &InstanceId,
     capability: Capability,
-    identity: &Identity,
+    traceparent: Option<&str>,
     error: &DataError,
     reason: String,
 ) {
@@ -214,13 +219,11 @@ async fn record_denial(
         format!("provider/{}/{}", ctx.name, ctx.id),
         error.code.as_str(),
     );
-    event.target = Some(format!("instance:{}", caller.instance));
+    event.target = Some(format!("instance:{instance}"));
     event.capability = Some(capability.as_str().to_owned());
     event.provider = Some(ctx.name.to_string());
     event.reason = Some(trellis_schemas::audit::short_reason(&reason));
-    event.trace_id = identity
-        .traceparent
-        .as_deref()
+    event.trace_id = traceparent
         .and_then(trellis_schemas::dataplane::trace_id)
         .map(str::to_owned);
     ctx.audit.record(&event).await;
