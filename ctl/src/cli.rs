@@ -111,8 +111,9 @@ enum Command {
     /// and refused calls.
     Audit(crate::audit::AuditArgs),
     /// Make the credentials of a secured lattice: a user key per role (controller, each host,
-    /// each provider, operator, viewer, app, admin) and the nats-server configuration that
-    /// gives each role only its own subjects.
+    /// each provider, operator, viewer, app, admin), a system-account user for the controller's
+    /// `--system-creds`, and the nats-server configuration that gives each role only its own
+    /// subjects (and its own reply inbox; with `--js-domain`, in that JetStream domain).
     Creds(crate::creds::CredsArgs),
 }
 
