@@ -44,6 +44,9 @@ pub(crate) async fn audit(g: &Global, args: AuditArgs) -> Result<(), Failure> {
     .await
 }
 
+/// The width of the OUTCOME column: the longest outcome, `nats_permission_violation`.
+const OUTCOME_WIDTH: usize = 25;
+
 fn print_event(output: Output, seq: u64, payload: &[u8], header: &mut bool) {
     if output == Output::Json {
         let event: serde_json::Value = serde_json::from_slice(payload)
@@ -53,13 +56,13 @@ fn print_event(output: Output, seq: u64, payload: &[u8], header: &mut bool) {
     }
     if std::mem::take(header) {
         println!(
-            "{:<8} {:<24} {:<8} {:<16} {:<24} DETAILS",
+            "{:<8} {:<24} {:<8} {:<OUTCOME_WIDTH$} {:<24} DETAILS",
             "SEQ", "TIME", "TYPE", "OUTCOME", "WHO"
         );
     }
     match serde_json::from_slice::<AuditEvent>(payload) {
         Ok(event) => println!(
-            "{:<8} {:<24} {:<8} {:<16} {:<24} {}",
+            "{:<8} {:<24} {:<8} {:<OUTCOME_WIDTH$} {:<24} {}",
             seq,
             event
                 .time
