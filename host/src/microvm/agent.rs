@@ -32,7 +32,8 @@ use crate::runtime::{
 /// The guest's channel device: the first port of the virtio-serial device the host adds.
 const PORT: &str = "/dev/vport0p1";
 
-/// The kernel modules of the channel, in dependency order, as the image script puts them.
+/// The kernel modules of the channel, in dependency order, as the image script puts them; a
+/// driver the guest kernel has built in has no file, and is skipped.
 const MODULES: &[&str] = &[
     "/lib/modules/virtio_ring.ko",
     "/lib/modules/virtio.ko",
@@ -57,7 +58,7 @@ pub fn run_as_init() -> ! {
     }
 }
 
-/// Mounts `/dev`, loads the channel's modules and opens the port.
+/// Mounts `/dev` and `/proc`, loads the channel's modules and opens the port.
 fn open_channel() -> io::Result<File> {
     use nix::mount::{MsFlags, mount};
     let _ = std::fs::create_dir_all("/dev");
@@ -69,8 +70,24 @@ fn open_channel() -> io::Result<File> {
         None::<&str>,
     )
     .map_err(|e| io::Error::other(format!("mounting /dev: {e}")))?;
+    // The pooling allocator resets memory in place only where it finds the PAGEMAP_SCAN ioctl
+    // of /proc/self/pagemap; nothing else reads /proc (guests have no filesystem access).
+    let _ = std::fs::create_dir_all("/proc");
+    if let Err(e) = mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    ) {
+        eprintln!("trellis micro-VM agent: mounting /proc: {e} (memory is reset by faults)");
+    }
     for module in MODULES {
-        let file = File::open(module)?;
+        let file = match File::open(module) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io::Error::other(format!("opening {module}: {e}"))),
+        };
         nix::kmod::finit_module(&file, c"", nix::kmod::ModuleInitFlags::empty())
             .map_err(|e| io::Error::other(format!("loading {module}: {e}")))?;
     }
@@ -185,6 +202,7 @@ pub fn serve(mut reader: impl Read, writer: impl Write + Send + 'static) -> io::
                         compile_ms,
                         precompiled,
                         note,
+                        reset_in_place: crate::runtime::pagemap_scan(),
                     },
                     Bytes::new(),
                 ))?;

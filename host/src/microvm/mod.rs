@@ -409,6 +409,7 @@ impl MicroVm {
             booted_ms = vm.booted_in.as_millis() as u64,
             load_ms = vm.compile_ms,
             precompiled = vm.precompiled,
+            reset_in_place = vm.reset_in_place,
             acceleration = %self.config.acceleration,
             "micro-VM ready"
         );

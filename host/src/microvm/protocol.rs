@@ -59,6 +59,10 @@ pub enum Message {
         precompiled: bool,
         /// Why the artifact was not used, when it was not.
         note: Option<String>,
+        /// Whether the guest's kernel lets the pooling allocator reset an instance's memory in
+        /// place (PAGEMAP_SCAN, Linux 6.7+) rather than fault it in again on every call.
+        #[serde(default)]
+        reset_in_place: bool,
     },
     /// Host → guest: call an export. Body: the JSON array of arguments.
     Invoke {

@@ -119,6 +119,9 @@ pub(crate) struct Vm {
     pub compile_ms: u64,
     /// Whether the VM mapped the host's compiled code (else it compiled the `.wasm`).
     pub precompiled: bool,
+    /// Whether the guest resets an instance's memory in place between calls (its kernel has
+    /// PAGEMAP_SCAN) rather than faulting it in afresh.
+    pub reset_in_place: bool,
     dir: PathBuf,
 }
 
@@ -268,7 +271,7 @@ impl Vm {
                 return Err(dead(&format!("the VM exited while loading ({})", status.map(|s| s.to_string()).unwrap_or_default())));
             }
         };
-        let (compile_ms, precompiled) = match loaded {
+        let (compile_ms, precompiled, reset_in_place) = match loaded {
             Ok(Ok(Some(Frame {
                 message:
                     Message::Loaded {
@@ -276,13 +279,14 @@ impl Vm {
                         compile_ms,
                         precompiled,
                         note,
+                        reset_in_place,
                     },
                 ..
             }))) => {
                 if let Some(note) = note {
                     tracing::info!(%note, "the micro-VM compiled the component itself");
                 }
-                (compile_ms, precompiled)
+                (compile_ms, precompiled, reset_in_place)
             }
             Ok(Ok(Some(Frame {
                 message: Message::Loaded { error: Some(e), .. },
@@ -309,6 +313,7 @@ impl Vm {
             booted_in,
             compile_ms,
             precompiled,
+            reset_in_place,
             dir: cleanup.keep(),
         });
         tokio::spawn(async move {

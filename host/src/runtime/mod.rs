@@ -33,6 +33,7 @@ pub use error::{InvokeError, LoadError, RuntimeError};
 pub(crate) use links::encode_args as encode_link_args;
 pub(crate) use output::cut;
 pub use output::{GuestOutput, LineSource, LogSink, MAX_LINE_BYTES};
+pub(crate) use runtime::pagemap_scan;
 pub use runtime::{AllocationStrategy, LoadOutcome, Runtime};
 pub use trellis_schemas::manifest::{
     Capabilities, FUEL_RANGE, Limits, MAX_CONCURRENCY_RANGE, MAX_MEMORY_RANGE, Manifest,
