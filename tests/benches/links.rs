@@ -6,7 +6,10 @@
 //! 1. a linked call with small arguments, caller and target on the same host (handed over in
 //!    process), as the caller's guest times it: p50, p99 and the mean of `TRELLIS_BENCH_LINKED`
 //!    calls (default 20,000);
-//! 2. the same with the target only on the other host (over NATS);
+//! 2. the same with the target only on the other host (over NATS), beside the floor under it:
+//!    a bare async-nats request and reply on loopback between this process and a responder
+//!    process (each with a two-thread runtime, as each host has), with the same small arguments
+//!    and headers, alternated with it;
 //! 3. calls/s through a three-stage pipeline on one host (front → middle → stage, two linked
 //!    calls per request), from `TRELLIS_BENCH_CALLERS` concurrent NATS callers (default 32)
 //!    for `TRELLIS_BENCH_SECS` seconds (default 10).
@@ -14,12 +17,14 @@
 //! Run: `cargo build --release --bins && cargo bench --bench links`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
 
 use serde_json::Value;
 use trellis_schemas::dataplane::{self, Op};
 use trellis_schemas::{ComponentName, Lattice};
-use trellis_tests::bench::{call_load, env_usize};
+use trellis_tests::bench::{call_load, env_usize, quantile};
 use trellis_tests::{Nats, push_test_component};
 
 const TRANSFORM: &str = "example:pipeline/transform";
@@ -77,8 +82,103 @@ fn guest_bench(nats: &Nats, l: &Lattice, label: &str, n: usize) {
     );
 }
 
+/// The subject of the bare responder.
+const BARE: &str = "bench.bare.echo";
+
+/// Set in the environment of the bench binary started again as the bare responder: the URL of
+/// the server.
+const RESPONDER_ENV: &str = "TRELLIS_BENCH_BARE_RESPONDER";
+
+/// The floor under a call across hosts: this binary started again as a process of its own (as
+/// a host is), answering every request on [`BARE`] at once with a small JSON body, from a
+/// runtime with two worker threads (as each host has). Killed when dropped.
+fn bare_responder(nats: &Nats) -> Responder {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(RESPONDER_ENV, nats.url())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready", "the bare responder did not start");
+    Responder(child)
+}
+
+/// The bare responder's process, killed when dropped.
+struct Responder(std::process::Child);
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The body of the bare responder process.
+fn serve_bare(url: String) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let client = async_nats::connect(url).await.unwrap();
+        let mut requests = client.subscribe(BARE).await.unwrap();
+        client.flush().await.unwrap();
+        println!("ready");
+        while let Some(message) = requests.next().await {
+            if let Some(reply) = message.reply {
+                let _ = client.publish(reply, "\"A-B\"".into()).await;
+            }
+        }
+    });
+}
+
+/// `n` sequential requests to the [`bare_responder`] from this process's runtime through the
+/// same nats-server, carrying what a linked call carries (an export header, a traceparent, a
+/// small JSON body); prints p50, p99 and the mean.
+async fn bare_round_trip(nats: &Nats, n: usize) {
+    let client = nats.client().await;
+    let mut headers = trellis_bus::dataplane::call_headers(&format!("{TRANSFORM}#apply"));
+    headers.insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    );
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let started = Instant::now();
+        client
+            .request_with_headers(BARE, headers.clone(), "[\"a\",\"b\"]".into())
+            .await
+            .unwrap();
+        if i >= n / 10 {
+            times.push(started.elapsed());
+        }
+    }
+    let mean = times.iter().sum::<Duration>() / n as u32;
+    let p50 = quantile(&mut times, 0.5);
+    let p99 = quantile(&mut times, 0.99);
+    println!(
+        "  the floor, bare NATS request/reply between two processes: {n} requests, p50 {:.1} µs, p99 {:.1} µs, mean {:.1} µs",
+        p50.as_secs_f64() * 1e6,
+        p99.as_secs_f64() * 1e6,
+        mean.as_secs_f64() * 1e6
+    );
+}
+
+fn main() {
+    if let Ok(url) = std::env::var(RESPONDER_ENV) {
+        return serve_bare(url);
+    }
+    bench();
+}
+
 #[tokio::main]
-async fn main() {
+async fn bench() {
     let linked = env_usize("TRELLIS_BENCH_LINKED", 20_000);
     let callers = env_usize("TRELLIS_BENCH_CALLERS", 32);
     let secs = env_usize("TRELLIS_BENCH_SECS", 10);
@@ -107,7 +207,18 @@ async fn main() {
     nats.start_instance(&l, "stage", &["--host", "h2"]);
     ok(&nats, &l, &["instance", "stop", &stage_h1, "--wait"]);
     guest_bench(&nats, &l, "warm-up, across hosts", 200);
-    guest_bench(&nats, &l, "across hosts (NATS)", linked / 4);
+    // Alternated with the floor, so that both see the same machine (two shared cores make
+    // single runs differ by a tenth or more).
+    let _responder = bare_responder(&nats);
+    for round in 1..=3 {
+        guest_bench(
+            &nats,
+            &l,
+            &format!("across hosts (NATS), round {round}"),
+            linked / 12,
+        );
+        bare_round_trip(&nats, linked / 12).await;
+    }
 
     // Three stages on h1: front → middle → stage.
     ok(&nats, &l, &["link", "rm", &front_to_stage]);
