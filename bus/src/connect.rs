@@ -69,6 +69,18 @@ const PING_INTERVAL: Duration = Duration::from_secs(2);
 /// reconnection no more than this before the next is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long the client waits before its `attempts`-th try to connect (counted from 1, and
+/// again from 1 after each connection is lost). The first try goes at once: the client asks
+/// for a delay before every try, the very first connection included, so a delay there would
+/// be paid by every process start and every CLI command. Then 200 ms, doubling up to 2 s.
+fn reconnect_delay(attempts: usize) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let ms = 100u64.saturating_mul(1 << (attempts - 1).min(5) as u64);
+    Duration::from_millis(ms.min(2_000))
+}
+
 /// Connects to NATS as `name` (shown by the server's monitoring). `url` may list several
 /// servers of a cluster separated by commas (`nats://a:4222,nats://b:4222`); the client picks one
 /// and, after losing it, tries the others and those the cluster told it about.
@@ -95,10 +107,7 @@ pub async fn connect_with(
         .connection_timeout(CONNECT_TIMEOUT)
         .request_timeout(Some(Duration::from_secs(10)))
         .ping_interval(PING_INTERVAL)
-        .reconnect_delay_callback(|attempts| {
-            let ms = 100u64.saturating_mul(1 << attempts.min(5) as u64);
-            Duration::from_millis(ms.min(2_000))
-        })
+        .reconnect_delay_callback(reconnect_delay)
         .event_callback(|event| async move {
             match event {
                 Event::ServerError(e) if is_permission_violation(&e.to_string()) => {
@@ -242,5 +251,15 @@ mod tests {
             Some(("us@er".into(), Some("p:ss".into())))
         );
         assert_eq!(user_info("nats://127.0.0.1:4222"), None);
+    }
+
+    #[test]
+    fn the_first_try_to_connect_waits_for_nothing_and_later_ones_back_off() {
+        let ms = |n| reconnect_delay(n).as_millis();
+        assert_eq!(ms(0), 0);
+        assert_eq!(ms(1), 0);
+        assert_eq!([ms(2), ms(3), ms(4), ms(5)], [200, 400, 800, 1600]);
+        assert_eq!(ms(6), 2_000);
+        assert_eq!(ms(1_000), 2_000);
     }
 }
