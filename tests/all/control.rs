@@ -129,7 +129,7 @@ async fn readme_nats_commands_get_replies_that_match_the_schemas() {
     for s in &subs {
         subscriptions.push(client.subscribe(s.clone()).await.unwrap());
     }
-    client.flush().await.unwrap();
+    trellis_tests::settled(&client).await;
 
     for ReadmeRequest {
         subject: subj,

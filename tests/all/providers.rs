@@ -600,7 +600,7 @@ async fn messaging_publishes_by_pattern_and_delivers_subscriptions() {
 
     // Publish: allowed by pattern, denied otherwise.
     let mut out = env.client.subscribe("out.x").await.unwrap();
-    env.client.flush().await.unwrap();
+    trellis_tests::settled(&env.client).await;
     request(&MessagingRequest::Publish {
         message: BrokerMessage {
             subject: "out.x".into(),
@@ -628,7 +628,7 @@ async fn messaging_publishes_by_pattern_and_delivers_subscriptions() {
 
     // Request: the reply comes back as a broker message; nobody listening is an upstream error.
     let mut service = env.client.subscribe("out.svc").await.unwrap();
-    env.client.flush().await.unwrap();
+    trellis_tests::settled(&env.client).await;
     let responder = env.client.clone();
     tokio::spawn(async move {
         if let Some(m) = service.next().await {
@@ -775,7 +775,7 @@ async fn http_server_dispatches_to_the_component_and_maps_errors() {
         )
         .await
         .unwrap();
-    env.client.flush().await.unwrap();
+    trellis_tests::settled(&env.client).await;
     let instance = env.client.clone();
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<HttpRequestHead>();
     let fake = tokio::spawn(async move {

@@ -78,6 +78,21 @@ pub fn free_port() -> u16 {
     panic!("no free port left in {LOW}..{}", LOW + SPAN);
 }
 
+/// Returns once the server has taken everything `client` sent before, its subscriptions
+/// included: a message to a fresh inbox of the client's own makes the round trip. `flush` only
+/// writes the socket, so a subscription just made may still be unknown to the server when
+/// another connection publishes (the request then finds no responders).
+pub async fn settled(client: &async_nats::Client) {
+    use futures::StreamExt as _;
+    let inbox = client.new_inbox();
+    let mut probe = client.subscribe(inbox.clone()).await.unwrap();
+    client.publish(inbox, bytes::Bytes::new()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), probe.next())
+        .await
+        .expect("the server echoed the probe within 10 s")
+        .expect("the probe's subscription is open");
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout` naming `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
