@@ -127,8 +127,13 @@ pub fn serve(mut reader: impl Read, writer: impl Write + Send + 'static) -> io::
         .worker_threads(2)
         .enable_all()
         .build()?;
-    // The runtime is made for the component, when it comes.
+    // The runtime the component runs in. One with the host's default ceilings is made while
+    // the guest waits for its component (in a warm pool that is idle time; under emulation
+    // making it costs about as much as mapping the component): most components fit it.
     let mut runtime: Option<Runtime> = None;
+    let mut ready_made = Some(std::thread::spawn(|| {
+        Runtime::new(&ready_made_config()).ok()
+    }));
 
     let (out, frames) = mpsc::channel::<Frame>();
     let writer = std::thread::spawn(move || write_frames(writer, frames));
@@ -181,7 +186,7 @@ pub fn serve(mut reader: impl Read, writer: impl Write + Send + 'static) -> io::
                     .to_manifest()
                     .map_err(|e| e.to_string())
                     .and_then(|m| {
-                        let runtime = runtime.insert(runtime_for(&m)?);
+                        let runtime = runtime.insert(runtime_for(&m, ready_made.take())?);
                         runtime
                             .load_precompiled(artifact, wasm, m)
                             .map_err(|e| e.to_string())
@@ -268,8 +273,22 @@ pub fn serve(mut reader: impl Read, writer: impl Write + Send + 'static) -> io::
 /// A runtime sized for the one component this VM runs: a pool of slots for its concurrency,
 /// each as large as its memory limit, so that an invocation reuses a slot rather than mapping
 /// and faulting in fresh memory (page faults are dear under emulation).
-fn runtime_for(manifest: &crate::runtime::Manifest) -> Result<Runtime, String> {
+///
+/// The runtime made ahead (`ready_made`) serves instead when the component's limits fit its
+/// ceilings and slots: each invocation is still held to the component's own limits by its store.
+fn runtime_for(
+    manifest: &crate::runtime::Manifest,
+    ready_made: Option<std::thread::JoinHandle<Option<Runtime>>>,
+) -> Result<Runtime, String> {
     let limits = manifest.limits;
+    let ahead = ready_made_config();
+    let fits = limits.max_memory <= ahead.max_memory
+        && limits.fuel <= ahead.max_fuel
+        && limits.timeout <= ahead.max_timeout
+        && limits.max_concurrency <= ahead.max_concurrency.min(ahead.pooling_instances);
+    if fits && let Some(Ok(Some(runtime))) = ready_made.map(std::thread::JoinHandle::join) {
+        return Ok(runtime);
+    }
     let mut config = RuntimeConfig::new();
     config
         .max_memory(limits.max_memory)
@@ -279,6 +298,17 @@ fn runtime_for(manifest: &crate::runtime::Manifest) -> Result<Runtime, String> {
         .pooling(true)
         .pooling_instances(limits.max_concurrency.max(1));
     Runtime::new(&config).map_err(|e| e.to_string())
+}
+
+/// Invocations in flight the runtime made ahead has slots for.
+const READY_MADE_INSTANCES: u32 = 256;
+
+/// The configuration of the runtime a guest makes before its component comes: the host's
+/// default ceilings, and a pool of [`READY_MADE_INSTANCES`] slots.
+fn ready_made_config() -> RuntimeConfig {
+    let mut config = RuntimeConfig::new();
+    config.pooling(true).pooling_instances(READY_MADE_INSTANCES);
+    config
 }
 
 /// Writes the guest's frames to the host. A frame larger than the host takes
