@@ -264,8 +264,8 @@ pub struct Projection {
     /// Instances by id.
     pub instances: BTreeMap<InstanceId, InstanceRecord>,
     /// For every host ever declared lost: the stream sequence of its latest `host.lost` fact.
-    /// Controllers publish `host.lost` expecting exactly this last sequence on the subject, so
-    /// only one replica's declaration is stored.
+    /// (Controllers declare a loss expecting the host's `status_seq` as the last fact about the
+    /// host, not this; it stays for readers of the projection.)
     pub last_lost_seq: BTreeMap<HostId, u64>,
     /// Capability assignments in force, by id (revoked ones are removed).
     #[serde(default)]

@@ -145,7 +145,7 @@ async fn bare_round_trip(nats: &Nats, n: usize) {
     let client = nats.client().await;
     let mut headers = trellis_bus::dataplane::call_headers(&format!("{TRANSFORM}#apply"));
     headers.insert(
-        "traceparent",
+        trellis_bus::dataplane::NAMES.traceparent.clone(),
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
     );
     let mut times = Vec::with_capacity(n);

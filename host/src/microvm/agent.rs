@@ -447,15 +447,18 @@ impl LogSink for ChannelLog {
         if self.lines.fetch_add(1, Ordering::Relaxed) >= MAX_LINES {
             return;
         }
+        // The host keeps no more of a line than this; a longer one would only swell the frame.
         let (source, context) = match source {
             LineSource::Stdout => ("stdout".to_owned(), None),
             LineSource::Stderr => ("stderr".to_owned(), None),
-            LineSource::Log { level, context } => (level.to_owned(), Some(context.to_owned())),
+            LineSource::Log { level, context } => (
+                level.to_owned(),
+                Some(cut(context, MAX_LINE_BYTES).to_owned()),
+            ),
         };
-        // The host keeps no more of a line than this; a longer one would only swell the frame.
         let message = Message::Log {
             source,
-            context: context.map(|c| cut(&c, MAX_LINE_BYTES).to_owned()),
+            context,
             text: cut(text, MAX_LINE_BYTES).to_owned(),
         };
         let _ = self.out.send(Frame::new(self.id, message, Bytes::new()));
