@@ -99,7 +99,7 @@ enum Command {
     /// Capability provider processes.
     #[command(subcommand)]
     Provider(crate::capabilities::ProviderCommand),
-    /// Start a whole lattice on this machine: NATS (unless --nats-url is given), a controller and a host.
+    /// Start a whole lattice on this machine: NATS (unless --nats is given), a controller and a host.
     Up(crate::up::UpArgs),
     /// Serve a read-only web dashboard of the lattice: hosts, instances, providers,
     /// assignments, rollouts, a live feed of facts and a chart of invocations.
