@@ -60,15 +60,18 @@ ensure_guest_kernel() {
         cp "$work"/root/boot/vmlinuz-* "$dir.new/vmlinuz"
         # Each driver of the channel is a module (plain or compressed) or built in; the agent
         # loads the modules it finds, in this order.
+        # Older packages put modules under /lib, newer ones (merged /usr) under /usr/lib.
+        local modules
+        modules="$(ls -d "$work"/root/lib/modules/* "$work"/root/usr/lib/modules/* 2>/dev/null | head -n 1 || true)"
         local m src
         for m in virtio/virtio_ring virtio/virtio virtio/virtio_mmio char/virtio_console; do
-            src="$(ls "$work"/root/lib/modules/*/kernel/drivers/"$m".ko* 2>/dev/null | head -n 1)"
+            src="$(ls "$modules"/kernel/drivers/"$m".ko* 2>/dev/null | head -n 1 || true)"
             case "$src" in
                 *.ko) cp "$src" "$dir.new/modules/" ;;
                 *.ko.xz) xz -dc "$src" >"$dir.new/modules/$(basename "$m").ko" ;;
                 *.ko.zst) zstd -qdc "$src" >"$dir.new/modules/$(basename "$m").ko" ;;
                 "")
-                    if ! grep -q "kernel/drivers/$m.ko" "$work"/root/lib/modules/*/modules.builtin; then
+                    if ! grep -q "kernel/drivers/$m.ko" "$modules"/modules.builtin 2>/dev/null; then
                         rm -rf "$work" "$dir.new"
                         echo "error: $package has no $m driver" >&2
                         return 1

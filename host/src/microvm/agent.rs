@@ -7,26 +7,35 @@
 //! capability call back over the port into the host's bridge, which checks it exactly as it
 //! checks an in-process instance's. The guest has no network device and no disk; the component
 //! sees no files, sockets or environment, as on the host.
+//!
+//! Everything the agent does per call runs on one thread, an async runtime over the port opened
+//! without blocking: the guest has one vCPU, and under emulation every switch between threads
+//! costs tens of microseconds of guest kernel time. Invocations interleave at their awaits
+//! (a capability call, an epoch tick), as they do in a host's runtime.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::io::{self, Read as _, Write as _};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::sync::oneshot;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader, ReadBuf};
+use tokio::sync::{mpsc, oneshot};
 use trellis_schemas::Capability;
 use trellis_schemas::capability::rpc::{CapabilityResponse, HttpResponseHead};
 use trellis_schemas::dataplane::{DataError, ErrorCode};
 
-use super::protocol::{Failure, Frame, MAX_GUEST_FRAME, Message, RemoteError};
+use super::protocol::{Failure, Frame, MAX_FRAME, MAX_GUEST_FRAME, Message, RemoteError};
 use crate::runtime::{
     BridgeFuture, CallContext, CapabilityBridge, CapabilityCall, CapabilityError, GuestOutput,
     InvokeError, LineSource, LinkCall, LinkError, LinkFuture, LoadedComponent, LogSink,
-    MAX_LINE_BYTES, Runtime, RuntimeConfig, cut, json_to_val,
+    MAX_LINE_BYTES, Prepared, Runtime, RuntimeConfig, cut, json_to_val,
 };
 
 /// The guest's channel device: the first port of the virtio-serial device the host adds.
@@ -45,8 +54,14 @@ const MODULES: &[&str] = &[
 /// the host goes away or anything fails (the host sees the VM exit).
 pub fn run_as_init() -> ! {
     let result = open_channel().and_then(|port| {
-        let reader = port.try_clone()?;
-        serve(BufReader::with_capacity(1 << 16, reader), port)
+        let tokio = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        tokio.block_on(async {
+            let reader = Port::new(port.try_clone()?)?;
+            let writer = Port::new(port)?;
+            serve(BufReader::with_capacity(1 << 16, reader), writer).await
+        })
     });
     if let Err(e) = result {
         eprintln!("trellis micro-VM agent: {e}");
@@ -61,6 +76,7 @@ pub fn run_as_init() -> ! {
 /// Mounts `/dev` and `/proc`, loads the channel's modules and opens the port.
 fn open_channel() -> io::Result<File> {
     use nix::mount::{MsFlags, mount};
+    use std::os::unix::fs::OpenOptionsExt as _;
     let _ = std::fs::create_dir_all("/dev");
     mount(
         Some("devtmpfs"),
@@ -96,6 +112,7 @@ fn open_channel() -> io::Result<File> {
         match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
             .open(PORT)
         {
             Ok(port) => return Ok(port),
@@ -117,16 +134,75 @@ fn libc_enxio() -> i32 {
     nix::errno::Errno::ENXIO as i32
 }
 
-/// Serves one host over a byte channel until it closes. Also used over a socket in tests.
+/// One descriptor of the channel's port, opened without blocking, read and written when the
+/// runtime's reactor says it is ready.
+///
+/// Not a pipe, although it reads like one: each read returns at most one of the buffers the
+/// host filled, so a read shorter than asked does not mean the port is drained (the buffers
+/// after it raised their interrupt already). Readiness is cleared only when a read would
+/// block, where a pipe's reader (tokio's included) also clears it after a short read and would
+/// wait for an interrupt that never comes.
+struct Port(AsyncFd<File>);
+
+impl Port {
+    fn new(file: File) -> io::Result<Self> {
+        #[allow(unsafe_code, reason = "registering a descriptor with the reactor")]
+        // SAFETY: the `AsyncFd` owns the `File`, so its descriptor stays open and is not
+        // replaced while it is registered; it is deregistered before the file is closed.
+        let registered = unsafe { AsyncFd::register(file) };
+        registered.map(Self).map_err(io::Error::from)
+    }
+}
+
+impl AsyncRead for Port {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut ready = ready!(self.0.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            if let Ok(read) = ready.try_io(|port| port.get_ref().read(unfilled)) {
+                return Poll::Ready(read.map(|n| buf.advance(n)));
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Port {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let mut ready = ready!(self.0.poll_write_ready(cx))?;
+            if let Ok(written) = ready.try_io(|port| port.get_ref().write(data)) {
+                return Poll::Ready(written);
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Serves one host over a byte channel until it closes, on the calling task's runtime (a
+/// current-thread one in the guest): invocations are tasks of that runtime.
 ///
 /// # Errors
 ///
-/// A channel that fails or carries a malformed frame, or a runtime that cannot be built.
-pub fn serve(mut reader: impl Read, writer: impl Write + Send + 'static) -> io::Result<()> {
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+/// A channel that fails or carries a malformed frame.
+pub async fn serve(
+    mut reader: impl AsyncRead + Unpin,
+    writer: impl AsyncWrite + Unpin + Send + 'static,
+) -> io::Result<()> {
     // The runtime the component runs in. One with the host's default ceilings is made while
     // the guest waits for its component (in a warm pool that is idle time; under emulation
     // making it costs about as much as mapping the component): most components fit it.
@@ -135,8 +211,8 @@ pub fn serve(mut reader: impl Read, writer: impl Write + Send + 'static) -> io::
         Runtime::new(&ready_made_config()).ok()
     }));
 
-    let (out, frames) = mpsc::channel::<Frame>();
-    let writer = std::thread::spawn(move || write_frames(writer, frames));
+    let (out, frames) = mpsc::unbounded_channel::<Frame>();
+    tokio::spawn(write_frames(writer, frames));
     let pending: Pending = Arc::default();
     let next_id = Arc::new(AtomicU64::new(1));
     let send = |frame: Frame| {
@@ -152,12 +228,13 @@ pub fn serve(mut reader: impl Read, writer: impl Write + Send + 'static) -> io::
     ))?;
 
     let mut component: Option<LoadedComponent> = None;
+    let spare = Arc::new(Spare::default());
     // The component for one invocation: what the host granted at the call, and its trace.
-    let prepare = |component: Option<&LoadedComponent>,
-                   id: u64,
-                   traceparent: Option<String>,
-                   allowed: Vec<Capability>,
-                   log: bool| {
+    let for_call = |component: Option<&LoadedComponent>,
+                    id: u64,
+                    traceparent: Option<String>,
+                    allowed: Vec<Capability>,
+                    log: bool| {
         component.map(|c| {
             let sink: Option<Arc<dyn LogSink>> = log.then(|| {
                 Arc::new(ChannelLog {
@@ -173,7 +250,7 @@ pub fn serve(mut reader: impl Read, writer: impl Write + Send + 'static) -> io::
             .with_bridge(bridge(&out, &pending, &next_id, allowed))
         })
     };
-    while let Some(frame) = Frame::read_from(&mut reader)? {
+    while let Some(frame) = Frame::read_async_within(&mut reader, MAX_FRAME).await? {
         let Frame { id, message, body } = frame;
         match message {
             Message::Load { manifest, compiled } => {
@@ -193,6 +270,8 @@ pub fn serve(mut reader: impl Read, writer: impl Write + Send + 'static) -> io::
                     });
                 let (error, note) = match loaded {
                     Ok((c, used)) => {
+                        // The first invocation finds an instance ready, as every later one.
+                        tokio::spawn(Arc::clone(&spare).refill(c.clone()));
                         component = Some(c);
                         (None, used.err())
                     }
@@ -218,14 +297,18 @@ pub fn serve(mut reader: impl Read, writer: impl Write + Send + 'static) -> io::
                 allowed,
                 log,
             } => {
-                let Some(c) = prepare(component.as_ref(), id, traceparent, allowed, log) else {
+                let Some(c) = for_call(component.as_ref(), id, traceparent, allowed, log) else {
                     send(not_loaded(id))?;
                     continue;
                 };
                 let out = out.clone();
-                tokio.spawn(async move {
-                    let done = invoke(&c, &export, &body).await.map(|json| (None, json));
+                let (spare, base) = (Arc::clone(&spare), component.clone());
+                tokio::spawn(async move {
+                    let done = invoke(&c, spare.take(), &export, &body)
+                        .await
+                        .map(|json| (None, json));
                     let _ = out.send(done_frame(id, done));
+                    spare.refill_later(base);
                 });
             }
             Message::Http {
@@ -234,18 +317,20 @@ pub fn serve(mut reader: impl Read, writer: impl Write + Send + 'static) -> io::
                 allowed,
                 log,
             } => {
-                let Some(c) = prepare(component.as_ref(), id, traceparent, allowed, log) else {
+                let Some(c) = for_call(component.as_ref(), id, traceparent, allowed, log) else {
                     send(not_loaded(id))?;
                     continue;
                 };
                 let out = out.clone();
-                tokio.spawn(async move {
+                let (spare, base) = (Arc::clone(&spare), component.clone());
+                tokio::spawn(async move {
                     let done = c
-                        .handle_http(&head, body)
+                        .handle_http_prepared(spare.take(), &head, body)
                         .await
                         .map(|(head, body)| (Some(head), body))
                         .map_err(|e| failure(&e));
                     let _ = out.send(done_frame(id, done));
+                    spare.refill_later(base);
                 });
             }
             Message::CapabilityReply { .. } | Message::LinkReply { .. } => {
@@ -265,13 +350,60 @@ pub fn serve(mut reader: impl Read, writer: impl Write + Send + 'static) -> io::
             }
         }
     }
-    drop(out);
-    let _ = writer.join();
+    // The host is gone: whatever is still in flight has nobody to answer.
     Ok(())
 }
 
-/// A runtime sized for the one component this VM runs: a pool of slots for its concurrency,
-/// each as large as its memory limit, so that an invocation reuses a slot rather than mapping
+/// The instance the next invocation takes: made while the VM would otherwise wait for its host,
+/// so that an invocation runs its function at once (under emulation instantiating costs more
+/// than the call itself). One at a time; an invocation that finds none instantiates as usual.
+#[derive(Debug, Default)]
+struct Spare {
+    instance: Mutex<Option<Prepared>>,
+    /// Whether one is being made.
+    making: AtomicBool,
+}
+
+impl Spare {
+    fn take(&self) -> Option<Prepared> {
+        self.instance
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// Makes the next instance once what is queued now has run (the writer with the answer
+    /// just sent goes first).
+    fn refill_later(self: Arc<Self>, component: Option<LoadedComponent>) {
+        if let Some(component) = component {
+            tokio::spawn(self.refill(component));
+        }
+    }
+
+    async fn refill(self: Arc<Self>, component: LoadedComponent) {
+        if self.making.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::task::yield_now().await;
+        let empty = self
+            .instance
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none();
+        // A component that cannot be instantiated fails in the invocation that tries, which
+        // reports why.
+        if empty && let Ok(prepared) = component.prepare().await {
+            let mut slot = self.instance.lock().unwrap_or_else(PoisonError::into_inner);
+            if slot.is_none() {
+                *slot = Some(prepared);
+            }
+        }
+        self.making.store(false, Ordering::Release);
+    }
+}
+
+/// A runtime sized for the one component this VM runs: a pool of slots for its concurrency
+/// and its spare instance, each as large as its memory limit, so that an invocation reuses a slot rather than mapping
 /// and faulting in fresh memory (page faults are dear under emulation).
 ///
 /// The runtime made ahead (`ready_made`) serves instead when the component's limits fit its
@@ -285,7 +417,7 @@ fn runtime_for(
     let fits = limits.max_memory <= ahead.max_memory
         && limits.fuel <= ahead.max_fuel
         && limits.timeout <= ahead.max_timeout
-        && limits.max_concurrency <= ahead.max_concurrency.min(ahead.pooling_instances);
+        && limits.max_concurrency < ahead.max_concurrency.min(ahead.pooling_instances);
     if fits && let Some(Ok(Some(runtime))) = ready_made.map(std::thread::JoinHandle::join) {
         return Ok(runtime);
     }
@@ -296,7 +428,8 @@ fn runtime_for(
         .max_timeout(limits.timeout)
         .max_concurrency(limits.max_concurrency)
         .pooling(true)
-        .pooling_instances(limits.max_concurrency.max(1));
+        // One slot more than its concurrency: the spare instance's.
+        .pooling_instances(limits.max_concurrency.max(1).saturating_add(1));
     Runtime::new(&config).map_err(|e| e.to_string())
 }
 
@@ -311,46 +444,53 @@ fn ready_made_config() -> RuntimeConfig {
     config
 }
 
-/// Writes the guest's frames to the host. A frame larger than the host takes
-/// ([`MAX_GUEST_FRAME`]) would end the channel: an invocation's end is answered as an output too
-/// large instead (an HTTP response with huge headers, say), anything else is dropped.
-fn write_frames(writer: impl Write, frames: mpsc::Receiver<Frame>) {
-    let mut writer = BufWriter::with_capacity(1 << 16, writer);
-    while let Ok(frame) = frames.recv() {
-        let bytes = match frame.encode_within(MAX_GUEST_FRAME) {
-            Ok(bytes) => bytes,
-            Err(e) => match &frame.message {
-                Message::Done { .. } => {
-                    let error = InvokeError::OutputTooLarge {
-                        size: frame.body.len(),
-                        limit: MAX_GUEST_FRAME,
-                        output: GuestOutput::default(),
-                    };
-                    match done_with(frame.id, failure(&error)).encode() {
-                        Ok(bytes) => bytes,
-                        Err(_) => continue,
-                    }
-                }
-                _ => {
-                    eprintln!("trellis micro-VM agent: frame dropped: {e}");
-                    continue;
-                }
-            },
-        };
-        if writer
-            .write_all(&bytes)
-            .and_then(|()| writer.flush())
-            .is_err()
-        {
+/// Writes the guest's frames to the host, as many as are queued before each flush. A frame
+/// larger than the host takes ([`MAX_GUEST_FRAME`]) would end the channel: an invocation's end
+/// is answered as an output too large instead (an HTTP response with huge headers, say),
+/// anything else is dropped.
+async fn write_frames(writer: impl AsyncWrite + Unpin, mut frames: mpsc::UnboundedReceiver<Frame>) {
+    let mut writer = tokio::io::BufWriter::with_capacity(1 << 16, writer);
+    while let Some(first) = frames.recv().await {
+        let mut next = Some(first);
+        while let Some(frame) = next {
+            if let Some(bytes) = encode_for_host(&frame)
+                && writer.write_all(&bytes).await.is_err()
+            {
+                return;
+            }
+            next = frames.try_recv().ok();
+        }
+        if writer.flush().await.is_err() {
             return;
         }
+    }
+}
+
+/// A frame's bytes as the host takes them, or `None` for one that is dropped.
+fn encode_for_host(frame: &Frame) -> Option<Vec<u8>> {
+    match frame.encode_within(MAX_GUEST_FRAME) {
+        Ok(bytes) => Some(bytes),
+        Err(e) => match &frame.message {
+            Message::Done { .. } => {
+                let error = InvokeError::OutputTooLarge {
+                    size: frame.body.len(),
+                    limit: MAX_GUEST_FRAME,
+                    output: GuestOutput::default(),
+                };
+                done_with(frame.id, failure(&error)).encode().ok()
+            }
+            _ => {
+                eprintln!("trellis micro-VM agent: frame dropped: {e}");
+                None
+            }
+        },
     }
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
 
 fn bridge(
-    out: &mpsc::Sender<Frame>,
+    out: &mpsc::UnboundedSender<Frame>,
     pending: &Pending,
     next_id: &Arc<AtomicU64>,
     allowed: Vec<Capability>,
@@ -363,7 +503,12 @@ fn bridge(
     })
 }
 
-async fn invoke(component: &LoadedComponent, export: &str, args: &[u8]) -> Result<Bytes, Failure> {
+async fn invoke(
+    component: &LoadedComponent,
+    prepared: Option<Prepared>,
+    export: &str,
+    args: &[u8],
+) -> Result<Bytes, Failure> {
     let args = if args.iter().all(u8::is_ascii_whitespace) {
         Value::Array(Vec::new())
     } else {
@@ -375,7 +520,7 @@ async fn invoke(component: &LoadedComponent, export: &str, args: &[u8]) -> Resul
         })?
     };
     let value = component
-        .invoke(export, args)
+        .invoke_prepared(prepared, export, args)
         .await
         .map_err(|e| failure(&e))?;
     serde_json::to_vec(&value)
@@ -436,7 +581,7 @@ const MAX_LINES: u64 = 10_000;
 
 /// Sends an invocation's output lines to the host as they come.
 struct ChannelLog {
-    out: mpsc::Sender<Frame>,
+    out: mpsc::UnboundedSender<Frame>,
     /// The invocation's id, as the host sent it.
     id: u64,
     lines: AtomicU64,
@@ -469,7 +614,7 @@ impl LogSink for ChannelLog {
 /// for its answer. What is allowed is what the host said when it sent the invocation.
 #[derive(Debug)]
 struct ChannelBridge {
-    out: mpsc::Sender<Frame>,
+    out: mpsc::UnboundedSender<Frame>,
     pending: Pending,
     next_id: Arc<AtomicU64>,
     allowed: Vec<Capability>,
@@ -591,9 +736,9 @@ impl CapabilityBridge for ChannelBridge {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_frame_larger_than_the_host_takes_ends_the_invocation_not_the_channel() {
-        let (out, frames) = mpsc::channel::<Frame>();
+    #[tokio::test]
+    async fn a_frame_larger_than_the_host_takes_ends_the_invocation_not_the_channel() {
+        let (out, frames) = mpsc::unbounded_channel::<Frame>();
         let huge = Bytes::from(vec![0u8; MAX_GUEST_FRAME + 1]);
         out.send(Frame::new(
             3,
@@ -613,7 +758,7 @@ mod tests {
         out.send(not_loaded(5)).unwrap();
         drop(out);
         let mut written = Vec::new();
-        write_frames(&mut written, frames);
+        write_frames(&mut written, frames).await;
         let mut reader = written.as_slice();
         let first = Frame::read_from(&mut reader).unwrap().unwrap();
         assert_eq!(first.id, 3);

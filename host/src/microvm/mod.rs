@@ -203,7 +203,10 @@ impl MicrovmConfig {
                     " tsc_early_khz={}",
                     self.tsc_khz.unwrap_or(2_000_000)
                 ));
-                "max"
+                // Without ERMS and FSRM, the guest's libc and kernel copy and fill memory with
+                // vector loops, which TCG translates well, instead of `rep movsb`/`rep stosb`,
+                // which it runs a byte at a time: calls take about a tenth less time.
+                "max,-erms,-fsrm"
             }
         };
         [

@@ -275,6 +275,19 @@ impl Frame {
     pub async fn read_async(
         reader: &mut (impl tokio::io::AsyncRead + Unpin),
     ) -> io::Result<Option<Frame>> {
+        Self::read_async_within(reader, MAX_GUEST_FRAME).await
+    }
+
+    /// Reads one frame of at most `max` bytes from an async reader ([`MAX_FRAME`] for what a
+    /// host sends its guest); `Ok(None)` at a clean end of the stream.
+    ///
+    /// # Errors
+    ///
+    /// As [`read_from`](Self::read_from), with frames larger than `max` refused.
+    pub async fn read_async_within(
+        reader: &mut (impl tokio::io::AsyncRead + Unpin),
+        max: usize,
+    ) -> io::Result<Option<Frame>> {
         use tokio::io::AsyncReadExt as _;
         let mut len = [0u8; 4];
         match reader.read_exact(&mut len).await {
@@ -282,7 +295,7 @@ impl Frame {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e),
         }
-        let mut bytes = vec![0u8; frame_len(len, MAX_GUEST_FRAME)?];
+        let mut bytes = vec![0u8; frame_len(len, max)?];
         reader.read_exact(&mut bytes).await?;
         Self::decode(bytes).map(Some)
     }

@@ -103,6 +103,17 @@ impl ArtifactCache {
         let bytes = component
             .serialize()
             .map_err(|err| io::Error::other(format!("serialising the component: {err}")))?;
+        self.put_bytes(digest, &bytes)
+    }
+
+    /// The bytes of the artifact for `digest`, for an engine elsewhere (a micro-VM's) to map:
+    /// that engine checks them as [`get`](Self::get) does here.
+    pub(crate) fn get_bytes(&self, digest: &Digest) -> Option<Vec<u8>> {
+        fs::read(self.path_for(digest)).ok()
+    }
+
+    /// Stores an artifact serialised by this cache's engine under `digest`, atomically.
+    pub(crate) fn put_bytes(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()> {
         let temp = self.dir.join(format!(
             ".{}.{}.{}.tmp",
             digest.to_hex(),
@@ -111,7 +122,7 @@ impl ArtifactCache {
         ));
         let result = (|| {
             let mut file = fs::File::create(&temp)?;
-            file.write_all(&bytes)?;
+            file.write_all(bytes)?;
             file.sync_all()?;
             fs::rename(&temp, self.path_for(digest))
         })();

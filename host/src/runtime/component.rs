@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use wasmtime::component::types::{ComponentItem, Type};
-use wasmtime::component::{Component, ComponentExportIndex, InstancePre, Val};
+use wasmtime::component::{Component, ComponentExportIndex, Instance, InstancePre, Val};
 use wasmtime::{Store, UpdateDeadline};
 
 use super::capabilities::{CapabilityBridge, DenyAll};
@@ -71,6 +71,24 @@ pub struct CallContext {
     pub log: Option<Arc<dyn LogSink>>,
     /// Its W3C trace context: capability calls carry it on.
     pub traceparent: Option<Arc<str>>,
+}
+
+/// A fresh instance of a component made ahead of the invocation it will serve (see
+/// [`LoadedComponent::prepare`]): a store of its own in which nothing ran but the component's
+/// instantiation. The invocation that takes it skips instantiating; it is used once and
+/// dropped after, as any store.
+pub struct Prepared {
+    component: Arc<ComponentInner>,
+    store: Store<StoreState>,
+    instance: Instance,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("component", &self.component.manifest.name)
+            .finish_non_exhaustive()
+    }
 }
 
 struct ComponentInner {
@@ -266,6 +284,52 @@ impl LoadedComponent {
         self.invoke_captured(export, args).await.map(|i| i.value)
     }
 
+    /// Like [`invoke`](Self::invoke), in the instance `prepared` when there is one (made by
+    /// [`prepare`](Self::prepare) from this component), else in a fresh one made now.
+    ///
+    /// # Errors
+    ///
+    /// As [`invoke`](Self::invoke).
+    pub async fn invoke_prepared(
+        &self,
+        prepared: Option<Prepared>,
+        export: &str,
+        args: Value,
+    ) -> Result<Value, InvokeError> {
+        self.invoke_in(prepared, export, args)
+            .await
+            .map(|i| i.value)
+    }
+
+    /// Makes a fresh instance of the component ahead of an invocation that will take it
+    /// ([`invoke_prepared`](Self::invoke_prepared), [`handle_http_prepared`](Self::handle_http_prepared)),
+    /// so that the invocation does not wait for instantiation. Instantiation is held to the
+    /// component's limits as in an invocation (fuel, memory, wall-clock); it takes a slot of the
+    /// instance pool but not one of the component's concurrency.
+    ///
+    /// # Errors
+    ///
+    /// When instantiation fails (the invocation that would have taken the instance reports it
+    /// then, by instantiating itself).
+    pub async fn prepare(&self) -> Result<Prepared, InvokeError> {
+        let limits = self.inner.manifest.limits;
+        let (mut store, output) = self.new_store()?;
+        let instantiated = tokio::time::timeout(
+            limits.timeout + CANCEL_GRACE,
+            self.inner.pre.instantiate_async(&mut store),
+        )
+        .await;
+        match instantiated {
+            Ok(Ok(instance)) => Ok(Prepared {
+                component: Arc::clone(&self.inner),
+                store,
+                instance,
+            }),
+            Ok(Err(error)) => Err(failed(Some(Failure::Instantiate(error)), &output, &limits)),
+            Err(_elapsed) => Err(failed(None, &output, &limits)),
+        }
+    }
+
     /// Like [`invoke`](Self::invoke), and also returns the guest's captured output and the fuel
     /// it consumed.
     ///
@@ -277,11 +341,20 @@ impl LoadedComponent {
         export: &str,
         args: Value,
     ) -> Result<Invocation, InvokeError> {
+        self.invoke_in(None, export, args).await
+    }
+
+    async fn invoke_in(
+        &self,
+        prepared: Option<Prepared>,
+        export: &str,
+        args: Value,
+    ) -> Result<Invocation, InvokeError> {
         let inner = &*self.inner;
         let config = &inner.runtime.config;
         let (name, func) = self.lookup(export)?;
         let params = convert_args(name, func, &args)?;
-        let (outcome, output, fuel_consumed) = self.run_values(func, &params).await?;
+        let (outcome, output, fuel_consumed) = self.run_values(func, &params, prepared).await?;
         match outcome {
             Err(error) => Err(error),
             Ok(results) => {
@@ -326,7 +399,7 @@ impl LoadedComponent {
     /// As [`invoke`](Self::invoke).
     pub async fn invoke_vals(&self, export: &str, params: &[Val]) -> Result<Vec<Val>, InvokeError> {
         let (_, func) = self.check_vals(export, params)?;
-        let (outcome, _output, _fuel) = self.run_values(func, params).await?;
+        let (outcome, _output, _fuel) = self.run_values(func, params, None).await?;
         outcome
     }
 
@@ -440,13 +513,21 @@ impl LoadedComponent {
         &self,
         func: &ExportFunc,
         params: &[Val],
+        prepared: Option<Prepared>,
     ) -> Result<(Result<Vec<Val>, InvokeError>, OutputHandle, u64), InvokeError> {
         let inner = &*self.inner;
         let _permit = self.permit()?;
         let limits = inner.manifest.limits;
-        let (mut store, output) = self.new_store()?;
+        let (mut store, output, instance) = self.store_for(prepared)?;
         let mut results = vec![Val::Bool(false); func.results.len()];
-        let run = run(&inner.pre, &mut store, &func.index, params, &mut results);
+        let run = run(
+            &inner.pre,
+            &mut store,
+            instance,
+            &func.index,
+            params,
+            &mut results,
+        );
         let outcome = tokio::time::timeout(limits.timeout + CANCEL_GRACE, run).await;
         let fuel_consumed = inner.usage.record(&store, limits.fuel);
         drop(store);
@@ -468,6 +549,34 @@ impl LoadedComponent {
                 component: inner.manifest.name.clone(),
                 max_concurrency: inner.manifest.limits.max_concurrency,
             })
+    }
+
+    /// The store an invocation runs in, and its instance when it was made ahead: `prepared`,
+    /// given this invocation's bridge, call context and deadline, if it is an instance of this
+    /// component; else a fresh store, to instantiate in.
+    fn store_for(
+        &self,
+        prepared: Option<Prepared>,
+    ) -> Result<(Store<StoreState>, OutputHandle, Option<Instance>), InvokeError> {
+        match prepared {
+            Some(Prepared {
+                component,
+                mut store,
+                instance,
+            }) if Arc::ptr_eq(&component, &self.inner) => {
+                let deadline = Instant::now() + self.inner.manifest.limits.timeout;
+                let output =
+                    store
+                        .data_mut()
+                        .bind(Arc::clone(&self.bridge), self.call.clone(), deadline);
+                store.set_epoch_deadline(1);
+                Ok((store, output, Some(instance)))
+            }
+            _ => {
+                let (store, output) = self.new_store()?;
+                Ok((store, output, None))
+            }
+        }
     }
 
     /// A fresh store with the component's limits: memory limiter, fuel, and a wall-clock
@@ -494,8 +603,10 @@ impl LoadedComponent {
             });
         }
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline {
+        // The store's own deadline, which a store made ahead gets anew when an invocation
+        // takes it.
+        store.epoch_deadline_callback(|store| {
+            Ok(if Instant::now() >= store.data().deadline {
                 UpdateDeadline::Interrupt
             } else {
                 UpdateDeadline::Yield(1)
@@ -518,6 +629,21 @@ impl LoadedComponent {
         head: &HttpRequestHead,
         body: Bytes,
     ) -> Result<(HttpResponseHead, Bytes), InvokeError> {
+        self.handle_http_prepared(None, head, body).await
+    }
+
+    /// Like [`handle_http`](Self::handle_http), in the instance `prepared` when there is one
+    /// (see [`invoke_prepared`](Self::invoke_prepared)).
+    ///
+    /// # Errors
+    ///
+    /// As [`handle_http`](Self::handle_http).
+    pub async fn handle_http_prepared(
+        &self,
+        prepared: Option<Prepared>,
+        head: &HttpRequestHead,
+        body: Bytes,
+    ) -> Result<(HttpResponseHead, Bytes), InvokeError> {
         let inner = &*self.inner;
         let handler = inner
             .http_handler
@@ -530,7 +656,7 @@ impl LoadedComponent {
             .map_err(|message| InvokeError::BadRequest { message })?;
         let _permit = self.permit()?;
         let limits = inner.manifest.limits;
-        let (mut store, output) = self.new_store()?;
+        let (mut store, output, instance) = self.store_for(prepared)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let resources = (|| {
             let mut http = store.data_mut().http();
@@ -543,11 +669,14 @@ impl LoadedComponent {
             output: GuestOutput::default(),
         })?;
         let call = async {
-            let instance = inner
-                .pre
-                .instantiate_async(&mut store)
-                .await
-                .map_err(Failure::Instantiate)?;
+            let instance = match instance {
+                Some(instance) => instance,
+                None => inner
+                    .pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(Failure::Instantiate)?,
+            };
             let func = instance
                 .get_typed_func::<(
                     Resource<HostIncomingRequest>,
@@ -684,14 +813,18 @@ enum HttpFailure {
 async fn run(
     pre: &InstancePre<StoreState>,
     store: &mut Store<StoreState>,
+    instance: Option<Instance>,
     index: &ComponentExportIndex,
     params: &[Val],
     results: &mut [Val],
 ) -> Result<(), Failure> {
-    let instance = pre
-        .instantiate_async(&mut *store)
-        .await
-        .map_err(Failure::Instantiate)?;
+    let instance = match instance {
+        Some(instance) => instance,
+        None => pre
+            .instantiate_async(&mut *store)
+            .await
+            .map_err(Failure::Instantiate)?,
+    };
     let func = instance.get_func(&mut *store, index).ok_or_else(|| {
         Failure::Instantiate(wasmtime::Error::msg(
             "the instance lacks an export its component type declares",

@@ -24,7 +24,9 @@ pub use capabilities::{
     BridgeFuture, CapabilityBridge, CapabilityCall, CapabilityError, CapabilityRequest,
     CapabilityResponse, DenyAll, LinkCall, LinkError, LinkFuture,
 };
-pub use component::{CallContext, ExportInfo, Invocation, LoadedComponent, ResourceUsage};
+pub use component::{
+    CallContext, ExportInfo, Invocation, LoadedComponent, Prepared, ResourceUsage,
+};
 pub use config::RuntimeConfig;
 pub use convert::ConvertError;
 pub(crate) use convert::{Budget, json_to_val, val_to_json};

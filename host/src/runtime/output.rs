@@ -155,6 +155,15 @@ impl Capture {
         }
     }
 
+    /// Hands the lines written from now on to `sink` instead (a store made ahead of its
+    /// invocation learns the invocation's sink when it takes it).
+    pub(crate) fn set_sink(&self, sink: Option<(Arc<dyn LogSink>, LineSource<'static>)>) {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forward = sink.map(|(sink, source)| Forward { sink, source });
+    }
+
     pub(crate) fn push(&self, bytes: &[u8]) {
         let mut buffer = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         Self::keep(&mut buffer, bytes);

@@ -237,12 +237,14 @@ impl Runtime {
     /// # Errors
     ///
     /// For invalid wasm, or a target this build cannot compile for.
-    /// The last [`PORTABLE_KEPT`] artifacts are kept by digest: a component started again
-    /// (a restart, another instance, a rollout) is not compiled again.
+    /// The last [`PORTABLE_KEPT`] artifacts are kept in memory by digest: a component started
+    /// again (a restart, another instance, a rollout) is not compiled again. With a cache
+    /// directory they are also kept on disk beside the host's own, in the directory of the
+    /// portable engine's key, so that a restarted host does not compile them again either.
     pub(crate) fn precompile_portable(&self, bytes: &[u8]) -> Result<bytes::Bytes, String> {
         use std::collections::VecDeque;
         use std::sync::{Mutex, OnceLock, PoisonError};
-        static PORTABLE: OnceLock<Result<Engine, String>> = OnceLock::new();
+        static PORTABLE: OnceLock<Result<Portable, String>> = OnceLock::new();
         static KEPT: Mutex<VecDeque<(Digest, bytes::Bytes)>> = Mutex::new(VecDeque::new());
         let digest = Digest::of(bytes);
         let kept = |kept: &VecDeque<(Digest, bytes::Bytes)>| {
@@ -253,15 +255,31 @@ impl Runtime {
         if let Some(artifact) = kept(&KEPT.lock().unwrap_or_else(PoisonError::into_inner)) {
             return Ok(artifact);
         }
-        let engine = PORTABLE
-            .get_or_init(|| portable_engine(&self.inner.config))
+        let portable = PORTABLE
+            .get_or_init(|| Portable::new(&self.inner.config))
             .as_ref()
             .map_err(Clone::clone)?;
-        let artifact = bytes::Bytes::from(
-            engine
-                .precompile_component(bytes)
-                .map_err(|e| error_chain(&e))?,
-        );
+        let artifact = match portable.cache.as_ref().and_then(|c| c.get_bytes(&digest)) {
+            Some(artifact) => bytes::Bytes::from(artifact),
+            None => {
+                let artifact = bytes::Bytes::from(
+                    portable
+                        .engine
+                        .precompile_component(bytes)
+                        .map_err(|e| error_chain(&e))?,
+                );
+                if let Some(cache) = &portable.cache
+                    && let Err(error) = cache.put_bytes(&digest, &artifact)
+                {
+                    tracing::warn!(
+                        dir = %cache.dir().display(),
+                        %error,
+                        "cannot write the micro-VM artifact to the cache"
+                    );
+                }
+                artifact
+            }
+        };
         let mut kept = KEPT.lock().unwrap_or_else(PoisonError::into_inner);
         if kept.len() >= PORTABLE_KEPT {
             kept.pop_front();
@@ -436,6 +454,29 @@ pub(crate) fn pagemap_scan() -> bool {
 /// bare-wasmtime baseline can use exactly the same settings.
 /// How many artifacts compiled for micro-VMs a host keeps in memory.
 const PORTABLE_KEPT: usize = 16;
+
+/// The engine that compiles for micro-VMs, and where its artifacts are kept on disk.
+struct Portable {
+    engine: Engine,
+    cache: Option<ArtifactCache>,
+}
+
+impl Portable {
+    fn new(config: &RuntimeConfig) -> Result<Self, String> {
+        let engine = portable_engine(config)?;
+        let cache = config
+            .cache_dir
+            .as_ref()
+            .and_then(|dir| match ArtifactCache::open(dir, &engine) {
+                Ok(cache) => Some(cache),
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "micro-VM artifacts are not cached on disk");
+                    None
+                }
+            });
+        Ok(Self { engine, cache })
+    }
+}
 
 /// An engine that compiles for any x86-64-v2 CPU rather than for this one.
 #[expect(

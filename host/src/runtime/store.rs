@@ -165,6 +165,32 @@ impl StoreState {
         }
     }
 
+    /// Gives a store made ahead of its invocation what the invocation carries: where its
+    /// capability calls go, its log sink and trace context, and its deadline. Returns the
+    /// handle on its output.
+    pub(crate) fn bind(
+        &mut self,
+        bridge: Arc<dyn CapabilityBridge>,
+        call: super::CallContext,
+        deadline: Instant,
+    ) -> OutputHandle {
+        let super::CallContext { log, traceparent } = call;
+        self.stdout
+            .set_sink(log.clone().map(|sink| (sink, LineSource::Stdout)));
+        self.stderr
+            .set_sink(log.clone().map(|sink| (sink, LineSource::Stderr)));
+        self.log = log;
+        self.hooks = HttpHooks {
+            bridge: Arc::clone(&bridge),
+            deadline,
+            traceparent: traceparent.clone(),
+        };
+        self.traceparent = traceparent;
+        self.bridge = bridge;
+        self.deadline = deadline;
+        self.output_handle()
+    }
+
     /// How long a capability call made now may wait for its provider: see [`call_budget`].
     pub(crate) fn call_budget(&self) -> Duration {
         call_budget(self.deadline)

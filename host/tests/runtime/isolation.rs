@@ -1,7 +1,10 @@
 //! Every invocation runs in a fresh store: nothing survives between calls or crosses components.
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use serde_json::json;
-use trellis_host::Limits;
+use trellis_host::{CallContext, Limits, LineSource, LogSink};
 
 use crate::{limits, load, runtime};
 
@@ -63,7 +66,7 @@ async fn over_the_concurrency_limit_is_busy() {
     let runtime = runtime();
     let limits = Limits {
         fuel: 1_000_000_000_000,
-        timeout: std::time::Duration::from_secs(2),
+        timeout: Duration::from_secs(2),
         max_concurrency: 1,
         ..limits()
     };
@@ -106,4 +109,100 @@ async fn wasi_grants_nothing_but_clocks_random_and_output() {
         );
     }
     assert!(!std::path::Path::new("/tmp/trellis-probe").exists());
+}
+
+/// An instance made ahead of its invocation is as fresh as one made for it, and serves one
+/// invocation only: the next one made ahead starts over.
+#[tokio::test]
+async fn an_instance_made_ahead_is_fresh_and_serves_once() {
+    let runtime = runtime();
+    let counter = load(&runtime, "counter", limits());
+    for kib in [4096, 0] {
+        let ahead = counter.prepare().await.unwrap();
+        assert_eq!(
+            counter
+                .invoke_prepared(Some(ahead), "scribble", json!([kib]))
+                .await
+                .unwrap(),
+            0,
+            "an instance made ahead saw memory another call dirtied"
+        );
+    }
+    for _ in 0..3 {
+        let ahead = counter.prepare().await.unwrap();
+        assert_eq!(
+            counter
+                .invoke_prepared(Some(ahead), "increment", json!([]))
+                .await
+                .unwrap(),
+            1
+        );
+    }
+    // An instance of another component is not used: the call makes its own.
+    let other = load(&runtime, "counter", limits());
+    let ahead = other.prepare().await.unwrap();
+    other.invoke("increment", json!([])).await.unwrap();
+    assert_eq!(
+        counter
+            .invoke_prepared(Some(ahead), "increment", json!([]))
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+/// The wall-clock limit of an instance made ahead runs from its invocation, not from when it
+/// was made, and still ends a guest that loops.
+#[tokio::test]
+async fn an_instance_made_ahead_is_timed_from_its_invocation() {
+    let runtime = runtime();
+    let short = Limits {
+        fuel: 1_000_000_000_000,
+        timeout: Duration::from_millis(200),
+        ..limits()
+    };
+    let typed = load(&runtime, "typed", short);
+    let ahead = typed.prepare().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        typed
+            .invoke_prepared(Some(ahead), "echo", json!(["late"]))
+            .await
+            .unwrap(),
+        "late"
+    );
+    let looping = load(&runtime, "loop", short);
+    let ahead = looping.prepare().await.unwrap();
+    let err = looping
+        .invoke_prepared(Some(ahead), "run", json!(["spin"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "timeout", "{err}");
+}
+
+/// Lines a guest prints in an instance made ahead go to the log sink of the invocation that
+/// takes it.
+#[tokio::test]
+async fn an_instance_made_ahead_logs_to_its_invocation() {
+    #[derive(Default)]
+    struct Lines(Mutex<Vec<String>>);
+    impl LogSink for Lines {
+        fn line(&self, _: LineSource<'_>, text: &str) {
+            self.0.lock().unwrap().push(text.to_owned());
+        }
+    }
+    let runtime = runtime();
+    let printer = load(&runtime, "huge_output", limits());
+    let ahead = printer.prepare().await.unwrap();
+    let lines = Arc::new(Lines::default());
+    let call = printer.with_call(CallContext {
+        log: Some(Arc::clone(&lines) as Arc<dyn LogSink>),
+        traceparent: None,
+    });
+    call.invoke_prepared(Some(ahead), "run", json!(["1"]))
+        .await
+        .unwrap();
+    let lines = lines.0.lock().unwrap();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines.iter().all(|l| l == &"x".repeat(1023)));
 }
