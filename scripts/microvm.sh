@@ -6,10 +6,10 @@
 # The kernel is Debian's cloud kernel (linux-image-cloud-amd64; 6.1 on bookworm), unpacked from
 # its package with dpkg-deb, never installed. Bookworm also offers 6.12
 # (linux-image-6.12-cloud-amd64), which the image takes as well (TRELLIS_GUEST_KERNEL names the
-# meta-package): under TCG it served about a fifth more calls/s, at the same per-call latency,
-# but booted about 0.9 s slower (3.6 against 2.7 s), so 6.1 stays the default. The initramfs
-# holds BINARY (a trellis-host; it runs as the guest's /init and serves its host), the shared
-# libraries ldd lists for it, the dynamic loader, and those of the channel's drivers
+# meta-package): its guests reset memory in place (PAGEMAP_SCAN), but under TCG that made calls
+# no faster in the last measurement and it boots 0.5-0.9 s slower, so 6.1 stays the default.
+# The initramfs holds BINARY (a trellis-host; it runs as the guest's /init and serves its host),
+# the shared libraries ldd lists for it, the dynamic loader, and those of the channel's drivers
 # (virtio_ring, virtio, virtio_mmio, virtio_console) the kernel builds as modules, decompressed.
 # Nothing else: no shell, no network, no disk. QEMU comes from Debian's qemu-system-x86.
 #

@@ -230,25 +230,24 @@ pub async fn serve(
     let mut component: Option<LoadedComponent> = None;
     let spare = Arc::new(Spare::default());
     // The component for one invocation: what the host granted at the call, and its trace.
-    let for_call = |component: Option<&LoadedComponent>,
+    let for_call = |component: &LoadedComponent,
                     id: u64,
                     traceparent: Option<String>,
                     allowed: Vec<Capability>,
                     log: bool| {
-        component.map(|c| {
-            let sink: Option<Arc<dyn LogSink>> = log.then(|| {
-                Arc::new(ChannelLog {
-                    out: out.clone(),
-                    id,
-                    lines: AtomicU64::new(0),
-                }) as Arc<dyn LogSink>
-            });
-            c.with_call(CallContext {
+        let sink: Option<Arc<dyn LogSink>> = log.then(|| {
+            Arc::new(ChannelLog {
+                out: out.clone(),
+                id,
+                lines: AtomicU64::new(0),
+            }) as Arc<dyn LogSink>
+        });
+        component
+            .with_call(CallContext {
                 log: sink,
                 traceparent: traceparent.map(Arc::from),
             })
             .with_bridge(bridge(&out, &pending, &next_id, allowed))
-        })
     };
     while let Some(frame) = Frame::read_async_within(&mut reader, MAX_FRAME).await? {
         let Frame { id, message, body } = frame;
@@ -271,7 +270,7 @@ pub async fn serve(
                 let (error, note) = match loaded {
                     Ok((c, used)) => {
                         // The first invocation finds an instance ready, as every later one.
-                        tokio::spawn(Arc::clone(&spare).refill(c.clone()));
+                        Arc::clone(&spare).refill_later(c.clone());
                         component = Some(c);
                         (None, used.err())
                     }
@@ -297,18 +296,15 @@ pub async fn serve(
                 allowed,
                 log,
             } => {
-                let Some(c) = for_call(component.as_ref(), id, traceparent, allowed, log) else {
+                let Some(base) = &component else {
                     send(not_loaded(id))?;
                     continue;
                 };
-                let out = out.clone();
-                let (spare, base) = (Arc::clone(&spare), component.clone());
-                tokio::spawn(async move {
-                    let done = invoke(&c, spare.take(), &export, &body)
+                let c = for_call(base, id, traceparent, allowed, log);
+                answer(&out, &spare, base, id, move |prepared| async move {
+                    invoke(&c, prepared, &export, &body)
                         .await
-                        .map(|json| (None, json));
-                    let _ = out.send(done_frame(id, done));
-                    spare.refill_later(base);
+                        .map(|json| (None, json))
                 });
             }
             Message::Http {
@@ -317,20 +313,16 @@ pub async fn serve(
                 allowed,
                 log,
             } => {
-                let Some(c) = for_call(component.as_ref(), id, traceparent, allowed, log) else {
+                let Some(base) = &component else {
                     send(not_loaded(id))?;
                     continue;
                 };
-                let out = out.clone();
-                let (spare, base) = (Arc::clone(&spare), component.clone());
-                tokio::spawn(async move {
-                    let done = c
-                        .handle_http_prepared(spare.take(), &head, body)
+                let c = for_call(base, id, traceparent, allowed, log);
+                answer(&out, &spare, base, id, move |prepared| async move {
+                    c.handle_http_prepared(prepared, &head, body)
                         .await
                         .map(|(head, body)| (Some(head), body))
-                        .map_err(|e| failure(&e));
-                    let _ = out.send(done_frame(id, done));
-                    spare.refill_later(base);
+                        .map_err(|e| failure(&e))
                 });
             }
             Message::CapabilityReply { .. } | Message::LinkReply { .. } => {
@@ -354,6 +346,26 @@ pub async fn serve(
     Ok(())
 }
 
+/// Runs one invocation as a task of the agent's runtime, in the spare instance when there is
+/// one, sends its end to the host, then has the next spare made from `base`.
+fn answer<F, Fut>(
+    out: &mpsc::UnboundedSender<Frame>,
+    spare: &Arc<Spare>,
+    base: &LoadedComponent,
+    id: u64,
+    call: F,
+) where
+    F: FnOnce(Option<Prepared>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(Option<HttpResponseHead>, Bytes), Failure>> + Send,
+{
+    let (out, spare, base) = (out.clone(), Arc::clone(spare), base.clone());
+    tokio::spawn(async move {
+        let done = call(spare.take()).await;
+        let _ = out.send(done_frame(id, done));
+        spare.refill_later(base);
+    });
+}
+
 /// The instance the next invocation takes: made while the VM would otherwise wait for its host,
 /// so that an invocation runs its function at once (under emulation instantiating costs more
 /// than the call itself). One at a time; an invocation that finds none instantiates as usual.
@@ -372,18 +384,15 @@ impl Spare {
             .take()
     }
 
-    /// Makes the next instance once what is queued now has run (the writer with the answer
-    /// just sent goes first).
-    fn refill_later(self: Arc<Self>, component: Option<LoadedComponent>) {
-        if let Some(component) = component {
+    /// Has the next instance made, unless one is being made, once what is queued now has run
+    /// (the writer with the answer just sent goes first).
+    fn refill_later(self: Arc<Self>, component: LoadedComponent) {
+        if !self.making.swap(true, Ordering::AcqRel) {
             tokio::spawn(self.refill(component));
         }
     }
 
     async fn refill(self: Arc<Self>, component: LoadedComponent) {
-        if self.making.swap(true, Ordering::AcqRel) {
-            return;
-        }
         tokio::task::yield_now().await;
         let empty = self
             .instance
@@ -403,8 +412,8 @@ impl Spare {
 }
 
 /// A runtime sized for the one component this VM runs: a pool of slots for its concurrency
-/// and its spare instance, each as large as its memory limit, so that an invocation reuses a slot rather than mapping
-/// and faulting in fresh memory (page faults are dear under emulation).
+/// and its spare instance, each as large as its memory limit, so that an invocation reuses a
+/// slot rather than mapping and faulting in fresh memory (page faults are dear under emulation).
 ///
 /// The runtime made ahead (`ready_made`) serves instead when the component's limits fit its
 /// ceilings and slots: each invocation is still held to the component's own limits by its store.
