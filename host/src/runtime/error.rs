@@ -121,7 +121,11 @@ pub enum InvokeError {
         expected: usize,
     },
     /// Wrong number of arguments.
-    #[error("{export}: expected {expected} arguments ({}), got {got}", params.join(", "))]
+    #[error(
+        "{export}: expected {expected} argument{} ({}), got {got}",
+        if *expected == 1 { "" } else { "s" },
+        params.join(", ")
+    )]
     ArgumentCount {
         /// The export called.
         export: String,
