@@ -50,6 +50,8 @@ pub(crate) struct Crash {
 pub(crate) struct Serving {
     pub client: async_nats::Client,
     pub component: LoadedComponent,
+    /// The same, for the calls this period answers over NATS, which it tidies after.
+    tidied: LoadedComponent,
     /// For a micro-VM instance, the VM that runs its invocations (or why there is none): its
     /// guest code never runs in this process.
     microvm: Option<Result<Arc<Vm>, VmEnd>>,
@@ -95,6 +97,7 @@ impl Serving {
         let ok = codec::ok_headers(Some(&instance));
         let serving = Self {
             client,
+            tidied: component.tidied_by_caller(),
             component,
             microvm,
             lattice,
@@ -190,15 +193,21 @@ impl Serving {
             return self.refuse(message).await;
         }
         let started = Instant::now();
+        // Alone in flight: tidy after answering, so that the next call finds its instance
+        // made (see `LoadedComponent::tidy`). Under load the next call does not wait for this
+        // one anyway, and each invocation drops its own store at once, as it did without spares.
+        let tidy = self.microvm.is_none() && self.in_flight.load(Ordering::SeqCst) <= 1;
         let result = match dataplane::parse_op(&self.lattice, &message.subject) {
             Ok(Op::Call) => {
-                let result = self.call(message.headers.as_ref(), &message.payload).await;
+                let result = self
+                    .call(message.headers.as_ref(), &message.payload, tidy)
+                    .await;
                 self.count(started, result.as_ref().err(), None);
                 result.map(|body| (self.ok.clone(), body))
             }
             Ok(Op::Http) => match codec::read_http_request(&message) {
                 Ok(request) => {
-                    let result = self.http(request).await;
+                    let result = self.http(request, tidy).await;
                     self.count(
                         started,
                         result.as_ref().err(),
@@ -224,10 +233,22 @@ impl Serving {
                 codec::reply_error(&self.client, message.reply, &error, Some(&self.instance)).await;
             }
         }
+        // Once the connection's writer has sent the reply: drop the invocation's store and
+        // make the next instance, so that neither waits in the next call's path.
+        if tidy {
+            tokio::task::yield_now().await;
+            self.component.tidy().await;
+        }
     }
 
-    /// Calls the export the headers name with the JSON arguments of `payload`.
-    async fn call(&self, headers: Option<&HeaderMap>, payload: &Bytes) -> Result<Bytes, DataError> {
+    /// Calls the export the headers name with the JSON arguments of `payload`; `tidied` as for
+    /// [`component`](Self::component).
+    async fn call(
+        &self,
+        headers: Option<&HeaderMap>,
+        payload: &Bytes,
+        tidied: bool,
+    ) -> Result<Bytes, DataError> {
         let Some(export) = codec::header(headers, &NAMES.export) else {
             return Err(DataError::new(
                 ErrorCode::InvalidRequest,
@@ -266,7 +287,7 @@ impl Serving {
         };
         let span = self.span(export, codec::header(headers, &NAMES.traceparent));
         let value = self
-            .component(&span)
+            .component(&span, tidied)
             .invoke(export, args)
             .await
             .map_err(|error| {
@@ -284,17 +305,23 @@ impl Serving {
 
     /// The component for one invocation, which `span` traces: its output lines go to the
     /// instance's log, labelled with the invocation's number and trace id, and its capability
-    /// calls carry the span's trace context.
-    fn component(&self, span: &Span) -> std::borrow::Cow<'_, LoadedComponent> {
+    /// calls carry the span's trace context. `tidied` when the caller tidies after answering
+    /// (the calls and HTTP requests of the data plane, see [`LoadedComponent::tidy`]).
+    fn component(&self, span: &Span, tidied: bool) -> std::borrow::Cow<'_, LoadedComponent> {
         let traceparent: Option<Arc<str>> = span.traceparent().map(Arc::from);
         let log = self
             .log
             .enabled()
             .then(|| self.log.invocation(traceparent.clone()));
+        let component = if tidied {
+            &self.tidied
+        } else {
+            &self.component
+        };
         if log.is_none() && traceparent.is_none() {
-            return std::borrow::Cow::Borrowed(&self.component);
+            return std::borrow::Cow::Borrowed(component);
         }
-        std::borrow::Cow::Owned(self.component.with_call(CallContext { log, traceparent }))
+        std::borrow::Cow::Owned(component.with_call(CallContext { log, traceparent }))
     }
 
     /// The span of one invocation of `export`, child of the request's `traceparent`.
@@ -314,6 +341,7 @@ impl Serving {
     async fn http(
         &self,
         request: HttpMessage<HttpRequestHead>,
+        tidied: bool,
     ) -> Result<HttpMessage<HttpResponseHead>, DataError> {
         codec::check_size(request.body.len())?;
         let traceparent = request
@@ -325,7 +353,7 @@ impl Serving {
         let span = self.span(HTTP_EXPORT, traceparent);
         let result = match &self.microvm {
             None => {
-                self.component(&span)
+                self.component(&span, tidied)
                     .handle_http(&request.head, request.body)
                     .await
             }
@@ -357,7 +385,7 @@ impl Serving {
             return Err(not_running());
         }
         let started = Instant::now();
-        let result = self.http(request).await;
+        let result = self.http(request, false).await;
         self.count(
             started,
             result.as_ref().err(),
@@ -383,7 +411,11 @@ impl Serving {
         let started = Instant::now();
         let span = self.span(export, traceparent);
         let result = match &self.microvm {
-            None => self.component(&span).invoke_vals(export, params).await,
+            None => {
+                self.component(&span, false)
+                    .invoke_vals(export, params)
+                    .await
+            }
             Some(vm) => self.call_vm_vals(vm, export, params, &span).await,
         };
         let result = result.map_err(|error| {

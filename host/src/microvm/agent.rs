@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -35,7 +35,7 @@ use super::protocol::{Failure, Frame, MAX_FRAME, MAX_GUEST_FRAME, Message, Remot
 use crate::runtime::{
     BridgeFuture, CallContext, CapabilityBridge, CapabilityCall, CapabilityError, GuestOutput,
     InvokeError, LineSource, LinkCall, LinkError, LinkFuture, LoadedComponent, LogSink,
-    MAX_LINE_BYTES, Prepared, Runtime, RuntimeConfig, cut, json_to_val,
+    MAX_LINE_BYTES, Runtime, RuntimeConfig, cut, json_to_val,
 };
 
 /// The guest's channel device: the first port of the virtio-serial device the host adds.
@@ -228,7 +228,6 @@ pub async fn serve(
     ))?;
 
     let mut component: Option<LoadedComponent> = None;
-    let spare = Arc::new(Spare::default());
     // The component for one invocation: what the host granted at the call, and its trace.
     let for_call = |component: &LoadedComponent,
                     id: u64,
@@ -270,8 +269,9 @@ pub async fn serve(
                 let (error, note) = match loaded {
                     Ok((c, used)) => {
                         // The first invocation finds an instance ready, as every later one.
-                        Arc::clone(&spare).refill_later(c.clone());
-                        component = Some(c);
+                        let first = c.clone();
+                        tokio::spawn(async move { first.warm().await });
+                        component = Some(c.tidied_by_caller());
                         (None, used.err())
                     }
                     Err(e) => (Some(e), None),
@@ -301,10 +301,8 @@ pub async fn serve(
                     continue;
                 };
                 let c = for_call(base, id, traceparent, allowed, log);
-                answer(&out, &spare, base, id, move |prepared| async move {
-                    invoke(&c, prepared, &export, &body)
-                        .await
-                        .map(|json| (None, json))
+                answer(&out, id, base, async move {
+                    invoke(&c, &export, &body).await.map(|json| (None, json))
                 });
             }
             Message::Http {
@@ -318,8 +316,8 @@ pub async fn serve(
                     continue;
                 };
                 let c = for_call(base, id, traceparent, allowed, log);
-                answer(&out, &spare, base, id, move |prepared| async move {
-                    c.handle_http_prepared(prepared, &head, body)
+                answer(&out, id, base, async move {
+                    c.handle_http(&head, body)
                         .await
                         .map(|(head, body)| (Some(head), body))
                         .map_err(|e| failure(&e))
@@ -346,69 +344,20 @@ pub async fn serve(
     Ok(())
 }
 
-/// Runs one invocation as a task of the agent's runtime, in the spare instance when there is
-/// one, sends its end to the host, then has the next spare made from `base`.
-fn answer<F, Fut>(
-    out: &mpsc::UnboundedSender<Frame>,
-    spare: &Arc<Spare>,
-    base: &LoadedComponent,
-    id: u64,
-    call: F,
-) where
-    F: FnOnce(Option<Prepared>) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<(Option<HttpResponseHead>, Bytes), Failure>> + Send,
+/// Runs one invocation as a task of the agent's runtime (in the component's spare instance
+/// when there is one), sends its end to the host, and once the writer has sent it tidies
+/// (drops the invocation's store, makes the next spare).
+fn answer<Fut>(out: &mpsc::UnboundedSender<Frame>, id: u64, component: &LoadedComponent, call: Fut)
+where
+    Fut: Future<Output = Result<(Option<HttpResponseHead>, Bytes), Failure>> + Send + 'static,
 {
-    let (out, spare, base) = (out.clone(), Arc::clone(spare), base.clone());
+    let (out, component) = (out.clone(), component.clone());
     tokio::spawn(async move {
-        let done = call(spare.take()).await;
+        let done = call.await;
         let _ = out.send(done_frame(id, done));
-        spare.refill_later(base);
-    });
-}
-
-/// The instance the next invocation takes: made while the VM would otherwise wait for its host,
-/// so that an invocation runs its function at once (under emulation instantiating costs more
-/// than the call itself). One at a time; an invocation that finds none instantiates as usual.
-#[derive(Debug, Default)]
-struct Spare {
-    instance: Mutex<Option<Prepared>>,
-    /// Whether one is being made.
-    making: AtomicBool,
-}
-
-impl Spare {
-    fn take(&self) -> Option<Prepared> {
-        self.instance
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-    }
-
-    /// Has the next instance made, unless one is being made, once what is queued now has run
-    /// (the writer with the answer just sent goes first).
-    fn refill_later(self: Arc<Self>, component: LoadedComponent) {
-        if !self.making.swap(true, Ordering::AcqRel) {
-            tokio::spawn(self.refill(component));
-        }
-    }
-
-    async fn refill(self: Arc<Self>, component: LoadedComponent) {
         tokio::task::yield_now().await;
-        let empty = self
-            .instance
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_none();
-        // A component that cannot be instantiated fails in the invocation that tries, which
-        // reports why.
-        if empty && let Ok(prepared) = component.prepare().await {
-            let mut slot = self.instance.lock().unwrap_or_else(PoisonError::into_inner);
-            if slot.is_none() {
-                *slot = Some(prepared);
-            }
-        }
-        self.making.store(false, Ordering::Release);
-    }
+        component.tidy().await;
+    });
 }
 
 /// A runtime sized for the one component this VM runs: a pool of slots for its concurrency
@@ -437,8 +386,16 @@ fn runtime_for(
         .max_timeout(limits.timeout)
         .max_concurrency(limits.max_concurrency)
         .pooling(true)
-        // One slot more than its concurrency: the spare instance's.
-        .pooling_instances(limits.max_concurrency.max(1).saturating_add(1));
+        // Twice its concurrency and the spare: the runtime makes a spare only while fewer than
+        // half of the slots are in use.
+        .pooling_instances(
+            limits
+                .max_concurrency
+                .max(1)
+                .saturating_add(1)
+                .saturating_mul(2),
+        )
+        .spare_idle(Duration::MAX);
     Runtime::new(&config).map_err(|e| e.to_string())
 }
 
@@ -449,7 +406,11 @@ const READY_MADE_INSTANCES: u32 = 256;
 /// default ceilings, and a pool of [`READY_MADE_INSTANCES`] slots.
 fn ready_made_config() -> RuntimeConfig {
     let mut config = RuntimeConfig::new();
-    config.pooling(true).pooling_instances(READY_MADE_INSTANCES);
+    config
+        .pooling(true)
+        .pooling_instances(READY_MADE_INSTANCES)
+        // The VM serves this one component: its spare stays.
+        .spare_idle(Duration::MAX);
     config
 }
 
@@ -512,12 +473,7 @@ fn bridge(
     })
 }
 
-async fn invoke(
-    component: &LoadedComponent,
-    prepared: Option<Prepared>,
-    export: &str,
-    args: &[u8],
-) -> Result<Bytes, Failure> {
+async fn invoke(component: &LoadedComponent, export: &str, args: &[u8]) -> Result<Bytes, Failure> {
     let args = if args.iter().all(u8::is_ascii_whitespace) {
         Value::Array(Vec::new())
     } else {
@@ -529,7 +485,7 @@ async fn invoke(
         })?
     };
     let value = component
-        .invoke_prepared(prepared, export, args)
+        .invoke(export, args)
         .await
         .map_err(|e| failure(&e))?;
     serde_json::to_vec(&value)

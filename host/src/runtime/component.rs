@@ -2,9 +2,12 @@
 //!
 //! # Isolation
 //!
-//! Every invocation instantiates the component into a fresh `Store` from the pre-instantiated
-//! `InstancePre`, runs one export and drops the store: no memory, global or table survives from
-//! one call to the next, and two invocations (of the same component or not) never share state.
+//! Every invocation runs in a fresh `Store` instantiated from the pre-instantiated
+//! `InstancePre` for it alone, runs one export and is dropped: no memory, global or table
+//! survives from one call to the next, and two invocations (of the same component or not) never
+//! share state. The instance may have been made ahead of the invocation (the component's
+//! spare, in which no export ran) and the store is dropped after the answer, both in the
+//! background (see [`RuntimeConfig::spare_instances`](super::RuntimeConfig::spare_instances)).
 //!
 //! # Limits
 //!
@@ -36,7 +39,8 @@ use super::convert::{Budget, FromValError, describe_type, json_to_val, val_match
 use super::error::InvokeError;
 use super::output::{GuestOutput, LogSink};
 use super::runtime::{LoadOutcome, RuntimeInner};
-use super::store::{OutputHandle, StoreState};
+use super::spare::{Ready, Spare};
+use super::store::{LiveStore, OutputHandle, StoreState};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use trellis_schemas::capability::rpc::{HttpRequestHead, HttpResponseHead};
@@ -61,6 +65,8 @@ pub struct LoadedComponent {
     bridge: Arc<dyn CapabilityBridge>,
     /// What each invocation carries: where its output lines go, its trace context.
     call: CallContext,
+    /// Whether the caller drops ended invocations' stores with [`tidy`](Self::tidy).
+    tidied: bool,
 }
 
 /// What an invocation carries besides its arguments (see [`LoadedComponent::with_call`]).
@@ -73,26 +79,8 @@ pub struct CallContext {
     pub traceparent: Option<Arc<str>>,
 }
 
-/// A fresh instance of a component made ahead of the invocation it will serve (see
-/// [`LoadedComponent::prepare`]): a store of its own in which nothing ran but the component's
-/// instantiation. The invocation that takes it skips instantiating; it is used once and
-/// dropped after, as any store.
-pub struct Prepared {
-    component: Arc<ComponentInner>,
-    store: Store<StoreState>,
-    instance: Instance,
-}
-
-impl std::fmt::Debug for Prepared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Prepared")
-            .field("component", &self.component.manifest.name)
-            .finish_non_exhaustive()
-    }
-}
-
-struct ComponentInner {
-    runtime: Arc<RuntimeInner>,
+pub(super) struct ComponentInner {
+    pub(super) runtime: Arc<RuntimeInner>,
     manifest: Manifest,
     pre: InstancePre<StoreState>,
     exports: BTreeMap<String, ExportFunc>,
@@ -101,6 +89,8 @@ struct ComponentInner {
     outcome: LoadOutcome,
     permits: Arc<Semaphore>,
     usage: Usage,
+    /// The instance made ahead of the next invocation, and stores to drop.
+    pub(super) spare: Spare,
 }
 
 /// Fuel and memory used by the invocations of one loaded component, as the runtime measured
@@ -199,9 +189,11 @@ impl LoadedComponent {
                 outcome,
                 permits,
                 usage: Usage::default(),
+                spare: Spare::default(),
             }),
             bridge: Arc::new(DenyAll),
             call: CallContext::default(),
+            tidied: false,
         }
     }
 
@@ -209,9 +201,8 @@ impl LoadedComponent {
     /// gets one that knows its identity and assignments).
     pub fn with_bridge(&self, bridge: Arc<dyn CapabilityBridge>) -> Self {
         Self {
-            inner: Arc::clone(&self.inner),
             bridge,
-            call: self.call.clone(),
+            ..self.clone()
         }
     }
 
@@ -219,9 +210,40 @@ impl LoadedComponent {
     /// its log sink and trace context).
     pub fn with_call(&self, call: CallContext) -> Self {
         Self {
-            inner: Arc::clone(&self.inner),
-            bridge: Arc::clone(&self.bridge),
             call,
+            ..self.clone()
+        }
+    }
+
+    /// The same component, whose caller tidies after it answered: an invocation through it
+    /// keeps its store instead of dropping it, and the caller's [`tidy`](Self::tidy), called
+    /// once the invocation's answer is on its way, drops it and makes the component's next
+    /// spare instance (see [`RuntimeConfig::spare_instances`](super::RuntimeConfig::spare_instances)).
+    /// A caller that does not tidy leaves those stores until the next invocation that makes a
+    /// store of its own, which drops them first.
+    pub fn tidied_by_caller(&self) -> Self {
+        Self {
+            tidied: true,
+            ..self.clone()
+        }
+    }
+
+    /// Drops the stores of ended invocations made through
+    /// [`tidied_by_caller`](Self::tidied_by_caller), then makes the component's spare instance
+    /// unless it has one, one is being made, spares are off or the runtime's pool is half used.
+    /// Runs on the caller's task: call it after the answer has gone (and after a
+    /// `tokio::task::yield_now`, so that the task sending it runs first).
+    pub async fn tidy(&self) {
+        Spare::tidy(&self.inner).await;
+    }
+
+    /// Drops the store of an invocation that ended now, or keeps it for the caller's
+    /// [`tidy`](Self::tidy).
+    fn retire(&self, store: Store<StoreState>) {
+        if self.tidied && self.inner.runtime.config.spare_instances {
+            self.inner.spare.retire(store);
+        } else {
+            drop(store);
         }
     }
 
@@ -284,50 +306,18 @@ impl LoadedComponent {
         self.invoke_captured(export, args).await.map(|i| i.value)
     }
 
-    /// Like [`invoke`](Self::invoke), in the instance `prepared` when there is one (made by
-    /// [`prepare`](Self::prepare) from this component), else in a fresh one made now.
-    ///
-    /// # Errors
-    ///
-    /// As [`invoke`](Self::invoke).
-    pub async fn invoke_prepared(
-        &self,
-        prepared: Option<Prepared>,
-        export: &str,
-        args: Value,
-    ) -> Result<Value, InvokeError> {
-        self.invoke_in(prepared, export, args)
-            .await
-            .map(|i| i.value)
+    /// Makes the component's spare instance now, unless it has one (see
+    /// [`RuntimeConfig::spare_instances`](super::RuntimeConfig::spare_instances)), so that even
+    /// the next invocation finds one; returns whether one is ready. Instantiation is held to
+    /// the component's limits as in an invocation; a component that cannot be instantiated has
+    /// no spare, and its next invocation reports why.
+    pub async fn warm(&self) -> bool {
+        Spare::fill(&self.inner).await
     }
 
-    /// Makes a fresh instance of the component ahead of an invocation that will take it
-    /// ([`invoke_prepared`](Self::invoke_prepared), [`handle_http_prepared`](Self::handle_http_prepared)),
-    /// so that the invocation does not wait for instantiation. Instantiation is held to the
-    /// component's limits as in an invocation (fuel, memory, wall-clock); it takes a slot of the
-    /// instance pool but not one of the component's concurrency.
-    ///
-    /// # Errors
-    ///
-    /// When instantiation fails (the invocation that would have taken the instance reports it
-    /// then, by instantiating itself).
-    pub async fn prepare(&self) -> Result<Prepared, InvokeError> {
-        let limits = self.inner.manifest.limits;
-        let (mut store, output) = self.new_store()?;
-        let instantiated = tokio::time::timeout(
-            limits.timeout + CANCEL_GRACE,
-            self.inner.pre.instantiate_async(&mut store),
-        )
-        .await;
-        match instantiated {
-            Ok(Ok(instance)) => Ok(Prepared {
-                component: Arc::clone(&self.inner),
-                store,
-                instance,
-            }),
-            Ok(Err(error)) => Err(failed(Some(Failure::Instantiate(error)), &output, &limits)),
-            Err(_elapsed) => Err(failed(None, &output, &limits)),
-        }
+    /// Whether the component's spare instance is ready now.
+    pub fn has_spare(&self) -> bool {
+        self.inner.spare.is_ready()
     }
 
     /// Like [`invoke`](Self::invoke), and also returns the guest's captured output and the fuel
@@ -341,20 +331,11 @@ impl LoadedComponent {
         export: &str,
         args: Value,
     ) -> Result<Invocation, InvokeError> {
-        self.invoke_in(None, export, args).await
-    }
-
-    async fn invoke_in(
-        &self,
-        prepared: Option<Prepared>,
-        export: &str,
-        args: Value,
-    ) -> Result<Invocation, InvokeError> {
         let inner = &*self.inner;
         let config = &inner.runtime.config;
         let (name, func) = self.lookup(export)?;
         let params = convert_args(name, func, &args)?;
-        let (outcome, output, fuel_consumed) = self.run_values(func, &params, prepared).await?;
+        let (outcome, output, fuel_consumed) = self.run_values(func, &params).await?;
         match outcome {
             Err(error) => Err(error),
             Ok(results) => {
@@ -399,7 +380,7 @@ impl LoadedComponent {
     /// As [`invoke`](Self::invoke).
     pub async fn invoke_vals(&self, export: &str, params: &[Val]) -> Result<Vec<Val>, InvokeError> {
         let (_, func) = self.check_vals(export, params)?;
-        let (outcome, _output, _fuel) = self.run_values(func, params, None).await?;
+        let (outcome, _output, _fuel) = self.run_values(func, params).await?;
         outcome
     }
 
@@ -513,12 +494,11 @@ impl LoadedComponent {
         &self,
         func: &ExportFunc,
         params: &[Val],
-        prepared: Option<Prepared>,
     ) -> Result<(Result<Vec<Val>, InvokeError>, OutputHandle, u64), InvokeError> {
         let inner = &*self.inner;
         let _permit = self.permit()?;
         let limits = inner.manifest.limits;
-        let (mut store, output, instance) = self.store_for(prepared)?;
+        let (mut store, output, instance) = self.store_for()?;
         let mut results = vec![Val::Bool(false); func.results.len()];
         let run = run(
             &inner.pre,
@@ -530,7 +510,7 @@ impl LoadedComponent {
         );
         let outcome = tokio::time::timeout(limits.timeout + CANCEL_GRACE, run).await;
         let fuel_consumed = inner.usage.record(&store, limits.fuel);
-        drop(store);
+        self.retire(store);
         output.finish();
         let outcome = match outcome {
             Err(_elapsed) => Err(failed(None, &output, &limits)),
@@ -551,20 +531,19 @@ impl LoadedComponent {
             })
     }
 
-    /// The store an invocation runs in, and its instance when it was made ahead: `prepared`,
-    /// given this invocation's bridge, call context and deadline, if it is an instance of this
-    /// component; else a fresh store, to instantiate in.
+    /// The store an invocation runs in, and its instance when it was made ahead: the spare,
+    /// given this invocation's bridge, call context and deadline, when there is one; else a
+    /// fresh store, to instantiate in.
     fn store_for(
         &self,
-        prepared: Option<Prepared>,
     ) -> Result<(Store<StoreState>, OutputHandle, Option<Instance>), InvokeError> {
-        match prepared {
-            Some(Prepared {
-                component,
+        let inner = &*self.inner;
+        match inner.spare.take() {
+            Some(Ready {
                 mut store,
                 instance,
-            }) if Arc::ptr_eq(&component, &self.inner) => {
-                let deadline = Instant::now() + self.inner.manifest.limits.timeout;
+            }) => {
+                let deadline = Instant::now() + inner.manifest.limits.timeout;
                 let output =
                     store
                         .data_mut()
@@ -572,52 +551,18 @@ impl LoadedComponent {
                 store.set_epoch_deadline(1);
                 Ok((store, output, Some(instance)))
             }
-            _ => {
-                let (store, output) = self.new_store()?;
+            None => {
+                inner.spare.drain();
+                let (store, output) =
+                    inner.new_store(Arc::clone(&self.bridge), self.call.clone())?;
                 Ok((store, output, None))
             }
         }
     }
 
-    /// A fresh store with the component's limits: memory limiter, fuel, and a wall-clock
-    /// deadline checked at every epoch tick.
-    fn new_store(&self) -> Result<(Store<StoreState>, OutputHandle), InvokeError> {
-        let inner = &*self.inner;
-        let limits = inner.manifest.limits;
-        let config = &inner.runtime.config;
-        let deadline = Instant::now() + limits.timeout;
-        let state = StoreState::new(
-            limits.max_memory,
-            config.max_log_bytes,
-            Arc::clone(&self.bridge),
-            deadline,
-            self.call.clone(),
-        );
-        let output = state.output_handle();
-        let mut store = Store::new(&inner.runtime.engine, state);
-        store.limiter(|state| &mut state.limiter);
-        if let Err(error) = store.set_fuel(limits.fuel) {
-            return Err(InvokeError::Host {
-                error,
-                output: GuestOutput::default(),
-            });
-        }
-        store.set_epoch_deadline(1);
-        // The store's own deadline, which a store made ahead gets anew when an invocation
-        // takes it.
-        store.epoch_deadline_callback(|store| {
-            Ok(if Instant::now() >= store.data().deadline {
-                UpdateDeadline::Interrupt
-            } else {
-                UpdateDeadline::Yield(1)
-            })
-        });
-        Ok((store, output))
-    }
-
     /// Serves one HTTP request with the component's `wasi:http/incoming-handler`, in a fresh
-    /// instance with the component's limits, and returns the response head and body (at most
-    /// [`MAX_BODY_BYTES`] of it).
+    /// instance (the spare when there is one) with the component's limits, and returns the
+    /// response head and body (at most [`MAX_BODY_BYTES`] of it).
     ///
     /// # Errors
     ///
@@ -626,21 +571,6 @@ impl LoadedComponent {
     /// [`InvokeError::OutputTooLarge`] for a larger body.
     pub async fn handle_http(
         &self,
-        head: &HttpRequestHead,
-        body: Bytes,
-    ) -> Result<(HttpResponseHead, Bytes), InvokeError> {
-        self.handle_http_prepared(None, head, body).await
-    }
-
-    /// Like [`handle_http`](Self::handle_http), in the instance `prepared` when there is one
-    /// (see [`invoke_prepared`](Self::invoke_prepared)).
-    ///
-    /// # Errors
-    ///
-    /// As [`handle_http`](Self::handle_http).
-    pub async fn handle_http_prepared(
-        &self,
-        prepared: Option<Prepared>,
         head: &HttpRequestHead,
         body: Bytes,
     ) -> Result<(HttpResponseHead, Bytes), InvokeError> {
@@ -656,7 +586,7 @@ impl LoadedComponent {
             .map_err(|message| InvokeError::BadRequest { message })?;
         let _permit = self.permit()?;
         let limits = inner.manifest.limits;
-        let (mut store, output, instance) = self.store_for(prepared)?;
+        let (mut store, output, instance) = self.store_for()?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let resources = (|| {
             let mut http = store.data_mut().http();
@@ -724,7 +654,7 @@ impl LoadedComponent {
         };
         let outcome = tokio::time::timeout(limits.timeout + CANCEL_GRACE, both).await;
         inner.usage.record(&store, limits.fuel);
-        drop(store);
+        self.retire(store);
         output.finish();
         match outcome {
             Err(_elapsed) => Err(failed(None, &output, &limits)),
@@ -772,6 +702,66 @@ impl LoadedComponent {
                 name: export.to_string(),
                 available: exports.keys().cloned().collect(),
             })
+    }
+}
+
+impl ComponentInner {
+    /// A fresh store with the component's limits: memory limiter, fuel, and a wall-clock
+    /// deadline checked at every epoch tick.
+    fn new_store(
+        &self,
+        bridge: Arc<dyn CapabilityBridge>,
+        call: CallContext,
+    ) -> Result<(Store<StoreState>, OutputHandle), InvokeError> {
+        let limits = self.manifest.limits;
+        let config = &self.runtime.config;
+        let deadline = Instant::now() + limits.timeout;
+        let state = StoreState::new(
+            limits.max_memory,
+            config.max_log_bytes,
+            bridge,
+            deadline,
+            call,
+            LiveStore::new(&self.runtime.live_stores),
+        );
+        let output = state.output_handle();
+        let mut store = Store::new(&self.runtime.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        if let Err(error) = store.set_fuel(limits.fuel) {
+            return Err(InvokeError::Host {
+                error,
+                output: GuestOutput::default(),
+            });
+        }
+        store.set_epoch_deadline(1);
+        // The store's own deadline, which a store made ahead gets anew when an invocation
+        // takes it.
+        store.epoch_deadline_callback(|store| {
+            Ok(if Instant::now() >= store.data().deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        Ok((store, output))
+    }
+
+    /// A fresh instance in a store of its own, made ahead of the invocation that will take it
+    /// (the spare): it grants nothing until an invocation binds it. Instantiation is held to the
+    /// component's limits as in an invocation.
+    pub(super) async fn prepare(&self) -> Result<Ready, InvokeError> {
+        let limits = self.manifest.limits;
+        let (mut store, output) = self.new_store(Arc::new(DenyAll), CallContext::default())?;
+        let instantiated = tokio::time::timeout(
+            limits.timeout + CANCEL_GRACE,
+            self.pre.instantiate_async(&mut store),
+        )
+        .await;
+        match instantiated {
+            Ok(Ok(instance)) => Ok(Ready { store, instance }),
+            Ok(Err(error)) => Err(failed(Some(Failure::Instantiate(error)), &output, &limits)),
+            Err(_elapsed) => Err(failed(None, &output, &limits)),
+        }
     }
 }
 

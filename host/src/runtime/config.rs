@@ -20,6 +20,8 @@ pub struct RuntimeConfig {
     pub(crate) max_wasm_stack: usize,
     pub(crate) pooling: bool,
     pub(crate) pooling_instances: u32,
+    pub(crate) spare_instances: bool,
+    pub(crate) spare_idle: Duration,
     pub(crate) cache_dir: Option<PathBuf>,
 }
 
@@ -36,6 +38,8 @@ impl Default for RuntimeConfig {
             max_wasm_stack: 512 * 1024,
             pooling: true,
             pooling_instances: 1000,
+            spare_instances: true,
+            spare_idle: Duration::from_secs(30),
             cache_dir: None,
         }
     }
@@ -132,6 +136,30 @@ impl RuntimeConfig {
     /// Default: 1000.
     pub fn pooling_instances(&mut self, n: u32) -> &mut Self {
         self.pooling_instances = n;
+        self
+    }
+
+    /// Whether each loaded component keeps one fresh instance made ahead of its next
+    /// invocation (its spare): after an invocation, in the background, its store is dropped and
+    /// the next instance is made, so that the next invocation calls its export at once instead
+    /// of waiting for instantiation. A spare has never run an export and serves one invocation
+    /// only; it is made only while fewer than half of the
+    /// [`pooling_instances`](Self::pooling_instances) are in use, so that spares never take a
+    /// slot an invocation needs.
+    ///
+    /// Default: `true`.
+    pub fn spare_instances(&mut self, enable: bool) -> &mut Self {
+        self.spare_instances = enable;
+        self
+    }
+
+    /// How long a spare instance is kept while no invocation takes one: an idle component gives
+    /// its spare's memory back after this, and makes one again after its next invocation.
+    /// `Duration::MAX` keeps it for as long as the component is loaded.
+    ///
+    /// Default: 30 s.
+    pub fn spare_idle(&mut self, idle: Duration) -> &mut Self {
+        self.spare_idle = idle;
         self
     }
 

@@ -17,6 +17,7 @@ mod output;
     reason = "the file is named after the type it holds, `Runtime`"
 )]
 mod runtime;
+mod spare;
 mod store;
 mod ticker;
 
@@ -24,9 +25,7 @@ pub use capabilities::{
     BridgeFuture, CapabilityBridge, CapabilityCall, CapabilityError, CapabilityRequest,
     CapabilityResponse, DenyAll, LinkCall, LinkError, LinkFuture,
 };
-pub use component::{
-    CallContext, ExportInfo, Invocation, LoadedComponent, Prepared, ResourceUsage,
-};
+pub use component::{CallContext, ExportInfo, Invocation, LoadedComponent, ResourceUsage};
 pub use config::RuntimeConfig;
 pub use convert::ConvertError;
 pub(crate) use convert::{Budget, json_to_val, val_to_json};

@@ -1,7 +1,7 @@
 //! The [`Runtime`]: one wasmtime engine, its epoch ticker, the WASI linker and the artifact cache.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker};
@@ -58,6 +58,8 @@ pub(crate) struct RuntimeInner {
     cache: Option<ArtifactCache>,
     allocation: AllocationStrategy,
     compilations: AtomicU64,
+    /// Stores alive now: invocations running, spare instances, stores waiting to be dropped.
+    pub(crate) live_stores: Arc<AtomicUsize>,
     _ticker: EpochTicker,
 }
 
@@ -131,6 +133,7 @@ impl Runtime {
                 cache,
                 allocation,
                 compilations: AtomicU64::new(0),
+                live_stores: Arc::default(),
                 _ticker: ticker,
             }),
         })

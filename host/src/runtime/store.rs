@@ -5,6 +5,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
@@ -89,6 +90,24 @@ impl ResourceLimiter for Limiter {
     }
 }
 
+/// Counts a store among its runtime's live ones (running, made ahead or waiting to be
+/// dropped) until the store is dropped.
+#[derive(Debug)]
+pub(crate) struct LiveStore(Arc<AtomicUsize>);
+
+impl LiveStore {
+    pub(crate) fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for LiveStore {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Data of one invocation's `Store`. Nothing in it outlives the invocation.
 pub(crate) struct StoreState {
     wasi: WasiCtx,
@@ -106,6 +125,7 @@ pub(crate) struct StoreState {
     pub(crate) bridge: Arc<dyn CapabilityBridge>,
     /// When the invocation's wall-clock limit ends.
     pub(crate) deadline: Instant,
+    _live: LiveStore,
 }
 
 impl std::fmt::Debug for StoreState {
@@ -126,6 +146,7 @@ impl StoreState {
         bridge: Arc<dyn CapabilityBridge>,
         deadline: Instant,
         call: super::CallContext,
+        live: LiveStore,
     ) -> Self {
         let super::CallContext { log, traceparent } = call;
         let stdout = Capture::with_sink(
@@ -162,6 +183,7 @@ impl StoreState {
             traceparent,
             bridge,
             deadline,
+            _live: live,
         }
     }
 

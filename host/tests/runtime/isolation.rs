@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use trellis_host::{CallContext, Limits, LineSource, LogSink};
+use trellis_host::{CallContext, Limits, LineSource, LogSink, Runtime, RuntimeConfig};
 
 use crate::{limits, load, runtime};
 
@@ -111,44 +111,102 @@ async fn wasi_grants_nothing_but_clocks_random_and_output() {
     assert!(!std::path::Path::new("/tmp/trellis-probe").exists());
 }
 
-/// An instance made ahead of its invocation is as fresh as one made for it, and serves one
-/// invocation only: the next one made ahead starts over.
+/// The spare instance made ahead of an invocation is as fresh as one made for it, and serves
+/// one invocation only: the next one made ahead starts over.
 #[tokio::test]
 async fn an_instance_made_ahead_is_fresh_and_serves_once() {
     let runtime = runtime();
     let counter = load(&runtime, "counter", limits());
     for kib in [4096, 0] {
-        let ahead = counter.prepare().await.unwrap();
+        assert!(counter.warm().await, "no spare instance was made");
         assert_eq!(
-            counter
-                .invoke_prepared(Some(ahead), "scribble", json!([kib]))
-                .await
-                .unwrap(),
+            counter.invoke("scribble", json!([kib])).await.unwrap(),
             0,
             "an instance made ahead saw memory another call dirtied"
         );
     }
     for _ in 0..3 {
-        let ahead = counter.prepare().await.unwrap();
-        assert_eq!(
-            counter
-                .invoke_prepared(Some(ahead), "increment", json!([]))
-                .await
-                .unwrap(),
-            1
-        );
+        assert!(counter.warm().await);
+        assert_eq!(counter.invoke("increment", json!([])).await.unwrap(), 1);
+        assert!(!counter.has_spare(), "the call did not take the spare");
     }
-    // An instance of another component is not used: the call makes its own.
-    let other = load(&runtime, "counter", limits());
-    let ahead = other.prepare().await.unwrap();
-    other.invoke("increment", json!([])).await.unwrap();
-    assert_eq!(
-        counter
-            .invoke_prepared(Some(ahead), "increment", json!([]))
+}
+
+/// A caller that tidies after each answer finds the spare ready at its next call; without
+/// spares nothing is made ahead; with a short idle time, an unused spare is given back.
+#[tokio::test]
+async fn tidying_makes_the_next_spare_which_an_idle_component_gives_back() {
+    let guests = trellis_tests::components::build();
+    let mut config = RuntimeConfig::new();
+    config
+        .pooling_instances(8)
+        .spare_instances(false)
+        .cache_dir(guests.target_dir().join("artifact-cache"));
+    let off = Runtime::new(&config).unwrap();
+    let counter = load(&off, "counter", limits()).tidied_by_caller();
+    assert!(!counter.warm().await);
+    counter.invoke("increment", json!([])).await.unwrap();
+    counter.tidy().await;
+    assert!(!counter.has_spare());
+
+    config
+        .spare_instances(true)
+        .spare_idle(Duration::from_millis(300));
+    let idle = Runtime::new(&config).unwrap();
+    let counter = load(&idle, "counter", limits()).tidied_by_caller();
+    for _ in 0..3 {
+        assert_eq!(counter.invoke("increment", json!([])).await.unwrap(), 1);
+        assert!(!counter.has_spare());
+        counter.tidy().await;
+        assert!(counter.has_spare(), "tidying made no spare");
+    }
+    let made = tokio::time::Instant::now();
+    while counter.has_spare() {
+        assert!(
+            made.elapsed() < Duration::from_secs(10),
+            "an idle spare was kept"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(made.elapsed() >= Duration::from_millis(250));
+    assert_eq!(counter.invoke("increment", json!([])).await.unwrap(), 1);
+}
+
+/// Spares and stores kept for tidying never take a slot an invocation needs: with a pool of
+/// four slots, four invocations in flight at once all run, round after round, whether their
+/// caller tidies after each or never does.
+#[tokio::test]
+async fn spares_leave_the_pool_to_invocations() {
+    let guests = trellis_tests::components::build();
+    let mut config = RuntimeConfig::new();
+    config
+        .pooling_instances(4)
+        .cache_dir(guests.target_dir().join("artifact-cache"));
+    let runtime = Runtime::new(&config).unwrap();
+    let limits = Limits {
+        max_concurrency: 4,
+        ..limits()
+    };
+    let typed = load(&runtime, "typed", limits).tidied_by_caller();
+    for round in 0..20 {
+        let calls = (0..4).map(|i| {
+            let typed = &typed;
+            async move {
+                let sum = typed.invoke("add", json!([round, i])).await;
+                if round % 2 == 0 {
+                    typed.tidy().await;
+                }
+                sum
+            }
+        });
+        for (i, result) in futures::future::join_all(calls)
             .await
-            .unwrap(),
-        1
-    );
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(result.unwrap(), json!(round + i), "round {round}, call {i}");
+        }
+    }
 }
 
 /// The wall-clock limit of an instance made ahead runs from its invocation, not from when it
@@ -162,21 +220,12 @@ async fn an_instance_made_ahead_is_timed_from_its_invocation() {
         ..limits()
     };
     let typed = load(&runtime, "typed", short);
-    let ahead = typed.prepare().await.unwrap();
+    assert!(typed.warm().await);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(
-        typed
-            .invoke_prepared(Some(ahead), "echo", json!(["late"]))
-            .await
-            .unwrap(),
-        "late"
-    );
+    assert_eq!(typed.invoke("echo", json!(["late"])).await.unwrap(), "late");
     let looping = load(&runtime, "loop", short);
-    let ahead = looping.prepare().await.unwrap();
-    let err = looping
-        .invoke_prepared(Some(ahead), "run", json!(["spin"]))
-        .await
-        .unwrap_err();
+    assert!(looping.warm().await);
+    let err = looping.invoke("run", json!(["spin"])).await.unwrap_err();
     assert_eq!(err.reason(), "timeout", "{err}");
 }
 
@@ -193,15 +242,13 @@ async fn an_instance_made_ahead_logs_to_its_invocation() {
     }
     let runtime = runtime();
     let printer = load(&runtime, "huge_output", limits());
-    let ahead = printer.prepare().await.unwrap();
+    assert!(printer.warm().await);
     let lines = Arc::new(Lines::default());
     let call = printer.with_call(CallContext {
         log: Some(Arc::clone(&lines) as Arc<dyn LogSink>),
         traceparent: None,
     });
-    call.invoke_prepared(Some(ahead), "run", json!(["1"]))
-        .await
-        .unwrap();
+    call.invoke("run", json!(["1"])).await.unwrap();
     let lines = lines.0.lock().unwrap();
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(lines.iter().all(|l| l == &"x".repeat(1023)));
