@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use trellis_host::{InvokeError, Limits, RuntimeConfig};
+use trellis_host::{InvokeError, Limits};
 
 use crate::{assert_still_serving, limits, load, runtime};
 
@@ -158,13 +158,8 @@ async fn a_panic_is_reported_with_its_message() {
 
 #[tokio::test]
 async fn huge_output_is_bounded() {
-    let guests = crate::components::build();
-    let mut config = RuntimeConfig::new();
-    config
-        .pooling_instances(8)
-        .max_result_bytes(64 * 1024)
-        .max_log_bytes(4096)
-        .cache_dir(guests.target_dir().join("artifact-cache"));
+    let mut config = crate::config(8);
+    config.max_result_bytes(64 * 1024).max_log_bytes(4096);
     let runtime = trellis_host::Runtime::new(&config).unwrap();
     let huge = load(&runtime, "huge_output", limits());
 

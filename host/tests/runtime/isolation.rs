@@ -4,9 +4,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use trellis_host::{CallContext, Limits, LineSource, LogSink, Runtime, RuntimeConfig};
+use trellis_host::{CallContext, Limits, LineSource, LogSink, Runtime};
 
-use crate::{limits, load, runtime};
+use crate::{config, limits, load, runtime};
 
 #[tokio::test]
 async fn every_call_sees_a_fresh_store() {
@@ -136,12 +136,8 @@ async fn an_instance_made_ahead_is_fresh_and_serves_once() {
 /// spares nothing is made ahead; with a short idle time, an unused spare is given back.
 #[tokio::test]
 async fn tidying_makes_the_next_spare_which_an_idle_component_gives_back() {
-    let guests = trellis_tests::components::build();
-    let mut config = RuntimeConfig::new();
-    config
-        .pooling_instances(8)
-        .spare_instances(false)
-        .cache_dir(guests.target_dir().join("artifact-cache"));
+    let mut config = config(8);
+    config.spare_instances(false);
     let off = Runtime::new(&config).unwrap();
     let counter = load(&off, "counter", limits()).tidied_by_caller();
     assert!(!counter.warm().await);
@@ -177,12 +173,7 @@ async fn tidying_makes_the_next_spare_which_an_idle_component_gives_back() {
 /// caller tidies after each or never does.
 #[tokio::test]
 async fn spares_leave_the_pool_to_invocations() {
-    let guests = trellis_tests::components::build();
-    let mut config = RuntimeConfig::new();
-    config
-        .pooling_instances(4)
-        .cache_dir(guests.target_dir().join("artifact-cache"));
-    let runtime = Runtime::new(&config).unwrap();
+    let runtime = Runtime::new(&config(4)).unwrap();
     let limits = Limits {
         max_concurrency: 4,
         ..limits()

@@ -31,13 +31,20 @@ pub fn limits() -> Limits {
 /// A runtime with a small pool (tests run in parallel, each with its own runtime), a fuel ceiling
 /// high enough for the timeout tests, and a compiled artifact cache shared across test runs.
 pub fn runtime() -> Runtime {
+    let mut config = config(32);
+    config.max_fuel(1_000_000_000_000);
+    Runtime::new(&config).unwrap()
+}
+
+/// A configuration with a pool of `slots` and the compiled artifact cache shared across test
+/// runs, for a test to adjust.
+pub fn config(slots: u32) -> RuntimeConfig {
     let guests = components::build();
     let mut config = RuntimeConfig::new();
     config
-        .pooling_instances(32)
-        .max_fuel(1_000_000_000_000)
+        .pooling_instances(slots)
         .cache_dir(guests.target_dir().join("artifact-cache"));
-    Runtime::new(&config).unwrap()
+    config
 }
 
 /// Loads the guest `name` with `limits`.
