@@ -9,6 +9,12 @@ use clap::Parser;
 use trellis_host::{HostConfig, agent::machine_capacity};
 use trellis_schemas::{HostId, Lattice};
 
+/// mimalloc rather than the C library's allocator: spans, replies and stores are made on one
+/// thread and freed on another (the exporter's, the connection's, the next call's), which
+/// glibc's arenas make dear.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Trellis host: the Node Agent of one machine.
 #[derive(Debug, Parser)]
 #[command(name = "trellis-host", version)]
