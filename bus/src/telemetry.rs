@@ -13,14 +13,14 @@
 //! cost nothing else.
 
 use std::future::Future;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId, TraceState,
     Tracer as _, TracerProvider as _,
 };
-use opentelemetry::{Context, KeyValue, global};
+use opentelemetry::{Context, KeyValue, StringValue, global};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use trellis_schemas::dataplane::TraceParent;
@@ -142,6 +142,17 @@ impl Span {
     /// Starts a span, child of `parent` (a W3C `traceparent`; a new trace when there is none or
     /// it is invalid), named by `name`, which is called only when spans are exported.
     pub fn start(kind: Kind, parent: Option<&str>, name: impl FnOnce() -> String) -> Self {
+        Self::start_with(kind, parent, name, Vec::new)
+    }
+
+    /// Like [`start`](Self::start), with the span's first attributes, made by `attributes` only
+    /// when spans are exported (shared strings are not copied; nothing is locked to set them).
+    pub fn start_with(
+        kind: Kind,
+        parent: Option<&str>,
+        name: impl FnOnce() -> String,
+        attributes: impl FnOnce() -> Vec<(&'static str, Arc<str>)>,
+    ) -> Self {
         if !enabled() {
             return Self {
                 span: None,
@@ -161,6 +172,11 @@ impl Span {
                 Kind::Server => SpanKind::Server,
                 Kind::Client => SpanKind::Client,
             })
+            .with_attributes(
+                attributes()
+                    .into_iter()
+                    .map(|(key, value)| KeyValue::new(key, StringValue::from(value))),
+            )
             .start_with_context(tracer, &parent_cx);
         let cx = parent_cx.with_span(span);
         let traceparent = Some(traceparent_of(cx.span().span_context()));
@@ -222,14 +238,24 @@ fn extract(traceparent: &str) -> Context {
     })
 }
 
-/// The W3C `traceparent` of a span.
+/// The W3C `traceparent` of a span (written out by hand: one made per hop, and the formatting
+/// machinery costs several times as much).
 fn traceparent_of(context: &SpanContext) -> String {
-    format!(
-        "00-{:032x}-{:016x}-{:02x}",
-        context.trace_id(),
-        context.span_id(),
-        context.trace_flags().to_u8()
-    )
+    fn push_hex(out: &mut String, bytes: &[u8]) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for byte in bytes {
+            out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+            out.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+        }
+    }
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    push_hex(&mut out, &context.trace_id().to_bytes());
+    out.push('-');
+    push_hex(&mut out, &context.span_id().to_bytes());
+    out.push('-');
+    push_hex(&mut out, &[context.trace_flags().to_u8()]);
+    out
 }
 
 #[cfg(test)]

@@ -68,6 +68,8 @@ pub(crate) struct Serving {
     stats: Arc<Stats>,
     /// The instance's log lines.
     log: Arc<InstanceLog>,
+    /// The component's name and the instance's id, as span attributes.
+    attributes: (Arc<str>, Arc<str>),
 }
 
 /// Counts one call in flight until dropped.
@@ -93,6 +95,7 @@ impl Serving {
         log: Arc<InstanceLog>,
     ) -> (Self, oneshot::Receiver<Crash>) {
         let (tx, rx) = oneshot::channel();
+        let component_name = component.manifest().name.clone();
         let instance = HeaderValue::from(instance_id);
         let ok = codec::ok_headers(Some(&instance));
         let serving = Self {
@@ -109,6 +112,7 @@ impl Serving {
             idle: Notify::new(),
             stats,
             log,
+            attributes: (Arc::from(component_name.as_str()), Arc::from(instance_id)),
         };
         (serving, rx)
     }
@@ -327,14 +331,17 @@ impl Serving {
     /// The span of one invocation of `export`, child of the request's `traceparent`.
     fn span(&self, export: &str, traceparent: Option<&str>) -> Span {
         let name = self.component.manifest().name.as_str();
-        let span = Span::start(Kind::Server, traceparent, || {
-            format!("invoke {name} {export}")
-        });
-        if span.recording() {
-            span.set(span_attributes::COMPONENT, name.to_owned());
-            span.set(span_attributes::INSTANCE, self.instance.as_str().to_owned());
-        }
-        span
+        Span::start_with(
+            Kind::Server,
+            traceparent,
+            || format!("invoke {name} {export}"),
+            || {
+                vec![
+                    (span_attributes::COMPONENT, Arc::clone(&self.attributes.0)),
+                    (span_attributes::INSTANCE, Arc::clone(&self.attributes.1)),
+                ]
+            },
+        )
     }
 
     /// Serves an HTTP request with the component's `wasi:http/incoming-handler`.

@@ -366,6 +366,11 @@ impl LogSink for InvocationLog {
             .state
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        // Most invocations have nothing to report: the origin (its trace id parsed out of the
+        // traceparent) is made only for what is.
+        if state.dropped == 0 {
+            return;
+        }
         self.log.report_dropped(&mut state, self.origin());
     }
 }
