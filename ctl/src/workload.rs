@@ -238,9 +238,30 @@ pub async fn push_component(
     manifest: Option<PathBuf>,
     sign: Option<&Path>,
 ) -> Result<ComponentRegisterReply, Failure> {
+    if wasm.is_dir() {
+        return Err(failure(
+            2,
+            format!(
+                "{} is a directory: `trellis component push` takes the component's .wasm file \
+                 (its manifest beside it, or with --manifest)",
+                wasm.display()
+            ),
+        ));
+    }
+    let given = manifest.is_some();
     let manifest_path = manifest_path(wasm, manifest);
-    let text = std::fs::read_to_string(&manifest_path)
-        .map_err(|e| failure(1, format!("cannot read {}: {e}", manifest_path.display())))?;
+    let text = std::fs::read_to_string(&manifest_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound if !given => failure(
+            1,
+            format!(
+                "no Component.toml beside {} or in this directory: pass --manifest PATH, or \
+                 write one with `trellis component init {}`",
+                wasm.display(),
+                wasm.display()
+            ),
+        ),
+        _ => failure(1, format!("cannot read {}: {e}", manifest_path.display())),
+    })?;
     // Same checks as the controller's, before uploading anything.
     let parsed = Manifest::from_toml(&text)
         .map_err(|e| failure(1, format!("{}: {e}", manifest_path.display())))?;
