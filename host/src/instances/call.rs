@@ -95,9 +95,12 @@ impl Serving {
         log: Arc<InstanceLog>,
     ) -> (Self, oneshot::Receiver<Crash>) {
         let (tx, rx) = oneshot::channel();
-        let component_name = component.manifest().name.clone();
         let instance = HeaderValue::from(instance_id);
         let ok = codec::ok_headers(Some(&instance));
+        let attributes = (
+            Arc::from(component.manifest().name.as_str()),
+            Arc::from(instance_id),
+        );
         let serving = Self {
             client,
             tidied: component.tidied_by_caller(),
@@ -112,7 +115,7 @@ impl Serving {
             idle: Notify::new(),
             stats,
             log,
-            attributes: (Arc::from(component_name.as_str()), Arc::from(instance_id)),
+            attributes,
         };
         (serving, rx)
     }

@@ -115,8 +115,11 @@ impl Spare {
         let config = &inner.runtime.config;
         let room = usize::try_from(config.pooling_instances / 2).unwrap_or(usize::MAX);
         let spare = &inner.spare;
-        if !config.spare_instances || spare.is_ready() {
-            return spare.is_ready();
+        if !config.spare_instances {
+            return false;
+        }
+        if spare.is_ready() {
+            return true;
         }
         if inner.runtime.live_stores.load(Ordering::Relaxed) >= room {
             return false;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 use trellis_host::{InvokeError, Limits};
 
-use crate::{assert_still_serving, limits, load, runtime};
+use crate::{assert_still_serving, limits, load, runtime, timed};
 
 #[tokio::test]
 async fn infinite_loop_runs_out_of_fuel() {
@@ -34,11 +34,7 @@ async fn infinite_loop_runs_out_of_fuel() {
 #[tokio::test]
 async fn infinite_loop_times_out() {
     let runtime = runtime();
-    let limits = Limits {
-        fuel: 1_000_000_000_000,
-        timeout: Duration::from_millis(200),
-        ..limits()
-    };
+    let limits = timed(Duration::from_millis(200));
     let looping = load(&runtime, "loop", limits);
     let err = looping.invoke("run", json!(["spin"])).await.unwrap_err();
     assert_eq!(err.reason(), "timeout", "{err}");
@@ -48,11 +44,7 @@ async fn infinite_loop_times_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_looping_guest_does_not_block_the_executor() {
     let runtime = runtime();
-    let limits = Limits {
-        fuel: 1_000_000_000_000,
-        timeout: Duration::from_millis(300),
-        ..limits()
-    };
+    let limits = timed(Duration::from_millis(300));
     let looping = load(&runtime, "loop", limits);
     let typed = load(&runtime, "typed", crate::limits());
     // Two loops and a normal call at once: the normal call completes while the loops spin.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 use trellis_host::{CallContext, Limits, LineSource, LogSink, Runtime};
 
-use crate::{config, limits, load, runtime};
+use crate::{config, limits, load, runtime, timed};
 
 #[tokio::test]
 async fn every_call_sees_a_fresh_store() {
@@ -65,10 +65,8 @@ async fn concurrent_calls_are_isolated() {
 async fn over_the_concurrency_limit_is_busy() {
     let runtime = runtime();
     let limits = Limits {
-        fuel: 1_000_000_000_000,
-        timeout: Duration::from_secs(2),
         max_concurrency: 1,
-        ..limits()
+        ..timed(Duration::from_secs(2))
     };
     let looping = load(&runtime, "loop", limits);
     let first = tokio::spawn({
@@ -205,11 +203,7 @@ async fn spares_leave_the_pool_to_invocations() {
 #[tokio::test]
 async fn an_instance_made_ahead_is_timed_from_its_invocation() {
     let runtime = runtime();
-    let short = Limits {
-        fuel: 1_000_000_000_000,
-        timeout: Duration::from_millis(200),
-        ..limits()
-    };
+    let short = timed(Duration::from_millis(200));
     let typed = load(&runtime, "typed", short);
     assert!(typed.warm().await);
     tokio::time::sleep(Duration::from_millis(400)).await;

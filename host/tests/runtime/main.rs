@@ -28,6 +28,15 @@ pub fn limits() -> Limits {
     }
 }
 
+/// [`limits`] with fuel enough that only the wall clock, after `timeout`, stops a looping guest.
+pub fn timed(timeout: Duration) -> Limits {
+    Limits {
+        fuel: 1_000_000_000_000,
+        timeout,
+        ..limits()
+    }
+}
+
 /// A runtime with a small pool (tests run in parallel, each with its own runtime), a fuel ceiling
 /// high enough for the timeout tests, and a compiled artifact cache shared across test runs.
 pub fn runtime() -> Runtime {
