@@ -5,25 +5,30 @@
 //! `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none`. Spans go out over OTLP/HTTP with
 //! protobuf, batched on a thread of their own; `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
 //! `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT` and the `OTEL_BSP_*` settings are
-//! read by the SDK as the specification says.
+//! read as the specification says, and so are `OTEL_TRACES_SAMPLER` and
+//! `OTEL_TRACES_SAMPLER_ARG` (the six standard samplers; `parentbased_always_on` by default).
 //!
 //! Each hop starts a [`Span`] whose parent is the `traceparent` that came with the request and
 //! passes [`Span::traceparent`] on with what it sends. With export off, no span is made: a
 //! hop passes on the `traceparent` it received unchanged, so trace ids still label log lines and
 //! cost nothing else.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
 
 use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId, TraceState,
-    Tracer as _, TracerProvider as _,
+    SamplingDecision, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
 };
-use opentelemetry::{Context, KeyValue, StringValue, global};
-use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
-use trellis_schemas::dataplane::TraceParent;
+use opentelemetry::{InstrumentationScope, KeyValue, StringValue};
+use opentelemetry_sdk::trace::{
+    BatchSpanProcessor, IdGenerator as _, RandomIdGenerator, Sampler, ShouldSample as _, SpanData,
+    SpanEvents, SpanLinks, SpanProcessor as _,
+};
+
+mod otlp;
 
 tokio::task_local! {
     /// The trace context of the control request a task serves.
@@ -43,10 +48,73 @@ pub fn current() -> Option<String> {
 
 /// Whether spans are exported.
 static ENABLED: AtomicBool = AtomicBool::new(false);
-/// The provider, for the flush at exit.
-static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
-/// Trellis's tracer, made once.
-static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+/// Where finished spans go, and how spans are sampled, once export is on.
+static EXPORT: OnceLock<Export> = OnceLock::new();
+
+/// What export needs on every span.
+#[derive(Debug)]
+struct Export {
+    /// The SDK's batching processor, which hands batches to the OTLP exporter on a thread of
+    /// its own.
+    processor: BatchSpanProcessor,
+    sampling: Sampling,
+    ids: RandomIdGenerator,
+    scope: InstrumentationScope,
+}
+
+/// The sampler the standard environment names (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`).
+#[derive(Debug)]
+struct Sampling {
+    /// Whether a span with a parent follows its parent's decision (the `parentbased_*` samplers).
+    parent_based: bool,
+    /// The decision for a span without a parent (for every span when not parent-based).
+    root: Sampler,
+}
+
+impl Sampling {
+    /// The sampler of the environment; the specification's default, `parentbased_always_on`,
+    /// when it names none or one this process does not know.
+    fn from_env() -> Self {
+        let name = std::env::var("OTEL_TRACES_SAMPLER").unwrap_or_default();
+        let ratio = || {
+            std::env::var("OTEL_TRACES_SAMPLER_ARG")
+                .ok()
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|r| (0.0..=1.0).contains(r))
+                .unwrap_or(1.0)
+        };
+        let (parent_based, root) = match name.trim() {
+            "" | "parentbased_always_on" => (true, Sampler::AlwaysOn),
+            "always_on" => (false, Sampler::AlwaysOn),
+            "always_off" => (false, Sampler::AlwaysOff),
+            "traceidratio" => (false, Sampler::TraceIdRatioBased(ratio())),
+            "parentbased_always_off" => (true, Sampler::AlwaysOff),
+            "parentbased_traceidratio" => (true, Sampler::TraceIdRatioBased(ratio())),
+            other => {
+                tracing::warn!(
+                    sampler = other,
+                    "OTEL_TRACES_SAMPLER names a sampler this process does not have; \
+                     sampling with parentbased_always_on"
+                );
+                (true, Sampler::AlwaysOn)
+            }
+        };
+        Self { parent_based, root }
+    }
+
+    /// Whether a span of `trace_id`, whose parent (if any) was `parent_sampled`, is recorded.
+    fn sampled(&self, trace_id: TraceId, parent_sampled: Option<bool>) -> bool {
+        match parent_sampled {
+            Some(sampled) if self.parent_based => sampled,
+            _ => {
+                self.root
+                    .should_sample(None, trace_id, "", &SpanKind::Internal, &[], &[])
+                    .decision
+                    == SamplingDecision::RecordAndSample
+            }
+        }
+    }
+}
 
 /// Whether the environment asks for traces to be exported.
 fn wanted() -> bool {
@@ -61,45 +129,52 @@ fn wanted() -> bool {
 /// guard that flushes what is left when dropped; [`shutdown`] does the same for a process that
 /// exits without unwinding.
 pub fn init(service: &str) -> Telemetry {
-    if !wanted() || PROVIDER.get().is_some() {
+    if !wanted() || EXPORT.get().is_some() {
         return Telemetry(());
     }
-    let exporter = match opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .build()
-    {
-        Ok(exporter) => exporter,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot export traces");
-            return Telemetry(());
-        }
-    };
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name(service.to_owned());
     }
-    let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(
-            resource
-                .with_attribute(KeyValue::new("service.version", trellis_schemas::VERSION))
-                .build(),
-        )
+    let resource = resource
+        .with_attribute(KeyValue::new("service.version", trellis_schemas::VERSION))
         .build();
-    global::set_text_map_propagator(TraceContextPropagator::new());
-    global::set_tracer_provider(provider.clone());
-    let _ = TRACER.set(provider.tracer("trellis"));
-    let _ = PROVIDER.set(provider);
-    ENABLED.store(true, Ordering::Relaxed);
-    tracing::info!(service, "exporting traces with OTLP");
+    // Protobuf over HTTP, the default, is written by Trellis's own encoder; anything else the
+    // environment asks for is left to the generic exporter.
+    let mut processor = match otlp::Settings::from_env() {
+        Some(settings) => BatchSpanProcessor::builder(otlp::Exporter::new(settings)).build(),
+        None => match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+        {
+            Ok(exporter) => BatchSpanProcessor::builder(exporter).build(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot export traces");
+                return Telemetry(());
+            }
+        },
+    };
+    processor.set_resource(&resource);
+    let export = Export {
+        processor,
+        sampling: Sampling::from_env(),
+        ids: RandomIdGenerator::default(),
+        scope: InstrumentationScope::builder("trellis")
+            .with_version(trellis_schemas::VERSION)
+            .build(),
+    };
+    if EXPORT.set(export).is_ok() {
+        ENABLED.store(true, Ordering::Relaxed);
+        tracing::info!(service, "exporting traces with OTLP");
+    }
     Telemetry(())
 }
 
 /// Flushes the spans not exported yet and stops exporting.
 pub fn shutdown() {
-    if let Some(provider) = PROVIDER.get()
+    if let Some(export) = EXPORT.get()
         && ENABLED.swap(false, Ordering::Relaxed)
-        && let Err(e) = provider.shutdown()
+        && let Err(e) = export.processor.shutdown()
     {
         tracing::debug!(error = %e, "flushing traces failed");
     }
@@ -132,9 +207,13 @@ pub enum Kind {
 
 /// One hop of a trace. Ends when dropped. Without export it is empty and hands on the
 /// `traceparent` it was started with.
+///
+/// A recorded span is the SDK's [`SpanData`] from the start, finished and handed to the batch
+/// processor when dropped: no tracer, context or lock is involved, as a span is only ever
+/// touched by the task that serves its hop.
 #[derive(Debug)]
 pub struct Span {
-    span: Option<Context>,
+    data: Option<Box<SpanData>>,
     traceparent: Option<String>,
 }
 
@@ -146,42 +225,65 @@ impl Span {
     }
 
     /// Like [`start`](Self::start), with the span's first attributes, made by `attributes` only
-    /// when spans are exported (shared strings are not copied; nothing is locked to set them).
+    /// when the span is recorded (shared strings are not copied).
     pub fn start_with(
         kind: Kind,
         parent: Option<&str>,
         name: impl FnOnce() -> String,
         attributes: impl FnOnce() -> Vec<(&'static str, Arc<str>)>,
     ) -> Self {
-        if !enabled() {
+        let export = match EXPORT.get() {
+            Some(export) if enabled() => export,
+            _ => {
+                return Self {
+                    data: None,
+                    traceparent: parent.map(str::to_owned),
+                };
+            }
+        };
+        let parent = parent.and_then(remote);
+        let trace_id = parent
+            .as_ref()
+            .map_or_else(|| export.ids.new_trace_id(), |p| p.trace_id());
+        let span_id = export.ids.new_span_id();
+        let sampled = export
+            .sampling
+            .sampled(trace_id, parent.as_ref().map(|p| p.is_sampled()));
+        let flags = if sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        let traceparent = Some(traceparent_of(trace_id, span_id, flags));
+        if !sampled {
             return Self {
-                span: None,
-                traceparent: parent.map(str::to_owned),
+                data: None,
+                traceparent,
             };
         }
-        let Some(tracer) = TRACER.get() else {
-            return Self {
-                span: None,
-                traceparent: parent.map(str::to_owned),
-            };
-        };
-        let parent_cx = parent.map_or_else(Context::new, extract);
-        let span = tracer
-            .span_builder(name())
-            .with_kind(match kind {
+        let data = SpanData {
+            span_context: SpanContext::new(trace_id, span_id, flags, false, TraceState::NONE),
+            parent_span_id: parent.as_ref().map_or(SpanId::INVALID, |p| p.span_id()),
+            parent_span_is_remote: parent.is_some(),
+            span_kind: match kind {
                 Kind::Server => SpanKind::Server,
                 Kind::Client => SpanKind::Client,
-            })
-            .with_attributes(
-                attributes()
-                    .into_iter()
-                    .map(|(key, value)| KeyValue::new(key, StringValue::from(value))),
-            )
-            .start_with_context(tracer, &parent_cx);
-        let cx = parent_cx.with_span(span);
-        let traceparent = Some(traceparent_of(cx.span().span_context()));
+            },
+            name: Cow::Owned(name()),
+            start_time: SystemTime::now(),
+            end_time: SystemTime::UNIX_EPOCH,
+            attributes: attributes()
+                .into_iter()
+                .map(|(key, value)| KeyValue::new(key, StringValue::from(value)))
+                .collect(),
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: Status::Unset,
+            instrumentation_scope: export.scope.clone(),
+        };
         Self {
-            span: Some(cx),
+            data: Some(Box::new(data)),
             traceparent,
         }
     }
@@ -193,69 +295,84 @@ impl Span {
 
     /// Whether the span is exported (sampled): attributes are worth making only then.
     pub fn recording(&self) -> bool {
-        self.span
-            .as_ref()
-            .is_some_and(|cx| cx.span().is_recording())
+        self.data.is_some()
     }
 
     /// Records an attribute.
-    pub fn set(&self, key: &'static str, value: impl Into<opentelemetry::Value>) {
-        if let Some(cx) = &self.span {
-            cx.span().set_attribute(KeyValue::new(key, value.into()));
+    pub fn set(&mut self, key: &'static str, value: impl Into<opentelemetry::Value>) {
+        if let Some(data) = &mut self.data {
+            data.attributes.push(KeyValue::new(key, value.into()));
         }
     }
 
     /// Marks the span failed, with a description.
-    pub fn fail(&self, description: impl Into<String>) {
-        if let Some(cx) = &self.span {
-            cx.span().set_status(Status::error(description.into()));
+    pub fn fail(&mut self, description: impl Into<String>) {
+        if let Some(data) = &mut self.data {
+            data.status = Status::error(description.into());
         }
     }
 }
 
 impl Drop for Span {
     fn drop(&mut self) {
-        if let Some(cx) = &self.span {
-            cx.span().end();
+        if let Some(mut data) = self.data.take()
+            && let Some(export) = EXPORT.get()
+            && enabled()
+        {
+            data.end_time = SystemTime::now();
+            export.processor.on_end(*data);
         }
     }
 }
 
-/// The context a `traceparent` names: a remote parent, or none when it is not a valid W3C
-/// `traceparent` (then the span starts a new trace).
-fn extract(traceparent: &str) -> Context {
-    let parsed = TraceParent::parse(traceparent).and_then(|t| {
-        Some(SpanContext::new(
-            TraceId::from_hex(t.trace_id).ok()?,
-            SpanId::from_hex(t.span_id).ok()?,
-            TraceFlags::new(t.flags) & TraceFlags::SAMPLED,
-            true,
-            TraceState::default(),
-        ))
-    });
-    parsed.map_or_else(Context::new, |context| {
-        Context::new().with_remote_span_context(context)
-    })
+/// The remote parent a `traceparent` names, when it is a valid W3C `traceparent` (the same
+/// values as [`TraceParent::parse`](trellis_schemas::dataplane::TraceParent::parse) accepts, read without splitting: this runs on every hop).
+fn remote(traceparent: &str) -> Option<SpanContext> {
+    /// The value of the hex digits `digits`, when they are all hex digits.
+    fn hex(digits: &[u8]) -> Option<u128> {
+        digits.iter().try_fold(0u128, |value, &digit| {
+            Some(value << 4 | u128::from(char::from(digit).to_digit(16)?))
+        })
+    }
+    let b = traceparent.trim().as_bytes();
+    // version-trace_id-span_id-flags, then further fields only in versions after 00.
+    let shaped = b.len() >= 55
+        && b[2] == b'-'
+        && b[35] == b'-'
+        && b[52] == b'-'
+        && (b.len() == 55 || b[55] == b'-');
+    if !shaped || b[..2].eq_ignore_ascii_case(b"ff") {
+        return None;
+    }
+    hex(&b[..2])?;
+    let trace_id = TraceId::from(hex(&b[3..35])?);
+    let span_id = SpanId::from(u64::try_from(hex(&b[36..52])?).ok()?);
+    let flags = u8::try_from(hex(&b[53..55])?).ok()?;
+    Some(SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::new(flags) & TraceFlags::SAMPLED,
+        true,
+        TraceState::NONE,
+    ))
+    .filter(SpanContext::is_valid)
 }
 
 /// The W3C `traceparent` of a span (written out by hand: one made per hop, and the formatting
 /// machinery costs several times as much).
-fn traceparent_of(context: &SpanContext) -> String {
-    fn push_hex(out: &mut String, bytes: &[u8]) {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        for byte in bytes {
-            out.push(char::from(DIGITS[usize::from(byte >> 4)]));
-            out.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+fn traceparent_of(trace_id: TraceId, span_id: SpanId, flags: TraceFlags) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    let mut put = |at: usize, bytes: &[u8]| {
+        for (i, byte) in bytes.iter().enumerate() {
+            out[at + 2 * i] = DIGITS[usize::from(byte >> 4)];
+            out[at + 2 * i + 1] = DIGITS[usize::from(byte & 0xf)];
         }
-    }
-    let mut out = String::with_capacity(55);
-    out.push_str("00-");
-    push_hex(&mut out, &context.trace_id().to_bytes());
-    out.push('-');
-    push_hex(&mut out, &context.span_id().to_bytes());
-    out.push('-');
-    push_hex(&mut out, &[context.trace_flags().to_u8()]);
-    out
+    };
+    put(3, &trace_id.to_bytes());
+    put(36, &span_id.to_bytes());
+    put(53, &[flags.to_u8()]);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -265,18 +382,54 @@ mod tests {
     #[test]
     fn traceparents_parse_and_print_back() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let cx = extract(tp);
-        assert_eq!(traceparent_of(cx.span().span_context()), tp);
+        let cx = remote(tp).expect("valid");
+        assert!(cx.is_sampled() && cx.is_remote());
+        assert_eq!(
+            traceparent_of(cx.trace_id(), cx.span_id(), cx.trace_flags()),
+            tp
+        );
+        // Fields after the fourth are left for later versions to define.
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-more";
+        assert!(remote(later).is_some_and(|cx| !cx.is_sampled()));
         for bad in [
             "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+            "0x-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
         ] {
-            assert!(!extract(bad).span().span_context().is_valid(), "{bad:?}");
+            assert!(remote(bad).is_none(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn samplers_follow_the_parent_or_the_trace_id() {
+        let id = |low: u64| TraceId::from(u128::from(low));
+        let parent_based = Sampling {
+            parent_based: true,
+            root: Sampler::AlwaysOn,
+        };
+        assert!(parent_based.sampled(id(1), None));
+        assert!(parent_based.sampled(id(1), Some(true)));
+        assert!(!parent_based.sampled(id(1), Some(false)));
+        let off = Sampling {
+            parent_based: false,
+            root: Sampler::AlwaysOff,
+        };
+        assert!(!off.sampled(id(1), Some(true)));
+        // One trace in two: the decision comes from the trace id alone, so every process
+        // decides alike.
+        let half = Sampling {
+            parent_based: false,
+            root: Sampler::TraceIdRatioBased(0.5),
+        };
+        assert!(half.sampled(id(1), Some(false)));
+        assert!(!half.sampled(id(u64::MAX), Some(true)));
     }
 
     #[test]

@@ -310,7 +310,7 @@ impl NatsBridge {
         };
         let link = record.link;
         let export = format!("{}#{}", call.interface, call.function);
-        let span = Span::start(Kind::Client, call.traceparent.as_deref(), || {
+        let mut span = Span::start(Kind::Client, call.traceparent.as_deref(), || {
             format!("link {} {export}", link.target)
         });
         if span.recording() {

@@ -267,7 +267,7 @@ impl Serving {
         };
         codec::check_size(payload.len())?;
         if let Some(vm) = &self.microvm {
-            let span = self.span(export, codec::header(headers, &NAMES.traceparent));
+            let mut span = self.span(export, codec::header(headers, &NAMES.traceparent));
             let timeout = self.component.manifest().limits.timeout;
             let result = match vm {
                 Ok(vm) => {
@@ -292,7 +292,7 @@ impl Serving {
                 )
             })?
         };
-        let span = self.span(export, codec::header(headers, &NAMES.traceparent));
+        let mut span = self.span(export, codec::header(headers, &NAMES.traceparent));
         let value = self
             .component(&span, tidied)
             .invoke(export, args)
@@ -360,7 +360,7 @@ impl Serving {
             .iter()
             .find(|(name, _)| name.eq_ignore_ascii_case(dataplane::headers::TRACEPARENT))
             .map(|(_, value)| value.as_str());
-        let span = self.span(HTTP_EXPORT, traceparent);
+        let mut span = self.span(HTTP_EXPORT, traceparent);
         let result = match &self.microvm {
             None => {
                 self.component(&span, tidied)
@@ -419,7 +419,7 @@ impl Serving {
             return Err(not_running());
         }
         let started = Instant::now();
-        let span = self.span(export, traceparent);
+        let mut span = self.span(export, traceparent);
         let result = match &self.microvm {
             None => {
                 self.component(&span, false)

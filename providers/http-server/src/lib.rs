@@ -494,7 +494,7 @@ impl Target {
             .headers
             .get(dataplane::headers::TRACEPARENT)
             .and_then(|v| v.to_str().ok());
-        let span = Span::start(Kind::Server, incoming, || parts.method.as_str().to_owned());
+        let mut span = Span::start(Kind::Server, incoming, || parts.method.as_str().to_owned());
         if span.recording() {
             span.set("http.request.method", parts.method.as_str().to_owned());
             span.set("url.path", parts.uri.path().to_owned());

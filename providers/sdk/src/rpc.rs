@@ -123,7 +123,7 @@ pub(crate) async fn check_and_handle_request<P: Provider>(
 ) -> Outcome {
     let started = std::time::Instant::now();
     let capability = request.request.capability();
-    let span = Span::start(
+    let mut span = Span::start(
         Kind::Server,
         request.identity.traceparent.as_deref(),
         || format!("{} {capability}", ctx.name),
