@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use nix::sys::resource::{UsageWho, getrusage};
 use nix::time::{ClockId, clock_gettime};
 use trellis_bus::telemetry::{self, Kind, Span};
+use trellis_schemas::dataplane::span_attributes;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -120,8 +121,8 @@ fn main() {
                 || "invoke typed add".to_owned(),
                 || {
                     vec![
-                        ("trellis.component", Arc::clone(&component)),
-                        ("trellis.instance", Arc::clone(&instance)),
+                        (span_attributes::COMPONENT, Arc::clone(&component)),
+                        (span_attributes::INSTANCE, Arc::clone(&instance)),
                     ]
                 },
             );

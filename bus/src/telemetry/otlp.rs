@@ -440,6 +440,7 @@ mod tests {
     use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
     use prost::Message as _;
     use std::borrow::Cow;
+    use trellis_schemas::dataplane::span_attributes;
 
     fn span_data(name: &str, parent: SpanId, status: Status) -> SpanData {
         SpanData {
@@ -457,7 +458,7 @@ mod tests {
             start_time: SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
             end_time: SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_223_456_789),
             attributes: vec![
-                KeyValue::new("trellis.component", "kv-counter"),
+                KeyValue::new(span_attributes::COMPONENT, "kv-counter"),
                 KeyValue::new("http.response.status_code", 200_i64),
                 KeyValue::new("ok", true),
                 KeyValue::new("ratio", 0.25),
@@ -532,7 +533,7 @@ mod tests {
                 .and_then(|kv| kv.value.clone()?.value)
         };
         assert_eq!(
-            value("trellis.component"),
+            value(span_attributes::COMPONENT),
             Some(any_value::Value::StringValue("kv-counter".into()))
         );
         assert_eq!(
