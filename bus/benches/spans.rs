@@ -120,7 +120,7 @@ fn main() {
                 Some(parent),
                 || "invoke typed add".to_owned(),
                 || {
-                    vec![
+                    [
                         (span_attributes::COMPONENT, Arc::clone(&component)),
                         (span_attributes::INSTANCE, Arc::clone(&instance)),
                     ]

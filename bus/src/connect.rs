@@ -162,8 +162,9 @@ fn user_info(server: &str) -> Option<(String, Option<String>)> {
     Some((user, addr.password().map(percent_decode)))
 }
 
-/// Decodes `%XX` escapes (a URL's user info may hold them); anything else is kept as it is.
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XX` escapes (a URL's user info may hold them, and so may the OTLP headers
+/// variable); anything else is kept as it is.
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -27,6 +27,7 @@ use opentelemetry_sdk::trace::{
     BatchSpanProcessor, IdGenerator as _, RandomIdGenerator, Sampler, ShouldSample as _, SpanData,
     SpanEvents, SpanLinks, SpanProcessor as _,
 };
+use trellis_schemas::dataplane::TraceParent;
 
 mod otlp;
 
@@ -221,17 +222,20 @@ impl Span {
     /// Starts a span, child of `parent` (a W3C `traceparent`; a new trace when there is none or
     /// it is invalid), named by `name`, which is called only when spans are exported.
     pub fn start(kind: Kind, parent: Option<&str>, name: impl FnOnce() -> String) -> Self {
-        Self::start_with(kind, parent, name, Vec::new)
+        Self::start_with(kind, parent, name, || [])
     }
 
     /// Like [`start`](Self::start), with the span's first attributes, made by `attributes` only
     /// when the span is recorded (shared strings are not copied).
-    pub fn start_with(
+    pub fn start_with<A>(
         kind: Kind,
         parent: Option<&str>,
         name: impl FnOnce() -> String,
-        attributes: impl FnOnce() -> Vec<(&'static str, Arc<str>)>,
-    ) -> Self {
+        attributes: impl FnOnce() -> A,
+    ) -> Self
+    where
+        A: IntoIterator<Item = (&'static str, Arc<str>)>,
+    {
         let export = match EXPORT.get() {
             Some(export) if enabled() => export,
             _ => {
@@ -325,33 +329,13 @@ impl Drop for Span {
     }
 }
 
-/// The remote parent a `traceparent` names, when it is a valid W3C `traceparent` (the same
-/// values as [`TraceParent::parse`](trellis_schemas::dataplane::TraceParent::parse) accepts, read without splitting: this runs on every hop).
+/// The remote parent a `traceparent` names, when it is a valid W3C `traceparent`.
 fn remote(traceparent: &str) -> Option<SpanContext> {
-    /// The value of the hex digits `digits`, when they are all hex digits.
-    fn hex(digits: &[u8]) -> Option<u128> {
-        digits.iter().try_fold(0u128, |value, &digit| {
-            Some(value << 4 | u128::from(char::from(digit).to_digit(16)?))
-        })
-    }
-    let b = traceparent.trim().as_bytes();
-    // version-trace_id-span_id-flags, then further fields only in versions after 00.
-    let shaped = b.len() >= 55
-        && b[2] == b'-'
-        && b[35] == b'-'
-        && b[52] == b'-'
-        && (b.len() == 55 || b[55] == b'-');
-    if !shaped || b[..2].eq_ignore_ascii_case(b"ff") {
-        return None;
-    }
-    hex(&b[..2])?;
-    let trace_id = TraceId::from(hex(&b[3..35])?);
-    let span_id = SpanId::from(u64::try_from(hex(&b[36..52])?).ok()?);
-    let flags = u8::try_from(hex(&b[53..55])?).ok()?;
+    let t = TraceParent::parse(traceparent)?;
     Some(SpanContext::new(
-        trace_id,
-        span_id,
-        TraceFlags::new(flags) & TraceFlags::SAMPLED,
+        TraceId::from_hex(t.trace_id).ok()?,
+        SpanId::from_hex(t.span_id).ok()?,
+        TraceFlags::new(t.flags) & TraceFlags::SAMPLED,
         true,
         TraceState::NONE,
     ))

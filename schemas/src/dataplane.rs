@@ -82,24 +82,34 @@ pub struct TraceParent<'a> {
 }
 
 impl<'a> TraceParent<'a> {
-    /// The parts of `value`, when it is a valid `traceparent`.
+    /// The parts of `value`, when it is a valid `traceparent`: `version-trace_id-span_id-flags`
+    /// in fixed positions (further `-` fields are left to later versions). Read by position, as
+    /// every hop of a traced request reads one.
     pub fn parse(value: &'a str) -> Option<Self> {
-        let mut parts = value.trim().split('-');
-        let (version, trace_id, span_id, flags) =
-            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-        let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
-        let valid = hex(version, 2)
-            && version != "ff"
-            && hex(trace_id, 32)
-            && nonzero(trace_id)
-            && hex(span_id, 16)
-            && nonzero(span_id)
-            && hex(flags, 2);
-        Some(Self {
-            trace_id,
-            span_id,
-            flags: u8::from_str_radix(flags, 16).ok().filter(|_| valid)?,
+        let value = value.trim();
+        let b = value.as_bytes();
+        let shaped = b.len() >= 55
+            && b[2] == b'-'
+            && b[35] == b'-'
+            && b[52] == b'-'
+            && (b.len() == 55 || b[55] == b'-');
+        if !shaped {
+            return None;
+        }
+        let hex = |s: &[u8]| s.iter().all(u8::is_ascii_hexdigit);
+        let nonzero = |s: &[u8]| s.iter().any(|&c| c != b'0');
+        let valid = hex(&b[..2])
+            && !b[..2].eq_ignore_ascii_case(b"ff")
+            && hex(&b[3..35])
+            && nonzero(&b[3..35])
+            && hex(&b[36..52])
+            && nonzero(&b[36..52])
+            && hex(&b[53..55]);
+        // Every position sliced at is next to an ASCII '-' or the end: all char boundaries.
+        valid.then(|| Self {
+            trace_id: &value[3..35],
+            span_id: &value[36..52],
+            flags: u8::from_str_radix(&value[53..55], 16).unwrap_or(0),
         })
     }
 }

@@ -19,6 +19,8 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 
+use crate::connect::percent_decode;
+
 /// The path of the traces endpoint under `OTEL_EXPORTER_OTLP_ENDPOINT`.
 const TRACES_PATH: &str = "v1/traces";
 /// The specification's default for `OTEL_EXPORTER_OTLP_TIMEOUT`.
@@ -89,31 +91,6 @@ impl Settings {
             timeout,
         })
     }
-}
-
-/// `%XX` escapes decoded, as the headers variable is written (W3C baggage's encoding).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = (bytes[i] == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match escaped {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Posts batches of spans as OTLP/HTTP protobuf.

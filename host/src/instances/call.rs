@@ -339,7 +339,7 @@ impl Serving {
             traceparent,
             || format!("invoke {name} {export}"),
             || {
-                vec![
+                [
                     (span_attributes::COMPONENT, Arc::clone(&self.attributes.0)),
                     (span_attributes::INSTANCE, Arc::clone(&self.attributes.1)),
                 ]
