@@ -121,6 +121,11 @@ struct Args {
     /// then only loads its component into one.
     #[arg(long, env = "TRELLIS_MICROVM_POOL", default_value_t = 0)]
     microvm_pool: usize,
+    /// Virtual CPUs of each micro-VM: with two, a guest instantiates the next call's instance
+    /// on one while it serves a call on the other (under TCG, emulation, that is slower).
+    #[arg(long, env = "TRELLIS_MICROVM_VCPUS", default_value_t = trellis_host::microvm::DEFAULT_VCPUS,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    microvm_vcpus: u32,
     #[command(flatten)]
     connect: trellis_bus::ConnectArgs,
 }
@@ -212,7 +217,8 @@ async fn host_main() -> anyhow::Result<()> {
         ) {
             Ok(mut microvm) => {
                 microvm.pool_size = args.microvm_pool;
-                tracing::info!(acceleration = %microvm.acceleration, pool = microvm.pool_size, "this host runs micro-VM instances");
+                microvm.vcpus = args.microvm_vcpus;
+                tracing::info!(acceleration = %microvm.acceleration, pool = microvm.pool_size, vcpus = microvm.vcpus, "this host runs micro-VM instances");
                 config.microvm = Some(std::sync::Arc::new(microvm));
             }
             Err(e) => {

@@ -9,9 +9,12 @@
 //! sees no files, sockets or environment, as on the host.
 //!
 //! Everything the agent does per call runs on one thread, an async runtime over the port opened
-//! without blocking: the guest has one vCPU, and under emulation every switch between threads
-//! costs tens of microseconds of guest kernel time. Invocations interleave at their awaits
-//! (a capability call, an epoch tick), as they do in a host's runtime.
+//! without blocking: under emulation every switch between threads costs tens of microseconds of
+//! guest kernel time. Invocations interleave at their awaits (a capability call, an epoch tick),
+//! as they do in a host's runtime. What follows an answer (dropping the invocation's store and
+//! instantiating the next spare, most of a call's cost under emulation) runs on a second thread
+//! when the guest has a second vCPU, so that the next call finds its spare ready instead of
+//! waiting behind it; with one vCPU it runs on the agent's thread after the answer.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -227,6 +230,7 @@ pub async fn serve(
         Bytes::new(),
     ))?;
 
+    let tidier = Tidier::start();
     let mut component: Option<LoadedComponent> = None;
     // The component for one invocation: what the host granted at the call, and its trace.
     let for_call = |component: &LoadedComponent,
@@ -269,9 +273,9 @@ pub async fn serve(
                 let (error, note) = match loaded {
                     Ok((c, used)) => {
                         // The first invocation finds an instance ready, as every later one.
-                        let first = c.clone();
-                        tokio::spawn(async move { first.warm().await });
-                        component = Some(c.tidied_by_caller());
+                        let (c, tidier) = (c.tidied_by_caller(), tidier.clone());
+                        component = Some(c.clone());
+                        tokio::spawn(async move { tidier.tidy(c).await });
                         (None, used.err())
                     }
                     Err(e) => (Some(e), None),
@@ -301,7 +305,7 @@ pub async fn serve(
                     continue;
                 };
                 let c = for_call(base, id, traceparent, allowed, log);
-                answer(&out, id, base, async move {
+                answer(&out, &tidier, id, base, async move {
                     invoke(&c, &export, &body).await.map(|json| (None, json))
                 });
             }
@@ -316,7 +320,7 @@ pub async fn serve(
                     continue;
                 };
                 let c = for_call(base, id, traceparent, allowed, log);
-                answer(&out, id, base, async move {
+                answer(&out, &tidier, id, base, async move {
                     c.handle_http(&head, body)
                         .await
                         .map(|(head, body)| (Some(head), body))
@@ -345,19 +349,78 @@ pub async fn serve(
 }
 
 /// Runs one invocation as a task of the agent's runtime (in the component's spare instance
-/// when there is one), sends its end to the host, and once the writer has sent it tidies
-/// (drops the invocation's store, makes the next spare).
-fn answer<Fut>(out: &mpsc::UnboundedSender<Frame>, id: u64, component: &LoadedComponent, call: Fut)
-where
+/// when there is one), sends its end to the host, and then has the component tidied (its
+/// store dropped, the next spare made).
+fn answer<Fut>(
+    out: &mpsc::UnboundedSender<Frame>,
+    tidier: &Tidier,
+    id: u64,
+    component: &LoadedComponent,
+    call: Fut,
+) where
     Fut: Future<Output = Result<(Option<HttpResponseHead>, Bytes), Failure>> + Send + 'static,
 {
-    let (out, component) = (out.clone(), component.clone());
+    let (out, tidier, component) = (out.clone(), tidier.clone(), component.clone());
     tokio::spawn(async move {
         let done = call.await;
         let _ = out.send(done_frame(id, done));
+        tidier.tidy(component).await;
+    });
+}
+
+/// Where a component is tidied after an answer (see the module docs).
+#[derive(Clone)]
+enum Tidier {
+    /// On the agent's thread, once the writer has sent the answer: the guest has one vCPU.
+    Inline,
+    /// On a thread of its own, which runs on the guest's other vCPU.
+    Thread(mpsc::UnboundedSender<LoadedComponent>),
+}
+
+impl Tidier {
+    /// A tidying thread when the guest has more than one vCPU, else tidying inline.
+    fn start() -> Self {
+        let vcpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        if vcpus < 2 {
+            return Self::Inline;
+        }
+        let (send, mut components) = mpsc::unbounded_channel::<LoadedComponent>();
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(_) => return Self::Inline,
+        };
+        let spawned = std::thread::Builder::new()
+            .name("tidier".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    while let Some(component) = components.recv().await {
+                        component.tidy().await;
+                    }
+                });
+            });
+        match spawned {
+            Ok(_) => Self::Thread(send),
+            Err(_) => Self::Inline,
+        }
+    }
+
+    /// Drops the component's ended stores and makes its next spare: here, after letting the
+    /// writer's task send what is queued, or on the thread (then it returns at once).
+    async fn tidy(&self, component: LoadedComponent) {
+        let component = match self {
+            Self::Inline => component,
+            // A thread that is gone (it panicked) leaves the tidying here.
+            Self::Thread(thread) => match thread.send(component) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(component)) => component,
+            },
+        };
         tokio::task::yield_now().await;
         component.tidy().await;
-    });
+    }
 }
 
 /// A runtime sized for the one component this VM runs: a pool of slots for its concurrency

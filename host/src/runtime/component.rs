@@ -498,7 +498,7 @@ impl LoadedComponent {
         let inner = &*self.inner;
         let _permit = self.permit()?;
         let limits = inner.manifest.limits;
-        let (mut store, output, instance) = self.store_for()?;
+        let (mut store, output, instance) = self.store_for().await?;
         let mut results = vec![Val::Bool(false); func.results.len()];
         let run = run(
             &inner.pre,
@@ -534,11 +534,11 @@ impl LoadedComponent {
     /// The store an invocation runs in, and its instance when it was made ahead: the spare,
     /// given this invocation's bridge, call context and deadline, when there is one; else a
     /// fresh store, to instantiate in.
-    fn store_for(
+    async fn store_for(
         &self,
     ) -> Result<(Store<StoreState>, OutputHandle, Option<Instance>), InvokeError> {
         let inner = &*self.inner;
-        match inner.spare.take() {
+        match inner.spare.take_or_wait().await {
             Some(Ready {
                 mut store,
                 instance,
@@ -586,7 +586,7 @@ impl LoadedComponent {
             .map_err(|message| InvokeError::BadRequest { message })?;
         let _permit = self.permit()?;
         let limits = inner.manifest.limits;
-        let (mut store, output, instance) = self.store_for()?;
+        let (mut store, output, instance) = self.store_for().await?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let resources = (|| {
             let mut http = store.data_mut().http();

@@ -11,6 +11,9 @@
 //! an invocation's path: natively that is about a fifth of a small call, under emulation most
 //! of it; under load each invocation still makes one instance, its own or the next one's.
 //!
+//! An invocation that finds no spare while one is being made (on another thread: the micro-VM
+//! agent tidies on its guest's second vCPU) waits for that one rather than instantiate beside it.
+//!
 //! A spare has never run an export, so no state passes from one invocation to the next. It is
 //! made only while fewer than half of the runtime's pool slots are in use, and given back after
 //! [`RuntimeConfig::spare_idle`](super::RuntimeConfig::spare_idle) without an invocation.
@@ -39,6 +42,10 @@ pub(super) struct Spare {
     retired: Mutex<Vec<Store<StoreState>>>,
     /// Whether a [`tidy`](Self::tidy) is making a spare.
     making: AtomicBool,
+    /// Woken when a [`tidy`](Self::tidy) has made its spare (or failed to).
+    made: tokio::sync::Notify,
+    /// Whether an invocation waits for the spare being made.
+    claimed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -75,6 +82,28 @@ impl Spare {
         slot.ready.take()
     }
 
+    /// The spare, for an invocation starting now; when none is ready but a
+    /// [`tidy`](Self::tidy) is making one, the first invocation to ask waits for it: the rest
+    /// of one instantiation is never longer than a whole one of its own, and the two would
+    /// compete for the same CPU. Later invocations do not wait (none when there is no spare).
+    pub(super) async fn take_or_wait(&self) -> Option<Ready> {
+        if let Some(ready) = self.take() {
+            return Some(ready);
+        }
+        if !self.making.load(Ordering::Acquire) || self.claimed.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let made = self.made.notified();
+        tokio::pin!(made);
+        made.as_mut().enable();
+        if self.making.load(Ordering::Acquire) {
+            made.await;
+        }
+        let ready = self.slot().ready.take();
+        self.claimed.store(false, Ordering::Release);
+        ready
+    }
+
     /// Drops the stores handed back and not dropped yet, for an invocation about to make a
     /// store of its own: a burst of invocations never holds more pool slots than it runs.
     pub(super) fn drain(&self) {
@@ -101,12 +130,14 @@ impl Spare {
     /// is ready or being made.
     pub(super) async fn tidy(inner: &Arc<ComponentInner>) {
         let spare = &inner.spare;
-        spare.drain();
         if spare.is_ready() || spare.making.swap(true, Ordering::AcqRel) {
+            spare.drain();
             return;
         }
+        spare.drain();
         Self::fill(inner).await;
         spare.making.store(false, Ordering::Release);
+        spare.made.notify_waiters();
     }
 
     /// Makes a spare now unless there is one, spares are off or the pool is half used; returns

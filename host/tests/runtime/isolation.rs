@@ -166,6 +166,52 @@ async fn tidying_makes_the_next_spare_which_an_idle_component_gives_back() {
     assert_eq!(counter.invoke("increment", json!([])).await.unwrap(), 1);
 }
 
+/// A caller that tidies on another thread (as the micro-VM agent does on a guest's second
+/// vCPU) races its next invocation against the spare being made: the invocation either waits
+/// for that spare or makes its own, and in every case runs in a fresh instance, and one spare
+/// at most is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invocation_racing_a_tidy_on_another_thread_runs_fresh() {
+    let runtime = Runtime::new(&config(8)).unwrap();
+    let counter = load(&runtime, "counter", limits()).tidied_by_caller();
+    let (tidy, mut tidied) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let tidier = {
+        let counter = counter.clone();
+        let (send, mut asked) = tokio::sync::mpsc::unbounded_channel::<()>();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                while asked.recv().await.is_some() {
+                    counter.tidy().await;
+                    let _ = tidy.send(());
+                }
+            });
+        });
+        send
+    };
+    for round in 0..50 {
+        let count = tokio::time::timeout(
+            Duration::from_secs(10),
+            counter.invoke("increment", json!([])),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: the invocation hung"))
+        .unwrap();
+        assert_eq!(count, 1, "round {round}: an instance ran twice");
+        tidier.send(()).unwrap();
+        if round % 3 == 0 {
+            // Sometimes the tidy ends first, and the next invocation takes its spare.
+            tidied.recv().await.unwrap();
+        }
+    }
+    drop(tidier);
+    while tidied.recv().await.is_some() {}
+    assert_eq!(counter.invoke("increment", json!([])).await.unwrap(), 1);
+}
+
 /// Spares and stores kept for tidying never take a slot an invocation needs: with a pool of
 /// four slots, four invocations in flight at once all run, round after round, whether their
 /// caller tidies after each or never does.
