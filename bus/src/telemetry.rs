@@ -55,12 +55,20 @@ static EXPORT: OnceLock<Export> = OnceLock::new();
 /// What export needs on every span.
 #[derive(Debug)]
 struct Export {
-    /// The SDK's batching processor, which hands batches to the OTLP exporter on a thread of
-    /// its own.
-    processor: BatchSpanProcessor,
+    /// Where ended spans go.
+    sink: Sink,
     sampling: Sampling,
     ids: RandomIdGenerator,
     scope: InstrumentationScope,
+}
+
+/// Where ended spans go.
+#[derive(Debug)]
+enum Sink {
+    /// Written out at once and posted as OTLP/HTTP protobuf (the default protocol).
+    Protobuf(otlp::Batcher),
+    /// The SDK's batch processor and `opentelemetry-otlp`'s exporter, for the other protocols.
+    Generic(BatchSpanProcessor),
 }
 
 /// The sampler the standard environment names (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`).
@@ -140,29 +148,41 @@ pub fn init(service: &str) -> Telemetry {
     let resource = resource
         .with_attribute(KeyValue::new("service.version", trellis_schemas::VERSION))
         .build();
+    let scope = InstrumentationScope::builder("trellis")
+        .with_version(trellis_schemas::VERSION)
+        .build();
     // Protobuf over HTTP, the default, is written by Trellis's own encoder; anything else the
     // environment asks for is left to the generic exporter.
-    let mut processor = match otlp::Settings::from_env() {
-        Some(settings) => BatchSpanProcessor::builder(otlp::Exporter::new(settings)).build(),
+    let sink = match otlp::Settings::from_env() {
+        Some(settings) => {
+            match otlp::Batcher::start(settings, otlp::Limits::from_env(), &resource, &scope) {
+                Ok(batcher) => Sink::Protobuf(batcher),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot export traces");
+                    return Telemetry(());
+                }
+            }
+        }
         None => match opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build()
         {
-            Ok(exporter) => BatchSpanProcessor::builder(exporter).build(),
+            Ok(exporter) => {
+                let mut processor = BatchSpanProcessor::builder(exporter).build();
+                processor.set_resource(&resource);
+                Sink::Generic(processor)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot export traces");
                 return Telemetry(());
             }
         },
     };
-    processor.set_resource(&resource);
     let export = Export {
-        processor,
+        sink,
         sampling: Sampling::from_env(),
         ids: RandomIdGenerator::default(),
-        scope: InstrumentationScope::builder("trellis")
-            .with_version(trellis_schemas::VERSION)
-            .build(),
+        scope,
     };
     if EXPORT.set(export).is_ok() {
         ENABLED.store(true, Ordering::Relaxed);
@@ -175,9 +195,15 @@ pub fn init(service: &str) -> Telemetry {
 pub fn shutdown() {
     if let Some(export) = EXPORT.get()
         && ENABLED.swap(false, Ordering::Relaxed)
-        && let Err(e) = export.processor.shutdown()
     {
-        tracing::debug!(error = %e, "flushing traces failed");
+        match &export.sink {
+            Sink::Protobuf(batcher) => batcher.shutdown(),
+            Sink::Generic(processor) => {
+                if let Err(e) = processor.shutdown() {
+                    tracing::debug!(error = %e, "flushing traces failed");
+                }
+            }
+        }
     }
 }
 
@@ -209,9 +235,9 @@ pub enum Kind {
 /// One hop of a trace. Ends when dropped. Without export it is empty and hands on the
 /// `traceparent` it was started with.
 ///
-/// A recorded span is the SDK's [`SpanData`] from the start, finished and handed to the batch
-/// processor when dropped: no tracer, context or lock is involved, as a span is only ever
-/// touched by the task that serves its hop.
+/// A recorded span is the SDK's [`SpanData`] from the start, finished when dropped and then
+/// written out for export on the spot: no tracer, context or lock is involved, as a span is
+/// only ever touched by the task that serves its hop.
 #[derive(Debug)]
 pub struct Span {
     data: Option<Box<SpanData>>,
@@ -221,19 +247,23 @@ pub struct Span {
 impl Span {
     /// Starts a span, child of `parent` (a W3C `traceparent`; a new trace when there is none or
     /// it is invalid), named by `name`, which is called only when spans are exported.
-    pub fn start(kind: Kind, parent: Option<&str>, name: impl FnOnce() -> String) -> Self {
+    pub fn start<N>(kind: Kind, parent: Option<&str>, name: impl FnOnce() -> N) -> Self
+    where
+        N: Into<Cow<'static, str>>,
+    {
         Self::start_with(kind, parent, name, || [])
     }
 
     /// Like [`start`](Self::start), with the span's first attributes, made by `attributes` only
     /// when the span is recorded (shared strings are not copied).
-    pub fn start_with<A>(
+    pub fn start_with<N, A>(
         kind: Kind,
         parent: Option<&str>,
-        name: impl FnOnce() -> String,
+        name: impl FnOnce() -> N,
         attributes: impl FnOnce() -> A,
     ) -> Self
     where
+        N: Into<Cow<'static, str>>,
         A: IntoIterator<Item = (&'static str, Arc<str>)>,
     {
         let export = match EXPORT.get() {
@@ -273,7 +303,7 @@ impl Span {
                 Kind::Server => SpanKind::Server,
                 Kind::Client => SpanKind::Client,
             },
-            name: Cow::Owned(name()),
+            name: name().into(),
             start_time: SystemTime::now(),
             end_time: SystemTime::UNIX_EPOCH,
             attributes: attributes()
@@ -324,7 +354,10 @@ impl Drop for Span {
             && enabled()
         {
             data.end_time = SystemTime::now();
-            export.processor.on_end(*data);
+            match &export.sink {
+                Sink::Protobuf(batcher) => batcher.push(&data),
+                Sink::Generic(processor) => processor.on_end(*data),
+            }
         }
     }
 }
@@ -333,13 +366,35 @@ impl Drop for Span {
 fn remote(traceparent: &str) -> Option<SpanContext> {
     let t = TraceParent::parse(traceparent)?;
     Some(SpanContext::new(
-        TraceId::from_hex(t.trace_id).ok()?,
-        SpanId::from_hex(t.span_id).ok()?,
+        TraceId::from_bytes(hex_bytes(t.trace_id)?),
+        SpanId::from_bytes(hex_bytes(t.span_id)?),
         TraceFlags::new(t.flags) & TraceFlags::SAMPLED,
         true,
         TraceState::NONE,
     ))
     .filter(SpanContext::is_valid)
+}
+
+/// The bytes `hex` spells with exactly `2 * N` hex digits (a few times faster than the SDK's
+/// `from_hex`, which goes through integer parsing).
+fn hex_bytes<const N: usize>(hex: &str) -> Option<[u8; N]> {
+    fn digit(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
+    let hex = hex.as_bytes();
+    if hex.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0; N];
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
 }
 
 /// The W3C `traceparent` of a span (written out by hand: one made per hop, and the formatting
@@ -356,7 +411,10 @@ fn traceparent_of(trace_id: TraceId, span_id: SpanId, flags: TraceFlags) -> Stri
     put(3, &trace_id.to_bytes());
     put(36, &span_id.to_bytes());
     put(53, &[flags.to_u8()]);
-    String::from_utf8_lossy(&out).into_owned()
+    // Only ASCII was written: the check is a formality, and cheaper than the lossy one.
+    std::str::from_utf8(&out)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -392,6 +450,27 @@ mod tests {
     }
 
     #[test]
+    fn hex_reads_as_the_sdk_reads_it() {
+        let tp = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(
+            hex_bytes::<16>(tp).map(TraceId::from_bytes),
+            TraceId::from_hex(tp).ok()
+        );
+        assert_eq!(
+            hex_bytes::<8>("00F067AA0BA902B7").map(SpanId::from_bytes),
+            SpanId::from_hex("00f067aa0ba902b7").ok()
+        );
+        for bad in [
+            "00f067aa0ba902b",
+            "00f067aa0ba902b7a",
+            "00f067aa0ba902g7",
+            "+0f067aa0ba902b7",
+        ] {
+            assert_eq!(hex_bytes::<8>(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn samplers_follow_the_parent_or_the_trace_id() {
         let id = |low: u64| TraceId::from(u128::from(low));
         let parent_based = Sampling {
@@ -419,7 +498,7 @@ mod tests {
     #[test]
     fn without_export_a_span_hands_on_its_parent() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let span = Span::start(Kind::Server, Some(tp), || {
+        let span = Span::start(Kind::Server, Some(tp), || -> String {
             unreachable!("no export, no name")
         });
         assert_eq!(span.traceparent(), Some(tp));

@@ -5,7 +5,13 @@
 //!
 //! The load is `wrk --latency` with `TRELLIS_BENCH_CONNECTIONS` connections (default 32) on 2
 //! threads for `TRELLIS_BENCH_SECS` seconds (default 10) after a 2 s warm-up, on each side.
-//! Reports requests/s, p50 and p99 latency, and Trellis's requests/s as a ratio to wasmtime's.
+//! Reports requests/s, p50 and p99 latency, the CPU the whole machine spent per request, and
+//! Trellis's requests/s as a ratio to wasmtime's.
+//!
+//! With `TRELLIS_BENCH_TRACES=1` it measures what exporting traces costs instead: each Trellis
+//! side `TRELLIS_BENCH_ROUNDS` times (default 3) with export off and on in turn, every span
+//! posted to an OTLP/HTTP receiver in the bench's process that only counts what it gets, and
+//! reports the means (no `wasmtime serve` then).
 //!
 //! Run (needs `wrk` and wasmtime-cli 48.0.8, see `tests/benches/README.md`):
 //! `cargo build --release --bins && cargo bench --bench http`.
@@ -14,6 +20,7 @@
 use std::time::Duration;
 
 use trellis_tests::bench::{BenchLattice, HttpFigures, env_usize, wasmtime, wrk};
+use trellis_tests::otlp::OtlpReceiver;
 use trellis_tests::{Proc, components, free_port, http_request, wait_for};
 
 const WARM_UP: Duration = Duration::from_secs(2);
@@ -35,10 +42,11 @@ fn measure(name: &str, url: &str, connections: usize, secs: u64) -> HttpFigures 
     let _ = wrk(url, connections, 2, WARM_UP);
     let figures = wrk(url, connections, 2, Duration::from_secs(secs));
     println!(
-        "{name:<28} {:>10.0} req/s   p50 {:>8.2} ms   p99 {:>8.2} ms   ({} requests, {} errors)",
+        "{name:<36} {:>8.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   {:>5.1} µs CPU/req   ({} requests, {} errors)",
         figures.requests_per_sec,
         figures.p50.as_secs_f64() * 1e3,
         figures.p99.as_secs_f64() * 1e3,
+        figures.cpu_per_request.as_secs_f64() * 1e6,
         figures.requests,
         figures.errors,
     );
@@ -51,14 +59,29 @@ async fn main() {
     let connections = env_usize("TRELLIS_BENCH_CONNECTIONS", 32);
     let secs = env_usize("TRELLIS_BENCH_SECS", 10) as u64;
     let instances = env_usize("TRELLIS_BENCH_INSTANCES", 1);
-    let wasmtime = wasmtime();
     let (wasm, manifest) = components::example("http_hello");
     println!(
         "http-hello, {connections} connections, {secs} s per side, {instances} instance(s) on one host"
     );
+    let side = |embedded| Side {
+        wasm: &wasm,
+        manifest: &manifest,
+        instances,
+        embedded,
+        connections,
+        secs,
+    };
+    if std::env::var("TRELLIS_BENCH_TRACES").is_ok_and(|v| v == "1") {
+        let rounds = env_usize("TRELLIS_BENCH_ROUNDS", 3);
+        for embedded in [false, true] {
+            trace_overhead(&side(embedded), rounds).await;
+        }
+        return;
+    }
+    let wasmtime = wasmtime();
 
-    let trellis = trellis_side(&wasm, &manifest, instances, false, connections, secs).await;
-    let embedded = trellis_side(&wasm, &manifest, instances, true, connections, secs).await;
+    let trellis = trellis_side(&side(false), &[]).await;
+    let embedded = trellis_side(&side(true), &[]).await;
 
     let reference = {
         let address = format!("127.0.0.1:{}", free_port());
@@ -87,22 +110,88 @@ async fn main() {
     }
 }
 
-/// A lattice serving http-hello through `http-server`, as a process of its own (requests cross
-/// NATS to the host) or embedded in the host (requests are handed to the instances in process).
-async fn trellis_side(
-    wasm: &std::path::Path,
-    manifest: &std::path::Path,
+/// One Trellis side of the benchmark: what it serves, how, and the load it gets.
+#[derive(Clone, Copy)]
+struct Side<'a> {
+    wasm: &'a std::path::Path,
+    manifest: &'a std::path::Path,
     instances: usize,
+    /// `http-server` embedded in the host, or a process of its own.
     embedded: bool,
     connections: usize,
     secs: u64,
-) -> HttpFigures {
+}
+
+/// Measures one Trellis side `rounds` times with span export off and on in turn, every span
+/// posted to a receiver that only counts what it gets, and prints the changes.
+async fn trace_overhead(side: &Side<'_>, rounds: usize) {
+    let receiver = OtlpReceiver::start_counting().await;
+    let endpoint = receiver.endpoint();
+    let on = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
+    let (mut off_runs, mut on_runs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        for (env, runs) in [(&[][..], &mut off_runs), (&on[..], &mut on_runs)] {
+            runs.push(trellis_side(side, env).await);
+        }
+    }
+    let mean = |runs: &[HttpFigures], f: fn(&HttpFigures) -> f64| {
+        runs.iter().map(f).sum::<f64>() / runs.len() as f64
+    };
+    let rps = |f: &HttpFigures| f.requests_per_sec;
+    let cpu = |f: &HttpFigures| f.cpu_per_request.as_secs_f64() * 1e6;
+    let (off, on) = (mean(&off_runs, rps), mean(&on_runs, rps));
+    let (off_cpu, on_cpu) = (mean(&off_runs, cpu), mean(&on_runs, cpu));
+    // The machine's speed drifts over minutes: each run with export on is compared with the run
+    // just before it, and the median of those changes is the steadiest figure.
+    let median_change = |f: fn(&HttpFigures) -> f64| {
+        let mut changes: Vec<f64> = off_runs
+            .iter()
+            .zip(&on_runs)
+            .map(|(off, on)| (f(on) / f(off) - 1.0) * 100.0)
+            .collect();
+        changes.sort_by(f64::total_cmp);
+        let mid = changes.len() / 2;
+        if changes.len() % 2 == 1 {
+            changes[mid]
+        } else {
+            (changes[mid - 1] + changes[mid]) / 2.0
+        }
+    };
+    let (posts, bytes) = receiver.posts();
+    println!(
+        "{}, {rounds} pairs: export off {off:.0} req/s, {off_cpu:.1} µs CPU/req; \
+         on {on:.0} req/s, {on_cpu:.1} µs CPU/req (means); median change per pair: \
+         {:+.1} % req/s, {:+.1} % CPU/req; the receiver got {posts} posts, {:.1} MB",
+        if side.embedded {
+            "embedded"
+        } else {
+            "http-server process"
+        },
+        median_change(rps),
+        median_change(cpu),
+        bytes as f64 / 1e6,
+    );
+    assert!(posts > 0, "no span reached the receiver");
+}
+
+/// A lattice serving http-hello through `http-server`, as a process of its own (requests cross
+/// NATS to the host) or embedded in the host (requests are handed to the instances in process),
+/// its processes with `env`.
+async fn trellis_side(side: &Side<'_>, env: &[(&str, &str)]) -> HttpFigures {
+    let Side {
+        wasm,
+        manifest,
+        instances,
+        embedded,
+        connections,
+        secs,
+    } = *side;
     let (name, providers): (&str, &[&str]) = if embedded {
         ("bench-http-embedded", &[])
     } else {
         ("bench-http", &["http-server"])
     };
-    let lat = BenchLattice::up(name, providers).await;
+    let lat = BenchLattice::up_with_env(name, providers, env).await;
     if embedded {
         lat.cli(&["provider", "start", "http-server", "--embedded", "--wait"]);
     }
@@ -122,10 +211,11 @@ async fn trellis_side(
     }
     let url = format!("http://{address}/");
     wait_serving(&url).await;
-    let label = if embedded {
-        "trellis (embedded http-server)"
-    } else {
-        "trellis (http-server→NATS)"
+    let label = match (embedded, env.is_empty()) {
+        (true, true) => "trellis (embedded http-server)",
+        (false, true) => "trellis (http-server→NATS)",
+        (true, false) => "trellis (embedded, traced)",
+        (false, false) => "trellis (http-server→NATS, traced)",
     };
     measure(label, &url, connections, secs)
 }

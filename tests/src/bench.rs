@@ -96,7 +96,14 @@ impl std::fmt::Debug for BenchLattice {
 impl BenchLattice {
     /// Starts everything and waits until the host and the providers are up.
     pub async fn up(name: &str, providers: &[&str]) -> Self {
-        let nats = Nats::start().await;
+        Self::up_with_env(name, providers, &[]).await
+    }
+
+    /// Like [`up`](Self::up), with `env` in the environment of the controller, the host and
+    /// the providers (`OTEL_EXPORTER_OTLP_ENDPOINT`, say).
+    pub async fn up_with_env(name: &str, providers: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut nats = Nats::start().await;
+        nats.set_process_env(env);
         let l = crate::lattice(name);
         let mut procs = vec![nats.controller(&l, "c1", "30s"), nats.host(&l, "h1", &[])];
         for p in providers {
@@ -155,6 +162,32 @@ pub struct HttpFigures {
     pub requests: u64,
     /// Non-2xx/3xx responses plus socket errors (connect, read, write, timeout).
     pub errors: u64,
+    /// CPU time the whole machine spent per request while `wrk` ran (see [`machine_busy`]).
+    pub cpu_per_request: Duration,
+}
+
+/// CPU time the machine has spent busy since boot, on all its cores: user, system and interrupt
+/// time from `/proc/stat`, not idle, I/O wait or time the hypervisor gave to others. Over a
+/// load run, divided by the requests served, it is what one request costs every process on the
+/// machine together, a steadier figure than requests/s on a shared two-core machine.
+pub fn machine_busy() -> Duration {
+    // The first line: `cpu user nice system idle iowait irq softirq steal ...`, in USER_HZ
+    // (1/100 s on Linux, whatever the kernel's tick).
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .map(|cpu| {
+            cpu.split_whitespace()
+                .skip(1)
+                .take(7)
+                .enumerate()
+                .filter(|(i, _)| !matches!(i, 3 | 4))
+                .filter_map(|(_, t)| t.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
 }
 
 /// Runs `wrk --latency` against `url` with `connections` connections on `threads` threads for
@@ -164,6 +197,7 @@ pub struct HttpFigures {
 ///
 /// When `wrk` is not installed (`apt-get install wrk`) or prints nothing it can read.
 pub fn wrk(url: &str, connections: usize, threads: usize, duration: Duration) -> HttpFigures {
+    let busy = machine_busy();
     let out = Command::new("wrk")
         .args([
             "--latency",
@@ -183,7 +217,11 @@ pub fn wrk(url: &str, connections: usize, threads: usize, duration: Duration) ->
         "wrk failed: {text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    parse_wrk(&text).unwrap_or_else(|| panic!("cannot read wrk's output:\n{text}"))
+    let busy = machine_busy().saturating_sub(busy);
+    let mut figures =
+        parse_wrk(&text).unwrap_or_else(|| panic!("cannot read wrk's output:\n{text}"));
+    figures.cpu_per_request = busy / u32::try_from(figures.requests.max(1)).unwrap_or(u32::MAX);
+    figures
 }
 
 /// Reads the figures out of `wrk --latency`'s report.
@@ -218,6 +256,7 @@ pub fn parse_wrk(text: &str) -> Option<HttpFigures> {
         p99: p99?,
         requests: requests?,
         errors,
+        cpu_per_request: Duration::ZERO,
     })
 }
 

@@ -238,6 +238,8 @@ pub struct Nats {
     extra: Vec<String>,
     /// The URLs of the other members of its cluster, if it is in one.
     peers: Vec<String>,
+    /// Environment variables of the controllers, hosts and providers it starts.
+    process_env: Vec<(String, String)>,
 }
 
 impl Nats {
@@ -299,7 +301,28 @@ impl Nats {
             proc: None,
             extra,
             peers: Vec::new(),
+            process_env: Vec::new(),
         }
+    }
+
+    /// Gives every controller, host and provider started from now on these environment
+    /// variables (besides the test's own).
+    pub fn set_process_env(&mut self, env: &[(&str, &str)]) {
+        self.process_env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+    }
+
+    /// Starts one of the lattice's processes with [`set_process_env`](Self::set_process_env)'s
+    /// variables.
+    fn spawn(&self, name: &str, program: &Path, args: &[String]) -> Proc {
+        let env: Vec<(&str, &str)> = self
+            .process_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Proc::spawn_env(name, program, args, self.logs(), &env)
     }
 
     fn server_binary() -> PathBuf {
@@ -405,12 +428,7 @@ impl Nats {
             "--replica-id".into(),
             replica.into(),
         ];
-        Proc::spawn(
-            &format!("controller-{replica}"),
-            &bin("trellis"),
-            &args,
-            self.logs(),
-        )
+        self.spawn(&format!("controller-{replica}"), &bin("trellis"), &args)
     }
 
     /// Starts a host with a 200 ms heartbeat.
@@ -441,12 +459,7 @@ impl Nats {
             args.push((*l).into());
         }
         args.extend(extra.iter().map(|a| (*a).to_owned()));
-        Proc::spawn(
-            &format!("host-{host_id}"),
-            &bin("trellis-host"),
-            &args,
-            self.logs(),
-        )
+        self.spawn(&format!("host-{host_id}"), &bin("trellis-host"), &args)
     }
 
     /// Starts provider `trellis-provider-<name>` on `lattice` with extra `args` (`--provider-id`,
@@ -461,11 +474,10 @@ impl Nats {
         all.extend(args.iter().map(|a| (*a).to_owned()));
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Proc::spawn(
+        self.spawn(
             &format!("provider-{name}-{n}"),
             &bin(&format!("trellis-provider-{name}")),
             &all,
-            self.logs(),
         )
     }
 

@@ -1,8 +1,11 @@
 //! An OTLP/HTTP trace receiver for tests: accepts `POST /v1/traces` with the protobuf
 //! `ExportTraceServiceRequest` the OpenTelemetry exporters send, decodes it, and keeps every
-//! span with the `service.name` of the process that sent it.
+//! span with the `service.name` of the process that sent it; or, for benchmarks, only counts
+//! what it is sent ([`OtlpReceiver::start_counting`]), so that its own work on the machine's
+//! cores stays small beside the senders'.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -30,30 +33,60 @@ pub struct Received {
 pub struct OtlpReceiver {
     addr: SocketAddr,
     spans: Arc<Mutex<Vec<Received>>>,
+    counts: Arc<Counts>,
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What a receiver was sent.
+#[derive(Debug, Default)]
+struct Counts {
+    posts: AtomicU64,
+    bytes: AtomicU64,
+}
+
 impl OtlpReceiver {
-    /// Listens on a free loopback port.
+    /// Listens on a free loopback port, and decodes and keeps every span.
     pub async fn start() -> Self {
+        Self::listen(true).await
+    }
+
+    /// Listens on a free loopback port, and only counts the requests and bytes posted to
+    /// `/v1/traces` (see [`posts`](Self::posts)); keeps no span.
+    pub async fn start_counting() -> Self {
+        Self::listen(false).await
+    }
+
+    async fn listen(decode: bool) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let spans: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let counts: Arc<Counts> = Arc::default();
         let kept = Arc::clone(&spans);
+        let counted = Arc::clone(&counts);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 let kept = Arc::clone(&kept);
+                let counted = Arc::clone(&counted);
                 tokio::spawn(async move {
                     let service =
                         service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                             let kept = Arc::clone(&kept);
+                            let counted = Arc::clone(&counted);
                             async move {
                                 let path = request.uri().path().to_owned();
                                 let body = request.into_body().collect().await?.to_bytes();
-                                let status = if path == "/v1/traces" {
+                                let status = if path != "/v1/traces" {
+                                    404
+                                } else if !decode {
+                                    counted.posts.fetch_add(1, Ordering::Relaxed);
+                                    counted
+                                        .bytes
+                                        .fetch_add(body.len() as u64, Ordering::Relaxed);
+                                    200
+                                } else {
                                     match ExportTraceServiceRequest::decode(body) {
                                         Ok(export) => {
                                             keep(&kept, export);
@@ -61,8 +94,6 @@ impl OtlpReceiver {
                                         }
                                         Err(_) => 400,
                                     }
-                                } else {
-                                    404
                                 };
                                 let reply = ExportTraceServiceResponse::default().encode_to_vec();
                                 let mut response =
@@ -84,7 +115,20 @@ impl OtlpReceiver {
                 });
             }
         });
-        Self { addr, spans, task }
+        Self {
+            addr,
+            spans,
+            counts,
+            task,
+        }
+    }
+
+    /// Requests and bytes posted to a counting receiver so far.
+    pub fn posts(&self) -> (u64, u64) {
+        (
+            self.counts.posts.load(Ordering::Relaxed),
+            self.counts.bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// The endpoint to give exporters (`OTEL_EXPORTER_OTLP_ENDPOINT`).

@@ -1,23 +1,23 @@
-//! The OTLP/HTTP exporter for spans: each batch is written straight into the protobuf bytes
-//! of one `ExportTraceServiceRequest` and posted to the receiver.
+//! The OTLP/HTTP export of spans: each span is written into its protobuf bytes when it ends,
+//! and the export thread posts them in batches as `ExportTraceServiceRequest`s.
 //!
-//! The generic exporter of `opentelemetry-otlp` first copies every span into the generated
-//! protobuf types (a string allocated per attribute) and encodes those; on a host that serves
-//! tens of thousands of invocations a second, that copy was most of what exporting cost. This one
-//! reads the SDK's [`SpanData`] and writes the wire format directly into one buffer reused from
-//! batch to batch. It speaks what the default settings ask for, protobuf over HTTP;
-//! [`Settings::from_env`] says when another protocol or compression is asked for, and the
-//! caller then uses the generic exporter instead.
+//! The generic path (the SDK's batch processor and `opentelemetry-otlp`'s exporter) moves every
+//! span through a channel to another thread, copies it into the generated protobuf types (a
+//! string allocated per attribute), encodes those and drops both there; on a host that serves
+//! tens of thousands of invocations a second, that was most of what a span cost. [`Batcher`]
+//! writes the wire format from the SDK's [`SpanData`] on the thread that ends the span, into a
+//! buffer the export thread takes whole. It speaks what the default settings ask for, protobuf
+//! over HTTP; [`Settings::from_env`] says when another protocol or compression is asked for,
+//! and the caller then uses the generic path instead.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use opentelemetry::trace::{SpanKind, Status};
-use opentelemetry::{Array, KeyValue, Value};
+use opentelemetry::{Array, InstrumentationScope, KeyValue, Value};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use opentelemetry_sdk::trace::SpanData;
 
 use crate::connect::percent_decode;
 
@@ -93,94 +93,378 @@ impl Settings {
     }
 }
 
-/// Posts batches of spans as OTLP/HTTP protobuf.
-#[derive(Debug)]
-pub(super) struct Exporter {
-    settings: Settings,
-    /// The resource, encoded once as the `Resource` message's fields, and its schema URL.
-    resource: (Vec<u8>, String),
-    /// The HTTP client, made on the export thread at its first batch: reqwest's blocking client
-    /// must be neither made nor dropped on an async runtime's thread, which `init` may run on.
-    client: Mutex<Option<reqwest::blocking::Client>>,
-    /// The size of the last request, to allocate the next one at once.
-    last_size: AtomicUsize,
-    shut: AtomicBool,
+/// Batching limits, from the standard `OTEL_BSP_*` variables with the specification's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Limits {
+    /// Spans waiting at most (`OTEL_BSP_MAX_QUEUE_SIZE`, 2048); more are dropped.
+    pub max_queue: usize,
+    /// Spans per request at most (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, 512, at most the queue).
+    pub max_batch: usize,
+    /// How long a span waits at most before it is posted (`OTEL_BSP_SCHEDULE_DELAY`, 5 s).
+    pub delay: Duration,
+    /// How long one post may take (`OTEL_BSP_EXPORT_TIMEOUT`, 30 s; the exporter's own
+    /// timeout, when shorter, wins).
+    pub export_timeout: Duration,
 }
 
-impl Exporter {
-    /// An exporter posting to what `settings` say.
-    pub fn new(settings: Settings) -> Self {
+impl Limits {
+    /// The limits the environment gives.
+    pub fn from_env() -> Self {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Self {
+        let number = |name: &str, default: u64| {
+            var(name)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or(default)
+        };
+        let size =
+            |name: &str, default: u64| usize::try_from(number(name, default)).unwrap_or(usize::MAX);
+        let max_queue = size("OTEL_BSP_MAX_QUEUE_SIZE", 2048);
         Self {
-            settings,
-            resource: (Vec::new(), String::new()),
-            client: Mutex::new(None),
-            last_size: AtomicUsize::new(0),
-            shut: AtomicBool::new(false),
+            max_queue,
+            max_batch: size("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512).min(max_queue),
+            delay: Duration::from_millis(number("OTEL_BSP_SCHEDULE_DELAY", 5000)),
+            export_timeout: Duration::from_millis(number("OTEL_BSP_EXPORT_TIMEOUT", 30_000)),
+        }
+    }
+}
+
+/// Spans written out as they end, waiting for the export thread.
+#[derive(Debug, Default)]
+struct Queue {
+    /// `Span` messages, each with its field key and length, back to back.
+    bytes: Vec<u8>,
+    /// Where each span's message ends in `bytes`.
+    ends: Vec<usize>,
+    /// Whether the process is stopping: post what is left and end.
+    shut: bool,
+}
+
+/// What the export thread and the threads that end spans share.
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Signalled when a batch is full or the process stops.
+    ready: Condvar,
+    limits: Limits,
+    /// Spans dropped because the queue was full.
+    dropped: AtomicU64,
+}
+
+/// Batches spans and posts them as OTLP/HTTP protobuf, in place of the SDK's batch processor
+/// and exporter.
+///
+/// A span is written into its protobuf bytes on the thread that ends it, straight from its
+/// [`SpanData`], and appended to a shared buffer under a lock held for one copy; the export
+/// thread takes the buffer when a batch is full or the schedule delay has passed, puts the
+/// request's few enclosing fields in front and posts it. Nothing is allocated per span besides
+/// the span itself, and no span crosses a channel: the SDK's processor moved each span through
+/// one and the exporter then read and dropped it on another thread, which cost more than making
+/// it.
+#[derive(Debug)]
+pub(super) struct Batcher {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Batcher {
+    /// Starts the export thread, posting what `settings` say as spans of `resource` and `scope`.
+    ///
+    /// # Errors
+    ///
+    /// An endpoint or header that is not valid, or a thread that cannot be started.
+    pub fn start(
+        settings: Settings,
+        limits: Limits,
+        resource: &Resource,
+        scope: &InstrumentationScope,
+    ) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            ready: Condvar::new(),
+            limits,
+            dropped: AtomicU64::new(0),
+        });
+        let envelope = Envelope::new(resource, scope);
+        let poster = Poster::new(&settings, settings.timeout.min(limits.export_timeout))
+            .map_err(std::io::Error::other)?;
+        let thread = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("trellis-otlp".into())
+                .spawn(move || export_loop(&shared, &envelope, poster))?
+        };
+        Ok(Self {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues a span that ended (dropped when the queue is full).
+    pub fn push(&self, span: &SpanData) {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.clear();
+            span_fields(scratch, span);
+            let limits = &self.shared.limits;
+            let mut queue = self.shared.lock();
+            if queue.ends.len() >= limits.max_queue || queue.shut {
+                drop(queue);
+                if self.shared.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        max_queue = limits.max_queue,
+                        "spans are ended faster than they are exported: dropping spans \
+                         (OTEL_BSP_MAX_QUEUE_SIZE)"
+                    );
+                }
+                return;
+            }
+            key(&mut queue.bytes, 2, LEN);
+            varint(&mut queue.bytes, scratch.len() as u64);
+            queue.bytes.extend_from_slice(scratch);
+            let end = queue.bytes.len();
+            queue.ends.push(end);
+            let full = queue.ends.len() == limits.max_batch;
+            drop(queue);
+            if full {
+                self.shared.ready.notify_one();
+            }
+        });
+    }
+
+    /// Posts what is queued and stops the export thread; waits for it.
+    pub fn shutdown(&self) {
+        self.shared.lock().shut = true;
+        self.shared.ready.notify_one();
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The export thread: waits for a full batch, the schedule delay or the end, then posts what
+/// is queued, a batch per request. Waking for a full batch, it posts whole batches only and
+/// keeps the rest for the next request, so that a span or two ended during the last post does
+/// not make a request of its own.
+fn export_loop(shared: &Shared, envelope: &Envelope, mut poster: Poster) {
+    let limits = shared.limits;
+    // Spans taken from the queue and not posted yet: their bytes and where each ends.
+    let mut bytes = Vec::new();
+    let mut ends: Vec<usize> = Vec::new();
+    // The size of the last request, to allocate the next one at once.
+    let mut last_size = 0;
+    loop {
+        let (shut, due) = {
+            let mut queue = shared.lock();
+            let deadline = std::time::Instant::now() + limits.delay;
+            let mut due = false;
+            while ends.len() + queue.ends.len() < limits.max_batch && !queue.shut {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    due = true;
+                    break;
+                }
+                queue = shared
+                    .ready
+                    .wait_timeout(queue, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            if bytes.is_empty() {
+                // The common case: the buffers change hands, nothing is copied.
+                std::mem::swap(&mut queue.bytes, &mut bytes);
+                std::mem::swap(&mut queue.ends, &mut ends);
+            } else {
+                let base = bytes.len();
+                bytes.extend_from_slice(&queue.bytes);
+                ends.extend(queue.ends.iter().map(|end| base + end));
+                queue.bytes.clear();
+                queue.ends.clear();
+            }
+            (queue.shut, due)
+        };
+        let whole = if shut || due {
+            ends.len()
+        } else {
+            ends.len() - ends.len() % limits.max_batch
+        };
+        let mut start = 0;
+        for batch in ends[..whole].chunks(limits.max_batch) {
+            let Some(&end) = batch.last() else { continue };
+            let mut body = Vec::with_capacity(last_size);
+            envelope.request(&mut body, &bytes[start..end]);
+            last_size = body.len();
+            poster.post(body);
+            start = end;
+        }
+        // What is left moves to the front, for the next request.
+        bytes.drain(..start);
+        ends.drain(..whole);
+        ends.iter_mut().for_each(|end| *end -= start);
+        if shut {
+            return;
+        }
+    }
+}
+
+/// Posts requests to the receiver, with reqwest's client on a runtime of the export thread's
+/// own (the blocking client would hand each request to a thread of its own and back).
+struct Poster {
+    runtime: tokio::runtime::Runtime,
+    client: reqwest::Client,
+    url: reqwest::Url,
+    headers: reqwest::header::HeaderMap,
+    /// Whether the last post failed (a failure is logged when posting starts to fail).
+    failing: bool,
+}
+
+impl Poster {
+    /// A poster for `settings`, with a timeout of `timeout` per request.
+    fn new(settings: &Settings, timeout: Duration) -> Result<Self, String> {
+        let url = reqwest::Url::parse(&settings.endpoint)
+            .map_err(|e| format!("the OTLP endpoint {:?}: {e}", settings.endpoint))?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::CONTENT_TYPE,
+            reqwest::header::HeaderValue::from_static("application/x-protobuf"),
+        );
+        for (name, value) in &settings.headers {
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| format!("the OTLP header {name:?}: {e}"))?;
+            let value = reqwest::header::HeaderValue::from_str(value)
+                .map_err(|e| format!("the value of the OTLP header {name}: {e}"))?;
+            headers.append(name, value);
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            runtime,
+            client,
+            url,
+            headers,
+            failing: false,
+        })
+    }
+
+    fn post(&mut self, body: Vec<u8>) {
+        let request = self
+            .client
+            .post(self.url.clone())
+            .headers(self.headers.clone())
+            .body(body);
+        match self.runtime.block_on(Self::send(request)) {
+            Ok(()) => self.failing = false,
+            Err(e) => {
+                if !std::mem::replace(&mut self.failing, true) {
+                    tracing::warn!(endpoint = %self.url, error = %e, "cannot export spans");
+                }
+            }
         }
     }
 
-    /// Posts one encoded request.
-    fn post(&self, body: Vec<u8>) -> OTelSdkResult {
-        let mut client = self
-            .client
-            .lock()
-            .map_err(|_| OTelSdkError::InternalFailure("exporter lock poisoned".into()))?;
-        let client = match &mut *client {
-            Some(client) => client,
-            none => none.insert(
-                reqwest::blocking::Client::builder()
-                    .timeout(self.settings.timeout)
-                    .build()
-                    .map_err(|e| OTelSdkError::InternalFailure(e.to_string()))?,
-            ),
-        };
-        let mut request = client
-            .post(&self.settings.endpoint)
-            .header("content-type", "application/x-protobuf");
-        for (name, value) in &self.settings.headers {
-            request = request.header(name.as_str(), value.as_str());
-        }
+    async fn send(request: reqwest::RequestBuilder) -> Result<(), String> {
         let response = request
-            .body(body)
             .send()
-            .map_err(|e| OTelSdkError::InternalFailure(format!("posting spans: {e}")))?;
+            .await
+            .map_err(|e| format!("posting spans: {e}"))?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
         }
-        let text = response.text().unwrap_or_default();
-        Err(OTelSdkError::InternalFailure(format!(
+        let text = response.text().await.unwrap_or_default();
+        Err(format!(
             "the OTLP receiver answered {status}: {}",
             text.chars().take(200).collect::<String>()
-        )))
+        ))
     }
 }
 
-impl SpanExporter for Exporter {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        if self.shut.load(Ordering::Relaxed) {
-            return Err(OTelSdkError::AlreadyShutdown);
-        }
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let mut body = Vec::with_capacity(self.last_size.load(Ordering::Relaxed));
-        encode_request(&mut body, &self.resource, &batch);
-        self.last_size.store(body.len(), Ordering::Relaxed);
-        self.post(body)
+/// The fields of a request around its spans, encoded once: the resource and the
+/// instrumentation scope every span of this process shares.
+#[derive(Debug)]
+struct Envelope {
+    /// `ResourceSpans.resource`, with its key and length.
+    resource: Vec<u8>,
+    /// `ResourceSpans.schema_url`, with its key (empty when there is none).
+    resource_schema: Vec<u8>,
+    /// `ScopeSpans.scope`, with its key and length.
+    scope: Vec<u8>,
+    /// `ScopeSpans.schema_url`, with its key (empty when there is none).
+    scope_schema: Vec<u8>,
+}
+
+impl Envelope {
+    fn new(resource: &Resource, scope: &InstrumentationScope) -> Self {
+        let mut fields = Self {
+            resource: Vec::new(),
+            resource_schema: Vec::new(),
+            scope: Vec::new(),
+            scope_schema: Vec::new(),
+        };
+        message(&mut fields.resource, 1, |out| {
+            for (key, value) in resource.iter() {
+                message(out, 1, |out| key_value(out, key.as_str(), value));
+            }
+        });
+        string(
+            &mut fields.resource_schema,
+            3,
+            resource.schema_url().unwrap_or_default(),
+        );
+        message(&mut fields.scope, 1, |out| {
+            string(out, 1, scope.name());
+            string(out, 2, scope.version().unwrap_or_default());
+            attributes(out, 3, scope.attributes());
+        });
+        string(
+            &mut fields.scope_schema,
+            3,
+            scope.schema_url().unwrap_or_default(),
+        );
+        fields
     }
 
-    fn shutdown_with_timeout(&mut self, _timeout: Duration) -> OTelSdkResult {
-        self.shut.store(true, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        let mut out = Vec::new();
-        for (key, value) in resource.iter() {
-            message(&mut out, 1, |out| key_value(out, key.as_str(), value));
-        }
-        self.resource = (out, resource.schema_url().unwrap_or_default().to_owned());
+    /// An `ExportTraceServiceRequest` of `spans` (`Span` messages with their keys, as
+    /// [`Batcher::push`] writes them), written into `out`.
+    fn request(&self, out: &mut Vec<u8>, spans: &[u8]) {
+        let scope_spans = self.scope.len() + spans.len() + self.scope_schema.len();
+        let resource_spans = self.resource.len()
+            + 1
+            + varint_len(scope_spans as u64)
+            + scope_spans
+            + self.resource_schema.len();
+        out.reserve(1 + varint_len(resource_spans as u64) + resource_spans);
+        key(out, 1, LEN);
+        varint(out, resource_spans as u64);
+        out.extend_from_slice(&self.resource);
+        key(out, 2, LEN);
+        varint(out, scope_spans as u64);
+        out.extend_from_slice(&self.scope);
+        out.extend_from_slice(spans);
+        out.extend_from_slice(&self.scope_schema);
+        out.extend_from_slice(&self.resource_schema);
     }
 }
 
@@ -196,12 +480,27 @@ const LEN: u32 = 2;
 /// Wire type of 32-bit fixed-width values.
 const FIXED32: u32 = 5;
 
-fn varint(out: &mut Vec<u8>, mut v: u64) {
+/// The bytes of `v` as a varint, and how many there are.
+fn varint_bytes(mut v: u64) -> ([u8; 10], usize) {
+    let mut bytes = [0; 10];
+    let mut n = 0;
     while v >= 0x80 {
-        out.push((v as u8) | 0x80);
+        bytes[n] = (v as u8) | 0x80;
         v >>= 7;
+        n += 1;
     }
-    out.push(v as u8);
+    bytes[n] = v as u8;
+    (bytes, n + 1)
+}
+
+fn varint(out: &mut Vec<u8>, v: u64) {
+    let (bytes, n) = varint_bytes(v);
+    out.extend_from_slice(&bytes[..n]);
+}
+
+/// How many bytes [`varint`] writes for `v`.
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 fn key(out: &mut Vec<u8>, field: u32, wire: u32) {
@@ -250,9 +549,8 @@ fn message(out: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
     if len < 0x80 {
         out[at] = len as u8;
     } else {
-        let mut prefix = Vec::with_capacity(10);
-        varint(&mut prefix, len as u64);
-        out.splice(at..=at, prefix);
+        let (prefix, n) = varint_bytes(len as u64);
+        out.splice(at..=at, prefix[..n].iter().copied());
     }
 }
 
@@ -320,7 +618,7 @@ fn span_flags(trace_flags: u8, parent_is_remote: bool) -> u32 {
 }
 
 /// A `Span` message's fields.
-fn span(out: &mut Vec<u8>, span: &SpanData) {
+fn span_fields(out: &mut Vec<u8>, span: &SpanData) {
     let context = &span.span_context;
     bytes_field(out, 1, &context.trace_id().to_bytes());
     bytes_field(out, 2, &context.span_id().to_bytes());
@@ -384,33 +682,9 @@ fn span(out: &mut Vec<u8>, span: &SpanData) {
     );
 }
 
-/// An `ExportTraceServiceRequest` holding `batch`, from `resource` (its encoded fields and its
-/// schema URL); one `ScopeSpans` per run of spans from the same instrumentation scope.
-fn encode_request(out: &mut Vec<u8>, resource: &(Vec<u8>, String), batch: &[SpanData]) {
-    message(out, 1, |out| {
-        message(out, 1, |out| out.extend_from_slice(&resource.0));
-        for run in batch.chunk_by(|a, b| a.instrumentation_scope == b.instrumentation_scope) {
-            let scope = &run[0].instrumentation_scope;
-            message(out, 2, |out| {
-                message(out, 1, |out| {
-                    string(out, 1, scope.name());
-                    string(out, 2, scope.version().unwrap_or_default());
-                    attributes(out, 3, scope.attributes());
-                });
-                for s in run {
-                    message(out, 2, |out| span(out, s));
-                }
-                string(out, 3, scope.schema_url().unwrap_or_default());
-            });
-        }
-        string(out, 3, &resource.1);
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::InstrumentationScope;
     use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::any_value;
@@ -446,23 +720,23 @@ mod tests {
             events: Default::default(),
             links: Default::default(),
             status,
-            instrumentation_scope: InstrumentationScope::builder("trellis")
-                .with_version("1.2.3")
-                .build(),
+            instrumentation_scope: scope(),
         }
+    }
+
+    fn scope() -> InstrumentationScope {
+        InstrumentationScope::builder("trellis")
+            .with_version("1.2.3")
+            .build()
     }
 
     #[test]
     fn a_batch_decodes_as_the_protobuf_of_the_specification() {
-        let mut exporter = Exporter::new(Settings {
-            endpoint: String::new(),
-            headers: Vec::new(),
-            timeout: DEFAULT_TIMEOUT,
-        });
-        exporter.set_resource(
+        let envelope = Envelope::new(
             &Resource::builder_empty()
                 .with_service_name("trellis-host")
                 .build(),
+            &scope(),
         );
         let batch = vec![
             span_data("invoke hello greet", SpanId::INVALID, Status::Unset),
@@ -472,8 +746,12 @@ mod tests {
                 Status::error("trap: unreachable"),
             ),
         ];
+        let mut spans = Vec::new();
+        for span in &batch {
+            message(&mut spans, 2, |out| span_fields(out, span));
+        }
         let mut out = Vec::new();
-        encode_request(&mut out, &exporter.resource, &batch);
+        envelope.request(&mut out, &spans);
         let request = ExportTraceServiceRequest::decode(out.as_slice()).expect("decodes");
         assert_eq!(request.resource_spans.len(), 1);
         let rs = &request.resource_spans[0];
@@ -542,6 +820,150 @@ mod tests {
         let status = child.status.as_ref().expect("status");
         assert_eq!(status.code, StatusCode::Error as i32);
         assert_eq!(status.message, "trap: unreachable");
+    }
+
+    /// Reads HTTP/1.1 requests on one connection after another and answers each 200; sends
+    /// each body on.
+    fn receiver() -> (String, std::sync::mpsc::Receiver<Vec<u8>>) {
+        use std::io::{BufRead as _, Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+        let url = format!("http://{}/v1/traces", listener.local_addr().expect("addr"));
+        let (bodies, received) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+                loop {
+                    let mut length = 0;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            break;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':')
+                            && name.eq_ignore_ascii_case("content-length")
+                        {
+                            length = value.trim().parse().expect("length");
+                        }
+                    }
+                    if line != "\r\n" {
+                        break;
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).expect("body");
+                    let _ = bodies.send(body);
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                }
+            }
+        });
+        (url, received)
+    }
+
+    /// Every span pushed is posted (at most a batch per request) or counted as dropped when the
+    /// queue is full; shutting down posts what is left.
+    #[test]
+    fn the_batcher_posts_every_span_it_queues_a_batch_at_a_time() {
+        let (endpoint, bodies) = receiver();
+        let limits = Limits {
+            max_queue: 4,
+            max_batch: 2,
+            delay: Duration::from_secs(3600),
+            export_timeout: Duration::from_secs(10),
+        };
+        let settings = Settings {
+            endpoint,
+            headers: Vec::new(),
+            timeout: DEFAULT_TIMEOUT,
+        };
+        let resource = Resource::builder_empty().with_service_name("test").build();
+        let batcher = Batcher::start(settings, limits, &resource, &scope()).expect("starts");
+        for i in 0..9 {
+            batcher.push(&span_data(
+                &format!("span {i}"),
+                SpanId::INVALID,
+                Status::Unset,
+            ));
+        }
+        batcher.shutdown();
+        let mut names = Vec::new();
+        for body in bodies.try_iter() {
+            let request = ExportTraceServiceRequest::decode(body.as_slice()).expect("decodes");
+            let spans = &request.resource_spans[0].scope_spans[0].spans;
+            assert!(
+                (1..=2).contains(&spans.len()),
+                "{} spans in one request",
+                spans.len()
+            );
+            names.extend(spans.iter().map(|s| s.name.clone()));
+        }
+        let dropped = batcher.shared.dropped.load(Ordering::Relaxed);
+        assert_eq!(
+            names.len() as u64 + dropped,
+            9,
+            "{names:?}, {dropped} dropped"
+        );
+        assert!(
+            names.len() >= 4,
+            "at least a full queue is posted: {names:?}"
+        );
+        let mut sorted = names.clone();
+        sorted.sort_by_key(|n| n[5..].parse::<u32>().expect("number"));
+        assert_eq!(names, sorted, "posted in the order they ended");
+        // After shutdown a span is dropped, not queued.
+        batcher.push(&span_data("late", SpanId::INVALID, Status::Unset));
+        assert_eq!(batcher.shared.dropped.load(Ordering::Relaxed), dropped + 1);
+    }
+
+    #[test]
+    fn batching_limits_follow_the_standard_variables() {
+        let none = Limits::from_lookup(|_| None);
+        assert_eq!(
+            none,
+            Limits {
+                max_queue: 2048,
+                max_batch: 512,
+                delay: Duration::from_secs(5),
+                export_timeout: Duration::from_secs(30),
+            }
+        );
+        let set = Limits::from_lookup(|name| {
+            Some(
+                match name {
+                    "OTEL_BSP_MAX_QUEUE_SIZE" => "100",
+                    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE" => "500",
+                    "OTEL_BSP_SCHEDULE_DELAY" => "250",
+                    "OTEL_BSP_EXPORT_TIMEOUT" => "zero",
+                    _ => return None,
+                }
+                .to_owned(),
+            )
+        });
+        assert_eq!(set.max_queue, 100);
+        assert_eq!(set.max_batch, 100, "a batch is never larger than the queue");
+        assert_eq!(set.delay, Duration::from_millis(250));
+        assert_eq!(set.export_timeout, Duration::from_secs(30), "not a number");
+    }
+
+    #[test]
+    fn varint_lengths_are_what_varint_writes() {
+        for v in [
+            0,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut out = Vec::new();
+            varint(&mut out, v);
+            assert_eq!(varint_len(v), out.len(), "{v}");
+        }
     }
 
     fn hex(s: &str) -> Vec<u8> {

@@ -300,6 +300,7 @@ async fn reconcile(
                 &assignment.target,
                 Op::Http,
             )),
+            label: Arc::from(assignment.target.describe()),
             target: assignment.target.clone(),
             lattice: ctx.lattice.clone(),
             known: Arc::clone(known),
@@ -375,11 +376,24 @@ struct Target {
     /// The subject of the target: any instance of the component, or the one instance.
     subject: Subject,
     target: AssignmentTarget,
+    /// What the target is, for the spans of its requests (made once, shared by each).
+    label: Arc<str>,
     lattice: trellis_schemas::Lattice,
     known: Arc<KnownComponents>,
     /// The weights of rollouts in progress, which pick a version per request.
     routes: RouteTable,
     local: Option<Arc<dyn LocalTargets>>,
+}
+
+/// A request method's name, shared for the standard methods rather than copied per request.
+fn method_name(method: &hyper::Method) -> std::borrow::Cow<'static, str> {
+    const STANDARD: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    match STANDARD.iter().find(|name| **name == method.as_str()) {
+        Some(name) => std::borrow::Cow::Borrowed(name),
+        None => std::borrow::Cow::Owned(method.as_str().to_owned()),
+    }
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -494,11 +508,12 @@ impl Target {
             .headers
             .get(dataplane::headers::TRACEPARENT)
             .and_then(|v| v.to_str().ok());
-        let mut span = Span::start(Kind::Server, incoming, || parts.method.as_str().to_owned());
+        let method = method_name(&parts.method);
+        let mut span = Span::start(Kind::Server, incoming, || method.clone());
         if span.recording() {
-            span.set("http.request.method", parts.method.as_str().to_owned());
+            span.set("http.request.method", method);
             span.set("url.path", parts.uri.path().to_owned());
-            span.set(dataplane::span_attributes::TARGET, self.target.describe());
+            span.set(dataplane::span_attributes::TARGET, Arc::clone(&self.label));
         }
         let mut head = RequestHead::of(&parts);
         // The component's invocation is a child of this request's span.
