@@ -327,9 +327,9 @@ fn export_loop(shared: &Shared, envelope: &Envelope, mut poster: Poster) {
 /// own (the blocking client would hand each request to a thread of its own and back).
 struct Poster {
     runtime: tokio::runtime::Runtime,
+    /// Sends the content type and `OTEL_EXPORTER_OTLP_HEADERS` with every request.
     client: reqwest::Client,
     url: reqwest::Url,
-    headers: reqwest::header::HeaderMap,
     /// Whether the last post failed (a failure is logged when posting starts to fail).
     failing: bool,
 }
@@ -357,23 +357,19 @@ impl Poster {
             .map_err(|e| e.to_string())?;
         let client = reqwest::Client::builder()
             .timeout(timeout)
+            .default_headers(headers)
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Self {
             runtime,
             client,
             url,
-            headers,
             failing: false,
         })
     }
 
     fn post(&mut self, body: Vec<u8>) {
-        let request = self
-            .client
-            .post(self.url.clone())
-            .headers(self.headers.clone())
-            .body(body);
+        let request = self.client.post(self.url.clone()).body(body);
         match self.runtime.block_on(Self::send(request)) {
             Ok(()) => self.failing = false,
             Err(e) => {
