@@ -13,7 +13,10 @@
 //!    each instance's own subject;
 //! 3. calls/s from `TRELLIS_BENCH_CALLERS` concurrent callers (default 16) for
 //!    `TRELLIS_BENCH_SECS` seconds (default 5) on each;
-//! 4. the resident memory of one idle micro-VM (its QEMU process).
+//! 4. the round trip of as many sequential calls of an export the component lacks, which the
+//!    runtime refuses before it takes or makes an instance: what a call costs besides the
+//!    guest's instantiation and code (for a micro-VM, the channel and the agent's dispatch);
+//! 5. the resident memory of one idle micro-VM and the CPU it uses (its QEMU process).
 //!
 //! Run: `cargo build --release --bins && cargo bench --bench microvm`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
@@ -21,16 +24,18 @@
 use std::time::{Duration, Instant};
 
 use trellis_bus::dataplane as codec;
-use trellis_schemas::dataplane::{self, Op};
+use trellis_schemas::dataplane::{self, ErrorCode, Op};
 use trellis_schemas::{InstanceId, Lattice};
 use trellis_tests::bench::{call_load, env_usize, quantile};
 use trellis_tests::{Nats, components, microvm};
 
-/// Sequential calls of `greet` on `instance`: p50 and p99.
+/// Sequential calls of `export` on `instance`: p50 and p99. `greet` must answer; an export the
+/// component lacks must be refused as such.
 async fn latency(
     client: &async_nats::Client,
     l: &Lattice,
     instance: &str,
+    export: &str,
     n: usize,
 ) -> (Duration, Duration) {
     let subject = dataplane::instance(l, &InstanceId::new(instance).unwrap(), Op::Call);
@@ -40,13 +45,16 @@ async fn latency(
         let reply = codec::request(
             client,
             subject.clone(),
-            codec::call_headers("greet"),
+            codec::call_headers(export),
             "[\"bench\"]".into(),
             Duration::from_secs(30),
         )
         .await
         .unwrap();
-        codec::read_reply(&reply).unwrap();
+        match codec::read_reply(&reply) {
+            Err(e) if export != "greet" => assert_eq!(e.code, ErrorCode::UnknownExport, "{e:?}"),
+            answer => answer.unwrap(),
+        }
         times.push(sent.elapsed());
     }
     (quantile(&mut times, 0.5), quantile(&mut times, 0.99))
@@ -82,26 +90,56 @@ fn list(times: &[Duration]) -> String {
         .join(", ")
 }
 
-/// The resident memory of the QEMU process of `instance`'s micro-VM, in MiB.
-fn vm_rss_mib(instance: &str) -> Option<f64> {
+/// The `/proc` directory of the QEMU process of `instance`'s micro-VM.
+fn vm_process(instance: &str) -> Option<std::path::PathBuf> {
     let name = format!("trellis-vm-{instance}");
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&name) {
-            let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
-            let kib: f64 = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))?
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .ok()?;
-            return Some(kib / 1024.0);
-        }
-    }
-    None
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline)
+                .contains(&name)
+                .then(|| entry.path())
+        })
 }
+
+/// The resident memory of a process, in MiB.
+fn rss_mib(process: &std::path::Path) -> Option<f64> {
+    let status = std::fs::read_to_string(process.join("status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The CPU time a process has used (user and system), in clock ticks (USER_HZ).
+fn cpu_ticks(process: &std::path::Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(process.join("stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// The share of one host core a process uses over `window`.
+async fn cpu_share(process: &std::path::Path, window: Duration) -> Option<f64> {
+    // `/proc` counts in USER_HZ, which Linux fixes at 100 on x86.
+    let ticks_per_second = 100.0;
+    let before = cpu_ticks(process)?;
+    tokio::time::sleep(window).await;
+    let used = cpu_ticks(process)? - before;
+    Some(used as f64 / ticks_per_second / window.as_secs_f64())
+}
+
+/// An export `hello` lacks. The runtime refuses a call of it when it looks the export up, before
+/// any instance is taken or made: its round trip is the path's own cost (NATS and the host, and
+/// for a micro-VM the channel and the agent), without the guest's instantiation and code.
+const MISSING: &str = "bench:missing/none#nothing";
 
 #[tokio::main]
 async fn main() {
@@ -154,9 +192,17 @@ async fn main() {
         list(&vm_starts),
         list(&warm_starts)
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    if let Some(rss) = vm_rss_mib(&vm) {
-        println!("idle micro-VM ({accel}): {rss:.0} MiB resident (QEMU process)");
+    // Past the second after which an idle runtime's epoch ticker sleeps.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if let Some(process) = vm_process(&vm) {
+        let rss = rss_mib(&process).unwrap_or(f64::NAN);
+        let cpu = cpu_share(&process, Duration::from_secs(10))
+            .await
+            .unwrap_or(f64::NAN);
+        println!(
+            "idle micro-VM ({accel}): {rss:.0} MiB resident, {:.1} % of a core over 10 s (QEMU process)",
+            cpu * 100.0
+        );
     }
 
     let client = nats.client().await;
@@ -164,11 +210,12 @@ async fn main() {
         ("in process", &local),
         (&format!("micro-VM ({accel})") as &str, &vm),
     ] {
-        latency(&client, &l, id, 200).await;
-        let (p50, p99) = latency(&client, &l, id, calls).await;
+        latency(&client, &l, id, "greet", 200).await;
+        let (p50, p99) = latency(&client, &l, id, "greet", calls).await;
         let (rate, failed) = throughput(&client, &l, id, callers, secs).await;
+        let (trip, _) = latency(&client, &l, id, MISSING, calls).await;
         println!(
-            "{label}: {calls} sequential calls p50 {p50:.2?}, p99 {p99:.2?}; {rate:.0} calls/s from {callers} callers ({failed} failed)"
+            "{label}: {calls} sequential calls p50 {p50:.2?}, p99 {p99:.2?}; {rate:.0} calls/s from {callers} callers ({failed} failed); round trip without an instance p50 {trip:.2?}"
         );
     }
 }

@@ -499,6 +499,7 @@ impl LoadedComponent {
         let _permit = self.permit()?;
         let limits = inner.manifest.limits;
         let (mut store, output, instance) = self.store_for().await?;
+        let _ticking = inner.runtime.ticker.busy();
         let mut results = vec![Val::Bool(false); func.results.len()];
         let run = run(
             &inner.pre,
@@ -652,7 +653,9 @@ impl LoadedComponent {
                 }
             }
         };
+        let ticking = inner.runtime.ticker.busy();
         let outcome = tokio::time::timeout(limits.timeout + CANCEL_GRACE, both).await;
+        drop(ticking);
         inner.usage.record(&store, limits.fuel);
         self.retire(store);
         output.finish();
@@ -752,6 +755,7 @@ impl ComponentInner {
     pub(super) async fn prepare(&self) -> Result<Ready, InvokeError> {
         let limits = self.manifest.limits;
         let (mut store, output) = self.new_store(Arc::new(DenyAll), CallContext::default())?;
+        let _ticking = self.runtime.ticker.busy();
         let instantiated = tokio::time::timeout(
             limits.timeout + CANCEL_GRACE,
             self.pre.instantiate_async(&mut store),

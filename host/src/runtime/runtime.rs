@@ -60,7 +60,8 @@ pub(crate) struct RuntimeInner {
     compilations: AtomicU64,
     /// Stores alive now: invocations running, spare instances, stores waiting to be dropped.
     pub(crate) live_stores: Arc<AtomicUsize>,
-    _ticker: EpochTicker,
+    /// Ticks while guest code may run (see [`EpochTicker::busy`]).
+    pub(crate) ticker: EpochTicker,
 }
 
 impl std::fmt::Debug for RuntimeInner {
@@ -134,7 +135,7 @@ impl Runtime {
                 allocation,
                 compilations: AtomicU64::new(0),
                 live_stores: Arc::default(),
-                _ticker: ticker,
+                ticker,
             }),
         })
     }
