@@ -77,16 +77,21 @@ pub struct TraceParent<'a> {
     pub trace_id: &'a str,
     /// The parent span's id: 16 hex digits, not all zero.
     pub span_id: &'a str,
+    /// The bytes the trace id spells.
+    pub trace_id_bytes: [u8; 16],
+    /// The bytes the parent span's id spells.
+    pub span_id_bytes: [u8; 8],
     /// The trace flags (bit 0: sampled).
     pub flags: u8,
 }
 
 impl<'a> TraceParent<'a> {
     /// The parts of `value`, when it is a valid `traceparent`: `version-trace_id-span_id-flags`
-    /// in fixed positions (further `-` fields are left to later versions). Read by position, as
-    /// every hop of a traced request reads one.
+    /// in fixed positions (further `-` fields are left to later versions). Read by position and
+    /// decoded in the same pass, as every hop of a traced request reads one.
     pub fn parse(value: &'a str) -> Option<Self> {
-        let value = value.trim();
+        // Header values are trimmed of ASCII whitespace (HTTP's optional whitespace) only.
+        let value = value.trim_ascii();
         let b = value.as_bytes();
         let shaped = b.len() >= 55
             && b[2] == b'-'
@@ -96,22 +101,52 @@ impl<'a> TraceParent<'a> {
         if !shaped {
             return None;
         }
-        let hex = |s: &[u8]| s.iter().all(u8::is_ascii_hexdigit);
-        let nonzero = |s: &[u8]| s.iter().any(|&c| c != b'0');
-        let valid = hex(&b[..2])
-            && !b[..2].eq_ignore_ascii_case(b"ff")
-            && hex(&b[3..35])
-            && nonzero(&b[3..35])
-            && hex(&b[36..52])
-            && nonzero(&b[36..52])
-            && hex(&b[53..55]);
+        let [version] = hex_bytes::<1>(&b[..2])?;
+        let trace_id_bytes = hex_bytes::<16>(&b[3..35])?;
+        let span_id_bytes = hex_bytes::<8>(&b[36..52])?;
+        let [flags] = hex_bytes::<1>(&b[53..55])?;
+        let valid = version != 0xff && trace_id_bytes != [0; 16] && span_id_bytes != [0; 8];
         // Every position sliced at is next to an ASCII '-' or the end: all char boundaries.
         valid.then(|| Self {
             trace_id: &value[3..35],
             span_id: &value[36..52],
-            flags: u8::from_str_radix(&value[53..55], 16).unwrap_or(0),
+            trace_id_bytes,
+            span_id_bytes,
+            flags,
         })
     }
+}
+
+/// The value of each byte as a hex digit (either case), or `0xff` for one that is not.
+const HEX_DIGITS: [u8; 256] = {
+    let mut table = [0xff; 256];
+    let mut i = 0;
+    while i < 16 {
+        let digit = b"0123456789abcdef"[i];
+        table[digit as usize] = i as u8;
+        table[digit.to_ascii_uppercase() as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// The `N` bytes that exactly `2 * N` hex digits spell, or `None`.
+pub fn hex_bytes<const N: usize>(hex: &[u8]) -> Option<[u8; N]> {
+    if hex.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0; N];
+    // Digits are below 16; a byte that is not one has its high bits set, remembered here.
+    let mut invalid = 0;
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        let (high, low) = (
+            HEX_DIGITS[usize::from(pair[0])],
+            HEX_DIGITS[usize::from(pair[1])],
+        );
+        invalid |= high | low;
+        *byte = high << 4 | (low & 0xf);
+    }
+    (invalid < 16).then_some(out)
 }
 
 /// The trace id of a W3C `traceparent` value, when it is one.
@@ -719,6 +754,36 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
         ] {
             assert_eq!(trace_id(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn traceparents_decode_to_the_bytes_they_spell() {
+        let t = TraceParent::parse(" 00-4bf92f3577b34da6a3ce929d0e0e4736-00F067AA0BA902B7-03\t")
+            .expect("valid");
+        assert_eq!(
+            t.trace_id_bytes,
+            [
+                0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e,
+                0x47, 0x36
+            ]
+        );
+        assert_eq!(
+            t.span_id_bytes,
+            [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+        );
+        assert_eq!((t.span_id, t.flags), ("00F067AA0BA902B7", 3));
+        for bad in ["f", "", "0g", "g0", "+0", "0 ", "\u{e9}"] {
+            assert_eq!(hex_bytes::<1>(bad.as_bytes()), None, "{bad:?}");
+        }
+        for (hex, byte) in [
+            ("00", 0),
+            ("09", 9),
+            ("aF", 0xaf),
+            ("Fa", 0xfa),
+            ("ff", 0xff),
+        ] {
+            assert_eq!(hex_bytes::<1>(hex.as_bytes()), Some([byte]), "{hex}");
         }
     }
 

@@ -489,9 +489,15 @@ fn varint_bytes(mut v: u64) -> ([u8; 10], usize) {
     (bytes, n + 1)
 }
 
+/// Most varints of a span (keys, lengths, small values) are one byte: pushed as such.
+#[inline]
 fn varint(out: &mut Vec<u8>, v: u64) {
-    let (bytes, n) = varint_bytes(v);
-    out.extend_from_slice(&bytes[..n]);
+    if v < 0x80 {
+        out.push(v as u8);
+    } else {
+        let (bytes, n) = varint_bytes(v);
+        out.extend_from_slice(&bytes[..n]);
+    }
 }
 
 /// How many bytes [`varint`] writes for `v`.
@@ -499,6 +505,7 @@ fn varint_len(v: u64) -> usize {
     (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
+#[inline]
 fn key(out: &mut Vec<u8>, field: u32, wire: u32) {
     varint(out, u64::from(field << 3 | wire));
 }
