@@ -131,7 +131,7 @@ const HEX_DIGITS: [u8; 256] = {
 };
 
 /// The `N` bytes that exactly `2 * N` hex digits spell, or `None`.
-pub fn hex_bytes<const N: usize>(hex: &[u8]) -> Option<[u8; N]> {
+fn hex_bytes<const N: usize>(hex: &[u8]) -> Option<[u8; N]> {
     if hex.len() != 2 * N {
         return None;
     }

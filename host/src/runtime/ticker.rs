@@ -24,7 +24,7 @@ pub(crate) struct EpochTicker {
 }
 
 /// Ticks with no guard held before the ticker sleeps: a second at the default 10 ms tick.
-pub(crate) const IDLE_TICKS: u32 = 100;
+const IDLE_TICKS: u32 = 100;
 
 #[derive(Debug, Default)]
 struct Shared {
