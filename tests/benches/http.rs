@@ -8,10 +8,11 @@
 //! Reports requests/s, p50 and p99 latency, the CPU the whole machine spent per request, and
 //! Trellis's requests/s as a ratio to wasmtime's.
 //!
-//! With `TRELLIS_BENCH_TRACES=1` it measures what exporting traces costs instead: each Trellis
-//! side `TRELLIS_BENCH_ROUNDS` times (default 3) with export off and on in turn, every span
-//! posted to an OTLP/HTTP receiver in the bench's process that only counts what it gets, and
-//! reports the means (no `wasmtime serve` then).
+//! With `TRELLIS_BENCH_TRACES=1` it measures what exporting traces costs instead (no `wasmtime
+//! serve` then): for each Trellis side, two lattices run side by side, one with span export off
+//! and one with every span posted to an OTLP/HTTP receiver in the bench's process that only
+//! counts what it gets; `TRELLIS_BENCH_ROUNDS` rounds (default 3) load each in turn, in
+//! alternating order, and it reports the means and the median change per round.
 //!
 //! Run (needs `wrk` and wasmtime-cli 48.0.8, see `tests/benches/README.md`):
 //! `cargo build --release --bins && cargo bench --bench http`.
@@ -41,6 +42,12 @@ async fn wait_serving(url: &str) {
 fn measure(name: &str, url: &str, connections: usize, secs: u64) -> HttpFigures {
     let _ = wrk(url, connections, 2, WARM_UP);
     let figures = wrk(url, connections, 2, Duration::from_secs(secs));
+    print_figures(name, &figures);
+    figures
+}
+
+/// Prints one run's figures; fails on any error.
+fn print_figures(name: &str, figures: &HttpFigures) {
     println!(
         "{name:<36} {:>8.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   {:>5.1} µs CPU/req   ({} requests, {} errors)",
         figures.requests_per_sec,
@@ -51,7 +58,6 @@ fn measure(name: &str, url: &str, connections: usize, secs: u64) -> HttpFigures 
         figures.errors,
     );
     assert_eq!(figures.errors, 0, "{name}: requests failed under load");
-    figures
 }
 
 #[tokio::main]
@@ -122,18 +128,37 @@ struct Side<'a> {
     secs: u64,
 }
 
-/// Measures one Trellis side `rounds` times with span export off and on in turn, every span
-/// posted to a receiver that only counts what it gets, and prints the changes.
+/// Measures one Trellis side with span export off and on: both lattices run side by side
+/// (one idles while the other is loaded), and each of `rounds` rounds loads one then the other
+/// for `secs` each, in alternating order (off-on, on-off, ...), so that the machine's drift
+/// over minutes falls on both alike. Every span is posted to a receiver that only counts what
+/// it gets.
 async fn trace_overhead(side: &Side<'_>, rounds: usize) {
     let receiver = OtlpReceiver::start_counting().await;
     let endpoint = receiver.endpoint();
-    let on = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
+    let on_env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
+    let (off_lattice, off_url) = serving_side(side, &[]).await;
+    let (on_lattice, on_url) = serving_side(side, &on_env).await;
+    let (off_label, on_label) = labels(side.embedded);
+    for url in [&off_url, &on_url] {
+        let _ = wrk(url, side.connections, 2, WARM_UP);
+    }
     let (mut off_runs, mut on_runs) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        for (env, runs) in [(&[][..], &mut off_runs), (&on[..], &mut on_runs)] {
-            runs.push(trellis_side(side, env).await);
+    for round in 0..rounds {
+        let mut order = [
+            (off_label, &off_url, &mut off_runs),
+            (on_label, &on_url, &mut on_runs),
+        ];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (label, url, runs) in order {
+            let figures = wrk(url, side.connections, 2, Duration::from_secs(side.secs));
+            print_figures(label, &figures);
+            runs.push(figures);
         }
     }
+    drop((off_lattice, on_lattice));
     let mean = |runs: &[HttpFigures], f: fn(&HttpFigures) -> f64| {
         runs.iter().map(f).sum::<f64>() / runs.len() as f64
     };
@@ -141,8 +166,8 @@ async fn trace_overhead(side: &Side<'_>, rounds: usize) {
     let cpu = |f: &HttpFigures| f.cpu_per_request.as_secs_f64() * 1e6;
     let (off, on) = (mean(&off_runs, rps), mean(&on_runs, rps));
     let (off_cpu, on_cpu) = (mean(&off_runs, cpu), mean(&on_runs, cpu));
-    // The machine's speed drifts over minutes: each run with export on is compared with the run
-    // just before it, and the median of those changes is the steadiest figure.
+    // Each run with export on is compared with the run of the same round with it off, and the
+    // median of those changes is the steadiest figure.
     let median_change = |f: fn(&HttpFigures) -> f64| {
         let mut changes: Vec<f64> = off_runs
             .iter()
@@ -159,8 +184,8 @@ async fn trace_overhead(side: &Side<'_>, rounds: usize) {
     };
     let (posts, bytes) = receiver.posts();
     println!(
-        "{}, {rounds} pairs: export off {off:.0} req/s, {off_cpu:.1} µs CPU/req; \
-         on {on:.0} req/s, {on_cpu:.1} µs CPU/req (means); median change per pair: \
+        "{}, {rounds} rounds: export off {off:.0} req/s, {off_cpu:.1} µs CPU/req; \
+         on {on:.0} req/s, {on_cpu:.1} µs CPU/req (means); median change per round: \
          {:+.1} % req/s, {:+.1} % CPU/req; the receiver got {posts} posts, {:.1} MB",
         if side.embedded {
             "embedded"
@@ -174,17 +199,38 @@ async fn trace_overhead(side: &Side<'_>, rounds: usize) {
     assert!(posts > 0, "no span reached the receiver");
 }
 
+/// The labels of a side's runs with span export off and on.
+fn labels(embedded: bool) -> (&'static str, &'static str) {
+    if embedded {
+        (
+            "trellis (embedded http-server)",
+            "trellis (embedded, traced)",
+        )
+    } else {
+        (
+            "trellis (http-server→NATS)",
+            "trellis (http-server→NATS, traced)",
+        )
+    }
+}
+
+/// Measures a side that serves: a warm-up, then the run.
+async fn trellis_side(side: &Side<'_>, env: &[(&str, &str)]) -> HttpFigures {
+    let (_lattice, url) = serving_side(side, env).await;
+    let (label, _) = labels(side.embedded);
+    measure(label, &url, side.connections, side.secs)
+}
+
 /// A lattice serving http-hello through `http-server`, as a process of its own (requests cross
 /// NATS to the host) or embedded in the host (requests are handed to the instances in process),
 /// its processes with `env`.
-async fn trellis_side(side: &Side<'_>, env: &[(&str, &str)]) -> HttpFigures {
+async fn serving_side(side: &Side<'_>, env: &[(&str, &str)]) -> (BenchLattice, String) {
     let Side {
         wasm,
         manifest,
         instances,
         embedded,
-        connections,
-        secs,
+        ..
     } = *side;
     let (name, providers): (&str, &[&str]) = if embedded {
         ("bench-http-embedded", &[])
@@ -211,11 +257,5 @@ async fn trellis_side(side: &Side<'_>, env: &[(&str, &str)]) -> HttpFigures {
     }
     let url = format!("http://{address}/");
     wait_serving(&url).await;
-    let label = match (embedded, env.is_empty()) {
-        (true, true) => "trellis (embedded http-server)",
-        (false, true) => "trellis (http-server→NATS)",
-        (true, false) => "trellis (embedded, traced)",
-        (false, false) => "trellis (http-server→NATS, traced)",
-    };
-    measure(label, &url, connections, secs)
+    (lat, url)
 }
