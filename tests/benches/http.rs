@@ -86,8 +86,8 @@ async fn main() {
     }
     let wasmtime = wasmtime();
 
-    let trellis = trellis_side(&side(false), &[]).await;
-    let embedded = trellis_side(&side(true), &[]).await;
+    let trellis = trellis_side(&side(false)).await;
+    let embedded = trellis_side(&side(true)).await;
 
     let reference = {
         let address = format!("127.0.0.1:{}", free_port());
@@ -214,9 +214,9 @@ fn labels(embedded: bool) -> (&'static str, &'static str) {
     }
 }
 
-/// Measures a side that serves: a warm-up, then the run.
-async fn trellis_side(side: &Side<'_>, env: &[(&str, &str)]) -> HttpFigures {
-    let (_lattice, url) = serving_side(side, env).await;
+/// Measures a side that serves, with span export off: a warm-up, then the run.
+async fn trellis_side(side: &Side<'_>) -> HttpFigures {
+    let (_lattice, url) = serving_side(side, &[]).await;
     let (label, _) = labels(side.embedded);
     measure(label, &url, side.connections, side.secs)
 }

@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 use trellis_bus::dataplane as codec;
 use trellis_schemas::dataplane::{self, ErrorCode, Op};
 use trellis_schemas::{InstanceId, Lattice};
-use trellis_tests::bench::{call_load, env_usize, quantile};
+use trellis_tests::bench::{
+    call_load, clock_ticks_per_sec, cpu_ticks, env_usize, quantile, status_kib,
+};
 use trellis_tests::{Nats, components, microvm};
 
 /// Sequential calls of `export` on `instance`: p50 and p99. `greet` must answer; an export the
@@ -90,50 +92,27 @@ fn list(times: &[Duration]) -> String {
         .join(", ")
 }
 
-/// The `/proc` directory of the QEMU process of `instance`'s micro-VM.
-fn vm_process(instance: &str) -> Option<std::path::PathBuf> {
+/// The pid of the QEMU process of `instance`'s micro-VM.
+fn vm_pid(instance: &str) -> Option<i32> {
     let name = format!("trellis-vm-{instance}");
     std::fs::read_dir("/proc")
         .ok()?
         .flatten()
         .find_map(|entry| {
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
             String::from_utf8_lossy(&cmdline)
                 .contains(&name)
-                .then(|| entry.path())
+                .then_some(pid)
         })
 }
 
-/// The resident memory of a process, in MiB.
-fn rss_mib(process: &std::path::Path) -> Option<f64> {
-    let status = std::fs::read_to_string(process.join("status")).ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
-}
-
-/// The CPU time a process has used (user and system), in clock ticks (USER_HZ).
-fn cpu_ticks(process: &std::path::Path) -> Option<u64> {
-    let stat = std::fs::read_to_string(process.join("stat")).ok()?;
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-/// The share of one host core a process uses over `window`.
-async fn cpu_share(process: &std::path::Path, window: Duration) -> Option<f64> {
-    // `/proc` counts in USER_HZ, which Linux fixes at 100 on x86.
-    let ticks_per_second = 100.0;
-    let before = cpu_ticks(process)?;
+/// The share of one host core process `pid` uses over `window`.
+async fn cpu_share(pid: i32, window: Duration) -> f64 {
+    let before = cpu_ticks(pid);
     tokio::time::sleep(window).await;
-    let used = cpu_ticks(process)? - before;
-    Some(used as f64 / ticks_per_second / window.as_secs_f64())
+    let used = cpu_ticks(pid).saturating_sub(before);
+    used as f64 / clock_ticks_per_sec() / window.as_secs_f64()
 }
 
 /// An export `hello` lacks. The runtime refuses a call of it when it looks the export up, before
@@ -194,11 +173,9 @@ async fn main() {
     );
     // Past the second after which an idle runtime's epoch ticker sleeps.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    if let Some(process) = vm_process(&vm) {
-        let rss = rss_mib(&process).unwrap_or(f64::NAN);
-        let cpu = cpu_share(&process, Duration::from_secs(10))
-            .await
-            .unwrap_or(f64::NAN);
+    if let Some(pid) = vm_pid(&vm) {
+        let rss = status_kib(pid, "VmRSS") as f64 / 1024.0;
+        let cpu = cpu_share(pid, Duration::from_secs(10)).await;
         println!(
             "idle micro-VM ({accel}): {rss:.0} MiB resident, {:.1} % of a core over 10 s (QEMU process)",
             cpu * 100.0

@@ -75,7 +75,7 @@ use trellis_schemas::{
     HostStatus, InstanceId, InstanceStatus, InventoryInstance, Lattice, Reply, RestartPolicy,
     subject,
 };
-use trellis_tests::bench::{env_usize, quantile};
+use trellis_tests::bench::{clock_ticks_per_sec, cpu_ticks, env_usize, quantile, status_kib};
 use trellis_tests::{Nats, lattice};
 
 const COMPONENT: &str = "sim-app";
@@ -523,41 +523,6 @@ fn secs(d: Duration) -> String {
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
-}
-
-fn clock_ticks_per_sec() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name is in parentheses and may hold spaces: count fields after the last ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // Fields 14 and 15 of stat(5); the first after ')' is field 3.
-    field(11) + field(12)
-}
-
-/// A `/proc/<pid>/status` value in KiB (`VmRSS`, `VmHWM`).
-fn status_kib(pid: i32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn mib(kib: u64) -> String {
