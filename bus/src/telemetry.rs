@@ -115,6 +115,10 @@ impl Sampling {
     fn sampled(&self, trace_id: TraceId, parent_sampled: Option<bool>) -> bool {
         match parent_sampled {
             Some(sampled) if self.parent_based => sampled,
+            // The two constant samplers, decided here: the SDK's sampler builds a whole result
+            // (attributes, trace state) for every span it is asked about.
+            _ if matches!(self.root, Sampler::AlwaysOn) => true,
+            _ if matches!(self.root, Sampler::AlwaysOff) => false,
             _ => {
                 self.root
                     .should_sample(None, trace_id, "", &SpanKind::Internal, &[], &[])

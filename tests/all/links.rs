@@ -89,7 +89,7 @@ async fn a_link_serves_an_import_in_process_and_across_hosts_until_removed() {
     let _controller = nats.controller(&l, "c", "10s");
     let _h1 = nats.host(&l, "h1", &[]);
     let _h2 = nats.host(&l, "h2", &[]);
-    nats.wait_for_a_host(&l).await;
+    nats.wait_for_hosts(&l, 2).await;
     let cli = |args: &[&str]| {
         let mut all = vec!["--lattice", l.as_str()];
         all.extend_from_slice(args);

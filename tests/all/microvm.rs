@@ -52,7 +52,7 @@ async fn microvm_instances_answer_like_any_other_and_their_crashes_stay_their_ow
     let nats = Nats::start().await;
     let (l, _procs) = vm_lattice(&nats, "microvm", &[]);
     let _h2 = nats.host(&l, "plain-host", &[]);
-    nats.wait_for_a_host(&l).await;
+    nats.wait_for_hosts(&l, 2).await;
     let dir = tempfile::tempdir().unwrap();
     push(
         &nats,

@@ -180,7 +180,7 @@ async fn an_http_request_runs_through_python_rust_and_c_on_two_hosts() {
         nats.provider(&l, "http-server", &[]),
     ];
     let mut h2 = nats.host(&l, "h2", &[]);
-    nats.wait_for_a_host(&l).await;
+    nats.wait_for_hosts(&l, 2).await;
     let dir = tempfile::tempdir().unwrap();
     for (wasm, name, manifest) in [
         (&front, "py-front", PY_FRONT),

@@ -187,7 +187,7 @@ async fn bench() {
     let _controller = nats.controller(&l, "c", "10s");
     let _h1 = nats.host(&l, "h1", &[]);
     let _h2 = nats.host(&l, "h2", &[]);
-    nats.wait_for_a_host(&l).await;
+    nats.wait_for_hosts(&l, 2).await;
     let cli = |args: &[&str]| {
         let mut all = vec!["--lattice", l.as_str()];
         all.extend_from_slice(args);

@@ -137,7 +137,7 @@ async fn main() {
     let mut pooled = args.clone();
     pooled.extend(["--microvm-pool", "1"]);
     let _warm_host = nats.host_with(&l, "h2", &[], &pooled);
-    nats.wait_for_a_host(&l).await;
+    nats.wait_for_hosts(&l, 2).await;
     nats.push(&l, &wasm, &manifest);
     let hosts = nats.cli_ok(&l, &["host", "get", "h1"]);
     let accel = if hosts.contains("kvm") { "kvm" } else { "tcg" };

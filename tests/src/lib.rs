@@ -528,16 +528,23 @@ impl Nats {
 
     /// Waits (30 s at most) until a controller of `lattice` answers and lists a host.
     pub async fn wait_for_a_host(&self, lattice: &Lattice) {
+        self.wait_for_hosts(lattice, 1).await;
+    }
+
+    /// Waits (30 s at most) until a controller of `lattice` answers and lists `n` hosts or more:
+    /// hosts started together register in any order, so a test that places work on a given one
+    /// waits for all of them.
+    pub async fn wait_for_hosts(&self, lattice: &Lattice, n: usize) {
         let ctl = self.ctl(lattice).await;
         wait_for(
-            "the controller to list a host",
+            &format!("the controller to list {n} host(s)"),
             Duration::from_secs(30),
             || async {
                 let reply = ctl
                     .request(&trellis_schemas::control::HostListRequest::default())
                     .await
                     .ok()?;
-                (!reply.hosts.is_empty()).then_some(())
+                (reply.hosts.len() >= n).then_some(())
             },
         )
         .await;

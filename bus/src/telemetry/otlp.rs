@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use opentelemetry::trace::{SpanKind, Status};
+use opentelemetry::trace::{SpanKind, Status, TraceState};
 use opentelemetry::{Array, InstrumentationScope, KeyValue, Value};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SpanData;
@@ -613,6 +613,14 @@ fn attributes<'a>(
     }
 }
 
+/// A `trace_state` field: nothing for the empty state, which every span of Trellis has (the
+/// header would be written out only to find it empty).
+fn trace_state(out: &mut Vec<u8>, field: u32, state: &TraceState) {
+    if *state != TraceState::NONE {
+        string(out, field, &state.header());
+    }
+}
+
 /// `SpanFlags`: the W3C trace flags, and whether the parent is remote.
 fn span_flags(trace_flags: u8, parent_is_remote: bool) -> u32 {
     const HAS_IS_REMOTE: u32 = 0x100;
@@ -625,7 +633,7 @@ fn span_fields(out: &mut Vec<u8>, span: &SpanData) {
     let context = &span.span_context;
     bytes_field(out, 1, &context.trace_id().to_bytes());
     bytes_field(out, 2, &context.span_id().to_bytes());
-    string(out, 3, &context.trace_state().header());
+    trace_state(out, 3, context.trace_state());
     if span.parent_span_id != opentelemetry::trace::SpanId::INVALID {
         bytes_field(out, 4, &span.parent_span_id.to_bytes());
     }
@@ -659,7 +667,7 @@ fn span_fields(out: &mut Vec<u8>, span: &SpanData) {
             let context = &link.span_context;
             bytes_field(out, 1, &context.trace_id().to_bytes());
             bytes_field(out, 2, &context.span_id().to_bytes());
-            string(out, 3, &context.trace_state().header());
+            trace_state(out, 3, context.trace_state());
             attributes(out, 4, &link.attributes);
             uint(out, 5, u64::from(link.dropped_attributes_count));
             fixed32(
@@ -688,7 +696,7 @@ fn span_fields(out: &mut Vec<u8>, span: &SpanData) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId};
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::any_value;
     use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
@@ -741,7 +749,7 @@ mod tests {
                 .build(),
             &scope(),
         );
-        let batch = vec![
+        let mut batch = vec![
             span_data("invoke hello greet", SpanId::INVALID, Status::Unset),
             span_data(
                 "link other",
@@ -749,6 +757,14 @@ mod tests {
                 Status::error("trap: unreachable"),
             ),
         ];
+        let context = &batch[1].span_context;
+        batch[1].span_context = SpanContext::new(
+            context.trace_id(),
+            context.span_id(),
+            context.trace_flags(),
+            false,
+            TraceState::from_key_value([("vendor", "value")]).expect("a valid trace state"),
+        );
         let mut spans = Vec::new();
         for span in &batch {
             message(&mut spans, 2, |out| span_fields(out, span));
@@ -779,6 +795,7 @@ mod tests {
         );
         assert_eq!(root.span_id, hex("00f067aa0ba902b7"));
         assert!(root.parent_span_id.is_empty());
+        assert!(root.trace_state.is_empty());
         assert_eq!(root.kind, 2);
         assert_eq!(root.start_time_unix_nano, 1_700_000_000_123_456_789);
         assert_eq!(root.end_time_unix_nano, 1_700_000_000_223_456_789);
@@ -819,6 +836,7 @@ mod tests {
         );
         let child = &spans[1];
         assert_eq!(child.parent_span_id, 7u64.to_be_bytes());
+        assert_eq!(child.trace_state, "vendor=value");
         assert_eq!(child.flags, 0x301, "sampled, parent known to be remote");
         let status = child.status.as_ref().expect("status");
         assert_eq!(status.code, StatusCode::Error as i32);
