@@ -22,7 +22,7 @@ use std::time::SystemTime;
 use opentelemetry::trace::{
     SamplingDecision, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
 };
-use opentelemetry::{InstrumentationScope, KeyValue, StringValue};
+use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::trace::{
     BatchSpanProcessor, IdGenerator as _, RandomIdGenerator, Sampler, ShouldSample as _, SpanData,
     SpanEvents, SpanLinks, SpanProcessor as _,
@@ -30,6 +30,10 @@ use opentelemetry_sdk::trace::{
 use trellis_schemas::dataplane::TraceParent;
 
 mod otlp;
+
+/// A span's name: a static string, an owned one, or one shared by many spans (`Arc<str>`,
+/// not copied per span).
+pub use opentelemetry::StringValue;
 
 tokio::task_local! {
     /// The trace context of the control request a task serves.
@@ -239,21 +243,110 @@ pub enum Kind {
 /// One hop of a trace. Ends when dropped. Without export it is empty and hands on the
 /// `traceparent` it was started with.
 ///
-/// A recorded span is the SDK's [`SpanData`] from the start, finished when dropped and then
-/// written out for export on the spot: no tracer, context or lock is involved, as a span is
-/// only ever touched by the task that serves its hop.
+/// A recorded span holds what its OTLP message needs and nothing else, inline (no tracer,
+/// context or lock is involved, as a span is only ever touched by the task that serves its
+/// hop); when dropped it is written out for export on the spot. Its own `traceparent` is
+/// written in place too: a span costs one allocation (its attributes) beyond its name.
 #[derive(Debug)]
 pub struct Span {
-    data: Option<Box<SpanData>>,
-    traceparent: Option<String>,
+    record: Option<Record>,
+    traceparent: Carried,
 }
+
+/// What a recorded span's OTLP message needs. The SDK's `SpanData` (events, links, a trace
+/// state and a copy of the instrumentation scope, boxed) cost several allocations and about
+/// as many instructions again per span, for fields no span of Trellis uses; the other export
+/// protocols get one made at the span's end.
+#[derive(Debug)]
+struct Record {
+    trace_id: TraceId,
+    span_id: SpanId,
+    /// [`SpanId::INVALID`] for the root of a trace; any other parent came with a request, from
+    /// another process (remote).
+    parent_span_id: SpanId,
+    flags: TraceFlags,
+    kind: Kind,
+    /// Shared names (an `Arc<str>`) and static ones are not copied.
+    name: StringValue,
+    start: SystemTime,
+    attributes: Vec<KeyValue>,
+    /// Why the span failed, when it did.
+    error: Option<String>,
+}
+
+impl Record {
+    /// The SDK's form of the span, ended at `end`, for the generic exporter.
+    fn into_span_data(self, end: SystemTime, scope: &InstrumentationScope) -> SpanData {
+        SpanData {
+            span_context: SpanContext::new(
+                self.trace_id,
+                self.span_id,
+                self.flags,
+                false,
+                TraceState::NONE,
+            ),
+            parent_span_id: self.parent_span_id,
+            parent_span_is_remote: self.parent_span_id != SpanId::INVALID,
+            span_kind: match self.kind {
+                Kind::Server => SpanKind::Server,
+                Kind::Client => SpanKind::Client,
+            },
+            name: Cow::Owned(self.name.as_str().to_owned()),
+            start_time: self.start,
+            end_time: end,
+            attributes: self.attributes,
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: self.error.map_or(Status::Unset, Status::error),
+            instrumentation_scope: scope.clone(),
+        }
+    }
+}
+
+/// The `traceparent` a span hands on.
+#[derive(Debug)]
+enum Carried {
+    None,
+    /// A version-00 `traceparent` (the span's own, or the one it was started with), in place.
+    Inline([u8; TRACEPARENT_LEN]),
+    /// One of another length (a later version's), passed on as it came.
+    Other(Box<str>),
+}
+
+/// The length of a version-00 `traceparent`.
+const TRACEPARENT_LEN: usize = 55;
+
+impl Carried {
+    fn of(traceparent: Option<&str>) -> Self {
+        match traceparent {
+            None => Self::None,
+            Some(t) => match <[u8; TRACEPARENT_LEN]>::try_from(t.as_bytes()) {
+                Ok(bytes) => Self::Inline(bytes),
+                Err(_) => Self::Other(t.into()),
+            },
+        }
+    }
+
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Self::None => None,
+            // Made from a `str` or written as ASCII: the check cannot fail.
+            Self::Inline(bytes) => std::str::from_utf8(bytes).ok(),
+            Self::Other(t) => Some(t),
+        }
+    }
+}
+
+/// Attributes a span has room for before its list grows: the most any span of Trellis sets.
+const ATTRIBUTES: usize = 4;
 
 impl Span {
     /// Starts a span, child of `parent` (a W3C `traceparent`; a new trace when there is none or
     /// it is invalid), named by `name`, which is called only when spans are exported.
     pub fn start<N>(kind: Kind, parent: Option<&str>, name: impl FnOnce() -> N) -> Self
     where
-        N: Into<Cow<'static, str>>,
+        N: Into<StringValue>,
     {
         Self::start_with(kind, parent, name, || [])
     }
@@ -267,15 +360,15 @@ impl Span {
         attributes: impl FnOnce() -> A,
     ) -> Self
     where
-        N: Into<Cow<'static, str>>,
+        N: Into<StringValue>,
         A: IntoIterator<Item = (&'static str, Arc<str>)>,
     {
         let export = match EXPORT.get() {
             Some(export) if enabled() => export,
             _ => {
                 return Self {
-                    data: None,
-                    traceparent: parent.map(str::to_owned),
+                    record: None,
+                    traceparent: Carried::of(parent),
                 };
             }
         };
@@ -292,75 +385,72 @@ impl Span {
         } else {
             TraceFlags::default()
         };
-        let traceparent = Some(traceparent_of(trace_id, span_id, flags));
+        let traceparent = Carried::Inline(traceparent_of(trace_id, span_id, flags));
         if !sampled {
             return Self {
-                data: None,
+                record: None,
                 traceparent,
             };
         }
-        let data = SpanData {
-            span_context: SpanContext::new(trace_id, span_id, flags, false, TraceState::NONE),
-            parent_span_id: parent.as_ref().map_or(SpanId::INVALID, |p| p.span_id()),
-            parent_span_is_remote: parent.is_some(),
-            span_kind: match kind {
-                Kind::Server => SpanKind::Server,
-                Kind::Client => SpanKind::Client,
-            },
-            name: name().into(),
-            start_time: SystemTime::now(),
-            end_time: SystemTime::UNIX_EPOCH,
-            attributes: attributes()
+        let mut list = Vec::with_capacity(ATTRIBUTES);
+        list.extend(
+            attributes()
                 .into_iter()
-                .map(|(key, value)| KeyValue::new(key, StringValue::from(value)))
-                .collect(),
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
-            status: Status::Unset,
-            instrumentation_scope: export.scope.clone(),
-        };
+                .map(|(key, value)| KeyValue::new(key, StringValue::from(value))),
+        );
         Self {
-            data: Some(Box::new(data)),
+            record: Some(Record {
+                trace_id,
+                span_id,
+                parent_span_id: parent.as_ref().map_or(SpanId::INVALID, |p| p.span_id()),
+                flags,
+                kind,
+                name: name().into(),
+                start: SystemTime::now(),
+                attributes: list,
+                error: None,
+            }),
             traceparent,
         }
     }
 
     /// The `traceparent` to send with what this hop sends on.
     pub fn traceparent(&self) -> Option<&str> {
-        self.traceparent.as_deref()
+        self.traceparent.as_str()
     }
 
     /// Whether the span is exported (sampled): attributes are worth making only then.
     pub fn recording(&self) -> bool {
-        self.data.is_some()
+        self.record.is_some()
     }
 
     /// Records an attribute.
     pub fn set(&mut self, key: &'static str, value: impl Into<opentelemetry::Value>) {
-        if let Some(data) = &mut self.data {
-            data.attributes.push(KeyValue::new(key, value.into()));
+        if let Some(record) = &mut self.record {
+            record.attributes.push(KeyValue::new(key, value.into()));
         }
     }
 
     /// Marks the span failed, with a description.
     pub fn fail(&mut self, description: impl Into<String>) {
-        if let Some(data) = &mut self.data {
-            data.status = Status::error(description.into());
+        if let Some(record) = &mut self.record {
+            record.error = Some(description.into());
         }
     }
 }
 
 impl Drop for Span {
     fn drop(&mut self) {
-        if let Some(mut data) = self.data.take()
+        if let Some(record) = self.record.take()
             && let Some(export) = EXPORT.get()
             && enabled()
         {
-            data.end_time = SystemTime::now();
+            let end = SystemTime::now();
             match &export.sink {
-                Sink::Protobuf(batcher) => batcher.push(&data),
-                Sink::Generic(processor) => processor.on_end(*data),
+                Sink::Protobuf(batcher) => batcher.push(&record, end),
+                Sink::Generic(processor) => {
+                    processor.on_end(record.into_span_data(end, &export.scope));
+                }
             }
         }
     }
@@ -380,7 +470,7 @@ fn remote(traceparent: &str) -> Option<SpanContext> {
 
 /// The W3C `traceparent` of a span (written out by hand: one made per hop, and the formatting
 /// machinery costs several times as much).
-fn traceparent_of(trace_id: TraceId, span_id: SpanId, flags: TraceFlags) -> String {
+fn traceparent_of(trace_id: TraceId, span_id: SpanId, flags: TraceFlags) -> [u8; TRACEPARENT_LEN] {
     /// Each byte's two lowercase hex digits.
     const PAIRS: [[u8; 2]; 256] = {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -401,10 +491,7 @@ fn traceparent_of(trace_id: TraceId, span_id: SpanId, flags: TraceFlags) -> Stri
     put(&mut out[3..35], &trace_id.to_bytes());
     put(&mut out[36..52], &span_id.to_bytes());
     put(&mut out[53..55], &[flags.to_u8()]);
-    // Only ASCII was written: the check is a formality, and cheaper than the lossy one.
-    std::str::from_utf8(&out)
-        .map(str::to_owned)
-        .unwrap_or_default()
+    out
 }
 
 #[cfg(test)]
@@ -417,8 +504,8 @@ mod tests {
         let cx = remote(tp).expect("valid");
         assert!(cx.is_sampled() && cx.is_remote());
         assert_eq!(
-            traceparent_of(cx.trace_id(), cx.span_id(), cx.trace_flags()),
-            tp
+            &traceparent_of(cx.trace_id(), cx.span_id(), cx.trace_flags()),
+            tp.as_bytes()
         );
         // Fields after the fourth are left for later versions to define.
         let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-more";
@@ -450,8 +537,8 @@ mod tests {
             assert_eq!(Ok(cx.trace_id()), TraceId::from_hex(t.trace_id));
             assert_eq!(Ok(cx.span_id()), SpanId::from_hex(t.span_id));
             assert_eq!(
-                traceparent_of(cx.trace_id(), cx.span_id(), cx.trace_flags()),
-                tp.to_ascii_lowercase()
+                &traceparent_of(cx.trace_id(), cx.span_id(), cx.trace_flags()),
+                tp.to_ascii_lowercase().as_bytes()
             );
         }
     }
@@ -492,5 +579,13 @@ mod tests {
             Span::start(Kind::Server, None, String::new).traceparent(),
             None
         );
+        // A later version's, longer, and anything else goes on as it came.
+        for other in [
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-more",
+            "not a traceparent",
+        ] {
+            let span = Span::start(Kind::Client, Some(other), || "unused");
+            assert_eq!(span.traceparent(), Some(other));
+        }
     }
 }

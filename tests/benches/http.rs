@@ -20,7 +20,9 @@
 
 use std::time::Duration;
 
-use trellis_tests::bench::{BenchLattice, HttpFigures, env_usize, wasmtime, wrk};
+use trellis_tests::bench::{
+    BenchLattice, HttpFigures, clock_ticks_per_sec, env_usize, wasmtime, wrk,
+};
 use trellis_tests::otlp::OtlpReceiver;
 use trellis_tests::{Proc, components, free_port, http_request, wait_for};
 
@@ -144,35 +146,56 @@ async fn trace_overhead(side: &Side<'_>, rounds: usize) {
         let _ = wrk(url, side.connections, 2, WARM_UP);
     }
     let (mut off_runs, mut on_runs) = (Vec::new(), Vec::new());
+    // The CPU time of each lattice's own processes per request, in µs: unlike the machine's, it
+    // leaves out `wrk` and the receiver, which stand for clients and a collector.
+    let (mut off_cpu, mut on_cpu) = (Vec::new(), Vec::new());
+    let tick = 1e6 / clock_ticks_per_sec();
     for round in 0..rounds {
         let mut order = [
-            (off_label, &off_url, &mut off_runs),
-            (on_label, &on_url, &mut on_runs),
+            (
+                off_label,
+                &off_url,
+                &off_lattice,
+                &mut off_runs,
+                &mut off_cpu,
+            ),
+            (on_label, &on_url, &on_lattice, &mut on_runs, &mut on_cpu),
         ];
         if round % 2 == 1 {
             order.reverse();
         }
-        for (label, url, runs) in order {
+        for (label, url, lattice, runs, cpu) in order {
+            let before = lattice.cpu_ticks();
             let figures = wrk(url, side.connections, 2, Duration::from_secs(side.secs));
+            let used = lattice.cpu_ticks().saturating_sub(before) as f64 * tick;
+            let per_request = used / figures.requests.max(1) as f64;
             print_figures(label, &figures);
+            println!("    the lattice's processes: {per_request:.1} µs CPU/req");
             runs.push(figures);
+            cpu.push(per_request);
         }
     }
     drop((off_lattice, on_lattice));
-    let mean = |runs: &[HttpFigures], f: fn(&HttpFigures) -> f64| {
-        runs.iter().map(f).sum::<f64>() / runs.len() as f64
+    let of = |runs: &[HttpFigures], f: fn(&HttpFigures) -> f64| -> Vec<f64> {
+        runs.iter().map(f).collect()
     };
-    let rps = |f: &HttpFigures| f.requests_per_sec;
-    let cpu = |f: &HttpFigures| f.cpu_per_request.as_secs_f64() * 1e6;
-    let (off, on) = (mean(&off_runs, rps), mean(&on_runs, rps));
-    let (off_cpu, on_cpu) = (mean(&off_runs, cpu), mean(&on_runs, cpu));
+    let rps = (
+        of(&off_runs, |f| f.requests_per_sec),
+        of(&on_runs, |f| f.requests_per_sec),
+    );
+    let machine = (
+        of(&off_runs, |f| f.cpu_per_request.as_secs_f64() * 1e6),
+        of(&on_runs, |f| f.cpu_per_request.as_secs_f64() * 1e6),
+    );
+    let lattice = (off_cpu, on_cpu);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     // Each run with export on is compared with the run of the same round with it off, and the
     // median of those changes is the steadiest figure.
-    let median_change = |f: fn(&HttpFigures) -> f64| {
-        let mut changes: Vec<f64> = off_runs
+    let median_change = |(off, on): &(Vec<f64>, Vec<f64>)| {
+        let mut changes: Vec<f64> = off
             .iter()
-            .zip(&on_runs)
-            .map(|(off, on)| (f(on) / f(off) - 1.0) * 100.0)
+            .zip(on)
+            .map(|(off, on)| (on / off - 1.0) * 100.0)
             .collect();
         changes.sort_by(f64::total_cmp);
         let mid = changes.len() / 2;
@@ -184,16 +207,24 @@ async fn trace_overhead(side: &Side<'_>, rounds: usize) {
     };
     let (posts, bytes) = receiver.posts();
     println!(
-        "{}, {rounds} rounds: export off {off:.0} req/s, {off_cpu:.1} µs CPU/req; \
-         on {on:.0} req/s, {on_cpu:.1} µs CPU/req (means); median change per round: \
-         {:+.1} % req/s, {:+.1} % CPU/req; the receiver got {posts} posts, {:.1} MB",
+        "{}, {rounds} rounds (means, off → on): {:.0} → {:.0} req/s; machine {:.1} → {:.1} µs \
+         CPU/req; the lattice's processes {:.1} → {:.1} µs CPU/req. Median change per round: \
+         {:+.1} % req/s, {:+.1} % machine CPU/req, {:+.1} % lattice CPU/req; the receiver got \
+         {posts} posts, {:.1} MB",
         if side.embedded {
             "embedded"
         } else {
             "http-server process"
         },
-        median_change(rps),
-        median_change(cpu),
+        mean(&rps.0),
+        mean(&rps.1),
+        mean(&machine.0),
+        mean(&machine.1),
+        mean(&lattice.0),
+        mean(&lattice.1),
+        median_change(&rps),
+        median_change(&machine),
+        median_change(&lattice),
         bytes as f64 / 1e6,
     );
     assert!(posts > 0, "no span reached the receiver");

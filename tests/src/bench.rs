@@ -166,6 +166,20 @@ impl BenchLattice {
         this
     }
 
+    /// The process ids of the lattice: its NATS server, controller, host and providers.
+    pub fn pids(&self) -> Vec<i32> {
+        self.nats
+            .pid()
+            .into_iter()
+            .chain(self._procs.iter().map(Proc::pid))
+            .collect()
+    }
+
+    /// CPU time the lattice's processes have used so far, in clock ticks (see [`cpu_ticks`]).
+    pub fn cpu_ticks(&self) -> u64 {
+        self.pids().into_iter().map(cpu_ticks).sum()
+    }
+
     /// Runs the `trellis` CLI on this lattice; returns (exit code, stdout, stderr).
     pub fn try_cli(&self, args: &[&str]) -> (i32, String, String) {
         let mut all = vec!["--lattice", self.l.as_str()];

@@ -5,7 +5,7 @@
 //! span through a channel to another thread, copies it into the generated protobuf types (a
 //! string allocated per attribute), encodes those and drops both there; on a host that serves
 //! tens of thousands of invocations a second, that was most of what a span cost. [`Batcher`]
-//! writes the wire format from the SDK's [`SpanData`] on the thread that ends the span, into a
+//! writes the wire format from the span's own record on the thread that ends it, into a
 //! buffer the export thread takes whole. It speaks what the default settings ask for, protobuf
 //! over HTTP; [`Settings::from_env`] says when another protocol or compression is asked for,
 //! and the caller then uses the generic path instead.
@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use opentelemetry::trace::{SpanKind, Status, TraceState};
+use opentelemetry::trace::SpanId;
 use opentelemetry::{Array, InstrumentationScope, KeyValue, Value};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::SpanData;
+
+use super::{Kind, Record};
 
 use crate::connect::percent_decode;
 
@@ -158,7 +159,7 @@ struct Shared {
 /// and exporter.
 ///
 /// A span is written into its protobuf bytes on the thread that ends it, straight from its
-/// [`SpanData`], and appended to a shared buffer under a lock held for one copy; the export
+/// record, and appended to a shared buffer under a lock held for one copy; the export
 /// thread takes the buffer when a batch is full or the schedule delay has passed, puts the
 /// request's few enclosing fields in front and posts it. Nothing is allocated per span besides
 /// the span itself, and no span crosses a channel: the SDK's processor moved each span through
@@ -204,13 +205,13 @@ impl Batcher {
     }
 
     /// Queues a span that ended (dropped when the queue is full).
-    pub fn push(&self, span: &SpanData) {
+    pub fn push(&self, span: &Record, end: SystemTime) {
         thread_local! {
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         SCRATCH.with_borrow_mut(|scratch| {
             scratch.clear();
-            span_fields(scratch, span);
+            span_fields(scratch, span, end);
             let limits = &self.shared.limits;
             let mut queue = self.shared.lock();
             if queue.ends.len() >= limits.max_queue || queue.shut {
@@ -267,8 +268,9 @@ fn export_loop(shared: &Shared, envelope: &Envelope, mut poster: Poster) {
     // Spans taken from the queue and not posted yet: their bytes and where each ends.
     let mut bytes = Vec::new();
     let mut ends: Vec<usize> = Vec::new();
-    // The size of the last request, to allocate the next one at once.
-    let mut last_size = 0;
+    // The buffer of the next request: the last one's, once the client is done with it, as a
+    // new buffer of that size would be fresh pages from the allocator every time.
+    let mut body: Vec<u8> = Vec::new();
     loop {
         let (shut, due) = {
             let mut queue = shared.lock();
@@ -307,10 +309,13 @@ fn export_loop(shared: &Shared, envelope: &Envelope, mut poster: Poster) {
         let mut start = 0;
         for batch in ends[..whole].chunks(limits.max_batch) {
             let Some(&end) = batch.last() else { continue };
-            let mut body = Vec::with_capacity(last_size);
+            body.clear();
             envelope.request(&mut body, &bytes[start..end]);
-            last_size = body.len();
-            poster.post(body);
+            let sent = bytes::Bytes::from(std::mem::take(&mut body));
+            poster.post(sent.clone());
+            if let Ok(buffer) = sent.try_into_mut() {
+                body = Vec::from(buffer);
+            }
             start = end;
         }
         // What is left moves to the front, for the next request.
@@ -368,7 +373,7 @@ impl Poster {
         })
     }
 
-    fn post(&mut self, body: Vec<u8>) {
+    fn post(&mut self, body: bytes::Bytes) {
         let request = self.client.post(self.url.clone()).body(body);
         match self.runtime.block_on(Self::send(request)) {
             Ok(()) => self.failing = false,
@@ -613,14 +618,6 @@ fn attributes<'a>(
     }
 }
 
-/// A `trace_state` field: nothing for the empty state, which every span of Trellis has (the
-/// header would be written out only to find it empty).
-fn trace_state(out: &mut Vec<u8>, field: u32, state: &TraceState) {
-    if *state != TraceState::NONE {
-        string(out, field, &state.header());
-    }
-}
-
 /// `SpanFlags`: the W3C trace flags, and whether the parent is remote.
 fn span_flags(trace_flags: u8, parent_is_remote: bool) -> u32 {
     const HAS_IS_REMOTE: u32 = 0x100;
@@ -628,97 +625,60 @@ fn span_flags(trace_flags: u8, parent_is_remote: bool) -> u32 {
     u32::from(trace_flags) | HAS_IS_REMOTE | if parent_is_remote { IS_REMOTE } else { 0 }
 }
 
-/// A `Span` message's fields.
-fn span_fields(out: &mut Vec<u8>, span: &SpanData) {
-    let context = &span.span_context;
-    bytes_field(out, 1, &context.trace_id().to_bytes());
-    bytes_field(out, 2, &context.span_id().to_bytes());
-    trace_state(out, 3, context.trace_state());
-    if span.parent_span_id != opentelemetry::trace::SpanId::INVALID {
+/// A `Span` message's fields, for a span that ended at `end`.
+fn span_fields(out: &mut Vec<u8>, span: &Record, end: SystemTime) {
+    bytes_field(out, 1, &span.trace_id.to_bytes());
+    bytes_field(out, 2, &span.span_id.to_bytes());
+    let has_parent = span.parent_span_id != SpanId::INVALID;
+    if has_parent {
         bytes_field(out, 4, &span.parent_span_id.to_bytes());
     }
-    string(out, 5, &span.name);
+    string(out, 5, span.name.as_str());
     uint(
         out,
         6,
-        match span.span_kind {
-            SpanKind::Internal => 1,
-            SpanKind::Server => 2,
-            SpanKind::Client => 3,
-            SpanKind::Producer => 4,
-            SpanKind::Consumer => 5,
+        match span.kind {
+            Kind::Server => 2,
+            Kind::Client => 3,
         },
     );
-    fixed64(out, 7, unix_nanos(span.start_time));
-    fixed64(out, 8, unix_nanos(span.end_time));
+    fixed64(out, 7, unix_nanos(span.start));
+    fixed64(out, 8, unix_nanos(end));
     attributes(out, 9, &span.attributes);
-    uint(out, 10, u64::from(span.dropped_attributes_count));
-    for event in span.events.iter() {
-        message(out, 11, |out| {
-            fixed64(out, 1, unix_nanos(event.timestamp));
-            string(out, 2, &event.name);
-            attributes(out, 3, &event.attributes);
-            uint(out, 4, u64::from(event.dropped_attributes_count));
-        });
-    }
-    uint(out, 12, u64::from(span.events.dropped_count));
-    for link in span.links.iter() {
-        message(out, 13, |out| {
-            let context = &link.span_context;
-            bytes_field(out, 1, &context.trace_id().to_bytes());
-            bytes_field(out, 2, &context.span_id().to_bytes());
-            trace_state(out, 3, context.trace_state());
-            attributes(out, 4, &link.attributes);
-            uint(out, 5, u64::from(link.dropped_attributes_count));
-            fixed32(
-                out,
-                6,
-                span_flags(context.trace_flags().to_u8(), context.is_remote()),
-            );
-        });
-    }
-    uint(out, 14, u64::from(span.links.dropped_count));
-    match &span.status {
-        Status::Unset => {}
-        Status::Ok => message(out, 15, |out| uint(out, 3, 1)),
-        Status::Error { description } => message(out, 15, |out| {
+    if let Some(description) = &span.error {
+        message(out, 15, |out| {
             string(out, 2, description);
             uint(out, 3, 2);
-        }),
+        });
     }
-    fixed32(
-        out,
-        16,
-        span_flags(context.trace_flags().to_u8(), span.parent_span_is_remote),
-    );
+    // A span's parent, when it has one, came with a request from another process.
+    fixed32(out, 16, span_flags(span.flags.to_u8(), has_parent));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId};
+    use opentelemetry::trace::{TraceFlags, TraceId};
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::any_value;
     use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
     use prost::Message as _;
-    use std::borrow::Cow;
     use trellis_schemas::dataplane::span_attributes;
 
-    fn span_data(name: &str, parent: SpanId, status: Status) -> SpanData {
-        SpanData {
-            span_context: SpanContext::new(
-                TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736),
-                SpanId::from(0x00f0_67aa_0ba9_02b7),
-                TraceFlags::SAMPLED,
-                false,
-                TraceState::NONE,
-            ),
+    /// The instant every test span ends.
+    fn end() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_223_456_789)
+    }
+
+    fn record(name: &str, parent: SpanId, error: Option<&str>) -> Record {
+        Record {
+            trace_id: TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736),
+            span_id: SpanId::from(0x00f0_67aa_0ba9_02b7),
             parent_span_id: parent,
-            parent_span_is_remote: parent != SpanId::INVALID,
-            span_kind: SpanKind::Server,
-            name: Cow::Owned(name.to_owned()),
-            start_time: SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
-            end_time: SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_223_456_789),
+            flags: TraceFlags::SAMPLED,
+            kind: Kind::Server,
+            name: name.to_owned().into(),
+            start: SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
             attributes: vec![
                 KeyValue::new(span_attributes::COMPONENT, "kv-counter"),
                 KeyValue::new("http.response.status_code", 200_i64),
@@ -727,11 +687,7 @@ mod tests {
                 KeyValue::new("ids", Value::Array(Array::I64(vec![1, -2]))),
                 KeyValue::new("long", "x".repeat(300)),
             ],
-            dropped_attributes_count: 0,
-            events: Default::default(),
-            links: Default::default(),
-            status,
-            instrumentation_scope: scope(),
+            error: error.map(str::to_owned),
         }
     }
 
@@ -749,25 +705,13 @@ mod tests {
                 .build(),
             &scope(),
         );
-        let mut batch = vec![
-            span_data("invoke hello greet", SpanId::INVALID, Status::Unset),
-            span_data(
-                "link other",
-                SpanId::from(7),
-                Status::error("trap: unreachable"),
-            ),
+        let batch = [
+            record("invoke hello greet", SpanId::INVALID, None),
+            record("link other", SpanId::from(7), Some("trap: unreachable")),
         ];
-        let context = &batch[1].span_context;
-        batch[1].span_context = SpanContext::new(
-            context.trace_id(),
-            context.span_id(),
-            context.trace_flags(),
-            false,
-            TraceState::from_key_value([("vendor", "value")]).expect("a valid trace state"),
-        );
         let mut spans = Vec::new();
         for span in &batch {
-            message(&mut spans, 2, |out| span_fields(out, span));
+            message(&mut spans, 2, |out| span_fields(out, span, end()));
         }
         let mut out = Vec::new();
         envelope.request(&mut out, &spans);
@@ -836,7 +780,7 @@ mod tests {
         );
         let child = &spans[1];
         assert_eq!(child.parent_span_id, 7u64.to_be_bytes());
-        assert_eq!(child.trace_state, "vendor=value");
+        assert!(child.trace_state.is_empty());
         assert_eq!(child.flags, 0x301, "sampled, parent known to be remote");
         let status = child.status.as_ref().expect("status");
         assert_eq!(status.code, StatusCode::Error as i32);
@@ -903,11 +847,7 @@ mod tests {
         let resource = Resource::builder_empty().with_service_name("test").build();
         let batcher = Batcher::start(settings, limits, &resource, &scope()).expect("starts");
         for i in 0..9 {
-            batcher.push(&span_data(
-                &format!("span {i}"),
-                SpanId::INVALID,
-                Status::Unset,
-            ));
+            batcher.push(&record(&format!("span {i}"), SpanId::INVALID, None), end());
         }
         batcher.shutdown();
         let mut names = Vec::new();
@@ -935,7 +875,7 @@ mod tests {
         sorted.sort_by_key(|n| n[5..].parse::<u32>().expect("number"));
         assert_eq!(names, sorted, "posted in the order they ended");
         // After shutdown a span is dropped, not queued.
-        batcher.push(&span_data("late", SpanId::INVALID, Status::Unset));
+        batcher.push(&record("late", SpanId::INVALID, None), end());
         assert_eq!(batcher.shared.dropped.load(Ordering::Relaxed), dropped + 1);
     }
 

@@ -27,7 +27,7 @@ use super::logs::InstanceLog;
 use super::stats::{Outcome, Stats};
 use crate::microvm::vm::{Vm, VmCall, VmEnd};
 use crate::runtime::{CallContext, InvokeError, LoadedComponent};
-use trellis_bus::telemetry::{Kind, Span};
+use trellis_bus::telemetry::{Kind, Span, StringValue};
 use wasmtime::component::Val;
 
 /// The export name under which HTTP requests are served.
@@ -70,6 +70,13 @@ pub(crate) struct Serving {
     log: Arc<InstanceLog>,
     /// The component's name and the instance's id, as span attributes.
     attributes: (Arc<str>, Arc<str>),
+    /// The name of the span of each HTTP request, made once.
+    http_span: Arc<str>,
+}
+
+/// The name of the span of an invocation of `component`'s `export`.
+fn span_name(component: &str, export: &str) -> String {
+    format!("invoke {component} {export}")
 }
 
 /// Counts one call in flight until dropped.
@@ -101,6 +108,7 @@ impl Serving {
             Arc::from(component.manifest().name.as_str()),
             Arc::from(instance_id),
         );
+        let http_span = Arc::from(span_name(&attributes.0, HTTP_EXPORT));
         let serving = Self {
             client,
             tidied: component.tidied_by_caller(),
@@ -116,6 +124,7 @@ impl Serving {
             stats,
             log,
             attributes,
+            http_span,
         };
         (serving, rx)
     }
@@ -333,11 +342,16 @@ impl Serving {
 
     /// The span of one invocation of `export`, child of the request's `traceparent`.
     fn span(&self, export: &str, traceparent: Option<&str>) -> Span {
-        let name = self.component.manifest().name.as_str();
         Span::start_with(
             Kind::Server,
             traceparent,
-            || format!("invoke {name} {export}"),
+            || -> StringValue {
+                if export == HTTP_EXPORT {
+                    Arc::clone(&self.http_span).into()
+                } else {
+                    span_name(&self.attributes.0, export).into()
+                }
+            },
             || {
                 [
                     (span_attributes::COMPONENT, Arc::clone(&self.attributes.0)),
