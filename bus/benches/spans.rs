@@ -104,8 +104,14 @@ fn main() {
     let telemetry = telemetry::init("trellis-bench");
     assert!(telemetry::enabled(), "export is on");
     let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let component: Arc<str> = Arc::from("typed");
-    let instance: Arc<str> = Arc::from("01JBENCHINSTANCE0000000000");
+    // Made once per instance, as the host makes them.
+    let attributes = telemetry::Attributes::new([
+        (span_attributes::COMPONENT, Arc::from("typed")),
+        (
+            span_attributes::INSTANCE,
+            Arc::from("01JBENCHINSTANCE0000000000"),
+        ),
+    ]);
     let chunk = (rate / 100).max(1);
     let (cpu0, process0, wall) = (thread_cpu(), process_cpu(), Instant::now());
     let mut made = 0;
@@ -119,12 +125,7 @@ fn main() {
                 Kind::Server,
                 Some(parent),
                 || "invoke typed add".to_owned(),
-                || {
-                    [
-                        (span_attributes::COMPONENT, Arc::clone(&component)),
-                        (span_attributes::INSTANCE, Arc::clone(&instance)),
-                    ]
-                },
+                &attributes,
             );
             std::hint::black_box(span.traceparent());
             drop(span);

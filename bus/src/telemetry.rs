@@ -269,6 +269,9 @@ struct Record {
     /// Shared names (an `Arc<str>`) and static ones are not copied.
     name: StringValue,
     start: SystemTime,
+    /// What its source gives every span, written out once.
+    shared: Option<Attributes>,
+    /// Its own.
     attributes: Vec<KeyValue>,
     /// Why the span failed, when it did.
     error: Option<String>,
@@ -294,13 +297,48 @@ impl Record {
             name: Cow::Owned(self.name.as_str().to_owned()),
             start_time: self.start,
             end_time: end,
-            attributes: self.attributes,
+            attributes: match self.shared {
+                Some(shared) => shared
+                    .0
+                    .list
+                    .iter()
+                    .cloned()
+                    .chain(self.attributes)
+                    .collect(),
+                None => self.attributes,
+            },
             dropped_attributes_count: 0,
             events: SpanEvents::default(),
             links: SpanLinks::default(),
             status: self.error.map_or(Status::Unset, Status::error),
             instrumentation_scope: scope.clone(),
         }
+    }
+}
+
+/// Attributes every span of one source carries (a component's name and an instance's id on
+/// each of its invocations), written out once: a span copies their bytes into its message whole
+/// instead of writing each again. Cloning shares them.
+#[derive(Debug, Clone)]
+pub struct Attributes(Arc<Prepared>);
+
+#[derive(Debug)]
+struct Prepared {
+    /// For the generic exporter.
+    list: Vec<KeyValue>,
+    /// The attributes fields of an OTLP `Span` message.
+    encoded: Vec<u8>,
+}
+
+impl Attributes {
+    /// Attributes of string values (shared strings are not copied).
+    pub fn new(pairs: impl IntoIterator<Item = (&'static str, Arc<str>)>) -> Self {
+        let list: Vec<KeyValue> = pairs
+            .into_iter()
+            .map(|(key, value)| KeyValue::new(key, StringValue::from(value)))
+            .collect();
+        let encoded = otlp::span_attributes(&list);
+        Self(Arc::new(Prepared { list, encoded }))
     }
 }
 
@@ -338,9 +376,6 @@ impl Carried {
     }
 }
 
-/// Attributes a span has room for before its list grows: the most any span of Trellis sets.
-const ATTRIBUTES: usize = 4;
-
 impl Span {
     /// Starts a span, child of `parent` (a W3C `traceparent`; a new trace when there is none or
     /// it is invalid), named by `name`, which is called only when spans are exported.
@@ -348,20 +383,30 @@ impl Span {
     where
         N: Into<StringValue>,
     {
-        Self::start_with(kind, parent, name, || [])
+        Self::begin(kind, parent, name, None)
     }
 
-    /// Like [`start`](Self::start), with the span's first attributes, made by `attributes` only
-    /// when the span is recorded (shared strings are not copied).
-    pub fn start_with<N, A>(
+    /// Like [`start`](Self::start), with the attributes its source gives every span.
+    pub fn start_with<N>(
         kind: Kind,
         parent: Option<&str>,
         name: impl FnOnce() -> N,
-        attributes: impl FnOnce() -> A,
+        shared: &Attributes,
     ) -> Self
     where
         N: Into<StringValue>,
-        A: IntoIterator<Item = (&'static str, Arc<str>)>,
+    {
+        Self::begin(kind, parent, name, Some(shared))
+    }
+
+    fn begin<N>(
+        kind: Kind,
+        parent: Option<&str>,
+        name: impl FnOnce() -> N,
+        shared: Option<&Attributes>,
+    ) -> Self
+    where
+        N: Into<StringValue>,
     {
         let export = match EXPORT.get() {
             Some(export) if enabled() => export,
@@ -392,12 +437,6 @@ impl Span {
                 traceparent,
             };
         }
-        let mut list = Vec::with_capacity(ATTRIBUTES);
-        list.extend(
-            attributes()
-                .into_iter()
-                .map(|(key, value)| KeyValue::new(key, StringValue::from(value))),
-        );
         Self {
             record: Some(Record {
                 trace_id,
@@ -407,7 +446,8 @@ impl Span {
                 kind,
                 name: name().into(),
                 start: SystemTime::now(),
-                attributes: list,
+                shared: shared.cloned(),
+                attributes: Vec::new(),
                 error: None,
             }),
             traceparent,
@@ -427,6 +467,10 @@ impl Span {
     /// Records an attribute.
     pub fn set(&mut self, key: &'static str, value: impl Into<opentelemetry::Value>) {
         if let Some(record) = &mut self.record {
+            if record.attributes.capacity() == 0 {
+                // Room for the most a span of Trellis sets, in one allocation.
+                record.attributes.reserve_exact(4);
+            }
             record.attributes.push(KeyValue::new(key, value.into()));
         }
     }

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use trellis_schemas::dataplane::span_attributes;
 use trellis_tests::otlp::{OtlpReceiver, Received};
 use trellis_tests::{Nats, Proc, bin, components, free_port, lattice, wait_for};
 
@@ -170,6 +171,21 @@ async fn an_http_request_and_an_instance_start_are_each_one_trace_across_process
         assert_eq!(r.span.kind, 2, "SPAN_KIND_SERVER: {r:#?}");
         assert_eq!(r.span.span_id.len(), 8);
     }
+    // What each says of itself: the attributes its process gives every span of the instance or
+    // listener, and those of the request.
+    // (`--grant` at the start assigns the listener to the instance.)
+    let target = format!("instance:{instance}");
+    for (r, key, want) in [
+        (*invoke, span_attributes::COMPONENT, "kv-counter"),
+        (*invoke, span_attributes::INSTANCE, instance.as_str()),
+        (*invoke, "http.response.status_code", "200"),
+        (http_span, span_attributes::TARGET, target.as_str()),
+        (http_span, "http.request.method", "GET"),
+        (http_span, "url.path", "/traced"),
+        (http_span, "http.response.status_code", "200"),
+    ] {
+        assert_eq!(attribute(r, key).as_deref(), Some(want), "{key}: {r:#?}");
+    }
 
     // The start: CLI → controller → host command, and the fact it caused.
     let facts = nats.facts(&l).await;
@@ -221,4 +237,15 @@ async fn an_http_request_and_an_instance_start_are_each_one_trace_across_process
         parent,
         "the fact is a child of the host's command"
     );
+}
+
+/// A span's attribute `key`, its value written out (strings as they are, integers in decimal).
+fn attribute(r: &Received, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    let value = r.span.attributes.iter().find(|kv| kv.key == key)?;
+    match value.value.as_ref()?.value.as_ref()? {
+        Value::StringValue(s) => Some(s.clone()),
+        Value::IntValue(i) => Some(i.to_string()),
+        other => Some(format!("{other:?}")),
+    }
 }

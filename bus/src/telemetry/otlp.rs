@@ -625,6 +625,13 @@ fn span_flags(trace_flags: u8, parent_is_remote: bool) -> u32 {
     u32::from(trace_flags) | HAS_IS_REMOTE | if parent_is_remote { IS_REMOTE } else { 0 }
 }
 
+/// The fields of `list` as a `Span` message's attributes.
+pub(super) fn span_attributes(list: &[KeyValue]) -> Vec<u8> {
+    let mut out = Vec::new();
+    attributes(&mut out, 9, list);
+    out
+}
+
 /// A `Span` message's fields, for a span that ended at `end`.
 fn span_fields(out: &mut Vec<u8>, span: &Record, end: SystemTime) {
     bytes_field(out, 1, &span.trace_id.to_bytes());
@@ -645,6 +652,9 @@ fn span_fields(out: &mut Vec<u8>, span: &Record, end: SystemTime) {
     fixed64(out, 7, unix_nanos(span.start));
     fixed64(out, 8, unix_nanos(end));
     attributes(out, 9, &span.attributes);
+    if let Some(shared) = &span.shared {
+        out.extend_from_slice(&shared.0.encoded);
+    }
     if let Some(description) = &span.error {
         message(out, 15, |out| {
             string(out, 2, description);
@@ -679,6 +689,7 @@ mod tests {
             kind: Kind::Server,
             name: name.to_owned().into(),
             start: SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
+            shared: None,
             attributes: vec![
                 KeyValue::new(span_attributes::COMPONENT, "kv-counter"),
                 KeyValue::new("http.response.status_code", 200_i64),
@@ -705,10 +716,12 @@ mod tests {
                 .build(),
             &scope(),
         );
-        let batch = [
-            record("invoke hello greet", SpanId::INVALID, None),
-            record("link other", SpanId::from(7), Some("trap: unreachable")),
-        ];
+        let mut child = record("link other", SpanId::from(7), Some("trap: unreachable"));
+        child.shared = Some(super::super::Attributes::new([
+            (span_attributes::INSTANCE, "01JINSTANCE".into()),
+            ("trellis.shared", "yes".into()),
+        ]));
+        let batch = [record("invoke hello greet", SpanId::INVALID, None), child];
         let mut spans = Vec::new();
         for span in &batch {
             message(&mut spans, 2, |out| span_fields(out, span, end()));
@@ -779,6 +792,17 @@ mod tests {
             ]
         );
         let child = &spans[1];
+        let keys: Vec<&str> = child.attributes.iter().map(|kv| kv.key.as_str()).collect();
+        assert_eq!(keys.len(), 8, "its own and the shared: {keys:?}");
+        assert!(
+            child
+                .attributes
+                .iter()
+                .any(|kv| kv.key == span_attributes::INSTANCE
+                    && kv.value.as_ref().and_then(|v| v.value.clone())
+                        == Some(any_value::Value::StringValue("01JINSTANCE".into())))
+        );
+        assert!(keys.contains(&"trellis.shared") && keys.contains(&"ok"));
         assert_eq!(child.parent_span_id, 7u64.to_be_bytes());
         assert!(child.trace_state.is_empty());
         assert_eq!(child.flags, 0x301, "sampled, parent known to be remote");

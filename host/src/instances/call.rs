@@ -27,7 +27,7 @@ use super::logs::InstanceLog;
 use super::stats::{Outcome, Stats};
 use crate::microvm::vm::{Vm, VmCall, VmEnd};
 use crate::runtime::{CallContext, InvokeError, LoadedComponent};
-use trellis_bus::telemetry::{Kind, Span, StringValue};
+use trellis_bus::telemetry::{Attributes, Kind, Span, StringValue};
 use wasmtime::component::Val;
 
 /// The export name under which HTTP requests are served.
@@ -68,8 +68,10 @@ pub(crate) struct Serving {
     stats: Arc<Stats>,
     /// The instance's log lines.
     log: Arc<InstanceLog>,
-    /// The component's name and the instance's id, as span attributes.
-    attributes: (Arc<str>, Arc<str>),
+    /// The component's name, for span names.
+    name: Arc<str>,
+    /// The component's name and the instance's id, as the attributes of every span.
+    attributes: Attributes,
     /// The name of the span of each HTTP request, made once.
     http_span: Arc<str>,
 }
@@ -104,11 +106,12 @@ impl Serving {
         let (tx, rx) = oneshot::channel();
         let instance = HeaderValue::from(instance_id);
         let ok = codec::ok_headers(Some(&instance));
-        let attributes = (
-            Arc::from(component.manifest().name.as_str()),
-            Arc::from(instance_id),
-        );
-        let http_span = Arc::from(span_name(&attributes.0, HTTP_EXPORT));
+        let name: Arc<str> = Arc::from(component.manifest().name.as_str());
+        let attributes = Attributes::new([
+            (span_attributes::COMPONENT, Arc::clone(&name)),
+            (span_attributes::INSTANCE, Arc::from(instance_id)),
+        ]);
+        let http_span = Arc::from(span_name(&name, HTTP_EXPORT));
         let serving = Self {
             client,
             tidied: component.tidied_by_caller(),
@@ -123,6 +126,7 @@ impl Serving {
             idle: Notify::new(),
             stats,
             log,
+            name,
             attributes,
             http_span,
         };
@@ -349,15 +353,10 @@ impl Serving {
                 if export == HTTP_EXPORT {
                     Arc::clone(&self.http_span).into()
                 } else {
-                    span_name(&self.attributes.0, export).into()
+                    span_name(&self.name, export).into()
                 }
             },
-            || {
-                [
-                    (span_attributes::COMPONENT, Arc::clone(&self.attributes.0)),
-                    (span_attributes::INSTANCE, Arc::clone(&self.attributes.1)),
-                ]
-            },
+            &self.attributes,
         )
     }
 

@@ -53,7 +53,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use trellis_bus::RouteTable;
 use trellis_bus::dataplane::{self as codec, SendError};
-use trellis_bus::telemetry::{Kind, Span};
+use trellis_bus::telemetry::{Attributes, Kind, Span};
 use trellis_provider_sdk::{Call, Context, DataError, ErrorCode, Outcome, Provider, ProviderInfo};
 use trellis_schemas::capability::rpc::{HttpMessage, HttpRequestHead, HttpResponseHead};
 use trellis_schemas::dataplane::{self, MAX_BODY_BYTES, Op};
@@ -300,7 +300,10 @@ async fn reconcile(
                 &assignment.target,
                 Op::Http,
             )),
-            label: Arc::from(assignment.target.describe()),
+            attributes: Attributes::new([(
+                dataplane::span_attributes::TARGET,
+                Arc::from(assignment.target.describe()),
+            )]),
             target: assignment.target.clone(),
             lattice: ctx.lattice.clone(),
             known: Arc::clone(known),
@@ -376,8 +379,8 @@ struct Target {
     /// The subject of the target: any instance of the component, or the one instance.
     subject: Subject,
     target: AssignmentTarget,
-    /// What the target is, for the spans of its requests (made once, shared by each).
-    label: Arc<str>,
+    /// What the target is, as an attribute of the span of each of its requests.
+    attributes: Attributes,
     lattice: trellis_schemas::Lattice,
     known: Arc<KnownComponents>,
     /// The weights of rollouts in progress, which pick a version per request.
@@ -509,11 +512,11 @@ impl Target {
             .get(dataplane::headers::TRACEPARENT)
             .and_then(|v| v.to_str().ok());
         let method = method_name(&parts.method);
-        let mut span = Span::start(Kind::Server, incoming, || method.clone());
+        let mut span =
+            Span::start_with(Kind::Server, incoming, || method.clone(), &self.attributes);
         if span.recording() {
             span.set("http.request.method", method);
             span.set("url.path", parts.uri.path().to_owned());
-            span.set(dataplane::span_attributes::TARGET, Arc::clone(&self.label));
         }
         let mut head = RequestHead::of(&parts);
         // The component's invocation is a child of this request's span.
