@@ -719,7 +719,7 @@ mod tests {
         let mut child = record("link other", SpanId::from(7), Some("trap: unreachable"));
         child.shared = Some(super::super::Attributes::new([
             (span_attributes::INSTANCE, "01JINSTANCE".into()),
-            ("trellis.shared", "yes".into()),
+            ("test.shared", "yes".into()),
         ]));
         let batch = [record("invoke hello greet", SpanId::INVALID, None), child];
         let mut spans = Vec::new();
@@ -802,7 +802,7 @@ mod tests {
                     && kv.value.as_ref().and_then(|v| v.value.clone())
                         == Some(any_value::Value::StringValue("01JINSTANCE".into())))
         );
-        assert!(keys.contains(&"trellis.shared") && keys.contains(&"ok"));
+        assert!(keys.contains(&"test.shared") && keys.contains(&"ok"));
         assert_eq!(child.parent_span_id, 7u64.to_be_bytes());
         assert!(child.trace_state.is_empty());
         assert_eq!(child.flags, 0x301, "sampled, parent known to be remote");
