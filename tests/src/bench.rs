@@ -117,7 +117,8 @@ pub struct BenchLattice {
     pub nats: Nats,
     /// The lattice's name.
     pub l: Lattice,
-    _procs: Vec<Proc>,
+    /// Its controller, host and providers, stopped when dropped.
+    procs: Vec<Proc>,
 }
 
 impl std::fmt::Debug for BenchLattice {
@@ -145,11 +146,7 @@ impl BenchLattice {
         for p in providers {
             procs.push(nats.provider(&l, p, &[]));
         }
-        let this = Self {
-            nats,
-            l,
-            _procs: procs,
-        };
+        let this = Self { nats, l, procs };
         let want = providers.len();
         wait_for("host and providers up", Duration::from_secs(30), || async {
             let (code, out, _) = this.try_cli(&["provider", "ls", "-o", "json"]);
@@ -171,7 +168,7 @@ impl BenchLattice {
         self.nats
             .pid()
             .into_iter()
-            .chain(self._procs.iter().map(Proc::pid))
+            .chain(self.procs.iter().map(Proc::pid))
             .collect()
     }
 
