@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use trellis_schemas::capability::rpc::{CapabilityRequest, KvRequest};
-use trellis_tests::bench::{BenchLattice, env_usize};
+use trellis_tests::bench::{BenchLattice, clock_ticks_per_sec, cpu_ticks, env_usize};
 use trellis_tests::components;
 
 const BUCKET: &str = "bench";
@@ -142,6 +142,29 @@ async fn raw(store: &jetstream::kv::Store, callers: usize, per_caller: usize) ->
     (callers * per_caller) as f64 / began.elapsed().as_secs_f64()
 }
 
+/// CPU time so far of each of the lattice's processes and of this one (the callers), in ticks.
+fn cpu_now(lat: &BenchLattice) -> Vec<(String, u64)> {
+    let mut all = lat.cpu_ticks_by_process();
+    let me = i32::try_from(std::process::id()).unwrap();
+    all.push(("callers".to_owned(), cpu_ticks(me)));
+    all
+}
+
+/// The CPU each process spent per round trip since `before`, for the processes that spent any.
+fn cpu_per_round_trip(lat: &BenchLattice, before: &[(String, u64)], round_trips: usize) -> String {
+    let tick = 1e6 / clock_ticks_per_sec();
+    let mut total = 0.0;
+    let mut parts = Vec::new();
+    for ((name, was), (_, now)) in before.iter().zip(cpu_now(lat)) {
+        let us = now.saturating_sub(*was) as f64 * tick / round_trips as f64;
+        total += us;
+        if us > 0.0 {
+            parts.push(format!("{name} {us:.1}"));
+        }
+    }
+    format!("{total:.1} µs CPU/round trip ({})", parts.join(", "))
+}
+
 #[tokio::main]
 async fn main() {
     let total = env_usize("TRELLIS_BENCH_ROUND_TRIPS", 5_000);
@@ -180,13 +203,23 @@ async fn main() {
     println!("kv provider in its own process:");
     for (label, n) in [("sequential", 1), ("concurrent", callers)] {
         let per_caller = (total / n).max(1);
+        let trips = n * per_caller;
+        let before = cpu_now(&lat);
         let component = from_component(&client, &lat, &instance, n, per_caller).await;
+        let component_cpu = cpu_per_round_trip(&lat, &before, trips);
+        let before = cpu_now(&lat);
         let provider = through_provider(&client, &lat, &instance, n, per_caller).await;
+        let provider_cpu = cpu_per_round_trip(&lat, &before, trips);
+        let before = cpu_now(&lat);
         let direct = raw(&store, n, per_caller).await;
+        let direct_cpu = cpu_per_round_trip(&lat, &before, trips);
         let ratio = component / direct;
         println!(
             "  {label:<11} ({n:>2} caller(s))  component {component:>7.0}/s   provider RPC alone {provider:>7.0}/s   raw client {direct:>7.0}/s   ratio component/raw {ratio:.2}"
         );
+        println!("      component: {component_cpu}");
+        println!("      provider RPC alone: {provider_cpu}");
+        println!("      raw client: {direct_cpu}");
     }
 
     // The same provider embedded in the host: the host prefers it to the standalone process.
@@ -195,11 +228,18 @@ async fn main() {
     println!("kv provider embedded in the host (`trellis provider start kv --embedded`):");
     for (label, n) in [("sequential", 1), ("concurrent", callers)] {
         let per_caller = (total / n).max(1);
+        let trips = n * per_caller;
+        let before = cpu_now(&lat);
         let component = from_component(&client, &lat, &instance, n, per_caller).await;
+        let component_cpu = cpu_per_round_trip(&lat, &before, trips);
+        let before = cpu_now(&lat);
         let direct = raw(&store, n, per_caller).await;
+        let direct_cpu = cpu_per_round_trip(&lat, &before, trips);
         let ratio = component / direct;
         println!(
             "  {label:<11} ({n:>2} caller(s))  component {component:>7.0}/s   raw client {direct:>7.0}/s   ratio component/raw {ratio:.2}"
         );
+        println!("      component: {component_cpu}");
+        println!("      raw client: {direct_cpu}");
     }
 }

@@ -177,6 +177,21 @@ impl BenchLattice {
         self.pids().into_iter().map(cpu_ticks).sum()
     }
 
+    /// CPU time each of the lattice's processes has used so far, in clock ticks, by name
+    /// (`nats-server`, then the controller, the host and the providers as they were started).
+    pub fn cpu_ticks_by_process(&self) -> Vec<(String, u64)> {
+        self.nats
+            .pid()
+            .map(|pid| ("nats-server".to_owned(), cpu_ticks(pid)))
+            .into_iter()
+            .chain(
+                self.procs
+                    .iter()
+                    .map(|p| (p.name.clone(), cpu_ticks(p.pid()))),
+            )
+            .collect()
+    }
+
     /// Runs the `trellis` CLI on this lattice; returns (exit code, stdout, stderr).
     pub fn try_cli(&self, args: &[&str]) -> (i32, String, String) {
         let mut all = vec!["--lattice", self.l.as_str()];
