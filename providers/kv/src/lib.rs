@@ -11,7 +11,7 @@
 //! is, any other becomes `=` followed by the lowercase hex of its UTF-8.
 
 use std::collections::HashMap;
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use async_nats::jetstream::kv::{self, Operation, Store};
 use async_nats::jetstream::stream;
@@ -42,7 +42,8 @@ const CAS_ATTEMPTS: usize = 1000;
 #[derive(Debug)]
 pub struct KvProvider {
     ctx: Context,
-    stores: RwLock<HashMap<String, Store>>,
+    /// Shared, not cloned per call: a `Store` holds its stream's whole configuration.
+    stores: RwLock<HashMap<String, Arc<Store>>>,
 }
 
 impl KvProvider {
@@ -55,14 +56,14 @@ impl KvProvider {
     }
 
     /// The store of `bucket`, created on first use.
-    async fn store(&self, bucket: &str) -> Result<Store, DataError> {
+    async fn store(&self, bucket: &str) -> Result<Arc<Store>, DataError> {
         if let Some(store) = self
             .stores
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(bucket)
         {
-            return Ok(store.clone());
+            return Ok(Arc::clone(store));
         }
         let replicas = trellis_bus::replicas(&self.ctx.js, None).await;
         let store = match self.ctx.js.get_key_value(bucket).await {
@@ -100,10 +101,11 @@ impl KvProvider {
                 }
             }
         };
+        let store = Arc::new(store);
         self.stores
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(bucket.to_owned(), store.clone());
+            .insert(bucket.to_owned(), Arc::clone(&store));
         Ok(store)
     }
 

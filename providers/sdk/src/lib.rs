@@ -356,6 +356,8 @@ where
         .await
         .context("subscribing to the control subject")?;
     let background = tokio::spawn(Arc::clone(&provider).run(ctx.clone()));
+    // Shared by the calls' tasks: a clone of the context per call would copy its strings.
+    let call_ctx = Arc::new(ctx.clone());
 
     let started = Event::new(
         source.clone(),
@@ -420,7 +422,7 @@ where
     let reason = loop {
         tokio::select! {
             Some((capability, message)) = calls.next(), if !calls.is_empty() => {
-                spawn_call(&provider, &ctx, &in_flight, capability, message);
+                spawn_call(&provider, &call_ctx, &in_flight, capability, message);
             }
             message = control.next() => {
                 let Some(message) = message else {
@@ -459,7 +461,7 @@ where
     while !calls.is_empty() {
         match tokio::time::timeout_at(deadline, calls.next()).await {
             Ok(Some((capability, message))) => {
-                spawn_call(&provider, &ctx, &in_flight, capability, message);
+                spawn_call(&provider, &call_ctx, &in_flight, capability, message);
             }
             Ok(None) | Err(_) => break,
         }
@@ -506,14 +508,14 @@ where
 /// Answers one call in its own task, counted in flight until it has replied.
 fn spawn_call<P: Provider>(
     provider: &Arc<P>,
-    ctx: &Context,
+    ctx: &Arc<Context>,
     in_flight: &Arc<InFlight>,
     capability: Capability,
     message: Message,
 ) {
     let guard = in_flight.enter();
     let provider = Arc::clone(provider);
-    let ctx = ctx.clone();
+    let ctx = Arc::clone(ctx);
     tokio::spawn(async move {
         rpc::serve_call(&*provider, &ctx, capability, message).await;
         drop(guard);

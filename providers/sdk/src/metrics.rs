@@ -1,7 +1,7 @@
 //! Provider metrics, in the registry of the process that runs the provider: its own
 //! (`trellis-provider-<name> --metrics ADDR`) or the host that embeds it.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 use trellis_bus::metrics::prometheus_client::metrics::counter::Counter;
@@ -35,10 +35,16 @@ static FAMILIES: LazyLock<Families> = LazyLock::new(|| Families {
     ),
 });
 
+/// The series a call is counted in: its count (by outcome) and its latency.
+type Series = (Counter, Histogram);
+
 /// The calls of one provider, counted as they are answered.
 #[derive(Debug, Clone)]
 pub(crate) struct ProviderCalls {
     provider: ProviderLabel,
+    /// By capability (the index in [`Capability::ALL`]): the series of calls answered `ok`,
+    /// made on the first such call, so that the common outcome neither hashes nor allocates.
+    ok: Arc<[OnceLock<Series>; Capability::ALL.len()]>,
 }
 
 impl ProviderCalls {
@@ -47,6 +53,7 @@ impl ProviderCalls {
         LazyLock::force(&FAMILIES);
         Self {
             provider: [("provider", Arc::from(name))],
+            ok: Arc::new(std::array::from_fn(|_| OnceLock::new())),
         }
     }
 
@@ -57,17 +64,36 @@ impl ProviderCalls {
         outcome: &'static str,
         elapsed: Duration,
     ) {
+        if outcome == "ok"
+            && let Some(slot) = Capability::ALL
+                .iter()
+                .position(|c| *c == capability)
+                .and_then(|i| self.ok.get(i))
+        {
+            let (count, latency) = slot.get_or_init(|| self.series(capability, outcome));
+            count.inc();
+            latency.observe(elapsed.as_secs_f64());
+            return;
+        }
+        let (count, latency) = self.series(capability, outcome);
+        count.inc();
+        latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// The series of calls of `capability` answered with `outcome` (handles on the family's).
+    fn series(&self, capability: Capability, outcome: &'static str) -> Series {
         let capability = capability.as_str();
-        FAMILIES
+        let count = FAMILIES
             .answered
             .get_or_create(&(
                 self.provider.clone(),
                 [("capability", capability), ("outcome", outcome)],
             ))
-            .inc();
-        FAMILIES
+            .clone();
+        let latency = FAMILIES
             .latency
             .get_or_create(&(self.provider.clone(), [("capability", capability)]))
-            .observe(elapsed.as_secs_f64());
+            .clone();
+        (count, latency)
     }
 }
