@@ -12,6 +12,10 @@
 //! Then the same with the provider embedded in the host (`trellis provider start kv --embedded`),
 //! which the host prefers: guest → host → JetStream KV, no second process and no extra hop.
 //!
+//! Each comparison runs `TRELLIS_BENCH_ROUNDS` rounds (default 3) that alternate which side runs
+//! first, prints the CPU time per round trip of every process (NATS server, host, provider, the
+//! callers), and reports the median ratio.
+//!
 //! Run: `cargo build --release --bins && cargo bench --bench kv`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
 
@@ -165,10 +169,73 @@ fn cpu_per_round_trip(lat: &BenchLattice, before: &[(String, u64)], round_trips:
     format!("{total:.1} µs CPU/round trip ({})", parts.join(", "))
 }
 
+/// The component against the raw client, sequentially and from `callers` callers, in `rounds`
+/// rounds that alternate which side runs first (the machine's speed drifts); prints each round
+/// with the CPU each process spent, then the median ratio. With `provider_alone`, each round
+/// also sends the guest's requests straight to the provider.
+#[allow(clippy::too_many_arguments, reason = "a benchmark's one comparison")]
+async fn compare(
+    client: &async_nats::Client,
+    lat: &BenchLattice,
+    instance: &str,
+    store: &jetstream::kv::Store,
+    total: usize,
+    callers: usize,
+    rounds: usize,
+    provider_alone: bool,
+) {
+    for (label, n) in [("sequential", 1), ("concurrent", callers)] {
+        let per_caller = (total / n).max(1);
+        let trips = n * per_caller;
+        let mut ratios = Vec::new();
+        for round in 0..rounds {
+            let mut component = (0.0, String::new());
+            let mut direct = (0.0, String::new());
+            for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+                let before = cpu_now(lat);
+                if side == 0 {
+                    let rate = from_component(client, lat, instance, n, per_caller).await;
+                    component = (rate, cpu_per_round_trip(lat, &before, trips));
+                } else {
+                    let rate = raw(store, n, per_caller).await;
+                    direct = (rate, cpu_per_round_trip(lat, &before, trips));
+                }
+            }
+            let ratio = component.0 / direct.0;
+            ratios.push(ratio);
+            println!(
+                "  {label:<11} ({n:>2} caller(s)) round {}  component {:>7.0}/s   raw client {:>7.0}/s   ratio component/raw {ratio:.2}",
+                round + 1,
+                component.0,
+                direct.0
+            );
+            println!("      component: {}", component.1);
+            println!("      raw client: {}", direct.1);
+            if provider_alone {
+                let before = cpu_now(lat);
+                let rate = through_provider(client, lat, instance, n, per_caller).await;
+                let cpu = cpu_per_round_trip(lat, &before, trips);
+                println!("      provider RPC alone: {rate:.0}/s, {cpu}");
+            }
+        }
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "  {label:<11} ({n:>2} caller(s)) median ratio component/raw {:.2} (rounds {})",
+            ratios[ratios.len() / 2],
+            ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let total = env_usize("TRELLIS_BENCH_ROUND_TRIPS", 5_000);
     let callers = env_usize("TRELLIS_BENCH_CALLERS", 8);
+    let rounds = env_usize("TRELLIS_BENCH_ROUNDS", 3).max(1);
     let lat = BenchLattice::up("bench-kv", &["kv"]).await;
     let wasm = components::build().path("kv_probe");
     let dir = tempfile::tempdir().unwrap();
@@ -199,47 +266,21 @@ async fn main() {
         .unwrap();
     raw(&store, 1, 200).await;
 
-    println!("set+get round trips ({total} per run, bucket `{BUCKET}`, one host)");
+    println!(
+        "set+get round trips ({total} per run, {rounds} round(s) alternating which side runs first, bucket `{BUCKET}`, one host)"
+    );
     println!("kv provider in its own process:");
-    for (label, n) in [("sequential", 1), ("concurrent", callers)] {
-        let per_caller = (total / n).max(1);
-        let trips = n * per_caller;
-        let before = cpu_now(&lat);
-        let component = from_component(&client, &lat, &instance, n, per_caller).await;
-        let component_cpu = cpu_per_round_trip(&lat, &before, trips);
-        let before = cpu_now(&lat);
-        let provider = through_provider(&client, &lat, &instance, n, per_caller).await;
-        let provider_cpu = cpu_per_round_trip(&lat, &before, trips);
-        let before = cpu_now(&lat);
-        let direct = raw(&store, n, per_caller).await;
-        let direct_cpu = cpu_per_round_trip(&lat, &before, trips);
-        let ratio = component / direct;
-        println!(
-            "  {label:<11} ({n:>2} caller(s))  component {component:>7.0}/s   provider RPC alone {provider:>7.0}/s   raw client {direct:>7.0}/s   ratio component/raw {ratio:.2}"
-        );
-        println!("      component: {component_cpu}");
-        println!("      provider RPC alone: {provider_cpu}");
-        println!("      raw client: {direct_cpu}");
-    }
+    compare(
+        &client, &lat, &instance, &store, total, callers, rounds, true,
+    )
+    .await;
 
     // The same provider embedded in the host: the host prefers it to the standalone process.
     lat.cli(&["provider", "start", "kv", "--embedded", "--wait"]);
     from_component(&client, &lat, &instance, 1, 200).await;
     println!("kv provider embedded in the host (`trellis provider start kv --embedded`):");
-    for (label, n) in [("sequential", 1), ("concurrent", callers)] {
-        let per_caller = (total / n).max(1);
-        let trips = n * per_caller;
-        let before = cpu_now(&lat);
-        let component = from_component(&client, &lat, &instance, n, per_caller).await;
-        let component_cpu = cpu_per_round_trip(&lat, &before, trips);
-        let before = cpu_now(&lat);
-        let direct = raw(&store, n, per_caller).await;
-        let direct_cpu = cpu_per_round_trip(&lat, &before, trips);
-        let ratio = component / direct;
-        println!(
-            "  {label:<11} ({n:>2} caller(s))  component {component:>7.0}/s   raw client {direct:>7.0}/s   ratio component/raw {ratio:.2}"
-        );
-        println!("      component: {component_cpu}");
-        println!("      raw client: {direct_cpu}");
-    }
+    compare(
+        &client, &lat, &instance, &store, total, callers, rounds, false,
+    )
+    .await;
 }
