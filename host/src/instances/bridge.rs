@@ -19,7 +19,7 @@ use trellis_schemas::dataplane::{self, ErrorCode, Op};
 use trellis_schemas::link::LinkRecord;
 use trellis_schemas::{
     AssignmentId, AssignmentRecord, AssignmentTarget, Capability, Fact, FactData, InstanceId,
-    Lattice, Projection, apply, subject,
+    Lattice, Projection, ProviderName, apply, subject,
 };
 use wasmtime::component::Val;
 
@@ -126,6 +126,27 @@ impl Assignments {
             .cloned()
     }
 
+    /// What a capability call of `instance` needs of the assignment granting `capability`:
+    /// the provider that serves it, the assignment's id and the sequence of the fact that
+    /// granted it (copied out without the rest of the grant, its configuration included).
+    pub(crate) fn route(
+        &self,
+        instance: &InstanceId,
+        component: &str,
+        capability: Capability,
+    ) -> Option<(ProviderName, String, u64)> {
+        let known = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        let record = known
+            .projection
+            .assignment_for(instance, component, capability)?;
+        let assignment = &record.assignment;
+        Some((
+            assignment.provider.clone(),
+            assignment.assignment_id.to_string(),
+            record.granted_seq,
+        ))
+    }
+
     /// Follows the lattice's assignment facts from the beginning of the stream, forever (the
     /// reader resumes by itself after NATS outages).
     pub(crate) async fn follow(self: Arc<Self>, client: async_nats::Client, lattice: Lattice) {
@@ -210,24 +231,23 @@ impl NatsBridge {
 
     async fn forward(&self, call: CapabilityCall) -> Result<CapabilityResponse, CapabilityError> {
         let capability = call.capability();
-        let Some(record) = self
-            .assignments
-            .lookup(&self.instance, &self.component, capability)
+        let Some((provider, assignment, granted_seq)) =
+            self.assignments
+                .route(&self.instance, &self.component, capability)
         else {
             return Err(self.denied(capability, call.traceparent.as_deref()).await);
         };
-        let assignment = &record.assignment;
         let identity = Identity {
             instance: self.instance.clone(),
             component: self.component.clone(),
-            assignment: Some(assignment.assignment_id.to_string()),
-            min_seq: Some(record.granted_seq),
+            assignment: Some(assignment),
+            min_seq: Some(granted_seq),
             traceparent: call.traceparent.as_deref().map(str::to_owned),
         };
-        if let Some(local) = self.embedded.get(&assignment.provider) {
+        if let Some(local) = self.embedded.get(&provider) {
             return call_embedded(&local, identity, call).await;
         }
-        let provider = &assignment.provider;
+        let provider = &provider;
         let subject = dataplane::provider_rpc(&self.lattice, provider, capability);
         let (headers, body) = codec::capability_request(&identity, &call.request)
             .map_err(CapabilityError::from_remote)?;
@@ -272,7 +292,7 @@ async fn call_embedded(
 impl CapabilityBridge for NatsBridge {
     fn allows(&self, capability: Capability) -> bool {
         self.assignments
-            .lookup(&self.instance, &self.component, capability)
+            .route(&self.instance, &self.component, capability)
             .is_some()
     }
 
