@@ -169,21 +169,32 @@ fn cpu_per_round_trip(lat: &BenchLattice, before: &[(String, u64)], round_trips:
     format!("{total:.1} µs CPU/round trip ({})", parts.join(", "))
 }
 
+/// What each side of a comparison runs against: the lattice, the instance of `kv_probe`, and a
+/// client with the raw side's store.
+struct Sides<'a> {
+    client: &'a async_nats::Client,
+    lat: &'a BenchLattice,
+    instance: &'a str,
+    store: &'a jetstream::kv::Store,
+}
+
 /// The component against the raw client, sequentially and from `callers` callers, in `rounds`
 /// rounds that alternate which side runs first (the machine's speed drifts); prints each round
 /// with the CPU each process spent, then the median ratio. With `provider_alone`, each round
 /// also sends the guest's requests straight to the provider.
-#[allow(clippy::too_many_arguments, reason = "a benchmark's one comparison")]
 async fn compare(
-    client: &async_nats::Client,
-    lat: &BenchLattice,
-    instance: &str,
-    store: &jetstream::kv::Store,
+    sides: &Sides<'_>,
     total: usize,
     callers: usize,
     rounds: usize,
     provider_alone: bool,
 ) {
+    let Sides {
+        client,
+        lat,
+        instance,
+        store,
+    } = *sides;
     for (label, n) in [("sequential", 1), ("concurrent", callers)] {
         let per_caller = (total / n).max(1);
         let trips = n * per_caller;
@@ -270,17 +281,17 @@ async fn main() {
         "set+get round trips ({total} per run, {rounds} round(s) alternating which side runs first, bucket `{BUCKET}`, one host)"
     );
     println!("kv provider in its own process:");
-    compare(
-        &client, &lat, &instance, &store, total, callers, rounds, true,
-    )
-    .await;
+    let sides = Sides {
+        client: &client,
+        lat: &lat,
+        instance: &instance,
+        store: &store,
+    };
+    compare(&sides, total, callers, rounds, true).await;
 
     // The same provider embedded in the host: the host prefers it to the standalone process.
     lat.cli(&["provider", "start", "kv", "--embedded", "--wait"]);
     from_component(&client, &lat, &instance, 1, 200).await;
     println!("kv provider embedded in the host (`trellis provider start kv --embedded`):");
-    compare(
-        &client, &lat, &instance, &store, total, callers, rounds, false,
-    )
-    .await;
+    compare(&sides, total, callers, rounds, false).await;
 }

@@ -163,32 +163,31 @@ impl BenchLattice {
         this
     }
 
-    /// The process ids of the lattice: its NATS server, controller, host and providers.
-    pub fn pids(&self) -> Vec<i32> {
+    /// The lattice's processes by name and id: `nats-server`, then the controller, the host and
+    /// the providers as they were started.
+    fn processes(&self) -> impl Iterator<Item = (&str, i32)> {
         self.nats
             .pid()
+            .map(|pid| ("nats-server", pid))
             .into_iter()
-            .chain(self.procs.iter().map(Proc::pid))
-            .collect()
+            .chain(self.procs.iter().map(|p| (p.name.as_str(), p.pid())))
+    }
+
+    /// The process ids of the lattice: its NATS server, controller, host and providers.
+    pub fn pids(&self) -> Vec<i32> {
+        self.processes().map(|(_, pid)| pid).collect()
     }
 
     /// CPU time the lattice's processes have used so far, in clock ticks (see [`cpu_ticks`]).
     pub fn cpu_ticks(&self) -> u64 {
-        self.pids().into_iter().map(cpu_ticks).sum()
+        self.processes().map(|(_, pid)| cpu_ticks(pid)).sum()
     }
 
     /// CPU time each of the lattice's processes has used so far, in clock ticks, by name
     /// (`nats-server`, then the controller, the host and the providers as they were started).
     pub fn cpu_ticks_by_process(&self) -> Vec<(String, u64)> {
-        self.nats
-            .pid()
-            .map(|pid| ("nats-server".to_owned(), cpu_ticks(pid)))
-            .into_iter()
-            .chain(
-                self.procs
-                    .iter()
-                    .map(|p| (p.name.clone(), cpu_ticks(p.pid()))),
-            )
+        self.processes()
+            .map(|(name, pid)| (name.to_owned(), cpu_ticks(pid)))
             .collect()
     }
 

@@ -247,8 +247,7 @@ impl NatsBridge {
         if let Some(local) = self.embedded.get(&provider) {
             return call_embedded(&local, identity, call).await;
         }
-        let provider = &provider;
-        let subject = dataplane::provider_rpc(&self.lattice, provider, capability);
+        let subject = dataplane::provider_rpc(&self.lattice, &provider, capability);
         let (headers, body) = codec::capability_request(&identity, &call.request)
             .map_err(CapabilityError::from_remote)?;
         let reply = codec::request(&self.client, subject, headers, body, call.timeout)
