@@ -5,7 +5,9 @@
 //! The guest is the `kv_probe` test component; its `round-trips` export does `n` set+get pairs in
 //! one invocation (keys `bench<caller>-0` … `-15`: each caller its own), so the figure is the capability path, not the
 //! call path; requests sent straight to the provider with the instance's identity show what the
-//! provider hop alone costs. Runs `TRELLIS_BENCH_ROUND_TRIPS` pairs (default 5,000) sequentially, then the same
+//! provider hop alone costs, and a bare responder with none of Trellis's code (on a connection of
+//! its own, in this process) shows what any provider in a process of its own costs at the least.
+//! Runs `TRELLIS_BENCH_ROUND_TRIPS` pairs (default 5,000) sequentially, then the same
 //! from `TRELLIS_BENCH_CALLERS` concurrent callers (default 8), on each side. Reports round trips
 //! per second and Trellis's figure as a ratio to the raw client's.
 //!
@@ -121,6 +123,75 @@ async fn through_provider(
     (callers * per_caller) as f64 / began.elapsed().as_secs_f64()
 }
 
+/// Subject of the bare responder.
+const BARE: &str = "bench.kv.bare";
+
+/// The floor of any provider in a process of its own: a responder with none of Trellis's
+/// code (no identity, no assignment check, no codec, no span or metric), on a connection of its
+/// own, that does the request's JetStream operation and answers. A request is `S` or `G`, the
+/// key's length as one byte, the key, then (for `S`) the value; a get answers the value, and an
+/// empty request is answered empty.
+async fn bare_responder(client: async_nats::Client, store: jetstream::kv::Store) {
+    use futures::StreamExt as _;
+    let mut requests = client.subscribe(BARE).await.unwrap();
+    let probe = client.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = requests.next().await {
+            let client = client.clone();
+            let store = store.clone();
+            tokio::spawn(async move {
+                let body = &msg.payload;
+                if body.is_empty() {
+                    client
+                        .publish(msg.reply.unwrap(), body.clone())
+                        .await
+                        .unwrap();
+                    return;
+                }
+                let len = usize::from(body[1]);
+                let key = std::str::from_utf8(&body[2..2 + len]).unwrap();
+                let answer = if body[0] == b'S' {
+                    let value = msg.payload.slice(2 + len..);
+                    store.put(key, value).await.unwrap();
+                    bytes::Bytes::new()
+                } else {
+                    store.get(key).await.unwrap().unwrap_or_default()
+                };
+                client.publish(msg.reply.unwrap(), answer).await.unwrap();
+            });
+        }
+    });
+    // Answered on its own connection: the server has the subscription for every connection.
+    probe.request(BARE, bytes::Bytes::new()).await.unwrap();
+}
+
+/// The same workload through [`bare_responder`]: what a provider process costs at the least.
+async fn through_bare(client: &async_nats::Client, callers: usize, per_caller: usize) -> f64 {
+    let began = Instant::now();
+    let mut runs = Vec::new();
+    for caller in 0..callers {
+        let client = client.clone();
+        runs.push(tokio::spawn(async move {
+            for i in 0..per_caller {
+                let key = format!("bench{caller}-{}", i % 16);
+                let value = u32::try_from(i).unwrap().to_le_bytes();
+                let mut set = vec![b'S', u8::try_from(key.len()).unwrap()];
+                set.extend_from_slice(key.as_bytes());
+                set.extend_from_slice(&value);
+                client.request(BARE, set.into()).await.unwrap();
+                let mut get = vec![b'G', u8::try_from(key.len()).unwrap()];
+                get.extend_from_slice(key.as_bytes());
+                let read = client.request(BARE, get.into()).await.unwrap();
+                assert_eq!(&read.payload[..], &value[..]);
+            }
+        }));
+    }
+    for run in runs {
+        run.await.unwrap();
+    }
+    (callers * per_caller) as f64 / began.elapsed().as_secs_f64()
+}
+
 /// The same workload as the guest's `round-trips`, from a raw async-nats KV client.
 async fn raw(store: &jetstream::kv::Store, callers: usize, per_caller: usize) -> f64 {
     let began = Instant::now();
@@ -227,6 +298,13 @@ async fn compare(
                 let rate = through_provider(client, lat, instance, n, per_caller).await;
                 let cpu = cpu_per_round_trip(lat, &before, trips);
                 println!("      provider RPC alone: {rate:.0}/s, {cpu}");
+                let before = cpu_now(lat);
+                let rate = through_bare(client, n, per_caller).await;
+                let cpu = cpu_per_round_trip(lat, &before, trips);
+                println!(
+                    "      bare responder (no Trellis code, the floor of a provider process): {rate:.0}/s, ratio to raw {:.2}, {cpu}",
+                    rate / direct.0
+                );
             }
         }
         ratios.sort_by(f64::total_cmp);
@@ -276,6 +354,13 @@ async fn main() {
         .await
         .unwrap();
     raw(&store, 1, 200).await;
+    let bare = lat.nats.client().await;
+    let bare_store = jetstream::new(bare.clone())
+        .get_key_value(BUCKET)
+        .await
+        .unwrap();
+    bare_responder(bare, bare_store).await;
+    through_bare(&client, 1, 200).await;
 
     println!(
         "set+get round trips ({total} per run, {rounds} round(s) alternating which side runs first, bucket `{BUCKET}`, one host)"
