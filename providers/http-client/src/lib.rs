@@ -33,6 +33,8 @@ pub const INFO: ProviderInfo = ProviderInfo {
     version: env!("CARGO_PKG_VERSION"),
     capabilities: &[Capability::HttpOutgoing],
     rpc: &[Capability::HttpOutgoing],
+    // TLS handshakes and bodies are work of its own, on every core.
+    workers: 0,
 };
 
 /// The timeout when neither the request nor the assignment sets one.

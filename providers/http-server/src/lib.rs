@@ -68,6 +68,8 @@ pub const INFO: ProviderInfo = ProviderInfo {
     version: env!("CARGO_PKG_VERSION"),
     capabilities: &[Capability::HttpIncoming],
     rpc: &[],
+    // It parses HTTP from many connections: a thread per core.
+    workers: 0,
 };
 
 /// How long a request waits for the component.

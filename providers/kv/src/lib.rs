@@ -30,6 +30,7 @@ pub const INFO: ProviderInfo = ProviderInfo {
     version: env!("CARGO_PKG_VERSION"),
     capabilities: &[Capability::KeyValue],
     rpc: &[Capability::KeyValue],
+    workers: 1,
 };
 
 /// Keys per `list_keys` page.

@@ -34,6 +34,7 @@ pub const INFO: ProviderInfo = ProviderInfo {
     version: env!("CARGO_PKG_VERSION"),
     capabilities: &[Capability::Messaging],
     rpc: &[Capability::Messaging],
+    workers: 1,
 };
 
 /// The export a subscribed message is delivered to.

@@ -43,6 +43,11 @@ pub struct ProviderArgs {
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     #[arg(long)]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Threads of the provider's async runtime (default: 1 for `kv` and `messaging`, one per
+    /// core for the others). Ignored when embedded: a host runs its embedded providers on its
+    /// own runtime.
+    #[arg(long, env = "TRELLIS_PROVIDER_WORKERS")]
+    pub workers: Option<std::num::NonZeroUsize>,
     /// TLS for the NATS connection (`--tls-ca`, `--tls-cert`, `--tls-key`).
     #[command(flatten)]
     pub connect: trellis_bus::ConnectArgs,
@@ -96,6 +101,10 @@ mod tests {
         let settings = args.settings();
         assert_eq!(settings["a"], "1");
         assert_eq!(settings["b"], "x=y");
+        assert_eq!(args.workers, None);
+        let two = ProviderArgs::try_parse_from(["p", "--workers", "2"]).expect("parses");
+        assert_eq!(two.workers.map(std::num::NonZeroUsize::get), Some(2));
+        assert!(ProviderArgs::try_parse_from(["p", "--workers", "0"]).is_err());
         assert!(ProviderArgs::try_parse_from(["p", "--config", "novalue"]).is_err());
         assert!(ProviderArgs::try_parse_from(["p", "--lattice", "Bad.Name"]).is_err());
     }
