@@ -88,12 +88,16 @@ pub(crate) async fn serve_call<P: Provider>(
     let encoded = outcome.and_then(|response| {
         let (headers, body) = codec::capability_reply(&response)?;
         // A reply NATS would refuse is turned into an error the caller can act on.
-        let max = ctx.client.server_info().max_payload;
-        let size = body.len() + 1024;
-        if body.len() > MAX_BODY_BYTES / 2 && size > max {
-            return Err(DataError::too_large(format!(
-                "the reply is {size} bytes; this NATS server carries at most {max}"
-            )));
+        // Only a large reply can exceed the server's limit: the server's information is a
+        // copy of several strings, not read for every reply.
+        if body.len() > MAX_BODY_BYTES / 2 {
+            let max = ctx.client.server_info().max_payload;
+            let size = body.len() + 1024;
+            if size > max {
+                return Err(DataError::too_large(format!(
+                    "the reply is {size} bytes; this NATS server carries at most {max}"
+                )));
+            }
         }
         Ok((headers, body))
     });
