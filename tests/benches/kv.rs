@@ -30,6 +30,31 @@ use trellis_tests::components;
 
 const BUCKET: &str = "bench";
 
+/// The key and value of `caller`'s round trip `i`, as the guest's `round-trips` makes them.
+fn key_value(caller: usize, i: usize) -> (String, [u8; 4]) {
+    (
+        format!("bench{caller}-{}", i % 16),
+        u32::try_from(i).unwrap().to_le_bytes(),
+    )
+}
+
+/// Round trips per second of `callers` concurrent tasks, `run(caller)` each, which together make
+/// `callers * per_caller` round trips.
+async fn concurrently<F, Fut>(callers: usize, per_caller: usize, run: F) -> f64
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let began = Instant::now();
+    let runs: Vec<_> = (0..callers)
+        .map(|caller| tokio::spawn(run(caller)))
+        .collect();
+    for run in runs {
+        run.await.unwrap();
+    }
+    (callers * per_caller) as f64 / began.elapsed().as_secs_f64()
+}
+
 /// Round trips per second of `callers` concurrent runs of `per_caller` round trips each.
 async fn from_component(
     client: &async_nats::Client,
@@ -38,13 +63,11 @@ async fn from_component(
     callers: usize,
     per_caller: usize,
 ) -> f64 {
-    let began = Instant::now();
-    let mut runs = Vec::new();
-    for caller in 0..callers {
+    concurrently(callers, per_caller, |caller| {
         let client = client.clone();
         let l = lat.l.clone();
         let instance = instance.to_owned();
-        runs.push(tokio::spawn(async move {
+        async move {
             let text = trellis_ctl::workload::call_export(
                 &client,
                 &l,
@@ -64,12 +87,9 @@ async fn from_component(
                 format!("{{\"ok\":{per_caller}}}"),
                 "the guest's round trips failed"
             );
-        }));
-    }
-    for run in runs {
-        run.await.unwrap();
-    }
-    (callers * per_caller) as f64 / began.elapsed().as_secs_f64()
+        }
+    })
+    .await
 }
 
 /// The same workload as the guest's `round-trips`, as requests straight to the `kv` provider with
@@ -82,13 +102,11 @@ async fn through_provider(
     callers: usize,
     per_caller: usize,
 ) -> f64 {
-    let began = Instant::now();
-    let mut runs = Vec::new();
-    for caller in 0..callers {
+    concurrently(callers, per_caller, |caller| {
         let client = client.clone();
         let lattice = lat.l.clone();
         let identity = trellis_tests::caller(instance, "kv-probe");
-        runs.push(tokio::spawn(async move {
+        async move {
             let call = |request: KvRequest| {
                 let client = client.clone();
                 let lattice = lattice.clone();
@@ -101,8 +119,8 @@ async fn through_provider(
                 }
             };
             for i in 0..per_caller {
-                let key = format!("bench{caller}-{}", i % 16);
-                let value = u32::try_from(i).unwrap().to_le_bytes().to_vec();
+                let (key, value) = key_value(caller, i);
+                let value = value.to_vec();
                 call(KvRequest::Set {
                     bucket: String::new(),
                     key: key.clone(),
@@ -115,12 +133,9 @@ async fn through_provider(
                 })
                 .await;
             }
-        }));
-    }
-    for run in runs {
-        run.await.unwrap();
-    }
-    (callers * per_caller) as f64 / began.elapsed().as_secs_f64()
+        }
+    })
+    .await
 }
 
 /// Subject of the bare responder.
@@ -167,14 +182,11 @@ async fn bare_responder(client: async_nats::Client, store: jetstream::kv::Store)
 
 /// The same workload through [`bare_responder`]: what a provider process costs at the least.
 async fn through_bare(client: &async_nats::Client, callers: usize, per_caller: usize) -> f64 {
-    let began = Instant::now();
-    let mut runs = Vec::new();
-    for caller in 0..callers {
+    concurrently(callers, per_caller, |caller| {
         let client = client.clone();
-        runs.push(tokio::spawn(async move {
+        async move {
             for i in 0..per_caller {
-                let key = format!("bench{caller}-{}", i % 16);
-                let value = u32::try_from(i).unwrap().to_le_bytes();
+                let (key, value) = key_value(caller, i);
                 let mut set = vec![b'S', u8::try_from(key.len()).unwrap()];
                 set.extend_from_slice(key.as_bytes());
                 set.extend_from_slice(&value);
@@ -184,24 +196,18 @@ async fn through_bare(client: &async_nats::Client, callers: usize, per_caller: u
                 let read = client.request(BARE, get.into()).await.unwrap();
                 assert_eq!(&read.payload[..], &value[..]);
             }
-        }));
-    }
-    for run in runs {
-        run.await.unwrap();
-    }
-    (callers * per_caller) as f64 / began.elapsed().as_secs_f64()
+        }
+    })
+    .await
 }
 
 /// The same workload as the guest's `round-trips`, from a raw async-nats KV client.
 async fn raw(store: &jetstream::kv::Store, callers: usize, per_caller: usize) -> f64 {
-    let began = Instant::now();
-    let mut runs = Vec::new();
-    for caller in 0..callers {
+    concurrently(callers, per_caller, |caller| {
         let store = store.clone();
-        runs.push(tokio::spawn(async move {
+        async move {
             for i in 0..per_caller {
-                let key = format!("bench{caller}-{}", i % 16);
-                let value = u32::try_from(i).unwrap().to_le_bytes();
+                let (key, value) = key_value(caller, i);
                 store
                     .put(key.as_str(), value.to_vec().into())
                     .await
@@ -209,12 +215,9 @@ async fn raw(store: &jetstream::kv::Store, callers: usize, per_caller: usize) ->
                 let read = store.get(key.as_str()).await.unwrap();
                 assert_eq!(read.as_deref(), Some(&value[..]));
             }
-        }));
-    }
-    for run in runs {
-        run.await.unwrap();
-    }
-    (callers * per_caller) as f64 / began.elapsed().as_secs_f64()
+        }
+    })
+    .await
 }
 
 /// CPU time so far of each of the lattice's processes and of this one (the callers), in ticks.
