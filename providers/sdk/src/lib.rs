@@ -113,9 +113,8 @@ pub struct ProviderInfo {
     /// Threads of its async runtime when it runs as a process of its own, unless `--workers`
     /// says otherwise; 0 for one per core. A provider that relays each call to NATS and back
     /// (`kv`, `messaging`) does best on 1: its one NATS connection is its bottleneck, and a
-    /// second thread only adds wakeups between threads (in the kv bench, 1 thread spent
-    /// 70–76 µs of the provider's CPU per set+get round trip against 86–94 µs with 2, and a
-    /// single caller's round trips ran 20–40 % faster).
+    /// second thread only adds wakeups between threads (in the kv bench with 8 callers, the
+    /// provider spent 70–86 µs of CPU per set+get round trip on 1 thread, 82–94 µs on 2).
     pub workers: usize,
 }
 
