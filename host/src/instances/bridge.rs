@@ -126,6 +126,20 @@ impl Assignments {
             .cloned()
     }
 
+    /// Whether an assignment grants `capability` to `instance` of `component` (nothing copied).
+    pub(crate) fn grants(
+        &self,
+        instance: &InstanceId,
+        component: &str,
+        capability: Capability,
+    ) -> bool {
+        let known = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        known
+            .projection
+            .assignment_for(instance, component, capability)
+            .is_some()
+    }
+
     /// What a capability call of `instance` needs of the assignment granting `capability`:
     /// the provider that serves it, the assignment's id and the sequence of the fact that
     /// granted it (copied out without the rest of the grant, its configuration included).
@@ -291,8 +305,7 @@ async fn call_embedded(
 impl CapabilityBridge for NatsBridge {
     fn allows(&self, capability: Capability) -> bool {
         self.assignments
-            .route(&self.instance, &self.component, capability)
-            .is_some()
+            .grants(&self.instance, &self.component, capability)
     }
 
     fn call(&self, call: CapabilityCall) -> BridgeFuture<'_> {

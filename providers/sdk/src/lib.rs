@@ -182,14 +182,11 @@ where
     }
     trellis_bus::set_connect_args(args.connect.clone());
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    match args.workers.map(std::num::NonZeroUsize::get) {
-        Some(workers) => {
-            runtime.worker_threads(workers);
-        }
-        None if info.workers > 0 => {
-            runtime.worker_threads(info.workers);
-        }
-        None => {}
+    let workers = args
+        .workers
+        .map_or(info.workers, std::num::NonZeroUsize::get);
+    if workers > 0 {
+        runtime.worker_threads(workers);
     }
     let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,

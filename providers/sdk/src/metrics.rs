@@ -64,18 +64,18 @@ impl ProviderCalls {
         outcome: &'static str,
         elapsed: Duration,
     ) {
-        if outcome == "ok"
-            && let Some(slot) = Capability::ALL
-                .iter()
-                .position(|c| *c == capability)
-                .and_then(|i| self.ok.get(i))
-        {
-            let (count, latency) = slot.get_or_init(|| self.series(capability, outcome));
-            count.inc();
-            latency.observe(elapsed.as_secs_f64());
-            return;
-        }
-        let (count, latency) = self.series(capability, outcome);
+        let cached = (outcome == "ok")
+            .then(|| Capability::ALL.iter().position(|c| *c == capability))
+            .flatten()
+            .and_then(|i| self.ok.get(i));
+        let other;
+        let (count, latency) = match cached {
+            Some(slot) => slot.get_or_init(|| self.series(capability, outcome)),
+            None => {
+                other = self.series(capability, outcome);
+                &other
+            }
+        };
         count.inc();
         latency.observe(elapsed.as_secs_f64());
     }
