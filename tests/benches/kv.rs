@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use trellis_schemas::capability::rpc::{CapabilityRequest, KvRequest};
-use trellis_tests::bench::{BenchLattice, clock_ticks_per_sec, cpu_ticks, env_usize};
+use trellis_tests::bench::{
+    BenchLattice, clock_ticks_per_sec, context_switches, cpu_ticks, env_usize,
+};
 use trellis_tests::components;
 
 const BUCKET: &str = "bench";
@@ -221,23 +223,46 @@ async fn raw(store: &jetstream::kv::Store, callers: usize, per_caller: usize) ->
 }
 
 /// CPU time so far of each of the lattice's processes and of this one (the callers), in ticks.
-fn cpu_now(lat: &BenchLattice) -> Vec<(String, u64)> {
-    let mut all = lat.cpu_ticks_by_process();
-    let me = i32::try_from(std::process::id()).unwrap();
-    all.push(("callers".to_owned(), cpu_ticks(me)));
-    all
+/// What each process has spent so far: CPU ticks, and voluntary and involuntary context
+/// switches.
+struct Spent {
+    name: String,
+    ticks: u64,
+    switches: (u64, u64),
 }
 
-/// The CPU each process spent per round trip since `before`, for the processes that spent any.
-fn cpu_per_round_trip(lat: &BenchLattice, before: &[(String, u64)], round_trips: usize) -> String {
+fn cpu_now(lat: &BenchLattice) -> Vec<Spent> {
+    let me = i32::try_from(std::process::id()).unwrap();
+    lat.cpu_ticks_by_process()
+        .into_iter()
+        .zip(lat.context_switches_by_process())
+        .chain([(("callers".to_owned(), cpu_ticks(me)), context_switches(me))])
+        .map(|((name, ticks), switches)| Spent {
+            name,
+            ticks,
+            switches,
+        })
+        .collect()
+}
+
+/// The CPU each process spent per round trip since `before`, for the processes that spent any,
+/// with its context switches per round trip (voluntary + involuntary): a wakeup between threads
+/// costs one.
+fn cpu_per_round_trip(lat: &BenchLattice, before: &[Spent], round_trips: usize) -> String {
     let tick = 1e6 / clock_ticks_per_sec();
+    let per_trip = |n: u64| n as f64 / round_trips as f64;
     let mut total = 0.0;
     let mut parts = Vec::new();
-    for ((name, was), (_, now)) in before.iter().zip(cpu_now(lat)) {
-        let us = now.saturating_sub(*was) as f64 * tick / round_trips as f64;
+    for (was, now) in before.iter().zip(cpu_now(lat)) {
+        let us = per_trip(now.ticks.saturating_sub(was.ticks)) * tick;
         total += us;
         if us > 0.0 {
-            parts.push(format!("{name} {us:.1}"));
+            let voluntary = per_trip(now.switches.0.saturating_sub(was.switches.0));
+            let preempted = per_trip(now.switches.1.saturating_sub(was.switches.1));
+            parts.push(format!(
+                "{} {us:.1} [{voluntary:.1}+{preempted:.1} sw]",
+                now.name
+            ));
         }
     }
     format!("{total:.1} µs CPU/round trip ({})", parts.join(", "))

@@ -89,6 +89,31 @@ pub fn cpu_ticks(pid: i32) -> u64 {
     field(11) + field(12)
 }
 
+/// Context switches of every thread of process `pid` so far, voluntary (a thread that parked,
+/// waiting for a wakeup) and involuntary (a thread the kernel preempted); zeros when they cannot
+/// be read. A thread that ended no longer counts.
+pub fn context_switches(pid: i32) -> (u64, u64) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0, 0);
+    };
+    let mut total = (0, 0);
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            let value = |key: &str| {
+                line.strip_prefix(key)
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            if let Some(n) = value("voluntary_ctxt_switches:") {
+                total.0 += n;
+            } else if let Some(n) = value("nonvoluntary_ctxt_switches:") {
+                total.1 += n;
+            }
+        }
+    }
+    total
+}
+
 /// A `/proc/<pid>/status` value in KiB (`VmRSS`, `VmHWM`; 0 when it cannot be read).
 pub fn status_kib(pid: i32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -188,6 +213,14 @@ impl BenchLattice {
     pub fn cpu_ticks_by_process(&self) -> Vec<(String, u64)> {
         self.processes()
             .map(|(name, pid)| (name.to_owned(), cpu_ticks(pid)))
+            .collect()
+    }
+
+    /// Context switches of each of the lattice's processes so far (see [`context_switches`]),
+    /// in the order of [`Self::cpu_ticks_by_process`].
+    pub fn context_switches_by_process(&self) -> Vec<(u64, u64)> {
+        self.processes()
+            .map(|(_, pid)| context_switches(pid))
             .collect()
     }
 
