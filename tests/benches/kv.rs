@@ -15,8 +15,8 @@
 //! which the host prefers: guest → host → JetStream KV, no second process and no extra hop.
 //!
 //! Each comparison runs `TRELLIS_BENCH_ROUNDS` rounds (default 3) that alternate which side runs
-//! first, prints the CPU time per round trip of every process (NATS server, host, provider, the
-//! callers), and reports the median ratio.
+//! first, prints the CPU time and the context switches per round trip of every process (NATS
+//! server, host, provider, the callers), and reports the median ratio.
 //!
 //! Run: `cargo build --release --bins && cargo bench --bench kv`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
