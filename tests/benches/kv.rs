@@ -222,15 +222,14 @@ async fn raw(store: &jetstream::kv::Store, callers: usize, per_caller: usize) ->
     .await
 }
 
-/// CPU time so far of each of the lattice's processes and of this one (the callers), in ticks.
-/// What each process has spent so far: CPU ticks, and voluntary and involuntary context
-/// switches.
+/// What a process has spent so far: CPU ticks, and voluntary and involuntary context switches.
 struct Spent {
     name: String,
     ticks: u64,
     switches: (u64, u64),
 }
 
+/// What each of the lattice's processes and this one (the callers) have spent so far.
 fn cpu_now(lat: &BenchLattice) -> Vec<Spent> {
     let me = i32::try_from(std::process::id()).unwrap();
     lat.cpu_ticks_by_process()

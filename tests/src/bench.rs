@@ -99,29 +99,24 @@ pub fn context_switches(pid: i32) -> (u64, u64) {
     let mut total = (0, 0);
     for task in tasks.flatten() {
         let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        for line in status.lines() {
-            let value = |key: &str| {
-                line.strip_prefix(key)
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-            };
-            if let Some(n) = value("voluntary_ctxt_switches:") {
-                total.0 += n;
-            } else if let Some(n) = value("nonvoluntary_ctxt_switches:") {
-                total.1 += n;
-            }
-        }
+        total.0 += status_field(&status, "voluntary_ctxt_switches").unwrap_or(0);
+        total.1 += status_field(&status, "nonvoluntary_ctxt_switches").unwrap_or(0);
     }
     total
 }
 
-/// A `/proc/<pid>/status` value in KiB (`VmRSS`, `VmHWM`; 0 when it cannot be read).
-pub fn status_kib(pid: i32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
+/// The number of a `status` file's line `key: <n>[ kB]`.
+fn status_field(status: &str, key: &str) -> Option<u64> {
+    status
         .lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+}
+
+/// A `/proc/<pid>/status` value in KiB (`VmRSS`, `VmHWM`; 0 when it cannot be read).
+pub fn status_kib(pid: i32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status_field(&status, key).unwrap_or(0)
 }
 
 /// The `q` quantile (nearest rank) of `v`, which it sorts; zero when `v` is empty.
@@ -419,6 +414,21 @@ mod tests {
 Requests/sec:   7291.23
 Transfer/sec:    854.44KB
 ";
+
+    #[test]
+    fn a_status_file_is_read() {
+        let status = "Name:\tkv\nVmRSS:\t   12345 kB\nvoluntary_ctxt_switches:\t7\nnonvoluntary_ctxt_switches:\t3\n";
+        assert_eq!(status_field(status, "VmRSS"), Some(12_345));
+        assert_eq!(status_field(status, "voluntary_ctxt_switches"), Some(7));
+        assert_eq!(status_field(status, "nonvoluntary_ctxt_switches"), Some(3));
+        assert_eq!(status_field(status, "VmHWM"), None);
+        let me = i32::try_from(std::process::id()).unwrap();
+        let (voluntary, _) = context_switches(me);
+        assert!(
+            voluntary > 0,
+            "this process's threads have parked at least once"
+        );
+    }
 
     #[test]
     fn a_wrk_report_is_read() {

@@ -197,8 +197,8 @@ where
     };
     // The serve loop runs as a task on the runtime's workers, not on this thread: `block_on`
     // would poll it here, so that every call arriving on a worker's connection would wake this
-    // thread to take it, and this thread wake a worker to run it (in the kv bench, about three
-    // and a half context switches per call on top of a provider's own).
+    // thread to take it, and this thread wake a worker to run it (in the kv bench, 7.1 voluntary
+    // context switches per set+get round trip, two calls, against 3.7 with the loop spawned).
     let serving = runtime.spawn(run(info, args, make, trellis_bus::shutdown_signal()));
     match runtime.block_on(serving) {
         Ok(Ok(())) => ExitCode::SUCCESS,
