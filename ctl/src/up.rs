@@ -176,6 +176,9 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The names under which `trellis up` lists the providers it starts (`provider` for any other).
+const PROVIDER_LABELS: [&str; 5] = ["kv", "http-server", "http-client", "messaging", "provider"];
+
 struct Proc {
     name: &'static str,
     child: Child,
@@ -636,13 +639,11 @@ async fn start_and_wait(
             .into_iter()
             .map(|a| (trellis_bus::ENV_APP_CREDS, a))
             .collect();
-        let label: &'static str = match name.as_str() {
-            "kv" => "kv",
-            "http-server" => "http-server",
-            "http-client" => "http-client",
-            "messaging" => "messaging",
-            _ => "provider",
-        };
+        let label = PROVIDER_LABELS
+            .iter()
+            .copied()
+            .find(|l| *l == name.as_str())
+            .unwrap_or("provider");
         procs.push(Proc::spawn(label, path, &provider_args, logs, &env).await?);
     }
     let mut dashboard = None;
@@ -811,11 +812,24 @@ async fn start_and_wait(
     }
     println!("Press Ctrl-C to stop.");
 
-    // Run until asked to stop, or until a child dies unexpectedly.
+    // Run until asked to stop, or until a child dies unexpectedly. A provider stopped on
+    // request (`trellis provider stop`) drains and exits 0: the rest runs on without it.
     let watch = async {
+        let mut gone = vec![false; procs.len()];
         loop {
-            for p in procs.iter_mut() {
+            for (p, gone) in procs.iter_mut().zip(gone.iter_mut()) {
+                if *gone {
+                    continue;
+                }
                 if let Ok(Some(status)) = p.child.try_wait() {
+                    if status.success() && PROVIDER_LABELS.contains(&p.name) {
+                        println!(
+                            "  {:<11} stopped on request ({status}); the rest keeps running",
+                            p.name
+                        );
+                        *gone = true;
+                        continue;
+                    }
                     return fail(format!(
                         "{} exited ({status}); see {}",
                         p.name,

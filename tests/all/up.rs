@@ -1,5 +1,6 @@
 //! `trellis up` stops everything it started, however it is stopped: in order on SIGTERM (as on
-//! Ctrl-C), and through the parent-death signal when it is SIGKILLed.
+//! Ctrl-C), and through the parent-death signal when it is SIGKILLed. A provider it started and
+//! that is stopped on request leaves the rest running.
 //!
 //! The processes it started are read from /proc before the signal (its children and their
 //! children, such as the providers its host supervises); afterwards each must be gone. A zombie
@@ -281,4 +282,59 @@ async fn nothing_trellis_up_started_outlives_a_sigkill() {
             .is_err(),
         "NATS no longer listens"
     );
+}
+
+#[tokio::test]
+async fn a_provider_stopped_on_request_leaves_the_rest_running() {
+    let Up {
+        mut child,
+        lines,
+        url,
+        started,
+    } = start_up(false).await;
+
+    let (code, out, err) = cli_at(&url, &["provider", "ls", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let kv = listed["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "kv" && p["host_id"].is_null())
+        .unwrap_or_else(|| panic!("the kv provider trellis up started: {out}"))["provider_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, _, err) = cli_at(&url, &["provider", "stop", &kv]);
+    assert_eq!(code, 0, "{err}");
+
+    // The first line about a stop (the rest of the banner may come before it).
+    let line = std::iter::from_fn(|| lines.recv_timeout(Duration::from_secs(30)).ok())
+        .find(|l| l.contains("stopped"))
+        .expect("trellis up says the provider stopped");
+    assert!(
+        line.trim_start().starts_with("kv ") && line.contains("stopped on request"),
+        "{line}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "trellis up runs on without the provider"
+    );
+    let (code, hosts, err) = cli_at(&url, &["host", "ls"]);
+    assert_eq!(code, 0, "the lattice still answers: {err}");
+    assert!(hosts.contains("up-host"), "{hosts}");
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = wait_for(
+        "trellis up to exit after SIGTERM",
+        Duration::from_secs(90),
+        || {
+            let status = child.try_wait().unwrap();
+            async move { status }
+        },
+    )
+    .await;
+    assert!(status.success(), "a SIGTERM is a clean stop, got {status}");
+    all_gone(&started, Duration::from_secs(5)).await;
 }
