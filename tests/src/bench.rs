@@ -422,11 +422,14 @@ Transfer/sec:    854.44KB
         assert_eq!(status_field(status, "voluntary_ctxt_switches"), Some(7));
         assert_eq!(status_field(status, "nonvoluntary_ctxt_switches"), Some(3));
         assert_eq!(status_field(status, "VmHWM"), None);
+        // A thread that sleeps leaves its CPU: at least one voluntary switch, counted.
         let me = i32::try_from(std::process::id()).unwrap();
-        let (voluntary, _) = context_switches(me);
+        let (before, _) = context_switches(me);
+        std::thread::sleep(Duration::from_millis(20));
+        let (after, _) = context_switches(me);
         assert!(
-            voluntary > 0,
-            "this process's threads have parked at least once"
+            after > before,
+            "a sleep is a voluntary switch: {before} → {after}"
         );
     }
 
