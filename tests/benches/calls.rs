@@ -1,9 +1,18 @@
-//! Data-plane benchmark: calls per second through NATS to one instance on a real host.
+//! Data-plane benchmark: calls per second through NATS to one instance on a real host, against
+//! the floor under them in the same run.
 //!
 //! Starts a nats-server and a `trellis-host` process, stores the `typed` test component in the
 //! artifact store, starts one instance of it and sends `TRELLIS_BENCH_CALLS` calls (default
-//! 200,000) of its `add` export from `TRELLIS_BENCH_CALLERS` concurrent callers (default 256)
-//! spread over 4 NATS connections. Reports calls/s and the p50/p99/max latency of a call.
+//! 200,000) of its `add` export from `TRELLIS_BENCH_CALLERS` concurrent callers (default 64, the
+//! goal's setting) spread over 4 NATS connections. The same load then goes to a bare responder
+//! (this binary started again as a process of its own with a two-thread runtime, as a host is,
+//! answering `42` at once with none of Trellis's code): what any request and reply between two
+//! processes through this nats-server costs on this machine, so the host's figure is also given
+//! as a ratio to it. `TRELLIS_BENCH_ROUNDS` rounds (default 3) alternate which side runs first.
+//!
+//! Each line gives calls/s, the p50/p99/max latency of a call and the CPU time each process
+//! spent per call (nats-server, the serving process, the callers) with the serving process's
+//! context switches per call; the summary gives the medians.
 //!
 //! Run: `cargo build --release --bins && cargo bench --bench calls`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
@@ -20,13 +29,22 @@ use trellis_schemas::instance::{
     ComponentSource, ManifestDoc, RestartPolicy, StartInstanceCommand,
 };
 use trellis_schemas::{ComponentName, FactKind, HostId, InstanceId, subject};
-use trellis_tests::bench::{env_usize, quantile};
+use trellis_tests::bench::{
+    BareResponder, clock_ticks_per_sec, context_switches, cpu_ticks, env_usize, median, quantile,
+    serve_bare_if_asked,
+};
 use trellis_tests::{Nats, Proc, bin, components, lattice, wait_for};
 
+fn main() {
+    serve_bare_if_asked();
+    bench();
+}
+
 #[tokio::main]
-async fn main() {
+async fn bench() {
     let total = env_usize("TRELLIS_BENCH_CALLS", 200_000);
-    let callers = env_usize("TRELLIS_BENCH_CALLERS", 256);
+    let rounds = env_usize("TRELLIS_BENCH_ROUNDS", 3).max(1);
+    let callers = env_usize("TRELLIS_BENCH_CALLERS", 64);
     let nats = Nats::start().await;
     let l = lattice("bench-calls");
     let cache = tempfile::tempdir().unwrap();
@@ -42,7 +60,7 @@ async fn main() {
         "--max-memory".into(),
         "64MiB".into(),
     ];
-    let _host = Proc::spawn("host-bench", &bin("trellis-host"), &args, nats.logs());
+    let host = Proc::spawn("host-bench", &bin("trellis-host"), &args, nats.logs());
 
     let client = nats.client().await;
     let bytes = components::build().bytes("typed");
@@ -101,30 +119,113 @@ async fn main() {
     .await;
 
     let call_subject = dataplane::component(&l, &ComponentName::new("typed").unwrap(), Op::Call);
+    let bare = BareResponder::start(&nats.url(), BARE, "42");
     let mut clients = Vec::new();
     for _ in 0..4 {
         clients.push(nats.client().await);
     }
+    let host_side = Side {
+        label: "host",
+        subject: call_subject,
+        pid: host.pid(),
+    };
+    let bare_side = Side {
+        label: "bare",
+        subject: BARE.to_owned(),
+        pid: bare.pid(),
+    };
+    let pids = Pids {
+        nats: nats.pid().unwrap_or(0),
+        callers: i32::try_from(std::process::id()).unwrap(),
+    };
     // Warm up: the first calls fault in the pool's memory and the connections' buffers.
-    run(&clients, &call_subject, 2_000.min(total), callers).await;
+    for side in [&host_side, &bare_side] {
+        run(&clients, &side.subject, 2_000.min(total), callers).await;
+    }
 
-    let started = Instant::now();
-    let (mut latencies, errors) = run(&clients, &call_subject, total, callers).await;
-    let elapsed = started.elapsed();
     println!(
-        "calls: {total} `add` calls, {callers} concurrent callers over {} connections, 1 instance",
+        "calls: {total} `add` calls per run, {callers} concurrent callers over {} connections, 1 instance; \
+         bare = a responder process with none of Trellis's code (the floor)",
         clients.len()
     );
+    let (mut host_rates, mut bare_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let order = if round % 2 == 1 {
+            [&host_side, &bare_side]
+        } else {
+            [&bare_side, &host_side]
+        };
+        let mut rates = [0.0; 2];
+        for side in order {
+            let rate = measure(&clients, side, &pids, round, total, callers).await;
+            rates[usize::from(side.label == "bare")] = rate;
+        }
+        host_rates.push(rates[0]);
+        bare_rates.push(rates[1]);
+        ratios.push(rates[0] / rates[1]);
+    }
     println!(
-        "throughput: {:.0} calls/s ({elapsed:.2?} in total, {errors} errors)",
-        total as f64 / elapsed.as_secs_f64()
+        "median: host {:.0} calls/s, bare {:.0} calls/s, ratio {:.2} (rounds {})",
+        median(&mut host_rates),
+        median(&mut bare_rates),
+        median(&mut ratios.clone()),
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
+}
+
+/// The subject of the bare responder.
+const BARE: &str = "bench.calls.bare";
+
+/// One side of the comparison: where the calls go and the process that answers them.
+struct Side {
+    label: &'static str,
+    subject: String,
+    pid: i32,
+}
+
+/// The other processes whose CPU a run counts.
+struct Pids {
+    nats: i32,
+    callers: i32,
+}
+
+/// One run of `total` calls to `side`; prints its figures and returns its calls/s.
+async fn measure(
+    clients: &[async_nats::Client],
+    side: &Side,
+    pids: &Pids,
+    round: usize,
+    total: usize,
+    callers: usize,
+) -> f64 {
+    let cpu = || [pids.nats, side.pid, pids.callers].map(cpu_ticks);
+    let (before, switches) = (cpu(), context_switches(side.pid));
+    let started = Instant::now();
+    let (mut latencies, errors) = run(clients, &side.subject, total, callers).await;
+    let elapsed = started.elapsed();
+    let (after, switched) = (cpu(), context_switches(side.pid));
+    let per_call =
+        |i: usize| (after[i] - before[i]) as f64 * 1e6 / clock_ticks_per_sec() / total as f64;
+    let switches_per_call =
+        ((switched.0 + switched.1) - (switches.0 + switches.1)) as f64 / total as f64;
+    let rate = total as f64 / elapsed.as_secs_f64();
     println!(
-        "latency: p50 {:?}, p99 {:?}, max {:?}",
+        "  round {round}, {:4}: {rate:6.0} calls/s, p50 {:.2?}, p99 {:.2?}, max {:.2?}, {errors} errors; \
+         CPU per call: nats-server {:.1} µs, {} {:.1} µs [{switches_per_call:.2} sw], callers {:.1} µs",
+        side.label,
         quantile(&mut latencies, 0.50),
         quantile(&mut latencies, 0.99),
-        latencies.last().copied().unwrap_or_default()
+        latencies.last().copied().unwrap_or_default(),
+        per_call(0),
+        side.label,
+        per_call(1),
+        per_call(2),
     );
+    rate
 }
 
 /// Sends `total` calls from `callers` concurrent tasks; returns every call's latency and the

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use trellis_schemas::capability::rpc::{CapabilityRequest, KvRequest};
 use trellis_tests::bench::{
-    BenchLattice, clock_ticks_per_sec, context_switches, cpu_ticks, env_usize,
+    BenchLattice, clock_ticks_per_sec, context_switches, cpu_ticks, env_usize, median,
 };
 use trellis_tests::components;
 
@@ -334,10 +334,9 @@ async fn compare(
                 );
             }
         }
-        ratios.sort_by(f64::total_cmp);
         println!(
             "  {label:<11} ({n:>2} caller(s)) median ratio component/raw {:.2} (rounds {})",
-            ratios[ratios.len() / 2],
+            median(&mut ratios),
             ratios
                 .iter()
                 .map(|r| format!("{r:.2}"))

@@ -19,12 +19,10 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-
 use serde_json::Value;
 use trellis_schemas::dataplane::{self, Op};
 use trellis_schemas::{ComponentName, Lattice};
-use trellis_tests::bench::{call_load, env_usize, quantile};
+use trellis_tests::bench::{BareResponder, call_load, env_usize, quantile, serve_bare_if_asked};
 use trellis_tests::{Nats, push_test_component};
 
 const TRANSFORM: &str = "example:pipeline/transform";
@@ -85,60 +83,7 @@ fn guest_bench(nats: &Nats, l: &Lattice, label: &str, n: usize) {
 /// The subject of the bare responder.
 const BARE: &str = "bench.bare.echo";
 
-/// Set in the environment of the bench binary started again as the bare responder: the URL of
-/// the server.
-const RESPONDER_ENV: &str = "TRELLIS_BENCH_BARE_RESPONDER";
-
-/// The floor under a call across hosts: this binary started again as a process of its own (as
-/// a host is), answering every request on [`BARE`] at once with a small JSON body, from a
-/// runtime with two worker threads (as each host has). Killed when dropped.
-fn bare_responder(nats: &Nats) -> Responder {
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .env(RESPONDER_ENV, nats.url())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-        &mut ready,
-    )
-    .unwrap();
-    assert_eq!(ready.trim(), "ready", "the bare responder did not start");
-    Responder(child)
-}
-
-/// The bare responder's process, killed when dropped.
-struct Responder(std::process::Child);
-
-impl Drop for Responder {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The body of the bare responder process.
-fn serve_bare(url: String) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
-        let client = async_nats::connect(url).await.unwrap();
-        let mut requests = client.subscribe(BARE).await.unwrap();
-        client.flush().await.unwrap();
-        println!("ready");
-        while let Some(message) = requests.next().await {
-            if let Some(reply) = message.reply {
-                let _ = client.publish(reply, "\"A-B\"".into()).await;
-            }
-        }
-    });
-}
-
-/// `n` sequential requests to the [`bare_responder`] from this process's runtime through the
+/// `n` sequential requests to the [`BareResponder`] on [`BARE`] from this process's runtime through the
 /// same nats-server, carrying what a linked call carries (an export header, a traceparent, a
 /// small JSON body); prints p50, p99 and the mean.
 async fn bare_round_trip(nats: &Nats, n: usize) {
@@ -171,9 +116,7 @@ async fn bare_round_trip(nats: &Nats, n: usize) {
 }
 
 fn main() {
-    if let Ok(url) = std::env::var(RESPONDER_ENV) {
-        return serve_bare(url);
-    }
+    serve_bare_if_asked();
     bench();
 }
 
@@ -209,7 +152,7 @@ async fn bench() {
     guest_bench(&nats, &l, "warm-up, across hosts", 200);
     // Alternated with the floor, so that both see the same machine (two shared cores make
     // single runs differ by a tenth or more).
-    let _responder = bare_responder(&nats);
+    let _responder = BareResponder::start(&nats.url(), BARE, "\"A-B\"");
     for round in 1..=3 {
         guest_bench(
             &nats,

@@ -16,6 +16,7 @@ use trellis_schemas::control::StatusRequest;
 use trellis_schemas::{
     Capacity, Event, FactData, HostId, HostLost, HostStarted, HostStopped, subject,
 };
+use trellis_tests::bench::median;
 use trellis_tests::{Nats, lattice};
 
 fn facts_for(host: usize) -> [FactData; 4] {
@@ -48,11 +49,6 @@ fn facts_for(host: usize) -> [FactData; 4] {
             reason: "signal: SIGTERM".into(),
         }),
     ]
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 #[tokio::main]
@@ -129,7 +125,7 @@ async fn main() {
             bare[round], fold[round]
         );
     }
-    let (bare, fold) = (median(bare), median(fold));
+    let (bare, fold) = (median(&mut bare), median(&mut fold));
     println!(
         "median: bare read {bare:.0} msg/s, fold {fold:.0} facts/s, ratio {:.2}",
         fold / bare
@@ -152,7 +148,7 @@ async fn main() {
     }
     println!(
         "controller start to first answer over {n} facts: median {:.2} s (runs: {:?})",
-        median(first_answer.clone()),
+        median(&mut first_answer.clone()),
         first_answer
             .iter()
             .map(|s| format!("{s:.2}"))

@@ -119,6 +119,13 @@ pub fn status_kib(pid: i32, key: &str) -> u64 {
     status_field(&status, key).unwrap_or(0)
 }
 
+/// The median of `v` (the upper middle one of an even count), which it sorts; zero when `v` is
+/// empty.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
 /// The `q` quantile (nearest rank) of `v`, which it sorts; zero when `v` is empty.
 pub fn quantile(v: &mut [Duration], q: f64) -> Duration {
     if v.is_empty() {
@@ -127,6 +134,95 @@ pub fn quantile(v: &mut [Duration], q: f64) -> Duration {
     v.sort_unstable();
     let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
     v[rank - 1]
+}
+
+/// Set in the environment of a benchmark binary started again as a [`BareResponder`]: the URL
+/// of the nats-server, the subject to answer and the body of every reply.
+const BARE_ENV: [&str; 3] = [
+    "TRELLIS_BENCH_BARE_URL",
+    "TRELLIS_BENCH_BARE_SUBJECT",
+    "TRELLIS_BENCH_BARE_BODY",
+];
+
+/// The floor under any request and reply between two processes through the same nats-server:
+/// the benchmark's own binary started again as a process of its own (as a host is), answering
+/// every request on one subject at once with a fixed body and the headers of a successful call
+/// reply, from a runtime with two worker threads (as a host has), with none of Trellis's code
+/// between. Killed when dropped.
+///
+/// A benchmark that starts one calls [`serve_bare_if_asked`] first thing in `main`.
+#[derive(Debug)]
+pub struct BareResponder(std::process::Child);
+
+impl BareResponder {
+    /// Starts the responder on `subject` of the server at `url`, replying `body`; returns once
+    /// it is subscribed.
+    ///
+    /// # Panics
+    ///
+    /// When the process cannot start or does not say it is ready.
+    pub fn start(url: &str, subject: &str, body: &str) -> Self {
+        let mut child = Command::new(std::env::current_exe().expect("the bench's own path"))
+            .envs(BARE_ENV.iter().zip([url, subject, body]))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the bare responder");
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().expect("piped stdout")),
+            &mut ready,
+        )
+        .expect("read the bare responder's first line");
+        assert_eq!(ready.trim(), "ready", "the bare responder did not start");
+        Self(child)
+    }
+
+    /// The responder's process id.
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.0.id()).expect("a pid fits an i32")
+    }
+}
+
+impl Drop for BareResponder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// When this process was started as a [`BareResponder`], serves until it is killed and then
+/// exits; otherwise returns at once.
+///
+/// # Panics
+///
+/// When the responder cannot reach its server.
+pub fn serve_bare_if_asked() {
+    let Ok(url) = std::env::var(BARE_ENV[0]) else {
+        return;
+    };
+    let subject = std::env::var(BARE_ENV[1]).expect("the bare responder's subject");
+    let body = bytes::Bytes::from(std::env::var(BARE_ENV[2]).unwrap_or_default());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async move {
+        use futures::StreamExt as _;
+        let client = async_nats::connect(url).await.expect("connect");
+        let mut requests = client.subscribe(subject).await.expect("subscribe");
+        client.flush().await.expect("flush");
+        let headers = trellis_bus::dataplane::ok_headers(None);
+        println!("ready");
+        while let Some(message) = requests.next().await {
+            if let Some(reply) = message.reply {
+                let _ = client
+                    .publish_with_headers(reply, headers.clone(), body.clone())
+                    .await;
+            }
+        }
+    });
+    std::process::exit(0);
 }
 
 /// A lattice for a benchmark or a test: a nats-server, one controller, one host and the given
