@@ -248,17 +248,24 @@ pub async fn run(
     let drivers = tokio::spawn(rollouts::run_drivers(state.clone()));
     let watchdog = tokio::spawn(rollouts::watch_drivers(state.clone()));
 
-    let serve = async {
-        while let Some(message) = requests.next().await {
-            let state = state.clone();
-            let client = client.clone();
-            tokio::spawn(async move { serve::handle(&state, &client, message).await });
+    // A task of its own, on the runtime's workers: polled from the thread that awaits `run`
+    // (the main thread, under `block_on`), every request would wake that thread and then a
+    // worker to run the task it spawned, as the provider SDK's loop did.
+    let mut serve = tokio::spawn({
+        let (state, client) = (state.clone(), client.clone());
+        async move {
+            while let Some(message) = requests.next().await {
+                let state = state.clone();
+                let client = client.clone();
+                tokio::spawn(async move { serve::handle(&state, &client, message).await });
+            }
         }
-    };
+    });
     tokio::select! {
-        _ = serve => tracing::warn!("control subscription ended"),
+        _ = &mut serve => tracing::warn!("control subscription ended"),
         _ = shutdown => tracing::info!("controller shutting down"),
     }
+    serve.abort();
     liveness.abort();
     audit_grants.abort();
     audit_setup.abort();
