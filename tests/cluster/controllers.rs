@@ -4,11 +4,8 @@
 use std::time::{Duration, Instant};
 
 use trellis_ctl::CtlClient;
-use trellis_schemas::control::{
-    HostListRequest, InstanceListRequest, InstanceStartRequest, StatusRequest,
-};
+use trellis_schemas::control::{InstanceListRequest, InstanceStartRequest, StatusRequest};
 use trellis_schemas::{FactKind, InstanceId};
-use trellis_tests::cluster::Cluster;
 use trellis_tests::wait_for;
 
 use crate::common::{T, assert_each_fact_once, of, projections_of_both, push, three_hosts};
@@ -117,78 +114,5 @@ async fn a_controller_killed_during_a_burst_leaves_the_other_answering_and_both_
         "one record per accepted instance"
     );
     let status = ctl.request(&StatusRequest::default()).await.unwrap();
-    assert_eq!(status.hosts.up, 3);
-}
-
-/// Figure for the notes, not an assertion on speed: how long a controller replica takes to replay
-/// the stream of a lattice of three hosts running 1,000 instances each, measured by the replica
-/// itself (`lattice.status` → `replay_ms`) after a restart. Starting 3,000 instances takes minutes
-/// on a small machine, so this runs on request only:
-/// `cargo test --workspace --test cluster replay -- --ignored --nocapture`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement that takes minutes; run on request"]
-async fn replay_time_with_three_hosts_of_a_thousand_instances() {
-    const PER_HOST: u64 = 1_000;
-    const BATCH: u64 = 100;
-    let mut cluster = Cluster::start("replay").await;
-    cluster.controller("c1", "60s").await;
-    for host in ["h1", "h2", "h3"] {
-        cluster.host(host, &[], &["--max-instances", "1000"]).await;
-    }
-    let ctl = CtlClient::new(
-        cluster.client().await,
-        cluster.lattice.clone(),
-        Duration::from_secs(30),
-    );
-    wait_for("three hosts", T, || async {
-        let reply = ctl.request(&HostListRequest::default()).await.ok()?;
-        (reply.hosts.len() == 3).then_some(())
-    })
-    .await;
-    push(&cluster, "counter", "counter", "2s");
-    let js = async_nats::jetstream::new(cluster.client().await);
-    let count = || async {
-        trellis_bus::events_stream_state(&js, &cluster.lattice)
-            .await
-            .map(|s| s.messages)
-            .unwrap_or(0)
-    };
-    let started_at = Instant::now();
-    let base = count().await;
-    // Batches per host, each waited for, so placement never runs ahead of the facts.
-    for batch in 0..PER_HOST / BATCH {
-        for host in ["h1", "h2", "h3"] {
-            let request: InstanceStartRequest = serde_json::from_value(
-                serde_json::json!({"component": "counter", "count": BATCH, "host_id": host}),
-            )
-            .unwrap();
-            ctl.request(&request).await.unwrap();
-        }
-        let want = base + 3 * BATCH * (batch + 1);
-        wait_for("a batch of instances", Duration::from_secs(300), || async {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            (count().await >= want).then_some(())
-        })
-        .await;
-    }
-    let start_ms = started_at.elapsed().as_millis();
-    let tip = trellis_bus::events_stream_state(&js, &cluster.lattice)
-        .await
-        .unwrap()
-        .last_sequence;
-    cluster.kill("c1");
-    cluster.start_again("c1").await;
-    let status = wait_for("c1 to replay", T, || async {
-        let status = ctl.request(&StatusRequest::default()).await.ok()?;
-        (status.as_of >= tip).then_some(status)
-    })
-    .await;
-    println!(
-        "figure: {} facts (3 hosts × {PER_HOST} instances, started in {start_ms} ms): controller \
-         replay {} ms ({} facts applied)",
-        count().await,
-        status.controller.replay_ms,
-        status.controller.replayed_facts
-    );
     assert_eq!(status.hosts.up, 3);
 }
