@@ -204,6 +204,20 @@ async fn all_gone(started: &[Seen], bound: Duration) -> Duration {
     }
 }
 
+/// Sends `trellis up` SIGTERM and waits (up to 90 s) for it to exit.
+async fn stop_with_sigterm(child: &mut Child) -> std::process::ExitStatus {
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    wait_for(
+        "trellis up to exit after SIGTERM",
+        Duration::from_secs(90),
+        || {
+            let status = child.try_wait().unwrap();
+            async move { status }
+        },
+    )
+    .await
+}
+
 fn port_of(url: &str) -> u16 {
     url.rsplit(':').next().unwrap().parse().unwrap()
 }
@@ -218,16 +232,7 @@ async fn trellis_up_stops_everything_in_order_on_sigterm() {
         started,
     } = start_up(true).await;
 
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let status = wait_for(
-        "trellis up to exit after SIGTERM",
-        Duration::from_secs(90),
-        || {
-            let status = child.try_wait().unwrap();
-            async move { status }
-        },
-    )
-    .await;
+    let status = stop_with_sigterm(&mut child).await;
     assert!(status.success(), "a SIGTERM is a clean stop, got {status}");
 
     // It stopped its children itself, each in turn, before exiting.
@@ -325,16 +330,7 @@ async fn a_provider_stopped_on_request_leaves_the_rest_running() {
     assert_eq!(code, 0, "the lattice still answers: {err}");
     assert!(hosts.contains("up-host"), "{hosts}");
 
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let status = wait_for(
-        "trellis up to exit after SIGTERM",
-        Duration::from_secs(90),
-        || {
-            let status = child.try_wait().unwrap();
-            async move { status }
-        },
-    )
-    .await;
+    let status = stop_with_sigterm(&mut child).await;
     assert!(status.success(), "a SIGTERM is a clean stop, got {status}");
     all_gone(&started, Duration::from_secs(5)).await;
 }
