@@ -81,9 +81,8 @@ pub async fn ensure_audit_stream(
         duplicate_window: Duration::from_secs(120).min(retention.max_age),
         ..Default::default()
     };
-    if let Ok(mut existing) = js.get_stream(&name).await
-        && let Ok(info) = existing.info().await
-    {
+    if let Ok(existing) = js.get_stream(&name).await {
+        let info = existing.cached_info();
         config.num_replicas = replicas.for_existing(info.config.num_replicas);
     }
     js.create_or_update_stream(config)

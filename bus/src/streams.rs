@@ -4,7 +4,7 @@ use async_nats::jetstream::{self, stream};
 use trellis_schemas::{Lattice, subject};
 
 /// A stream could not be created, updated or inspected.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("JetStream stream {stream}: {message}")]
 pub struct StreamError {
     /// The stream.
@@ -104,8 +104,8 @@ pub async fn ensure_replicas(
         stream: stream.to_owned(),
         message: e.to_string(),
     };
-    let mut handle = js.get_stream(stream).await.map_err(|e| error(&e))?;
-    let mut config = handle.info().await.map_err(|e| error(&e))?.config.clone();
+    let handle = js.get_stream(stream).await.map_err(|e| error(&e))?;
+    let mut config = handle.cached_info().config.clone();
     let wanted = replicas.for_existing(config.num_replicas);
     if config.num_replicas == wanted {
         return Ok(());
@@ -164,9 +164,8 @@ pub async fn ensure_streams(
         // secured lattice) waits for the controller to create them.
         let mut attempt = 0;
         loop {
-            if let Ok(mut existing) = js.get_stream(&name).await
-                && let Ok(info) = existing.info().await
-            {
+            if let Ok(existing) = js.get_stream(&name).await {
+                let info = existing.cached_info();
                 config.num_replicas = replicas.for_existing(info.config.num_replicas);
                 // Nothing to change: no update is sent.
                 if same_settings(&info.config, &config) {
@@ -241,13 +240,11 @@ pub async fn events_stream_state(
     lattice: &Lattice,
 ) -> Result<stream::State, StreamError> {
     let name = subject::events_stream(lattice);
-    let mut stream = js.get_stream(&name).await.map_err(|e| StreamError {
+    // One round trip: `get_stream` already asks for the stream's info (`Stream::info` would ask
+    // again).
+    let stream = js.get_stream(&name).await.map_err(|e| StreamError {
         stream: name.clone(),
         message: e.to_string(),
     })?;
-    let info = stream.info().await.map_err(|e| StreamError {
-        stream: name.clone(),
-        message: e.to_string(),
-    })?;
-    Ok(info.state.clone())
+    Ok(stream.cached_info().state.clone())
 }

@@ -824,9 +824,8 @@ async fn stream_state(
     let mut refusals = trellis_bus::permission_violations();
     let api = format!("$JS.API.STREAM.INFO.{name}");
     let info = async {
-        let mut stream = js.get_stream(name).await.map_err(|e| e.to_string())?;
-        let info = stream.info().await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(info.state.clone())
+        let stream = js.get_stream(name).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(stream.cached_info().state.clone())
     };
     tokio::select! {
         state = info => state.map_err(|e| format!("JetStream stream {name}: {e}")),

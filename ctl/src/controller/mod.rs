@@ -435,7 +435,7 @@ async fn read_retained_heartbeats(
 ) -> Result<(), ControllerError> {
     let lattice = &state.config.lattice;
     let backlog = match js.get_stream(subject::heartbeat_stream(lattice)).await {
-        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Ok(s) => s.cached_info().state.messages,
         Err(_) => 0,
     };
     if backlog == 0 {
