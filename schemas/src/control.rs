@@ -323,7 +323,8 @@ pub struct ControllerInfo {
     pub replayed_facts: u64,
 }
 
-/// The lattice's fact stream.
+/// The lattice's fact stream, as the answering replica last read its state from JetStream (at
+/// most half a second before the answer).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StreamSummary {
@@ -333,7 +334,8 @@ pub struct StreamSummary {
     pub messages: u64,
     /// Its first sequence.
     pub first_seq: u64,
-    /// Its last sequence.
+    /// Its last sequence: the highest of the one read, the highest the replica has seen exist
+    /// while reading facts, and `as_of`.
     pub last_seq: u64,
     /// Facts the answering replica has not applied yet.
     #[serde(default)]

@@ -85,6 +85,28 @@ pub enum InstanceStatus {
 }
 
 impl InstanceStatus {
+    /// Every status, in declaration order: `status as usize` is its index here.
+    pub const ALL: [InstanceStatus; 7] = [
+        InstanceStatus::Running,
+        InstanceStatus::Restarting,
+        InstanceStatus::Crashed,
+        InstanceStatus::GaveUp,
+        InstanceStatus::Stopped,
+        InstanceStatus::Failed,
+        InstanceStatus::Lost,
+    ];
+
+    /// Whether the status is a failure: the instance stopped serving without being asked to.
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            InstanceStatus::Failed
+                | InstanceStatus::Crashed
+                | InstanceStatus::GaveUp
+                | InstanceStatus::Lost
+        )
+    }
+
     /// The status as it appears on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -208,6 +230,15 @@ pub enum ProviderStatus {
 }
 
 impl ProviderStatus {
+    /// Every status, in declaration order: `status as usize` is its index here.
+    pub const ALL: [ProviderStatus; 5] = [
+        ProviderStatus::Running,
+        ProviderStatus::Restarting,
+        ProviderStatus::Crashed,
+        ProviderStatus::Stopped,
+        ProviderStatus::Failed,
+    ];
+
     /// The status as it appears on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -693,6 +724,23 @@ mod tests {
 
     fn host(n: u8) -> HostId {
         HostId::new(format!("h{n}")).expect("valid")
+    }
+
+    #[test]
+    fn every_status_is_listed_at_its_own_index() {
+        for (i, status) in InstanceStatus::ALL.into_iter().enumerate() {
+            assert_eq!(status as usize, i, "{status:?}");
+        }
+        for (i, status) in ProviderStatus::ALL.into_iter().enumerate() {
+            assert_eq!(status as usize, i, "{status:?}");
+        }
+        // Distinct wire names, so that no count hides another.
+        let names: std::collections::BTreeSet<_> =
+            InstanceStatus::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names.len(), InstanceStatus::ALL.len());
+        let names: std::collections::BTreeSet<_> =
+            ProviderStatus::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names.len(), ProviderStatus::ALL.len());
     }
 
     fn fact(seq: u64, data: FactData) -> Fact {

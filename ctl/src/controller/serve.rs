@@ -13,7 +13,8 @@ use trellis_schemas::control::{
     page_size,
 };
 use trellis_schemas::{
-    CtlOp, CtlRequest, ErrorBody, ErrorCode, HostStatus, InstanceStatus, Reply, subject,
+    CtlOp, CtlRequest, ErrorBody, ErrorCode, HostStatus, InstanceStatus, ProviderStatus, Reply,
+    subject,
 };
 
 use super::state::State;
@@ -255,8 +256,19 @@ fn projection(state: &State, _: ProjectionRequest) -> Result<ProjectionReply, Er
     })
 }
 
+/// The counts that are not zero, by the names of what they count.
+fn by_name<const N: usize>(names: [&str; N], counts: [u32; N]) -> BTreeMap<String, u32> {
+    names
+        .into_iter()
+        .zip(counts)
+        .filter(|&(_, n)| n > 0)
+        .map(|(name, n)| (name.to_owned(), n))
+        .collect()
+}
+
 async fn status(state: &State) -> Result<StatusReply, ErrorBody> {
-    let stream = trellis_bus::events_stream_state(&state.js, &state.config.lattice)
+    let stream = state
+        .stream_state()
         .await
         .map_err(|e| ErrorBody::new(ErrorCode::Unavailable, e.to_string()))?;
     let projection = state.projection();
@@ -269,14 +281,43 @@ async fn status(state: &State) -> Result<StatusReply, ErrorBody> {
             HostStatus::Lost => hosts.lost += 1,
         }
     }
-    let mut instances = BTreeMap::new();
+    // One walk over the instances, with no allocation per instance: at 100,000 instances this
+    // is what a status request costs.
+    let since = chrono::Utc::now() - chrono::Duration::seconds(RECENT_FAILURES_SECS);
+    let mut instance_counts = [0u32; InstanceStatus::ALL.len()];
+    let mut failed = Vec::new();
     for i in projection.instances.values() {
-        *instances.entry(i.status.as_str().to_owned()).or_insert(0) += 1;
+        instance_counts[i.status as usize] += 1;
+        if i.status.is_failure() && i.status_since >= since {
+            failed.push(i);
+        }
     }
-    let mut providers = BTreeMap::new();
+    // Only the listed ones are copied: after a host loss, thousands may have failed.
+    failed.sort_by_key(|i| std::cmp::Reverse(i.status_since));
+    let failures_last_hour = u32::try_from(failed.len()).unwrap_or(u32::MAX);
+    let failures = failed
+        .into_iter()
+        .take(RECENT_FAILURES_LISTED)
+        .map(|i| RecentFailure {
+            instance_id: i.instance_id.clone(),
+            component: i.component.clone(),
+            status: i.status,
+            reason: i.last_reason.clone(),
+            since: i.status_since,
+        })
+        .collect();
+    let mut provider_counts = [0u32; ProviderStatus::ALL.len()];
     for p in projection.providers.values() {
-        *providers.entry(p.status.as_str().to_owned()).or_insert(0) += 1;
+        provider_counts[p.status as usize] += 1;
     }
+    let instances = by_name(
+        InstanceStatus::ALL.map(InstanceStatus::as_str),
+        instance_counts,
+    );
+    let providers = by_name(
+        ProviderStatus::ALL.map(ProviderStatus::as_str),
+        provider_counts,
+    );
     let rollouts = projection
         .rollouts
         .values()
@@ -290,30 +331,6 @@ async fn status(state: &State) -> Result<StatusReply, ErrorBody> {
             weight: r.weight,
         })
         .collect();
-    let since = chrono::Utc::now() - chrono::Duration::seconds(RECENT_FAILURES_SECS);
-    let mut failures: Vec<RecentFailure> = projection
-        .instances
-        .values()
-        .filter(|i| {
-            matches!(
-                i.status,
-                InstanceStatus::Failed
-                    | InstanceStatus::Crashed
-                    | InstanceStatus::GaveUp
-                    | InstanceStatus::Lost
-            ) && i.status_since >= since
-        })
-        .map(|i| RecentFailure {
-            instance_id: i.instance_id.clone(),
-            component: i.component.clone(),
-            status: i.status,
-            reason: i.last_reason.clone(),
-            since: i.status_since,
-        })
-        .collect();
-    failures.sort_by_key(|f| std::cmp::Reverse(f.since));
-    let failures_last_hour = u32::try_from(failures.len()).unwrap_or(u32::MAX);
-    failures.truncate(RECENT_FAILURES_LISTED);
     let components = u32::try_from(projection.artifacts.len()).unwrap_or(u32::MAX);
     drop(projection);
     let replay = state.replay_stats();
@@ -332,7 +349,7 @@ async fn status(state: &State) -> Result<StatusReply, ErrorBody> {
             name: subject::events_stream(&state.config.lattice),
             messages: stream.messages,
             first_seq: stream.first_sequence,
-            last_seq: stream.last_sequence,
+            last_seq: stream.last_sequence.max(as_of),
             lag: stream.last_sequence.saturating_sub(as_of),
         },
         instances,

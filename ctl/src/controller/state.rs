@@ -76,7 +76,22 @@ pub(crate) struct State {
     /// Signalled when a wait for a fact has lasted [`READER_STALL`]: the fact reader may have
     /// lost its consumer (its NATS server died) and reopens if it has been quiet that long.
     pub reader_stalled: tokio::sync::Notify,
+    /// The highest stream sequence the fact reader has seen exist: a delivered fact's sequence
+    /// plus the facts the server said were pending after it.
+    observed_tip: AtomicU64,
+    /// The fact stream's state as last read from JetStream, and when (see [`State::stream_state`]).
+    stream_state: tokio::sync::Mutex<Option<StreamRead>>,
 }
+
+/// A read of the fact stream's state, and when it was made.
+type StreamRead = (
+    Instant,
+    Result<jetstream::stream::State, trellis_bus::StreamError>,
+);
+
+/// How long a read of the fact stream's state serves `lattice.status` requests: each read is a
+/// round trip through JetStream, which dashboards polling status should not pay every time.
+const STREAM_STATE_FOR: Duration = Duration::from_millis(500);
 
 /// How long a placement counts as room taken while its `instance.started` has not arrived.
 const INFLIGHT_FOR: Duration = Duration::from_secs(30);
@@ -127,7 +142,32 @@ impl State {
             drive_rx: Mutex::new(Some(drive_rx)),
             driving: Mutex::default(),
             reader_stalled: tokio::sync::Notify::new(),
+            observed_tip: AtomicU64::new(0),
+            stream_state: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The fact stream's state, read from JetStream at most [`STREAM_STATE_FOR`] ago, with its
+    /// last sequence raised to the highest this replica has seen exist (so that a replica that
+    /// falls behind shows its lag at once). Requests that arrive while a read is on its way wait
+    /// for that read rather than sending their own, and a failed read answers them all with its
+    /// error, so that an outage does not queue one JetStream timeout per request.
+    pub async fn stream_state(&self) -> Result<jetstream::stream::State, trellis_bus::StreamError> {
+        let mut cached = self.stream_state.lock().await;
+        let read = match &*cached {
+            Some((read_at, read)) if read_at.elapsed() < STREAM_STATE_FOR => read.clone(),
+            _ => {
+                let read = trellis_bus::events_stream_state(&self.js, &self.config.lattice).await;
+                *cached = Some((Instant::now(), read.clone()));
+                read
+            }
+        };
+        drop(cached);
+        let mut current = read?;
+        current.last_sequence = current
+            .last_sequence
+            .max(self.observed_tip.load(Ordering::Relaxed));
+        Ok(current)
     }
 
     /// Asks this replica to drive `rollout` (a task of its own, started by `run`).
@@ -325,6 +365,13 @@ impl State {
 
     /// Applies a batch of raw facts: decoding happens outside the lock.
     fn apply_batch(&self, batch: &mut Vec<RawFact>) {
+        if let Some(tip) = batch
+            .iter()
+            .map(|raw| raw.seq.saturating_add(raw.pending))
+            .max()
+        {
+            self.observed_tip.fetch_max(tip, Ordering::Relaxed);
+        }
         let (decoded, last) = decode_batch(batch);
         let mut announced = Vec::new();
         {
