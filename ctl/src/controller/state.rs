@@ -93,6 +93,17 @@ type StreamRead = (
 /// round trip through JetStream, which dashboards polling status should not pay every time.
 const STREAM_STATE_FOR: Duration = Duration::from_millis(500);
 
+/// A stream's `(messages, first sequence, last sequence)` as read, brought up to `tip`, the
+/// highest sequence seen exist since the read: the messages after the read add to the count (none
+/// is removed that fast), and a stream that was empty starts after the last sequence it had.
+fn brought_up_to((messages, first, last): (u64, u64, u64), tip: u64) -> (u64, u64, u64) {
+    if tip <= last {
+        return (messages, first, last);
+    }
+    let first = if messages == 0 { last + 1 } else { first };
+    (messages + (tip - last), first, tip)
+}
+
 /// How long a placement counts as room taken while its `instance.started` has not arrived.
 const INFLIGHT_FOR: Duration = Duration::from_secs(30);
 /// The heartbeat interval assumed for a host whose heartbeat has not been heard yet.
@@ -164,9 +175,18 @@ impl State {
         };
         drop(cached);
         let mut current = read?;
-        current.last_sequence = current
-            .last_sequence
-            .max(self.observed_tip.load(Ordering::Relaxed));
+        (
+            current.messages,
+            current.first_sequence,
+            current.last_sequence,
+        ) = brought_up_to(
+            (
+                current.messages,
+                current.first_sequence,
+                current.last_sequence,
+            ),
+            self.observed_tip.load(Ordering::Relaxed),
+        );
         Ok(current)
     }
 
@@ -501,5 +521,24 @@ pub(crate) async fn fold_facts(state: std::sync::Arc<State>, mut rx: mpsc::Recei
     let mut batch = Vec::with_capacity(512);
     while rx.recv_many(&mut batch, 512).await > 0 {
         state.apply_batch(&mut batch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::brought_up_to;
+
+    #[test]
+    fn a_stream_read_is_brought_up_to_the_sequences_seen_since() {
+        // Nothing newer seen: the read stands.
+        assert_eq!(brought_up_to((9, 1, 9), 9), (9, 1, 9));
+        assert_eq!(brought_up_to((9, 1, 9), 4), (9, 1, 9));
+        // Two facts appended since the read.
+        assert_eq!(brought_up_to((9, 1, 9), 11), (11, 1, 11));
+        // Retention had removed the first ones; the range moves on from there.
+        assert_eq!(brought_up_to((5, 5, 9), 10), (6, 5, 10));
+        // A stream that was empty: a new one reads (0, 0, 0), a purged one (0, 10, 9).
+        assert_eq!(brought_up_to((0, 0, 0), 3), (3, 1, 3));
+        assert_eq!(brought_up_to((0, 10, 9), 12), (3, 10, 12));
     }
 }
