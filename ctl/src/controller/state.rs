@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -81,7 +81,14 @@ pub(crate) struct State {
     observed_tip: AtomicU64,
     /// The fact stream's state as last read from JetStream, and when (see [`State::stream_state`]).
     stream_state: tokio::sync::Mutex<Option<StreamRead>>,
+    /// The last `lattice.status` answer's counts, with the projection's `last_seq` they were made
+    /// at and when (see [`State::memo_status`]).
+    status_memo: Mutex<Option<(u64, Instant, Arc<trellis_schemas::control::StatusReply>)>>,
 }
+
+/// How long a `lattice.status` answer's counts serve while no fact changes the projection: the
+/// failures of the last hour move with the clock too.
+const STATUS_MEMO_FOR: Duration = Duration::from_secs(1);
 
 /// A read of the fact stream's state, and when it was made.
 type StreamRead = (
@@ -155,7 +162,35 @@ impl State {
             reader_stalled: tokio::sync::Notify::new(),
             observed_tip: AtomicU64::new(0),
             stream_state: tokio::sync::Mutex::new(None),
+            status_memo: Mutex::new(None),
         }
+    }
+
+    /// The status counts `make` computes from the projection, made again only when a fact
+    /// changed the projection or [`STATUS_MEMO_FOR`] has passed. Counting walks every instance,
+    /// which at 100,000 instances takes milliseconds; dashboards and scripts polling status on a
+    /// quiet lattice share one count. Also returns the stream sequence the counts reflect.
+    pub fn memo_status(
+        &self,
+        make: impl FnOnce(&Projection) -> trellis_schemas::control::StatusReply,
+    ) -> (Arc<trellis_schemas::control::StatusReply>, u64) {
+        let projection = self.projection();
+        let seq = projection.last_seq;
+        // Read under the projection's lock, so no fact is applied in between.
+        let as_of = seq.max(self.as_of());
+        let mut memo = self
+            .status_memo
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((at_seq, made, reply)) = &*memo
+            && *at_seq == seq
+            && made.elapsed() < STATUS_MEMO_FOR
+        {
+            return (Arc::clone(reply), as_of);
+        }
+        let reply = Arc::new(make(&projection));
+        *memo = Some((seq, Instant::now(), Arc::clone(&reply)));
+        (reply, as_of)
     }
 
     /// The fact stream's state, read from JetStream at most [`STREAM_STATE_FOR`] ago, with its
@@ -517,7 +552,7 @@ pub(crate) fn decode_batch(batch: &mut Vec<RawFact>) -> (Vec<Fact>, u64) {
 }
 
 /// Decodes and applies facts as the reader hands them over.
-pub(crate) async fn fold_facts(state: std::sync::Arc<State>, mut rx: mpsc::Receiver<RawFact>) {
+pub(crate) async fn fold_facts(state: Arc<State>, mut rx: mpsc::Receiver<RawFact>) {
     let mut batch = Vec::with_capacity(512);
     while rx.recv_many(&mut batch, 512).await > 0 {
         state.apply_batch(&mut batch);
