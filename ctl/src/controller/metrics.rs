@@ -119,16 +119,17 @@ impl Collector for StateCollector {
     }
 }
 
-/// Keeps `tip` at the events stream's last sequence, every 2 s, until the process ends.
-pub(crate) async fn follow_tip(
-    js: async_nats::jetstream::Context,
-    lattice: trellis_schemas::Lattice,
-    tip: Arc<AtomicU64>,
-) {
+/// Keeps `tip` at the events stream's last sequence, every 2 s, until the process ends: the
+/// replica's shared read of the stream ([`State::stream_state`]), which also counts the facts its
+/// reader has seen exist since. Ends when the replica's state is dropped.
+pub(crate) async fn follow_tip(state: Weak<State>, tip: Arc<AtomicU64>) {
     let mut ticker = tokio::time::interval(Duration::from_secs(2));
     loop {
         ticker.tick().await;
-        if let Ok(stream) = trellis_bus::events_stream_state(&js, &lattice).await {
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        if let Ok(stream) = state.stream_state().await {
             tip.store(stream.last_sequence, Ordering::Relaxed);
         }
     }

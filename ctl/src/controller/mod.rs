@@ -172,7 +172,7 @@ pub async fn run(
         // Served from the start, so that a long replay shows as lag.
         let tip = Arc::new(std::sync::atomic::AtomicU64::new(0));
         metrics::register_state(&state, Arc::clone(&tip));
-        tokio::spawn(metrics::follow_tip(js.clone(), config.lattice.clone(), tip));
+        tokio::spawn(metrics::follow_tip(Arc::downgrade(&state), tip));
         trellis_bus::metrics::serve(addr)
             .await
             .map_err(|e| ControllerError::Metrics(addr, e))?;
