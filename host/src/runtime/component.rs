@@ -781,6 +781,9 @@ fn failed(failure: Option<Failure>, output: &OutputHandle, limits: &Limits) -> I
             timeout: limits.timeout,
             output: output.collect(),
         },
+        Some(Failure::Instantiate(error)) if error.is::<wasmtime::PoolConcurrencyLimitError>() => {
+            InvokeError::PoolFull(error)
+        }
         Some(Failure::Instantiate(error)) => {
             match InvokeError::from_guest(error, output.collect(), limits.fuel, limits.timeout) {
                 InvokeError::Host { error, .. } => InvokeError::Instantiation(error),

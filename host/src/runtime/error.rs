@@ -238,7 +238,11 @@ pub enum InvokeError {
         /// What the guest wrote.
         output: GuestOutput,
     },
-    /// Instantiation failed for a reason other than a limit (e.g. the pooling allocator is full).
+    /// Every slot of the host's pooling allocator is taken: the host runs as many instances
+    /// as it can hold. Nothing ran; the call may be tried again, here later or on another host.
+    #[error("the host is full: {0}")]
+    PoolFull(wasmtime::Error),
+    /// Instantiation failed for a reason other than a limit or a full pool.
     #[error("instantiating the component: {0:?}")]
     Instantiation(wasmtime::Error),
     /// A linked import failed and the function that called it cannot take the error (it does
@@ -278,7 +282,7 @@ pub enum InvokeError {
 impl InvokeError {
     /// A stable, machine-readable reason: `fuel_exhausted`, `timeout`, `memory_limit`,
     /// `stack_overflow`, `panic`, `trap: <code>` (e.g. `trap: unreachable`), `output_too_large`,
-    /// `busy`, `unknown_export`, `invalid_arguments`, `unsupported_result`,
+    /// `busy`, `pool_full`, `unknown_export`, `invalid_arguments`, `unsupported_result`,
     /// `instantiation_failed`, `link_failed` or `host_error`.
     pub fn reason(&self) -> String {
         match self {
@@ -297,6 +301,7 @@ impl InvokeError {
             Self::UnsupportedResult { .. } => "unsupported_result".to_string(),
             Self::BadRequest { .. } => "bad_request".to_string(),
             Self::HttpResponse { .. } => "no_response".to_string(),
+            Self::PoolFull(_) => "pool_full".to_string(),
             Self::Instantiation(_) => "instantiation_failed".to_string(),
             Self::Link { .. } => "link_failed".to_string(),
             Self::Microvm { reason, .. } => reason.clone(),
@@ -347,7 +352,7 @@ impl InvokeError {
             Self::ArgumentsNotArray { .. }
             | Self::ArgumentCount { .. }
             | Self::ArgumentType { .. } => ErrorCode::InvalidArguments,
-            Self::Busy { .. } => ErrorCode::Busy,
+            Self::Busy { .. } | Self::PoolFull(_) => ErrorCode::Busy,
             Self::UnsupportedResult { .. } => ErrorCode::UnsupportedResult,
             Self::BadRequest { .. } => ErrorCode::InvalidRequest,
             Self::HttpResponse { .. } => ErrorCode::NoResponse,

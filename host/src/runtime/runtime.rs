@@ -438,8 +438,22 @@ fn validate(config: &RuntimeConfig) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// Slots the pooling allocator decommits at once (see `engine_config`).
+/// Slots the pooling allocator decommits at once, at most (see `engine_config`).
 const DECOMMIT_BATCH: usize = 32;
+
+/// The decommit batch for a pool of `slots`: [`DECOMMIT_BATCH`], but never more than a
+/// sixteenth of the pool, and 1 (no batching) for a pool of sixteen slots or fewer.
+///
+/// A slot waiting in the batch is neither live nor free. wasmtime flushes the batch when an
+/// allocation finds the pool full, but it takes the batch out of its lock before it decommits:
+/// an allocation on another thread during that flush finds the pool full and the batch empty,
+/// and fails although slots are about to come back. With a batch larger than the pool every
+/// allocation goes through that path; bounded, the batch holds too few slots to make a pool
+/// look full that is not nearly so.
+pub(crate) fn decommit_batch(slots: u32) -> usize {
+    let sixteenth = usize::try_from(slots / 16).unwrap_or(usize::MAX);
+    sixteenth.clamp(1, DECOMMIT_BATCH)
+}
 
 /// Bytes of a linear-memory slot reset in place rather than returned to the kernel (see
 /// `engine_config`): the resident memory a warm slot may keep.
@@ -552,7 +566,7 @@ pub(crate) fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
             .max_memory_size(usize::try_from(config.max_memory).unwrap_or(usize::MAX))
             // Returning a slot's memory to the kernel one instance at a time costs a syscall and
             // a TLB shootdown across threads per invocation; batching them divides that cost.
-            .decommit_batch_size(DECOMMIT_BATCH);
+            .decommit_batch_size(decommit_batch(n));
         // Better still, most invocations return nothing to the kernel: with the PAGEMAP_SCAN
         // ioctl (Linux 6.7+) the allocator finds the pages a guest dirtied and copies them back
         // from the image or zeroes them in place, up to these bounds per slot; they stay
@@ -578,5 +592,20 @@ impl Runtime {
             &self.inner.config,
             self.inner.allocation == AllocationStrategy::Pooling,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DECOMMIT_BATCH, decommit_batch};
+
+    #[test]
+    fn the_decommit_batch_is_a_small_share_of_the_pool() {
+        assert_eq!(decommit_batch(0), 1);
+        assert_eq!(decommit_batch(8), 1);
+        assert_eq!(decommit_batch(31), 1);
+        assert_eq!(decommit_batch(64), 4);
+        assert_eq!(decommit_batch(1000), DECOMMIT_BATCH);
+        assert_eq!(decommit_batch(u32::MAX), DECOMMIT_BATCH);
     }
 }

@@ -83,6 +83,42 @@ async fn over_the_concurrency_limit_is_busy() {
     assert_eq!(looping.in_flight(), 0);
 }
 
+/// When every slot of the host's pool is taken, an invocation is refused as `pool_full` with
+/// the code `busy` (so the data plane tries another instance), not as an internal error; and
+/// the slot comes back when the invocation holding it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_answers_busy_and_gives_the_slot_back() {
+    let mut one_slot = config(1);
+    one_slot.max_fuel(1_000_000_000_000);
+    let runtime = Runtime::new(&one_slot).unwrap();
+    let looping_limits = Limits {
+        max_concurrency: 2,
+        ..timed(Duration::from_secs(2))
+    };
+    let looping = load(&runtime, "loop", looping_limits);
+    let calls = (0..2).map(|i| {
+        let looping = looping.clone();
+        async move { looping.invoke("run", json!([i.to_string()])).await }
+    });
+    let mut reasons: Vec<_> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|result| {
+            let err = result.unwrap_err();
+            if err.reason() == "pool_full" {
+                assert_eq!(err.code(), trellis_schemas::dataplane::ErrorCode::Busy);
+                assert!(!err.is_crash(), "{err}");
+                assert!(err.to_string().contains("the host is full"), "{err}");
+            }
+            err.reason()
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, ["pool_full", "timeout"]);
+    let counter = load(&runtime, "counter", limits());
+    assert_eq!(counter.invoke("increment", json!([])).await.unwrap(), 1);
+}
+
 #[tokio::test]
 async fn wasi_grants_nothing_but_clocks_random_and_output() {
     let runtime = runtime();
@@ -210,6 +246,31 @@ async fn an_invocation_racing_a_tidy_on_another_thread_runs_fresh() {
     drop(tidier);
     while tidied.recv().await.is_some() {}
     assert_eq!(counter.invoke("increment", json!([])).await.unwrap(), 1);
+}
+
+/// Invocations on several threads at once, never more of them than half the pool, all get a
+/// slot: a slot given back is free for the next invocation on any thread, even while another
+/// thread is returning slots to the kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slots_given_back_on_one_thread_serve_invocations_on_another() {
+    let runtime = Runtime::new(&config(8)).unwrap();
+    let limits = Limits {
+        max_concurrency: 4,
+        ..limits()
+    };
+    let counter = load(&runtime, "counter", limits);
+    let callers = (0..4).map(|_| {
+        let counter = counter.clone();
+        tokio::spawn(async move {
+            for round in 0..500 {
+                let count = counter.invoke("increment", json!([])).await;
+                assert_eq!(count.unwrap_or_else(|e| panic!("round {round}: {e}")), 1);
+            }
+        })
+    });
+    for caller in futures::future::join_all(callers).await {
+        caller.unwrap();
+    }
 }
 
 /// Spares and stores kept for tidying never take a slot an invocation needs: with a pool of
