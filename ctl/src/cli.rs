@@ -319,6 +319,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     trellis_bus::set_connect_args(g.connect.clone());
     match cli.command {
         Command::Controller(args) => {
+            // First, so that a stop asked for while the controller starts drains it once up.
+            let shutdown = trellis_bus::shutdown_signal();
             let mut config = ControllerConfig::new(g.url(), g.lattice.clone());
             config.host_timeout = args.host_timeout;
             config.streams.replicas = args.replicas.map(usize::from);
@@ -348,7 +350,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             }
             let controller = async {
                 crate::controller::run(config, async {
-                    trellis_bus::shutdown_signal().await;
+                    shutdown.await;
                 })
                 .await
                 .map_err(|e| failure(1, e.to_string()))

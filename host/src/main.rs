@@ -170,6 +170,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn host_main() -> anyhow::Result<()> {
+    // First, so that a stop asked for while the host starts drains it once it is up.
+    let shutdown = trellis_bus::shutdown_signal();
     trellis_bus::init_logging("info,async_nats=warn");
     let _telemetry = trellis_bus::telemetry::init("trellis-host");
     let args = Args::parse();
@@ -230,7 +232,7 @@ async fn host_main() -> anyhow::Result<()> {
     if let Some(dir) = args.cache_dir {
         config.runtime.cache_dir(dir);
     }
-    trellis_host::run(config, trellis_bus::shutdown_signal())
+    trellis_host::run(config, shutdown)
         .await
         .context("trellis-host failed")
 }

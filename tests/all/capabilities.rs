@@ -581,8 +581,9 @@ async fn kv_counter_keeps_counting_across_instances_because_state_lives_in_the_p
     assert_eq!(code, 0, "{err}");
     let (_, started, reason) = lat.start("kv-counter", &[kv_grant, &http_grant]);
     assert!(started, "{reason}");
+    // The new grant's listener may not be bound yet: a refused connection is tried again.
     let (status, body) = wait_for("the count after a restart", T, || async {
-        let got = http(port, "GET", "/", "").await;
+        let got = try_http(port, "GET", "/", "").await.ok()?;
         (got.0 == 200).then_some(got)
     })
     .await;

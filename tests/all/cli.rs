@@ -115,7 +115,7 @@ async fn trellis_up_starts_a_lattice_and_stops_it_cleanly_on_ctrl_c() {
         status.success(),
         "trellis up exits 0 after Ctrl-C, got {status}"
     );
-    let rest: Vec<String> = rx.try_iter().collect();
+    let rest = trellis_tests::remaining_lines(&rx, T);
     let rest = rest.join("\n");
     assert!(rest.contains("host") && rest.contains("stopped"), "{rest}");
     // Everything it started is gone, NATS included.

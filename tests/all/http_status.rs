@@ -69,7 +69,9 @@ async fn listen(lat: &BenchLattice, target: &str) -> u16 {
     port
 }
 
-/// Pushes `http_faults` as `faults`: one invocation at a time, a 1 s timeout, 16 MiB.
+/// Pushes `http_faults` as `faults`: one invocation at a time, a 1 s timeout, 16 MiB, and fuel
+/// that `/spin` burns in a fraction of that second even on a loaded machine (so it ends as
+/// `fuel_exhausted`, never as `timeout`).
 fn push_faults(lat: &BenchLattice, dir: &std::path::Path) {
     let manifest = dir.join("faults.toml");
     std::fs::write(
@@ -81,7 +83,7 @@ version = "0.1.0"
 
 [limits]
 max_memory = "16MiB"
-fuel = 1_000_000_000
+fuel = 200_000_000
 timeout = "1s"
 max_concurrency = 1
 

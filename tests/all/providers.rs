@@ -713,11 +713,25 @@ async fn messaging_publishes_by_pattern_and_delivers_subscriptions() {
     // Revoked: no more deliveries.
     env.revoke(&g.assignment.assignment_id).await;
     env.wait_assignments("messaging", &id, 0).await;
-    // Drain what was published before the revocation took effect.
-    while tokio::time::timeout(Duration::from_millis(300), component_calls.next())
-        .await
-        .is_ok()
-    {}
+    // The provider unsubscribes once it has applied the revocation: probes are delivered until
+    // then, and none for a whole second after.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still delivered 20 s after the revocation"
+        );
+        env.client
+            .publish("in.jobs", b"probe".as_slice().into())
+            .await
+            .unwrap();
+        if tokio::time::timeout(Duration::from_secs(1), component_calls.next())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
     env.client
         .publish("in.jobs", b"job-2".as_slice().into())
         .await

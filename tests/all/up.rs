@@ -236,7 +236,7 @@ async fn trellis_up_stops_everything_in_order_on_sigterm() {
     assert!(status.success(), "a SIGTERM is a clean stop, got {status}");
 
     // It stopped its children itself, each in turn, before exiting.
-    let rest: Vec<String> = lines.try_iter().collect();
+    let rest = trellis_tests::remaining_lines(&lines, Duration::from_secs(30));
     let rest = rest.join("\n");
     assert!(rest.contains("signal: SIGTERM"), "{rest}");
     let order: Vec<usize> = ["kv ", "host ", "controller ", "nats "]

@@ -112,6 +112,21 @@ where
     }
 }
 
+/// The lines a reader thread still has to deliver from a process that exited: every line up to
+/// the end of its output (the thread drops its sender there), waiting at most `within` for it,
+/// so that the last lines the process wrote are never missed for having not been read yet.
+pub fn remaining_lines(lines: &std::sync::mpsc::Receiver<String>, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut rest = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match lines.recv_timeout(left) {
+            Ok(line) => rest.push(line),
+            Err(_) => break,
+        }
+    }
+    rest
+}
+
 /// A temporary directory for a test's servers, data and logs, removed on drop unless
 /// `TRELLIS_KEEP_LOGS=1` asks to keep it (its path is then printed).
 pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {

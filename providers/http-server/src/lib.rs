@@ -49,7 +49,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use trellis_bus::RouteTable;
 use trellis_bus::dataplane::{self as codec, SendError};
@@ -236,7 +236,13 @@ struct Listener {
     address: SocketAddr,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// Completes when the task has closed the listening socket (before its open connections
+    /// finish), so the address can be bound again.
+    released: oneshot::Receiver<()>,
 }
+
+/// How long binding an address waits for a revoked listener on it to close its socket.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 /// Brings the listeners in line with the assignments in force.
 async fn reconcile(
@@ -249,14 +255,22 @@ async fn reconcile(
 ) {
     let mine: Vec<AssignmentRecord> = ctx.assignments.mine(Capability::HttpIncoming);
     let ids: HashSet<&AssignmentId> = mine.iter().map(|r| &r.assignment.assignment_id).collect();
-    listeners.retain(|id, listener| {
-        let keep = ids.contains(id);
-        if !keep {
+    // Listeners being closed, by address: a grant that replaces a revoked one on the same
+    // address (an instance replaced by another) binds once the old socket is closed, rather
+    // than fail to bind and wait for the next retry.
+    let mut closing: Vec<(SocketAddr, oneshot::Receiver<()>)> = Vec::new();
+    for id in listeners
+        .keys()
+        .filter(|id| !ids.contains(id))
+        .cloned()
+        .collect::<Vec<_>>()
+    {
+        if let Some(listener) = listeners.remove(&id) {
             tracing::info!(assignment = %id, address = %listener.address, "assignment revoked; closing the listener");
             let _ = listener.stop.send(true);
+            closing.push((listener.address, listener.released));
         }
-        keep
-    });
+    }
     reported.retain(|id| ids.contains(id));
     // Oldest grant first, so that of two assignments on one address the first keeps it.
     let mut pending: Vec<&AssignmentRecord> = mine
@@ -283,6 +297,10 @@ async fn reconcile(
                 tracing::error!(assignment = %id, %address, served_for = %other, "address already served for another assignment; refusing this one");
             }
             continue;
+        }
+        if let Some(at) = closing.iter().position(|(closed, _)| *closed == address) {
+            let (_, released) = closing.swap_remove(at);
+            let _ = tokio::time::timeout(RELEASE_WAIT, released).await;
         }
         let listener = match TcpListener::bind(address).await {
             Ok(listener) => listener,
@@ -313,20 +331,28 @@ async fn reconcile(
             local: provider.local.clone(),
         });
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(serve(listener, target, stopped));
+        let (release, released) = oneshot::channel();
+        let task = tokio::spawn(serve(listener, target, stopped, release));
         listeners.insert(
             id.clone(),
             Listener {
                 address,
                 stop,
                 task,
+                released,
             },
         );
     }
 }
 
-/// Accepts connections until stopped, then waits for the open ones to finish.
-async fn serve(listener: TcpListener, target: Arc<Target>, mut stop: watch::Receiver<bool>) {
+/// Accepts connections until stopped, then closes the listening socket (and says so on
+/// `released`) and waits for the open connections to finish.
+async fn serve(
+    listener: TcpListener,
+    target: Arc<Target>,
+    mut stop: watch::Receiver<bool>,
+    released: oneshot::Sender<()>,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -344,6 +370,7 @@ async fn serve(listener: TcpListener, target: Arc<Target>, mut stop: watch::Rece
         }
     }
     drop(listener);
+    let _ = released.send(());
     while connections.join_next().await.is_some() {}
 }
 

@@ -199,7 +199,11 @@ where
     // would poll it here, so that every call arriving on a worker's connection would wake this
     // thread to take it, and this thread wake a worker to run it (in the kv bench, 7.1 voluntary
     // context switches per set+get round trip, two calls, against 3.7 with the loop spawned).
-    let serving = runtime.spawn(run(info, args, make, trellis_bus::shutdown_signal()));
+    let shutdown = {
+        let _in_runtime = runtime.enter();
+        trellis_bus::shutdown_signal()
+    };
+    let serving = runtime.spawn(run(info, args, make, shutdown));
     match runtime.block_on(serving) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
