@@ -668,20 +668,26 @@ async fn messaging_publishes_by_pattern_and_delivers_subscriptions() {
         .await
         .unwrap();
     env.client.flush().await.unwrap();
+    // Publishes `body` on in.jobs once; what the component is delivered within `wait`.
+    async fn delivery(
+        client: &async_nats::Client,
+        calls: &mut async_nats::Subscriber,
+        body: &'static [u8],
+        wait: Duration,
+    ) -> Option<async_nats::Message> {
+        client.publish("in.jobs", body.into()).await.unwrap();
+        tokio::time::timeout(wait, calls.next())
+            .await
+            .ok()
+            .flatten()
+    }
     // The provider subscribes once it has seen the grant: publish until a delivery arrives.
     let deadline = tokio::time::Instant::now() + T;
     let delivered = loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no delivery to the component"
-        );
-        env.client
-            .publish("in.jobs", b"job-1".as_slice().into())
-            .await
-            .unwrap();
-        if let Ok(Some(m)) =
-            tokio::time::timeout(Duration::from_millis(300), component_calls.next()).await
-        {
+        assert!(tokio::time::Instant::now() < deadline, "no delivery");
+        let job = b"job-1";
+        let wait = Duration::from_millis(300);
+        if let Some(m) = delivery(&env.client, &mut component_calls, job, wait).await {
             break m;
         }
     };
@@ -716,21 +722,12 @@ async fn messaging_publishes_by_pattern_and_delivers_subscriptions() {
     // The provider unsubscribes once it has applied the revocation: probes are delivered until
     // then, and none for a whole second after.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still delivered 20 s after the revocation"
-        );
-        env.client
-            .publish("in.jobs", b"probe".as_slice().into())
-            .await
-            .unwrap();
-        if tokio::time::timeout(Duration::from_secs(1), component_calls.next())
-            .await
-            .is_err()
-        {
-            break;
-        }
+    let quiet = Duration::from_secs(1);
+    while delivery(&env.client, &mut component_calls, b"probe", quiet)
+        .await
+        .is_some()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "still delivered");
     }
     env.client
         .publish("in.jobs", b"job-2".as_slice().into())
