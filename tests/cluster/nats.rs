@@ -27,6 +27,10 @@ async fn nats_restarts_on_its_volume_and_buffered_facts_arrive_in_order_exactly_
     let before = cluster.facts().await;
 
     let client = cluster.client().await;
+    let mut beats = client
+        .subscribe(trellis_schemas::subject::heartbeats_all(&cluster.lattice))
+        .await
+        .unwrap();
     for (id, _) in &instances {
         let headers = trellis_bus::dataplane::call_headers("run");
         let subject = dataplane::instance(
@@ -42,8 +46,25 @@ async fn nats_restarts_on_its_volume_and_buffered_facts_arrive_in_order_exactly_
             .unwrap();
     }
     client.flush().await.unwrap();
+    // NATS goes away once every call runs: the hosts (beating every 250 ms) say so.
+    let mut running = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while running.len() < instances.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some(beat)) = tokio::time::timeout(left, futures::StreamExt::next(&mut beats)).await
+        else {
+            panic!("calls running on {running:?} only, 2 s after they were sent");
+        };
+        let beat: trellis_schemas::Heartbeat = serde_json::from_slice(&beat.payload).unwrap();
+        running.extend(
+            beat.instances
+                .into_iter()
+                .filter(|i| i.in_flight > 0)
+                .map(|i| i.instance_id),
+        );
+    }
+    drop(beats);
     drop(client);
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let down_at = Utc::now();
     let down = Instant::now();
