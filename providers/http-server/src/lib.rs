@@ -259,17 +259,10 @@ async fn reconcile(
     // address (an instance replaced by another) binds once the old socket is closed, rather
     // than fail to bind and wait for the next retry.
     let mut closing: Vec<(SocketAddr, oneshot::Receiver<()>)> = Vec::new();
-    for id in listeners
-        .keys()
-        .filter(|id| !ids.contains(id))
-        .cloned()
-        .collect::<Vec<_>>()
-    {
-        if let Some(listener) = listeners.remove(&id) {
-            tracing::info!(assignment = %id, address = %listener.address, "assignment revoked; closing the listener");
-            let _ = listener.stop.send(true);
-            closing.push((listener.address, listener.released));
-        }
+    for (id, listener) in listeners.extract_if(|id, _| !ids.contains(id)) {
+        tracing::info!(assignment = %id, address = %listener.address, "assignment revoked; closing the listener");
+        let _ = listener.stop.send(true);
+        closing.push((listener.address, listener.released));
     }
     reported.retain(|id| ids.contains(id));
     // Oldest grant first, so that of two assignments on one address the first keeps it.
