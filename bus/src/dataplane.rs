@@ -50,6 +50,8 @@ pub struct Names {
     pub http_head: HeaderName,
     /// [`headers::TRACEPARENT`].
     pub traceparent: HeaderName,
+    /// [`headers::DIRECT`].
+    pub direct: HeaderName,
 }
 
 /// The header names.
@@ -64,6 +66,7 @@ pub static NAMES: Names = Names {
     min_seq: HeaderName::from_static(headers::MIN_SEQ),
     http_head: HeaderName::from_static(headers::HTTP_HEAD),
     traceparent: HeaderName::from_static(headers::TRACEPARENT),
+    direct: HeaderName::from_static(headers::DIRECT),
 };
 
 /// A value safe to put in a header: no CR or LF, at most 1 KiB (cut on a character boundary).

@@ -15,7 +15,7 @@
 //! - [`FactStream`]: reads facts in stream order with an ordered consumer, from the start or live.
 //! - [`put_artifact`], [`fetch_artifact`]: components in the content-addressed artifact store.
 //! - [`dataplane`]: the data-plane codec every caller and server of calls, HTTP and capability
-//!   requests uses.
+//!   requests uses; [`direct`]: capability replies a backend sends straight to the caller.
 //! - [`shutdown_signal`], [`spawn_tied`]: stopping on `SIGTERM` or `SIGINT`, and child processes
 //!   that get `SIGTERM` when their parent dies.
 //! - [`registry`]: the optional etcd registry of nodes and providers (`--registry etcd://…`).
@@ -33,6 +33,7 @@ mod auth;
 mod child;
 mod connect;
 pub mod dataplane;
+pub mod direct;
 pub mod metrics;
 mod publisher;
 mod reader;

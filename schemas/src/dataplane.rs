@@ -57,6 +57,10 @@ pub mod headers {
     /// Calls and HTTP requests: W3C trace context; its trace id labels the invocation's log
     /// lines.
     pub const TRACEPARENT: &str = "traceparent";
+    /// Capability requests: `1` when the caller reads a backend's own reply, which a provider
+    /// in front of a NATS-native backend may then have the backend send straight to the caller
+    /// (`trellis_bus::direct`).
+    pub const DIRECT: &str = "Trellis-Direct";
 }
 
 /// Attributes of the spans Trellis processes export (besides OpenTelemetry's semantic

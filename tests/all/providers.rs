@@ -140,39 +140,75 @@ impl Env {
         }
     }
 
-    /// A typed capability call as a host sends it, through the data-plane codec.
+    /// A typed capability call through the data-plane codec, from a caller that reads only the
+    /// provider's own replies (`direct` false) or, as a host, direct replies too.
     async fn call(
         &self,
         provider: &str,
         caller: (&str, &str),
         min_seq: Option<u64>,
         request: CapabilityRequest,
+        direct: bool,
     ) -> Result<CapabilityResponse, (String, String)> {
         let identity = Identity {
             min_seq,
             assignment: Some("whatever-the-host-says".to_owned()),
             ..trellis_tests::caller(caller.0, caller.1)
         };
-        trellis_tests::provider_call(&self.client, &self.l, provider, &identity, &request)
-            .await
-            .map_err(|e| (e.code.as_str().to_owned(), e.message))
+        trellis_tests::provider_call_as(
+            &self.client,
+            &self.l,
+            provider,
+            &identity,
+            &request,
+            direct,
+        )
+        .await
+        .map_err(|e| (e.code.as_str().to_owned(), e.message))
     }
 
+    /// A key-value call, sent both ways when JetStream may answer it directly (`get`,
+    /// `exists`, `set`, `delete`, each idempotent): the provider's reply and the direct one
+    /// must read the same.
     async fn kv(
         &self,
         caller: (&str, &str),
         min_seq: Option<u64>,
         request: &KvRequest,
     ) -> Result<KvReply, (String, String)> {
-        match self
-            .call(
-                "kv",
-                caller,
-                min_seq,
-                CapabilityRequest::KeyValue(request.clone()),
-            )
-            .await?
-        {
+        let direct_too = matches!(
+            request,
+            KvRequest::Get { .. }
+                | KvRequest::Exists { .. }
+                | KvRequest::Set { .. }
+                | KvRequest::Delete { .. }
+        );
+        let enveloped = self.kv_as(caller, min_seq, request, false).await;
+        if !direct_too {
+            return enveloped;
+        }
+        let direct = self.kv_as(caller, min_seq, request, true).await;
+        // A backend briefly away may fail one and not the other (`unavailable`, transient).
+        let unavailable = |r: &Result<KvReply, (String, String)>| matches!(r, Err((code, _)) if code == "unavailable");
+        if unavailable(&enveloped) || unavailable(&direct) {
+            return enveloped.and(direct);
+        }
+        assert_eq!(
+            direct, enveloped,
+            "the direct reply to {request:?} reads as the provider's own"
+        );
+        direct
+    }
+
+    async fn kv_as(
+        &self,
+        caller: (&str, &str),
+        min_seq: Option<u64>,
+        request: &KvRequest,
+        direct: bool,
+    ) -> Result<KvReply, (String, String)> {
+        let request = CapabilityRequest::KeyValue(request.clone());
+        match self.call("kv", caller, min_seq, request, direct).await? {
             CapabilityResponse::KeyValue(reply) => Ok(reply),
             other => panic!("not a key-value reply: {other:?}"),
         }
@@ -253,6 +289,41 @@ async fn kv_round_trips_and_isolates_buckets_by_assignment() {
     let reply = env.kv(ia, None, &get("greeting")).await.unwrap();
     assert_eq!(reply.value.as_deref(), Some(&b"hello"[..]));
     assert_eq!(env.kv(ia, None, &get("missing")).await.unwrap().value, None);
+    // A caller that reads direct replies gets JetStream's own: the stored message, with no
+    // envelope; a refusal still comes in the provider's envelope.
+    let raw = |request: KvRequest, caller: (&str, &str)| {
+        let env = &env;
+        let identity = trellis_tests::caller(caller.0, caller.1);
+        async move {
+            let request = CapabilityRequest::KeyValue(request);
+            let (mut headers, body) = codec::capability_request(&identity, &request).unwrap();
+            assert!(trellis_bus::direct::accept_direct(&request, &mut headers));
+            let subject = dataplane::provider_rpc(
+                &env.l,
+                &ProviderName::new("kv").unwrap(),
+                Capability::KeyValue,
+            );
+            codec::request(&env.client, subject, headers, body, T)
+                .await
+                .unwrap()
+        }
+    };
+    let reply = raw(get("greeting"), ia).await;
+    let h = reply.headers.clone().unwrap_or_default();
+    assert!(h.get(headers::STATUS).is_none(), "{h:?}");
+    assert!(h.get("Nats-Sequence").is_some(), "{h:?}");
+    assert_eq!(&reply.payload[..], b"hello");
+    let refused = KvRequest::Get {
+        bucket: "b".into(),
+        key: "greeting".into(),
+    };
+    let reply = raw(refused, ia).await;
+    let h = reply.headers.clone().unwrap_or_default();
+    assert_eq!(
+        h.get(headers::ERROR_CODE).map(|v| v.as_str()),
+        Some("access_denied"),
+        "{h:?}"
+    );
     // Opening by the bucket's own name is the same store.
     let named = KvRequest::Get {
         bucket: "a".into(),
@@ -508,7 +579,7 @@ async fn http_client_reaches_allowed_hosts_only() {
         });
         async move {
             match env
-                .call("http-client", caller, Some(g.seq), request)
+                .call("http-client", caller, Some(g.seq), request, false)
                 .await?
             {
                 CapabilityResponse::Http(m) => Ok((m.head, m.body)),
@@ -569,7 +640,7 @@ async fn http_client_reaches_allowed_hosts_only() {
         body: Bytes::new(),
     });
     let (code, _) = env
-        .call("http-client", ("w2", "other"), None, request)
+        .call("http-client", ("w2", "other"), None, request, false)
         .await
         .unwrap_err();
     assert_eq!(code, "access_denied");
@@ -591,7 +662,10 @@ async fn messaging_publishes_by_pattern_and_delivers_subscriptions() {
     let request = |r: &MessagingRequest| {
         let request = CapabilityRequest::Messaging(r.clone());
         async move {
-            match env.call("messaging", caller, Some(g.seq), request).await? {
+            match env
+                .call("messaging", caller, Some(g.seq), request, false)
+                .await?
+            {
                 CapabilityResponse::Messaging(m) => Ok(m.message),
                 other => panic!("not a messaging reply: {other:?}"),
             }
@@ -970,7 +1044,7 @@ async fn a_draining_provider_answers_the_calls_it_took() {
         head: http_head("GET", &format!("http://127.0.0.1:{port}/")),
         body: Bytes::new(),
     });
-    let call = env.call("http-client", ("w1", "web"), Some(g.seq), request);
+    let call = env.call("http-client", ("w1", "web"), Some(g.seq), request, false);
     let stop = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         provider.signal(Signal::SIGTERM);

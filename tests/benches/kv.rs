@@ -4,9 +4,12 @@
 //!
 //! The guest is the `kv_probe` test component; its `round-trips` export does `n` set+get pairs in
 //! one invocation (keys `bench<caller>-0` … `-15`: each caller its own), so the figure is the capability path, not the
-//! call path; requests sent straight to the provider with the instance's identity show what the
-//! provider hop alone costs, and a bare responder with none of Trellis's code (on a connection of
-//! its own, in this process) shows what any provider in a process of its own costs at the least.
+//! call path; requests sent straight to the provider with the instance's identity, as the host
+//! sends them, show what the provider hop alone costs. The provider has JetStream answer `get`
+//! and `set` straight to the host (`trellis_bus::direct`), so a call crosses NATS three times, not
+//! four; a bare responder with none of Trellis's code (on a connection of its own, in this
+//! process) shows what a provider in a process of its own costs at the least, both when it
+//! answers itself and when it has JetStream answer.
 //! Runs `TRELLIS_BENCH_ROUND_TRIPS` pairs (default 5,000) sequentially, then the same
 //! from `TRELLIS_BENCH_CALLERS` concurrent callers (default 8), on each side. Reports round trips
 //! per second and Trellis's figure as a ratio to the raw client's.
@@ -115,9 +118,11 @@ async fn through_provider(
                 let identity = identity.clone();
                 async move {
                     let request = CapabilityRequest::KeyValue(request);
-                    trellis_tests::provider_call(&client, &lattice, "kv", &identity, &request)
-                        .await
-                        .unwrap()
+                    trellis_tests::provider_call_as(
+                        &client, &lattice, "kv", &identity, &request, true,
+                    )
+                    .await
+                    .unwrap()
                 }
             };
             for i in 0..per_caller {
@@ -140,50 +145,89 @@ async fn through_provider(
     .await
 }
 
-/// Subject of the bare responder.
+/// Subject of the bare responder that answers ([`bare_responder`]).
 const BARE: &str = "bench.kv.bare";
+
+/// Subject of the bare responder that has JetStream answer ([`bare_responder`]).
+const BARE_DIRECT: &str = "bench.kv.bare-direct";
 
 /// The floor of any provider in a process of its own: a responder with none of Trellis's
 /// code (no identity, no assignment check, no codec, no span or metric), on a connection of its
-/// own, that does the request's JetStream operation and answers. A request is `S` or `G`, the
-/// key's length as one byte, the key, then (for `S`) the value; a get answers the value, and an
-/// empty request is answered empty.
+/// own. On [`BARE`] it does the request's JetStream operation and answers; on [`BARE_DIRECT`] it
+/// sends the JetStream request with the caller's reply subject, so that JetStream answers the
+/// caller (as the `kv` provider does for a host, `trellis_bus::direct`). A request is `S` or
+/// `G`, the key's length as one byte, the key, then (for `S`) the value; a get answers the
+/// value, and an empty request is answered empty.
 async fn bare_responder(client: async_nats::Client, store: jetstream::kv::Store) {
     use futures::StreamExt as _;
-    let mut requests = client.subscribe(BARE).await.unwrap();
+    let mut answered = client.subscribe(BARE).await.unwrap();
+    let mut direct = client.subscribe(BARE_DIRECT).await.unwrap();
     let probe = client.clone();
+    let bucket = store.name.clone();
+    let stream = store.stream_name.clone();
+    let responder = client.clone();
     tokio::spawn(async move {
-        while let Some(msg) = requests.next().await {
-            let client = client.clone();
+        while let Some(msg) = answered.next().await {
+            let client = responder.clone();
             let store = store.clone();
             tokio::spawn(async move {
-                let body = &msg.payload;
-                if body.is_empty() {
-                    client
-                        .publish(msg.reply.unwrap(), body.clone())
-                        .await
-                        .unwrap();
-                    return;
-                }
-                let len = usize::from(body[1]);
-                let key = std::str::from_utf8(&body[2..2 + len]).unwrap();
-                let answer = if body[0] == b'S' {
-                    let value = msg.payload.slice(2 + len..);
-                    store.put(key, value).await.unwrap();
-                    bytes::Bytes::new()
-                } else {
-                    store.get(key).await.unwrap().unwrap_or_default()
+                let reply = msg.reply.clone().unwrap();
+                let answer = match parse_bare(&msg.payload) {
+                    None => bytes::Bytes::new(),
+                    Some((true, key, value)) => {
+                        store.put(key, value).await.unwrap();
+                        bytes::Bytes::new()
+                    }
+                    Some((false, key, _)) => store.get(key).await.unwrap().unwrap_or_default(),
                 };
-                client.publish(msg.reply.unwrap(), answer).await.unwrap();
+                client.publish(reply, answer).await.unwrap();
             });
         }
     });
-    // Answered on its own connection: the server has the subscription for every connection.
-    probe.request(BARE, bytes::Bytes::new()).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(msg) = direct.next().await {
+            let reply = msg.reply.clone().unwrap();
+            let (subject, payload) = match parse_bare(&msg.payload) {
+                None => {
+                    client.publish(reply, bytes::Bytes::new()).await.unwrap();
+                    continue;
+                }
+                Some((true, key, value)) => (format!("$KV.{bucket}.{key}"), value),
+                Some((false, key, _)) => (
+                    format!("$JS.API.DIRECT.GET.{stream}.$KV.{bucket}.{key}"),
+                    bytes::Bytes::new(),
+                ),
+            };
+            client
+                .publish_with_reply(subject, reply, payload)
+                .await
+                .unwrap();
+        }
+    });
+    // Answered on its own connection: the server has the subscriptions for every connection.
+    for subject in [BARE, BARE_DIRECT] {
+        probe.request(subject, bytes::Bytes::new()).await.unwrap();
+    }
 }
 
-/// The same workload through [`bare_responder`]: what a provider process costs at the least.
-async fn through_bare(client: &async_nats::Client, callers: usize, per_caller: usize) -> f64 {
+/// A bare request: whether it sets, the key and the value; `None` when empty.
+fn parse_bare(body: &bytes::Bytes) -> Option<(bool, String, bytes::Bytes)> {
+    if body.is_empty() {
+        return None;
+    }
+    let len = usize::from(body[1]);
+    let key = std::str::from_utf8(&body[2..2 + len]).unwrap().to_owned();
+    Some((body[0] == b'S', key, body.slice(2 + len..)))
+}
+
+/// The same workload through [`bare_responder`] on `subject`: what a provider process costs at
+/// the least.
+async fn through_bare(
+    client: &async_nats::Client,
+    subject: &'static str,
+    callers: usize,
+    per_caller: usize,
+) -> f64 {
     concurrently(callers, per_caller, |caller| {
         let client = client.clone();
         async move {
@@ -192,10 +236,10 @@ async fn through_bare(client: &async_nats::Client, callers: usize, per_caller: u
                 let mut set = vec![b'S', u8::try_from(key.len()).unwrap()];
                 set.extend_from_slice(key.as_bytes());
                 set.extend_from_slice(&value);
-                client.request(BARE, set.into()).await.unwrap();
+                client.request(subject, set.into()).await.unwrap();
                 let mut get = vec![b'G', u8::try_from(key.len()).unwrap()];
                 get.extend_from_slice(key.as_bytes());
-                let read = client.request(BARE, get.into()).await.unwrap();
+                let read = client.request(subject, get.into()).await.unwrap();
                 assert_eq!(&read.payload[..], &value[..]);
             }
         }
@@ -325,13 +369,15 @@ async fn compare(
                 let rate = through_provider(client, lat, instance, n, per_caller).await;
                 let cpu = cpu_per_round_trip(lat, &before, trips);
                 println!("      provider RPC alone: {rate:.0}/s, {cpu}");
-                let before = cpu_now(lat);
-                let rate = through_bare(client, n, per_caller).await;
-                let cpu = cpu_per_round_trip(lat, &before, trips);
-                println!(
-                    "      bare responder (no Trellis code, the floor of a provider process): {rate:.0}/s, ratio to raw {:.2}, {cpu}",
-                    rate / direct.0
-                );
+                for (subject, what) in [(BARE, "answering"), (BARE_DIRECT, "JetStream answering")] {
+                    let before = cpu_now(lat);
+                    let rate = through_bare(client, subject, n, per_caller).await;
+                    let cpu = cpu_per_round_trip(lat, &before, trips);
+                    println!(
+                        "      bare responder, {what} (no Trellis code): {rate:.0}/s, ratio to raw {:.2}, {cpu}",
+                        rate / direct.0
+                    );
+                }
             }
         }
         println!(
@@ -386,7 +432,8 @@ async fn main() {
         .await
         .unwrap();
     bare_responder(bare, bare_store).await;
-    through_bare(&client, 1, 200).await;
+    through_bare(&client, BARE, 1, 200).await;
+    through_bare(&client, BARE_DIRECT, 1, 200).await;
 
     println!(
         "set+get round trips ({total} per run, {rounds} round(s) alternating which side runs first, bucket `{BUCKET}`, one host)"

@@ -728,8 +728,9 @@ pub fn lattice(name: &str) -> Lattice {
     Lattice::new(name).unwrap()
 }
 
-/// Sends one capability request straight to a provider's RPC subject (as a host would, with
-/// `identity`), through the data-plane codec, and reads the typed answer.
+/// Sends one capability request straight to a provider's RPC subject with `identity`, through
+/// the data-plane codec, from a caller that reads only the provider's own replies (a host reads
+/// direct replies too: [`provider_call_as`]), and reads the typed answer.
 ///
 /// # Errors
 ///
@@ -741,6 +742,23 @@ pub async fn provider_call(
     identity: &trellis_bus::dataplane::Identity,
     request: &trellis_schemas::capability::rpc::CapabilityRequest,
 ) -> Result<trellis_schemas::capability::rpc::CapabilityResponse, trellis_schemas::DataError> {
+    provider_call_as(client, lattice, provider, identity, request, false).await
+}
+
+/// [`provider_call`], as a host sends it: when `direct`, the caller reads a backend's own
+/// reply ([`trellis_bus::direct`]), which the provider may have the backend send.
+///
+/// # Errors
+///
+/// As [`provider_call`].
+pub async fn provider_call_as(
+    client: &async_nats::Client,
+    lattice: &Lattice,
+    provider: &str,
+    identity: &trellis_bus::dataplane::Identity,
+    request: &trellis_schemas::capability::rpc::CapabilityRequest,
+    direct: bool,
+) -> Result<trellis_schemas::capability::rpc::CapabilityResponse, trellis_schemas::DataError> {
     use trellis_bus::dataplane as codec;
     let capability = request.capability();
     let subject = trellis_schemas::dataplane::provider_rpc(
@@ -748,11 +766,14 @@ pub async fn provider_call(
         &trellis_schemas::ProviderName::new(provider).expect("provider name"),
         capability,
     );
-    let (headers, body) = codec::capability_request(identity, request)?;
+    let (mut headers, body) = codec::capability_request(identity, request)?;
+    if direct {
+        trellis_bus::direct::accept_direct(request, &mut headers);
+    }
     let reply = codec::request(client, subject, headers, body, Duration::from_secs(10))
         .await
         .map_err(|e| trellis_schemas::DataError::unavailable(e.to_string()))?;
-    codec::read_capability_reply(capability, &reply)
+    trellis_bus::direct::read_reply(request, &reply)
 }
 
 /// The identity of a caller that the host would send: no assignment claim, no sequence.

@@ -13,6 +13,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use trellis_bus::dataplane::{self as codec, Identity, SendError};
+use trellis_bus::direct;
 use trellis_bus::telemetry::{Kind, Span};
 use trellis_provider_sdk::{LocalProvider, Request};
 use trellis_schemas::dataplane::{self, ErrorCode, Op};
@@ -262,11 +263,17 @@ impl NatsBridge {
             return call_embedded(&local, identity, call).await;
         }
         let subject = dataplane::provider_rpc(&self.lattice, &provider, capability);
-        let (headers, body) = codec::capability_request(&identity, &call.request)
+        let (mut headers, body) = codec::capability_request(&identity, &call.request)
             .map_err(CapabilityError::from_remote)?;
+        // Key-value replies are read in JetStream's own format too: the provider may have
+        // JetStream answer here directly, one crossing of NATS fewer.
+        let direct = direct::accept_direct(&call.request, &mut headers);
         let reply = codec::request(&self.client, subject, headers, body, call.timeout)
             .await
             .map_err(|e| match e {
+                SendError::NoResponders if direct => CapabilityError::Unavailable(format!(
+                    "no `{provider}` provider is running for {capability}, or JetStream has no bucket stream to answer it"
+                )),
                 SendError::NoResponders => CapabilityError::Unavailable(format!(
                     "no `{provider}` provider is running for {capability}"
                 )),
@@ -277,7 +284,7 @@ impl NatsBridge {
                     "cannot reach the `{provider}` provider: {e}"
                 )),
             })?;
-        codec::read_capability_reply(capability, &reply).map_err(CapabilityError::from_remote)
+        direct::read_reply(&call.request, &reply).map_err(CapabilityError::from_remote)
     }
 }
 

@@ -17,12 +17,13 @@ use async_nats::jetstream::kv::{self, Operation, Store};
 use async_nats::jetstream::stream;
 use bytes::Bytes;
 use futures::TryStreamExt as _;
+use trellis_bus::direct;
 use trellis_provider_sdk::{
-    Call, CapabilityRequest, CapabilityResponse, Context, DataError, Outcome, Provider,
-    ProviderInfo,
+    Call, Caller, CapabilityRequest, CapabilityResponse, Context, DataError, Direct, Outcome,
+    Provider, ProviderInfo,
 };
-use trellis_schemas::Capability;
 use trellis_schemas::capability::rpc::{KvReply, KvRequest};
+use trellis_schemas::{Assignment, Capability};
 
 /// What this provider is.
 pub const INFO: ProviderInfo = ProviderInfo {
@@ -254,24 +255,57 @@ impl Provider for KvProvider {
                 request.capability()
             )));
         };
-        let assigned = assignment.config.get("bucket").cloned().unwrap_or_default();
-        if assigned.is_empty() {
-            return Err(DataError::internal(format!(
-                "assignment {} names no bucket",
-                assignment.assignment_id
-            )));
-        }
-        let asked = request.bucket();
-        if !asked.is_empty() && asked != assigned {
-            return Err(DataError::denied(format!(
-                "store {asked:?} is not assigned to {}: its assignment {} grants bucket {assigned:?} (open \"\" or {assigned:?})",
-                caller, assignment.assignment_id
-            )));
-        }
-        let store = self.store(&assigned).await?;
+        let assigned = assigned_bucket(&assignment, &caller, &request)?;
+        let store = self.store(assigned).await?;
         let reply = self.execute(&store, request).await?;
         Ok(CapabilityResponse::KeyValue(reply))
     }
+
+    /// `get`, `exists`, `set` and `delete` of one key are answered by JetStream itself, after
+    /// the same checks: a direct get of the key's last revision, or the key's write (a deletion
+    /// marker for `delete`), published with the caller's reply subject.
+    async fn direct(&self, call: &Call) -> Result<Option<Direct>, DataError> {
+        let CapabilityRequest::KeyValue(request) = &call.request else {
+            return Ok(None);
+        };
+        let key = match request {
+            KvRequest::Get { key, .. }
+            | KvRequest::Exists { key, .. }
+            | KvRequest::Set { key, .. }
+            | KvRequest::Delete { key, .. } => encode_key(key),
+            _ => return Ok(None),
+        };
+        let assigned = assigned_bucket(&call.assignment, &call.caller, request)?;
+        let store = self.store(assigned).await?;
+        Ok(match request {
+            KvRequest::Set { value, .. } => Some(direct::kv_put(&store, &key, value.clone())),
+            KvRequest::Delete { .. } => Some(direct::kv_delete(&store, &key)),
+            _ => direct::kv_get(&store, &key),
+        })
+    }
+}
+
+/// The bucket `assignment` grants, when `request` names it (or `""`, the assigned one).
+fn assigned_bucket<'a>(
+    assignment: &'a Assignment,
+    caller: &Caller,
+    request: &KvRequest,
+) -> Result<&'a str, DataError> {
+    let assigned = assignment.config.get("bucket").map_or("", String::as_str);
+    if assigned.is_empty() {
+        return Err(DataError::internal(format!(
+            "assignment {} names no bucket",
+            assignment.assignment_id
+        )));
+    }
+    let asked = request.bucket();
+    if !asked.is_empty() && asked != assigned {
+        return Err(DataError::denied(format!(
+            "store {asked:?} is not assigned to {caller}: its assignment {} grants bucket {assigned:?} (open \"\" or {assigned:?})",
+            assignment.assignment_id
+        )));
+    }
+    Ok(assigned)
 }
 
 /// The stream behind a bucket, configured as JetStream KV buckets are: one revision per key,

@@ -58,6 +58,9 @@
 //! 5. Serve: each call in its own task. A call's identity headers name the caller; the provider
 //!    looks the assignment up in its own projection (waiting up to 2 s for `Trellis-Min-Seq`)
 //!    and refuses with `access_denied` when none grants the capability through this provider.
+//!    A call whose caller reads a backend's own replies (a host, for key-value) may then be
+//!    answered by the backend itself: [`Provider::direct`] names the backend's request, which
+//!    the SDK sends with the caller's reply subject.
 //! 6. On SIGTERM/SIGINT or a `stop` request: stop taking calls, finish those in flight (bounded),
 //!    stop the background work, publish `provider.stopped`, flush, exit 0.
 #![deny(missing_docs)]
@@ -93,6 +96,7 @@ pub use assignments::{Assignments, MIN_SEQ_WAIT};
 pub use local::{LocalFuture, LocalProvider};
 pub use rpc::{Call, Caller, Outcome, Provider, Request};
 pub use trellis_bus::dataplane::Identity;
+pub use trellis_bus::direct::Direct;
 pub use trellis_schemas::capability::rpc::{CapabilityRequest, CapabilityResponse};
 pub use trellis_schemas::dataplane::{DataError, ErrorCode};
 
@@ -529,7 +533,9 @@ where
     Ok(())
 }
 
-/// Answers one call in its own task, counted in flight until it has replied.
+/// Answers one call, counted in flight until it has replied: on this task as far as it goes
+/// without waiting, then in a task of its own from its first wait on. A call that never waits
+/// (answered directly by the backend, or refused) thus costs no task and wakes no thread.
 fn spawn_call<P: Provider>(
     provider: &Arc<P>,
     ctx: &Arc<Context>,
@@ -537,13 +543,26 @@ fn spawn_call<P: Provider>(
     capability: Capability,
     message: Message,
 ) {
+    use std::task::{Poll, Waker};
     let guard = in_flight.enter();
     let provider = Arc::clone(provider);
     let ctx = Arc::clone(ctx);
-    tokio::spawn(async move {
+    let mut call = Box::pin(async move {
         rpc::serve_call(&*provider, &ctx, capability, message).await;
         drop(guard);
     });
+    // Whatever the first poll waits on, the task polls again at once with its own waker.
+    let mut cx = std::task::Context::from_waker(Waker::noop());
+    let first =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call.as_mut().poll(&mut cx)));
+    match first {
+        Ok(Poll::Ready(())) => {}
+        Ok(Poll::Pending) => {
+            tokio::spawn(call);
+        }
+        // As a panic in a task of its own would: the call goes unanswered, the provider serves on.
+        Err(_) => tracing::error!(%capability, "a capability call panicked"),
+    }
 }
 
 /// Answers one control request (in the control envelope); returns whether it asks the

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use async_nats::Message;
 use trellis_bus::dataplane::{self as codec, Identity};
+use trellis_bus::direct::{self, Direct};
 use trellis_bus::telemetry::{Kind, Span};
 use trellis_schemas::capability::rpc::{CapabilityRequest, CapabilityResponse};
 use trellis_schemas::dataplane::{DataError, ErrorCode, MAX_BODY_BYTES, span_attributes};
@@ -59,6 +60,19 @@ pub trait Provider: Send + Sync + 'static {
     /// Answers one call; the SDK has checked the caller's assignment and the body's size.
     fn handle(&self, call: Call) -> impl Future<Output = Outcome> + Send;
 
+    /// For a call over NATS whose caller reads a backend's own replies
+    /// ([`trellis_bus::direct`]), after the same checks as [`handle`](Self::handle): a request
+    /// to send to the backend with the caller's reply subject, so that the backend answers the
+    /// caller itself and the call crosses NATS once less. `Ok(None)` (the default) to answer
+    /// with [`handle`](Self::handle); an error is answered as from `handle`.
+    fn direct(
+        &self,
+        call: &Call,
+    ) -> impl Future<Output = Result<Option<Direct>, DataError>> + Send {
+        let _ = call;
+        async { Ok(None) }
+    }
+
     /// Background work (listeners, subscriptions), started once the provider serves. It should
     /// return soon after [`Context::shutdown`] completes; the SDK waits for it (bounded).
     fn run(self: Arc<Self>, ctx: Context) -> impl Future<Output = ()> + Send {
@@ -78,11 +92,24 @@ pub(crate) async fn serve_call<P: Provider>(
         tracing::debug!(subject = %message.subject, "call without a reply subject; ignored");
         return;
     };
-    let outcome = match codec::read_capability_request(capability, &message) {
+    let answer = match codec::read_capability_request(capability, &message) {
         Ok((identity, request)) => {
             let request = Request { identity, request };
-            check_and_handle_request(provider, ctx, request).await
+            let direct = direct::accepts_direct(&message);
+            check_and_answer(provider, ctx, request, direct).await
         }
+        Err(e) => Err(e),
+    };
+    let outcome = match answer {
+        Ok(Answer::Direct(request)) => {
+            if let Err(e) = direct::send(&ctx.client, request, reply_to.clone()).await {
+                // The backend's request did not leave: the caller gets the provider's error.
+                let error = DataError::unavailable(format!("cannot reach the backend: {e}"));
+                codec::reply_error(&ctx.client, Some(reply_to), &error, None).await;
+            }
+            return;
+        }
+        Ok(Answer::Response(response)) => Ok(response),
         Err(e) => Err(e),
     };
     let encoded = outcome.and_then(|response| {
@@ -125,6 +152,30 @@ pub(crate) async fn check_and_handle_request<P: Provider>(
     ctx: &Context,
     request: Request,
 ) -> Outcome {
+    check_and_answer(provider, ctx, request, false)
+        .await
+        .and_then(|answer| match answer {
+            Answer::Response(response) => Ok(response),
+            Answer::Direct(_) => Err(DataError::internal(
+                "the provider answered directly a call that did not ask for it",
+            )),
+        })
+}
+
+/// How a checked call is answered: by the provider, or by the backend ([`Provider::direct`]).
+enum Answer {
+    Response(CapabilityResponse),
+    Direct(Direct),
+}
+
+/// [`check_and_handle_request`], answered directly when `direct` (the caller reads direct
+/// replies) and the provider offers it.
+async fn check_and_answer<P: Provider>(
+    provider: &P,
+    ctx: &Context,
+    request: Request,
+    direct: bool,
+) -> Result<Answer, DataError> {
     let started = std::time::Instant::now();
     let capability = request.request.capability();
     let mut span = Span::start(
@@ -143,7 +194,8 @@ pub(crate) async fn check_and_handle_request<P: Provider>(
             request.identity.component.clone(),
         );
     }
-    let outcome = check_and_handle(provider, ctx, request).await;
+    let outcome = check_and_handle(provider, ctx, request, direct).await;
+    // A call answered directly counts as `ok`: the provider's part of it succeeded.
     let code = outcome.as_ref().map_or_else(|e| e.code.as_str(), |_| "ok");
     if traced && let Err(e) = &outcome {
         span.fail(format!("{code}: {}", e.message));
@@ -152,7 +204,12 @@ pub(crate) async fn check_and_handle_request<P: Provider>(
     outcome
 }
 
-async fn check_and_handle<P: Provider>(provider: &P, ctx: &Context, request: Request) -> Outcome {
+async fn check_and_handle<P: Provider>(
+    provider: &P,
+    ctx: &Context,
+    request: Request,
+    direct: bool,
+) -> Result<Answer, DataError> {
     let Request { identity, request } = request;
     let Identity {
         instance,
@@ -192,13 +249,21 @@ async fn check_and_handle<P: Provider>(provider: &P, ctx: &Context, request: Req
     // Kept for the audit of a refusal past the assignment check (a bucket, subject or host the
     // assignment does not name).
     let instance = caller.instance.clone();
-    let outcome = provider
-        .handle(Call {
-            assignment: record.assignment,
-            caller,
-            request,
-        })
-        .await;
+    let call = Call {
+        assignment: record.assignment,
+        caller,
+        request,
+    };
+    let offered = if direct {
+        provider.direct(&call).await
+    } else {
+        Ok(None)
+    };
+    let outcome = match offered {
+        Ok(Some(request)) => Ok(Answer::Direct(request)),
+        Ok(None) => provider.handle(call).await.map(Answer::Response),
+        Err(e) => Err(e),
+    };
     if let Err(error) = &outcome
         && error.code == ErrorCode::AccessDenied
     {
