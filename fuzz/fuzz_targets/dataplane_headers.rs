@@ -1,5 +1,6 @@
 //! What hosts, providers and the CLI read from a data-plane message's headers and subject:
-//! status, error code and reason, caller identity, HTTP heads, capability requests, subjects.
+//! status, error code and reason, caller identity, HTTP heads, capability requests and replies
+//! (JetStream's direct replies among them), subjects.
 //! Any headers and payload give a value or a precise error, never a panic.
 #![no_main]
 
@@ -7,6 +8,7 @@ use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use trellis_bus::dataplane as codec;
+use trellis_schemas::capability::rpc::{CapabilityRequest, KvRequest};
 use trellis_schemas::dataplane::{self, ProviderVerb};
 use trellis_schemas::{Capability, HostId, Lattice, ProviderId, ProviderName};
 
@@ -43,6 +45,41 @@ fuzz_target!(|data: &[u8]| {
     for capability in Capability::ALL {
         let _ = codec::read_capability_request(*capability, &message);
         let _ = codec::read_capability_reply(*capability, &message);
+    }
+    // Whatever a provider or JetStream sends back to a key-value request, with any status.
+    let key = || "k".to_owned();
+    let requests = [
+        KvRequest::Get {
+            bucket: String::new(),
+            key: key(),
+        },
+        KvRequest::Exists {
+            bucket: String::new(),
+            key: key(),
+        },
+        KvRequest::Set {
+            bucket: String::new(),
+            key: key(),
+            value: Bytes::new(),
+        },
+        KvRequest::Delete {
+            bucket: String::new(),
+            key: key(),
+        },
+        KvRequest::ListKeys {
+            bucket: String::new(),
+            cursor: None,
+        },
+    ];
+    for status in [None, Some(404), Some(408), Some(503)] {
+        let reply = Message {
+            status: status.and_then(|s| async_nats::StatusCode::from_u16(s).ok()),
+            ..message.clone()
+        };
+        for request in &requests {
+            let request = CapabilityRequest::KeyValue(request.clone());
+            let _ = trellis_bus::direct::read_reply(&request, &reply);
+        }
     }
     let _ = codec::read_http_request(&message);
     let _ = codec::read_http_reply(message.clone());
