@@ -427,16 +427,38 @@ async fn kv_round_trips_and_isolates_buckets_by_assignment() {
             Some(Bytes::from_static(b"2"))
         ]
     );
+    // A batch's writes are stored in their order: a key written twice keeps the last value.
+    env.kv(
+        ia,
+        None,
+        &KvRequest::SetMany {
+            bucket: String::new(),
+            pairs: (0..20u8)
+                .map(|i| ("twice".to_owned(), Bytes::from(vec![i])))
+                .collect(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        env.kv(ia, None, &get("twice"))
+            .await
+            .unwrap()
+            .value
+            .as_deref(),
+        Some(&[19u8][..])
+    );
     env.kv(
         ia,
         None,
         &KvRequest::DeleteMany {
             bucket: String::new(),
-            keys: vec!["m1".into(), "m2".into()],
+            keys: vec!["m1".into(), "m2".into(), "twice".into()],
         },
     )
     .await
     .unwrap();
+    assert_eq!(env.kv(ia, None, &get("twice")).await.unwrap().value, None);
     env.kv(
         ia,
         None,

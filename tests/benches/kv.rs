@@ -14,6 +14,9 @@
 //! from `TRELLIS_BENCH_CALLERS` concurrent callers (default 8), on each side. Reports round trips
 //! per second and Trellis's figure as a ratio to the raw client's.
 //!
+//! Then `set-many` and `get-many` batches of 16 keys through the provider process, as the host
+//! sends them (`TRELLIS_BENCH_BATCHES` of each per round, default 1,000).
+//!
 //! Then the same with the provider embedded in the host (`trellis provider start kv --embedded`),
 //! which the host prefers: guest → host → JetStream KV, no second process and no extra hop.
 //!
@@ -247,6 +250,63 @@ async fn through_bare(
     .await
 }
 
+/// Keys per batch in [`batches`].
+const BATCH: usize = 16;
+
+/// Batches through the provider process, as the host sends them: `set-many` then `get-many` of
+/// [`BATCH`] keys, sequentially, `TRELLIS_BENCH_BATCHES` times (default 1,000) per round; prints
+/// batches per second and the time per key.
+async fn batches(client: &async_nats::Client, lat: &BenchLattice, instance: &str, rounds: usize) {
+    let n = env_usize("TRELLIS_BENCH_BATCHES", 1_000);
+    let identity = trellis_tests::caller(instance, "kv-probe");
+    let keys: Vec<String> = (0..BATCH).map(|i| format!("batch-{i}")).collect();
+    let call = |request: KvRequest| {
+        let request = CapabilityRequest::KeyValue(request);
+        let identity = &identity;
+        async move {
+            trellis_tests::provider_call_as(client, &lat.l, "kv", identity, &request, true)
+                .await
+                .unwrap()
+        }
+    };
+    println!("batches of {BATCH} keys through the provider process ({n} of each per round):");
+    for round in 0..rounds {
+        let mut rates = Vec::new();
+        for get in [false, true] {
+            let began = Instant::now();
+            for i in 0..n {
+                let request = if get {
+                    KvRequest::GetMany {
+                        bucket: String::new(),
+                        keys: keys.clone(),
+                    }
+                } else {
+                    let value =
+                        bytes::Bytes::from(u32::try_from(i).unwrap().to_le_bytes().to_vec());
+                    KvRequest::SetMany {
+                        bucket: String::new(),
+                        pairs: keys.iter().map(|k| (k.clone(), value.clone())).collect(),
+                    }
+                };
+                call(request).await;
+            }
+            let elapsed = began.elapsed();
+            rates.push((
+                n as f64 / elapsed.as_secs_f64(),
+                elapsed.as_secs_f64() * 1e6 / (n * BATCH) as f64,
+            ));
+        }
+        println!(
+            "  round {}  set-many {:>6.0}/s ({:.1} µs per key)   get-many {:>6.0}/s ({:.1} µs per key)",
+            round + 1,
+            rates[0].0,
+            rates[0].1,
+            rates[1].0,
+            rates[1].1
+        );
+    }
+}
+
 /// The same workload as the guest's `round-trips`, from a raw async-nats KV client.
 async fn raw(store: &jetstream::kv::Store, callers: usize, per_caller: usize) -> f64 {
     concurrently(callers, per_caller, |caller| {
@@ -446,6 +506,7 @@ async fn main() {
         store: &store,
     };
     compare(&sides, total, callers, rounds, true).await;
+    batches(&client, &lat, &instance, rounds).await;
 
     // The same provider embedded in the host: the host prefers it to the standalone process.
     lat.cli(&["provider", "start", "kv", "--embedded", "--wait"]);

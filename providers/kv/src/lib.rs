@@ -143,21 +143,32 @@ impl KvProvider {
             KvRequest::Increment { key, delta, .. } => {
                 reply.number = Some(self.increment(store, &key, delta).await?);
             }
+            // A batch waits for its slowest key, not for the sum of them: the reads go out
+            // together, the writes go out in order and are acknowledged together.
             KvRequest::GetMany { keys, .. } => {
-                for key in keys {
-                    let value = self.get(store, &key).await?;
-                    reply.values.push(value);
-                }
+                reply.values =
+                    futures::future::try_join_all(keys.iter().map(|key| self.get(store, key)))
+                        .await?;
             }
             KvRequest::SetMany { pairs, .. } => {
-                for (key, value) in pairs {
-                    self.set(store, &key, value).await?;
-                }
+                let writes = pairs
+                    .into_iter()
+                    .map(|(key, value)| {
+                        let write = direct::kv_put(store, &encode_key(&key), value);
+                        (key, write)
+                    })
+                    .collect();
+                self.write_many("set", writes).await?;
             }
             KvRequest::DeleteMany { keys, .. } => {
-                for key in keys {
-                    self.delete(store, &key).await?;
-                }
+                let writes = keys
+                    .into_iter()
+                    .map(|key| {
+                        let write = direct::kv_delete(store, &encode_key(&key));
+                        (key, write)
+                    })
+                    .collect();
+                self.write_many("delete", writes).await?;
             }
         }
         Ok(reply)
@@ -176,6 +187,32 @@ impl KvProvider {
             .await
             .map(drop)
             .map_err(|e| self.backend(format!("set {key:?}: {e}")))
+    }
+
+    /// Publishes the writes of a batch in their order (so that a key written twice keeps the
+    /// last value), then waits for JetStream's acknowledgements of all of them. The first
+    /// failure is the batch's error; writes before it may have been stored, as with one write
+    /// after another.
+    async fn write_many(&self, what: &str, writes: Vec<(String, Direct)>) -> Result<(), DataError> {
+        let js = &self.ctx.js;
+        let mut acks = Vec::with_capacity(writes.len());
+        for (key, write) in writes {
+            let subject = write.subject;
+            let sent = match write.headers {
+                Some(headers) => {
+                    js.publish_with_headers(subject, headers, write.payload)
+                        .await
+                }
+                None => js.publish(subject, write.payload).await,
+            };
+            let ack = sent.map_err(|e| self.backend(format!("{what} {key:?}: {e}")))?;
+            acks.push((key, ack));
+        }
+        for (key, ack) in acks {
+            ack.await
+                .map_err(|e| self.backend(format!("{what} {key:?}: {e}")))?;
+        }
+        Ok(())
     }
 
     async fn delete(&self, store: &Store, key: &str) -> Result<(), DataError> {
