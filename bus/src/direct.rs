@@ -96,22 +96,20 @@ pub async fn send(
 
 /// The subject a KV write of `stored_key` in `store` is published on, as the client's own
 /// `put` makes it (`$KV.<bucket>.<key>`, behind the JetStream API prefix when the bucket asks).
-fn kv_write_subject(store: &Store, js_api: &str, stored_key: &str) -> String {
+fn kv_write_subject(store: &Store, stored_key: &str) -> String {
     let prefix = store.put_prefix.as_deref().unwrap_or(&store.prefix);
     if store.use_jetstream_prefix {
-        format!("{js_api}.{prefix}{stored_key}")
+        format!("{}.{prefix}{stored_key}", js_api())
     } else {
         format!("{prefix}{stored_key}")
     }
 }
 
 /// The JetStream API prefix of this process: `$JS.API`, or `$JS.<domain>.API` in a domain
-/// ([`set_jetstream_domain`](crate::set_jetstream_domain)).
-fn js_api() -> String {
-    match crate::jetstream_domain() {
-        Some(domain) => format!("$JS.{domain}.API"),
-        None => "$JS.API".to_owned(),
-    }
+/// ([`set_jetstream_domain`](crate::set_jetstream_domain)), made once.
+fn js_api() -> &'static str {
+    static API: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    API.get_or_init(|| trellis_schemas::roles::js_api(crate::jetstream_domain()))
 }
 
 /// The direct request of a KV `get` or `exists` of `stored_key` (the key as stored); `None` for a
@@ -135,7 +133,7 @@ pub fn kv_get(store: &Store, stored_key: &str) -> Option<Direct> {
 /// The direct request of a KV `set` of `stored_key` (the key as stored) to `value`.
 pub fn kv_put(store: &Store, stored_key: &str, value: Bytes) -> Direct {
     Direct {
-        subject: kv_write_subject(store, &js_api(), stored_key),
+        subject: kv_write_subject(store, stored_key),
         headers: None,
         payload: value,
     }
@@ -147,7 +145,7 @@ pub fn kv_delete(store: &Store, stored_key: &str) -> Direct {
     let mut headers = HeaderMap::new();
     headers.insert(KV_OPERATION, HeaderValue::from("DEL"));
     Direct {
-        subject: kv_write_subject(store, &js_api(), stored_key),
+        subject: kv_write_subject(store, stored_key),
         headers: Some(headers),
         payload: Bytes::new(),
     }

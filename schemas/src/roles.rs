@@ -124,6 +124,15 @@ pub fn inbox_prefix(public_key: &str) -> String {
 /// The JetStream API prefix of a lattice without a JetStream domain.
 const JS_API: &str = "$JS.API";
 
+/// The JetStream API prefix of processes in JetStream domain `domain` (`--js-domain`):
+/// `$JS.<domain>.API`, or `$JS.API` without a domain.
+pub fn js_api(domain: Option<&str>) -> String {
+    match domain {
+        Some(domain) => format!("$JS.{domain}.API"),
+        None => JS_API.to_owned(),
+    }
+}
+
 /// What a user's permissions are cut to beyond its role.
 #[derive(Debug, Clone, Copy)]
 pub struct Scope<'a> {
@@ -139,10 +148,7 @@ pub struct Scope<'a> {
 impl Scope<'_> {
     /// The JetStream API prefix the lattice's processes use.
     fn js_api(&self) -> String {
-        match self.js_domain {
-            Some(domain) => format!("$JS.{domain}.API"),
-            None => JS_API.to_owned(),
-        }
+        js_api(self.js_domain)
     }
 }
 

@@ -130,8 +130,8 @@ impl KvProvider {
         match request {
             KvRequest::Open { .. } => {}
             KvRequest::Get { key, .. } => reply.value = self.get(store, &key).await?,
-            KvRequest::Set { key, value, .. } => self.set(store, &key, value).await?,
-            KvRequest::Delete { key, .. } => self.delete(store, &key).await?,
+            KvRequest::Set { key, value, .. } => self.set_all(store, vec![(key, value)]).await?,
+            KvRequest::Delete { key, .. } => self.delete_all(store, vec![key]).await?,
             KvRequest::Exists { key, .. } => {
                 reply.exists = Some(self.get(store, &key).await?.is_some());
             }
@@ -150,26 +150,8 @@ impl KvProvider {
                     futures::future::try_join_all(keys.iter().map(|key| self.get(store, key)))
                         .await?;
             }
-            KvRequest::SetMany { pairs, .. } => {
-                let writes = pairs
-                    .into_iter()
-                    .map(|(key, value)| {
-                        let write = direct::kv_put(store, &encode_key(&key), value);
-                        (key, write)
-                    })
-                    .collect();
-                self.write_many("set", writes).await?;
-            }
-            KvRequest::DeleteMany { keys, .. } => {
-                let writes = keys
-                    .into_iter()
-                    .map(|key| {
-                        let write = direct::kv_delete(store, &encode_key(&key));
-                        (key, write)
-                    })
-                    .collect();
-                self.write_many("delete", writes).await?;
-            }
+            KvRequest::SetMany { pairs, .. } => self.set_all(store, pairs).await?,
+            KvRequest::DeleteMany { keys, .. } => self.delete_all(store, keys).await?,
         }
         Ok(reply)
     }
@@ -181,21 +163,35 @@ impl KvProvider {
             .map_err(|e| self.backend(format!("get {key:?}: {e}")))
     }
 
-    async fn set(&self, store: &Store, key: &str, value: Bytes) -> Result<(), DataError> {
-        store
-            .put(encode_key(key), value)
-            .await
-            .map(drop)
-            .map_err(|e| self.backend(format!("set {key:?}: {e}")))
+    /// Sets each key to its value, in order (see [`write_all`](Self::write_all)).
+    async fn set_all(&self, store: &Store, pairs: Vec<(String, Bytes)>) -> Result<(), DataError> {
+        let writes = pairs.into_iter().map(|(key, value)| {
+            let write = direct::kv_put(store, &encode_key(&key), value);
+            (key, write)
+        });
+        self.write_all("set", writes).await
     }
 
-    /// Publishes the writes of a batch in their order (so that a key written twice keeps the
-    /// last value), then waits for JetStream's acknowledgements of all of them. The first
-    /// failure is the batch's error; writes before it may have been stored, as with one write
-    /// after another.
-    async fn write_many(&self, what: &str, writes: Vec<(String, Direct)>) -> Result<(), DataError> {
+    /// Deletes each key, in order (see [`write_all`](Self::write_all)).
+    async fn delete_all(&self, store: &Store, keys: Vec<String>) -> Result<(), DataError> {
+        let writes = keys.into_iter().map(|key| {
+            let write = direct::kv_delete(store, &encode_key(&key));
+            (key, write)
+        });
+        self.write_all("delete", writes).await
+    }
+
+    /// Publishes writes of keys (one, or a batch's) in their order, so that a key written twice
+    /// keeps the last value, then waits for JetStream's acknowledgements of all of them: the
+    /// same writes the provider has JetStream answer directly. The first failure is the error;
+    /// writes before it may have been stored, as with one write after another.
+    async fn write_all(
+        &self,
+        what: &str,
+        writes: impl Iterator<Item = (String, Direct)>,
+    ) -> Result<(), DataError> {
         let js = &self.ctx.js;
-        let mut acks = Vec::with_capacity(writes.len());
+        let mut acks = Vec::new();
         for (key, write) in writes {
             let subject = write.subject;
             let sent = match write.headers {
@@ -213,13 +209,6 @@ impl KvProvider {
                 .map_err(|e| self.backend(format!("{what} {key:?}: {e}")))?;
         }
         Ok(())
-    }
-
-    async fn delete(&self, store: &Store, key: &str) -> Result<(), DataError> {
-        store
-            .delete(encode_key(key))
-            .await
-            .map_err(|e| self.backend(format!("delete {key:?}: {e}")))
     }
 
     async fn list(

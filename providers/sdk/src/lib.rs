@@ -55,12 +55,13 @@
 //!    control subjects `trellis.prov.v1.<lattice>.<id>.{stop,config,health}`; start
 //!    [`Provider::run`].
 //! 4. Publish `provider.started`.
-//! 5. Serve: each call in its own task. A call's identity headers name the caller; the provider
-//!    looks the assignment up in its own projection (waiting up to 2 s for `Trellis-Min-Seq`)
-//!    and refuses with `access_denied` when none grants the capability through this provider.
-//!    A call whose caller reads a backend's own replies (a host, for key-value) may then be
-//!    answered by the backend itself: [`Provider::direct`] names the backend's request, which
-//!    the SDK sends with the caller's reply subject.
+//! 5. Serve: each call on the subscription loop's task until it first waits, then in a task of
+//!    its own (a call that never waits costs no task). A call's identity headers name the
+//!    caller; the provider looks the assignment up in its own projection (waiting up to 2 s for
+//!    `Trellis-Min-Seq`) and refuses with `access_denied` when none grants the capability
+//!    through this provider. A call whose caller reads a backend's own replies (a host, for
+//!    key-value) may then be answered by the backend itself: [`Provider::direct`] names the
+//!    backend's request, which the SDK sends with the caller's reply subject.
 //! 6. On SIGTERM/SIGINT or a `stop` request: stop taking calls, finish those in flight (bounded),
 //!    stop the background work, publish `provider.stopped`, flush, exit 0.
 #![deny(missing_docs)]
