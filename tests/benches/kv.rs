@@ -20,9 +20,12 @@
 //! Then the same with the provider embedded in the host (`trellis provider start kv --embedded`),
 //! which the host prefers: guest → host → JetStream KV, no second process and no extra hop.
 //!
-//! Each comparison runs `TRELLIS_BENCH_ROUNDS` rounds (default 3) that alternate which side runs
-//! first, prints the CPU time and the context switches per round trip of every process (NATS
-//! server, host, provider, the callers), and reports the median ratio.
+//! Each comparison runs `TRELLIS_BENCH_ROUNDS` rounds (default 3). In a round the two sides take
+//! turns in `TRELLIS_BENCH_SLICES` slices (default 10), alternating which goes first, so that the
+//! machine's drift in speed (on a shared VM, as much as ±20 % within seconds) weighs on both
+//! alike; each side's rate is all its round trips over all its time. Every round prints the CPU
+//! time and the context switches per round trip of every process (NATS server, host, provider,
+//! the callers); the comparison reports the median ratio.
 //!
 //! Run: `cargo build --release --bins && cargo bench --bench kv`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
@@ -348,27 +351,61 @@ fn cpu_now(lat: &BenchLattice) -> Vec<Spent> {
         .collect()
 }
 
-/// The CPU each process spent per round trip since `before`, for the processes that spent any,
-/// with its context switches per round trip (voluntary + involuntary): a wakeup between threads
-/// costs one.
-fn cpu_per_round_trip(lat: &BenchLattice, before: &[Spent], round_trips: usize) -> String {
+/// What each process spent between `before` and now.
+fn spent_since(lat: &BenchLattice, before: &[Spent]) -> Vec<Spent> {
+    before
+        .iter()
+        .zip(cpu_now(lat))
+        .map(|(was, now)| Spent {
+            name: now.name,
+            ticks: now.ticks.saturating_sub(was.ticks),
+            switches: (
+                now.switches.0.saturating_sub(was.switches.0),
+                now.switches.1.saturating_sub(was.switches.1),
+            ),
+        })
+        .collect()
+}
+
+/// `more` added to `total`, process by process (both from [`spent_since`] in one lattice).
+fn add_spent(total: &mut Vec<Spent>, more: Vec<Spent>) {
+    if total.is_empty() {
+        *total = more;
+        return;
+    }
+    for (sum, part) in total.iter_mut().zip(more) {
+        sum.ticks += part.ticks;
+        sum.switches.0 += part.switches.0;
+        sum.switches.1 += part.switches.1;
+    }
+}
+
+/// The CPU each process spent per round trip (from [`spent_since`]), for the processes that
+/// spent any, with its context switches per round trip (voluntary + involuntary): a wakeup
+/// between threads costs one.
+fn per_round_trip(spent: &[Spent], round_trips: usize) -> String {
     let tick = 1e6 / clock_ticks_per_sec();
     let per_trip = |n: u64| n as f64 / round_trips as f64;
     let mut total = 0.0;
     let mut parts = Vec::new();
-    for (was, now) in before.iter().zip(cpu_now(lat)) {
-        let us = per_trip(now.ticks.saturating_sub(was.ticks)) * tick;
+    for part in spent {
+        let us = per_trip(part.ticks) * tick;
         total += us;
         if us > 0.0 {
-            let voluntary = per_trip(now.switches.0.saturating_sub(was.switches.0));
-            let preempted = per_trip(now.switches.1.saturating_sub(was.switches.1));
+            let voluntary = per_trip(part.switches.0);
+            let preempted = per_trip(part.switches.1);
             parts.push(format!(
                 "{} {us:.1} [{voluntary:.1}+{preempted:.1} sw]",
-                now.name
+                part.name
             ));
         }
     }
     format!("{total:.1} µs CPU/round trip ({})", parts.join(", "))
+}
+
+/// The CPU each process spent per round trip since `before` ([`per_round_trip`]).
+fn cpu_per_round_trip(lat: &BenchLattice, before: &[Spent], round_trips: usize) -> String {
+    per_round_trip(&spent_since(lat, before), round_trips)
 }
 
 /// What each side of a comparison runs against: the lattice, the instance of `kv_probe`, and a
@@ -381,7 +418,8 @@ struct Sides<'a> {
 }
 
 /// The component against the raw client, sequentially and from `callers` callers, in `rounds`
-/// rounds that alternate which side runs first (the machine's speed drifts); prints each round
+/// rounds of `slices` turns each, alternating which side runs first (the machine's speed
+/// drifts); prints each round
 /// with the CPU each process spent, then the median ratio. With `provider_alone`, each round
 /// also sends the guest's requests straight to the provider.
 async fn compare(
@@ -389,6 +427,7 @@ async fn compare(
     total: usize,
     callers: usize,
     rounds: usize,
+    slices: usize,
     provider_alone: bool,
 ) {
     let Sides {
@@ -402,18 +441,38 @@ async fn compare(
         let trips = n * per_caller;
         let mut ratios = Vec::new();
         for round in 0..rounds {
-            let mut component = (0.0, String::new());
-            let mut direct = (0.0, String::new());
-            for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
-                let before = cpu_now(lat);
-                if side == 0 {
-                    let rate = from_component(client, lat, instance, n, per_caller).await;
-                    component = (rate, cpu_per_round_trip(lat, &before, trips));
+            // The sides take turns in slices, so that a drift of the machine's speed within the
+            // round weighs on both alike; each side's rate is its round trips over its time.
+            let slices = slices.clamp(1, per_caller);
+            let per_slice = per_caller / slices;
+            let mut elapsed = [0.0_f64; 2];
+            let mut spent = [Vec::new(), Vec::new()];
+            for slice in 0..slices {
+                let order = if (round + slice) % 2 == 0 {
+                    [0, 1]
                 } else {
-                    let rate = raw(store, n, per_caller).await;
-                    direct = (rate, cpu_per_round_trip(lat, &before, trips));
+                    [1, 0]
+                };
+                for side in order {
+                    let before = cpu_now(lat);
+                    let rate = if side == 0 {
+                        from_component(client, lat, instance, n, per_slice).await
+                    } else {
+                        raw(store, n, per_slice).await
+                    };
+                    elapsed[side] += (n * per_slice) as f64 / rate;
+                    add_spent(&mut spent[side], spent_since(lat, &before));
                 }
             }
+            let sliced = n * per_slice * slices;
+            let component = (
+                sliced as f64 / elapsed[0],
+                per_round_trip(&spent[0], sliced),
+            );
+            let direct = (
+                sliced as f64 / elapsed[1],
+                per_round_trip(&spent[1], sliced),
+            );
             let ratio = component.0 / direct.0;
             ratios.push(ratio);
             println!(
@@ -457,6 +516,7 @@ async fn main() {
     let total = env_usize("TRELLIS_BENCH_ROUND_TRIPS", 5_000);
     let callers = env_usize("TRELLIS_BENCH_CALLERS", 8);
     let rounds = env_usize("TRELLIS_BENCH_ROUNDS", 3).max(1);
+    let slices = env_usize("TRELLIS_BENCH_SLICES", 10).max(1);
     let lat = BenchLattice::up("bench-kv", &["kv"]).await;
     let wasm = components::build().path("kv_probe");
     let dir = tempfile::tempdir().unwrap();
@@ -505,12 +565,12 @@ async fn main() {
         instance: &instance,
         store: &store,
     };
-    compare(&sides, total, callers, rounds, true).await;
+    compare(&sides, total, callers, rounds, slices, true).await;
     batches(&client, &lat, &instance, rounds).await;
 
     // The same provider embedded in the host: the host prefers it to the standalone process.
     lat.cli(&["provider", "start", "kv", "--embedded", "--wait"]);
     from_component(&client, &lat, &instance, 1, 200).await;
     println!("kv provider embedded in the host (`trellis provider start kv --embedded`):");
-    compare(&sides, total, callers, rounds, false).await;
+    compare(&sides, total, callers, rounds, slices, false).await;
 }
