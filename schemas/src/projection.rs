@@ -6,7 +6,8 @@
 //! last facts of each subject (what the stream retains) yields the same projection as replaying
 //! everything.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
@@ -301,6 +302,11 @@ pub struct Projection {
     /// Capability assignments in force, by id (revoked ones are removed).
     #[serde(default)]
     pub assignments: BTreeMap<AssignmentId, AssignmentRecord>,
+    /// The assignments by target, built on the first lookup after they change: [`apply`],
+    /// the only writer of `assignments`, forgets it whenever it changes them.
+    #[serde(skip)]
+    #[schemars(skip)]
+    assignment_index: AssignmentIndex,
     /// Links in force, by id (removed ones are gone).
     #[serde(default)]
     pub links: BTreeMap<LinkId, LinkRecord>,
@@ -351,6 +357,64 @@ fn most_specific<'a, R>(
     for_component
 }
 
+/// [`Projection::assignments`] by who they grant to, each target's grants in assignment-id
+/// order (the order [`most_specific`] sees them in): a capability call finds its grant without
+/// reading every assignment of the lattice.
+#[derive(Debug, Clone, Default)]
+struct AssignmentIndex(OnceLock<TargetGrants>);
+
+/// For each instance and each component named by a grant: the capabilities granted, with the
+/// grant's id, in assignment-id order.
+#[derive(Debug, Clone, Default)]
+struct TargetGrants {
+    instances: HashMap<String, Vec<(Capability, AssignmentId)>>,
+    components: HashMap<String, Vec<(Capability, AssignmentId)>>,
+}
+
+/// The ids of the grants of `capability` in a target's `list`, in assignment-id order.
+fn granted(
+    list: Option<&Vec<(Capability, AssignmentId)>>,
+    capability: Capability,
+) -> impl DoubleEndedIterator<Item = &AssignmentId> {
+    list.into_iter()
+        .flatten()
+        .filter(move |(c, _)| *c == capability)
+        .map(|(_, id)| id)
+}
+
+impl AssignmentIndex {
+    fn get(&self, assignments: &BTreeMap<AssignmentId, AssignmentRecord>) -> &TargetGrants {
+        self.0.get_or_init(|| {
+            let mut grants = TargetGrants::default();
+            for (id, record) in assignments {
+                let (map, key) = match &record.assignment.target {
+                    AssignmentTarget::Instance(i) => (&mut grants.instances, i.as_str()),
+                    AssignmentTarget::Component(c) => (&mut grants.components, c.as_str()),
+                };
+                map.entry(key.to_owned())
+                    .or_default()
+                    .push((record.assignment.capability, id.clone()));
+            }
+            grants
+        })
+    }
+
+    /// Forgets the index: the assignments changed.
+    fn invalidate(&mut self) {
+        self.0 = OnceLock::new();
+    }
+}
+
+/// Derived from the assignments, so two projections with the same assignments are equal
+/// whether or not either has built it.
+impl PartialEq for AssignmentIndex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for AssignmentIndex {}
+
 impl Projection {
     /// An empty projection.
     pub fn new() -> Self {
@@ -380,14 +444,13 @@ impl Projection {
         component: &str,
         capability: Capability,
     ) -> Option<&AssignmentRecord> {
-        most_specific(
-            self.assignments
-                .values()
-                .filter(|r| r.assignment.capability == capability)
-                .map(|r| (&r.assignment.target, r)),
-            instance,
-            component,
-        )
+        // As `most_specific` over the assignments of `capability`: the first grant to the
+        // instance itself, else the last one to its component.
+        let grants = self.assignment_index.get(&self.assignments);
+        let id = granted(grants.instances.get(instance.as_str()), capability)
+            .next()
+            .or_else(|| granted(grants.components.get(component), capability).next_back())?;
+        self.assignments.get(id)
     }
 
     /// The link that serves `interface` to `instance` (of `component`): one made for the
@@ -613,6 +676,7 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
             }
         }
         FactData::AssignmentGranted(d) => {
+            projection.assignment_index.invalidate();
             projection.assignments.insert(
                 d.assignment_id.clone(),
                 AssignmentRecord {
@@ -636,6 +700,7 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
             projection.links.remove(&d.link_id);
         }
         FactData::AssignmentRevoked(d) => {
+            projection.assignment_index.invalidate();
             projection.assignments.remove(&d.assignment_id);
         }
         FactData::ProviderStarted(d) => {
@@ -916,6 +981,85 @@ mod tests {
                 // always contains the last fact.
                 short.last_seq = full.last_seq;
                 prop_assert_eq!(&short, &full, "keep = {}", keep);
+            }
+        }
+    }
+
+    /// One step of [`the_assignment_index_answers_as_a_scan_of_every_assignment`]: grant
+    /// assignment `id` of `capability` to instance or component `target`, or revoke it.
+    #[derive(Debug, Clone)]
+    enum Change {
+        Grant {
+            id: u8,
+            to_instance: bool,
+            target: u8,
+            capability: usize,
+        },
+        Revoke(u8),
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        prop_oneof![
+            3 => (0u8..8, any::<bool>(), 0u8..3, 0..Capability::ALL.len()).prop_map(
+                |(id, to_instance, target, capability)| Change::Grant { id, to_instance, target, capability }
+            ),
+            1 => (0u8..8).prop_map(Change::Revoke),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_assignment_index_answers_as_a_scan_of_every_assignment(
+            changes in proptest::collection::vec(change(), 1..40)
+        ) {
+            use crate::fact::AssignmentRevoked;
+            use crate::names::ComponentName;
+            let mut projection = Projection::new();
+            for (seq, change) in (1u64..).zip(changes) {
+                let data = match change {
+                    Change::Grant { id, to_instance, target, capability } => {
+                        let target = if to_instance {
+                            AssignmentTarget::Instance(InstanceId::new(format!("i{target}")).expect("id"))
+                        } else {
+                            AssignmentTarget::Component(ComponentName::new(format!("c{target}")).expect("name"))
+                        };
+                        FactData::AssignmentGranted(Assignment {
+                            assignment_id: AssignmentId::new(format!("a{id}")).expect("id"),
+                            target,
+                            capability: Capability::ALL[capability],
+                            provider: ProviderName::new("p").expect("name"),
+                            config: BTreeMap::new(),
+                        })
+                    }
+                    Change::Revoke(id) => FactData::AssignmentRevoked(AssignmentRevoked {
+                        assignment_id: AssignmentId::new(format!("a{id}")).expect("id"),
+                        reason: "requested".to_owned(),
+                    }),
+                };
+                apply(&mut projection, &fact(seq, data));
+                // Read back from JSON too: a projection that never built its index answers alike.
+                let copy: Projection = serde_json::from_value(
+                    serde_json::to_value(&projection).expect("json"),
+                ).expect("projection");
+                prop_assert_eq!(&copy, &projection);
+                for instance in 0..3 {
+                    let instance = InstanceId::new(format!("i{instance}")).expect("id");
+                    for component in ["c0", "c1", "c2"] {
+                        for &capability in Capability::ALL {
+                            let scanned = most_specific(
+                                projection
+                                    .assignments
+                                    .values()
+                                    .filter(|r| r.assignment.capability == capability)
+                                    .map(|r| (&r.assignment.target, r)),
+                                &instance,
+                                component,
+                            );
+                            prop_assert_eq!(projection.assignment_for(&instance, component, capability), scanned);
+                            prop_assert_eq!(copy.assignment_for(&instance, component, capability), scanned);
+                        }
+                    }
+                }
             }
         }
     }
