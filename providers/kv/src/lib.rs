@@ -67,6 +67,13 @@ impl KvProvider {
         {
             return Ok(Arc::clone(store));
         }
+        // Boxed: a call's future would otherwise be as large as the bucket's setup, and be
+        // copied whole on every call.
+        Box::pin(self.open(bucket)).await
+    }
+
+    /// Opens (or creates) the store of `bucket` and keeps it for the next calls.
+    async fn open(&self, bucket: &str) -> Result<Arc<Store>, DataError> {
         let replicas = trellis_bus::replicas(&self.ctx.js, None).await;
         let store = match self.ctx.js.get_key_value(bucket).await {
             Ok(store) => {

@@ -15,7 +15,7 @@ use trellis_schemas::{
     subject,
 };
 
-/// How long a lookup waits for the follower to reach the caller's `Trellis-Min-Seq`.
+/// How long a lookup waits for the follower to reach the fact sequence the caller gives.
 pub const MIN_SEQ_WAIT: Duration = Duration::from_secs(2);
 
 /// The assignments of the lattice as this provider knows them. Cloning shares them.
@@ -107,8 +107,11 @@ impl Assignments {
         capability: Capability,
         min_seq: Option<u64>,
     ) -> Option<AssignmentRecord> {
-        if let Some(min_seq) = min_seq {
-            self.wait_for(min_seq, MIN_SEQ_WAIT).await;
+        if let Some(min_seq) = min_seq
+            && self.last_seq() < min_seq
+        {
+            // Boxed: rarely taken, and it would size every call's future.
+            Box::pin(self.wait_for(min_seq, MIN_SEQ_WAIT)).await;
         }
         self.lookup(instance, component, capability)
     }

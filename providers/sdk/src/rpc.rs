@@ -240,7 +240,15 @@ async fn check_and_handle<P: Provider>(
             caller.component
         );
         let trace = traceparent.as_deref();
-        record_denial(ctx, &caller.instance, capability, trace, &error, reason).await;
+        Box::pin(record_denial(
+            ctx,
+            &caller.instance,
+            capability,
+            trace,
+            &error,
+            reason,
+        ))
+        .await;
         return Err(error);
     };
     if claimed != "-" && claimed != record.assignment.assignment_id.as_str() {
@@ -261,7 +269,9 @@ async fn check_and_handle<P: Provider>(
     };
     let outcome = match offered {
         Ok(Some(request)) => Ok(Answer::Direct(request)),
-        Ok(None) => provider.handle(call).await.map(Answer::Response),
+        // Boxed, as the refusals' audit above and below: a call's future is moved once when it
+        // is made, so its size is copied on every call, and these parts would size it.
+        Ok(None) => Box::pin(provider.handle(call)).await.map(Answer::Response),
         Err(e) => Err(e),
     };
     if let Err(error) = &outcome
@@ -269,7 +279,10 @@ async fn check_and_handle<P: Provider>(
     {
         let reason = error.message.clone();
         let trace = traceparent.as_deref();
-        record_denial(ctx, &instance, capability, trace, error, reason).await;
+        Box::pin(record_denial(
+            ctx, &instance, capability, trace, error, reason,
+        ))
+        .await;
     }
     outcome
 }
