@@ -40,6 +40,8 @@ pub struct Names {
     pub reason: HeaderName,
     /// [`headers::INSTANCE`].
     pub instance: HeaderName,
+    /// [`headers::IDENTITY`].
+    pub identity: HeaderName,
     /// [`headers::COMPONENT`].
     pub component: HeaderName,
     /// [`headers::ASSIGNMENT`].
@@ -61,6 +63,7 @@ pub static NAMES: Names = Names {
     error_code: HeaderName::from_static(headers::ERROR_CODE),
     reason: HeaderName::from_static(headers::REASON),
     instance: HeaderName::from_static(headers::INSTANCE),
+    identity: HeaderName::from_static(headers::IDENTITY),
     component: HeaderName::from_static(headers::COMPONENT),
     assignment: HeaderName::from_static(headers::ASSIGNMENT),
     min_seq: HeaderName::from_static(headers::MIN_SEQ),
@@ -237,15 +240,60 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Reads the caller's identity from a capability request's headers.
+    /// Reads the caller's identity from a capability request's headers: [`headers::IDENTITY`],
+    /// or the separate headers of hosts before it.
     ///
     /// # Errors
     ///
     /// `invalid_request`: a header is missing or malformed.
     pub fn read(headers: Option<&HeaderMap>) -> Result<Self, DataError> {
+        let traceparent = header(headers, &NAMES.traceparent).map(str::to_owned);
+        let Some(identity) = header(headers, &NAMES.identity) else {
+            return Self::read_separate(headers, traceparent);
+        };
+        let invalid = |m: String| DataError::new(ErrorCode::InvalidRequest, m);
+        let malformed = || {
+            invalid(format!(
+                "header {} is not `<instance> <component> <assignment|-> <sequence|->`: {identity:?}",
+                headers::IDENTITY
+            ))
+        };
+        let mut fields = identity.split(' ');
+        let (Some(instance), Some(component), Some(assignment), Some(min_seq), None) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
+            return Err(malformed());
+        };
+        let instance = InstanceId::new(instance)
+            .map_err(|e| invalid(format!("header {}: {e}", headers::IDENTITY)))?;
+        if component.is_empty() || assignment.is_empty() {
+            return Err(malformed());
+        }
+        let min_seq = match min_seq {
+            "-" => None,
+            seq => Some(seq.parse::<u64>().map_err(|_| malformed())?),
+        };
+        Ok(Self {
+            instance,
+            component: component.to_owned(),
+            assignment: (assignment != "-").then(|| assignment.to_owned()),
+            min_seq,
+            traceparent,
+        })
+    }
+
+    /// The identity in the separate headers hosts sent before [`headers::IDENTITY`].
+    fn read_separate(
+        headers: Option<&HeaderMap>,
+        traceparent: Option<String>,
+    ) -> Result<Self, DataError> {
         let invalid = |m: String| DataError::new(ErrorCode::InvalidRequest, m);
         let instance = header(headers, &NAMES.instance)
-            .ok_or_else(|| invalid(format!("missing header {}", headers::INSTANCE)))?;
+            .ok_or_else(|| invalid(format!("missing header {}", headers::IDENTITY)))?;
         let instance = InstanceId::new(instance)
             .map_err(|e| invalid(format!("header {}: {e}", headers::INSTANCE)))?;
         let component = header(headers, &NAMES.component)
@@ -261,7 +309,6 @@ impl Identity {
             None => None,
         };
         let assignment = header(headers, &NAMES.assignment).map(str::to_owned);
-        let traceparent = header(headers, &NAMES.traceparent).map(str::to_owned);
         Ok(Self {
             instance,
             component,
@@ -272,14 +319,33 @@ impl Identity {
     }
 
     fn write(&self, headers: &mut HeaderMap) {
-        headers.insert(NAMES.instance.clone(), self.instance.as_str());
-        headers.insert(NAMES.component.clone(), header_safe(&self.component));
-        if let Some(assignment) = &self.assignment {
-            headers.insert(NAMES.assignment.clone(), header_safe(assignment));
+        use std::fmt::Write as _;
+        // Fields never hold a space: ids and names are validated, and `field` replaces any.
+        let field = |value: &str| -> String {
+            if value.is_empty() {
+                "-".to_owned()
+            } else {
+                header_safe(value).replace(' ', "_")
+            }
+        };
+        let mut identity = String::with_capacity(96);
+        identity.push_str(self.instance.as_str());
+        identity.push(' ');
+        identity.push_str(&field(&self.component));
+        identity.push(' ');
+        identity.push_str(
+            &self
+                .assignment
+                .as_deref()
+                .map_or_else(|| "-".to_owned(), field),
+        );
+        match self.min_seq {
+            Some(seq) => {
+                let _ = write!(identity, " {seq}");
+            }
+            None => identity.push_str(" -"),
         }
-        if let Some(seq) = self.min_seq {
-            headers.insert(NAMES.min_seq.clone(), seq.to_string());
-        }
+        headers.insert(NAMES.identity.clone(), identity);
         if let Some(traceparent) = &self.traceparent {
             headers.insert(NAMES.traceparent.clone(), header_safe(traceparent));
         }
@@ -517,6 +583,70 @@ mod tests {
         )
         .expect_err("no identity");
         assert_eq!(e.code, ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn the_identity_is_one_header_and_the_separate_headers_still_read() {
+        let instance = InstanceId::new("01JABCDEFGHJKMNPQRSTVWXYZ0").expect("valid");
+        for (assignment, min_seq) in [
+            (Some("a1"), Some(7)),
+            (None, Some(3)),
+            (Some("a1"), None),
+            (None, None),
+        ] {
+            let identity = Identity {
+                instance: instance.clone(),
+                component: "kv-probe".into(),
+                assignment: assignment.map(str::to_owned),
+                min_seq,
+                traceparent: None,
+            };
+            let mut headers = HeaderMap::new();
+            identity.write(&mut headers);
+            assert_eq!(headers.iter().count(), 1, "one header: {headers:?}");
+            assert_eq!(Identity::read(Some(&headers)), Ok(identity));
+        }
+        let one = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(headers::IDENTITY, value);
+            Identity::read(Some(&headers)).map_err(|e| (e.code, e.message))
+        };
+        assert_eq!(
+            one("01JABCDEFGHJKMNPQRSTVWXYZ0 c a 12").map(|i| (
+                i.component,
+                i.assignment,
+                i.min_seq
+            )),
+            Ok(("c".to_owned(), Some("a".to_owned()), Some(12)))
+        );
+        for bad in [
+            "",
+            "01JABCDEFGHJKMNPQRSTVWXYZ0 c a",
+            "01JABCDEFGHJKMNPQRSTVWXYZ0 c a 12 extra",
+            "01JABCDEFGHJKMNPQRSTVWXYZ0 c a twelve",
+            "01JABCDEFGHJKMNPQRSTVWXYZ0  a 12",
+            "not.an.id c a 12",
+        ] {
+            let (code, message) = one(bad).expect_err(bad);
+            assert_eq!(code, ErrorCode::InvalidRequest, "{bad:?}");
+            assert!(message.contains(headers::IDENTITY), "{bad:?}: {message}");
+        }
+        // A host from before the one header.
+        let mut headers = HeaderMap::new();
+        headers.insert(headers::INSTANCE, instance.as_str());
+        headers.insert(headers::COMPONENT, "c");
+        headers.insert(headers::ASSIGNMENT, "a");
+        headers.insert(headers::MIN_SEQ, "5");
+        let old = Identity::read(Some(&headers)).expect("reads");
+        assert_eq!(
+            (
+                old.instance,
+                old.component.as_str(),
+                old.assignment.as_deref(),
+                old.min_seq
+            ),
+            (instance, "c", Some("a"), Some(5))
+        );
     }
 
     #[test]

@@ -41,14 +41,22 @@ pub mod headers {
     pub const ERROR_CODE: &str = "Trellis-Error-Code";
     /// Crash replies: a [`CrashReason`](super::CrashReason).
     pub const REASON: &str = "Trellis-Reason";
-    /// Replies of an instance: its id. Capability requests: the calling instance.
+    /// Replies of an instance: its id. Capability requests from hosts before [`IDENTITY`]: the
+    /// calling instance.
     pub const INSTANCE: &str = "Trellis-Instance";
-    /// Capability requests: the calling instance's component.
+    /// Capability requests: who calls, in one header of four fields separated by spaces:
+    /// the calling instance, its component, the assignment the host resolved for the call, and
+    /// the stream sequence of that assignment's fact (a provider whose projection is older
+    /// waits, briefly, to catch up before deciding); `-` for an assignment or sequence the host
+    /// does not give. One header, not four: a provider parses every header of every call.
+    pub const IDENTITY: &str = "Trellis-Identity";
+    /// Capability requests from hosts before [`IDENTITY`], still read: the calling instance's
+    /// component (with the instance in [`INSTANCE`]).
     pub const COMPONENT: &str = "Trellis-Component";
-    /// Capability requests: the assignment the host resolved for the call.
+    /// Capability requests from hosts before [`IDENTITY`], still read: the assignment.
     pub const ASSIGNMENT: &str = "Trellis-Assignment";
-    /// Capability requests: the stream sequence of that assignment's fact; a provider whose
-    /// projection is older waits (briefly) to catch up before deciding.
+    /// Capability requests from hosts before [`IDENTITY`], still read: the assignment's fact
+    /// sequence.
     pub const MIN_SEQ: &str = "Trellis-Min-Seq";
     /// HTTP requests and replies: the request or response head as JSON
     /// ([`HttpRequestHead`](crate::capability::rpc::HttpRequestHead),

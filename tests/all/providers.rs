@@ -124,8 +124,7 @@ impl Env {
         body: Vec<u8>,
     ) -> Result<(HeaderMap, Vec<u8>), (String, String)> {
         let mut headers = HeaderMap::new();
-        headers.insert(headers::INSTANCE, caller.0);
-        headers.insert(headers::COMPONENT, caller.1);
+        headers.insert(headers::IDENTITY, format!("{} {} - -", caller.0, caller.1));
         let subject =
             dataplane::provider_rpc(&self.l, &ProviderName::new(provider).unwrap(), capability);
         let reply = codec::request(&self.client, subject, headers, body.into(), T)
@@ -271,7 +270,7 @@ async fn kv_round_trips_and_isolates_buckets_by_assignment() {
     let ia = ("ia", "ca");
     let ib = ("ib", "cb");
 
-    // The grant is brand new: Trellis-Min-Seq makes the provider wait for it.
+    // The grant is brand new: its fact sequence in the identity makes the provider wait for it.
     let reply = env
         .kv(
             ia,

@@ -3,10 +3,8 @@
 //! A host hands a provider a [`CapabilityRequest`] and gets a [`CapabilityResponse`] back.
 //! In one process (an embedded provider) they are passed as they are. Over NATS a host sends
 //! the request to [`dataplane::provider_rpc`](crate::dataplane::provider_rpc) with the caller's
-//! identity in headers ([`INSTANCE`](crate::dataplane::headers::INSTANCE),
-//! [`COMPONENT`](crate::dataplane::headers::COMPONENT),
-//! [`ASSIGNMENT`](crate::dataplane::headers::ASSIGNMENT),
-//! [`MIN_SEQ`](crate::dataplane::headers::MIN_SEQ)) and the body [`encode`d](CapabilityRequest::encode):
+//! identity in one header ([`IDENTITY`](crate::dataplane::headers::IDENTITY)) and the body
+//! [`encode`d](CapabilityRequest::encode):
 //!
 //! - key-value and messaging: the compact binary layout of [`crate::wire`] (values and message
 //!   bodies as raw bytes);
