@@ -318,26 +318,36 @@ impl Identity {
         })
     }
 
+    /// The headers that carry this identity: [`headers::IDENTITY`], and `traceparent` when
+    /// there is one.
+    pub fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        self.write(&mut headers);
+        headers
+    }
+
     fn write(&self, headers: &mut HeaderMap) {
         use std::fmt::Write as _;
-        // Fields never hold a space: ids and names are validated, and `field` replaces any.
-        let field = |value: &str| -> String {
+        /// A field as it is, but `-` when empty and `_` for a space or line break (ids and
+        /// names are validated and hold none; this keeps the header four fields whatever).
+        fn push(out: &mut String, value: &str) {
             if value.is_empty() {
-                "-".to_owned()
+                out.push('-');
             } else {
-                header_safe(value).replace(' ', "_")
+                out.extend(value.chars().map(|c| match c {
+                    ' ' | '\r' | '\n' => '_',
+                    c => c,
+                }));
             }
-        };
+        }
         let mut identity = String::with_capacity(96);
-        identity.push_str(self.instance.as_str());
+        push(&mut identity, self.instance.as_str());
         identity.push(' ');
-        identity.push_str(&field(&self.component));
+        push(&mut identity, &self.component);
         identity.push(' ');
-        identity.push_str(
-            &self
-                .assignment
-                .as_deref()
-                .map_or_else(|| "-".to_owned(), field),
+        push(
+            &mut identity,
+            self.assignment.as_deref().unwrap_or_default(),
         );
         match self.min_seq {
             Some(seq) => {
@@ -364,8 +374,7 @@ pub fn capability_request(
     let encoded = request
         .encode()
         .map_err(|e| DataError::new(ErrorCode::Internal, e.to_string()))?;
-    let mut headers = HeaderMap::new();
-    identity.write(&mut headers);
+    let mut headers = identity.headers();
     if let Some(head) = encoded.http_head {
         headers.insert(NAMES.http_head.clone(), head);
     }

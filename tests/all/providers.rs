@@ -123,8 +123,7 @@ impl Env {
         caller: (&str, &str),
         body: Vec<u8>,
     ) -> Result<(HeaderMap, Vec<u8>), (String, String)> {
-        let mut headers = HeaderMap::new();
-        headers.insert(headers::IDENTITY, format!("{} {} - -", caller.0, caller.1));
+        let headers = trellis_tests::caller(caller.0, caller.1).headers();
         let subject =
             dataplane::provider_rpc(&self.l, &ProviderName::new(provider).unwrap(), capability);
         let reply = codec::request(&self.client, subject, headers, body.into(), T)

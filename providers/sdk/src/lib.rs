@@ -58,8 +58,8 @@
 //! 5. Serve: each call on the subscription loop's task until it first waits, then in a task of
 //!    its own (a call that never waits costs no task). A call's `Trellis-Identity` header names
 //!    the caller; the provider looks the assignment up in its own projection (waiting up to 2 s
-//!    for the fact sequence the host gives) and refuses with `access_denied` when none grants the capability
-//!    through this provider. A call whose caller reads a backend's own replies (a host, for
+//!    for the fact sequence the host gives) and refuses with `access_denied` when none grants
+//!    the capability through this provider. A call whose caller reads a backend's own replies (a host, for
 //!    key-value) may then be answered by the backend itself: [`Provider::direct`] names the
 //!    backend's request, which the SDK sends with the caller's reply subject.
 //! 6. On SIGTERM/SIGINT or a `stop` request: stop taking calls, finish those in flight (bounded),
