@@ -300,10 +300,11 @@ pub struct Projection {
     /// host, not this; it stays for readers of the projection.)
     pub last_lost_seq: BTreeMap<HostId, u64>,
     /// Capability assignments in force, by id (revoked ones are removed).
+    // Private, so that every change goes through `apply` or `add_assignment`, which forget the
+    // index below: an index older than the assignments would answer with a stale grant.
     #[serde(default)]
-    pub assignments: BTreeMap<AssignmentId, AssignmentRecord>,
-    /// The assignments by target, built on the first lookup after they change: [`apply`],
-    /// the only writer of `assignments`, forgets it whenever it changes them.
+    assignments: BTreeMap<AssignmentId, AssignmentRecord>,
+    /// The assignments by target, built on the first lookup after they change.
     #[serde(skip)]
     #[schemars(skip)]
     assignment_index: AssignmentIndex,
@@ -434,6 +435,24 @@ impl Projection {
         self.instances
             .values()
             .filter(move |i| &i.host_id == host && i.status.is_active())
+    }
+
+    /// Capability assignments in force, by id (revoked ones are removed).
+    pub fn assignments(&self) -> &BTreeMap<AssignmentId, AssignmentRecord> {
+        &self.assignments
+    }
+
+    /// Adds an assignment learnt other than from its fact (a start command carries the grants
+    /// of the instance it starts), unless one with its id is known already. Returns whether it
+    /// was added.
+    pub fn add_assignment(&mut self, record: AssignmentRecord) -> bool {
+        let id = &record.assignment.assignment_id;
+        if self.assignments.contains_key(id) {
+            return false;
+        }
+        self.assignment_index.invalidate();
+        self.assignments.insert(id.clone(), record);
+        true
     }
 
     /// The assignment that grants `capability` to `instance` (of `component`): one made for the
@@ -986,7 +1005,8 @@ mod tests {
     }
 
     /// One step of [`the_assignment_index_answers_as_a_scan_of_every_assignment`]: grant
-    /// assignment `id` of `capability` to instance or component `target`, or revoke it.
+    /// assignment `id` of `capability` to instance or component `target` (by its fact, or
+    /// `carried` by a start command), or revoke it.
     #[derive(Debug, Clone)]
     enum Change {
         Grant {
@@ -994,14 +1014,15 @@ mod tests {
             to_instance: bool,
             target: u8,
             capability: usize,
+            carried: bool,
         },
         Revoke(u8),
     }
 
     fn change() -> impl Strategy<Value = Change> {
         prop_oneof![
-            3 => (0u8..8, any::<bool>(), 0u8..3, 0..Capability::ALL.len()).prop_map(
-                |(id, to_instance, target, capability)| Change::Grant { id, to_instance, target, capability }
+            3 => (0u8..8, any::<bool>(), 0u8..3, 0..Capability::ALL.len(), any::<bool>()).prop_map(
+                |(id, to_instance, target, capability, carried)| Change::Grant { id, to_instance, target, capability, carried }
             ),
             1 => (0u8..8).prop_map(Change::Revoke),
         ]
@@ -1017,26 +1038,40 @@ mod tests {
             let mut projection = Projection::new();
             for (seq, change) in (1u64..).zip(changes) {
                 let data = match change {
-                    Change::Grant { id, to_instance, target, capability } => {
+                    Change::Grant { id, to_instance, target, capability, carried } => {
                         let target = if to_instance {
                             AssignmentTarget::Instance(InstanceId::new(format!("i{target}")).expect("id"))
                         } else {
                             AssignmentTarget::Component(ComponentName::new(format!("c{target}")).expect("name"))
                         };
-                        FactData::AssignmentGranted(Assignment {
+                        let assignment = Assignment {
                             assignment_id: AssignmentId::new(format!("a{id}")).expect("id"),
                             target,
                             capability: Capability::ALL[capability],
                             provider: ProviderName::new("p").expect("name"),
                             config: BTreeMap::new(),
-                        })
+                        };
+                        if carried {
+                            let known = projection.assignments().contains_key(&assignment.assignment_id);
+                            let added = projection.add_assignment(AssignmentRecord {
+                                assignment,
+                                granted_at: Utc::now(),
+                                granted_seq: seq,
+                            });
+                            prop_assert_eq!(added, !known);
+                            None
+                        } else {
+                            Some(FactData::AssignmentGranted(assignment))
+                        }
                     }
-                    Change::Revoke(id) => FactData::AssignmentRevoked(AssignmentRevoked {
+                    Change::Revoke(id) => Some(FactData::AssignmentRevoked(AssignmentRevoked {
                         assignment_id: AssignmentId::new(format!("a{id}")).expect("id"),
                         reason: "requested".to_owned(),
-                    }),
+                    })),
                 };
-                apply(&mut projection, &fact(seq, data));
+                if let Some(data) = data {
+                    apply(&mut projection, &fact(seq, data));
+                }
                 // Read back from JSON too: a projection that never built its index answers alike.
                 let copy: Projection = serde_json::from_value(
                     serde_json::to_value(&projection).expect("json"),
@@ -1048,7 +1083,7 @@ mod tests {
                         for &capability in Capability::ALL {
                             let scanned = most_specific(
                                 projection
-                                    .assignments
+                                    .assignments()
                                     .values()
                                     .filter(|r| r.assignment.capability == capability)
                                     .map(|r| (&r.assignment.target, r)),

@@ -182,7 +182,7 @@ pub(crate) async fn revoke(
     let assignment = {
         let projection = state.projection();
         projection
-            .assignments
+            .assignments()
             .get(&request.assignment_id)
             .map(|r| r.assignment.clone())
             .ok_or_else(|| {
@@ -218,7 +218,7 @@ pub(crate) fn list(
         .and_then(|id| projection.instances.get(id))
         .map(|i| i.component.clone());
     let assignments = projection
-        .assignments
+        .assignments()
         .values()
         .filter(|r| match (&request.instance_id, &r.assignment.target) {
             (None, _) => true,

@@ -220,7 +220,7 @@ pub(crate) async fn start(
         // The component's own assignments apply to every new instance.
         let name = component_name(&source);
         let inherited: Vec<AssignmentRecord> = projection
-            .assignments
+            .assignments()
             .values()
             .filter(|r| {
                 matches!(&r.assignment.target, AssignmentTarget::Component(c) if Some(c.as_str()) == name.as_deref())

@@ -166,13 +166,13 @@ fn plan(state: &State, host: &HostId, lost_seq: u64) -> Vec<Move> {
         let isolation = request.isolation.unwrap_or_default();
         let component = artifact.manifest.name.clone();
         let inherited = projection
-            .assignments
+            .assignments()
             .values()
             .filter(|r| matches!(&r.assignment.target, AssignmentTarget::Component(c) if c == &component))
             .cloned()
             .collect();
         let own = projection
-            .assignments
+            .assignments()
             .values()
             .filter(|r| matches!(&r.assignment.target, AssignmentTarget::Instance(i) if i == &instance.instance_id))
             .map(|r| r.assignment.clone())

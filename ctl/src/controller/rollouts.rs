@@ -1100,7 +1100,7 @@ impl Driver {
             let (inherited, own) = {
                 let projection = self.state.projection();
                 let inherited: Vec<AssignmentRecord> = projection
-                    .assignments
+                    .assignments()
                     .values()
                     .filter(|r| {
                         matches!(&r.assignment.target, AssignmentTarget::Component(c) if *c == self.record.component)
@@ -1109,7 +1109,7 @@ impl Driver {
                     .collect();
                 let target = AssignmentTarget::Instance(id.clone());
                 let mut own = Vec::new();
-                for record in projection.assignments.values() {
+                for record in projection.assignments().values() {
                     if matches!(&record.assignment.target, AssignmentTarget::Instance(i) if *i == old.instance_id)
                     {
                         let grant = Grant {

@@ -261,7 +261,7 @@ pub(crate) fn snapshot(
     providers.sort_by(|a, b| (&a.name, &a.provider_id).cmp(&(&b.name, &b.provider_id)));
 
     let assignments = projection
-        .assignments
+        .assignments()
         .values()
         .map(|a| AssignmentRow {
             assignment_id: a.assignment.assignment_id.to_string(),

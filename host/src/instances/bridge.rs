@@ -61,11 +61,7 @@ impl Assignments {
         for record in records {
             let id = &record.assignment.assignment_id;
             if !known.revoked.contains(id) {
-                known
-                    .projection
-                    .assignments
-                    .entry(id.clone())
-                    .or_insert_with(|| record.clone());
+                known.projection.add_assignment(record.clone());
             }
         }
     }
@@ -75,7 +71,7 @@ impl Assignments {
         let known = self.inner.read().unwrap_or_else(PoisonError::into_inner);
         known
             .projection
-            .assignments
+            .assignments()
             .values()
             .filter(|r| matches!(&r.assignment.target, AssignmentTarget::Instance(id) if id == instance))
             .map(|r| r.assignment.assignment_id.clone())

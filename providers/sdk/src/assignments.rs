@@ -136,7 +136,7 @@ impl Assignments {
             .read()
             .unwrap_or_else(PoisonError::into_inner);
         projection
-            .assignments
+            .assignments()
             .values()
             .filter(|r| {
                 r.assignment.provider == self.inner.name && r.assignment.capability == capability
@@ -153,7 +153,7 @@ impl Assignments {
             .read()
             .unwrap_or_else(PoisonError::into_inner);
         projection
-            .assignments
+            .assignments()
             .values()
             .filter(|r| r.assignment.provider == self.inner.name)
             .count()
