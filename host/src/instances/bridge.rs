@@ -9,7 +9,6 @@
 //! of the assigned name is embedded in this host's process, the call goes to it directly, with
 //! the same identity, and it checks the assignment again just the same.
 
-use std::collections::HashSet;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use trellis_bus::dataplane::{self as codec, Identity, SendError};
@@ -19,8 +18,8 @@ use trellis_provider_sdk::{LocalProvider, Request};
 use trellis_schemas::dataplane::{self, ErrorCode, Op};
 use trellis_schemas::link::LinkRecord;
 use trellis_schemas::{
-    AssignmentId, AssignmentRecord, AssignmentTarget, Capability, Fact, FactData, InstanceId,
-    Lattice, Projection, ProviderName, apply, subject,
+    AssignmentId, AssignmentRecord, AssignmentTarget, Capability, Fact, InstanceId, Lattice,
+    Projection, ProviderName, apply, subject,
 };
 use wasmtime::component::Val;
 
@@ -40,27 +39,26 @@ pub(crate) struct Assignments {
 #[derive(Debug, Default)]
 struct Known {
     projection: Projection,
-    /// Assignments revoked by a fact already applied: a start command carrying one of them
-    /// (sent before the revocation) must not bring it back.
-    revoked: HashSet<AssignmentId>,
 }
 
 impl Assignments {
     /// Applies one fact (only assignment facts matter).
     pub(crate) fn apply(&self, fact: &Fact) {
         let mut known = self.inner.write().unwrap_or_else(PoisonError::into_inner);
-        if let FactData::AssignmentRevoked(d) = &fact.event.data {
-            known.revoked.insert(d.assignment_id.clone());
-        }
         apply(&mut known.projection, fact);
     }
 
-    /// Adds assignments a start command carries, unless they were revoked since.
+    /// Adds the assignments a start command carries whose grant facts this host has not read
+    /// yet.
+    ///
+    /// The host reads the grant facts in stream order, so a grant at or before the last fact it
+    /// applied is one it has read: if the projection no longer holds it, it was revoked since
+    /// the command was sent, and must not come back. No list of revocations is kept (it would
+    /// grow with every instance that ends).
     pub(crate) fn merge(&self, records: &[AssignmentRecord]) {
         let mut known = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         for record in records {
-            let id = &record.assignment.assignment_id;
-            if !known.revoked.contains(id) {
+            if record.granted_seq > known.projection.last_seq {
                 known.projection.add_assignment(record.clone());
             }
         }
@@ -486,5 +484,87 @@ impl NatsBridge {
                     format!("the result of {target} does not fit the caller's type: {e}"),
                 )
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use trellis_schemas::fact::{AssignmentRevoked, Event};
+    use trellis_schemas::{Assignment, ComponentName, FactData, ProviderName};
+
+    use super::*;
+
+    fn grant(id: &str, instance: &str) -> Assignment {
+        Assignment {
+            assignment_id: AssignmentId::new(id).expect("id"),
+            target: AssignmentTarget::Instance(InstanceId::new(instance).expect("id")),
+            capability: Capability::KeyValue,
+            provider: ProviderName::new("kv").expect("name"),
+            config: BTreeMap::new(),
+        }
+    }
+
+    fn fact(seq: u64, data: FactData) -> Fact {
+        Fact {
+            seq,
+            event: Event::new("/trellis/default/test/t", data),
+        }
+    }
+
+    fn carried(assignment: Assignment, granted_seq: u64) -> AssignmentRecord {
+        AssignmentRecord {
+            assignment,
+            granted_at: chrono::Utc::now(),
+            granted_seq,
+        }
+    }
+
+    fn granted(assignments: &Assignments, instance: &str) -> bool {
+        let instance = InstanceId::new(instance).expect("id");
+        assignments.grants(&instance, "c", Capability::KeyValue)
+    }
+
+    /// A start command may arrive before the facts of the grants it carries: they count at
+    /// once, even after an earlier lookup, and reading their facts later changes nothing.
+    #[test]
+    fn a_start_commands_grants_count_before_their_facts_arrive() {
+        let assignments = Assignments::default();
+        assignments.apply(&fact(1, FactData::AssignmentGranted(grant("a1", "i1"))));
+        assert!(granted(&assignments, "i1"));
+        assert!(!granted(&assignments, "i2"));
+        assignments.merge(&[carried(grant("a2", "i2"), 2)]);
+        assert!(
+            granted(&assignments, "i2"),
+            "the carried grant counts at once"
+        );
+        assignments.apply(&fact(2, FactData::AssignmentGranted(grant("a2", "i2"))));
+        assert!(granted(&assignments, "i1") && granted(&assignments, "i2"));
+    }
+
+    /// A command sent before a revocation that the host has read does not bring the grant
+    /// back; a grant to the component is unaffected.
+    #[test]
+    fn a_revoked_grant_carried_by_a_late_command_stays_revoked() {
+        let assignments = Assignments::default();
+        let own = grant("a1", "i1");
+        let mut for_component = grant("a2", "i1");
+        for_component.target = AssignmentTarget::Component(ComponentName::new("c").expect("name"));
+        for_component.capability = Capability::Messaging;
+        assignments.apply(&fact(1, FactData::AssignmentGranted(own.clone())));
+        assignments.apply(&fact(2, FactData::AssignmentGranted(for_component.clone())));
+        assignments.apply(&fact(
+            3,
+            FactData::AssignmentRevoked(AssignmentRevoked {
+                assignment_id: own.assignment_id.clone(),
+                reason: "requested".to_owned(),
+            }),
+        ));
+        assert!(!granted(&assignments, "i1"));
+        assignments.merge(&[carried(own, 1), carried(for_component, 2)]);
+        assert!(!granted(&assignments, "i1"), "a revoked grant came back");
+        let instance = InstanceId::new("i1").expect("id");
+        assert!(assignments.grants(&instance, "c", Capability::Messaging));
     }
 }
