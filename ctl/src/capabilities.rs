@@ -27,12 +27,16 @@ pub enum AssignmentCommand {
         #[arg(value_parser = parse_target)]
         target: AssignmentTarget,
         /// `wasi:keyvalue`, `wasi:http/incoming-handler`, `wasi:http/outgoing-handler` or
-        /// `wasmcloud:messaging`.
-        capability: Capability,
-        /// The provider that serves it [default: the capability's usual provider].
-        provider: Option<ProviderName>,
-        /// The provider's configuration for this target, `key=value`; repeat for more
-        /// (`bucket=…`, `address=…`, `allowed_hosts=…`, `subscribe=…`, `publish=…`).
+        /// `wasmcloud:messaging`; or, as `--grant` takes it, with its provider and
+        /// configuration in one argument: `'wasi:keyvalue bucket=counts'`.
+        #[arg(value_parser = parse_grant)]
+        capability: Grant,
+        /// The provider that serves it (`kv`, or `provider=kv`) [default: the capability's
+        /// usual provider], and its configuration for this target, `key=value` (`bucket=…`,
+        /// `address=…`, `allowed_hosts=…`, `subscribe=…`, `publish=…`).
+        #[arg(value_parser = parse_grant_word, value_name = "PROVIDER|KEY=VALUE")]
+        words: Vec<GrantWord>,
+        /// The provider's configuration for this target, `key=value`; repeat for more.
         #[arg(long = "config", value_parser = parse_kv)]
         config: Vec<(String, String)>,
     },
@@ -133,21 +137,59 @@ pub(crate) fn parse_grant(s: &str) -> Result<Grant, String> {
         .next()
         .ok_or_else(|| "empty grant; write '<capability> key=value …'".to_owned())?
         .parse()?;
-    let mut provider = None;
-    let mut config = BTreeMap::new();
+    let mut grant = Grant {
+        capability,
+        provider: None,
+        config: BTreeMap::new(),
+    };
     for word in words {
-        let (k, v) = parse_kv(word)?;
-        if k == "provider" {
-            provider = Some(ProviderName::new(v).map_err(|e| e.to_string())?);
-        } else {
-            config.insert(k, v);
+        if !word.contains('=') {
+            return Err(format!("{word:?} is not key=value"));
+        }
+        add_word(&mut grant, parse_grant_word(word)?)?;
+    }
+    Ok(grant)
+}
+
+/// A word of a grant after its capability: its provider, or a setting of its configuration.
+#[derive(Debug, Clone)]
+pub enum GrantWord {
+    /// `<name>` or `provider=<name>`.
+    Provider(ProviderName),
+    /// `key=value`.
+    Config(String, String),
+}
+
+/// Parses a [`GrantWord`].
+pub(crate) fn parse_grant_word(s: &str) -> Result<GrantWord, String> {
+    let provider = |name: &str| {
+        ProviderName::new(name)
+            .map(GrantWord::Provider)
+            .map_err(|e| e.to_string())
+    };
+    match s.split_once('=') {
+        None => provider(s),
+        Some(("provider", name)) => provider(name),
+        Some(_) => parse_kv(s).map(|(k, v)| GrantWord::Config(k, v)),
+    }
+}
+
+/// Adds `word` to `grant`, which names one provider at most.
+fn add_word(grant: &mut Grant, word: GrantWord) -> Result<(), String> {
+    match word {
+        GrantWord::Provider(name) => match &grant.provider {
+            Some(named) if *named != name => {
+                return Err(format!(
+                    "a grant has one provider, and both `{named}` and `{name}` were named"
+                ));
+            }
+            _ => grant.provider = Some(name),
+        },
+        GrantWord::Config(k, v) => {
+            grant.config.insert(k, v);
         }
     }
-    Ok(Grant {
-        capability,
-        provider,
-        config,
-    })
+    Ok(())
 }
 
 fn config_text(config: &BTreeMap<String, String>) -> String {
@@ -181,16 +223,20 @@ pub(crate) async fn assignment(
     match cmd {
         AssignmentCommand::Grant {
             target,
-            capability,
-            provider,
+            capability: mut grant,
+            words,
             config,
         } => {
+            for word in words {
+                add_word(&mut grant, word).map_err(|e| failure(2, e))?;
+            }
+            grant.config.extend(config);
             let reply = client
                 .request(&AssignmentGrantRequest {
                     target,
-                    capability,
-                    provider,
-                    config: config.into_iter().collect(),
+                    capability: grant.capability,
+                    provider: grant.provider,
+                    config: grant.config,
                 })
                 .await?;
             if g.output == Output::Json {
@@ -474,4 +520,72 @@ async fn old_config(
         .ok()
         .and_then(|r| r.into_result().ok())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: AssignmentCommand,
+    }
+
+    /// What `trellis assignment grant <args>` would ask the controller for.
+    fn grant(args: &[&str]) -> Result<Grant, String> {
+        let cli = Cli::try_parse_from(["trellis", "grant", "component:c"].iter().chain(args))
+            .map_err(|e| e.to_string())?;
+        let AssignmentCommand::Grant {
+            capability: mut grant,
+            words,
+            config,
+            ..
+        } = cli.command
+        else {
+            panic!("not a grant");
+        };
+        for word in words {
+            add_word(&mut grant, word)?;
+        }
+        grant.config.extend(config);
+        Ok(grant)
+    }
+
+    /// The form `--grant` takes, positional words and `--config` all say the same thing.
+    #[test]
+    fn a_grant_reads_alike_in_every_form() {
+        let expected = Grant {
+            capability: Capability::KeyValue,
+            provider: Some(ProviderName::new("kv").expect("name")),
+            config: BTreeMap::from([("bucket".to_owned(), "counts".to_owned())]),
+        };
+        for args in [
+            &["wasi:keyvalue", "kv", "--config", "bucket=counts"][..],
+            &["wasi:keyvalue", "kv", "bucket=counts"],
+            &["wasi:keyvalue", "provider=kv", "bucket=counts"],
+            &["wasi:keyvalue provider=kv bucket=counts"],
+            &["wasi:keyvalue bucket=counts", "kv"],
+        ] {
+            assert_eq!(grant(args).as_ref(), Ok(&expected), "{args:?}");
+        }
+        let plain = grant(&["wasi:keyvalue"]).expect("grant");
+        assert_eq!((plain.provider, plain.config.len()), (None, 0));
+    }
+
+    #[test]
+    fn a_grant_names_one_provider_and_a_known_capability() {
+        let err = grant(&["wasi:keyvalue", "kv", "other"]).expect_err("two providers");
+        assert!(err.contains("both `kv` and `other`"), "{err}");
+        let err = grant(&["wasi:keyvalue provider=kv", "provider=other"]).expect_err("two");
+        assert!(err.contains("one provider"), "{err}");
+        let err = grant(&["wasi:nothing bucket=x"]).expect_err("unknown capability");
+        assert!(err.contains("unknown capability"), "{err}");
+        let err = grant(&["wasi:keyvalue", "Not A Name"]).expect_err("bad provider name");
+        assert!(err.contains("Not A Name"), "{err}");
+        let err = parse_grant("wasi:keyvalue kv").expect_err("a bare word in --grant");
+        assert!(err.contains("not key=value"), "{err}");
+    }
 }
