@@ -7,9 +7,11 @@
 //! call path; requests sent straight to the provider with the instance's identity, as the host
 //! sends them, show what the provider hop alone costs. The provider has JetStream answer `get`
 //! and `set` straight to the host (`trellis_bus::direct`), so a call crosses NATS three times, not
-//! four; a bare responder with none of Trellis's code (on a connection of its own, in this
-//! process) shows what a provider in a process of its own costs at the least, both when it
-//! answers itself and when it has JetStream answer.
+//! four; a bare responder with none of Trellis's code shows what a provider in a process of its
+//! own costs at the least, both when it answers itself and when it has JetStream answer. It
+//! runs in a process of its own, as a provider does (this binary started again, with the `kv`
+//! provider's runtime), and the one JetStream answers for takes its turns beside the component
+//! and the raw client: the floor under the provider-process figure in the same slices.
 //! Runs `TRELLIS_BENCH_ROUND_TRIPS` pairs (default 5,000) sequentially, then the same
 //! from `TRELLIS_BENCH_CALLERS` concurrent callers (default 8), on each side. Reports round trips
 //! per second and Trellis's figure as a ratio to the raw client's.
@@ -20,9 +22,10 @@
 //! Then the same with the provider embedded in the host (`trellis provider start kv --embedded`),
 //! which the host prefers: guest → host → JetStream KV, no second process and no extra hop.
 //!
-//! Each comparison runs `TRELLIS_BENCH_ROUNDS` rounds (default 3). In a round the two sides take
-//! turns in `TRELLIS_BENCH_SLICES` slices (default 10), alternating which goes first, so that the
-//! machine's drift in speed (on a shared VM, as much as ±20 % within seconds) weighs on both
+//! Each comparison runs `TRELLIS_BENCH_ROUNDS` rounds (default 3). In a round the sides (with
+//! the provider process, the floor as a third) take turns in `TRELLIS_BENCH_SLICES` slices
+//! (default 10), each going first in turn, so that the machine's drift in speed (on a shared
+//! VM, as much as ±20 % within seconds) weighs on all
 //! alike; each side's rate is all its round trips over all its time. Every round prints the CPU
 //! time and the context switches per round trip of every process (NATS server, host, provider,
 //! the callers); the comparison reports the median ratio.
@@ -35,7 +38,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use trellis_schemas::capability::rpc::{CapabilityRequest, KvRequest};
 use trellis_tests::bench::{
-    BenchLattice, clock_ticks_per_sec, context_switches, cpu_ticks, env_usize, median,
+    BenchLattice, SelfProcess, clock_ticks_per_sec, context_switches, cpu_ticks, env_usize, median,
 };
 use trellis_tests::components;
 
@@ -151,23 +154,29 @@ async fn through_provider(
     .await
 }
 
-/// Subject of the bare responder that answers ([`bare_responder`]).
-const BARE: &str = "bench.kv.bare";
+/// Subjects of the bare responder in a process of its own ([`serve_bare_process`]): answering,
+/// and having JetStream answer.
+const BARE_PROCESS: [&str; 2] = ["bench.kv.bare-process", "bench.kv.bare-process-direct"];
 
-/// Subject of the bare responder that has JetStream answer ([`bare_responder`]).
-const BARE_DIRECT: &str = "bench.kv.bare-direct";
+/// Set in the environment of this benchmark started again as the bare responder in a process
+/// of its own: the URL of the nats-server.
+const BARE_PROCESS_URL: &str = "TRELLIS_BENCH_KV_BARE_URL";
 
 /// The floor of any provider in a process of its own: a responder with none of Trellis's
 /// code (no identity, no assignment check, no codec, no span or metric), on a connection of its
-/// own. On [`BARE`] it does the request's JetStream operation and answers; on [`BARE_DIRECT`] it
-/// sends the JetStream request with the caller's reply subject, so that JetStream answers the
-/// caller (as the `kv` provider does for a host, `trellis_bus::direct`). A request is `S` or
-/// `G`, the key's length as one byte, the key, then (for `S`) the value; a get answers the
-/// value, and an empty request is answered empty.
-async fn bare_responder(client: async_nats::Client, store: jetstream::kv::Store) {
+/// own. On `subjects[0]` it does the request's JetStream operation and answers; on
+/// `subjects[1]` it sends the JetStream request with the caller's reply subject, so that
+/// JetStream answers the caller (as the `kv` provider does for a host, `trellis_bus::direct`).
+/// A request is `S` or `G`, the key's length as one byte, the key, then (for `S`) the value; a
+/// get answers the value, and an empty request is answered empty.
+async fn bare_responder(
+    client: async_nats::Client,
+    store: jetstream::kv::Store,
+    subjects: [&'static str; 2],
+) {
     use futures::StreamExt as _;
-    let mut answered = client.subscribe(BARE).await.unwrap();
-    let mut direct = client.subscribe(BARE_DIRECT).await.unwrap();
+    let mut answered = client.subscribe(subjects[0]).await.unwrap();
+    let mut direct = client.subscribe(subjects[1]).await.unwrap();
     let probe = client.clone();
     let bucket = store.name.clone();
     let stream = store.stream_name.clone();
@@ -211,7 +220,7 @@ async fn bare_responder(client: async_nats::Client, store: jetstream::kv::Store)
         }
     });
     // Answered on its own connection: the server has the subscriptions for every connection.
-    for subject in [BARE, BARE_DIRECT] {
+    for subject in subjects {
         probe.request(subject, bytes::Bytes::new()).await.unwrap();
     }
 }
@@ -336,12 +345,23 @@ struct Spent {
     switches: (u64, u64),
 }
 
-/// What each of the lattice's processes and this one (the callers) have spent so far.
+/// The process id of the bare responder in a process of its own, once it runs.
+static BARE_PROCESS_PID: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+
+/// What each of the lattice's processes, the bare responder's process and this one (the
+/// callers) have spent so far.
 fn cpu_now(lat: &BenchLattice) -> Vec<Spent> {
     let me = i32::try_from(std::process::id()).unwrap();
+    let bare = BARE_PROCESS_PID.get().map(|&pid| {
+        (
+            ("bare-process".to_owned(), cpu_ticks(pid)),
+            context_switches(pid),
+        )
+    });
     lat.cpu_ticks_by_process()
         .into_iter()
         .zip(lat.context_switches_by_process())
+        .chain(bare)
         .chain([(("callers".to_owned(), cpu_ticks(me)), context_switches(me))])
         .map(|((name, ticks), switches)| Spent {
             name,
@@ -419,16 +439,18 @@ struct Sides<'a> {
 
 /// The component against the raw client, sequentially and from `callers` callers, in `rounds`
 /// rounds of `slices` turns each, alternating which side runs first (the machine's speed
-/// drifts); prints each round
-/// with the CPU each process spent, then the median ratio. With `provider_alone`, each round
-/// also sends the guest's requests straight to the provider.
+/// drifts); prints each round with the CPU each process spent, then the median ratio. With
+/// `floor` (the provider in a process of its own), the bare responder in a process of its own
+/// with JetStream answering takes its turns as a third side, the floor of any provider in a
+/// process of its own, and each round also sends the guest's requests straight to the provider
+/// and to the bare responder answering itself.
 async fn compare(
     sides: &Sides<'_>,
     total: usize,
     callers: usize,
     rounds: usize,
     slices: usize,
-    provider_alone: bool,
+    floor: bool,
 ) {
     let Sides {
         client,
@@ -436,83 +458,124 @@ async fn compare(
         instance,
         store,
     } = *sides;
+    let count = if floor { 3 } else { 2 };
     for (label, n) in [("sequential", 1), ("concurrent", callers)] {
         let per_caller = (total / n).max(1);
         let trips = n * per_caller;
         let mut ratios = Vec::new();
+        let mut floor_ratios = Vec::new();
         for round in 0..rounds {
             // The sides take turns in slices, so that a drift of the machine's speed within the
-            // round weighs on both alike; each side's rate is its round trips over its time.
+            // round weighs on all alike; each side's rate is its round trips over its time.
             let slices = slices.clamp(1, per_caller);
             let per_slice = per_caller / slices;
-            let mut elapsed = [0.0_f64; 2];
-            let mut spent = [Vec::new(), Vec::new()];
+            let mut elapsed = [0.0_f64; 3];
+            let mut spent: [Vec<Spent>; 3] = Default::default();
             for slice in 0..slices {
-                let order = if (round + slice) % 2 == 0 {
-                    [0, 1]
-                } else {
-                    [1, 0]
-                };
-                for side in order {
+                // Each side goes first in turn.
+                for k in 0..count {
+                    let side = (round + slice + k) % count;
                     let before = cpu_now(lat);
-                    let rate = if side == 0 {
-                        from_component(client, lat, instance, n, per_slice).await
-                    } else {
-                        raw(store, n, per_slice).await
+                    let rate = match side {
+                        0 => from_component(client, lat, instance, n, per_slice).await,
+                        1 => raw(store, n, per_slice).await,
+                        _ => through_bare(client, BARE_PROCESS[1], n, per_slice).await,
                     };
                     elapsed[side] += (n * per_slice) as f64 / rate;
                     add_spent(&mut spent[side], spent_since(lat, &before));
                 }
             }
             let sliced = n * per_slice * slices;
-            let component = (
-                sliced as f64 / elapsed[0],
-                per_round_trip(&spent[0], sliced),
-            );
-            let direct = (
-                sliced as f64 / elapsed[1],
-                per_round_trip(&spent[1], sliced),
-            );
-            let ratio = component.0 / direct.0;
+            let rate = |side: usize| sliced as f64 / elapsed[side];
+            let ratio = rate(0) / rate(1);
             ratios.push(ratio);
             println!(
                 "  {label:<11} ({n:>2} caller(s)) round {}  component {:>7.0}/s   raw client {:>7.0}/s   ratio component/raw {ratio:.2}",
                 round + 1,
-                component.0,
-                direct.0
+                rate(0),
+                rate(1)
             );
-            println!("      component: {}", component.1);
-            println!("      raw client: {}", direct.1);
-            if provider_alone {
+            println!("      component: {}", per_round_trip(&spent[0], sliced));
+            println!("      raw client: {}", per_round_trip(&spent[1], sliced));
+            if floor {
+                let floor_ratio = rate(2) / rate(1);
+                floor_ratios.push(floor_ratio);
+                println!(
+                    "      floor, bare responder in a process of its own, JetStream answering (no Trellis code): {:.0}/s, ratio to raw {floor_ratio:.2}, component/floor {:.2}, {}",
+                    rate(2),
+                    rate(0) / rate(2),
+                    per_round_trip(&spent[2], sliced)
+                );
                 let before = cpu_now(lat);
                 let rate = through_provider(client, lat, instance, n, per_caller).await;
                 let cpu = cpu_per_round_trip(lat, &before, trips);
                 println!("      provider RPC alone: {rate:.0}/s, {cpu}");
-                for (subject, what) in [(BARE, "answering"), (BARE_DIRECT, "JetStream answering")] {
-                    let before = cpu_now(lat);
-                    let rate = through_bare(client, subject, n, per_caller).await;
-                    let cpu = cpu_per_round_trip(lat, &before, trips);
-                    println!(
-                        "      bare responder, {what} (no Trellis code): {rate:.0}/s, ratio to raw {:.2}, {cpu}",
-                        rate / direct.0
-                    );
-                }
+                let before = cpu_now(lat);
+                let rate = through_bare(client, BARE_PROCESS[0], n, per_caller).await;
+                let cpu = cpu_per_round_trip(lat, &before, trips);
+                println!(
+                    "      bare responder in a process of its own, answering (no Trellis code): {rate:.0}/s, {cpu}"
+                );
             }
         }
-        println!(
-            "  {label:<11} ({n:>2} caller(s)) median ratio component/raw {:.2} (rounds {})",
-            median(&mut ratios),
+        let listed = |ratios: &[f64]| {
             ratios
                 .iter()
                 .map(|r| format!("{r:.2}"))
                 .collect::<Vec<_>>()
                 .join(", ")
+        };
+        println!(
+            "  {label:<11} ({n:>2} caller(s)) median ratio component/raw {:.2} (rounds {})",
+            median(&mut ratios.clone()),
+            listed(&ratios)
         );
+        if floor {
+            println!(
+                "  {label:<11} ({n:>2} caller(s)) median ratio floor/raw {:.2} (rounds {})",
+                median(&mut floor_ratios.clone()),
+                listed(&floor_ratios)
+            );
+        }
     }
 }
 
-#[tokio::main]
-async fn main() {
+/// Serves as the bare responder in a process of its own ([`BARE_PROCESS`]) when this process
+/// was started as one, until it is killed; otherwise returns at once. Its runtime is the `kv`
+/// provider's: one worker thread, the serving loop a task on it.
+fn serve_bare_process_if_asked() {
+    let Ok(url) = std::env::var(BARE_PROCESS_URL) else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let serving = runtime.spawn(async move {
+        let client = async_nats::connect(url).await.unwrap();
+        let store = jetstream::new(client.clone())
+            .get_key_value(BUCKET)
+            .await
+            .unwrap();
+        bare_responder(client, store, BARE_PROCESS).await;
+        println!("ready");
+        std::future::pending::<()>().await;
+    });
+    runtime.block_on(serving).unwrap();
+    std::process::exit(0);
+}
+
+fn main() {
+    serve_bare_process_if_asked();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run());
+}
+
+async fn run() {
     let total = env_usize("TRELLIS_BENCH_ROUND_TRIPS", 5_000);
     let callers = env_usize("TRELLIS_BENCH_CALLERS", 8);
     let rounds = env_usize("TRELLIS_BENCH_ROUNDS", 3).max(1);
@@ -546,14 +609,11 @@ async fn main() {
         .await
         .unwrap();
     raw(&store, 1, 200).await;
-    let bare = lat.nats.client().await;
-    let bare_store = jetstream::new(bare.clone())
-        .get_key_value(BUCKET)
-        .await
-        .unwrap();
-    bare_responder(bare, bare_store).await;
-    through_bare(&client, BARE, 1, 200).await;
-    through_bare(&client, BARE_DIRECT, 1, 200).await;
+    let bare_process = SelfProcess::start(&[(BARE_PROCESS_URL, &lat.nats.url())]);
+    BARE_PROCESS_PID.set(bare_process.pid()).unwrap();
+    for subject in BARE_PROCESS {
+        through_bare(&client, subject, 1, 200).await;
+    }
 
     println!(
         "set+get round trips ({total} per run, {rounds} round(s) alternating which side runs first, bucket `{BUCKET}`, one host)"

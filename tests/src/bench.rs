@@ -152,7 +152,7 @@ const BARE_ENV: [&str; 3] = [
 ///
 /// A benchmark that starts one calls [`serve_bare_if_asked`] first thing in `main`.
 #[derive(Debug)]
-pub struct BareResponder(std::process::Child);
+pub struct BareResponder(SelfProcess);
 
 impl BareResponder {
     /// Starts the responder on `subject` of the server at `url`, replying `body`; returns once
@@ -162,28 +162,55 @@ impl BareResponder {
     ///
     /// When the process cannot start or does not say it is ready.
     pub fn start(url: &str, subject: &str, body: &str) -> Self {
+        Self(SelfProcess::start(
+            &BARE_ENV
+                .into_iter()
+                .zip([url, subject, body])
+                .collect::<Vec<_>>(),
+        ))
+    }
+
+    /// The responder's process id.
+    pub fn pid(&self) -> i32 {
+        self.0.pid()
+    }
+}
+
+/// The benchmark's own binary started again with `env`, to play a part in a process of its own
+/// (a [`BareResponder`], say): it prints `ready` on its first line once it serves. Killed when
+/// dropped.
+#[derive(Debug)]
+pub struct SelfProcess(std::process::Child);
+
+impl SelfProcess {
+    /// Starts it and returns once it has printed `ready`.
+    ///
+    /// # Panics
+    ///
+    /// When the process cannot start or does not say it is ready.
+    pub fn start(env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(std::env::current_exe().expect("the bench's own path"))
-            .envs(BARE_ENV.iter().zip([url, subject, body]))
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .expect("start the bare responder");
+            .expect("start the benchmark's helper process");
         let mut ready = String::new();
         std::io::BufRead::read_line(
             &mut std::io::BufReader::new(child.stdout.as_mut().expect("piped stdout")),
             &mut ready,
         )
-        .expect("read the bare responder's first line");
-        assert_eq!(ready.trim(), "ready", "the bare responder did not start");
+        .expect("read the helper process's first line");
+        assert_eq!(ready.trim(), "ready", "the helper process did not start");
         Self(child)
     }
 
-    /// The responder's process id.
+    /// Its process id.
     pub fn pid(&self) -> i32 {
         i32::try_from(self.0.id()).expect("a pid fits an i32")
     }
 }
 
-impl Drop for BareResponder {
+impl Drop for SelfProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
