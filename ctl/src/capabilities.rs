@@ -174,6 +174,20 @@ pub(crate) fn parse_grant_word(s: &str) -> Result<GrantWord, String> {
     }
 }
 
+/// `grant` (the capability argument) completed with the words after it, then the `--config`
+/// settings, as `trellis assignment grant` reads them.
+fn complete_grant(
+    mut grant: Grant,
+    words: Vec<GrantWord>,
+    config: Vec<(String, String)>,
+) -> Result<Grant, String> {
+    for word in words {
+        add_word(&mut grant, word)?;
+    }
+    grant.config.extend(config);
+    Ok(grant)
+}
+
 /// Adds `word` to `grant`, which names one provider at most.
 fn add_word(grant: &mut Grant, word: GrantWord) -> Result<(), String> {
     match word {
@@ -223,14 +237,11 @@ pub(crate) async fn assignment(
     match cmd {
         AssignmentCommand::Grant {
             target,
-            capability: mut grant,
+            capability,
             words,
             config,
         } => {
-            for word in words {
-                add_word(&mut grant, word).map_err(|e| failure(2, e))?;
-            }
-            grant.config.extend(config);
+            let grant = complete_grant(capability, words, config).map_err(|e| failure(2, e))?;
             let reply = client
                 .request(&AssignmentGrantRequest {
                     target,
@@ -539,7 +550,7 @@ mod tests {
         let cli = Cli::try_parse_from(["trellis", "grant", "component:c"].iter().chain(args))
             .map_err(|e| e.to_string())?;
         let AssignmentCommand::Grant {
-            capability: mut grant,
+            capability,
             words,
             config,
             ..
@@ -547,11 +558,7 @@ mod tests {
         else {
             panic!("not a grant");
         };
-        for word in words {
-            add_word(&mut grant, word)?;
-        }
-        grant.config.extend(config);
-        Ok(grant)
+        complete_grant(capability, words, config)
     }
 
     /// The form `--grant` takes, positional words and `--config` all say the same thing.

@@ -154,8 +154,8 @@ async fn through_provider(
     .await
 }
 
-/// Subjects of the bare responder in a process of its own ([`serve_bare_process`]): answering,
-/// and having JetStream answer.
+/// Subjects of the bare responder in a process of its own ([`serve_bare_process_if_asked`]):
+/// answering, and having JetStream answer.
 const BARE_PROCESS: [&str; 2] = ["bench.kv.bare-process", "bench.kv.bare-process-direct"];
 
 /// Set in the environment of this benchmark started again as the bare responder in a process
@@ -616,7 +616,7 @@ async fn run() {
     }
 
     println!(
-        "set+get round trips ({total} per run, {rounds} round(s) alternating which side runs first, bucket `{BUCKET}`, one host)"
+        "set+get round trips ({total} per run, {rounds} round(s) of {slices} slices, each side going first in turn, bucket `{BUCKET}`, one host)"
     );
     println!("kv provider in its own process:");
     let sides = Sides {
