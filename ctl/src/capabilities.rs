@@ -14,6 +14,8 @@ use trellis_schemas::{
     HostId, InstanceId, ProviderId, ProviderName, ProviderRecord, subject,
 };
 
+use trellis_schemas::manifest::{insert_once, key_values};
+
 use crate::cli::{Failure, Global, Output, ago, failure, print_json};
 use crate::client::CtlClient;
 use crate::output::Table;
@@ -54,6 +56,23 @@ pub enum AssignmentCommand {
         #[arg(long)]
         component: Option<ComponentName>,
     },
+}
+
+impl AssignmentCommand {
+    /// What can be refused before connecting: a grant whose words conflict.
+    pub(crate) fn check(&self) -> Result<(), Failure> {
+        if let Self::Grant {
+            capability,
+            words,
+            config,
+            ..
+        } = self
+        {
+            complete_grant(capability.clone(), words.clone(), config.clone())
+                .map_err(|e| failure(2, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// `trellis provider …`
@@ -98,6 +117,16 @@ pub enum ProviderCommand {
         #[arg(long, short = 'a')]
         all: bool,
     },
+}
+
+impl ProviderCommand {
+    /// What can be refused before connecting: a setting given twice with two values.
+    pub(crate) fn check(&self) -> Result<(), Failure> {
+        if let Self::Start { config, .. } = self {
+            key_values("the setting", config.iter().cloned()).map_err(|e| failure(2, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// Parses `key=value`.
@@ -181,10 +210,10 @@ fn complete_grant(
     words: Vec<GrantWord>,
     config: Vec<(String, String)>,
 ) -> Result<Grant, String> {
-    for word in words {
+    let config = config.into_iter().map(|(k, v)| GrantWord::Config(k, v));
+    for word in words.into_iter().chain(config) {
         add_word(&mut grant, word)?;
     }
-    grant.config.extend(config);
     Ok(grant)
 }
 
@@ -199,9 +228,7 @@ fn add_word(grant: &mut Grant, word: GrantWord) -> Result<(), String> {
             }
             _ => grant.provider = Some(name),
         },
-        GrantWord::Config(k, v) => {
-            grant.config.insert(k, v);
-        }
+        GrantWord::Config(k, v) => insert_once("the setting", &mut grant.config, k, v)?,
     }
     Ok(())
 }
@@ -391,7 +418,7 @@ pub(crate) async fn provider(
             let request = ProviderStartRequest {
                 name,
                 host_id: host,
-                config: config.into_iter().collect(),
+                config: key_values("the setting", config).map_err(|e| failure(2, e))?,
                 embedded,
             };
             if wait {
@@ -594,5 +621,38 @@ mod tests {
         assert!(err.contains("Not A Name"), "{err}");
         let err = parse_grant("wasi:keyvalue kv").expect_err("a bare word in --grant");
         assert!(err.contains("not key=value"), "{err}");
+    }
+
+    /// A setting given twice with two values, in any of the forms, is refused, not settled by
+    /// the order of the arguments; given twice alike, it is one setting.
+    #[test]
+    fn a_setting_given_twice_with_two_values_is_refused() {
+        for args in [
+            &["wasi:keyvalue bucket=x", "--config", "bucket=y"][..],
+            &["wasi:keyvalue", "bucket=x", "bucket=y"],
+            &[
+                "wasi:keyvalue",
+                "--config",
+                "bucket=x",
+                "--config",
+                "bucket=y",
+            ],
+            &["wasi:keyvalue bucket=x bucket=y"],
+        ] {
+            let err = grant(args).expect_err("two values");
+            assert!(
+                err.contains("`bucket` is given twice, as `x` and as `y`"),
+                "{args:?}: {err}"
+            );
+        }
+        let alike = grant(&["wasi:keyvalue bucket=x", "--config", "bucket=x"]).expect("alike");
+        assert_eq!(
+            alike.config,
+            BTreeMap::from([("bucket".into(), "x".into())])
+        );
+        let labels = [("zone", "a"), ("tier", "b"), ("zone", "c")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let err = key_values("the label", labels).expect_err("two zones");
+        assert!(err.starts_with("the label `zone` is given twice"), "{err}");
     }
 }

@@ -394,6 +394,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             crate::workload::component(&g, &client, cmd).await
         }
         Command::Instance(cmd) => {
+            cmd.check()?;
             let client = ctl_client(&g).await?;
             crate::workload::instance(&g, &client, cmd).await
         }
@@ -410,6 +411,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             crate::logs::logs(&g, &client, args).await
         }
         Command::Assignment(cmd) => {
+            cmd.check()?;
             let client = ctl_client(&g).await?;
             crate::capabilities::assignment(&g, &client, cmd).await
         }
@@ -418,6 +420,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             crate::links::link(&g, &client, cmd).await
         }
         Command::Provider(cmd) => {
+            cmd.check()?;
             let client = ctl_client(&g).await?;
             crate::capabilities::provider(&g, &client, cmd).await
         }

@@ -422,6 +422,9 @@ async fn deploy(client: &CtlClient, wasm: &Path, args: &UpArgs) -> Result<Deploy
 /// Runs `trellis up` until Ctrl-C or SIGTERM, then stops what it started in reverse order:
 /// providers, host, controller, NATS.
 pub async fn run(lattice: &Lattice, nats_url: Option<String>, args: UpArgs) -> Result<(), Failure> {
+    // Refused before anything starts, rather than by the host once the lattice is half up.
+    trellis_schemas::manifest::key_values("the label", args.host_labels.iter().cloned())
+        .map_err(|e| crate::cli::failure(2, e))?;
     let temp = match &args.data_dir {
         Some(_) => None,
         None => Some(

@@ -166,6 +166,17 @@ pub enum InstanceCommand {
     },
 }
 
+impl InstanceCommand {
+    /// What can be refused before connecting: a label given twice with two values.
+    pub(crate) fn check(&self) -> Result<(), Failure> {
+        if let Self::Start(args) = self {
+            trellis_schemas::manifest::key_values("the label", args.labels.iter().cloned())
+                .map_err(|e| failure(2, e))?;
+        }
+        Ok(())
+    }
+}
+
 /// Options of `trellis instance start`.
 #[derive(Debug, Args)]
 pub struct StartArgs {
@@ -502,6 +513,8 @@ pub(crate) async fn instance(
     let facts_subject = subject::instance_events(client.lattice());
     match cmd {
         InstanceCommand::Start(args) => {
+            let labels = trellis_schemas::manifest::key_values("the label", args.labels)
+                .map_err(|e| failure(2, e))?;
             // Subscribe before asking, so no outcome is missed.
             let mut facts = client
                 .nats()
@@ -512,7 +525,7 @@ pub(crate) async fn instance(
                 component: args.component,
                 count: args.count,
                 host_id: args.host,
-                labels: args.labels.into_iter().collect(),
+                labels,
                 restart: args.restart,
                 min_seq: None,
                 grants: args.grants,

@@ -1,6 +1,5 @@
 //! `trellis-host`: joins a lattice and runs instances on this machine.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -185,7 +184,13 @@ async fn host_main() -> anyhow::Result<()> {
     if let Some(id) = args.host_id {
         config.host_id = id;
     }
-    config.labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
+    config.labels = match trellis_schemas::manifest::key_values("the label", args.labels) {
+        Ok(labels) => labels,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     config.capacity = machine_capacity(args.max_instances);
     config.heartbeat_interval = args.heartbeat_interval;
     config

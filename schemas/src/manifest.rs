@@ -19,6 +19,7 @@
 //! Every limit is required: a manifest without one is rejected with a [`ManifestError`] naming the
 //! field and its accepted range. Unknown keys are rejected too, so a typo never silently drops a limit.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::RangeInclusive;
 use std::str::FromStr;
@@ -548,6 +549,47 @@ fn parse_bytes(value: &IntOrString) -> Option<u64> {
     match value {
         IntOrString::Int(n) => u64::try_from(*n).ok(),
         IntOrString::Str(s) => parse_byte_str(s),
+    }
+}
+
+/// Settings given as `key=value` arguments (labels, a provider's configuration), as a map. A key
+/// given twice with two values is refused rather than settled silently by the order of the
+/// arguments; given twice with one value, it is one setting. `what` names a setting in the error
+/// (`"the label"`).
+///
+/// # Errors
+///
+/// Names the key and both of its values.
+pub fn key_values(
+    what: &str,
+    pairs: impl IntoIterator<Item = (String, String)>,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut map = BTreeMap::new();
+    for (k, v) in pairs {
+        insert_once(what, &mut map, k, v)?;
+    }
+    Ok(map)
+}
+
+/// Sets `map[k]` to `v`, as [`key_values`] does: refused when `k` already has another value.
+///
+/// # Errors
+///
+/// Names the key and both of its values.
+pub fn insert_once(
+    what: &str,
+    map: &mut BTreeMap<String, String>,
+    k: String,
+    v: String,
+) -> Result<(), String> {
+    match map.get(&k) {
+        Some(old) if *old != v => Err(format!(
+            "{what} `{k}` is given twice, as `{old}` and as `{v}`; give it once"
+        )),
+        _ => {
+            map.insert(k, v);
+            Ok(())
+        }
     }
 }
 

@@ -136,6 +136,27 @@ async fn cli_prints_tables_and_json_and_exits_with_meaningful_codes() {
     let (code, _, err) = nats.cli(&["host", "ls"]);
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("no controller"), "{err}");
+    // A setting given twice with two values is a usage error, told before the lattice is asked.
+    for args in [
+        &[
+            "assignment",
+            "grant",
+            "component:c",
+            "wasi:keyvalue bucket=x",
+            "--config",
+            "bucket=y",
+        ][..],
+        &[
+            "provider", "start", "kv", "--config", "a=1", "--config", "a=2",
+        ],
+        &[
+            "instance", "start", "c", "--label", "zone=a", "--label", "zone=b",
+        ],
+    ] {
+        let (code, _, err) = nats.cli(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("is given twice, as `"), "{args:?}: {err}");
+    }
 
     let _controller = nats.controller(&l, "c", "30s");
     let _host = nats.host(&l, "h1", &["zone=a"]);
