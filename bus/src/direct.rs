@@ -195,8 +195,13 @@ fn status_error(what: &str, key: &str, status: u16, description: Option<&str>) -
     }
 }
 
-/// A direct get's reply: the value, or `None` for a key never written, deleted or purged.
-fn read_stored(key: &str, message: &Message) -> Result<Option<Bytes>, DataError> {
+/// A direct get's reply: the value, or `None` for a key never written, deleted or purged. The
+/// provider reads the replies to the requests it sends itself with it too.
+///
+/// # Errors
+///
+/// JetStream answered with an error status.
+pub fn read_stored(key: &str, message: &Message) -> Result<Option<Bytes>, DataError> {
     match message.status {
         Some(StatusCode::NOT_FOUND) => return Ok(None),
         Some(status) if status != StatusCode::OK => {
@@ -220,8 +225,14 @@ fn read_stored(key: &str, message: &Message) -> Result<Option<Bytes>, DataError>
     }
 }
 
-/// A JetStream publish acknowledgement: `{"stream":…,"seq":…}`, or `{"error":{…}}`.
-fn read_ack(what: &str, key: &str, message: &Message) -> Result<(), DataError> {
+/// A JetStream publish acknowledgement: `{"stream":…,"seq":…}`, or `{"error":{…}}`. `what`
+/// (`"set"`, `"delete"`) and `key` name the write in an error. The provider reads the replies to
+/// the writes it sends itself with it too.
+///
+/// # Errors
+///
+/// JetStream refused the write or answered something else.
+pub fn read_ack(what: &str, key: &str, message: &Message) -> Result<(), DataError> {
     #[derive(serde::Deserialize)]
     struct Ack {
         #[serde(default)]
