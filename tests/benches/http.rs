@@ -14,7 +14,7 @@
 //! counts what it gets; `TRELLIS_BENCH_ROUNDS` rounds (default 3) load each in turn, in
 //! alternating order, and it reports the means and the median change per round.
 //!
-//! Run (needs `wrk` and wasmtime-cli 48.0.8, see `tests/benches/README.md`):
+//! Run (needs `wrk` and a `wasmtime` CLI, see `tests/benches/README.md`):
 //! `cargo build --release --bins && cargo bench --bench http`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark")]
 

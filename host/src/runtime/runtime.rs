@@ -468,8 +468,6 @@ pub(crate) fn pagemap_scan() -> bool {
     *AVAILABLE.get_or_init(PoolingAllocationConfig::is_pagemap_scan_available)
 }
 
-/// The engine configuration shared by every component. Public to the crate so the benchmarks'
-/// bare-wasmtime baseline can use exactly the same settings.
 /// How many artifacts compiled for micro-VMs a host keeps in memory.
 const PORTABLE_KEPT: usize = 16;
 
@@ -546,6 +544,8 @@ fn deserialize_trusted(engine: &Engine, compiled: &[u8]) -> wasmtime::Result<Com
     unsafe { Component::deserialize(engine, compiled) }
 }
 
+/// The engine configuration shared by every component. Public to the crate so the benchmarks'
+/// bare-wasmtime baseline can use exactly the same settings.
 pub(crate) fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
     let mut c = Config::new();
     c.strategy(Strategy::Cranelift)
