@@ -94,6 +94,27 @@ pub async fn send(
     sent.map_err(|e| SendError::Failed(e.to_string()))
 }
 
+/// Sends `direct` with a reply subject of this client's own and waits (at most `timeout`) for
+/// the backend's answer: what a provider does when it answers a call itself, to read the answer
+/// with the same functions as a caller answered directly ([`read_stored`], [`read_ack`]).
+///
+/// # Errors
+///
+/// The request could not be sent, nothing answered it, or it timed out.
+pub async fn request(
+    client: &async_nats::Client,
+    direct: Direct,
+    timeout: std::time::Duration,
+) -> Result<Message, async_nats::RequestError> {
+    let mut request = async_nats::Request::new()
+        .payload(direct.payload)
+        .timeout(Some(timeout));
+    if let Some(headers) = direct.headers {
+        request = request.headers(headers);
+    }
+    client.send_request(direct.subject, request).await
+}
+
 /// The subject a KV write of `stored_key` in `store` is published on, as the client's own
 /// `put` makes it (`$KV.<bucket>.<key>`, behind the JetStream API prefix when the bucket asks).
 fn kv_write_subject(store: &Store, stored_key: &str) -> String {
