@@ -561,6 +561,21 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
                 host.status_since = time;
                 host.status_seq = fact.seq;
             }
+            // A host reports each instance's stop before its own; one it could not wait for
+            // (a call outlasting the drain) stopped with the process all the same.
+            let on_host: Vec<InstanceId> = projection
+                .active_instances_on(&d.host_id)
+                .map(|i| i.instance_id.clone())
+                .collect();
+            for id in on_host {
+                set_instance_status(
+                    projection,
+                    &id,
+                    InstanceStatus::Stopped,
+                    Some("host stopped"),
+                    fact,
+                );
+            }
         }
         FactData::HostLost(d) => {
             projection.last_lost_seq.insert(d.host_id.clone(), fact.seq);
@@ -888,6 +903,62 @@ mod tests {
         assert_eq!(p.hosts[&host(1)].status, HostStatus::Stopped);
         assert_eq!(p.last_lost_seq[&host(1)], 5);
         assert_eq!(p.last_seq, 5);
+    }
+
+    #[test]
+    fn a_stopped_host_leaves_no_instance_running() {
+        use crate::fact::{InstanceStarted, InstanceStopped};
+        let instance =
+            |n: u8| InstanceId::new(format!("01J0000000000000000000000{n}")).expect("valid");
+        let run = |n: u8| {
+            FactData::InstanceStarted(InstanceStarted {
+                instance_id: instance(n),
+                host_id: host(1),
+                component: crate::ComponentName::new("c").expect("valid"),
+                version: "1.0.0".into(),
+                digest: "sha256:00".into(),
+                restart: crate::RestartPolicy::Always,
+                attempt: 0,
+                isolation: Default::default(),
+                acceleration: None,
+            })
+        };
+        let mut p = Projection::new();
+        apply(&mut p, &fact(1, started(1, "1")));
+        apply(&mut p, &fact(2, run(1)));
+        apply(&mut p, &fact(3, run(2)));
+        // The host reported one stop while draining; the other instance outlasted the drain.
+        apply(
+            &mut p,
+            &fact(
+                4,
+                FactData::InstanceStopped(InstanceStopped {
+                    instance_id: instance(1),
+                    host_id: host(1),
+                    reason: "host draining".into(),
+                }),
+            ),
+        );
+        apply(&mut p, &fact(5, stopped(1)));
+        let reported = &p.instances[&instance(1)];
+        assert_eq!(
+            (
+                reported.status,
+                reported.last_reason.as_deref(),
+                reported.status_seq
+            ),
+            (InstanceStatus::Stopped, Some("host draining"), 4)
+        );
+        let unreported = &p.instances[&instance(2)];
+        assert_eq!(
+            (
+                unreported.status,
+                unreported.last_reason.as_deref(),
+                unreported.status_seq
+            ),
+            (InstanceStatus::Stopped, Some("host stopped"), 5)
+        );
+        assert_eq!(p.active_instances_on(&host(1)).count(), 0);
     }
 
     #[test]

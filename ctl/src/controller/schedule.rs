@@ -102,7 +102,9 @@ impl LoadIndex {
         match (&fact.event.data, instance) {
             (_, Some(id)) => self.moved(before, weight_of(projection, id)),
             // Many instances at once, or what they weigh.
-            (FactData::HostLost(_) | FactData::ArtifactStored(_), _) => self.invalidate(),
+            (FactData::HostLost(_) | FactData::HostStopped(_) | FactData::ArtifactStored(_), _) => {
+                self.invalidate()
+            }
             // An instance fact this index does not know: count again rather than drift.
             (data, None) if data.kind().short_name().starts_with("instance.") => self.invalidate(),
             _ => {}
@@ -515,7 +517,7 @@ mod tests {
     #[test]
     fn the_load_index_follows_facts_as_a_full_count_would() {
         use trellis_schemas::fact::{
-            HostLost, HostStarted, InstanceCrashed, InstanceGaveUp, InstanceStarted,
+            HostLost, HostStarted, HostStopped, InstanceCrashed, InstanceGaveUp, InstanceStarted,
             InstanceStopped,
         };
         use trellis_schemas::{ComponentName, Event, RestartPolicy};
@@ -586,6 +588,12 @@ mod tests {
                 detected_by: "c".into(),
             }),
             started(5, "a"),
+            started(6, "a"),
+            // A drained host: what still ran on it stopped with it.
+            FactData::HostStopped(HostStopped {
+                host_id: h("a"),
+                reason: "signal: SIGTERM".into(),
+            }),
         ];
         let mut p = Projection::new();
         let mut index = LoadIndex::default();
