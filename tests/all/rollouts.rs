@@ -78,6 +78,20 @@ async fn rollouts_replace_versions_under_load_without_a_failed_request() {
         "invalid_state",
         "every instance runs it already"
     );
+    // The same code under another version is refused: it would take 1.0.0 out of the store.
+    let (hello, _) = components::example("http_hello");
+    let (code, _, err) = lat.try_cli(&[
+        "component",
+        "push",
+        hello.to_str().unwrap(),
+        "--manifest",
+        manifest(dir.path(), "1.0.1").to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("conflict") && err.contains("stored already as web@1.0.0"),
+        "{err}"
+    );
 
     let (load, tasks) = Load::start(port, "/", 16);
     load.settles_on(V1, "version 1 serving").await;

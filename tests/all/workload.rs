@@ -128,6 +128,26 @@ async fn component_register_checks_digest_and_limits() {
     let ok = ctl.request(&register(&digest, MANIFEST)).await.unwrap();
     assert_eq!(ok.component.size, 10);
     assert_eq!(ok.component.manifest.fuel, 1_000_000);
+    // Again under its own name and version: a new record of the same code, with its limits.
+    let again = MANIFEST.replace("fuel = 1_000_000", "fuel = 2_000_000");
+    let ok = ctl.request(&register(&digest, &again)).await.unwrap();
+    assert_eq!(ok.component.manifest.fuel, 2_000_000);
+    // Under another version or name: refused, or the store would lose hello@1.2.0.
+    for other in [
+        MANIFEST.replace("1.2.0", "1.3.0"),
+        MANIFEST.replace("\"hello\"", "\"hi\""),
+    ] {
+        let err = ctl.request(&register(&digest, &other)).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err}");
+        assert!(err.to_string().contains("hello@1.2.0"), "{err}");
+    }
+    let listed = ctl.request(&ComponentListRequest::default()).await.unwrap();
+    let versions: Vec<(&str, &str)> = listed
+        .components
+        .iter()
+        .map(|c| (c.manifest.name.as_str(), c.manifest.version.as_str()))
+        .collect();
+    assert_eq!(versions, [("hello", "1.2.0")]);
 }
 
 #[tokio::test]

@@ -55,6 +55,23 @@ pub(crate) async fn register(
             )
         })?;
     }
+    // The store keeps one record per code: registering stored code under another name or
+    // version would take that one out of the store while instances still run it.
+    if let Some(stored) = state.projection().artifacts.get(&request.digest)
+        && (stored.manifest.name != doc.name || stored.manifest.version != doc.version)
+    {
+        return Err(ErrorBody::new(
+            ErrorCode::Conflict,
+            format!(
+                "this code ({}) is stored already as {}@{}; a stored code has one name and version: use that one, or change the code",
+                request.digest, stored.manifest.name, stored.manifest.version
+            ),
+        )
+        .with_details(serde_json::json!({
+            "component": stored.manifest.name,
+            "version": stored.manifest.version,
+        })));
+    }
     let size = trellis_bus::stat_artifact(&state.js, &state.config.lattice, &request.digest)
         .await
         .map_err(artifact_error)?;
