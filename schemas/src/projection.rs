@@ -531,6 +531,23 @@ fn set_instance_status(
     }
 }
 
+/// Gives every instance still active on `host` the final `status`, for `reason`.
+fn end_instances_on(
+    projection: &mut Projection,
+    host: &HostId,
+    status: InstanceStatus,
+    reason: &str,
+    fact: &Fact,
+) {
+    let on_host: Vec<InstanceId> = projection
+        .active_instances_on(host)
+        .map(|i| i.instance_id.clone())
+        .collect();
+    for id in on_host {
+        set_instance_status(projection, &id, status, Some(reason), fact);
+    }
+}
+
 /// Applies one fact. Returns whether it changed anything: facts at or below
 /// [`Projection::last_seq`] are duplicates and are ignored.
 pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
@@ -563,19 +580,13 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
             }
             // A host reports each instance's stop before its own; one it could not wait for
             // (a call outlasting the drain) stopped with the process all the same.
-            let on_host: Vec<InstanceId> = projection
-                .active_instances_on(&d.host_id)
-                .map(|i| i.instance_id.clone())
-                .collect();
-            for id in on_host {
-                set_instance_status(
-                    projection,
-                    &id,
-                    InstanceStatus::Stopped,
-                    Some("host stopped"),
-                    fact,
-                );
-            }
+            end_instances_on(
+                projection,
+                &d.host_id,
+                InstanceStatus::Stopped,
+                "host stopped",
+                fact,
+            );
         }
         FactData::HostLost(d) => {
             projection.last_lost_seq.insert(d.host_id.clone(), fact.seq);
@@ -589,19 +600,13 @@ pub fn apply(projection: &mut Projection, fact: &Fact) -> bool {
                 host.status_since = time;
                 host.status_seq = fact.seq;
             }
-            let on_host: Vec<InstanceId> = projection
-                .active_instances_on(&d.host_id)
-                .map(|i| i.instance_id.clone())
-                .collect();
-            for id in on_host {
-                set_instance_status(
-                    projection,
-                    &id,
-                    InstanceStatus::Lost,
-                    Some("host lost"),
-                    fact,
-                );
-            }
+            end_instances_on(
+                projection,
+                &d.host_id,
+                InstanceStatus::Lost,
+                "host lost",
+                fact,
+            );
         }
         FactData::ArtifactStored(d) => {
             projection.artifacts.insert(
