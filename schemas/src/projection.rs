@@ -922,7 +922,7 @@ mod tests {
                 component: crate::ComponentName::new("c").expect("valid"),
                 version: "1.0.0".into(),
                 digest: "sha256:00".into(),
-                restart: crate::RestartPolicy::Always,
+                restart: RestartPolicy::Always,
                 attempt: 0,
                 isolation: Default::default(),
                 acceleration: None,
