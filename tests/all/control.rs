@@ -404,3 +404,71 @@ async fn burst_of_garbage_mixed_with_valid_requests_is_answered_in_full() {
         .await
         .expect("still serving");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_with_sigterm_answers_what_it_received_and_loses_no_request() {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use trellis_schemas::control::StatusRequest;
+
+    let nats = Nats::start().await;
+    let l = lattice("drain");
+    let mut c1 = nats.controller(&l, "c1", "30s");
+    let _c2 = nats.controller(&l, "c2", "30s");
+    let ctl = Arc::new(nats.ctl(&l).await);
+    wait_for("both replicas answering", T, || async {
+        let mut seen = BTreeSet::new();
+        for _ in 0..20 {
+            if let Ok(reply) = ctl.request(&StatusRequest::default()).await {
+                seen.insert(reply.controller.id);
+            }
+        }
+        (seen.len() == 2).then_some(())
+    })
+    .await;
+
+    // Callers keep requests in flight on both replicas while one of them is stopped.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let callers: Vec<_> = (0..16)
+        .map(|_| {
+            let (ctl, stop, answered) = (ctl.clone(), stop.clone(), answered.clone());
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    match ctl.request(&HostListRequest::default()).await {
+                        Ok(_) => {
+                            answered.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => failures.push(e.to_string()),
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = answered.load(Ordering::SeqCst);
+    c1.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(c1.wait_exit(Duration::from_secs(20)).await, Some(0));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut failures = Vec::new();
+    for caller in callers {
+        failures.extend(caller.await.unwrap());
+    }
+    let after = answered.load(Ordering::SeqCst);
+    assert!(
+        failures.is_empty(),
+        "{} of {after} requests failed across the stop: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(after > before, "the other replica went on answering");
+    assert!(
+        c1.log().contains("controller shutting down"),
+        "{}",
+        c1.log()
+    );
+}

@@ -231,7 +231,7 @@ pub async fn run(
     });
     read_retained_heartbeats(&client, &js, &state).await?;
 
-    let mut requests = client
+    let requests = client
         .queue_subscribe(
             subject::ctl_all(&config.lattice),
             subject::CONTROLLER_QUEUE.to_owned(),
@@ -251,19 +251,34 @@ pub async fn run(
     // A task of its own, on the runtime's workers: polled from the thread that awaits `run`
     // (the main thread, under `block_on`), every request would wake that thread and then a
     // worker to run the task it spawned, as the provider SDK's loop did.
+    let (drain, drain_asked) = tokio::sync::oneshot::channel::<()>();
     let mut serve = tokio::spawn({
         let (state, client) = (state.clone(), client.clone());
-        async move {
-            while let Some(message) = requests.next().await {
-                let state = state.clone();
-                let client = client.clone();
-                tokio::spawn(async move { serve::handle(&state, &client, message).await });
-            }
-        }
+        serve_requests(requests, drain_asked, move |message| {
+            let (state, client) = (state.clone(), client.clone());
+            async move { serve::handle(&state, &client, message).await }
+        })
     });
-    tokio::select! {
-        _ = &mut serve => tracing::warn!("control subscription ended"),
-        _ = shutdown => tracing::info!("controller shutting down"),
+    let ended = tokio::select! {
+        _ = &mut serve => {
+            tracing::warn!("control subscription ended");
+            true
+        }
+        _ = shutdown => {
+            tracing::info!("controller shutting down");
+            false
+        }
+    };
+    // Leave the queue group first, so that the other replicas take the requests this one has
+    // not received, and answer those it has; then stop the rest.
+    if !ended {
+        let _ = drain.send(());
+        if tokio::time::timeout(DRAIN_TIMEOUT, &mut serve)
+            .await
+            .is_err()
+        {
+            tracing::warn!("control requests still being answered at the end of the drain");
+        }
     }
     serve.abort();
     liveness.abort();
@@ -276,6 +291,45 @@ pub async fn run(
     folder.abort();
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     Ok(())
+}
+
+/// How long a stopping replica answers the control requests it has received.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Answers each request of `requests` with `handle`, in a task of its own, until the
+/// subscription ends. Once `drain` fires it leaves the queue group (NATS then delivers the
+/// requests to the other replicas), answers what was delivered already, waits for every answer
+/// and returns.
+async fn serve_requests<H, F>(
+    mut requests: async_nats::Subscriber,
+    mut drain: tokio::sync::oneshot::Receiver<()>,
+    handle: H,
+) where
+    H: Fn(async_nats::Message) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut answering = tokio::task::JoinSet::new();
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            message = requests.next() => match message {
+                Some(message) => {
+                    answering.spawn(handle(message));
+                }
+                None => break,
+            },
+            // Finished answers are collected as they come, so that the set stays small.
+            Some(_) = answering.join_next(), if !answering.is_empty() => {}
+            _ = &mut drain, if !draining => {
+                draining = true;
+                if let Err(e) = requests.drain().await {
+                    tracing::warn!(error = %e, "cannot leave the control queue group");
+                    break;
+                }
+            }
+        }
+    }
+    while answering.join_next().await.is_some() {}
 }
 
 /// Records every grant and revoke from `from_seq` on in the audit stream, once for all replicas
