@@ -259,19 +259,13 @@ pub async fn run(
             async move { serve::handle(&state, &client, message).await }
         })
     });
-    let ended = tokio::select! {
-        _ = &mut serve => {
-            tracing::warn!("control subscription ended");
-            true
-        }
-        _ = shutdown => {
-            tracing::info!("controller shutting down");
-            false
-        }
-    };
+    tokio::select! {
+        _ = &mut serve => tracing::warn!("control subscription ended"),
+        _ = shutdown => tracing::info!("controller shutting down"),
+    }
     // Leave the queue group first, so that the other replicas take the requests this one has
     // not received, and answer those it has; then stop the rest.
-    if !ended {
+    if !serve.is_finished() {
         let _ = drain.send(());
         if tokio::time::timeout(DRAIN_TIMEOUT, &mut serve)
             .await
